@@ -1,0 +1,374 @@
+//! Atomic, verified blob ingest.
+//!
+//! A blob is streamed to `ingest/<hex>.partial`, hashed as it is written, and
+//! only when its size and digest check out is it fsynced and renamed into
+//! `blobs/sha256/<hex>`. So a file under blobs/ is always whole and correct.
+//!
+//! Writers of one digest (threads or processes) serialize on an flock of
+//! `ingest/<hex>.lock`: the second one waits, then finds the blob present. A
+//! partial left by a killed writer is picked up by the next one: its bytes are
+//! hashed again and the download resumes from its end (an HTTP Range request).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use oci_spec::image::Digest;
+use sha2::{Digest as _, Sha256};
+
+use crate::error::{write_err, Error, Result};
+
+/// Where blobs live and where they are written before they get there.
+#[derive(Clone, Debug)]
+pub struct BlobDirs {
+    pub blobs: PathBuf,
+    pub ingest: PathBuf,
+}
+
+impl BlobDirs {
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.blobs.join(digest.digest())
+    }
+
+    /// Present means whole: only verified files are ever renamed into blobs/.
+    pub fn is_present(&self, digest: &Digest, size: u64) -> bool {
+        fs::metadata(self.blob_path(digest)).is_ok_and(|m| m.is_file() && m.len() == size)
+    }
+
+    /// Take the ingest lock for `digest`. Returns `Present` if the blob is
+    /// (or, after waiting for another writer, has become) present.
+    pub fn acquire(&self, digest: &Digest, size: u64) -> Result<Acquired> {
+        if self.is_present(digest, size) {
+            return Ok(Acquired::Present);
+        }
+        let hex = digest.digest();
+        let lock = IngestLock::take(&self.ingest.join(format!("{hex}.lock")))?;
+        if self.is_present(digest, size) {
+            lock.release();
+            return Ok(Acquired::Present);
+        }
+        let partial = self.ingest.join(format!("{hex}.partial"));
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&partial)
+            .map_err(|e| write_err(&digest.to_string(), &partial, e))?;
+        let mut hasher = Sha256::new();
+        let mut have = file.metadata().map_err(|e| Error::io("stat", &partial, e))?.len();
+        if have > size {
+            // Not a prefix of this blob: start over.
+            file.set_len(0).map_err(|e| Error::io("truncate", &partial, e))?;
+            have = 0;
+        }
+        if have > 0 {
+            // Resume: the hash state is not saved, so re-read what is there.
+            let mut buf = vec![0u8; 1 << 20];
+            let mut left = have;
+            while left > 0 {
+                let want = left.min(buf.len() as u64) as usize;
+                let n = file.read(&mut buf[..want]).map_err(|e| Error::io("read", &partial, e))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                left -= n as u64;
+            }
+            have -= left;
+        }
+        file.seek(SeekFrom::Start(have)).map_err(|e| Error::io("seek", &partial, e))?;
+        Ok(Acquired::Writer(BlobWriter {
+            digest: digest.clone(),
+            size,
+            written: have,
+            resumed_from: have,
+            hasher,
+            file: BufWriter::with_capacity(1 << 20, file),
+            partial,
+            blob: self.blob_path(digest),
+            blobs_dir: self.blobs.clone(),
+            lock: Some(lock),
+        }))
+    }
+
+    /// Store a blob already in memory (manifests, configs), verified.
+    pub fn put_bytes(&self, digest: &Digest, bytes: &[u8]) -> Result<()> {
+        match self.acquire(digest, bytes.len() as u64)? {
+            Acquired::Present => Ok(()),
+            Acquired::Writer(mut w) => {
+                w.reset()?;
+                w.write(bytes)?;
+                w.commit()
+            }
+        }
+    }
+}
+
+pub enum Acquired {
+    Present,
+    Writer(BlobWriter),
+}
+
+pub struct BlobWriter {
+    digest: Digest,
+    size: u64,
+    written: u64,
+    resumed_from: u64,
+    hasher: Sha256,
+    file: BufWriter<File>,
+    partial: PathBuf,
+    blob: PathBuf,
+    blobs_dir: PathBuf,
+    lock: Option<IngestLock>,
+}
+
+impl BlobWriter {
+    /// Bytes already held: where a download resumes.
+    pub fn offset(&self) -> u64 {
+        self.written
+    }
+
+    /// Bytes that were found in a partial file left by an earlier writer.
+    pub fn resumed_from(&self) -> u64 {
+        self.resumed_from
+    }
+
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    /// Drop what is held and start from byte 0 (the server ignored Range).
+    pub fn reset(&mut self) -> Result<()> {
+        self.file.flush().map_err(|e| write_err(&self.digest.to_string(), &self.partial, e))?;
+        let f = self.file.get_mut();
+        f.set_len(0).map_err(|e| Error::io("truncate", &self.partial, e))?;
+        f.seek(SeekFrom::Start(0)).map_err(|e| Error::io("seek", &self.partial, e))?;
+        self.hasher = Sha256::new();
+        self.written = 0;
+        Ok(())
+    }
+
+    pub fn write(&mut self, buf: &[u8]) -> Result<()> {
+        if self.written + buf.len() as u64 > self.size {
+            let err = Error::SizeMismatch {
+                digest: self.digest.to_string(),
+                expected: self.size,
+                actual: self.written + buf.len() as u64,
+            };
+            return Err(self.discard_with(err));
+        }
+        if let Err(e) = self.file.write_all(buf) {
+            let err = write_err(&self.digest.to_string(), &self.partial, e);
+            return Err(self.discard_if_no_space(err));
+        }
+        self.hasher.update(buf);
+        self.written += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Verify, make durable, and publish under blobs/.
+    pub fn commit(mut self) -> Result<()> {
+        if self.written != self.size {
+            let err =
+                Error::SizeMismatch { digest: self.digest.to_string(), expected: self.size, actual: self.written };
+            return Err(self.discard_with(err));
+        }
+        let actual = format!("sha256:{}", hex::encode(self.hasher.clone().finalize()));
+        if actual != self.digest.as_ref() {
+            let err = Error::DigestMismatch { digest: self.digest.to_string(), actual };
+            return Err(self.discard_with(err));
+        }
+        if let Err(e) = self.file.flush() {
+            let err = write_err(&self.digest.to_string(), &self.partial, e);
+            return Err(self.discard_if_no_space(err));
+        }
+        let f = self.file.get_ref();
+        if let Err(e) = f.sync_all() {
+            let err = write_err(&self.digest.to_string(), &self.partial, e);
+            return Err(self.discard_if_no_space(err));
+        }
+        fs::rename(&self.partial, &self.blob).map_err(|e| Error::io("rename", &self.blob, e))?;
+        sync_dir(&self.blobs_dir)?;
+        if let Some(lock) = self.lock.take() {
+            lock.remove_and_release();
+        }
+        Ok(())
+    }
+
+    /// Remove the partial file (it can't become this blob) and return `err`.
+    fn discard_with(&mut self, err: Error) -> Error {
+        let _ = fs::remove_file(&self.partial);
+        err
+    }
+
+    fn discard_if_no_space(&mut self, err: Error) -> Error {
+        if matches!(err, Error::NoSpace { .. }) {
+            self.discard_with(err)
+        } else {
+            err
+        }
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        // Abandoned (cancelled or failed mid-stream): keep the bytes so the
+        // next pull resumes, and let the next writer in.
+        let _ = self.file.flush();
+    }
+}
+
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("fsync", dir, e))
+}
+
+/// An exclusive flock on a lock file, held for the life of the value.
+pub(crate) struct IngestLock {
+    file: File,
+    path: PathBuf,
+}
+
+impl IngestLock {
+    /// Blocks until the lock is ours. The file may be removed by a holder as
+    /// it finishes; a lock on a removed file guards nothing, so check that the
+    /// path still names the file we locked, and retry if not.
+    pub(crate) fn take(path: &Path) -> Result<IngestLock> {
+        loop {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(|e| write_err("ingest lock", path, e))?;
+            flock(&file, libc::LOCK_EX).map_err(|e| Error::io("flock", path, e))?;
+            if same_file(&file, path) {
+                return Ok(IngestLock { file, path: path.to_path_buf() });
+            }
+        }
+    }
+
+    /// Non-blocking: None if someone holds it.
+    pub(crate) fn try_take(path: &Path) -> Result<Option<IngestLock>> {
+        let file = match OpenOptions::new().read(true).write(true).open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("open", path, e)),
+        };
+        match flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(()) if same_file(&file, path) => Ok(Some(IngestLock { file, path: path.to_path_buf() })),
+            Ok(()) => Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
+            Err(e) => Err(Error::io("flock", path, e)),
+        }
+    }
+
+    pub(crate) fn release(self) {}
+
+    /// Unlink while still holding, so a waiter that then gets this lock sees
+    /// a removed file and takes a fresh one.
+    pub(crate) fn remove_and_release(self) {
+        let _ = fs::remove_file(&self.path);
+        drop(self.file);
+    }
+}
+
+fn same_file(file: &File, path: &Path) -> bool {
+    match (file.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+fn flock(file: &File, op: libc::c_int) -> std::io::Result<()> {
+    loop {
+        // SAFETY: flock on a valid, owned fd.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference::parse_digest;
+
+    fn dirs() -> (tempfile::TempDir, BlobDirs) {
+        let t = tempfile::tempdir().unwrap();
+        let d = BlobDirs { blobs: t.path().join("blobs"), ingest: t.path().join("ingest") };
+        fs::create_dir_all(&d.blobs).unwrap();
+        fs::create_dir_all(&d.ingest).unwrap();
+        (t, d)
+    }
+
+    fn digest_of(b: &[u8]) -> Digest {
+        parse_digest(&format!("sha256:{}", hex::encode(Sha256::digest(b)))).unwrap()
+    }
+
+    #[test]
+    fn verified_blob_lands_and_bad_one_never_does() {
+        let (_t, d) = dirs();
+        let good = b"hello blob";
+        let dg = digest_of(good);
+        d.put_bytes(&dg, good).unwrap();
+        assert_eq!(fs::read(d.blob_path(&dg)).unwrap(), good);
+        assert!(d.is_present(&dg, good.len() as u64));
+
+        let claimed = digest_of(b"something else!");
+        let e = d.put_bytes(&claimed, b"tampered bytes!").unwrap_err();
+        assert!(matches!(e, Error::DigestMismatch { ref digest, .. } if digest == claimed.as_ref()), "{e}");
+        assert!(!d.blob_path(&claimed).exists());
+        assert_eq!(fs::read_dir(&d.ingest).unwrap().filter_map(|e| e.ok()).filter(|e| e.path().extension().is_some_and(|x| x == "partial")).count(), 0);
+    }
+
+    #[test]
+    fn too_long_stream_is_refused_before_it_is_written() {
+        let (_t, d) = dirs();
+        let dg = digest_of(b"abc");
+        let Acquired::Writer(mut w) = d.acquire(&dg, 3).unwrap() else { panic!() };
+        let e = w.write(b"abcd").unwrap_err();
+        assert!(matches!(e, Error::SizeMismatch { expected: 3, actual: 4, .. }), "{e}");
+    }
+
+    #[test]
+    fn abandoned_partial_resumes_with_its_hash_state() {
+        let (_t, d) = dirs();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let dg = digest_of(&data);
+        {
+            let Acquired::Writer(mut w) = d.acquire(&dg, data.len() as u64).unwrap() else { panic!() };
+            w.write(&data[..1_234_567]).unwrap();
+            // dropped: as if the connection died or the process was cancelled
+        }
+        let Acquired::Writer(mut w) = d.acquire(&dg, data.len() as u64).unwrap() else { panic!() };
+        assert_eq!(w.offset(), 1_234_567);
+        assert_eq!(w.resumed_from(), 1_234_567);
+        w.write(&data[1_234_567..]).unwrap();
+        w.commit().unwrap();
+        assert!(d.is_present(&dg, data.len() as u64));
+        assert!(matches!(d.acquire(&dg, data.len() as u64).unwrap(), Acquired::Present));
+    }
+
+    #[test]
+    fn second_writer_waits_then_finds_the_blob() {
+        let (_t, d) = dirs();
+        let data = vec![7u8; 100_000];
+        let dg = digest_of(&data);
+        let Acquired::Writer(mut w) = d.acquire(&dg, data.len() as u64).unwrap() else { panic!() };
+        let (d2, dg2) = (d.clone(), dg.clone());
+        let waiter = std::thread::spawn(move || matches!(d2.acquire(&dg2, 100_000).unwrap(), Acquired::Present));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(!waiter.is_finished(), "the second writer must wait for the lock");
+        w.write(&data).unwrap();
+        w.commit().unwrap();
+        assert!(waiter.join().unwrap());
+    }
+}

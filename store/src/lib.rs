@@ -1,0 +1,14 @@
+//! cstore's content-addressed image store: an OCI image layout on disk, a
+//! redb metadata database as the source of truth, and a registry client that
+//! pulls into it.
+
+pub mod error;
+pub mod ingest;
+pub mod media;
+pub mod meta;
+pub mod platform;
+pub mod reference;
+
+pub use error::{Error, Result};
+pub use platform::Platform;
+pub use reference::Reference;

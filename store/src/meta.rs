@@ -1,0 +1,335 @@
+//! The metadata database (redb): the source of truth for image refs, blob
+//! sizes and the references between blobs, and leases that protect what an
+//! in-flight pull is writing from `gc`.
+//!
+//! redb lets one process hold a database file open at a time, and cstore runs
+//! as several processes at once (two `cstore pull`s, a `gc`, the snapshotter).
+//! So every operation opens the database, runs one transaction and closes it;
+//! the open waits while another process holds it. Transactions are short (no
+//! network or bulk I/O inside), so the wait is too.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use redb::{Database, ReadableTable, Table, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::platform::Platform;
+
+const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
+const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
+const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
+
+/// How long to wait for another process to let go of the database.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DescriptorRecord {
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// The normalized reference, e.g. `docker.io/library/alpine:latest`.
+    pub name: String,
+    /// What the registry resolved the reference to: an index or a manifest.
+    pub target: DescriptorRecord,
+    /// The platform's manifest (equal to `target` for single-platform images).
+    pub manifest: DescriptorRecord,
+    pub config: DescriptorRecord,
+    pub layers: Vec<DescriptorRecord>,
+    pub platform: Platform,
+    /// Seconds since the epoch when the ref was last written.
+    pub updated: u64,
+}
+
+impl ImageRecord {
+    /// Bytes of config and layers as stored (compressed).
+    pub fn size(&self) -> u64 {
+        self.config.size + self.layers.iter().map(|l| l.size).sum::<u64>()
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BlobRecord {
+    pub size: u64,
+    pub media_type: String,
+    /// Digests this blob refers to (an index's manifests, a manifest's config
+    /// and layers): the edges `gc` marks along.
+    #[serde(default)]
+    pub children: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Lease {
+    pub pid: u32,
+    /// The holder's start time (from /proc), so a reused pid is not mistaken
+    /// for a live holder.
+    pub pid_start: u64,
+    pub created: u64,
+    pub blobs: Vec<String>,
+}
+
+impl Lease {
+    pub fn for_this_process() -> Self {
+        let pid = std::process::id();
+        Lease { pid, pid_start: process_start_time(pid).unwrap_or(0), created: now_unix(), blobs: Vec::new() }
+    }
+
+    pub fn is_live(&self) -> bool {
+        process_start_time(self.pid) == Some(self.pid_start)
+    }
+}
+
+/// Field 22 of /proc/PID/stat: start time in clock ticks since boot.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parens; fields resume after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+pub struct Meta {
+    path: PathBuf,
+    /// Threads of one process take turns too: redb refuses a second open
+    /// from the same process as well.
+    in_process: Mutex<()>,
+}
+
+/// The tables of one write transaction.
+pub struct Tables<'t> {
+    images: Table<'t, &'static str, &'static [u8]>,
+    blobs: Table<'t, &'static str, &'static [u8]>,
+    leases: Table<'t, &'static str, &'static [u8]>,
+    path: &'t Path,
+}
+
+impl Meta {
+    pub fn open(path: &Path) -> Result<Meta> {
+        let meta = Meta { path: path.to_path_buf(), in_process: Mutex::new(()) };
+        // Create the tables once so readers never meet a missing table.
+        meta.update(|_| Ok(()))?;
+        Ok(meta)
+    }
+
+    fn db_err(&self, e: impl Into<redb::Error>) -> Error {
+        Error::Db { path: self.path.clone(), message: e.into().to_string() }
+    }
+
+    fn open_db(&self) -> Result<Database> {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match redb::Builder::new().set_cache_size(8 << 20).create(&self.path) {
+                Ok(db) => return Ok(db),
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if started.elapsed() < OPEN_TIMEOUT => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(25));
+                }
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                    return Err(Error::Db {
+                        path: self.path.clone(),
+                        message: format!("still held by another cstore process after {}s", OPEN_TIMEOUT.as_secs()),
+                    })
+                }
+                Err(e) => return Err(self.db_err(e)),
+            }
+        }
+    }
+
+    /// Run `f` in one write transaction; it commits only if `f` succeeds.
+    pub fn update<T>(&self, f: impl FnOnce(&mut Tables<'_>) -> Result<T>) -> Result<T> {
+        self.update_then(f, |_| Ok(()))
+    }
+
+    /// Like `update`, then runs `after` once the commit is durable but before
+    /// any other process can open the database: for files derived from it
+    /// (index.json) that must be written in the same order as the commits.
+    pub fn update_then<T>(
+        &self,
+        f: impl FnOnce(&mut Tables<'_>) -> Result<T>,
+        after: impl FnOnce(&T) -> Result<()>,
+    ) -> Result<T> {
+        let _turn = self.in_process.lock().unwrap_or_else(|p| p.into_inner());
+        let db = self.open_db()?;
+        let txn = db.begin_write().map_err(|e| self.db_err(e))?;
+        let out = {
+            let mut tables = Tables {
+                images: txn.open_table(IMAGES).map_err(|e| self.db_err(e))?,
+                blobs: txn.open_table(BLOBS).map_err(|e| self.db_err(e))?,
+                leases: txn.open_table(LEASES).map_err(|e| self.db_err(e))?,
+                path: &self.path,
+            };
+            f(&mut tables)?
+        };
+        txn.commit().map_err(|e| self.db_err(e))?;
+        after(&out)?;
+        drop(db);
+        Ok(out)
+    }
+}
+
+impl Tables<'_> {
+    fn err(&self, e: impl Into<redb::Error>) -> Error {
+        Error::Db { path: self.path.to_path_buf(), message: e.into().to_string() }
+    }
+
+    fn decode<T: DeserializeOwned>(&self, key: &str, bytes: &[u8]) -> Result<T> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| Error::Db { path: self.path.to_path_buf(), message: format!("record {key:?} is corrupt: {e}") })
+    }
+
+    fn get<T: DeserializeOwned>(&self, which: Which, key: &str) -> Result<Option<T>> {
+        let table = self.table(which);
+        let found = table.get(key).map_err(|e| self.err(e))?;
+        match found {
+            Some(v) => Ok(Some(self.decode(key, v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn all<T: DeserializeOwned>(&self, which: Which) -> Result<Vec<(String, T)>> {
+        let table = self.table(which);
+        let mut out = Vec::new();
+        for item in table.iter().map_err(|e| self.err(e))? {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            out.push((k.value().to_string(), self.decode(k.value(), v.value())?));
+        }
+        Ok(out)
+    }
+
+    fn put<T: Serialize>(&mut self, which: Which, key: &str, value: &T) -> Result<()> {
+        let bytes = serde_json::to_vec(value).expect("records serialize");
+        let path = self.path;
+        let table = match which {
+            Which::Images => &mut self.images,
+            Which::Blobs => &mut self.blobs,
+            Which::Leases => &mut self.leases,
+        };
+        table
+            .insert(key, bytes.as_slice())
+            .map_err(|e| Error::Db { path: path.to_path_buf(), message: redb::Error::from(e).to_string() })?;
+        Ok(())
+    }
+
+    fn remove(&mut self, which: Which, key: &str) -> Result<bool> {
+        let path = self.path;
+        let table = match which {
+            Which::Images => &mut self.images,
+            Which::Blobs => &mut self.blobs,
+            Which::Leases => &mut self.leases,
+        };
+        let old = table
+            .remove(key)
+            .map_err(|e| Error::Db { path: path.to_path_buf(), message: redb::Error::from(e).to_string() })?;
+        Ok(old.is_some())
+    }
+
+    fn table(&self, which: Which) -> &Table<'_, &'static str, &'static [u8]> {
+        match which {
+            Which::Images => &self.images,
+            Which::Blobs => &self.blobs,
+            Which::Leases => &self.leases,
+        }
+    }
+
+    pub fn image(&self, name: &str) -> Result<Option<ImageRecord>> {
+        self.get(Which::Images, name)
+    }
+    pub fn images(&self) -> Result<Vec<ImageRecord>> {
+        Ok(self.all(Which::Images)?.into_iter().map(|(_, v)| v).collect())
+    }
+    pub fn put_image(&mut self, image: &ImageRecord) -> Result<()> {
+        self.put(Which::Images, &image.name.clone(), image)
+    }
+    pub fn remove_image(&mut self, name: &str) -> Result<bool> {
+        self.remove(Which::Images, name)
+    }
+
+    pub fn blob(&self, digest: &str) -> Result<Option<BlobRecord>> {
+        self.get(Which::Blobs, digest)
+    }
+    pub fn blobs(&self) -> Result<Vec<(String, BlobRecord)>> {
+        self.all(Which::Blobs)
+    }
+    pub fn put_blob(&mut self, digest: &str, blob: &BlobRecord) -> Result<()> {
+        self.put(Which::Blobs, digest, blob)
+    }
+    pub fn remove_blob(&mut self, digest: &str) -> Result<bool> {
+        self.remove(Which::Blobs, digest)
+    }
+
+    pub fn lease(&self, id: &str) -> Result<Option<Lease>> {
+        self.get(Which::Leases, id)
+    }
+    pub fn leases(&self) -> Result<Vec<(String, Lease)>> {
+        self.all(Which::Leases)
+    }
+    pub fn put_lease(&mut self, id: &str, lease: &Lease) -> Result<()> {
+        self.put(Which::Leases, id, lease)
+    }
+    pub fn remove_lease(&mut self, id: &str) -> Result<bool> {
+        self.remove(Which::Leases, id)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Which {
+    Images,
+    Blobs,
+    Leases,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_update_commits_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Meta::open(&dir.path().join("meta.db")).unwrap();
+        let rec = BlobRecord { size: 3, media_type: "x".into(), children: vec![] };
+        let r: Result<()> = meta.update(|t| {
+            t.put_blob("sha256:a", &rec)?;
+            Err(Error::ImageNotFound("boom".into()))
+        });
+        assert!(r.is_err());
+        assert!(meta.update(|t| t.blob("sha256:a")).unwrap().is_none());
+        meta.update(|t| t.put_blob("sha256:a", &rec)).unwrap();
+        assert_eq!(meta.update(|t| t.blob("sha256:a")).unwrap().unwrap().size, 3);
+    }
+
+    #[test]
+    fn leases_know_if_their_process_lives() {
+        let l = Lease::for_this_process();
+        assert!(l.is_live());
+        let dead = Lease { pid: l.pid, pid_start: l.pid_start + 1, ..l.clone() };
+        assert!(!dead.is_live(), "same pid, other start time: a reused pid");
+    }
+
+    #[test]
+    fn threads_of_one_process_take_turns() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = std::sync::Arc::new(Meta::open(&dir.path().join("meta.db")).unwrap());
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let meta = meta.clone();
+                std::thread::spawn(move || {
+                    let rec = BlobRecord { size: i, media_type: "x".into(), children: vec![] };
+                    meta.update(|t| t.put_blob(&format!("sha256:{i}"), &rec)).unwrap();
+                })
+            })
+            .collect();
+        handles.into_iter().for_each(|h| h.join().unwrap());
+        assert_eq!(meta.update(|t| t.blobs()).unwrap().len(), 8);
+    }
+}
