@@ -1,1 +1,256 @@
-fn main(){}
+//! The `cstore` command: a thin layer over the library crates.
+
+mod progress;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use cstore_store::registry::auth::Credentials;
+use cstore_store::registry::{ClientOptions, RegistryClient};
+use cstore_store::{Platform, PullOptions, Reference, Store};
+
+#[derive(Parser)]
+#[command(
+    name = "cstore",
+    version,
+    about = "An NVMe-aware container image store and snapshotter"
+)]
+struct Cli {
+    /// Root directory of the store.
+    #[arg(
+        long,
+        global = true,
+        env = "CSTORE_ROOT",
+        default_value = "/var/lib/cstore"
+    )]
+    root: PathBuf,
+    /// Log level (error, warn, info, debug, trace) or a tracing filter.
+    #[arg(long, global = true, env = "CSTORE_LOG", default_value = "warn")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Pull an image from a registry into the store.
+    Pull {
+        /// Image reference: NAME[:TAG][@DIGEST]; docker.io short names expand.
+        reference: String,
+        /// Platform to pull from a multi-platform image (default: this host's).
+        #[arg(long)]
+        platform: Option<String>,
+        /// Talk plain HTTP to the registry.
+        #[arg(long)]
+        plain_http: bool,
+        /// Registry credentials USER:PASS (else ~/.docker/config.json).
+        #[arg(long, env = "CSTORE_CREDS", hide_env_values = true)]
+        creds: Option<String>,
+        /// Blobs fetched in parallel.
+        #[arg(long, default_value_t = 6)]
+        jobs: usize,
+        /// Machine-readable output: one JSON event per line, then the result.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List images in the store.
+    Images {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an image ref, and the blobs only it held.
+    Rmi { reference: String },
+    /// Remove blobs no image refers to, and abandoned downloads.
+    Gc {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show disk usage of the store.
+    Df {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(&cli.log_level);
+    if let Err(e) = run(cli) {
+        eprintln!("cstore: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn open_store(root: &std::path::Path) -> Result<Store> {
+    Store::open(root).with_context(|| format!("opening the store at {}", root.display()))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Pull {
+            reference,
+            platform,
+            plain_http,
+            creds,
+            jobs,
+            json,
+        } => {
+            let reference: Reference = reference.parse()?;
+            let platform = match platform {
+                Some(p) => p.parse::<Platform>()?,
+                None => Platform::host(),
+            };
+            let creds = match creds {
+                Some(c) => Some(Credentials::parse(&c).context("--creds takes USER:PASS")?),
+                None => None,
+            };
+            let store = open_store(&cli.root)?;
+            let client = RegistryClient::new(ClientOptions {
+                plain_http,
+                creds,
+                ..Default::default()
+            })?;
+            let opts = PullOptions {
+                platform,
+                max_concurrent: jobs,
+            };
+            let display = progress::PullDisplay::new(json);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let report = rt.block_on(cstore_store::pull(
+                &store,
+                &client,
+                &reference,
+                &opts,
+                display.clone(),
+            ));
+            display.finish();
+            let report = report?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "pulled", "result": report})
+                );
+            } else if report.up_to_date {
+                println!(
+                    "{} is up to date ({}), nothing fetched",
+                    report.reference, report.digest
+                );
+            } else {
+                println!(
+                    "pulled {} ({}): {} layers, {} fetched, {} blobs already held, in {:.2}s",
+                    report.reference,
+                    report.digest,
+                    report.layers,
+                    progress::human_bytes(report.fetched_bytes),
+                    report.cached_blobs,
+                    report.seconds
+                );
+            }
+        }
+        Command::Images { json } => {
+            let store = open_store(&cli.root)?;
+            let images = store.images()?;
+            if json {
+                let rows: Vec<_> = images
+                    .iter()
+                    .map(|i| {
+                        serde_json::json!({
+                            "name": i.name, "digest": i.target.digest, "manifest": i.manifest.digest,
+                            "config": i.config.digest, "platform": i.platform.to_string(),
+                            "layers": i.layers.len(), "size": i.size(), "updated": i.updated,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<50} {:<19} {:<14} {:>10}",
+                    "REFERENCE", "DIGEST", "PLATFORM", "SIZE"
+                );
+                for i in images {
+                    println!(
+                        "{:<50} {:<19} {:<14} {:>10}",
+                        i.name,
+                        short(&i.target.digest),
+                        i.platform.to_string(),
+                        progress::human_bytes(i.size())
+                    );
+                }
+            }
+        }
+        Command::Rmi { reference } => {
+            let store = open_store(&cli.root)?;
+            let name = reference.parse::<Reference>()?.to_string();
+            let gc = store.remove_image(&reference)?;
+            println!(
+                "removed {name}; freed {} blobs ({})",
+                gc.removed_blobs,
+                progress::human_bytes(gc.removed_bytes)
+            );
+        }
+        Command::Gc { json } => {
+            let store = open_store(&cli.root)?;
+            let r = store.gc()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "removed {} blobs ({}), {} abandoned downloads, {} expired leases",
+                    r.removed_blobs,
+                    progress::human_bytes(r.removed_bytes),
+                    r.removed_partials,
+                    r.expired_leases
+                );
+            }
+        }
+        Command::Df { json } => {
+            let store = open_store(&cli.root)?;
+            let du = store.df()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&du)?);
+            } else {
+                println!("{:<22} {:>12}", "TYPE", "SIZE");
+                println!(
+                    "{:<22} {:>12}",
+                    format!("blobs ({})", du.blobs),
+                    progress::human_bytes(du.blob_bytes)
+                );
+                println!(
+                    "{:<22} {:>12}",
+                    "unpacked layers",
+                    progress::human_bytes(du.unpacked_bytes)
+                );
+                println!(
+                    "{:<22} {:>12}",
+                    "partial downloads",
+                    progress::human_bytes(du.ingest_bytes)
+                );
+                println!(
+                    "{:<22} {:>12}",
+                    "reclaimable",
+                    progress::human_bytes(du.reclaimable_bytes + du.ingest_bytes)
+                );
+                println!("{} images", du.images);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn short(digest: &str) -> &str {
+    let hex = digest.trim_start_matches("sha256:");
+    &hex[..hex.len().min(12)]
+}

@@ -27,22 +27,47 @@ pub enum Error {
     DigestMismatch { digest: String, actual: String },
 
     #[error("blob {digest} is {actual} bytes, but its descriptor says {expected}")]
-    SizeMismatch { digest: String, expected: u64, actual: u64 },
+    SizeMismatch {
+        digest: String,
+        expected: u64,
+        actual: u64,
+    },
 
     #[error("{registry}: authentication required for {scope}: {message}")]
-    Unauthorized { registry: String, scope: String, message: String },
+    Unauthorized {
+        registry: String,
+        scope: String,
+        message: String,
+    },
 
     #[error("{registry}: access to {scope} denied: {message}")]
-    Denied { registry: String, scope: String, message: String },
+    Denied {
+        registry: String,
+        scope: String,
+        message: String,
+    },
 
     #[error("{registry}: {what} not found: {message}")]
-    NotFound { registry: String, what: String, message: String },
+    NotFound {
+        registry: String,
+        what: String,
+        message: String,
+    },
 
     #[error("{registry}: {what}: HTTP {status}: {message}")]
-    Http { registry: String, what: String, status: u16, message: String },
+    Http {
+        registry: String,
+        what: String,
+        status: u16,
+        message: String,
+    },
 
     #[error("{registry}: {what}: {message}")]
-    Transport { registry: String, what: String, message: String },
+    Transport {
+        registry: String,
+        what: String,
+        message: String,
+    },
 
     #[error("{what}: unsupported media type {media_type:?}")]
     UnsupportedMediaType { what: String, media_type: String },
@@ -54,7 +79,11 @@ pub enum Error {
     ManifestTooLarge { what: String, limit: u64 },
 
     #[error("{reference}: no manifest for platform {platform} (the index has: {available})")]
-    PlatformNotFound { reference: String, platform: String, available: String },
+    PlatformNotFound {
+        reference: String,
+        platform: String,
+        available: String,
+    },
 
     #[error("malformed {what}: {reason}")]
     Malformed { what: String, reason: String },
@@ -63,7 +92,12 @@ pub enum Error {
     NoSpace { what: String, path: PathBuf },
 
     #[error("{op} {path}: {source}")]
-    Io { op: &'static str, path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 
     #[error("metadata database {path}: {message}")]
     Db { path: PathBuf, message: String },
@@ -71,7 +105,11 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { op, path: path.into(), source }
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
     }
 
     /// Worth trying again as it is (network hiccups, registry overload).
@@ -87,7 +125,10 @@ impl Error {
 /// Map a write error: ENOSPC becomes `NoSpace`, so callers can say "free disk".
 pub(crate) fn write_err(what: &str, path: &std::path::Path, e: std::io::Error) -> Error {
     if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
-        Error::NoSpace { what: what.to_string(), path: path.to_path_buf() }
+        Error::NoSpace {
+            what: what.to_string(),
+            path: path.to_path_buf(),
+        }
     } else {
         Error::io("write", path, e)
     }

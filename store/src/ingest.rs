@@ -58,10 +58,14 @@ impl BlobDirs {
             .open(&partial)
             .map_err(|e| write_err(&digest.to_string(), &partial, e))?;
         let mut hasher = Sha256::new();
-        let mut have = file.metadata().map_err(|e| Error::io("stat", &partial, e))?.len();
+        let mut have = file
+            .metadata()
+            .map_err(|e| Error::io("stat", &partial, e))?
+            .len();
         if have > size {
             // Not a prefix of this blob: start over.
-            file.set_len(0).map_err(|e| Error::io("truncate", &partial, e))?;
+            file.set_len(0)
+                .map_err(|e| Error::io("truncate", &partial, e))?;
             have = 0;
         }
         if have > 0 {
@@ -70,7 +74,9 @@ impl BlobDirs {
             let mut left = have;
             while left > 0 {
                 let want = left.min(buf.len() as u64) as usize;
-                let n = file.read(&mut buf[..want]).map_err(|e| Error::io("read", &partial, e))?;
+                let n = file
+                    .read(&mut buf[..want])
+                    .map_err(|e| Error::io("read", &partial, e))?;
                 if n == 0 {
                     break;
                 }
@@ -79,7 +85,8 @@ impl BlobDirs {
             }
             have -= left;
         }
-        file.seek(SeekFrom::Start(have)).map_err(|e| Error::io("seek", &partial, e))?;
+        file.seek(SeekFrom::Start(have))
+            .map_err(|e| Error::io("seek", &partial, e))?;
         Ok(Acquired::Writer(BlobWriter {
             digest: digest.clone(),
             size,
@@ -142,10 +149,14 @@ impl BlobWriter {
 
     /// Drop what is held and start from byte 0 (the server ignored Range).
     pub fn reset(&mut self) -> Result<()> {
-        self.file.flush().map_err(|e| write_err(&self.digest.to_string(), &self.partial, e))?;
+        self.file
+            .flush()
+            .map_err(|e| write_err(&self.digest.to_string(), &self.partial, e))?;
         let f = self.file.get_mut();
-        f.set_len(0).map_err(|e| Error::io("truncate", &self.partial, e))?;
-        f.seek(SeekFrom::Start(0)).map_err(|e| Error::io("seek", &self.partial, e))?;
+        f.set_len(0)
+            .map_err(|e| Error::io("truncate", &self.partial, e))?;
+        f.seek(SeekFrom::Start(0))
+            .map_err(|e| Error::io("seek", &self.partial, e))?;
         self.hasher = Sha256::new();
         self.written = 0;
         Ok(())
@@ -172,13 +183,19 @@ impl BlobWriter {
     /// Verify, make durable, and publish under blobs/.
     pub fn commit(mut self) -> Result<()> {
         if self.written != self.size {
-            let err =
-                Error::SizeMismatch { digest: self.digest.to_string(), expected: self.size, actual: self.written };
+            let err = Error::SizeMismatch {
+                digest: self.digest.to_string(),
+                expected: self.size,
+                actual: self.written,
+            };
             return Err(self.discard_with(err));
         }
         let actual = format!("sha256:{}", hex::encode(self.hasher.clone().finalize()));
         if actual != self.digest.as_ref() {
-            let err = Error::DigestMismatch { digest: self.digest.to_string(), actual };
+            let err = Error::DigestMismatch {
+                digest: self.digest.to_string(),
+                actual,
+            };
             return Err(self.discard_with(err));
         }
         if let Err(e) = self.file.flush() {
@@ -222,7 +239,9 @@ impl Drop for BlobWriter {
 }
 
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("fsync", dir, e))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("fsync", dir, e))
 }
 
 /// An exclusive flock on a lock file, held for the life of the value.
@@ -246,7 +265,10 @@ impl IngestLock {
                 .map_err(|e| write_err("ingest lock", path, e))?;
             flock(&file, libc::LOCK_EX).map_err(|e| Error::io("flock", path, e))?;
             if same_file(&file, path) {
-                return Ok(IngestLock { file, path: path.to_path_buf() });
+                return Ok(IngestLock {
+                    file,
+                    path: path.to_path_buf(),
+                });
             }
         }
     }
@@ -259,7 +281,10 @@ impl IngestLock {
             Err(e) => return Err(Error::io("open", path, e)),
         };
         match flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
-            Ok(()) if same_file(&file, path) => Ok(Some(IngestLock { file, path: path.to_path_buf() })),
+            Ok(()) if same_file(&file, path) => Ok(Some(IngestLock {
+                file,
+                path: path.to_path_buf(),
+            })),
             Ok(()) => Ok(None),
             Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
             Err(e) => Err(Error::io("flock", path, e)),
@@ -303,7 +328,10 @@ mod tests {
 
     fn dirs() -> (tempfile::TempDir, BlobDirs) {
         let t = tempfile::tempdir().unwrap();
-        let d = BlobDirs { blobs: t.path().join("blobs"), ingest: t.path().join("ingest") };
+        let d = BlobDirs {
+            blobs: t.path().join("blobs"),
+            ingest: t.path().join("ingest"),
+        };
         fs::create_dir_all(&d.blobs).unwrap();
         fs::create_dir_all(&d.ingest).unwrap();
         (t, d)
@@ -324,18 +352,40 @@ mod tests {
 
         let claimed = digest_of(b"something else!");
         let e = d.put_bytes(&claimed, b"tampered bytes!").unwrap_err();
-        assert!(matches!(e, Error::DigestMismatch { ref digest, .. } if digest == claimed.as_ref()), "{e}");
+        assert!(
+            matches!(e, Error::DigestMismatch { ref digest, .. } if digest == claimed.as_ref()),
+            "{e}"
+        );
         assert!(!d.blob_path(&claimed).exists());
-        assert_eq!(fs::read_dir(&d.ingest).unwrap().filter_map(|e| e.ok()).filter(|e| e.path().extension().is_some_and(|x| x == "partial")).count(), 0);
+        assert_eq!(
+            fs::read_dir(&d.ingest)
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().is_some_and(|x| x == "partial"))
+                .count(),
+            0
+        );
     }
 
     #[test]
     fn too_long_stream_is_refused_before_it_is_written() {
         let (_t, d) = dirs();
         let dg = digest_of(b"abc");
-        let Acquired::Writer(mut w) = d.acquire(&dg, 3).unwrap() else { panic!() };
+        let Acquired::Writer(mut w) = d.acquire(&dg, 3).unwrap() else {
+            panic!()
+        };
         let e = w.write(b"abcd").unwrap_err();
-        assert!(matches!(e, Error::SizeMismatch { expected: 3, actual: 4, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::SizeMismatch {
+                    expected: 3,
+                    actual: 4,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]
@@ -344,17 +394,24 @@ mod tests {
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let dg = digest_of(&data);
         {
-            let Acquired::Writer(mut w) = d.acquire(&dg, data.len() as u64).unwrap() else { panic!() };
+            let Acquired::Writer(mut w) = d.acquire(&dg, data.len() as u64).unwrap() else {
+                panic!()
+            };
             w.write(&data[..1_234_567]).unwrap();
             // dropped: as if the connection died or the process was cancelled
         }
-        let Acquired::Writer(mut w) = d.acquire(&dg, data.len() as u64).unwrap() else { panic!() };
+        let Acquired::Writer(mut w) = d.acquire(&dg, data.len() as u64).unwrap() else {
+            panic!()
+        };
         assert_eq!(w.offset(), 1_234_567);
         assert_eq!(w.resumed_from(), 1_234_567);
         w.write(&data[1_234_567..]).unwrap();
         w.commit().unwrap();
         assert!(d.is_present(&dg, data.len() as u64));
-        assert!(matches!(d.acquire(&dg, data.len() as u64).unwrap(), Acquired::Present));
+        assert!(matches!(
+            d.acquire(&dg, data.len() as u64).unwrap(),
+            Acquired::Present
+        ));
     }
 
     #[test]
@@ -362,11 +419,18 @@ mod tests {
         let (_t, d) = dirs();
         let data = vec![7u8; 100_000];
         let dg = digest_of(&data);
-        let Acquired::Writer(mut w) = d.acquire(&dg, data.len() as u64).unwrap() else { panic!() };
+        let Acquired::Writer(mut w) = d.acquire(&dg, data.len() as u64).unwrap() else {
+            panic!()
+        };
         let (d2, dg2) = (d.clone(), dg.clone());
-        let waiter = std::thread::spawn(move || matches!(d2.acquire(&dg2, 100_000).unwrap(), Acquired::Present));
+        let waiter = std::thread::spawn(move || {
+            matches!(d2.acquire(&dg2, 100_000).unwrap(), Acquired::Present)
+        });
         std::thread::sleep(std::time::Duration::from_millis(100));
-        assert!(!waiter.is_finished(), "the second writer must wait for the lock");
+        assert!(
+            !waiter.is_finished(),
+            "the second writer must wait for the lock"
+        );
         w.write(&data).unwrap();
         w.commit().unwrap();
         assert!(waiter.join().unwrap());

@@ -7,8 +7,13 @@ pub mod ingest;
 pub mod media;
 pub mod meta;
 pub mod platform;
+pub mod pull;
 pub mod reference;
+pub mod registry;
+pub mod store;
 
 pub use error::{Error, Result};
 pub use platform::Platform;
+pub use pull::{pull, Event, Observer, PullOptions, PullReport};
 pub use reference::Reference;
+pub use store::{DiskUsage, GcReport, Store};

@@ -96,19 +96,40 @@ mod tests {
     fn kinds_and_compressions() {
         assert_eq!(manifest_kind(DOCKER_LIST), Some(ManifestKind::Index));
         assert_eq!(manifest_kind(OCI_MANIFEST), Some(ManifestKind::Manifest));
-        assert_eq!(manifest_kind(DOCKER_SCHEMA1[1]), Some(ManifestKind::Schema1));
+        assert_eq!(
+            manifest_kind(DOCKER_SCHEMA1[1]),
+            Some(ManifestKind::Schema1)
+        );
         assert_eq!(manifest_kind("text/html"), None);
-        assert_eq!(layer_compression("application/vnd.docker.image.rootfs.diff.tar.gzip"), Some(Compression::Gzip));
-        assert_eq!(layer_compression("application/vnd.oci.image.layer.v1.tar+zstd"), Some(Compression::Zstd));
-        assert_eq!(layer_compression("application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"), None);
+        assert_eq!(
+            layer_compression("application/vnd.docker.image.rootfs.diff.tar.gzip"),
+            Some(Compression::Gzip)
+        );
+        assert_eq!(
+            layer_compression("application/vnd.oci.image.layer.v1.tar+zstd"),
+            Some(Compression::Zstd)
+        );
+        assert_eq!(
+            layer_compression("application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"),
+            None
+        );
     }
 
     #[test]
     fn sniffing_uses_media_type_then_shape() {
-        assert_eq!(sniff_manifest_media_type(br#"{"schemaVersion":2,"manifests":[]}"#).as_deref(), Some(OCI_INDEX));
-        assert_eq!(sniff_manifest_media_type(br#"{"schemaVersion":1,"fsLayers":[]}"#).as_deref(), Some(DOCKER_SCHEMA1[0]));
         assert_eq!(
-            sniff_manifest_media_type(br#"{"mediaType":"application/vnd.docker.distribution.manifest.v2+json"}"#).as_deref(),
+            sniff_manifest_media_type(br#"{"schemaVersion":2,"manifests":[]}"#).as_deref(),
+            Some(OCI_INDEX)
+        );
+        assert_eq!(
+            sniff_manifest_media_type(br#"{"schemaVersion":1,"fsLayers":[]}"#).as_deref(),
+            Some(DOCKER_SCHEMA1[0])
+        );
+        assert_eq!(
+            sniff_manifest_media_type(
+                br#"{"mediaType":"application/vnd.docker.distribution.manifest.v2+json"}"#
+            )
+            .as_deref(),
             Some(DOCKER_MANIFEST)
         );
         assert_eq!(sniff_manifest_media_type(b"not json"), None);

@@ -78,7 +78,12 @@ pub struct Lease {
 impl Lease {
     pub fn for_this_process() -> Self {
         let pid = std::process::id();
-        Lease { pid, pid_start: process_start_time(pid).unwrap_or(0), created: now_unix(), blobs: Vec::new() }
+        Lease {
+            pid,
+            pid_start: process_start_time(pid).unwrap_or(0),
+            created: now_unix(),
+            blobs: Vec::new(),
+        }
     }
 
     pub fn is_live(&self) -> bool {
@@ -95,7 +100,10 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
 }
 
 pub fn now_unix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 pub struct Meta {
@@ -115,30 +123,44 @@ pub struct Tables<'t> {
 
 impl Meta {
     pub fn open(path: &Path) -> Result<Meta> {
-        let meta = Meta { path: path.to_path_buf(), in_process: Mutex::new(()) };
+        let meta = Meta {
+            path: path.to_path_buf(),
+            in_process: Mutex::new(()),
+        };
         // Create the tables once so readers never meet a missing table.
         meta.update(|_| Ok(()))?;
         Ok(meta)
     }
 
     fn db_err(&self, e: impl Into<redb::Error>) -> Error {
-        Error::Db { path: self.path.clone(), message: e.into().to_string() }
+        Error::Db {
+            path: self.path.clone(),
+            message: e.into().to_string(),
+        }
     }
 
     fn open_db(&self) -> Result<Database> {
         let started = Instant::now();
         let mut pause = Duration::from_millis(1);
         loop {
-            match redb::Builder::new().set_cache_size(8 << 20).create(&self.path) {
+            match redb::Builder::new()
+                .set_cache_size(8 << 20)
+                .create(&self.path)
+            {
                 Ok(db) => return Ok(db),
-                Err(redb::DatabaseError::DatabaseAlreadyOpen) if started.elapsed() < OPEN_TIMEOUT => {
+                Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                    if started.elapsed() < OPEN_TIMEOUT =>
+                {
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_millis(25));
                 }
                 Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                     return Err(Error::Db {
                         path: self.path.clone(),
-                        message: format!("still held by another cstore process after {}s", OPEN_TIMEOUT.as_secs()),
+                        message: format!(
+                            "still held by another cstore process after {}s",
+                            OPEN_TIMEOUT.as_secs()
+                        ),
                     })
                 }
                 Err(e) => return Err(self.db_err(e)),
@@ -148,17 +170,17 @@ impl Meta {
 
     /// Run `f` in one write transaction; it commits only if `f` succeeds.
     pub fn update<T>(&self, f: impl FnOnce(&mut Tables<'_>) -> Result<T>) -> Result<T> {
-        self.update_then(f, |_| Ok(()))
+        self.update_then(f, Ok)
     }
 
     /// Like `update`, then runs `after` once the commit is durable but before
     /// any other process can open the database: for files derived from it
     /// (index.json) that must be written in the same order as the commits.
-    pub fn update_then<T>(
+    pub fn update_then<T, U>(
         &self,
         f: impl FnOnce(&mut Tables<'_>) -> Result<T>,
-        after: impl FnOnce(&T) -> Result<()>,
-    ) -> Result<T> {
+        after: impl FnOnce(T) -> Result<U>,
+    ) -> Result<U> {
         let _turn = self.in_process.lock().unwrap_or_else(|p| p.into_inner());
         let db = self.open_db()?;
         let txn = db.begin_write().map_err(|e| self.db_err(e))?;
@@ -172,7 +194,7 @@ impl Meta {
             f(&mut tables)?
         };
         txn.commit().map_err(|e| self.db_err(e))?;
-        after(&out)?;
+        let out = after(out)?;
         drop(db);
         Ok(out)
     }
@@ -180,12 +202,17 @@ impl Meta {
 
 impl Tables<'_> {
     fn err(&self, e: impl Into<redb::Error>) -> Error {
-        Error::Db { path: self.path.to_path_buf(), message: e.into().to_string() }
+        Error::Db {
+            path: self.path.to_path_buf(),
+            message: e.into().to_string(),
+        }
     }
 
     fn decode<T: DeserializeOwned>(&self, key: &str, bytes: &[u8]) -> Result<T> {
-        serde_json::from_slice(bytes)
-            .map_err(|e| Error::Db { path: self.path.to_path_buf(), message: format!("record {key:?} is corrupt: {e}") })
+        serde_json::from_slice(bytes).map_err(|e| Error::Db {
+            path: self.path.to_path_buf(),
+            message: format!("record {key:?} is corrupt: {e}"),
+        })
     }
 
     fn get<T: DeserializeOwned>(&self, which: Which, key: &str) -> Result<Option<T>> {
@@ -215,9 +242,10 @@ impl Tables<'_> {
             Which::Blobs => &mut self.blobs,
             Which::Leases => &mut self.leases,
         };
-        table
-            .insert(key, bytes.as_slice())
-            .map_err(|e| Error::Db { path: path.to_path_buf(), message: redb::Error::from(e).to_string() })?;
+        table.insert(key, bytes.as_slice()).map_err(|e| Error::Db {
+            path: path.to_path_buf(),
+            message: redb::Error::from(e).to_string(),
+        })?;
         Ok(())
     }
 
@@ -228,9 +256,10 @@ impl Tables<'_> {
             Which::Blobs => &mut self.blobs,
             Which::Leases => &mut self.leases,
         };
-        let old = table
-            .remove(key)
-            .map_err(|e| Error::Db { path: path.to_path_buf(), message: redb::Error::from(e).to_string() })?;
+        let old = table.remove(key).map_err(|e| Error::Db {
+            path: path.to_path_buf(),
+            message: redb::Error::from(e).to_string(),
+        })?;
         Ok(old.is_some())
     }
 
@@ -246,7 +275,11 @@ impl Tables<'_> {
         self.get(Which::Images, name)
     }
     pub fn images(&self) -> Result<Vec<ImageRecord>> {
-        Ok(self.all(Which::Images)?.into_iter().map(|(_, v)| v).collect())
+        Ok(self
+            .all(Which::Images)?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
     }
     pub fn put_image(&mut self, image: &ImageRecord) -> Result<()> {
         self.put(Which::Images, &image.name.clone(), image)
@@ -297,7 +330,11 @@ mod tests {
     fn failed_update_commits_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let meta = Meta::open(&dir.path().join("meta.db")).unwrap();
-        let rec = BlobRecord { size: 3, media_type: "x".into(), children: vec![] };
+        let rec = BlobRecord {
+            size: 3,
+            media_type: "x".into(),
+            children: vec![],
+        };
         let r: Result<()> = meta.update(|t| {
             t.put_blob("sha256:a", &rec)?;
             Err(Error::ImageNotFound("boom".into()))
@@ -305,14 +342,21 @@ mod tests {
         assert!(r.is_err());
         assert!(meta.update(|t| t.blob("sha256:a")).unwrap().is_none());
         meta.update(|t| t.put_blob("sha256:a", &rec)).unwrap();
-        assert_eq!(meta.update(|t| t.blob("sha256:a")).unwrap().unwrap().size, 3);
+        assert_eq!(
+            meta.update(|t| t.blob("sha256:a")).unwrap().unwrap().size,
+            3
+        );
     }
 
     #[test]
     fn leases_know_if_their_process_lives() {
         let l = Lease::for_this_process();
         assert!(l.is_live());
-        let dead = Lease { pid: l.pid, pid_start: l.pid_start + 1, ..l.clone() };
+        let dead = Lease {
+            pid: l.pid,
+            pid_start: l.pid_start + 1,
+            ..l.clone()
+        };
         assert!(!dead.is_live(), "same pid, other start time: a reused pid");
     }
 
@@ -324,8 +368,13 @@ mod tests {
             .map(|i| {
                 let meta = meta.clone();
                 std::thread::spawn(move || {
-                    let rec = BlobRecord { size: i, media_type: "x".into(), children: vec![] };
-                    meta.update(|t| t.put_blob(&format!("sha256:{i}"), &rec)).unwrap();
+                    let rec = BlobRecord {
+                        size: i,
+                        media_type: "x".into(),
+                        children: vec![],
+                    };
+                    meta.update(|t| t.put_blob(&format!("sha256:{i}"), &rec))
+                        .unwrap();
                 })
             })
             .collect();

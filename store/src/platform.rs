@@ -28,7 +28,11 @@ impl Platform {
             "riscv64" => ("riscv64", None),
             other => (other, None),
         };
-        Platform { os: std::env::consts::OS.to_string(), architecture: arch.to_string(), variant: variant.map(String::from) }
+        Platform {
+            os: std::env::consts::OS.to_string(),
+            architecture: arch.to_string(),
+            variant: variant.map(String::from),
+        }
     }
 
     fn normalized_variant(&self) -> Option<&str> {
@@ -74,15 +78,22 @@ impl FromStr for Platform {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         let parts: Vec<&str> = s.split('/').collect();
-        let ok = |p: &&str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        let ok =
+            |p: &&str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         match parts.as_slice() {
-            [os, arch] if ok(os) && ok(arch) => {
-                Ok(Platform { os: os.to_string(), architecture: arch.to_string(), variant: None })
-            }
-            [os, arch, v] if ok(os) && ok(arch) && ok(v) => {
-                Ok(Platform { os: os.to_string(), architecture: arch.to_string(), variant: Some(v.to_string()) })
-            }
-            _ => Err(Error::InvalidPlatform { platform: s.to_string() }),
+            [os, arch] if ok(os) && ok(arch) => Ok(Platform {
+                os: os.to_string(),
+                architecture: arch.to_string(),
+                variant: None,
+            }),
+            [os, arch, v] if ok(os) && ok(arch) && ok(v) => Ok(Platform {
+                os: os.to_string(),
+                architecture: arch.to_string(),
+                variant: Some(v.to_string()),
+            }),
+            _ => Err(Error::InvalidPlatform {
+                platform: s.to_string(),
+            }),
         }
     }
 }
@@ -100,11 +111,17 @@ mod tests {
         assert!(p("linux/amd64").matches(&p("linux/amd64")));
         assert!(!p("linux/amd64").matches(&p("linux/arm64")));
         assert!(!p("linux/amd64").matches(&p("windows/amd64")));
-        assert!(p("linux/arm64").matches(&p("linux/arm64/v8")), "arm64 means v8");
+        assert!(
+            p("linux/arm64").matches(&p("linux/arm64/v8")),
+            "arm64 means v8"
+        );
         assert!(p("linux/arm64/v8").matches(&p("linux/arm64")));
         assert!(p("linux/arm/v7").matches(&p("linux/arm/v7")));
         assert!(!p("linux/arm/v7").matches(&p("linux/arm/v6")));
-        assert!(p("linux/arm").matches(&p("linux/arm/v6")), "no variant asked: any");
+        assert!(
+            p("linux/arm").matches(&p("linux/arm/v6")),
+            "no variant asked: any"
+        );
     }
 
     #[test]

@@ -84,7 +84,10 @@ impl FromStr for Reference {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        let bad = |reason: &str| Error::InvalidReference { reference: s.to_string(), reason: reason.to_string() };
+        let bad = |reason: &str| Error::InvalidReference {
+            reference: s.to_string(),
+            reason: reason.to_string(),
+        };
         if s.is_empty() {
             return Err(bad("empty"));
         }
@@ -106,13 +109,20 @@ impl FromStr for Reference {
         }
         let (registry, repository) = match name.split_once('/') {
             Some((first, remainder))
-                if first.contains('.') || first.contains(':') || first == "localhost" || first.chars().any(|c| c.is_ascii_uppercase()) =>
+                if first.contains('.')
+                    || first.contains(':')
+                    || first == "localhost"
+                    || first.chars().any(|c| c.is_ascii_uppercase()) =>
             {
                 (first.to_string(), remainder.to_string())
             }
             _ => (DEFAULT_REGISTRY.to_string(), name.to_string()),
         };
-        let registry = if registry == "index.docker.io" { DEFAULT_REGISTRY.to_string() } else { registry };
+        let registry = if registry == "index.docker.io" {
+            DEFAULT_REGISTRY.to_string()
+        } else {
+            registry
+        };
         let repository = if registry == DEFAULT_REGISTRY && !repository.contains('/') {
             format!("library/{repository}")
         } else {
@@ -124,14 +134,24 @@ impl FromStr for Reference {
             (None, Some(_)) => None,
             (None, None) => Some(DEFAULT_TAG.to_string()),
         };
-        Ok(Reference { registry, repository, tag, digest })
+        Ok(Reference {
+            registry,
+            repository,
+            tag,
+            digest,
+        })
     }
 }
 
 /// Parse a digest; only sha256 is accepted, as containerd does by default.
 pub fn parse_digest(s: &str) -> Result<Digest> {
-    let bad = |reason: &str| Error::InvalidDigest { digest: s.to_string(), reason: reason.to_string() };
-    let (algo, hex) = s.split_once(':').ok_or_else(|| bad("expected ALGORITHM:HEX"))?;
+    let bad = |reason: &str| Error::InvalidDigest {
+        digest: s.to_string(),
+        reason: reason.to_string(),
+    };
+    let (algo, hex) = s
+        .split_once(':')
+        .ok_or_else(|| bad("expected ALGORITHM:HEX"))?;
     if algo != "sha256" {
         return Err(bad("only sha256 digests are supported"));
     }
@@ -144,12 +164,17 @@ pub fn parse_digest(s: &str) -> Result<Digest> {
 fn validate_tag(t: &str) -> Result<(), String> {
     let ok = !t.is_empty()
         && t.len() <= 128
-        && t.chars().next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
-        && t.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        && t.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        && t.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
     if ok {
         Ok(())
     } else {
-        Err(format!("tag {t:?} must match [A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}"))
+        Err(format!(
+            "tag {t:?} must match [A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}"
+        ))
     }
 }
 
@@ -162,7 +187,9 @@ fn validate_repository(r: &str) -> Result<(), String> {
         let ok = !comp.is_empty()
             && comp.starts_with(alnum)
             && comp.ends_with(alnum)
-            && comp.chars().all(|c| alnum(c) || matches!(c, '.' | '_' | '-'));
+            && comp
+                .chars()
+                .all(|c| alnum(c) || matches!(c, '.' | '_' | '-'));
         if !ok {
             return Err(format!(
                 "repository path component {comp:?} must be lowercase letters, digits and separators (. _ -)"
@@ -185,14 +212,23 @@ mod tests {
         assert_eq!(norm("alpine"), "docker.io/library/alpine:latest");
         assert_eq!(norm("alpine:3.20"), "docker.io/library/alpine:3.20");
         assert_eq!(norm("user/app"), "docker.io/user/app:latest");
-        assert_eq!(norm("index.docker.io/library/alpine"), "docker.io/library/alpine:latest");
-        assert_eq!("alpine".parse::<Reference>().unwrap().api_host(), "registry-1.docker.io");
+        assert_eq!(
+            norm("index.docker.io/library/alpine"),
+            "docker.io/library/alpine:latest"
+        );
+        assert_eq!(
+            "alpine".parse::<Reference>().unwrap().api_host(),
+            "registry-1.docker.io"
+        );
     }
 
     #[test]
     fn registries_with_ports_and_digests() {
         let d = "sha256:".to_string() + &"a".repeat(64);
-        assert_eq!(norm("127.0.0.1:5000/busybox"), "127.0.0.1:5000/busybox:latest");
+        assert_eq!(
+            norm("127.0.0.1:5000/busybox"),
+            "127.0.0.1:5000/busybox:latest"
+        );
         assert_eq!(norm("localhost/a/b:v1"), "localhost/a/b:v1");
         let r: Reference = format!("localhost:5000/busybox@{d}").parse().unwrap();
         assert_eq!(r.tag(), None);
@@ -205,9 +241,24 @@ mod tests {
 
     #[test]
     fn bad_references_say_why() {
-        for bad in ["", "UPPER", "a//b", "a:", "a@sha256:xyz", "a@md5:00", "-a", "a:-x"] {
+        for bad in [
+            "",
+            "UPPER",
+            "a//b",
+            "a:",
+            "a@sha256:xyz",
+            "a@md5:00",
+            "-a",
+            "a:-x",
+        ] {
             let e = bad.parse::<Reference>().unwrap_err();
-            assert!(matches!(e, Error::InvalidReference { .. } | Error::InvalidDigest { .. }), "{bad}: {e}");
+            assert!(
+                matches!(
+                    e,
+                    Error::InvalidReference { .. } | Error::InvalidDigest { .. }
+                ),
+                "{bad}: {e}"
+            );
         }
     }
 }

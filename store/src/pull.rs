@@ -1,0 +1,626 @@
+//! Pull: resolve a reference to the platform's manifest, then fetch config and
+//! layers in parallel, each streamed through a verifying writer into the
+//! store, and record the image in one transaction at the end.
+//!
+//! What is in flight is protected from `gc` by a lease recorded before any
+//! blob is written; a pull killed at any point leaves only partial files in
+//! ingest/ (resumed next time) and a lease whose process is gone (expired by
+//! the next `gc`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{stream, StreamExt, TryStreamExt};
+use oci_spec::image::{Digest, ImageIndex, ImageManifest};
+use reqwest::StatusCode;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::error::{Error, Result};
+use crate::ingest::{Acquired, BlobWriter};
+use crate::media::{self, ManifestKind};
+use crate::meta::{BlobRecord, DescriptorRecord, ImageRecord, Lease};
+use crate::platform::Platform;
+use crate::reference::{parse_digest, Reference};
+use crate::registry::{error_chain, FetchedManifest, RegistryClient, MAX_MANIFEST_BYTES};
+use crate::store::Store;
+
+#[derive(Clone, Debug)]
+pub struct PullOptions {
+    pub platform: Platform,
+    /// Blobs fetched at once.
+    pub max_concurrent: usize,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        PullOptions {
+            platform: Platform::host(),
+            max_concurrent: 6,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlobKind {
+    Config,
+    Layer,
+}
+
+/// What a pull is doing, for progress displays.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Resolved {
+        reference: String,
+        digest: String,
+        media_type: String,
+    },
+    /// Every blob the image needs, before any is fetched.
+    Blob {
+        digest: String,
+        kind: BlobKind,
+        size: u64,
+        media_type: String,
+    },
+    /// Already in the store.
+    Cached {
+        digest: String,
+    },
+    /// Another process is fetching it; waiting for that.
+    Waiting {
+        digest: String,
+    },
+    /// Fetching starts; `offset` > 0 resumes a partial download.
+    Started {
+        digest: String,
+        offset: u64,
+    },
+    /// Bytes of the blob now held.
+    Progress {
+        digest: String,
+        bytes: u64,
+    },
+    Retrying {
+        digest: String,
+        attempt: u32,
+        error: String,
+    },
+    Done {
+        digest: String,
+    },
+}
+
+pub trait Observer: Send + Sync {
+    fn event(&self, event: &Event);
+}
+
+impl Observer for () {
+    fn event(&self, _: &Event) {}
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PullReport {
+    pub reference: String,
+    pub digest: String,
+    pub manifest: String,
+    pub platform: Platform,
+    pub layers: usize,
+    /// Bytes of config and layers (compressed) that make up the image.
+    pub size: u64,
+    pub fetched_blobs: usize,
+    pub fetched_bytes: u64,
+    pub cached_blobs: usize,
+    /// The image was already held whole: nothing was written.
+    pub up_to_date: bool,
+    pub seconds: f64,
+}
+
+/// Pull `reference` into `store`.
+pub async fn pull(
+    store: &Store,
+    client: &RegistryClient,
+    reference: &Reference,
+    opts: &PullOptions,
+    observer: Arc<dyn Observer>,
+) -> Result<PullReport> {
+    let started = Instant::now();
+    let name = reference.to_string();
+
+    // Pinned by digest and held whole: no need to ask the registry anything.
+    if reference.digest().is_some() {
+        if let Ok(img) = store.image(&name) {
+            if store.is_complete(&img) && img.platform == opts.platform {
+                return Ok(up_to_date(&img, started));
+            }
+        }
+    }
+
+    let lease_id = format!("pull-{}-{:016x}", std::process::id(), rand::random::<u64>());
+    store
+        .meta()
+        .update(|t| t.put_lease(&lease_id, &Lease::for_this_process()))?;
+    let result = pull_leased(store, client, reference, opts, observer, &lease_id, started).await;
+    if result.as_ref().map_or(true, |r| r.up_to_date) {
+        // Success commits drop the lease in the same transaction.
+        let _ = store.meta().update(|t| t.remove_lease(&lease_id));
+    }
+    result
+}
+
+fn up_to_date(img: &ImageRecord, started: Instant) -> PullReport {
+    PullReport {
+        reference: img.name.clone(),
+        digest: img.target.digest.clone(),
+        manifest: img.manifest.digest.clone(),
+        platform: img.platform.clone(),
+        layers: img.layers.len(),
+        size: img.size(),
+        fetched_blobs: 0,
+        fetched_bytes: 0,
+        cached_blobs: img.layers.len() + 1,
+        up_to_date: true,
+        seconds: started.elapsed().as_secs_f64(),
+    }
+}
+
+fn descriptor(media_type: &str, digest: &Digest, size: u64) -> DescriptorRecord {
+    DescriptorRecord {
+        media_type: media_type.to_string(),
+        digest: digest.to_string(),
+        size,
+    }
+}
+
+async fn pull_leased(
+    store: &Store,
+    client: &RegistryClient,
+    reference: &Reference,
+    opts: &PullOptions,
+    observer: Arc<dyn Observer>,
+    lease_id: &str,
+    started: Instant,
+) -> Result<PullReport> {
+    let name = reference.to_string();
+    let top = client
+        .manifest(reference, &reference.manifest_reference())
+        .await?;
+    observer.event(&Event::Resolved {
+        reference: name.clone(),
+        digest: top.digest.to_string(),
+        media_type: top.media_type.clone(),
+    });
+    let what = format!("{name} ({})", top.digest);
+    let (manifest, platform) = match media::manifest_kind(&top.media_type) {
+        Some(ManifestKind::Manifest) => (top.clone(), opts.platform.clone()),
+        Some(ManifestKind::Index) => {
+            select_platform(store, client, reference, &top, &opts.platform).await?
+        }
+        Some(ManifestKind::Schema1) => return Err(Error::Schema1 { what }),
+        None => {
+            return Err(Error::UnsupportedMediaType {
+                what,
+                media_type: top.media_type.clone(),
+            })
+        }
+    };
+
+    // Same target as the ref we hold, and all of it present: nothing to do.
+    if let Ok(held) = store.image(&name) {
+        if held.target.digest == top.digest.as_ref()
+            && held.platform == platform
+            && store.is_complete(&held)
+        {
+            return Ok(up_to_date(&held, started));
+        }
+    }
+
+    let parsed: ImageManifest =
+        serde_json::from_slice(&manifest.bytes).map_err(|e| Error::Malformed {
+            what: format!("manifest {} of {name}", manifest.digest),
+            reason: e.to_string(),
+        })?;
+    let config = parsed.config();
+    let config_type = config.media_type().to_string();
+    if !media::is_config(&config_type) {
+        return Err(Error::UnsupportedMediaType {
+            what: format!(
+                "config {} of {name} (not a container image?)",
+                config.digest()
+            ),
+            media_type: config_type,
+        });
+    }
+    let config_digest = parse_digest(config.digest().as_ref())?;
+    let mut blobs: Vec<(Digest, u64, String, BlobKind)> = vec![(
+        config_digest.clone(),
+        config.size(),
+        config_type.clone(),
+        BlobKind::Config,
+    )];
+    let mut layers = Vec::new();
+    for layer in parsed.layers() {
+        let mt = layer.media_type().to_string();
+        let d = parse_digest(layer.digest().as_ref())?;
+        if media::layer_compression(&mt).is_none() {
+            return Err(Error::UnsupportedMediaType {
+                what: format!("layer {d} of {name}"),
+                media_type: mt,
+            });
+        }
+        layers.push(descriptor(&mt, &d, layer.size()));
+        if !blobs.iter().any(|(b, ..)| *b == d) {
+            blobs.push((d, layer.size(), mt, BlobKind::Layer));
+        }
+    }
+
+    // Lease everything before writing any of it.
+    let mut leased: Vec<String> = vec![top.digest.to_string(), manifest.digest.to_string()];
+    leased.extend(blobs.iter().map(|(d, ..)| d.to_string()));
+    store.meta().update(|t| {
+        let mut lease = t.lease(lease_id)?.unwrap_or_else(Lease::for_this_process);
+        lease.blobs = leased.clone();
+        t.put_lease(lease_id, &lease)
+    })?;
+
+    for (d, size, mt, kind) in &blobs {
+        observer.event(&Event::Blob {
+            digest: d.to_string(),
+            kind: *kind,
+            size: *size,
+            media_type: mt.clone(),
+        });
+    }
+    put_bytes(store, &top).await?;
+    if manifest.digest != top.digest {
+        put_bytes(store, &manifest).await?;
+    }
+
+    let outcomes: Vec<Option<u64>> = stream::iter(blobs.iter().cloned())
+        .map(|(d, size, _, _)| fetch_blob(store, client, reference, d, size, observer.clone()))
+        .buffer_unordered(opts.max_concurrent.max(1))
+        .try_collect()
+        .await?;
+
+    let mut records: Vec<(String, BlobRecord)> = blobs
+        .iter()
+        .map(|(d, size, mt, _)| {
+            (
+                d.to_string(),
+                BlobRecord {
+                    size: *size,
+                    media_type: mt.clone(),
+                    children: vec![],
+                },
+            )
+        })
+        .collect();
+    let mut manifest_children = vec![config_digest.to_string()];
+    manifest_children.extend(layers.iter().map(|l| l.digest.clone()));
+    records.push((
+        manifest.digest.to_string(),
+        BlobRecord {
+            size: manifest.bytes.len() as u64,
+            media_type: manifest.media_type.clone(),
+            children: manifest_children,
+        },
+    ));
+    if manifest.digest != top.digest {
+        records.push((
+            top.digest.to_string(),
+            BlobRecord {
+                size: top.bytes.len() as u64,
+                media_type: top.media_type.clone(),
+                children: vec![manifest.digest.to_string()],
+            },
+        ));
+    }
+    let image = ImageRecord {
+        name: name.clone(),
+        target: descriptor(&top.media_type, &top.digest, top.bytes.len() as u64),
+        manifest: descriptor(
+            &manifest.media_type,
+            &manifest.digest,
+            manifest.bytes.len() as u64,
+        ),
+        config: descriptor(&config_type, &config_digest, config.size()),
+        layers,
+        platform: platform.clone(),
+        updated: crate::meta::now_unix(),
+    };
+    store.commit_image(&image, &records, lease_id)?;
+
+    let fetched: Vec<u64> = outcomes.iter().flatten().copied().collect();
+    Ok(PullReport {
+        reference: name,
+        digest: top.digest.to_string(),
+        manifest: manifest.digest.to_string(),
+        platform,
+        layers: image.layers.len(),
+        size: image.size(),
+        fetched_blobs: fetched.len(),
+        fetched_bytes: fetched.iter().sum(),
+        cached_blobs: outcomes.len() - fetched.len(),
+        up_to_date: false,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Choose the manifest for `want` from an index, and fetch it (or read it
+/// from the store if held).
+async fn select_platform(
+    store: &Store,
+    client: &RegistryClient,
+    reference: &Reference,
+    index: &FetchedManifest,
+    want: &Platform,
+) -> Result<(FetchedManifest, Platform)> {
+    let parsed: ImageIndex =
+        serde_json::from_slice(&index.bytes).map_err(|e| Error::Malformed {
+            what: format!("index {} of {reference}", index.digest),
+            reason: e.to_string(),
+        })?;
+    let mut available = Vec::new();
+    let mut chosen = None;
+    for m in parsed.manifests() {
+        let Some(p) = m.platform().as_ref().map(Platform::from_oci) else {
+            continue;
+        };
+        available.push(p.to_string());
+        if chosen.is_none()
+            && want.matches(&p)
+            && media::manifest_kind(&m.media_type().to_string()) == Some(ManifestKind::Manifest)
+        {
+            chosen = Some((m.clone(), p));
+        }
+    }
+    let Some((desc, platform)) = chosen else {
+        return Err(Error::PlatformNotFound {
+            reference: reference.to_string(),
+            platform: want.to_string(),
+            available: if available.is_empty() {
+                "no platforms".into()
+            } else {
+                available.join(", ")
+            },
+        });
+    };
+    let digest = parse_digest(desc.digest().as_ref())?;
+    if desc.size() > MAX_MANIFEST_BYTES {
+        return Err(Error::ManifestTooLarge {
+            what: format!("manifest {digest} of {reference}"),
+            limit: MAX_MANIFEST_BYTES,
+        });
+    }
+    if store.blob_dirs().is_present(&digest, desc.size()) {
+        let bytes = store.read_blob(&digest, MAX_MANIFEST_BYTES)?;
+        return Ok((
+            FetchedManifest {
+                bytes: Bytes::from(bytes),
+                media_type: desc.media_type().to_string(),
+                digest,
+            },
+            platform,
+        ));
+    }
+    let mut m = client.manifest(reference, digest.as_ref()).await?;
+    if m.bytes.len() as u64 != desc.size() {
+        return Err(Error::SizeMismatch {
+            digest: digest.to_string(),
+            expected: desc.size(),
+            actual: m.bytes.len() as u64,
+        });
+    }
+    if media::manifest_kind(&m.media_type) != Some(ManifestKind::Manifest) {
+        m.media_type = desc.media_type().to_string();
+    }
+    Ok((m, platform))
+}
+
+async fn put_bytes(store: &Store, m: &FetchedManifest) -> Result<()> {
+    let dirs = store.blob_dirs().clone();
+    let (digest, bytes) = (m.digest.clone(), m.bytes.clone());
+    tokio::task::spawn_blocking(move || dirs.put_bytes(&digest, &bytes))
+        .await
+        .expect("ingest task panicked")
+}
+
+enum Chunk {
+    Data(Bytes),
+    Restart,
+}
+
+/// Fetch one blob into the store unless it is there. Returns the bytes
+/// downloaded, or None if it was already present.
+async fn fetch_blob(
+    store: &Store,
+    client: &RegistryClient,
+    reference: &Reference,
+    digest: Digest,
+    size: u64,
+    observer: Arc<dyn Observer>,
+) -> Result<Option<u64>> {
+    let id = digest.to_string();
+    let dirs = store.blob_dirs().clone();
+    if dirs.is_present(&digest, size) {
+        observer.event(&Event::Cached { digest: id });
+        return Ok(None);
+    }
+    let acquired = {
+        let (dirs, digest) = (dirs.clone(), digest.clone());
+        let waiting = tokio::time::sleep(Duration::from_millis(200));
+        let task = tokio::task::spawn_blocking(move || dirs.acquire(&digest, size));
+        tokio::pin!(task, waiting);
+        let mut said = false;
+        loop {
+            tokio::select! {
+                r = &mut task => break r.expect("ingest task panicked")?,
+                _ = &mut waiting, if !said => {
+                    said = true;
+                    observer.event(&Event::Waiting { digest: id.clone() });
+                }
+            }
+        }
+    };
+    let writer = match acquired {
+        Acquired::Present => {
+            observer.event(&Event::Cached { digest: id });
+            return Ok(None);
+        }
+        Acquired::Writer(w) => w,
+    };
+    let resumed = writer.resumed_from();
+    match download(client, reference, writer, size, observer.clone()).await {
+        Ok(n) => Ok(Some(n)),
+        // A partial left by someone else may hold bytes that are not this
+        // blob's; one fresh download settles it.
+        Err(Error::DigestMismatch { .. }) if resumed > 0 => {
+            tracing::warn!(blob = %id, "resumed download failed verification; fetching it whole");
+            let Acquired::Writer(mut w) = tokio::task::spawn_blocking({
+                let (dirs, digest) = (dirs.clone(), digest.clone());
+                move || dirs.acquire(&digest, size)
+            })
+            .await
+            .expect("ingest task panicked")?
+            else {
+                return Ok(None);
+            };
+            w.reset()?;
+            download(client, reference, w, size, observer)
+                .await
+                .map(Some)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Stream the blob into `writer`, resuming with Range after a dropped
+/// connection. Hashing and writing run on a blocking thread fed by a bounded
+/// channel, so the network and the disk overlap.
+async fn download(
+    client: &RegistryClient,
+    reference: &Reference,
+    writer: BlobWriter,
+    size: u64,
+    observer: Arc<dyn Observer>,
+) -> Result<u64> {
+    let digest = writer.digest().clone();
+    let id = digest.to_string();
+    let mut offset = writer.offset();
+    let start_offset = offset;
+    let (tx, mut rx) = mpsc::channel::<Chunk>(64);
+    let sink = tokio::task::spawn_blocking(move || -> Result<BlobWriter> {
+        let mut w = writer;
+        while let Some(chunk) = rx.blocking_recv() {
+            match chunk {
+                Chunk::Data(b) => w.write(&b)?,
+                Chunk::Restart => w.reset()?,
+            }
+        }
+        Ok(w)
+    });
+    // If the sink fails (disk full, too many bytes), sends fail: get its error.
+    let sink_error = |sink: tokio::task::JoinHandle<Result<BlobWriter>>| async move {
+        match sink.await.expect("ingest task panicked") {
+            Err(e) => e,
+            Ok(_) => Error::Malformed {
+                what: "ingest".into(),
+                reason: "writer stopped early".into(),
+            },
+        }
+    };
+
+    observer.event(&Event::Started {
+        digest: id.clone(),
+        offset,
+    });
+    let attempts = client.options().attempts;
+    let mut failures = 0u32;
+    while offset < size {
+        let resp = client.blob(reference, &digest, offset).await?;
+        let status = resp.status();
+        if offset > 0 && status != StatusCode::PARTIAL_CONTENT {
+            // The server sent the whole blob instead of the range.
+            if tx.send(Chunk::Restart).await.is_err() {
+                return Err(sink_error(sink).await);
+            }
+            offset = 0;
+        } else if status == StatusCode::PARTIAL_CONTENT {
+            let start = resp
+                .headers()
+                .get(reqwest::header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("bytes "))
+                .and_then(|v| v.split('-').next())
+                .and_then(|v| v.parse::<u64>().ok());
+            if start != Some(offset) {
+                return Err(Error::Malformed {
+                    what: format!("blob {id} from {}", reference.registry()),
+                    reason: format!(
+                        "asked for bytes from {offset}, got Content-Range starting at {start:?}"
+                    ),
+                });
+            }
+        }
+        let mut body = resp.bytes_stream();
+        let mut broke = None;
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(b) => {
+                    offset += b.len() as u64;
+                    if offset > size {
+                        drop(tx);
+                        return Err(match sink.await.expect("ingest task panicked") {
+                            Err(e) => e,
+                            Ok(_) => Error::SizeMismatch {
+                                digest: id,
+                                expected: size,
+                                actual: offset,
+                            },
+                        });
+                    }
+                    if tx.send(Chunk::Data(b)).await.is_err() {
+                        return Err(sink_error(sink).await);
+                    }
+                    observer.event(&Event::Progress {
+                        digest: id.clone(),
+                        bytes: offset,
+                    });
+                }
+                Err(e) => {
+                    broke = Some(error_chain(&e));
+                    break;
+                }
+            }
+        }
+        if offset >= size {
+            break;
+        }
+        // The body ended early: a reset or a truncated response. Resume.
+        failures += 1;
+        let why = broke.unwrap_or_else(|| format!("body ended after {offset} of {size} bytes"));
+        if failures >= attempts {
+            return Err(Error::Transport {
+                registry: reference.registry().into(),
+                what: format!("blob {id}"),
+                message: format!("{why} (gave up after {failures} attempts)"),
+            });
+        }
+        observer.event(&Event::Retrying {
+            digest: id.clone(),
+            attempt: failures,
+            error: why.clone(),
+        });
+        tracing::warn!(blob = %id, offset, error = %why, "download interrupted; resuming");
+        client.backoff(failures).await;
+    }
+    drop(tx);
+    let writer = sink.await.expect("ingest task panicked")?;
+    tokio::task::spawn_blocking(move || writer.commit())
+        .await
+        .expect("ingest task panicked")?;
+    observer.event(&Event::Done { digest: id });
+    Ok(size - start_offset)
+}

@@ -1,0 +1,403 @@
+//! The store on disk:
+//!
+//! ```text
+//! ROOT/oci-layout              OCI image layout marker
+//! ROOT/index.json              one entry per image ref (ref.name annotation)
+//! ROOT/blobs/sha256/<hex>      verified blobs, never partial
+//! ROOT/ingest/<hex>.partial    downloads in flight or resumable
+//! ROOT/meta.db                 redb: refs, blob records, leases (truth)
+//! ```
+//!
+//! index.json is derived from meta.db and rewritten atomically after every
+//! change of refs, so skopeo and umoci can read what cstore pulled.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use oci_spec::image::Digest;
+
+use crate::error::{write_err, Error, Result};
+use crate::ingest::{sync_dir, BlobDirs, IngestLock};
+use crate::meta::{ImageRecord, Meta, Tables};
+use crate::reference::{parse_digest, Reference};
+
+pub const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
+
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    dirs: BlobDirs,
+    meta: Meta,
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct GcReport {
+    pub removed_blobs: usize,
+    pub removed_bytes: u64,
+    pub removed_partials: usize,
+    pub expired_leases: usize,
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct DiskUsage {
+    pub images: usize,
+    pub blobs: usize,
+    pub blob_bytes: u64,
+    /// Bytes of blobs no image or live pull refers to: what `gc` frees.
+    pub reclaimable_bytes: u64,
+    /// Bytes held by unpacked layers (snapshots).
+    pub unpacked_bytes: u64,
+    /// Bytes in partial downloads.
+    pub ingest_bytes: u64,
+}
+
+impl Store {
+    /// Open (creating if needed) the store at `root`.
+    pub fn open(root: &Path) -> Result<Store> {
+        let dirs = BlobDirs {
+            blobs: root.join("blobs/sha256"),
+            ingest: root.join("ingest"),
+        };
+        for d in [&dirs.blobs, &dirs.ingest] {
+            fs::create_dir_all(d).map_err(|e| write_err("store directories", d, e))?;
+        }
+        let layout = root.join("oci-layout");
+        if !layout.exists() {
+            write_atomic(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+        }
+        let meta = Meta::open(&root.join("meta.db"))?;
+        let store = Store {
+            inner: Arc::new(Inner {
+                root: root.to_path_buf(),
+                dirs,
+                meta,
+            }),
+        };
+        if !root.join("index.json").exists() {
+            store
+                .inner
+                .meta
+                .update_then(|t| t.images(), |images| store.write_index_json(&images))?;
+        }
+        Ok(store)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    pub fn blob_dirs(&self) -> &BlobDirs {
+        &self.inner.dirs
+    }
+
+    pub fn meta(&self) -> &Meta {
+        &self.inner.meta
+    }
+
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.inner.dirs.blob_path(digest)
+    }
+
+    /// Read a small blob (manifest, config) whole, refusing anything over `limit`.
+    pub fn read_blob(&self, digest: &Digest, limit: u64) -> Result<Vec<u8>> {
+        let path = self.blob_path(digest);
+        let meta = match fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::BlobNotFound(digest.to_string()))
+            }
+            Err(e) => return Err(Error::io("stat", &path, e)),
+        };
+        if meta.len() > limit {
+            return Err(Error::ManifestTooLarge {
+                what: format!("blob {digest}"),
+                limit,
+            });
+        }
+        fs::read(&path).map_err(|e| Error::io("read", &path, e))
+    }
+
+    pub fn images(&self) -> Result<Vec<ImageRecord>> {
+        let mut images = self.inner.meta.update(|t| t.images())?;
+        images.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(images)
+    }
+
+    /// Find an image by reference (normalized as pull does).
+    pub fn image(&self, reference: &str) -> Result<ImageRecord> {
+        let name = reference.parse::<Reference>()?.to_string();
+        self.inner
+            .meta
+            .update(|t| t.image(&name))?
+            .ok_or(Error::ImageNotFound(name))
+    }
+
+    /// Is every blob of `image` on disk?
+    pub fn is_complete(&self, image: &ImageRecord) -> bool {
+        let d = &self.inner.dirs;
+        std::iter::once(&image.target)
+            .chain([&image.manifest, &image.config])
+            .chain(image.layers.iter())
+            .all(|b| parse_digest(&b.digest).is_ok_and(|dg| d.is_present(&dg, b.size)))
+    }
+
+    /// Remove an image ref, then collect what only it held.
+    pub fn remove_image(&self, reference: &str) -> Result<GcReport> {
+        let name = reference.parse::<Reference>()?.to_string();
+        let removed = self.inner.meta.update_then(
+            |t| {
+                let removed = t.remove_image(&name)?;
+                Ok((removed, t.images()?))
+            },
+            |(removed, images)| {
+                if removed {
+                    self.write_index_json(&images)?;
+                }
+                Ok(removed)
+            },
+        )?;
+        if !removed {
+            return Err(Error::ImageNotFound(name));
+        }
+        self.gc()
+    }
+
+    /// Record a pulled image and its blobs, drop the pull's lease, and
+    /// rewrite index.json, all in one transaction.
+    pub(crate) fn commit_image(
+        &self,
+        image: &ImageRecord,
+        blobs: &[(String, crate::meta::BlobRecord)],
+        lease: &str,
+    ) -> Result<()> {
+        self.inner.meta.update_then(
+            |t| {
+                for (d, rec) in blobs {
+                    t.put_blob(d, rec)?;
+                }
+                t.put_image(image)?;
+                t.remove_lease(lease)?;
+                t.images()
+            },
+            |images| self.write_index_json(&images),
+        )
+    }
+
+    /// Mark and sweep from image refs and live leases, under the database's
+    /// write transaction.
+    pub fn gc(&self) -> Result<GcReport> {
+        let dirs = &self.inner.dirs;
+        self.inner.meta.update_then(
+            |t| {
+                let mut report = GcReport::default();
+                for (id, lease) in t.leases()? {
+                    if !lease.is_live() {
+                        t.remove_lease(&id)?;
+                        report.expired_leases += 1;
+                    }
+                }
+                let marked = mark(t)?;
+                let mut doomed = Vec::new();
+                for (digest, rec) in t.blobs()? {
+                    if !marked.contains(&digest) {
+                        t.remove_blob(&digest)?;
+                        doomed.push((digest, rec.size));
+                    }
+                }
+                Ok((report, marked, doomed))
+            },
+            // Files go after the commit but before any other process can
+            // open the database, so no pull can see a blob as present that
+            // is about to vanish.
+            |(mut report, marked, doomed)| {
+                // Blob files: those swept from the DB, and files no record names
+                // (a pull killed between rename and record) unless a live pull holds them.
+                let mut files: HashMap<String, u64> = HashMap::new();
+                for entry in
+                    fs::read_dir(&dirs.blobs).map_err(|e| Error::io("read dir", &dirs.blobs, e))?
+                {
+                    let entry = entry.map_err(|e| Error::io("read dir", &dirs.blobs, e))?;
+                    let name = entry.file_name().to_string_lossy().to_string();
+                    files.insert(
+                        format!("sha256:{name}"),
+                        entry.metadata().map(|m| m.len()).unwrap_or(0),
+                    );
+                }
+                let doomed: HashSet<String> = doomed.into_iter().map(|(d, _)| d).collect();
+                for (digest, size) in files {
+                    if marked.contains(&digest) && !doomed.contains(&digest) {
+                        continue;
+                    }
+                    let path = dirs.blobs.join(digest.trim_start_matches("sha256:"));
+                    match fs::remove_file(&path) {
+                        Ok(()) => {
+                            report.removed_blobs += 1;
+                            report.removed_bytes += size;
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(Error::io("remove", &path, e)),
+                    }
+                }
+                report.removed_partials = self.sweep_ingest()?;
+                sync_dir(&dirs.blobs)?;
+                Ok(report)
+            },
+        )
+    }
+
+    /// Remove partial downloads nobody is writing (their lock is free).
+    fn sweep_ingest(&self) -> Result<usize> {
+        let ingest = &self.inner.dirs.ingest;
+        let mut removed = 0;
+        for entry in fs::read_dir(ingest).map_err(|e| Error::io("read dir", ingest, e))? {
+            let path = entry.map_err(|e| Error::io("read dir", ingest, e))?.path();
+            if path.extension().is_some_and(|x| x == "partial") {
+                let lock_path = path.with_extension("lock");
+                // No lock file: its writer finished or never began; else take it.
+                let lock = if lock_path.exists() {
+                    IngestLock::try_take(&lock_path)?
+                } else {
+                    None
+                };
+                if lock.is_some() || !lock_path.exists() {
+                    if fs::remove_file(&path).is_ok() {
+                        removed += 1;
+                    }
+                    if let Some(l) = lock {
+                        l.remove_and_release();
+                    }
+                }
+            } else if path.extension().is_some_and(|x| x == "lock")
+                && !path.with_extension("partial").exists()
+            {
+                if let Some(l) = IngestLock::try_take(&path)? {
+                    l.remove_and_release();
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    pub fn df(&self) -> Result<DiskUsage> {
+        let (images, blobs, marked) = self
+            .inner
+            .meta
+            .update(|t| Ok((t.images()?.len(), t.blobs()?, mark(t)?)))?;
+        let mut du = DiskUsage {
+            images,
+            blobs: blobs.len(),
+            ..Default::default()
+        };
+        for (digest, rec) in &blobs {
+            du.blob_bytes += rec.size;
+            if !marked.contains(digest) {
+                du.reclaimable_bytes += rec.size;
+            }
+        }
+        du.unpacked_bytes = tree_bytes(&self.inner.root.join("snapshots"));
+        du.ingest_bytes = tree_bytes(&self.inner.dirs.ingest);
+        Ok(du)
+    }
+
+    pub(crate) fn write_index_json(&self, images: &[ImageRecord]) -> Result<()> {
+        let mut images: Vec<&ImageRecord> = images.iter().collect();
+        images.sort_by(|a, b| a.name.cmp(&b.name));
+        let manifests: Vec<serde_json::Value> = images
+            .iter()
+            .map(|i| {
+                let mut platform = serde_json::json!({"architecture": i.platform.architecture, "os": i.platform.os});
+                if let Some(v) = &i.platform.variant {
+                    platform["variant"] = v.clone().into();
+                }
+                // The platform's manifest, not the index: that is what the
+                // store holds whole, so `skopeo copy oci:ROOT:REF` works.
+                serde_json::json!({
+                    "mediaType": i.manifest.media_type,
+                    "digest": i.manifest.digest,
+                    "size": i.manifest.size,
+                    "annotations": { REF_NAME_ANNOTATION: i.name },
+                    "platform": platform,
+                })
+            })
+            .collect();
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": crate::media::OCI_INDEX,
+            "manifests": manifests,
+        });
+        let bytes = serde_json::to_vec_pretty(&index).expect("json");
+        write_atomic(&self.inner.root.join("index.json"), &bytes)
+    }
+}
+
+/// Everything reachable from image refs and live leases.
+fn mark(t: &Tables<'_>) -> Result<HashSet<String>> {
+    let mut stack: Vec<String> = Vec::new();
+    for i in t.images()? {
+        stack.extend([i.target.digest, i.manifest.digest, i.config.digest]);
+        stack.extend(i.layers.into_iter().map(|l| l.digest));
+    }
+    for (_, lease) in t.leases()? {
+        if lease.is_live() {
+            stack.extend(lease.blobs);
+        }
+    }
+    let mut marked = HashSet::new();
+    while let Some(d) = stack.pop() {
+        if marked.insert(d.clone()) {
+            if let Some(rec) = t.blob(&d)? {
+                stack.extend(rec.children);
+            }
+        }
+    }
+    Ok(marked)
+}
+
+fn tree_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    let mut seen = HashSet::new();
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.nlink() <= 1 || seen.insert((m.dev(), m.ino())) {
+                total += m.len();
+            }
+        }
+    }
+    total
+}
+
+/// Write a file so readers see the old or the new content, never a mix.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let res = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = res {
+        let _ = fs::remove_file(&tmp);
+        return Err(write_err(&path.display().to_string(), path, e));
+    }
+    sync_dir(dir)
+}
