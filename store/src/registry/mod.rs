@@ -390,10 +390,12 @@ impl RegistryClient {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self
-                .manifest_once(r, reference, headers.clone(), &what)
-                .await
-            {
+            // `get` has already retried statuses and failed sends as often as
+            // allowed; only a body that breaks off is retried here.
+            let resp = self
+                .get(r, &format!("manifests/{reference}"), headers.clone(), &what)
+                .await?;
+            match self.read_manifest(r, reference, resp, &what).await {
                 Err(e) if e.is_transient() && attempt < self.opts.attempts => {
                     tracing::warn!(what, error = %e, "manifest fetch failed; retrying");
                     self.pause(attempt, None).await;
@@ -403,16 +405,13 @@ impl RegistryClient {
         }
     }
 
-    async fn manifest_once(
+    async fn read_manifest(
         &self,
         r: &Reference,
         reference: &str,
-        headers: HeaderMap,
+        resp: Response,
         what: &str,
     ) -> Result<FetchedManifest> {
-        let resp = self
-            .get(r, &format!("manifests/{reference}"), headers, what)
-            .await?;
         let too_large = || Error::ManifestTooLarge {
             what: what.to_string(),
             limit: MAX_MANIFEST_BYTES,
