@@ -180,6 +180,16 @@ impl BlobWriter {
         Ok(())
     }
 
+    /// Hand what is buffered to the file, so a process killed after this
+    /// leaves those bytes in the partial for the next pull to resume from.
+    pub fn flush(&mut self) -> Result<()> {
+        if let Err(e) = self.file.flush() {
+            let err = write_err(&self.digest.to_string(), &self.partial, e);
+            return Err(self.discard_if_no_space(err));
+        }
+        Ok(())
+    }
+
     /// Verify, make durable, and publish under blobs/.
     pub fn commit(mut self) -> Result<()> {
         if self.written != self.size {

@@ -518,6 +518,13 @@ async fn download(
                 Chunk::Data(b) => w.write(&b)?,
                 Chunk::Restart => w.reset()?,
             }
+            // Caught up with the network: write out the buffer (up to 1 MiB),
+            // else a pull killed now loses it and cannot resume from it. When
+            // the disk is the bottleneck the channel stays full and writes
+            // stay large.
+            if rx.is_empty() {
+                w.flush()?;
+            }
         }
         Ok(w)
     });
