@@ -14,6 +14,7 @@ use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use oci_spec::image::Digest;
 use sha2::{Digest as _, Sha256};
@@ -99,6 +100,35 @@ impl BlobDirs {
             blobs_dir: self.blobs.clone(),
             lock: Some(lock),
         }))
+    }
+
+    /// Remove the partial download of `digest` once no writer holds it,
+    /// waiting up to `wait` for one to let go: a pull's own cancelled
+    /// downloads wind down in moments, another process's is left alone.
+    /// Returns whether a partial was removed.
+    pub fn discard_partial(&self, digest: &Digest, wait: Duration) -> Result<bool> {
+        let hex = digest.digest();
+        let lock_path = self.ingest.join(format!("{hex}.lock"));
+        let partial = self.ingest.join(format!("{hex}.partial"));
+        let deadline = Instant::now() + wait;
+        loop {
+            if !partial.exists() {
+                return Ok(false);
+            }
+            if let Some(lock) = IngestLock::try_take(&lock_path)? {
+                let removed = fs::remove_file(&partial).is_ok();
+                lock.remove_and_release();
+                return Ok(removed);
+            }
+            if !lock_path.exists() {
+                // No lock file: no writer (as in Store::gc).
+                return Ok(fs::remove_file(&partial).is_ok());
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Store a blob already in memory (manifests, configs), verified.

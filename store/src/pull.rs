@@ -278,11 +278,21 @@ async fn pull_leased(
         put_bytes(store, &manifest).await?;
     }
 
-    let outcomes: Vec<Option<u64>> = stream::iter(blobs.iter().cloned())
+    let outcomes: Vec<Option<u64>> = match stream::iter(blobs.iter().cloned())
         .map(|(d, size, _, _)| fetch_blob(store, client, reference, d, size, observer.clone()))
         .buffer_unordered(opts.max_concurrent.max(1))
         .try_collect()
-        .await?;
+        .await
+    {
+        Ok(o) => o,
+        Err(e) => {
+            if matches!(e, Error::NoSpace { .. }) {
+                let digests = blobs.iter().map(|(d, ..)| d.clone()).collect();
+                discard_partials(store, digests).await;
+            }
+            return Err(e);
+        }
+    };
 
     let mut records: Vec<(String, BlobRecord)> = blobs
         .iter()
@@ -425,6 +435,21 @@ async fn put_bytes(store: &Store, m: &FetchedManifest) -> Result<()> {
     tokio::task::spawn_blocking(move || dirs.put_bytes(&digest, &bytes))
         .await
         .expect("ingest task panicked")
+}
+
+/// The disk is full: the partial downloads of this pull (those of blobs its
+/// failure cancelled too) hold space a resume cannot use until some is
+/// freed, so give it back rather than keep them for resuming.
+async fn discard_partials(store: &Store, digests: Vec<Digest>) {
+    let dirs = store.blob_dirs().clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        for d in digests {
+            if let Err(e) = dirs.discard_partial(&d, Duration::from_secs(5)) {
+                tracing::warn!(blob = %d, error = %e, "could not remove a partial download");
+            }
+        }
+    })
+    .await;
 }
 
 enum Chunk {
