@@ -214,7 +214,7 @@ impl BlobWriter {
     /// leaves those bytes in the partial for the next pull to resume from.
     pub fn flush(&mut self) -> Result<()> {
         if let Err(e) = self.file.flush() {
-            let err = write_err(&self.digest.to_string(), &self.partial, e);
+            let err = write_err(self.digest.as_ref(), &self.partial, e);
             return Err(self.discard_if_no_space(err));
         }
         Ok(())
