@@ -116,11 +116,15 @@ fn run(cli: Cli) -> Result<()> {
                 None => None,
             };
             let store = open_store(&cli.root)?;
-            let client = RegistryClient::new(ClientOptions {
+            let mut client_opts = ClientOptions {
                 plain_http,
                 creds,
                 ..Default::default()
-            })?;
+            };
+            if let Some(ms) = retry_backoff_ms()? {
+                client_opts.backoff = std::time::Duration::from_millis(ms);
+            }
+            let client = RegistryClient::new(client_opts)?;
             let opts = PullOptions {
                 platform,
                 max_concurrent: jobs,
@@ -248,6 +252,20 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `CSTORE_RETRY_BACKOFF_MS`: hidden knob (not in --help) for the first
+/// pause before retrying a failed registry request (default 200 ms, doubling
+/// each attempt). Tests set it low so retry paths run fast.
+fn retry_backoff_ms() -> Result<Option<u64>> {
+    match std::env::var("CSTORE_RETRY_BACKOFF_MS") {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .with_context(|| format!("CSTORE_RETRY_BACKOFF_MS={v:?}: expected milliseconds")),
+        Err(_) => Ok(None),
+    }
 }
 
 fn short(digest: &str) -> &str {
