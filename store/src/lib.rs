@@ -8,6 +8,7 @@ pub mod media;
 pub mod meta;
 pub mod platform;
 pub mod pull;
+pub mod unpack;
 pub mod reference;
 pub mod registry;
 pub mod store;

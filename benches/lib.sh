@@ -1,0 +1,64 @@
+# Shared helpers for the benchmarks (sourced, not run).
+# shellcheck shell=bash
+
+FIXTURES=${CSTORE_FIXTURES:-/var/tmp/cstore-fixtures}
+OCI=$FIXTURES/oci
+
+# bench_image: tag `bench` in the fixtures layout, built once (cached with a
+# stamp): 3 gzip layers — a debootstrap'd Debian root (tag debian), a CPython
+# installation tree (tens of thousands of small files), and 64 MiB of random
+# bytes. Well over 500 MB unpacked.
+bench_image() {
+  local stamp=$FIXTURES/stamps/bench
+  [ -f "$stamp" ] && return 0
+  bash fixtures/images.sh --debian >/dev/null
+  local py
+  py=$(python3 -c 'import sys; print(sys.base_prefix)')
+  [ -d "$py/lib" ] || { echo "bench_image: no CPython tree at $py" >&2; return 1; }
+  local tmp
+  tmp=$(mktemp -d /var/tmp/cstore-bench-img.XXXXXX)
+  head -c $((64 << 20)) /dev/urandom > "$tmp/random.bin"
+  umoci tag --image "$OCI:debian" bench
+  umoci insert --image "$OCI:bench" "$py" /opt/python
+  umoci insert --image "$OCI:bench" "$tmp/random.bin" /data/random.bin
+  umoci gc --layout "$OCI"
+  rm -rf "$tmp"
+  mkdir -p "$(dirname "$stamp")" && touch "$stamp"
+}
+
+# start_containerd DIR: a private containerd (own root, state, socket; CRI off).
+start_containerd() {
+  local dir=$1
+  mkdir -p "$dir"
+  cat > "$dir/config.toml" <<TOML
+version = 2
+root = "$dir/root"
+state = "$dir/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$dir/containerd.sock"
+[ttrpc]
+  address = "$dir/containerd.sock.ttrpc"
+[debug]
+  level = "warn"
+TOML
+  containerd --config "$dir/config.toml" > "$dir/containerd.log" 2>&1 &
+  echo $! > "$dir/pid"
+  for _ in $(seq 100); do [ -S "$dir/containerd.sock" ] && return 0; sleep 0.1; done
+  echo "containerd did not start: $(tail -5 "$dir/containerd.log")" >&2
+  return 1
+}
+
+stop_containerd() {
+  local dir=$1
+  [ -f "$dir/pid" ] || return 0
+  kill "$(cat "$dir/pid")" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$(cat "$dir/pid")" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$(cat "$dir/pid")" 2>/dev/null || true
+  rm -f "$dir/pid"
+}
+
+# median of numbers on stdin
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }

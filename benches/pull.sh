@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# pull.sh - fetch of a multi-layer image (≥ 500 MB unpacked, tens of thousands of
+# files) from a registry on 127.0.0.1, in one run: `cstore pull` vs `skopeo copy
+# docker://… oci:…` vs `ctr content fetch` (a private containerd 1.6). Prints the
+# median of RUNS runs for each, the ratios, and cstore's peak RSS.
+#
+#   sudo benches/pull.sh            (RUNS=3 by default)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source benches/lib.sh
+RUNS=${RUNS:-3}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/cstore-target}
+
+bash fixtures/deps.sh --bench
+bench_image
+cargo build --release --locked -q -p cstore
+cstore=$CARGO_TARGET_DIR/release/cstore
+
+work=$(mktemp -d /var/tmp/cstore-bench.XXXXXX)
+cleanup() { stop_containerd "$work/ctrd" || true; bash fixtures/registry.sh stop "$work/reg" || true; rm -rf "$work"; }
+trap cleanup EXIT
+addr=$(bash fixtures/registry.sh start "$work/reg")
+skopeo copy -q --dest-tls-verify=false "oci:$OCI:bench" "docker://$addr/bench:latest"
+ref=$addr/bench:latest
+
+layers=$(skopeo inspect --raw --tls-verify=false "docker://$ref" | jq '[.layers[].size] | add')
+echo "image $ref: $(skopeo inspect --raw --tls-verify=false "docker://$ref" | jq '.layers | length') layers, $((layers >> 20)) MiB compressed"
+
+t() { # t OUTFILE CMD...: wall seconds and peak RSS (KiB) of CMD
+  local out=$1; shift
+  /usr/bin/time -f '%e %M' -o "$out" "$@" >/dev/null 2>"$out.err" || { cat "$out.err" >&2; return 1; }
+}
+
+for i in $(seq "$RUNS"); do
+  rm -rf "$work/cs"
+  drop_caches
+  t "$work/cstore.$i" "$cstore" --root "$work/cs" pull "$ref"
+
+  rm -rf "$work/sk"
+  drop_caches
+  t "$work/skopeo.$i" skopeo copy -q --src-tls-verify=false "docker://$ref" "oci:$work/sk:bench"
+
+  stop_containerd "$work/ctrd"; rm -rf "$work/ctrd"
+  start_containerd "$work/ctrd"
+  drop_caches
+  t "$work/ctr.$i" ctr -a "$work/ctrd/containerd.sock" -n bench content fetch --plain-http "$ref"
+done
+
+col() { for i in $(seq "$RUNS"); do awk -v c="$2" '{print $c}' "$work/$1.$i"; done | median; }
+cs=$(col cstore 1); sk=$(col skopeo 1); ct=$(col ctr 1); rss=$(col cstore 2)
+unpacked=$(du -sb "$FIXTURES/debootstrap-bookworm" "$(python3 -c 'import sys; print(sys.base_prefix)')" | awk '{s+=$1} END {print int(s/1048576)+64}')
+echo
+echo "pull of $ref (≈ ${unpacked} MiB unpacked), median of $RUNS runs:"
+printf '  %-24s %8.2f s   peak RSS %6.1f MiB\n' "cstore pull" "$cs" "$(echo "$rss/1024" | bc -l)"
+printf '  %-24s %8.2f s\n' "skopeo copy" "$sk"
+printf '  %-24s %8.2f s\n' "ctr content fetch" "$ct"
+printf '  ratio cstore/skopeo %.2f (goal <= 0.70)\n' "$(echo "$cs/$sk" | bc -l)"
+printf '  ratio cstore/ctr    %.2f\n' "$(echo "$cs/$ct" | bc -l)"
+printf '  cstore peak RSS %.1f MiB (goal <= 64)\n' "$(echo "$rss/1024" | bc -l)"

@@ -1,0 +1,395 @@
+//! Applying tar entries to a layer directory, safely.
+//!
+//! Every path is cleaned first (absolute paths and `..` are refused), and the
+//! parent directory is opened with openat2(RESOLVE_BENEATH | NO_SYMLINKS)
+//! from the layer root's fd, so no entry can reach outside the layer, and no
+//! symlink the archive created is ever followed. Files are created with
+//! O_EXCL|O_NOFOLLOW, hardlink targets must already exist in this layer, and
+//! overlay's own xattrs are never taken from an archive.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+
+use super::sys;
+use super::tar::{Entry, Kind, TarReader};
+
+pub const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+const WHITEOUT_PREFIX: &[u8] = b".wh.";
+const OPAQUE_NAME: &[u8] = b".wh..wh..opq";
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct ExtractStats {
+    pub entries: u64,
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub hardlinks: u64,
+    pub devices: u64,
+    pub whiteouts: u64,
+    pub opaque_dirs: u64,
+    pub file_bytes: u64,
+}
+
+/// Why an entry could not be applied (the caller adds image and layer).
+pub struct EntryError {
+    pub entry: String,
+    pub reason: String,
+}
+
+pub struct Extractor {
+    root: OwnedFd,
+    /// The last parent directory opened, by its cleaned path.
+    cached: Option<(Vec<u8>, OwnedFd)>,
+    /// Directories whose mtime is set at the end (their children change it).
+    dir_times: Vec<(Vec<u8>, (i64, u32))>,
+    /// Directories created because an entry's parent was missing.
+    pub implicit_dirs: Vec<Vec<u8>>,
+    pub stats: ExtractStats,
+    buf: Vec<u8>,
+    /// Paths created by this archive (files, links...), to tell a whiteout
+    /// of a lower layer's file from one of this layer's own.
+    created: HashMap<Vec<u8>, ()>,
+}
+
+fn err(entry: &[u8], reason: impl Into<String>) -> EntryError {
+    EntryError { entry: String::from_utf8_lossy(entry).into_owned(), reason: reason.into() }
+}
+
+fn io_reason(op: &str, e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ELOOP) => format!("{op}: the path goes through a symlink"),
+        Some(libc::EXDEV) => format!("{op}: the path escapes the layer"),
+        Some(libc::ENOTDIR) => format!("{op}: a parent is not a directory"),
+        _ => format!("{op}: {e}"),
+    }
+}
+
+/// Split a tar path into clean components; refuse absolute paths and `..`.
+fn clean(path: &[u8]) -> Result<Vec<&[u8]>, String> {
+    if path.starts_with(b"/") {
+        return Err("absolute path".into());
+    }
+    let mut out = Vec::new();
+    for c in path.split(|&b| b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => return Err("path escapes the layer with '..'".into()),
+            c => out.push(c),
+        }
+    }
+    Ok(out)
+}
+
+fn xattr_allowed(name: &str) -> bool {
+    // Overlay's own attributes (redirects, metacopy, opaque) would let a
+    // layer rewire the merged tree; never take them from an archive.
+    !(name.starts_with("trusted.overlay.") || name.starts_with("user.overlay."))
+}
+
+impl Extractor {
+    pub fn new(root: OwnedFd) -> Self {
+        Extractor {
+            root,
+            cached: None,
+            dir_times: Vec::new(),
+            implicit_dirs: Vec::new(),
+            stats: ExtractStats::default(),
+            buf: vec![0u8; 1 << 20],
+            created: HashMap::new(),
+        }
+    }
+
+    pub fn root(&self) -> BorrowedFd<'_> {
+        self.root.as_fd()
+    }
+
+    /// Open (creating missing directories) the parent of an entry.
+    fn parent(&mut self, comps: &[&[u8]], entry: &[u8]) -> Result<BorrowedFd<'_>, EntryError> {
+        if comps.is_empty() {
+            return Ok(self.root.as_fd());
+        }
+        let key = comps.join(&b'/');
+        if self.cached.as_ref().is_some_and(|(k, _)| *k == key) {
+            return Ok(self.cached.as_ref().unwrap().1.as_fd());
+        }
+        let ckey = sys::cstring(&key).map_err(|e| err(entry, e.to_string()))?;
+        let fd = match sys::resolve_beneath(self.root.as_fd(), &ckey, libc::O_PATH | libc::O_DIRECTORY) {
+            Ok(fd) => fd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => self.make_parents(comps, entry)?,
+            Err(e) => return Err(err(entry, io_reason("opening its parent directory", &e))),
+        };
+        self.cached = Some((key, fd));
+        Ok(self.cached.as_ref().unwrap().1.as_fd())
+    }
+
+    fn make_parents(&mut self, comps: &[&[u8]], entry: &[u8]) -> Result<OwnedFd, EntryError> {
+        let mut fd = sys::resolve_beneath(self.root.as_fd(), c".", libc::O_PATH | libc::O_DIRECTORY)
+            .map_err(|e| err(entry, io_reason("opening the layer root", &e)))?;
+        for (i, c) in comps.iter().enumerate() {
+            let name = sys::cstring(c).map_err(|e| err(entry, e.to_string()))?;
+            let next = match sys::resolve_beneath(fd.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    sys::mkdirat(fd.as_fd(), &name, 0o755).map_err(|e| err(entry, io_reason("creating a parent", &e)))?;
+                    self.implicit_dirs.push(comps[..=i].join(&b'/'));
+                    sys::resolve_beneath(fd.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY)
+                        .map_err(|e| err(entry, io_reason("opening a parent", &e)))?
+                }
+                Err(e) => return Err(err(entry, io_reason("opening its parent directory", &e))),
+            };
+            fd = next;
+        }
+        Ok(fd)
+    }
+
+    /// Make room for a new entry at parent/name: an existing directory stays
+    /// if the new entry is one too; anything else is removed first.
+    fn clear_slot(&mut self, comps: &[&[u8]], name: &CString, new_is_dir: bool, entry: &[u8]) -> Result<bool, EntryError> {
+        let parent = self.parent(comps, entry)?;
+        match sys::lstatat(parent, name) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(err(entry, io_reason("looking up the entry", &e))),
+            Ok(st) => {
+                let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+                if is_dir && new_is_dir {
+                    return Ok(true);
+                }
+                let r = if is_dir { sys::remove_all_at(parent, name) } else { sys::unlinkat(parent, name, false) };
+                r.map_err(|e| err(entry, io_reason("replacing an earlier entry", &e)))?;
+                if is_dir {
+                    // Cached fds may point into what was just removed.
+                    self.cached = None;
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    /// Apply one entry, reading its data from `tar`.
+    pub fn apply<R: Read>(&mut self, tar: &mut TarReader<R>, e: &Entry) -> Result<(), EntryError> {
+        self.stats.entries += 1;
+        let path = e.path.as_slice();
+        let comps = clean(path).map_err(|r| err(path, r))?;
+        let Some((last, dirs)) = comps.split_last() else {
+            // The layer root itself ("./"): its attributes become the root's.
+            if e.kind != Kind::Dir {
+                return Err(err(path, "the root entry is not a directory"));
+            }
+            let root = self.root.as_fd();
+            sys::fchown(root, e.uid as u32, e.gid as u32).map_err(|x| err(path, io_reason("chown", &x)))?;
+            sys::fchmod(root, e.mode).map_err(|x| err(path, io_reason("chmod", &x)))?;
+            self.dir_times.push((Vec::new(), e.mtime));
+            return Ok(());
+        };
+
+        // Whiteouts: `.wh.NAME` hides NAME of lower layers; `.wh..wh..opq`
+        // makes the directory opaque. Other `.wh..wh.` names are aufs metadata.
+        if let Some(hidden) = last.strip_prefix(WHITEOUT_PREFIX) {
+            if *last == OPAQUE_NAME {
+                let dir_fd = {
+                    let parent = self.parent(dirs, path)?;
+                    sys::resolve_beneath(parent, c".", libc::O_RDONLY | libc::O_DIRECTORY)
+                        .map_err(|x| err(path, io_reason("opening the opaque directory", &x)))?
+                };
+                let attr = CString::new(OPAQUE_XATTR).unwrap();
+                sys::fsetxattr(dir_fd.as_fd(), &attr, b"y").map_err(|x| err(path, io_reason("marking opaque", &x)))?;
+                self.stats.opaque_dirs += 1;
+                return Ok(());
+            }
+            if hidden.starts_with(WHITEOUT_PREFIX) {
+                return Ok(());
+            }
+            if hidden.is_empty() || hidden == b"." || hidden == b".." {
+                return Err(err(path, "whiteout of an invalid name"));
+            }
+            let mut target: Vec<&[u8]> = dirs.to_vec();
+            target.push(hidden);
+            let key = target.join(&b'/');
+            // A whiteout only hides lower layers: what this layer itself has
+            // under that name stays.
+            if self.created.contains_key(&key) {
+                return Ok(());
+            }
+            let name = sys::cstring(hidden).map_err(|x| err(path, x.to_string()))?;
+            self.clear_slot(dirs, &name, false, path)?;
+            let parent = self.parent(dirs, path)?;
+            sys::mknodat(parent, &name, libc::S_IFCHR, 0, 0).map_err(|x| err(path, io_reason("creating the whiteout", &x)))?;
+            self.stats.whiteouts += 1;
+            return Ok(());
+        }
+
+        let name = sys::cstring(last).map_err(|x| err(path, x.to_string()))?;
+        let is_dir = e.kind == Kind::Dir;
+        let kept_dir = self.clear_slot(dirs, &name, is_dir, path)?;
+        let key = comps.join(&b'/');
+        let (uid, gid) = (e.uid as u32, e.gid as u32);
+        let xattrs: Vec<(CString, &[u8])> = e
+            .xattrs
+            .iter()
+            .filter(|(k, _)| xattr_allowed(k))
+            .map(|(k, v)| Ok((CString::new(k.as_bytes()).map_err(|_| err(path, "NUL in xattr name"))?, v.as_slice())))
+            .collect::<Result<_, EntryError>>()?;
+
+        match e.kind {
+            Kind::File => {
+                let parent = self.parent(dirs, path)?;
+                let mut f = sys::create_file(parent, &name).map_err(|x| err(path, io_reason("create", &x)))?;
+                self.write_data(tar, e, &mut f).map_err(|x| err(path, io_reason("write", &x)))?;
+                let fd = f.as_fd();
+                sys::fchown(fd, uid, gid).map_err(|x| err(path, io_reason("chown", &x)))?;
+                // After chown, which clears setuid/setgid and file capabilities.
+                sys::fchmod(fd, e.mode).map_err(|x| err(path, io_reason("chmod", &x)))?;
+                for (k, v) in &xattrs {
+                    sys::fsetxattr(fd, k, v).map_err(|x| err(path, io_reason("setxattr", &x)))?;
+                }
+                sys::futimens(fd, e.mtime).map_err(|x| err(path, io_reason("set mtime", &x)))?;
+                self.stats.files += 1;
+                self.stats.file_bytes += e.size;
+            }
+            Kind::Dir => {
+                let parent = self.parent(dirs, path)?;
+                if !kept_dir {
+                    sys::mkdirat(parent, &name, 0o700).map_err(|x| err(path, io_reason("mkdir", &x)))?;
+                }
+                let parent = self.parent(dirs, path)?;
+                sys::lchownat(parent, &name, uid, gid).map_err(|x| err(path, io_reason("chown", &x)))?;
+                sys::chmodat(parent, &name, e.mode).map_err(|x| err(path, io_reason("chmod", &x)))?;
+                for (k, v) in &xattrs {
+                    sys::lsetxattrat(parent, &name, k, v).map_err(|x| err(path, io_reason("setxattr", &x)))?;
+                }
+                self.dir_times.push((key.clone(), e.mtime));
+                self.stats.dirs += 1;
+            }
+            Kind::Symlink => {
+                let target = sys::cstring(&e.link).map_err(|x| err(path, x.to_string()))?;
+                let parent = self.parent(dirs, path)?;
+                sys::symlinkat(&target, parent, &name).map_err(|x| err(path, io_reason("symlink", &x)))?;
+                sys::lchownat(parent, &name, uid, gid).map_err(|x| err(path, io_reason("chown", &x)))?;
+                for (k, v) in &xattrs {
+                    // user.* xattrs are not allowed on symlinks; skip those.
+                    match sys::lsetxattrat(parent, &name, k, v) {
+                        Err(x) if x.raw_os_error() == Some(libc::EPERM) && k.to_bytes().starts_with(b"user.") => {}
+                        r => r.map_err(|x| err(path, io_reason("setxattr", &x)))?,
+                    }
+                }
+                sys::lutimesat(parent, &name, e.mtime).map_err(|x| err(path, io_reason("set mtime", &x)))?;
+                self.stats.symlinks += 1;
+            }
+            Kind::Hardlink => {
+                let tcomps = clean(&e.link).map_err(|r| err(path, format!("hardlink target: {r}")))?;
+                let Some((tlast, tdirs)) = tcomps.split_last() else {
+                    return Err(err(path, "hardlink to the layer root"));
+                };
+                let tkey = tcomps.join(&b'/');
+                if !self.created.contains_key(&tkey) {
+                    return Err(err(
+                        path,
+                        format!("hardlink target {:?} is not in this layer (or not yet extracted)", String::from_utf8_lossy(&e.link)),
+                    ));
+                }
+                let tdir = sys::cstring(&tdirs.join(&b'/')).map_err(|x| err(path, x.to_string()))?;
+                let tdir_path: &std::ffi::CStr = if tdirs.is_empty() { c"." } else { &tdir };
+                let tparent = sys::resolve_beneath(self.root.as_fd(), tdir_path, libc::O_PATH | libc::O_DIRECTORY)
+                    .map_err(|x| err(path, io_reason("opening the hardlink target's directory", &x)))?;
+                let tname = sys::cstring(tlast).map_err(|x| err(path, x.to_string()))?;
+                let parent = self.parent(dirs, path)?;
+                sys::linkat(tparent.as_fd(), &tname, parent, &name).map_err(|x| err(path, io_reason("link", &x)))?;
+                self.stats.hardlinks += 1;
+            }
+            Kind::Char | Kind::Block | Kind::Fifo => {
+                let fmt = match e.kind {
+                    Kind::Char => libc::S_IFCHR,
+                    Kind::Block => libc::S_IFBLK,
+                    _ => libc::S_IFIFO,
+                };
+                let parent = self.parent(dirs, path)?;
+                sys::mknodat(parent, &name, fmt | (e.mode & 0o777), e.dev_major, e.dev_minor)
+                    .map_err(|x| err(path, io_reason("mknod", &x)))?;
+                sys::lchownat(parent, &name, uid, gid).map_err(|x| err(path, io_reason("chown", &x)))?;
+                sys::chmodat(parent, &name, e.mode).map_err(|x| err(path, io_reason("chmod", &x)))?;
+                for (k, v) in &xattrs {
+                    sys::lsetxattrat(parent, &name, k, v).map_err(|x| err(path, io_reason("setxattr", &x)))?;
+                }
+                sys::lutimesat(parent, &name, e.mtime).map_err(|x| err(path, io_reason("set mtime", &x)))?;
+                self.stats.devices += 1;
+            }
+        }
+        self.created.insert(key, ());
+        Ok(())
+    }
+
+    fn write_data<R: Read>(&mut self, tar: &mut TarReader<R>, e: &Entry, f: &mut std::fs::File) -> io::Result<()> {
+        match &e.sparse {
+            None => {
+                let mut w = 0u64;
+                loop {
+                    let n = tar.read_data(&mut self.buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    f.write_all(&self.buf[..n])?;
+                    w += n as u64;
+                }
+                debug_assert_eq!(w, e.size);
+            }
+            Some(regions) => {
+                // Holes stay holes: write each region at its offset.
+                for &(mut off, len) in regions {
+                    let mut left = len;
+                    while left > 0 {
+                        let want = left.min(self.buf.len() as u64) as usize;
+                        let n = tar.read_data(&mut self.buf[..want])?;
+                        if n == 0 {
+                            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "sparse data truncated"));
+                        }
+                        f.write_all_at(&self.buf[..n], off)?;
+                        off += n as u64;
+                        left -= n as u64;
+                    }
+                }
+                sys::ftruncate(f.as_fd(), e.size)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Set directory mtimes, now that nothing more is written into them.
+    pub fn finish(&mut self) -> Result<(), EntryError> {
+        self.cached = None;
+        for (key, mtime) in std::mem::take(&mut self.dir_times).into_iter().rev() {
+            if key.is_empty() {
+                sys::futimens(self.root.as_fd(), mtime).map_err(|x| err(b".", io_reason("set mtime", &x)))?;
+                continue;
+            }
+            let comps = clean(&key).map_err(|r| err(&key, r))?;
+            let (last, dirs) = comps.split_last().expect("non-empty");
+            let name = sys::cstring(last).map_err(|x| err(&key, x.to_string()))?;
+            let parent = self.parent(dirs, &key)?;
+            match sys::lutimesat(parent, &name, mtime) {
+                // Replaced or removed by a later entry: nothing to date.
+                Err(x) if x.kind() == io::ErrorKind::NotFound => {}
+                r => r.map_err(|x| err(&key, io_reason("set mtime", &x)))?,
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cleaning_refuses_escapes() {
+        assert_eq!(clean(b"./a//b/./c").unwrap(), vec![&b"a"[..], b"b", b"c"]);
+        assert!(clean(b"./").unwrap().is_empty());
+        assert!(clean(b"/etc/passwd").is_err());
+        assert!(clean(b"a/../../b").is_err());
+        assert!(clean(b"..").is_err());
+        assert!(!xattr_allowed("trusted.overlay.redirect"));
+        assert!(xattr_allowed("security.capability"));
+    }
+}

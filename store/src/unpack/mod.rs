@@ -1,0 +1,145 @@
+//! Unpacking a layer blob into a directory in one streaming pass: read the
+//! blob, decompress (gzip, zstd or none), hash the tar stream for the
+//! config's diff_id, and extract entries as they go by. Nothing uncompressed
+//! is ever stored except the extracted tree.
+
+pub mod extract;
+mod sys;
+pub mod tar;
+
+use std::fs::File;
+use std::io::{self, BufReader, Read};
+
+use std::path::Path;
+
+use sha2::{Digest as _, Sha256};
+
+use crate::error::{Error, Result};
+use crate::media::Compression;
+pub use extract::{ExtractStats, OPAQUE_XATTR};
+
+#[derive(Clone, Debug)]
+pub struct UnpackOptions {
+    /// Refuse a layer whose uncompressed stream exceeds its blob size times
+    /// this (gzip can't exceed ~1032:1, so only crafted zstd streams meet it).
+    pub max_ratio: u64,
+    /// ...but always allow at least this much.
+    pub min_limit: u64,
+}
+
+impl Default for UnpackOptions {
+    fn default() -> Self {
+        UnpackOptions { max_ratio: 1100, min_limit: 256 << 20 }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LayerStats {
+    pub diff_id: String,
+    /// Bytes of the uncompressed tar stream.
+    pub tar_bytes: u64,
+    pub extract: ExtractStats,
+    /// Directories created for entries whose parent the layer did not list.
+    #[serde(skip)]
+    pub implicit_dirs: Vec<Vec<u8>>,
+}
+
+/// Counts and hashes what the decompressor produces, and stops a bomb.
+struct DiffReader<R> {
+    inner: R,
+    hasher: Sha256,
+    count: u64,
+    limit: u64,
+}
+
+impl<R: Read> Read for DiffReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        if self.count > self.limit {
+            return Err(io::Error::other(BombError(self.limit)));
+        }
+        Ok(n)
+    }
+}
+
+#[derive(Debug)]
+struct BombError(u64);
+impl std::fmt::Display for BombError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "uncompressed stream exceeds {} bytes (decompression bomb?)", self.0)
+    }
+}
+impl std::error::Error for BombError {}
+
+/// What is being unpacked, for error messages.
+pub struct LayerRef<'a> {
+    pub image: &'a str,
+    pub digest: &'a str,
+    pub compression: Compression,
+    pub diff_id: &'a str,
+}
+
+/// Unpack the layer blob at `blob` into the (empty, existing) directory
+/// `dest`. On error the caller removes `dest`: nothing outside it is touched.
+pub fn unpack_layer(blob: &Path, layer: &LayerRef<'_>, dest: &Path, opts: &UnpackOptions) -> Result<LayerStats> {
+    let fail = |entry: Option<String>, reason: String| Error::Unpack {
+        image: layer.image.to_string(),
+        layer: layer.digest.to_string(),
+        entry,
+        reason,
+    };
+    let file = File::open(blob).map_err(|e| Error::io("open", blob, e))?;
+    let blob_size = file.metadata().map_err(|e| Error::io("stat", blob, e))?.len();
+    let limit = blob_size.saturating_mul(opts.max_ratio).max(opts.min_limit);
+    let raw = BufReader::with_capacity(1 << 20, file);
+    let decoder: Box<dyn Read> = match layer.compression {
+        Compression::None => Box::new(raw),
+        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(raw)),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(raw).map_err(|e| fail(None, format!("zstd: {e}")))?),
+    };
+    let diff = DiffReader { inner: decoder, hasher: Sha256::new(), count: 0, limit };
+    let mut tar = tar::TarReader::new(BufReader::with_capacity(1 << 20, diff));
+    let root = sys::open_dir(dest).map_err(|e| Error::io("open", dest, e))?;
+    let mut x = extract::Extractor::new(root);
+
+    let read_fail = |e: tar::TarError| match e {
+        tar::TarError::Io(io) => fail(None, format!("reading the layer: {io}")),
+        other => fail(None, other.to_string()),
+    };
+    while let Some(entry) = tar.next_entry().map_err(read_fail)? {
+        x.apply(&mut tar, &entry).map_err(|e| fail(Some(e.entry), e.reason))?;
+    }
+    x.finish().map_err(|e| fail(Some(e.entry), e.reason))?;
+    // The diff_id covers the whole stream, end-of-archive blocks included.
+    let mut rest = tar.into_inner();
+    io::copy(&mut rest, &mut io::sink()).map_err(|e| fail(None, format!("reading the layer: {e}")))?;
+    let diff = rest.into_inner();
+    let actual = format!("sha256:{}", hex::encode(diff.hasher.finalize()));
+    if actual != layer.diff_id {
+        return Err(Error::DiffIdMismatch {
+            image: layer.image.to_string(),
+            layer: layer.digest.to_string(),
+            expected: layer.diff_id.to_string(),
+            actual,
+        });
+    }
+    // Durable before anyone calls it committed.
+    sys::syncfs(x.root()).map_err(|e| Error::io("syncfs", dest, e))?;
+    Ok(LayerStats { diff_id: actual, tar_bytes: diff.count, extract: x.stats.clone(), implicit_dirs: std::mem::take(&mut x.implicit_dirs) })
+}
+
+/// Hash an uncompressed layer stream without extracting (for tests and checks).
+pub fn diff_id_of(blob: &Path, compression: Compression) -> Result<String> {
+    let file = BufReader::new(File::open(blob).map_err(|e| Error::io("open", blob, e))?);
+    let mut r: Box<dyn Read> = match compression {
+        Compression::None => Box::new(file),
+        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(file)),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(file).map_err(|e| Error::io("zstd", blob, e))?),
+    };
+    let mut h = Sha256::new();
+    io::copy(&mut r, &mut h).map_err(|e| Error::io("read", blob, e))?;
+    Ok(format!("sha256:{}", hex::encode(h.finalize())))
+}
+

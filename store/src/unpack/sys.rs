@@ -1,0 +1,226 @@
+//! Thin wrappers over the *at syscalls extraction uses, on raw fds. Every
+//! path argument here is a single name relative to a directory fd, except
+//! `resolve_beneath`, which resolves a relative path with openat2 and refuses
+//! to leave the directory or follow any symlink.
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+pub fn cstring(b: &[u8]) -> io::Result<CString> {
+    CString::new(b).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
+}
+
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+const RESOLVE_NO_XDEV: u64 = 0x01;
+const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+const RESOLVE_NO_SYMLINKS: u64 = 0x04;
+const RESOLVE_BENEATH: u64 = 0x08;
+
+/// openat2(dir, path, flags, RESOLVE_BENEATH | NO_SYMLINKS | NO_MAGICLINKS |
+/// NO_XDEV): the kernel guarantees the result lies under `dir` and that no
+/// symlink was followed on the way, whatever the tree holds.
+pub fn resolve_beneath(dir: BorrowedFd<'_>, path: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
+    let how = OpenHow {
+        flags: (flags | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV,
+    };
+    loop {
+        // SAFETY: valid fd, NUL-terminated path, open_how of the right size.
+        let r = unsafe {
+            libc::syscall(libc::SYS_openat2, dir.as_raw_fd(), path.as_ptr(), &how as *const OpenHow, std::mem::size_of::<OpenHow>())
+        };
+        if r >= 0 {
+            // SAFETY: the kernel returned a new fd that we now own.
+            return Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) });
+        }
+        let e = io::Error::last_os_error();
+        // EAGAIN: a concurrent rename raced the lookup; try again.
+        if e.raw_os_error() != Some(libc::EAGAIN) && e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+pub fn open_dir(path: &std::path::Path) -> io::Result<OwnedFd> {
+    let c = cstring(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: plain open of a NUL-terminated path.
+    let fd = cvt(unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) })?;
+    // SAFETY: new fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Create a regular file that must not exist yet (O_EXCL, no symlink follow).
+pub fn create_file(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<std::fs::File> {
+    // SAFETY: valid dir fd and NUL-terminated name.
+    let fd = cvt(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0o600,
+        )
+    })?;
+    // SAFETY: new fd we own.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+pub fn mkdirat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
+    // SAFETY: valid fd and NUL-terminated name.
+    cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) }).map(drop)
+}
+
+pub fn mknodat(dir: BorrowedFd<'_>, name: &CStr, mode: u32, major: u32, minor: u32) -> io::Result<()> {
+    let dev = libc::makedev(major, minor);
+    // SAFETY: valid fd and NUL-terminated name.
+    cvt(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), mode, dev) }).map(drop)
+}
+
+pub fn symlinkat(target: &CStr, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    // SAFETY: NUL-terminated strings and a valid fd.
+    cvt(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) }).map(drop)
+}
+
+pub fn linkat(old_dir: BorrowedFd<'_>, old: &CStr, new_dir: BorrowedFd<'_>, new: &CStr) -> io::Result<()> {
+    // SAFETY: valid fds and NUL-terminated names; flags 0 never follow symlinks.
+    cvt(unsafe { libc::linkat(old_dir.as_raw_fd(), old.as_ptr(), new_dir.as_raw_fd(), new.as_ptr(), 0) }).map(drop)
+}
+
+pub fn unlinkat(dir: BorrowedFd<'_>, name: &CStr, is_dir: bool) -> io::Result<()> {
+    let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
+    // SAFETY: valid fd and NUL-terminated name.
+    cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) }).map(drop)
+}
+
+pub fn lstatat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<libc::stat> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: st is written by the kernel on success.
+    cvt(unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), st.as_mut_ptr(), libc::AT_SYMLINK_NOFOLLOW) })?;
+    // SAFETY: initialized on success.
+    Ok(unsafe { st.assume_init() })
+}
+
+pub fn lchownat(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: valid fd and NUL-terminated name.
+    cvt(unsafe { libc::fchownat(dir.as_raw_fd(), name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) }).map(drop)
+}
+
+/// chmod of a name known not to be a symlink (Linux can't chmod symlinks).
+pub fn chmodat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
+    // SAFETY: valid fd and NUL-terminated name.
+    cvt(unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode, 0) }).map(drop)
+}
+
+pub fn fchown(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: valid fd.
+    cvt(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) }).map(drop)
+}
+
+pub fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    // SAFETY: valid fd.
+    cvt(unsafe { libc::fchmod(fd.as_raw_fd(), mode) }).map(drop)
+}
+
+fn timespecs(mtime: (i64, u32)) -> [libc::timespec; 2] {
+    let ts = libc::timespec { tv_sec: mtime.0 as libc::time_t, tv_nsec: mtime.1 as libc::c_long };
+    [ts, ts]
+}
+
+pub fn lutimesat(dir: BorrowedFd<'_>, name: &CStr, mtime: (i64, u32)) -> io::Result<()> {
+    let t = timespecs(mtime);
+    // SAFETY: valid fd, name and a 2-element timespec array.
+    cvt(unsafe { libc::utimensat(dir.as_raw_fd(), name.as_ptr(), t.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) }).map(drop)
+}
+
+pub fn futimens(fd: BorrowedFd<'_>, mtime: (i64, u32)) -> io::Result<()> {
+    let t = timespecs(mtime);
+    // SAFETY: valid fd and a 2-element timespec array.
+    cvt(unsafe { libc::futimens(fd.as_raw_fd(), t.as_ptr()) }).map(drop)
+}
+
+pub fn fsetxattr(fd: BorrowedFd<'_>, name: &CStr, value: &[u8]) -> io::Result<()> {
+    // SAFETY: valid fd, NUL-terminated name, value pointer/len pair.
+    cvt(unsafe { libc::fsetxattr(fd.as_raw_fd(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0) }).map(drop)
+}
+
+/// setxattr on a name under `dir` without following it if it is a symlink:
+/// through /proc/self/fd/DIR/NAME, which resolves DIR by fd (no path walk
+/// from the root) and lsetxattr stops at NAME.
+pub fn lsetxattrat(dir: BorrowedFd<'_>, name: &CStr, attr: &CStr, value: &[u8]) -> io::Result<()> {
+    let mut p = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+    p.extend_from_slice(name.to_bytes());
+    let p = cstring(&p)?;
+    // SAFETY: NUL-terminated strings, value pointer/len pair.
+    cvt(unsafe { libc::lsetxattr(p.as_ptr(), attr.as_ptr(), value.as_ptr().cast(), value.len(), 0) }).map(drop)
+}
+
+pub fn syncfs(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: valid fd.
+    cvt(unsafe { libc::syncfs(fd.as_raw_fd()) }).map(drop)
+}
+
+pub fn ftruncate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
+    // SAFETY: valid fd.
+    cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) }).map(drop)
+}
+
+/// Remove `name` under `dir` and, if it is a directory, everything in it,
+/// walking by fd so no path outside `dir` is ever touched.
+pub fn remove_all_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    let st = match lstatat(dir, name) {
+        Ok(st) => st,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+        return unlinkat(dir, name, false);
+    }
+    let sub = resolve_beneath(dir, name, libc::O_RDONLY | libc::O_DIRECTORY)?;
+    let names: Vec<CString> = {
+        // SAFETY: dup gives readdir its own fd to own and close.
+        let dup = cvt(unsafe { libc::fcntl(sub.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) })?;
+        // SAFETY: dup is a valid directory fd that the DIR stream now owns.
+        let dirp = unsafe { libc::fdopendir(dup) };
+        if dirp.is_null() {
+            // SAFETY: fdopendir failed, so we still own dup.
+            unsafe { libc::close(dup) };
+            return Err(io::Error::last_os_error());
+        }
+        let mut names = Vec::new();
+        loop {
+            // SAFETY: dirp is a valid DIR stream.
+            let ent = unsafe { libc::readdir(dirp) };
+            if ent.is_null() {
+                break;
+            }
+            // SAFETY: d_name is NUL-terminated within the dirent.
+            let n = unsafe { CStr::from_ptr((*ent).d_name.as_ptr()) };
+            if n.to_bytes() != b"." && n.to_bytes() != b".." {
+                names.push(n.to_owned());
+            }
+        }
+        // SAFETY: closes the stream and dup.
+        unsafe { libc::closedir(dirp) };
+        names
+    };
+    for n in names {
+        remove_all_at(sub.as_fd(), &n)?;
+    }
+    unlinkat(dir, name, true)
+}
+

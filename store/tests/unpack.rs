@@ -1,0 +1,194 @@
+//! Unpack against peers: GNU tar writes the archives (gnu and posix formats,
+//! sparse files, xattrs, long names), and fixtures/treesnap.py compares the
+//! unpacked tree with the tree tar read from. Crafted hostile archives
+//! (fixtures/evil-tars.py) must all be refused without touching anything
+//! outside the layer directory.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use cstore_store::media::Compression;
+use cstore_store::unpack::{diff_id_of, unpack_layer, LayerRef, UnpackOptions};
+use cstore_store::Error;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn sh(cmd: &str) {
+    let st = Command::new("bash").arg("-ec").arg(cmd).status().unwrap();
+    assert!(st.success(), "{cmd}");
+}
+
+fn snap(dir: &Path, extra: &[&str]) -> String {
+    let out = Command::new("python3").arg(repo().join("fixtures/treesnap.py")).arg(dir).args(extra).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A tree with every kind of entry and attribute a layer can carry.
+fn make_source(src: &Path) {
+    sh(&format!(
+        r#"cd {src}
+        mkdir -p a/b/c deep/$(printf 'x%.0s' $(seq 120))/$(printf 'y%.0s' $(seq 120)) sticky
+        echo hello > a/file.txt
+        printf 'long name content' > deep/$(printf 'x%.0s' $(seq 120))/$(printf 'y%.0s' $(seq 120))/$(printf 'z%.0s' $(seq 150)).txt
+        head -c 100000 /dev/urandom > a/b/random.bin
+        ln a/file.txt a/b/c/hardlink.txt
+        ln -s ../file.txt a/b/rel-link
+        ln -s /etc/passwd a/abs-link
+        cp /bin/busybox a/suid && chmod 4755 a/suid
+        chmod 1777 sticky
+        chmod 2750 a/b
+        mkfifo a/fifo
+        mknod a/null c 1 3
+        mknod a/blk b 7 200
+        chown 1234:5678 a/file.txt
+        chown -h 42:43 a/b/rel-link
+        setfattr -n user.cstore -v 'hello xattr' a/file.txt
+        setfattr -n security.capability -v 0sAQAAAgAgAAAAAAAAAAAAAAAAAAA= a/suid
+        truncate -s 50M a/sparse.img && printf 'middle' | dd of=a/sparse.img bs=1 seek=20000000 conv=notrunc status=none
+        touch -h -d '2001-02-03 04:05:06' a/abs-link a/file.txt
+        touch -d '1999-12-31 23:59:59' a/b/c"#,
+        src = src.display()
+    ));
+}
+
+fn unpack(blob: &Path, compression: Compression, dest: &Path) -> cstore_store::Result<cstore_store::unpack::LayerStats> {
+    let diff_id = diff_id_of(blob, compression).unwrap();
+    std::fs::create_dir_all(dest).unwrap();
+    let layer = LayerRef { image: "test/image:latest", digest: "sha256:feed", compression, diff_id: &diff_id };
+    unpack_layer(blob, &layer, dest, &UnpackOptions::default())
+}
+
+#[test]
+fn gnu_tar_archives_unpack_exactly() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    make_source(&src);
+    let want = snap(&src, &[]);
+    for (i, (format, comp, flag)) in [
+        ("gnu", Compression::Gzip, "--gzip"),
+        ("posix", Compression::Zstd, "--zstd"),
+        ("posix", Compression::None, ""),
+        ("gnu", Compression::None, ""),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let blob = t.path().join(format!("layer-{i}"));
+        sh(&format!(
+            "tar --format={format} --xattrs --xattrs-include='*' --sparse --numeric-owner -C {} -c {flag} -f {} .",
+            src.display(),
+            blob.display()
+        ));
+        let dest = t.path().join(format!("dest-{i}"));
+        let stats = unpack(&blob, comp, &dest).unwrap_or_else(|e| panic!("{format} {comp:?}: {e}"));
+        assert_eq!(snap(&dest, &[]), want, "{format} {comp:?}: tree differs");
+        assert!(stats.extract.hardlinks >= 1 && stats.extract.devices >= 3 && stats.extract.symlinks >= 2);
+        // Holes stay holes: 50 MiB apparent, a few blocks allocated.
+        let used = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(dest.join("a/sparse.img")).unwrap().blocks() * 512
+        };
+        assert!(used < 1 << 20, "{format} {comp:?}: sparse file takes {used} bytes");
+    }
+}
+
+#[test]
+fn whiteouts_become_overlay_whiteouts() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    sh(&format!(
+        "mkdir -p {s}/dir/opq && cd {s} && touch dir/.wh.gone dir/opq/.wh..wh..opq dir/keep dir/.wh..wh.plnk && touch .wh.keep-me-too keep-me-too",
+        s = src.display()
+    ));
+    let blob = t.path().join("w.tar");
+    sh(&format!("tar -C {} -cf {} .", src.display(), blob.display()));
+    let dest = t.path().join("dest");
+    let stats = unpack(&blob, Compression::None, &dest).unwrap();
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = std::fs::symlink_metadata(dest.join("dir/gone")).unwrap();
+    assert!(m.file_type().is_char_device() && m.rdev() == 0, "a whiteout is a 0:0 char device");
+    assert!(!dest.join("dir/.wh.gone").exists());
+    assert!(!dest.join("dir/.wh..wh.plnk").exists(), "aufs metadata is dropped");
+    let v = Command::new("getfattr").args(["--only-values", "-n", "trusted.overlay.opaque"]).arg(dest.join("dir/opq")).output().unwrap();
+    assert_eq!(v.stdout, b"y");
+    // The layer's own file of that name stays: a whiteout hides lower layers only.
+    assert!(std::fs::symlink_metadata(dest.join("keep-me-too")).unwrap().is_file());
+    assert!(stats.extract.whiteouts >= 1 && stats.extract.opaque_dirs == 1);
+}
+
+#[test]
+fn hostile_archives_are_refused_and_touch_nothing_outside() {
+    let t = tempfile::tempdir().unwrap();
+    let evil = t.path().join("evil");
+    sh(&format!("python3 {} {}", repo().join("fixtures/evil-tars.py").display(), evil.display()));
+    let outside = ["/tmp/cstore-evil-absolute.txt", "/tmp/cstore-evil-through-symlink.txt", "/tmp/cstore-evil-relative.txt"];
+    for o in outside {
+        let _ = std::fs::remove_file(o);
+    }
+    let expect = [
+        ("dotdot", "../escaped.txt", "escapes the layer"),
+        ("absolute", "/tmp/cstore-evil-absolute.txt", "absolute path"),
+        ("symlink_then_write", "link/cstore-evil-through-symlink.txt", "symlink"),
+        ("symlink_relative_escape", "up/cstore-evil-relative.txt", "symlink"),
+        ("hardlink_outside", "passwd", "escapes the layer"),
+        ("hardlink_absolute", "shadow", "absolute path"),
+        ("hardlink_not_yet", "early", "not in this layer"),
+        ("hardlink_through_symlink", "pw", "not in this layer"),
+        ("whiteout_escape", "../.wh.victim", "escapes the layer"),
+        ("opaque_escape", "../../.wh..wh..opq", "escapes the layer"),
+        ("huge_pax", "", "PAX header of"),
+    ];
+    for (case, entry, why) in expect {
+        let layer_dir = t.path().join("layers").join(case);
+        let e = unpack(&evil.join(format!("{case}.tar")), Compression::None, &layer_dir.join("fs")).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, Error::Unpack { .. }), "{case}: {msg}");
+        assert!(msg.contains("test/image:latest") && msg.contains("sha256:feed"), "{case}: names image and layer: {msg}");
+        assert!(msg.contains(entry), "{case}: names the entry {entry:?}: {msg}");
+        assert!(msg.contains(why), "{case}: says why ({why}): {msg}");
+        // Nothing beside the layer's own directory was created.
+        let siblings: Vec<_> = std::fs::read_dir(&layer_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(siblings, vec![std::ffi::OsString::from("fs")], "{case}");
+    }
+    for o in outside {
+        assert!(!Path::new(o).exists(), "{o} was created outside the layer");
+    }
+    assert!(!t.path().join("layers/escaped.txt").exists());
+    assert!(!t.path().join("victim").exists());
+
+    // Overlay's xattrs are dropped, the rest kept.
+    let dest = t.path().join("xattr");
+    unpack(&evil.join("overlay_xattr.tar"), Compression::None, &dest).unwrap();
+    let names = Command::new("getfattr").args(["-d", "-m", "-"]).arg(dest.join("d")).output().unwrap();
+    let names = String::from_utf8_lossy(&names.stdout);
+    assert!(names.contains("user.ok") && !names.contains("trusted.overlay"), "{names}");
+}
+
+#[test]
+fn bombs_and_wrong_diff_ids_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    sh(&format!("head -c 64M /dev/zero > {}/zeros", src.display()));
+    let blob = t.path().join("bomb.tar.zst");
+    sh(&format!("tar -C {} -cf - . | zstd -q -19 -o {}", src.display(), blob.display()));
+    let diff_id = diff_id_of(&blob, Compression::Zstd).unwrap();
+    let layer = LayerRef { image: "bomb:1", digest: "sha256:b0b", compression: Compression::Zstd, diff_id: &diff_id };
+    let dest = t.path().join("d1");
+    std::fs::create_dir(&dest).unwrap();
+    let opts = UnpackOptions { max_ratio: 100, min_limit: 1 << 20 };
+    let e = unpack_layer(&blob, &layer, &dest, &opts).unwrap_err().to_string();
+    assert!(e.contains("decompression bomb") && e.contains("sha256:b0b"), "{e}");
+
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let layer = LayerRef { diff_id: &wrong, ..layer };
+    let dest = t.path().join("d2");
+    std::fs::create_dir(&dest).unwrap();
+    let e = unpack_layer(&blob, &layer, &dest, &UnpackOptions::default()).unwrap_err();
+    assert!(matches!(e, Error::DiffIdMismatch { .. }), "{e}");
+    assert!(e.to_string().contains(&diff_id) && e.to_string().contains(&wrong), "{e}");
+}
