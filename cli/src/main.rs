@@ -1,6 +1,7 @@
 //! The `cstore` command: a thin layer over the library crates.
 
 mod progress;
+mod snap;
 
 use std::path::PathBuf;
 
@@ -51,6 +52,34 @@ enum Command {
         #[arg(long, default_value_t = 6)]
         jobs: usize,
         /// Machine-readable output: one JSON event per line, then the result.
+        #[arg(long)]
+        json: bool,
+        /// Only fetch; do not unpack the layers into snapshots.
+        #[arg(long)]
+        no_unpack: bool,
+    },
+    /// Unpack a pulled image's layers into snapshots (each layer once).
+    Unpack {
+        reference: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mount an image's root filesystem at DIR (read-only unless --rw).
+    Mount {
+        /// An active snapshot with its own upper and work dirs: writes land there.
+        #[arg(long)]
+        rw: bool,
+        reference: String,
+        dir: PathBuf,
+    },
+    /// Unmount DIR and remove its snapshot (unless --keep).
+    Umount {
+        #[arg(long)]
+        keep: bool,
+        dir: PathBuf,
+    },
+    /// List snapshots: kind, parent, size, labels, mount state.
+    Snapshots {
         #[arg(long)]
         json: bool,
     },
@@ -105,6 +134,7 @@ fn run(cli: Cli) -> Result<()> {
             creds,
             jobs,
             json,
+            no_unpack,
         } => {
             let reference: Reference = reference.parse()?;
             let platform = match platform {
@@ -163,6 +193,25 @@ fn run(cli: Cli) -> Result<()> {
                     report.seconds
                 );
             }
+            if !no_unpack {
+                snap::unpack(&store, &report.reference, json)?;
+            }
+        }
+        Command::Unpack { reference, json } => {
+            let store = open_store(&cli.root)?;
+            snap::unpack(&store, &reference, json)?;
+        }
+        Command::Mount { rw, reference, dir } => {
+            let store = open_store(&cli.root)?;
+            snap::mount_image(&store, &reference, &dir, rw)?;
+        }
+        Command::Umount { keep, dir } => {
+            let store = open_store(&cli.root)?;
+            snap::umount(&store, &dir, keep)?;
+        }
+        Command::Snapshots { json } => {
+            let store = open_store(&cli.root)?;
+            snap::list(&store, json)?;
         }
         Command::Images { json } => {
             let store = open_store(&cli.root)?;
@@ -208,11 +257,15 @@ fn run(cli: Cli) -> Result<()> {
         Command::Gc { json } => {
             let store = open_store(&cli.root)?;
             let r = store.gc()?;
+            let (layers, dirs) = snap::gc(&store)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                let mut v = serde_json::to_value(&r)?;
+                v["removed_layer_snapshots"] = layers.into();
+                v["removed_orphan_dirs"] = dirs.into();
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!(
-                    "removed {} blobs ({}), {} abandoned downloads, {} expired leases",
+                    "removed {} blobs ({}), {} abandoned downloads, {} expired leases, {layers} unused layer snapshots, {dirs} orphaned directories",
                     r.removed_blobs,
                     progress::human_bytes(r.removed_bytes),
                     r.removed_partials,

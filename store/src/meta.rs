@@ -106,33 +106,28 @@ pub fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-pub struct Meta {
+/// A redb file opened per transaction (see the module docs), shared by the
+/// store's metadata and the snapshotter's.
+pub struct DbFile {
     path: PathBuf,
     /// Threads of one process take turns too: redb refuses a second open
     /// from the same process as well.
     in_process: Mutex<()>,
 }
 
-/// The tables of one write transaction.
-pub struct Tables<'t> {
-    images: Table<'t, &'static str, &'static [u8]>,
-    blobs: Table<'t, &'static str, &'static [u8]>,
-    leases: Table<'t, &'static str, &'static [u8]>,
-    path: &'t Path,
-}
-
-impl Meta {
-    pub fn open(path: &Path) -> Result<Meta> {
-        let meta = Meta {
+impl DbFile {
+    pub fn new(path: &Path) -> DbFile {
+        DbFile {
             path: path.to_path_buf(),
             in_process: Mutex::new(()),
-        };
-        // Create the tables once so readers never meet a missing table.
-        meta.update(|_| Ok(()))?;
-        Ok(meta)
+        }
     }
 
-    fn db_err(&self, e: impl Into<redb::Error>) -> Error {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn err(&self, e: impl Into<redb::Error>) -> Error {
         Error::Db {
             path: self.path.clone(),
             message: e.into().to_string(),
@@ -163,9 +158,51 @@ impl Meta {
                         ),
                     })
                 }
-                Err(e) => return Err(self.db_err(e)),
+                Err(e) => return Err(self.err(e)),
             }
         }
+    }
+
+    /// Run `f` in one write transaction, committed only if `f` succeeds;
+    /// then `after`, once the commit is durable but before any other process
+    /// can open the database (for files that must change in commit order).
+    /// `E` is the caller's error type, so other crates keep their own kinds.
+    pub fn transact<T, U, E: From<Error>>(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<T, E>,
+        after: impl FnOnce(T) -> Result<U, E>,
+    ) -> Result<U, E> {
+        let _turn = self.in_process.lock().unwrap_or_else(|p| p.into_inner());
+        let db = self.open_db()?;
+        let txn = db.begin_write().map_err(|e| self.err(e))?;
+        let out = f(&txn)?;
+        txn.commit().map_err(|e| self.err(e))?;
+        let out = after(out)?;
+        drop(db);
+        Ok(out)
+    }
+}
+
+pub struct Meta {
+    db: DbFile,
+}
+
+/// The tables of one write transaction.
+pub struct Tables<'t> {
+    images: Table<'t, &'static str, &'static [u8]>,
+    blobs: Table<'t, &'static str, &'static [u8]>,
+    leases: Table<'t, &'static str, &'static [u8]>,
+    path: &'t Path,
+}
+
+impl Meta {
+    pub fn open(path: &Path) -> Result<Meta> {
+        let meta = Meta {
+            db: DbFile::new(path),
+        };
+        // Create the tables once so readers never meet a missing table.
+        meta.update(|_| Ok(()))?;
+        Ok(meta)
     }
 
     /// Run `f` in one write transaction; it commits only if `f` succeeds.
@@ -181,22 +218,19 @@ impl Meta {
         f: impl FnOnce(&mut Tables<'_>) -> Result<T>,
         after: impl FnOnce(T) -> Result<U>,
     ) -> Result<U> {
-        let _turn = self.in_process.lock().unwrap_or_else(|p| p.into_inner());
-        let db = self.open_db()?;
-        let txn = db.begin_write().map_err(|e| self.db_err(e))?;
-        let out = {
-            let mut tables = Tables {
-                images: txn.open_table(IMAGES).map_err(|e| self.db_err(e))?,
-                blobs: txn.open_table(BLOBS).map_err(|e| self.db_err(e))?,
-                leases: txn.open_table(LEASES).map_err(|e| self.db_err(e))?,
-                path: &self.path,
-            };
-            f(&mut tables)?
-        };
-        txn.commit().map_err(|e| self.db_err(e))?;
-        let out = after(out)?;
-        drop(db);
-        Ok(out)
+        let db = &self.db;
+        db.transact(
+            |txn| {
+                let mut tables = Tables {
+                    images: txn.open_table(IMAGES).map_err(|e| db.err(e))?,
+                    blobs: txn.open_table(BLOBS).map_err(|e| db.err(e))?,
+                    leases: txn.open_table(LEASES).map_err(|e| db.err(e))?,
+                    path: db.path(),
+                };
+                f(&mut tables)
+            },
+            after,
+        )
     }
 }
 

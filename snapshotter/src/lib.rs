@@ -1,0 +1,12 @@
+//! Snapshots for cstore, in containerd's model (committed / active / view,
+//! parent chains, labels), laid out as containerd's overlayfs snapshotter
+//! lays them out, plus unpacking images into them and mounting them.
+
+pub mod error;
+pub mod image;
+pub mod mount;
+pub mod snapshots;
+
+pub use error::{Error, Result};
+pub use mount::Mount;
+pub use snapshots::{Info, Kind, Snapshotter, Usage};

@@ -1,0 +1,269 @@
+//! Mounts as containerd describes them (type, source, options), and doing
+//! them. Overlay options longer than a page (many layers) go through the new
+//! mount API, one `lowerdir+` per layer, so there is no length limit.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Mount {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub source: String,
+    pub options: Vec<String>,
+}
+
+impl Mount {
+    pub fn bind(source: &str, options: &[&str]) -> Mount {
+        Mount {
+            kind: "bind".into(),
+            source: source.into(),
+            options: options.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    pub fn is_readonly(&self) -> bool {
+        self.options.iter().any(|o| o == "ro")
+            || (self.kind == "overlay" && !self.options.iter().any(|o| o.starts_with("upperdir=")))
+    }
+}
+
+fn cstr(s: &str) -> io::Result<CString> {
+    CString::new(s)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in mount argument"))
+}
+
+fn cpath(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
+}
+
+fn check(r: libc::c_long) -> io::Result<libc::c_long> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// Mount `m` at `target`.
+pub fn mount(m: &Mount, target: &Path) -> Result<()> {
+    let fail = |e: io::Error| Error::io("mount", target, e);
+    match m.kind.as_str() {
+        "bind" => {
+            let src = cpath(Path::new(&m.source)).map_err(fail)?;
+            let dst = cpath(target).map_err(fail)?;
+            let rec = if m.options.iter().any(|o| o == "rbind") {
+                libc::MS_REC
+            } else {
+                0
+            };
+            // SAFETY: valid C strings; a bind mount takes no fs type or data.
+            check(unsafe {
+                libc::mount(
+                    src.as_ptr(),
+                    dst.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | rec,
+                    std::ptr::null(),
+                )
+            } as _)
+            .map_err(fail)?;
+            if m.is_readonly() {
+                // A bind mount is made read-only by a remount.
+                let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | rec;
+                // SAFETY: as above.
+                if let Err(e) = check(unsafe {
+                    libc::mount(
+                        std::ptr::null(),
+                        dst.as_ptr(),
+                        std::ptr::null(),
+                        flags,
+                        std::ptr::null(),
+                    )
+                } as _)
+                {
+                    let _ = unmount(target);
+                    return Err(fail(e));
+                }
+            }
+            Ok(())
+        }
+        "overlay" => {
+            let data = m.options.join(",");
+            if data.len() < page_size() {
+                let dst = cpath(target).map_err(fail)?;
+                let d = cstr(&data).map_err(fail)?;
+                // SAFETY: valid C strings.
+                check(unsafe {
+                    libc::mount(
+                        c"overlay".as_ptr(),
+                        dst.as_ptr(),
+                        c"overlay".as_ptr(),
+                        0,
+                        d.as_ptr().cast(),
+                    )
+                } as _)
+                .map_err(fail)
+                .map(drop)
+            } else {
+                mount_overlay_fsconfig(&m.options, target).map_err(fail)
+            }
+        }
+        other => Err(Error::InvalidArgument(format!(
+            "unsupported mount type {other:?}"
+        ))),
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).max(4096) as usize
+}
+
+const FSOPEN_CLOEXEC: libc::c_uint = 1;
+const FSCONFIG_SET_FLAG: libc::c_uint = 0;
+const FSCONFIG_SET_STRING: libc::c_uint = 1;
+const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+const MOUNT_ATTR_RDONLY: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+
+fn fsconfig(
+    fd: &OwnedFd,
+    cmd: libc::c_uint,
+    key: Option<&str>,
+    value: Option<&str>,
+) -> io::Result<()> {
+    let k = key.map(cstr).transpose()?;
+    let v = value.map(cstr).transpose()?;
+    // SAFETY: fsconfig with a valid fs context fd and optional C strings.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fd.as_raw_fd(),
+            cmd,
+            k.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+            v.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+            0,
+        )
+    })
+    .map(drop)
+}
+
+/// overlay through fsopen/fsconfig/fsmount: each lower layer is its own
+/// `lowerdir+` parameter (Linux 6.8+), so 128+ layers mount.
+fn mount_overlay_fsconfig(options: &[String], target: &Path) -> io::Result<()> {
+    // SAFETY: fsopen with a C string; returns a new fd.
+    let fs =
+        check(unsafe { libc::syscall(libc::SYS_fsopen, c"overlay".as_ptr(), FSOPEN_CLOEXEC) })?;
+    // SAFETY: new fd we own.
+    let fs = unsafe { OwnedFd::from_raw_fd(fs as i32) };
+    let mut readonly = true;
+    for o in options {
+        match o.split_once('=') {
+            Some(("lowerdir", v)) => {
+                for l in v.split(':') {
+                    fsconfig(&fs, FSCONFIG_SET_STRING, Some("lowerdir+"), Some(l))?;
+                }
+            }
+            Some((k, v)) => {
+                if k == "upperdir" {
+                    readonly = false;
+                }
+                fsconfig(&fs, FSCONFIG_SET_STRING, Some(k), Some(v))?;
+            }
+            None if o == "ro" => readonly = true,
+            None => fsconfig(&fs, FSCONFIG_SET_FLAG, Some(o), None)?,
+        }
+    }
+    fsconfig(&fs, FSCONFIG_CMD_CREATE, None, None)?;
+    let attrs = if readonly { MOUNT_ATTR_RDONLY } else { 0 };
+    // SAFETY: fsmount on a created context; returns a new mount fd.
+    let mnt =
+        check(unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, attrs) })?;
+    // SAFETY: new fd we own.
+    let mnt = unsafe { OwnedFd::from_raw_fd(mnt as i32) };
+    let dst = cpath(target)?;
+    // SAFETY: move the detached mount onto the target path.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            mnt.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            dst.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    })
+    .map(drop)
+}
+
+/// Mount a list of mounts stacked at `target` (containerd's mount.All).
+pub fn mount_all(mounts: &[Mount], target: &Path) -> Result<()> {
+    for (i, m) in mounts.iter().enumerate() {
+        if let Err(e) = mount(m, target) {
+            for _ in 0..i {
+                let _ = unmount(target);
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Unmount `target`; if busy, detach it (it goes once the last user leaves).
+pub fn unmount(target: &Path) -> Result<()> {
+    let dst = cpath(target).map_err(|e| Error::io("umount", target, e))?;
+    // SAFETY: valid C string.
+    match check(unsafe { libc::umount2(dst.as_ptr(), 0) } as _) {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            tracing::warn!(target = %target.display(), "mount busy; detaching it lazily");
+            // SAFETY: valid C string.
+            check(unsafe { libc::umount2(dst.as_ptr(), libc::MNT_DETACH) } as _)
+                .map(drop)
+                .map_err(|e| Error::io("umount", target, e))
+        }
+        Err(e) => Err(Error::io("umount", target, e)),
+    }
+}
+
+/// Is `path` a mount point (per /proc/self/mountinfo)?
+pub fn is_mountpoint(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    info.lines()
+        .any(|l| l.split(' ').nth(4).is_some_and(|mp| unescape(mp) == want))
+}
+
+fn unescape(s: &str) -> String {
+    // mountinfo escapes space, tab, newline and backslash as \ooo.
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push(
+                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("0"), 8)
+                    .unwrap_or(b'?'),
+            );
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

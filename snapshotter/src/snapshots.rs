@@ -1,0 +1,684 @@
+//! Snapshots with containerd's semantics, over directories on disk as
+//! containerd's overlayfs snapshotter lays them out:
+//!
+//! ```text
+//! ROOT/snapshots/metadata.db     redb: snapshots by key, children index, id counter
+//! ROOT/snapshots/<id>/fs         the snapshot's tree (upper dir when active)
+//! ROOT/snapshots/<id>/work       overlay's work dir (active snapshots)
+//! ROOT/snapshots/staging/...     directories being filled, not yet snapshots
+//! ```
+//!
+//! As in containerd, metadata and filesystem work are separate steps ordered
+//! so a crash leaves at worst an orphan directory (removed by `cleanup`),
+//! never a record without its directory.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use cstore_store::meta::DbFile;
+use redb::{ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::mount::Mount;
+
+const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+/// `parent \0 child` → (): who has children, without a scan.
+const CHILDREN: TableDefinition<&str, ()> = TableDefinition::new("children");
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    View,
+    Active,
+    Committed,
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::View => "view",
+            Kind::Active => "active",
+            Kind::Committed => "committed",
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Record {
+    id: u64,
+    kind: Kind,
+    parent: Option<String>,
+    labels: BTreeMap<String, String>,
+    /// Nanoseconds since the epoch.
+    created: u64,
+    updated: u64,
+    /// Measured at commit (committed snapshots don't change).
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+/// What containerd's Stat returns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Info {
+    pub name: String,
+    pub kind: Kind,
+    pub parent: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub created: u64,
+    pub updated: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub size: u64,
+    pub inodes: u64,
+}
+
+fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn child_key(parent: &str, child: &str) -> String {
+    format!("{parent}\0{child}")
+}
+
+pub struct Snapshotter {
+    root: PathBuf,
+    db: DbFile,
+}
+
+impl Snapshotter {
+    /// Open (creating) the snapshot tree under `store_root/snapshots`.
+    pub fn open(store_root: &Path) -> Result<Snapshotter> {
+        let root = store_root.join("snapshots");
+        fs::create_dir_all(root.join("staging")).map_err(|e| Error::io("create", &root, e))?;
+        let sn = Snapshotter {
+            db: DbFile::new(&root.join("metadata.db")),
+            root,
+        };
+        sn.transact(
+            |txn| {
+                txn.open_table(SNAPSHOTS).map_err(|e| sn.db.err(e))?;
+                txn.open_table(CHILDREN).map_err(|e| sn.db.err(e))?;
+                txn.open_table(COUNTERS).map_err(|e| sn.db.err(e))?;
+                Ok(())
+            },
+            Ok,
+        )?;
+        Ok(sn)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn dir(&self, id: u64) -> PathBuf {
+        self.root.join(id.to_string())
+    }
+
+    fn transact<T, U>(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<T>,
+        after: impl FnOnce(T) -> Result<U>,
+    ) -> Result<U> {
+        self.db.transact(f, after)
+    }
+
+    fn dberr(&self, e: impl Into<redb::Error>) -> Error {
+        Error::from(self.db.err(e))
+    }
+
+    fn get(&self, txn: &redb::WriteTransaction, key: &str) -> Result<Option<Record>> {
+        let t = txn.open_table(SNAPSHOTS).map_err(|e| self.dberr(e))?;
+        let v = t.get(key).map_err(|e| self.dberr(e))?;
+        match v {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(v.value())
+                .map(Some)
+                .map_err(|e| Error::Db {
+                    path: self.db.path().into(),
+                    message: format!("record {key:?}: {e}"),
+                }),
+        }
+    }
+
+    fn put(&self, txn: &redb::WriteTransaction, key: &str, r: &Record) -> Result<()> {
+        let mut t = txn.open_table(SNAPSHOTS).map_err(|e| self.dberr(e))?;
+        t.insert(key, serde_json::to_vec(r).expect("json").as_slice())
+            .map_err(|e| self.dberr(e))?;
+        Ok(())
+    }
+
+    fn has_children(&self, txn: &redb::WriteTransaction, key: &str) -> Result<bool> {
+        let t = txn.open_table(CHILDREN).map_err(|e| self.dberr(e))?;
+        let (lo, hi) = (format!("{key}\0"), format!("{key}\u{1}"));
+        let found = t
+            .range(lo.as_str()..hi.as_str())
+            .map_err(|e| self.dberr(e))?
+            .next()
+            .is_some();
+        Ok(found)
+    }
+
+    fn link_child(
+        &self,
+        txn: &redb::WriteTransaction,
+        parent: &str,
+        child: &str,
+        add: bool,
+    ) -> Result<()> {
+        let mut t = txn.open_table(CHILDREN).map_err(|e| self.dberr(e))?;
+        let k = child_key(parent, child);
+        if add {
+            t.insert(k.as_str(), ()).map_err(|e| self.dberr(e))?;
+        } else {
+            t.remove(k.as_str()).map_err(|e| self.dberr(e))?;
+        }
+        Ok(())
+    }
+
+    fn next_id(&self, txn: &redb::WriteTransaction) -> Result<u64> {
+        let mut t = txn.open_table(COUNTERS).map_err(|e| self.dberr(e))?;
+        let id = t
+            .get("id")
+            .map_err(|e| self.dberr(e))?
+            .map(|v| v.value())
+            .unwrap_or(0)
+            + 1;
+        t.insert("id", id).map_err(|e| self.dberr(e))?;
+        Ok(id)
+    }
+
+    /// The chain of committed ancestors' ids, nearest first.
+    fn chain_ids(
+        &self,
+        txn: &redb::WriteTransaction,
+        mut parent: Option<String>,
+    ) -> Result<Vec<u64>> {
+        let mut ids = Vec::new();
+        while let Some(p) = parent {
+            let r = self
+                .get(txn, &p)?
+                .ok_or_else(|| Error::NotFound(p.clone()))?;
+            ids.push(r.id);
+            parent = r.parent;
+        }
+        Ok(ids)
+    }
+
+    fn staging_dir(&self) -> Result<PathBuf> {
+        let start = cstore_store::meta::process_start_time(std::process::id()).unwrap_or(0);
+        let dir = self.root.join("staging").join(format!(
+            "{}-{start}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        Ok(dir)
+    }
+
+    /// A fresh directory to fill before it becomes a snapshot (see
+    /// `commit_dir`). Left behind by a dead process, `cleanup` removes it.
+    pub fn new_staging(&self) -> Result<PathBuf> {
+        let dir = self.staging_dir()?;
+        for sub in ["fs", "work"] {
+            fs::create_dir(dir.join(sub)).map_err(|e| Error::io("create", dir.join(sub), e))?;
+        }
+        Ok(dir)
+    }
+
+    fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: Option<&str>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        if key.is_empty() {
+            return Err(Error::InvalidArgument(
+                "snapshot key must not be empty".into(),
+            ));
+        }
+        let staging = self.new_staging()?;
+        let res = self.transact(
+            |txn| {
+                if self.get(txn, key)?.is_some() {
+                    return Err(Error::AlreadyExists(key.to_string()));
+                }
+                if let Some(p) = parent {
+                    let pr = self
+                        .get(txn, p)?
+                        .ok_or_else(|| Error::NotFound(p.to_string()))?;
+                    if pr.kind != Kind::Committed {
+                        return Err(Error::FailedPrecondition(format!(
+                            "parent {p:?} is not a committed snapshot"
+                        )));
+                    }
+                    self.link_child(txn, p, key, true)?;
+                }
+                let id = self.next_id(txn)?;
+                let now = now_nanos();
+                let rec = Record {
+                    id,
+                    kind,
+                    parent: parent.map(String::from),
+                    labels,
+                    created: now,
+                    updated: now,
+                    usage: None,
+                };
+                self.put(txn, key, &rec)?;
+                // In the transaction: if the commit fails, the directory is an
+                // orphan for cleanup; a record never lacks its directory.
+                fs::rename(&staging, self.dir(id))
+                    .map_err(|e| Error::io("rename", self.dir(id), e))?;
+                let chain = self.chain_ids(txn, rec.parent.clone())?;
+                Ok(self.mounts_for(&rec, &chain))
+            },
+            Ok,
+        );
+        if res.is_err() {
+            let _ = fs::remove_dir_all(&staging);
+        }
+        res
+    }
+
+    /// containerd Prepare: an active (writable) snapshot on `parent`.
+    pub fn prepare(
+        &self,
+        key: &str,
+        parent: Option<&str>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        self.create(Kind::Active, key, parent, labels)
+    }
+
+    /// containerd View: a read-only snapshot of `parent`.
+    pub fn view(
+        &self,
+        key: &str,
+        parent: Option<&str>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        self.create(Kind::View, key, parent, labels)
+    }
+
+    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        self.transact(
+            |txn| {
+                let rec = self
+                    .get(txn, key)?
+                    .ok_or_else(|| Error::NotFound(key.to_string()))?;
+                if rec.kind == Kind::Committed {
+                    return Err(Error::FailedPrecondition(format!(
+                        "snapshot {key:?} is committed: mounts are for active or view snapshots"
+                    )));
+                }
+                let chain = self.chain_ids(txn, rec.parent.clone())?;
+                Ok(self.mounts_for(&rec, &chain))
+            },
+            Ok,
+        )
+    }
+
+    /// Mounts as containerd's overlayfs snapshotter gives them.
+    fn mounts_for(&self, rec: &Record, parents: &[u64]) -> Vec<Mount> {
+        let fs_of = |id: u64| self.dir(id).join("fs").display().to_string();
+        if parents.is_empty() {
+            let ro = if rec.kind == Kind::View { "ro" } else { "rw" };
+            return vec![Mount::bind(&fs_of(rec.id), &[ro, "rbind"])];
+        }
+        if rec.kind == Kind::View && parents.len() == 1 {
+            return vec![Mount::bind(&fs_of(parents[0]), &["ro", "rbind"])];
+        }
+        let lower = parents
+            .iter()
+            .map(|&id| fs_of(id))
+            .collect::<Vec<_>>()
+            .join(":");
+        let mut options = vec!["index=off".to_string()];
+        if rec.kind == Kind::Active {
+            options.push(format!(
+                "workdir={}",
+                self.dir(rec.id).join("work").display()
+            ));
+            options.push(format!("upperdir={}", fs_of(rec.id)));
+        }
+        options.push(format!("lowerdir={lower}"));
+        vec![Mount {
+            kind: "overlay".into(),
+            source: "overlay".into(),
+            options,
+        }]
+    }
+
+    /// containerd Commit: the active snapshot `key` becomes committed `name`.
+    pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<()> {
+        if name.is_empty() {
+            return Err(Error::InvalidArgument(
+                "snapshot name must not be empty".into(),
+            ));
+        }
+        // Measure outside the transaction: it walks the tree.
+        let id = self
+            .transact(|txn| Ok(self.get(txn, key)?.map(|r| r.id)), Ok)?
+            .ok_or_else(|| Error::NotFound(key.to_string()))?;
+        let usage = dir_usage(&self.dir(id).join("fs"));
+        self.transact(
+            |txn| {
+                let rec = self
+                    .get(txn, key)?
+                    .ok_or_else(|| Error::NotFound(key.to_string()))?;
+                if rec.kind != Kind::Active {
+                    return Err(Error::FailedPrecondition(format!(
+                        "snapshot {key:?} is {}, not active: only active snapshots commit",
+                        rec.kind
+                    )));
+                }
+                if self.get(txn, name)?.is_some() {
+                    return Err(Error::AlreadyExists(name.to_string()));
+                }
+                let mut t = txn.open_table(SNAPSHOTS).map_err(|e| self.dberr(e))?;
+                t.remove(key).map_err(|e| self.dberr(e))?;
+                drop(t);
+                if let Some(p) = &rec.parent {
+                    self.link_child(txn, p, key, false)?;
+                    self.link_child(txn, p, name, true)?;
+                }
+                let now = now_nanos();
+                let committed = Record {
+                    kind: Kind::Committed,
+                    labels,
+                    created: now,
+                    updated: now,
+                    usage: Some(usage),
+                    ..rec
+                };
+                self.put(txn, name, &committed)
+            },
+            Ok,
+        )?;
+        // Overlay leaves its work dir; a committed snapshot needs none.
+        let _ = fs::remove_dir_all(self.dir(id).join("work"));
+        Ok(())
+    }
+
+    /// Turn a filled staging directory (from `new_staging`) into committed
+    /// snapshot `name` on `parent`. AlreadyExists if someone else won.
+    pub fn commit_dir(
+        &self,
+        staging: &Path,
+        name: &str,
+        parent: Option<&str>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<()> {
+        let usage = dir_usage(&staging.join("fs"));
+        let _ = fs::remove_dir_all(staging.join("work"));
+        self.transact(
+            |txn| {
+                if self.get(txn, name)?.is_some() {
+                    return Err(Error::AlreadyExists(name.to_string()));
+                }
+                if let Some(p) = parent {
+                    let pr = self
+                        .get(txn, p)?
+                        .ok_or_else(|| Error::NotFound(p.to_string()))?;
+                    if pr.kind != Kind::Committed {
+                        return Err(Error::FailedPrecondition(format!(
+                            "parent {p:?} is not committed"
+                        )));
+                    }
+                    self.link_child(txn, p, name, true)?;
+                }
+                let id = self.next_id(txn)?;
+                let now = now_nanos();
+                let rec = Record {
+                    id,
+                    kind: Kind::Committed,
+                    parent: parent.map(String::from),
+                    labels,
+                    created: now,
+                    updated: now,
+                    usage: Some(usage),
+                };
+                self.put(txn, name, &rec)?;
+                fs::rename(staging, self.dir(id)).map_err(|e| Error::io("rename", self.dir(id), e))
+            },
+            Ok,
+        )
+    }
+
+    /// containerd Remove. FailedPrecondition if it has children.
+    pub fn remove(&self, key: &str) -> Result<()> {
+        let id = self.transact(
+            |txn| {
+                let rec = self
+                    .get(txn, key)?
+                    .ok_or_else(|| Error::NotFound(key.to_string()))?;
+                if self.has_children(txn, key)? {
+                    return Err(Error::FailedPrecondition(format!(
+                        "cannot remove snapshot {key:?}: it has children"
+                    )));
+                }
+                if let Some(p) = &rec.parent {
+                    self.link_child(txn, p, key, false)?;
+                }
+                let mut t = txn.open_table(SNAPSHOTS).map_err(|e| self.dberr(e))?;
+                t.remove(key).map_err(|e| self.dberr(e))?;
+                Ok(rec.id)
+            },
+            // Out of sight first (one rename), then the slow part.
+            |id| {
+                let dir = self.dir(id);
+                let gone = self.root.join("staging").join(format!("removed-{id}"));
+                match fs::rename(&dir, &gone) {
+                    Ok(()) => Ok(Some(gone)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(Error::io("rename", &dir, e)),
+                }
+            },
+        )?;
+        if let Some(gone) = id {
+            let _ = fs::remove_dir_all(gone);
+        }
+        Ok(())
+    }
+
+    pub fn stat(&self, key: &str) -> Result<Info> {
+        self.transact(
+            |txn| {
+                self.get(txn, key)?
+                    .map(|r| info(key, r))
+                    .ok_or_else(|| Error::NotFound(key.to_string()))
+            },
+            Ok,
+        )
+    }
+
+    /// containerd Update: only labels change. `fields` empty replaces all
+    /// labels; else `labels` or `labels.KEY` entries pick what to change.
+    pub fn update(
+        &self,
+        key: &str,
+        labels: BTreeMap<String, String>,
+        fields: &[String],
+    ) -> Result<Info> {
+        self.transact(
+            |txn| {
+                let mut rec = self
+                    .get(txn, key)?
+                    .ok_or_else(|| Error::NotFound(key.to_string()))?;
+                if fields.is_empty() {
+                    rec.labels = labels;
+                } else {
+                    for f in fields {
+                        if f == "labels" {
+                            rec.labels = labels.clone();
+                        } else if let Some(k) = f.strip_prefix("labels.") {
+                            match labels.get(k) {
+                                Some(v) => rec.labels.insert(k.to_string(), v.clone()),
+                                None => rec.labels.remove(k),
+                            };
+                        } else {
+                            return Err(Error::InvalidArgument(format!(
+                                "cannot update {f:?} of snapshot {key:?}: only labels can change"
+                            )));
+                        }
+                    }
+                }
+                rec.updated = now_nanos();
+                self.put(txn, key, &rec)?;
+                Ok(info(key, rec))
+            },
+            Ok,
+        )
+    }
+
+    /// Every snapshot, as containerd's Walk sees them. The transaction ends
+    /// before the caller looks at the result, so a Stat inside a walk works.
+    pub fn list(&self) -> Result<Vec<Info>> {
+        self.transact(
+            |txn| {
+                let t = txn.open_table(SNAPSHOTS).map_err(|e| self.dberr(e))?;
+                let mut out = Vec::new();
+                for item in t.iter().map_err(|e| self.dberr(e))? {
+                    let (k, v) = item.map_err(|e| self.dberr(e))?;
+                    let rec: Record = serde_json::from_slice(v.value()).map_err(|e| Error::Db {
+                        path: self.db.path().into(),
+                        message: format!("record {:?}: {e}", k.value()),
+                    })?;
+                    out.push(info(k.value(), rec));
+                }
+                Ok(out)
+            },
+            Ok,
+        )
+    }
+
+    /// containerd Usage: bytes and inodes of the snapshot's own layer.
+    pub fn usage(&self, key: &str) -> Result<Usage> {
+        let rec = self.transact(
+            |txn| {
+                self.get(txn, key)?
+                    .ok_or_else(|| Error::NotFound(key.to_string()))
+            },
+            Ok,
+        )?;
+        Ok(match rec.usage {
+            Some(u) => u,
+            None => dir_usage(&self.dir(rec.id).join("fs")),
+        })
+    }
+
+    /// The directory of a snapshot's own tree (committed: a layer).
+    pub fn fs_dir(&self, key: &str) -> Result<PathBuf> {
+        let rec = self.transact(
+            |txn| {
+                self.get(txn, key)?
+                    .ok_or_else(|| Error::NotFound(key.to_string()))
+            },
+            Ok,
+        )?;
+        Ok(self.dir(rec.id).join("fs"))
+    }
+
+    /// containerd Cleanup: remove directories no snapshot owns, and staging
+    /// directories whose process is gone.
+    pub fn cleanup(&self) -> Result<usize> {
+        // Directories go while the database is held, so no create (which
+        // renames its directory in inside its transaction) can interleave.
+        let mut removed = self.transact(
+            |txn| {
+                let t = txn.open_table(SNAPSHOTS).map_err(|e| self.dberr(e))?;
+                let mut ids = std::collections::HashSet::new();
+                for item in t.iter().map_err(|e| self.dberr(e))? {
+                    let (_, v) = item.map_err(|e| self.dberr(e))?;
+                    if let Ok(r) = serde_json::from_slice::<Record>(v.value()) {
+                        ids.insert(r.id);
+                    }
+                }
+                Ok(ids)
+            },
+            |ids| {
+                let mut removed = 0;
+                for entry in fs::read_dir(&self.root)
+                    .map_err(|e| Error::io("read dir", &self.root, e))?
+                    .flatten()
+                {
+                    let name = entry.file_name().to_string_lossy().to_string();
+                    if let Ok(id) = name.parse::<u64>() {
+                        if !ids.contains(&id) && fs::remove_dir_all(entry.path()).is_ok() {
+                            removed += 1;
+                        }
+                    }
+                }
+                Ok(removed)
+            },
+        )?;
+        let staging = self.root.join("staging");
+        for entry in fs::read_dir(&staging)
+            .map_err(|e| Error::io("read dir", &staging, e))?
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().to_string();
+            let dead = match name.split('-').collect::<Vec<_>>().as_slice() {
+                [pid, start, _] => {
+                    let (pid, start) = (
+                        pid.parse::<u32>().unwrap_or(0),
+                        start.parse::<u64>().unwrap_or(0),
+                    );
+                    cstore_store::meta::process_start_time(pid) != Some(start)
+                }
+                ["removed", _] => true,
+                _ => false,
+            };
+            if dead && fs::remove_dir_all(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+fn info(key: &str, r: Record) -> Info {
+    Info {
+        name: key.to_string(),
+        kind: r.kind,
+        parent: r.parent,
+        labels: r.labels,
+        created: r.created,
+        updated: r.updated,
+    }
+}
+
+/// Bytes (allocated) and inodes of a tree, each hardlinked inode once, as
+/// containerd's fs.DiskUsage counts.
+pub fn dir_usage(dir: &Path) -> Usage {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut u = Usage::default();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            if seen.insert((m.dev(), m.ino())) {
+                u.inodes += 1;
+                u.size += m.blocks() * 512;
+            }
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    u
+}
