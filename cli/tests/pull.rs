@@ -8,9 +8,18 @@ use common::{shared_registry_addr, Cstore, Registry};
 use serde_json::Value;
 
 fn manifest_of(cs: &Cstore, name: &str) -> Value {
-    let img = cs.images().into_iter().find(|i| i["name"] == name).unwrap_or_else(|| panic!("{name} not listed"));
-    let hex = img["manifest"].as_str().unwrap().trim_start_matches("sha256:").to_string();
-    serde_json::from_slice(&std::fs::read(cs.path().join("blobs/sha256").join(hex)).unwrap()).unwrap()
+    let img = cs
+        .images()
+        .into_iter()
+        .find(|i| i["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not listed"));
+    let hex = img["manifest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    serde_json::from_slice(&std::fs::read(cs.path().join("blobs/sha256").join(hex)).unwrap())
+        .unwrap()
 }
 
 fn pull_json(cs: &Cstore, args: &[&str]) -> Value {
@@ -27,13 +36,23 @@ fn pull_json(cs: &Cstore, args: &[&str]) -> Value {
 fn pulls_every_media_type_and_skopeo_reads_them_back() {
     let addr = shared_registry_addr();
     let cs = Cstore::new();
-    let tags = ["busybox:latest", "busybox:docker", "busybox:zstd", "busybox:uncompressed", "multi:latest"];
+    let tags = [
+        "busybox:latest",
+        "busybox:docker",
+        "busybox:zstd",
+        "busybox:uncompressed",
+        "multi:latest",
+    ];
     for t in tags {
         cs.ok(&["pull", &format!("{addr}/{t}")]);
     }
     cs.assert_blobs_verified();
     assert!(cs.partials().is_empty());
-    let names: Vec<String> = cs.images().iter().map(|i| i["name"].as_str().unwrap().to_string()).collect();
+    let names: Vec<String> = cs
+        .images()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_string())
+        .collect();
     let mut want: Vec<String> = tags.iter().map(|t| format!("{addr}/{t}")).collect();
     want.sort();
     assert_eq!(names, want);
@@ -46,24 +65,40 @@ fn pulls_every_media_type_and_skopeo_reads_them_back() {
             .map(|l| l["mediaType"].as_str().unwrap().to_string())
             .collect()
     };
-    assert!(layer_types("busybox:zstd").iter().all(|t| t.ends_with("tar+zstd")));
-    assert!(layer_types("busybox:uncompressed").iter().all(|t| t == "application/vnd.oci.image.layer.v1.tar"));
-    assert!(layer_types("busybox:docker").iter().all(|t| t == "application/vnd.docker.image.rootfs.diff.tar.gzip"));
+    assert!(layer_types("busybox:zstd")
+        .iter()
+        .all(|t| t.ends_with("tar+zstd")));
+    assert!(layer_types("busybox:uncompressed")
+        .iter()
+        .all(|t| t == "application/vnd.oci.image.layer.v1.tar"));
+    assert!(layer_types("busybox:docker")
+        .iter()
+        .all(|t| t == "application/vnd.docker.image.rootfs.diff.tar.gzip"));
     assert_eq!(
         manifest_of(&cs, &format!("{addr}/busybox:docker"))["mediaType"],
         "application/vnd.docker.distribution.manifest.v2+json"
     );
     // The multi-platform ref resolves to the index; the store keeps the index
     // blob too, and the host's manifest is the one index.json points at.
-    let multi = cs.images().into_iter().find(|i| i["name"] == format!("{addr}/multi:latest")).unwrap();
+    let multi = cs
+        .images()
+        .into_iter()
+        .find(|i| i["name"] == format!("{addr}/multi:latest"))
+        .unwrap();
     assert_ne!(multi["digest"], multi["manifest"]);
     assert_eq!(multi["platform"], "linux/amd64");
-    let index: Value = serde_json::from_slice(&std::fs::read(cs.path().join("index.json")).unwrap()).unwrap();
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(cs.path().join("index.json")).unwrap()).unwrap();
     assert_eq!(index["manifests"].as_array().unwrap().len(), tags.len());
 
     // skopeo's OCI layout reader only takes OCI media types, so the Docker
     // schema2 image (stored byte for byte as pulled) is checked above instead.
-    for t in ["busybox:latest", "busybox:zstd", "busybox:uncompressed", "multi:latest"] {
+    for t in [
+        "busybox:latest",
+        "busybox:zstd",
+        "busybox:uncompressed",
+        "multi:latest",
+    ] {
         cs.assert_skopeo_copies(&format!("{addr}/{t}"));
     }
 }
@@ -87,7 +122,10 @@ fn a_second_pull_is_instant_and_says_so() {
     assert!(text.contains("up to date"), "{text}");
     // Docker-style short names for the same repository share blobs.
     let again = pull_json(&cs, &[&format!("{addr}/busybox:docker")]);
-    assert_eq!(again["cached_blobs"], 4, "config and 3 layers are the same blobs: {again}");
+    assert_eq!(
+        again["cached_blobs"], 4,
+        "config and 3 layers are the same blobs: {again}"
+    );
 }
 
 #[test]
@@ -96,7 +134,11 @@ fn an_image_pinned_by_digest_needs_no_registry_once_held() {
     reg.push(None);
     let cs = Cstore::new();
     let by_tag = pull_json(&cs, &[&reg.image("busybox:latest")]);
-    let pinned = format!("{}/busybox@{}", reg.addr, by_tag["digest"].as_str().unwrap());
+    let pinned = format!(
+        "{}/busybox@{}",
+        reg.addr,
+        by_tag["digest"].as_str().unwrap()
+    );
     let first = pull_json(&cs, &[&pinned]);
     assert_eq!(first["fetched_bytes"], 0, "all blobs were held");
     assert_eq!(first["reference"], pinned);
@@ -114,17 +156,40 @@ fn an_image_pinned_by_digest_needs_no_registry_once_held() {
 fn platform_selection_from_an_index() {
     let addr = shared_registry_addr();
     let cs = Cstore::new();
-    let arm = pull_json(&cs, &["--platform", "linux/arm64", &format!("{addr}/multi:latest")]);
+    let arm = pull_json(
+        &cs,
+        &["--platform", "linux/arm64", &format!("{addr}/multi:latest")],
+    );
     assert_eq!(arm["platform"]["architecture"], "arm64");
     let img = &cs.images()[0];
     assert_eq!(img["platform"], "linux/arm64");
-    let config_hex = img["config"].as_str().unwrap().trim_start_matches("sha256:").to_string();
-    let config: Value = serde_json::from_slice(&std::fs::read(cs.path().join("blobs/sha256").join(config_hex)).unwrap()).unwrap();
+    let config_hex = img["config"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let config: Value = serde_json::from_slice(
+        &std::fs::read(cs.path().join("blobs/sha256").join(config_hex)).unwrap(),
+    )
+    .unwrap();
     assert_eq!(config["architecture"], "arm64");
 
-    let err = cs.fail(&["pull", "--platform", "linux/s390x", &format!("{addr}/multi:latest")]);
-    assert!(err.contains("linux/s390x") && err.contains("linux/amd64") && err.contains("linux/arm64"), "{err}");
-    let err = cs.fail(&["pull", "--platform", "linux", &format!("{addr}/multi:latest")]);
+    let err = cs.fail(&[
+        "pull",
+        "--platform",
+        "linux/s390x",
+        &format!("{addr}/multi:latest"),
+    ]);
+    assert!(
+        err.contains("linux/s390x") && err.contains("linux/amd64") && err.contains("linux/arm64"),
+        "{err}"
+    );
+    let err = cs.fail(&[
+        "pull",
+        "--platform",
+        "linux",
+        &format!("{addr}/multi:latest"),
+    ]);
     assert!(err.contains("invalid platform \"linux\""), "{err}");
 }
 
@@ -132,23 +197,38 @@ fn platform_selection_from_an_index() {
 fn rmi_removes_only_what_the_image_alone_held() {
     let addr = shared_registry_addr();
     let cs = Cstore::new();
-    let (latest, zstd) = (format!("{addr}/busybox:latest"), format!("{addr}/busybox:zstd"));
+    let (latest, zstd) = (
+        format!("{addr}/busybox:latest"),
+        format!("{addr}/busybox:zstd"),
+    );
     cs.ok(&["pull", &latest]);
     let only_latest = cs.blob_names();
     cs.ok(&["pull", &zstd]);
-    let config = cs.images()[0]["config"].as_str().unwrap().trim_start_matches("sha256:").to_string();
+    let config = cs.images()[0]["config"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
 
     let out = cs.ok(&["rmi", &zstd]);
     assert!(out.contains("removed") && out.contains(&zstd), "{out}");
-    assert_eq!(cs.blob_names(), only_latest, "exactly the zstd image's own blobs are gone");
+    assert_eq!(
+        cs.blob_names(),
+        only_latest,
+        "exactly the zstd image's own blobs are gone"
+    );
     assert!(cs.blob_names().contains(&config), "the shared config stays");
     cs.assert_skopeo_copies(&latest);
 
     let err = cs.fail(&["rmi", &zstd]);
-    assert!(err.contains(&zstd) && err.contains("not in the store"), "{err}");
+    assert!(
+        err.contains(&zstd) && err.contains("not in the store"),
+        "{err}"
+    );
     cs.ok(&["rmi", &latest]);
     assert!(cs.blob_names().is_empty());
-    let index: Value = serde_json::from_slice(&std::fs::read(cs.path().join("index.json")).unwrap()).unwrap();
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(cs.path().join("index.json")).unwrap()).unwrap();
     assert_eq!(index["manifests"].as_array().unwrap().len(), 0);
 }
 
@@ -166,13 +246,29 @@ fn gc_removes_orphans_and_abandoned_partials_and_df_counts_them() {
         hex::encode(sha2::Sha256::digest(orphan))
     };
     std::fs::write(cs.path().join("blobs/sha256").join(&orphan_hex), orphan).unwrap();
-    std::fs::write(cs.path().join("ingest").join(format!("{}.partial", "ab".repeat(32))), vec![1u8; 4096]).unwrap();
+    std::fs::write(
+        cs.path()
+            .join("ingest")
+            .join(format!("{}.partial", "ab".repeat(32))),
+        vec![1u8; 4096],
+    )
+    .unwrap();
 
     let df: Value = serde_json::from_str(&cs.ok(&["df", "--json"])).unwrap();
     assert_eq!(df["images"], 1);
     assert_eq!(df["ingest_bytes"], 4096);
-    assert_eq!(df["reclaimable_bytes"], 0, "every recorded blob is referenced");
-    let sizes: u64 = held.iter().map(|h| std::fs::metadata(cs.path().join("blobs/sha256").join(h)).unwrap().len()).sum();
+    assert_eq!(
+        df["reclaimable_bytes"], 0,
+        "every recorded blob is referenced"
+    );
+    let sizes: u64 = held
+        .iter()
+        .map(|h| {
+            std::fs::metadata(cs.path().join("blobs/sha256").join(h))
+                .unwrap()
+                .len()
+        })
+        .sum();
     assert_eq!(df["blob_bytes"].as_u64().unwrap(), sizes);
 
     let gc: Value = serde_json::from_str(&cs.ok(&["gc", "--json"])).unwrap();
@@ -188,9 +284,15 @@ fn gc_removes_orphans_and_abandoned_partials_and_df_counts_them() {
 fn bad_references_are_refused_by_name() {
     let cs = Cstore::new();
     let err = cs.fail(&["pull", "Not/A:Valid:Ref"]);
-    assert!(err.contains("invalid image reference \"Not/A:Valid:Ref\""), "{err}");
+    assert!(
+        err.contains("invalid image reference \"Not/A:Valid:Ref\""),
+        "{err}"
+    );
     let err = cs.fail(&["pull", "busybox@sha256:1234"]);
     assert!(err.contains("invalid digest \"sha256:1234\""), "{err}");
     let err = cs.fail(&["rmi", "127.0.0.1:1/nothing:here"]);
-    assert!(err.contains("127.0.0.1:1/nothing:here is not in the store"), "{err}");
+    assert!(
+        err.contains("127.0.0.1:1/nothing:here is not in the store"),
+        "{err}"
+    );
 }

@@ -100,10 +100,20 @@ pub enum Error {
     },
 
     #[error("image {image}: layer {layer}{}: {reason}", entry.as_ref().map(|e| format!(", entry {e:?}")).unwrap_or_default())]
-    Unpack { image: String, layer: String, entry: Option<String>, reason: String },
+    Unpack {
+        image: String,
+        layer: String,
+        entry: Option<String>,
+        reason: String,
+    },
 
     #[error("image {image}: layer {layer}: uncompressed content hashes to {actual}, but the config's diff_id is {expected}")]
-    DiffIdMismatch { image: String, layer: String, expected: String, actual: String },
+    DiffIdMismatch {
+        image: String,
+        layer: String,
+        expected: String,
+        actual: String,
+    },
 
     #[error("metadata database {path}: {message}")]
     Db { path: PathBuf, message: String },

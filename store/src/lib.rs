@@ -8,10 +8,10 @@ pub mod media;
 pub mod meta;
 pub mod platform;
 pub mod pull;
-pub mod unpack;
 pub mod reference;
 pub mod registry;
 pub mod store;
+pub mod unpack;
 
 pub use error::{Error, Result};
 pub use platform::Platform;

@@ -12,7 +12,10 @@ use cstore_store::unpack::{diff_id_of, unpack_layer, LayerRef, UnpackOptions};
 use cstore_store::Error;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn sh(cmd: &str) {
@@ -21,8 +24,17 @@ fn sh(cmd: &str) {
 }
 
 fn snap(dir: &Path, extra: &[&str]) -> String {
-    let out = Command::new("python3").arg(repo().join("fixtures/treesnap.py")).arg(dir).args(extra).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("python3")
+        .arg(repo().join("fixtures/treesnap.py"))
+        .arg(dir)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -54,10 +66,19 @@ fn make_source(src: &Path) {
     ));
 }
 
-fn unpack(blob: &Path, compression: Compression, dest: &Path) -> cstore_store::Result<cstore_store::unpack::LayerStats> {
+fn unpack(
+    blob: &Path,
+    compression: Compression,
+    dest: &Path,
+) -> cstore_store::Result<cstore_store::unpack::LayerStats> {
     let diff_id = diff_id_of(blob, compression).unwrap();
     std::fs::create_dir_all(dest).unwrap();
-    let layer = LayerRef { image: "test/image:latest", digest: "sha256:feed", compression, diff_id: &diff_id };
+    let layer = LayerRef {
+        image: "test/image:latest",
+        digest: "sha256:feed",
+        compression,
+        diff_id: &diff_id,
+    };
     unpack_layer(blob, &layer, dest, &UnpackOptions::default())
 }
 
@@ -86,13 +107,23 @@ fn gnu_tar_archives_unpack_exactly() {
         let dest = t.path().join(format!("dest-{i}"));
         let stats = unpack(&blob, comp, &dest).unwrap_or_else(|e| panic!("{format} {comp:?}: {e}"));
         assert_eq!(snap(&dest, &[]), want, "{format} {comp:?}: tree differs");
-        assert!(stats.extract.hardlinks >= 1 && stats.extract.devices >= 3 && stats.extract.symlinks >= 2);
+        assert!(
+            stats.extract.hardlinks >= 1
+                && stats.extract.devices >= 3
+                && stats.extract.symlinks >= 2
+        );
         // Holes stay holes: 50 MiB apparent, a few blocks allocated.
         let used = {
             use std::os::unix::fs::MetadataExt;
-            std::fs::metadata(dest.join("a/sparse.img")).unwrap().blocks() * 512
+            std::fs::metadata(dest.join("a/sparse.img"))
+                .unwrap()
+                .blocks()
+                * 512
         };
-        assert!(used < 1 << 20, "{format} {comp:?}: sparse file takes {used} bytes");
+        assert!(
+            used < 1 << 20,
+            "{format} {comp:?}: sparse file takes {used} bytes"
+        );
     }
 }
 
@@ -105,18 +136,34 @@ fn whiteouts_become_overlay_whiteouts() {
         s = src.display()
     ));
     let blob = t.path().join("w.tar");
-    sh(&format!("tar -C {} -cf {} .", src.display(), blob.display()));
+    sh(&format!(
+        "tar -C {} -cf {} .",
+        src.display(),
+        blob.display()
+    ));
     let dest = t.path().join("dest");
     let stats = unpack(&blob, Compression::None, &dest).unwrap();
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let m = std::fs::symlink_metadata(dest.join("dir/gone")).unwrap();
-    assert!(m.file_type().is_char_device() && m.rdev() == 0, "a whiteout is a 0:0 char device");
+    assert!(
+        m.file_type().is_char_device() && m.rdev() == 0,
+        "a whiteout is a 0:0 char device"
+    );
     assert!(!dest.join("dir/.wh.gone").exists());
-    assert!(!dest.join("dir/.wh..wh.plnk").exists(), "aufs metadata is dropped");
-    let v = Command::new("getfattr").args(["--only-values", "-n", "trusted.overlay.opaque"]).arg(dest.join("dir/opq")).output().unwrap();
+    assert!(
+        !dest.join("dir/.wh..wh.plnk").exists(),
+        "aufs metadata is dropped"
+    );
+    let v = Command::new("getfattr")
+        .args(["--only-values", "-n", "trusted.overlay.opaque"])
+        .arg(dest.join("dir/opq"))
+        .output()
+        .unwrap();
     assert_eq!(v.stdout, b"y");
     // The layer's own file of that name stays: a whiteout hides lower layers only.
-    assert!(std::fs::symlink_metadata(dest.join("keep-me-too")).unwrap().is_file());
+    assert!(std::fs::symlink_metadata(dest.join("keep-me-too"))
+        .unwrap()
+        .is_file());
     assert!(stats.extract.whiteouts >= 1 && stats.extract.opaque_dirs == 1);
 }
 
@@ -124,16 +171,32 @@ fn whiteouts_become_overlay_whiteouts() {
 fn hostile_archives_are_refused_and_touch_nothing_outside() {
     let t = tempfile::tempdir().unwrap();
     let evil = t.path().join("evil");
-    sh(&format!("python3 {} {}", repo().join("fixtures/evil-tars.py").display(), evil.display()));
-    let outside = ["/tmp/cstore-evil-absolute.txt", "/tmp/cstore-evil-through-symlink.txt", "/tmp/cstore-evil-relative.txt"];
+    sh(&format!(
+        "python3 {} {}",
+        repo().join("fixtures/evil-tars.py").display(),
+        evil.display()
+    ));
+    let outside = [
+        "/tmp/cstore-evil-absolute.txt",
+        "/tmp/cstore-evil-through-symlink.txt",
+        "/tmp/cstore-evil-relative.txt",
+    ];
     for o in outside {
         let _ = std::fs::remove_file(o);
     }
     let expect = [
         ("dotdot", "../escaped.txt", "escapes the layer"),
         ("absolute", "/tmp/cstore-evil-absolute.txt", "absolute path"),
-        ("symlink_then_write", "link/cstore-evil-through-symlink.txt", "symlink"),
-        ("symlink_relative_escape", "up/cstore-evil-relative.txt", "symlink"),
+        (
+            "symlink_then_write",
+            "link/cstore-evil-through-symlink.txt",
+            "symlink",
+        ),
+        (
+            "symlink_relative_escape",
+            "up/cstore-evil-relative.txt",
+            "symlink",
+        ),
         ("hardlink_outside", "passwd", "escapes the layer"),
         ("hardlink_absolute", "shadow", "absolute path"),
         ("hardlink_not_yet", "early", "not in this layer"),
@@ -144,14 +207,28 @@ fn hostile_archives_are_refused_and_touch_nothing_outside() {
     ];
     for (case, entry, why) in expect {
         let layer_dir = t.path().join("layers").join(case);
-        let e = unpack(&evil.join(format!("{case}.tar")), Compression::None, &layer_dir.join("fs")).unwrap_err();
+        let e = unpack(
+            &evil.join(format!("{case}.tar")),
+            Compression::None,
+            &layer_dir.join("fs"),
+        )
+        .unwrap_err();
         let msg = e.to_string();
         assert!(matches!(e, Error::Unpack { .. }), "{case}: {msg}");
-        assert!(msg.contains("test/image:latest") && msg.contains("sha256:feed"), "{case}: names image and layer: {msg}");
-        assert!(msg.contains(entry), "{case}: names the entry {entry:?}: {msg}");
+        assert!(
+            msg.contains("test/image:latest") && msg.contains("sha256:feed"),
+            "{case}: names image and layer: {msg}"
+        );
+        assert!(
+            msg.contains(entry),
+            "{case}: names the entry {entry:?}: {msg}"
+        );
         assert!(msg.contains(why), "{case}: says why ({why}): {msg}");
         // Nothing beside the layer's own directory was created.
-        let siblings: Vec<_> = std::fs::read_dir(&layer_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let siblings: Vec<_> = std::fs::read_dir(&layer_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(siblings, vec![std::ffi::OsString::from("fs")], "{case}");
     }
     for o in outside {
@@ -163,9 +240,16 @@ fn hostile_archives_are_refused_and_touch_nothing_outside() {
     // Overlay's xattrs are dropped, the rest kept.
     let dest = t.path().join("xattr");
     unpack(&evil.join("overlay_xattr.tar"), Compression::None, &dest).unwrap();
-    let names = Command::new("getfattr").args(["-d", "-m", "-"]).arg(dest.join("d")).output().unwrap();
+    let names = Command::new("getfattr")
+        .args(["-d", "-m", "-"])
+        .arg(dest.join("d"))
+        .output()
+        .unwrap();
     let names = String::from_utf8_lossy(&names.stdout);
-    assert!(names.contains("user.ok") && !names.contains("trusted.overlay"), "{names}");
+    assert!(
+        names.contains("user.ok") && !names.contains("trusted.overlay"),
+        "{names}"
+    );
 }
 
 #[test]
@@ -175,20 +259,43 @@ fn bombs_and_wrong_diff_ids_are_refused() {
     std::fs::create_dir(&src).unwrap();
     sh(&format!("head -c 64M /dev/zero > {}/zeros", src.display()));
     let blob = t.path().join("bomb.tar.zst");
-    sh(&format!("tar -C {} -cf - . | zstd -q -19 -o {}", src.display(), blob.display()));
+    sh(&format!(
+        "tar -C {} -cf - . | zstd -q -19 -o {}",
+        src.display(),
+        blob.display()
+    ));
     let diff_id = diff_id_of(&blob, Compression::Zstd).unwrap();
-    let layer = LayerRef { image: "bomb:1", digest: "sha256:b0b", compression: Compression::Zstd, diff_id: &diff_id };
+    let layer = LayerRef {
+        image: "bomb:1",
+        digest: "sha256:b0b",
+        compression: Compression::Zstd,
+        diff_id: &diff_id,
+    };
     let dest = t.path().join("d1");
     std::fs::create_dir(&dest).unwrap();
-    let opts = UnpackOptions { max_ratio: 100, min_limit: 1 << 20 };
-    let e = unpack_layer(&blob, &layer, &dest, &opts).unwrap_err().to_string();
-    assert!(e.contains("decompression bomb") && e.contains("sha256:b0b"), "{e}");
+    let opts = UnpackOptions {
+        max_ratio: 100,
+        min_limit: 1 << 20,
+    };
+    let e = unpack_layer(&blob, &layer, &dest, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("decompression bomb") && e.contains("sha256:b0b"),
+        "{e}"
+    );
 
     let wrong = format!("sha256:{}", "0".repeat(64));
-    let layer = LayerRef { diff_id: &wrong, ..layer };
+    let layer = LayerRef {
+        diff_id: &wrong,
+        ..layer
+    };
     let dest = t.path().join("d2");
     std::fs::create_dir(&dest).unwrap();
     let e = unpack_layer(&blob, &layer, &dest, &UnpackOptions::default()).unwrap_err();
     assert!(matches!(e, Error::DiffIdMismatch { .. }), "{e}");
-    assert!(e.to_string().contains(&diff_id) && e.to_string().contains(&wrong), "{e}");
+    assert!(
+        e.to_string().contains(&diff_id) && e.to_string().contains(&wrong),
+        "{e}"
+    );
 }

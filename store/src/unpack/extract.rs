@@ -55,7 +55,10 @@ pub struct Extractor {
 }
 
 fn err(entry: &[u8], reason: impl Into<String>) -> EntryError {
-    EntryError { entry: String::from_utf8_lossy(entry).into_owned(), reason: reason.into() }
+    EntryError {
+        entry: String::from_utf8_lossy(entry).into_owned(),
+        reason: reason.into(),
+    }
 }
 
 fn io_reason(op: &str, e: &io::Error) -> String {
@@ -116,7 +119,11 @@ impl Extractor {
             return Ok(self.cached.as_ref().unwrap().1.as_fd());
         }
         let ckey = sys::cstring(&key).map_err(|e| err(entry, e.to_string()))?;
-        let fd = match sys::resolve_beneath(self.root.as_fd(), &ckey, libc::O_PATH | libc::O_DIRECTORY) {
+        let fd = match sys::resolve_beneath(
+            self.root.as_fd(),
+            &ckey,
+            libc::O_PATH | libc::O_DIRECTORY,
+        ) {
             Ok(fd) => fd,
             Err(e) if e.kind() == io::ErrorKind::NotFound => self.make_parents(comps, entry)?,
             Err(e) => return Err(err(entry, io_reason("opening its parent directory", &e))),
@@ -126,20 +133,25 @@ impl Extractor {
     }
 
     fn make_parents(&mut self, comps: &[&[u8]], entry: &[u8]) -> Result<OwnedFd, EntryError> {
-        let mut fd = sys::resolve_beneath(self.root.as_fd(), c".", libc::O_PATH | libc::O_DIRECTORY)
-            .map_err(|e| err(entry, io_reason("opening the layer root", &e)))?;
+        let mut fd =
+            sys::resolve_beneath(self.root.as_fd(), c".", libc::O_PATH | libc::O_DIRECTORY)
+                .map_err(|e| err(entry, io_reason("opening the layer root", &e)))?;
         for (i, c) in comps.iter().enumerate() {
             let name = sys::cstring(c).map_err(|e| err(entry, e.to_string()))?;
-            let next = match sys::resolve_beneath(fd.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY) {
-                Ok(f) => f,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    sys::mkdirat(fd.as_fd(), &name, 0o755).map_err(|e| err(entry, io_reason("creating a parent", &e)))?;
-                    self.implicit_dirs.push(comps[..=i].join(&b'/'));
-                    sys::resolve_beneath(fd.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY)
-                        .map_err(|e| err(entry, io_reason("opening a parent", &e)))?
-                }
-                Err(e) => return Err(err(entry, io_reason("opening its parent directory", &e))),
-            };
+            let next =
+                match sys::resolve_beneath(fd.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        sys::mkdirat(fd.as_fd(), &name, 0o755)
+                            .map_err(|e| err(entry, io_reason("creating a parent", &e)))?;
+                        self.implicit_dirs.push(comps[..=i].join(&b'/'));
+                        sys::resolve_beneath(fd.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY)
+                            .map_err(|e| err(entry, io_reason("opening a parent", &e)))?
+                    }
+                    Err(e) => {
+                        return Err(err(entry, io_reason("opening its parent directory", &e)))
+                    }
+                };
             fd = next;
         }
         Ok(fd)
@@ -147,7 +159,13 @@ impl Extractor {
 
     /// Make room for a new entry at parent/name: an existing directory stays
     /// if the new entry is one too; anything else is removed first.
-    fn clear_slot(&mut self, comps: &[&[u8]], name: &CString, new_is_dir: bool, entry: &[u8]) -> Result<bool, EntryError> {
+    fn clear_slot(
+        &mut self,
+        comps: &[&[u8]],
+        name: &CString,
+        new_is_dir: bool,
+        entry: &[u8],
+    ) -> Result<bool, EntryError> {
         let parent = self.parent(comps, entry)?;
         match sys::lstatat(parent, name) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
@@ -157,7 +175,11 @@ impl Extractor {
                 if is_dir && new_is_dir {
                     return Ok(true);
                 }
-                let r = if is_dir { sys::remove_all_at(parent, name) } else { sys::unlinkat(parent, name, false) };
+                let r = if is_dir {
+                    sys::remove_all_at(parent, name)
+                } else {
+                    sys::unlinkat(parent, name, false)
+                };
                 r.map_err(|e| err(entry, io_reason("replacing an earlier entry", &e)))?;
                 if is_dir {
                     // Cached fds may point into what was just removed.
@@ -179,7 +201,8 @@ impl Extractor {
                 return Err(err(path, "the root entry is not a directory"));
             }
             let root = self.root.as_fd();
-            sys::fchown(root, e.uid as u32, e.gid as u32).map_err(|x| err(path, io_reason("chown", &x)))?;
+            sys::fchown(root, e.uid as u32, e.gid as u32)
+                .map_err(|x| err(path, io_reason("chown", &x)))?;
             sys::fchmod(root, e.mode).map_err(|x| err(path, io_reason("chmod", &x)))?;
             self.dir_times.push((Vec::new(), e.mtime));
             return Ok(());
@@ -195,7 +218,8 @@ impl Extractor {
                         .map_err(|x| err(path, io_reason("opening the opaque directory", &x)))?
                 };
                 let attr = CString::new(OPAQUE_XATTR).unwrap();
-                sys::fsetxattr(dir_fd.as_fd(), &attr, b"y").map_err(|x| err(path, io_reason("marking opaque", &x)))?;
+                sys::fsetxattr(dir_fd.as_fd(), &attr, b"y")
+                    .map_err(|x| err(path, io_reason("marking opaque", &x)))?;
                 self.stats.opaque_dirs += 1;
                 return Ok(());
             }
@@ -216,7 +240,8 @@ impl Extractor {
             let name = sys::cstring(hidden).map_err(|x| err(path, x.to_string()))?;
             self.clear_slot(dirs, &name, false, path)?;
             let parent = self.parent(dirs, path)?;
-            sys::mknodat(parent, &name, libc::S_IFCHR, 0, 0).map_err(|x| err(path, io_reason("creating the whiteout", &x)))?;
+            sys::mknodat(parent, &name, libc::S_IFCHR, 0, 0)
+                .map_err(|x| err(path, io_reason("creating the whiteout", &x)))?;
             self.stats.whiteouts += 1;
             return Ok(());
         }
@@ -230,14 +255,21 @@ impl Extractor {
             .xattrs
             .iter()
             .filter(|(k, _)| xattr_allowed(k))
-            .map(|(k, v)| Ok((CString::new(k.as_bytes()).map_err(|_| err(path, "NUL in xattr name"))?, v.as_slice())))
+            .map(|(k, v)| {
+                Ok((
+                    CString::new(k.as_bytes()).map_err(|_| err(path, "NUL in xattr name"))?,
+                    v.as_slice(),
+                ))
+            })
             .collect::<Result<_, EntryError>>()?;
 
         match e.kind {
             Kind::File => {
                 let parent = self.parent(dirs, path)?;
-                let mut f = sys::create_file(parent, &name).map_err(|x| err(path, io_reason("create", &x)))?;
-                self.write_data(tar, e, &mut f).map_err(|x| err(path, io_reason("write", &x)))?;
+                let mut f = sys::create_file(parent, &name)
+                    .map_err(|x| err(path, io_reason("create", &x)))?;
+                self.write_data(tar, e, &mut f)
+                    .map_err(|x| err(path, io_reason("write", &x)))?;
                 let fd = f.as_fd();
                 sys::fchown(fd, uid, gid).map_err(|x| err(path, io_reason("chown", &x)))?;
                 // After chown, which clears setuid/setgid and file capabilities.
@@ -252,13 +284,17 @@ impl Extractor {
             Kind::Dir => {
                 let parent = self.parent(dirs, path)?;
                 if !kept_dir {
-                    sys::mkdirat(parent, &name, 0o700).map_err(|x| err(path, io_reason("mkdir", &x)))?;
+                    sys::mkdirat(parent, &name, 0o700)
+                        .map_err(|x| err(path, io_reason("mkdir", &x)))?;
                 }
                 let parent = self.parent(dirs, path)?;
-                sys::lchownat(parent, &name, uid, gid).map_err(|x| err(path, io_reason("chown", &x)))?;
-                sys::chmodat(parent, &name, e.mode).map_err(|x| err(path, io_reason("chmod", &x)))?;
+                sys::lchownat(parent, &name, uid, gid)
+                    .map_err(|x| err(path, io_reason("chown", &x)))?;
+                sys::chmodat(parent, &name, e.mode)
+                    .map_err(|x| err(path, io_reason("chmod", &x)))?;
                 for (k, v) in &xattrs {
-                    sys::lsetxattrat(parent, &name, k, v).map_err(|x| err(path, io_reason("setxattr", &x)))?;
+                    sys::lsetxattrat(parent, &name, k, v)
+                        .map_err(|x| err(path, io_reason("setxattr", &x)))?;
                 }
                 self.dir_times.push((key.clone(), e.mtime));
                 self.stats.dirs += 1;
@@ -266,20 +302,26 @@ impl Extractor {
             Kind::Symlink => {
                 let target = sys::cstring(&e.link).map_err(|x| err(path, x.to_string()))?;
                 let parent = self.parent(dirs, path)?;
-                sys::symlinkat(&target, parent, &name).map_err(|x| err(path, io_reason("symlink", &x)))?;
-                sys::lchownat(parent, &name, uid, gid).map_err(|x| err(path, io_reason("chown", &x)))?;
+                sys::symlinkat(&target, parent, &name)
+                    .map_err(|x| err(path, io_reason("symlink", &x)))?;
+                sys::lchownat(parent, &name, uid, gid)
+                    .map_err(|x| err(path, io_reason("chown", &x)))?;
                 for (k, v) in &xattrs {
                     // user.* xattrs are not allowed on symlinks; skip those.
                     match sys::lsetxattrat(parent, &name, k, v) {
-                        Err(x) if x.raw_os_error() == Some(libc::EPERM) && k.to_bytes().starts_with(b"user.") => {}
+                        Err(x)
+                            if x.raw_os_error() == Some(libc::EPERM)
+                                && k.to_bytes().starts_with(b"user.") => {}
                         r => r.map_err(|x| err(path, io_reason("setxattr", &x)))?,
                     }
                 }
-                sys::lutimesat(parent, &name, e.mtime).map_err(|x| err(path, io_reason("set mtime", &x)))?;
+                sys::lutimesat(parent, &name, e.mtime)
+                    .map_err(|x| err(path, io_reason("set mtime", &x)))?;
                 self.stats.symlinks += 1;
             }
             Kind::Hardlink => {
-                let tcomps = clean(&e.link).map_err(|r| err(path, format!("hardlink target: {r}")))?;
+                let tcomps =
+                    clean(&e.link).map_err(|r| err(path, format!("hardlink target: {r}")))?;
                 let Some((tlast, tdirs)) = tcomps.split_last() else {
                     return Err(err(path, "hardlink to the layer root"));
                 };
@@ -287,16 +329,30 @@ impl Extractor {
                 if !self.created.contains_key(&tkey) {
                     return Err(err(
                         path,
-                        format!("hardlink target {:?} is not in this layer (or not yet extracted)", String::from_utf8_lossy(&e.link)),
+                        format!(
+                            "hardlink target {:?} is not in this layer (or not yet extracted)",
+                            String::from_utf8_lossy(&e.link)
+                        ),
                     ));
                 }
-                let tdir = sys::cstring(&tdirs.join(&b'/')).map_err(|x| err(path, x.to_string()))?;
+                let tdir =
+                    sys::cstring(&tdirs.join(&b'/')).map_err(|x| err(path, x.to_string()))?;
                 let tdir_path: &std::ffi::CStr = if tdirs.is_empty() { c"." } else { &tdir };
-                let tparent = sys::resolve_beneath(self.root.as_fd(), tdir_path, libc::O_PATH | libc::O_DIRECTORY)
-                    .map_err(|x| err(path, io_reason("opening the hardlink target's directory", &x)))?;
+                let tparent = sys::resolve_beneath(
+                    self.root.as_fd(),
+                    tdir_path,
+                    libc::O_PATH | libc::O_DIRECTORY,
+                )
+                .map_err(|x| {
+                    err(
+                        path,
+                        io_reason("opening the hardlink target's directory", &x),
+                    )
+                })?;
                 let tname = sys::cstring(tlast).map_err(|x| err(path, x.to_string()))?;
                 let parent = self.parent(dirs, path)?;
-                sys::linkat(tparent.as_fd(), &tname, parent, &name).map_err(|x| err(path, io_reason("link", &x)))?;
+                sys::linkat(tparent.as_fd(), &tname, parent, &name)
+                    .map_err(|x| err(path, io_reason("link", &x)))?;
                 self.stats.hardlinks += 1;
             }
             Kind::Char | Kind::Block | Kind::Fifo => {
@@ -306,14 +362,24 @@ impl Extractor {
                     _ => libc::S_IFIFO,
                 };
                 let parent = self.parent(dirs, path)?;
-                sys::mknodat(parent, &name, fmt | (e.mode & 0o777), e.dev_major, e.dev_minor)
-                    .map_err(|x| err(path, io_reason("mknod", &x)))?;
-                sys::lchownat(parent, &name, uid, gid).map_err(|x| err(path, io_reason("chown", &x)))?;
-                sys::chmodat(parent, &name, e.mode).map_err(|x| err(path, io_reason("chmod", &x)))?;
+                sys::mknodat(
+                    parent,
+                    &name,
+                    fmt | (e.mode & 0o777),
+                    e.dev_major,
+                    e.dev_minor,
+                )
+                .map_err(|x| err(path, io_reason("mknod", &x)))?;
+                sys::lchownat(parent, &name, uid, gid)
+                    .map_err(|x| err(path, io_reason("chown", &x)))?;
+                sys::chmodat(parent, &name, e.mode)
+                    .map_err(|x| err(path, io_reason("chmod", &x)))?;
                 for (k, v) in &xattrs {
-                    sys::lsetxattrat(parent, &name, k, v).map_err(|x| err(path, io_reason("setxattr", &x)))?;
+                    sys::lsetxattrat(parent, &name, k, v)
+                        .map_err(|x| err(path, io_reason("setxattr", &x)))?;
                 }
-                sys::lutimesat(parent, &name, e.mtime).map_err(|x| err(path, io_reason("set mtime", &x)))?;
+                sys::lutimesat(parent, &name, e.mtime)
+                    .map_err(|x| err(path, io_reason("set mtime", &x)))?;
                 self.stats.devices += 1;
             }
         }
@@ -321,7 +387,12 @@ impl Extractor {
         Ok(())
     }
 
-    fn write_data<R: Read>(&mut self, tar: &mut TarReader<R>, e: &Entry, f: &mut std::fs::File) -> io::Result<()> {
+    fn write_data<R: Read>(
+        &mut self,
+        tar: &mut TarReader<R>,
+        e: &Entry,
+        f: &mut std::fs::File,
+    ) -> io::Result<()> {
         match &e.sparse {
             None => {
                 let mut w = 0u64;
@@ -343,7 +414,10 @@ impl Extractor {
                         let want = left.min(self.buf.len() as u64) as usize;
                         let n = tar.read_data(&mut self.buf[..want])?;
                         if n == 0 {
-                            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "sparse data truncated"));
+                            return Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "sparse data truncated",
+                            ));
                         }
                         f.write_all_at(&self.buf[..n], off)?;
                         off += n as u64;
@@ -361,7 +435,8 @@ impl Extractor {
         self.cached = None;
         for (key, mtime) in std::mem::take(&mut self.dir_times).into_iter().rev() {
             if key.is_empty() {
-                sys::futimens(self.root.as_fd(), mtime).map_err(|x| err(b".", io_reason("set mtime", &x)))?;
+                sys::futimens(self.root.as_fd(), mtime)
+                    .map_err(|x| err(b".", io_reason("set mtime", &x)))?;
                 continue;
             }
             let comps = clean(&key).map_err(|r| err(&key, r))?;

@@ -29,7 +29,10 @@ pub struct UnpackOptions {
 
 impl Default for UnpackOptions {
     fn default() -> Self {
-        UnpackOptions { max_ratio: 1100, min_limit: 256 << 20 }
+        UnpackOptions {
+            max_ratio: 1100,
+            min_limit: 256 << 20,
+        }
     }
 }
 
@@ -68,7 +71,11 @@ impl<R: Read> Read for DiffReader<R> {
 struct BombError(u64);
 impl std::fmt::Display for BombError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "uncompressed stream exceeds {} bytes (decompression bomb?)", self.0)
+        write!(
+            f,
+            "uncompressed stream exceeds {} bytes (decompression bomb?)",
+            self.0
+        )
     }
 }
 impl std::error::Error for BombError {}
@@ -83,7 +90,12 @@ pub struct LayerRef<'a> {
 
 /// Unpack the layer blob at `blob` into the (empty, existing) directory
 /// `dest`. On error the caller removes `dest`: nothing outside it is touched.
-pub fn unpack_layer(blob: &Path, layer: &LayerRef<'_>, dest: &Path, opts: &UnpackOptions) -> Result<LayerStats> {
+pub fn unpack_layer(
+    blob: &Path,
+    layer: &LayerRef<'_>,
+    dest: &Path,
+    opts: &UnpackOptions,
+) -> Result<LayerStats> {
     let fail = |entry: Option<String>, reason: String| Error::Unpack {
         image: layer.image.to_string(),
         layer: layer.digest.to_string(),
@@ -91,15 +103,26 @@ pub fn unpack_layer(blob: &Path, layer: &LayerRef<'_>, dest: &Path, opts: &Unpac
         reason,
     };
     let file = File::open(blob).map_err(|e| Error::io("open", blob, e))?;
-    let blob_size = file.metadata().map_err(|e| Error::io("stat", blob, e))?.len();
+    let blob_size = file
+        .metadata()
+        .map_err(|e| Error::io("stat", blob, e))?
+        .len();
     let limit = blob_size.saturating_mul(opts.max_ratio).max(opts.min_limit);
     let raw = BufReader::with_capacity(1 << 20, file);
     let decoder: Box<dyn Read> = match layer.compression {
         Compression::None => Box::new(raw),
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(raw)),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(raw).map_err(|e| fail(None, format!("zstd: {e}")))?),
+        Compression::Zstd => Box::new(
+            zstd::stream::read::Decoder::with_buffer(raw)
+                .map_err(|e| fail(None, format!("zstd: {e}")))?,
+        ),
     };
-    let diff = DiffReader { inner: decoder, hasher: Sha256::new(), count: 0, limit };
+    let diff = DiffReader {
+        inner: decoder,
+        hasher: Sha256::new(),
+        count: 0,
+        limit,
+    };
     let mut tar = tar::TarReader::new(BufReader::with_capacity(1 << 20, diff));
     let root = sys::open_dir(dest).map_err(|e| Error::io("open", dest, e))?;
     let mut x = extract::Extractor::new(root);
@@ -109,12 +132,14 @@ pub fn unpack_layer(blob: &Path, layer: &LayerRef<'_>, dest: &Path, opts: &Unpac
         other => fail(None, other.to_string()),
     };
     while let Some(entry) = tar.next_entry().map_err(read_fail)? {
-        x.apply(&mut tar, &entry).map_err(|e| fail(Some(e.entry), e.reason))?;
+        x.apply(&mut tar, &entry)
+            .map_err(|e| fail(Some(e.entry), e.reason))?;
     }
     x.finish().map_err(|e| fail(Some(e.entry), e.reason))?;
     // The diff_id covers the whole stream, end-of-archive blocks included.
     let mut rest = tar.into_inner();
-    io::copy(&mut rest, &mut io::sink()).map_err(|e| fail(None, format!("reading the layer: {e}")))?;
+    io::copy(&mut rest, &mut io::sink())
+        .map_err(|e| fail(None, format!("reading the layer: {e}")))?;
     let diff = rest.into_inner();
     let actual = format!("sha256:{}", hex::encode(diff.hasher.finalize()));
     if actual != layer.diff_id {
@@ -127,7 +152,12 @@ pub fn unpack_layer(blob: &Path, layer: &LayerRef<'_>, dest: &Path, opts: &Unpac
     }
     // Durable before anyone calls it committed.
     sys::syncfs(x.root()).map_err(|e| Error::io("syncfs", dest, e))?;
-    Ok(LayerStats { diff_id: actual, tar_bytes: diff.count, extract: x.stats.clone(), implicit_dirs: std::mem::take(&mut x.implicit_dirs) })
+    Ok(LayerStats {
+        diff_id: actual,
+        tar_bytes: diff.count,
+        extract: x.stats.clone(),
+        implicit_dirs: std::mem::take(&mut x.implicit_dirs),
+    })
 }
 
 /// Hash an uncompressed layer stream without extracting (for tests and checks).
@@ -136,10 +166,12 @@ pub fn diff_id_of(blob: &Path, compression: Compression) -> Result<String> {
     let mut r: Box<dyn Read> = match compression {
         Compression::None => Box::new(file),
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(file)),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(file).map_err(|e| Error::io("zstd", blob, e))?),
+        Compression::Zstd => Box::new(
+            zstd::stream::read::Decoder::with_buffer(file)
+                .map_err(|e| Error::io("zstd", blob, e))?,
+        ),
     };
     let mut h = Sha256::new();
     io::copy(&mut r, &mut h).map_err(|e| Error::io("read", blob, e))?;
     Ok(format!("sha256:{}", hex::encode(h.finalize())))
 }
-

@@ -70,7 +70,12 @@ pub struct TarReader<R> {
 
 impl<R: Read> TarReader<R> {
     pub fn new(r: R) -> Self {
-        TarReader { r, remaining: 0, padding: 0, done: false }
+        TarReader {
+            r,
+            remaining: 0,
+            padding: 0,
+            done: false,
+        }
     }
 
     pub fn into_inner(self) -> R {
@@ -83,10 +88,15 @@ impl<R: Read> TarReader<R> {
         if self.remaining == 0 {
             return Ok(0);
         }
-        let want = buf.len().min(self.remaining.min(usize::MAX as u64) as usize);
+        let want = buf
+            .len()
+            .min(self.remaining.min(usize::MAX as u64) as usize);
         let n = self.r.read(&mut buf[..want])?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "tar entry data truncated"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "tar entry data truncated",
+            ));
         }
         self.remaining -= n as u64;
         Ok(n)
@@ -97,7 +107,10 @@ impl<R: Read> TarReader<R> {
         while n > 0 {
             let k = self.r.read(&mut buf[..n.min(8192) as usize])?;
             if k == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "tar truncated"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "tar truncated",
+                ));
             }
             n -= k as u64;
         }
@@ -180,7 +193,7 @@ impl<R: Read> TarReader<R> {
                 _ => {}
             }
 
-            let gnu = &h[257..263] == b"ustar " ;
+            let gnu = &h[257..263] == b"ustar ";
             let ustar = &h[257..263] == b"ustar\0";
             let mut path = if let Some(p) = pax.remove("path") {
                 p
@@ -195,17 +208,26 @@ impl<R: Read> TarReader<R> {
                     [prefix, b"/", name].concat()
                 }
             };
-            let link = pax.remove("linkpath").or(long_link.take()).unwrap_or_else(|| cstr(&h[157..257]).to_vec());
+            let link = pax
+                .remove("linkpath")
+                .or(long_link.take())
+                .unwrap_or_else(|| cstr(&h[157..257]).to_vec());
             let mode = num(&h[100..108]).ok_or_else(|| bad("bad mode field"))? as u32 & 0o7777;
-            let uid = pax_num(&pax, "uid")?.map_or_else(|| num(&h[108..116]).ok_or_else(|| bad("bad uid")), Ok)?;
-            let gid = pax_num(&pax, "gid")?.map_or_else(|| num(&h[116..124]).ok_or_else(|| bad("bad gid")), Ok)?;
+            let uid = pax_num(&pax, "uid")?
+                .map_or_else(|| num(&h[108..116]).ok_or_else(|| bad("bad uid")), Ok)?;
+            let gid = pax_num(&pax, "gid")?
+                .map_or_else(|| num(&h[116..124]).ok_or_else(|| bad("bad gid")), Ok)?;
             let mtime = match pax.get("mtime") {
                 Some(v) => parse_pax_time(v)?,
                 None => (num(&h[136..148]).ok_or_else(|| bad("bad mtime"))? as i64, 0),
             };
             let stored = pax_num(&pax, "size")?.unwrap_or(size);
-            let dev_major = pax_num(&pax, "SCHILY.devmajor")?.or_else(|| num(&h[329..337])).unwrap_or(0) as u32;
-            let dev_minor = pax_num(&pax, "SCHILY.devminor")?.or_else(|| num(&h[337..345])).unwrap_or(0) as u32;
+            let dev_major = pax_num(&pax, "SCHILY.devmajor")?
+                .or_else(|| num(&h[329..337]))
+                .unwrap_or(0) as u32;
+            let dev_minor = pax_num(&pax, "SCHILY.devminor")?
+                .or_else(|| num(&h[337..345]))
+                .unwrap_or(0) as u32;
 
             let kind = match typeflag {
                 b'0' | b'\0' | b'7' | b'S' => Kind::File,
@@ -218,11 +240,23 @@ impl<R: Read> TarReader<R> {
                 // Old tars mark directories by a trailing slash on a regular entry.
                 t => return Err(TarError::Unsupported(format!("entry type {:?}", t as char))),
             };
-            let kind = if kind == Kind::File && path.ends_with(b"/") && typeflag == b'\0' { Kind::Dir } else { kind };
+            let kind = if kind == Kind::File && path.ends_with(b"/") && typeflag == b'\0' {
+                Kind::Dir
+            } else {
+                kind
+            };
 
-            self.remaining = if matches!(kind, Kind::File) { stored } else { 0 };
+            self.remaining = if matches!(kind, Kind::File) {
+                stored
+            } else {
+                0
+            };
             // Some writers give links and dirs a size; their data is skipped.
-            let skip_data = if matches!(kind, Kind::File) { 0 } else { stored };
+            let skip_data = if matches!(kind, Kind::File) {
+                0
+            } else {
+                stored
+            };
             self.padding = pad(stored) + skip_data;
             let mut size = stored;
             let mut sparse = None;
@@ -235,33 +269,51 @@ impl<R: Read> TarReader<R> {
                 push_regions(&h[386..482], &mut regions)?;
                 let mut extended = h[482] != 0;
                 while extended {
-                    let ext = self.read_block()?.ok_or_else(|| bad("truncated sparse extension"))?;
+                    let ext = self
+                        .read_block()?
+                        .ok_or_else(|| bad("truncated sparse extension"))?;
                     push_regions(&ext[0..504], &mut regions)?;
                     extended = ext[504] != 0;
                     if regions.len() > MAX_SPARSE_REGIONS {
-                        return Err(TarError::TooLarge { kind: "sparse map", size: regions.len() as u64 });
+                        return Err(TarError::TooLarge {
+                            kind: "sparse map",
+                            size: regions.len() as u64,
+                        });
                     }
                 }
                 size = num(&h[483..495]).ok_or_else(|| bad("bad sparse real size"))?;
                 sparse = Some(regions);
             } else if let Some(major) = pax.get("GNU.sparse.major").cloned() {
-                let minor = pax.get("GNU.sparse.minor").cloned().unwrap_or_else(|| b"0".to_vec());
+                let minor = pax
+                    .get("GNU.sparse.minor")
+                    .cloned()
+                    .unwrap_or_else(|| b"0".to_vec());
                 if let Some(n) = pax.remove("GNU.sparse.name") {
                     path = n;
                 }
-                size = pax_num(&pax, "GNU.sparse.realsize")?.ok_or_else(|| bad("sparse file without realsize"))?;
+                size = pax_num(&pax, "GNU.sparse.realsize")?
+                    .ok_or_else(|| bad("sparse file without realsize"))?;
                 match (major.as_slice(), minor.as_slice()) {
                     (b"1", b"0") => {
                         // The map is at the start of the data, in decimal lines,
                         // padded to a block.
                         let (map, used) = self.read_sparse_map_1_0()?;
                         sparse = Some(map);
-                        self.remaining = stored.checked_sub(used).ok_or_else(|| bad("sparse map longer than data"))?;
+                        self.remaining = stored
+                            .checked_sub(used)
+                            .ok_or_else(|| bad("sparse map longer than data"))?;
                     }
-                    _ => return Err(TarError::Unsupported(format!("GNU sparse format {}.{}", s(&major), s(&minor)))),
+                    _ => {
+                        return Err(TarError::Unsupported(format!(
+                            "GNU sparse format {}.{}",
+                            s(&major),
+                            s(&minor)
+                        )))
+                    }
                 }
             } else if let Some(map) = pax.remove("GNU.sparse.map") {
-                size = pax_num(&pax, "GNU.sparse.size")?.ok_or_else(|| bad("sparse file without size"))?;
+                size = pax_num(&pax, "GNU.sparse.size")?
+                    .ok_or_else(|| bad("sparse file without size"))?;
                 if let Some(n) = pax.remove("GNU.sparse.name") {
                     path = n;
                 }
@@ -323,11 +375,16 @@ impl<R: Read> TarReader<R> {
                 }
                 line.push(b[0]);
             }
-            s(&line).parse::<u64>().map_err(|_| bad("bad sparse map number"))
+            s(&line)
+                .parse::<u64>()
+                .map_err(|_| bad("bad sparse map number"))
         };
         let count = next_num(self, &mut used)? as usize;
         if count > MAX_SPARSE_REGIONS {
-            return Err(TarError::TooLarge { kind: "sparse map", size: count as u64 });
+            return Err(TarError::TooLarge {
+                kind: "sparse map",
+                size: count as u64,
+            });
         }
         let mut map = Vec::with_capacity(count);
         for _ in 0..count {
@@ -373,7 +430,11 @@ fn num(field: &[u8]) -> Option<u64> {
         }
         return Some(v);
     }
-    let t: Vec<u8> = field.iter().copied().filter(|&b| b != 0 && b != b' ').collect();
+    let t: Vec<u8> = field
+        .iter()
+        .copied()
+        .filter(|&b| b != 0 && b != b' ')
+        .collect();
     if t.is_empty() {
         return Some(0);
     }
@@ -418,13 +479,21 @@ fn parse_pax(
         if data.iter().all(|&b| b == 0) {
             break;
         }
-        let sp = data.iter().position(|&b| b == b' ').ok_or_else(|| bad("PAX record without length"))?;
-        let len: usize = s(&data[..sp]).parse().map_err(|_| bad("bad PAX record length"))?;
+        let sp = data
+            .iter()
+            .position(|&b| b == b' ')
+            .ok_or_else(|| bad("PAX record without length"))?;
+        let len: usize = s(&data[..sp])
+            .parse()
+            .map_err(|_| bad("bad PAX record length"))?;
         if len <= sp + 1 || len > data.len() || data[len - 1] != b'\n' {
             return Err(bad("bad PAX record"));
         }
         let rec = &data[sp + 1..len - 1];
-        let eq = rec.iter().position(|&b| b == b'=').ok_or_else(|| bad("PAX record without '='"))?;
+        let eq = rec
+            .iter()
+            .position(|&b| b == b'=')
+            .ok_or_else(|| bad("PAX record without '='"))?;
         let key = String::from_utf8(rec[..eq].to_vec()).map_err(|_| bad("PAX key not UTF-8"))?;
         let value = rec[eq + 1..].to_vec();
         if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
@@ -440,7 +509,11 @@ fn parse_pax(
 fn pax_num(pax: &HashMap<String, Vec<u8>>, key: &str) -> Result<Option<u64>, TarError> {
     match pax.get(key) {
         None => Ok(None),
-        Some(v) => s(v).trim().parse::<u64>().map(Some).map_err(|_| bad(format!("bad PAX {key}"))),
+        Some(v) => s(v)
+            .trim()
+            .parse::<u64>()
+            .map(Some)
+            .map_err(|_| bad(format!("bad PAX {key}"))),
     }
 }
 
@@ -452,7 +525,8 @@ fn parse_pax_time(v: &[u8]) -> Result<(i64, u32), TarError> {
     let nanos = if digits.is_empty() {
         0
     } else {
-        digits.parse::<u32>().map_err(|_| bad("bad PAX mtime"))? * 10u32.pow(9 - digits.len() as u32)
+        digits.parse::<u32>().map_err(|_| bad("bad PAX mtime"))?
+            * 10u32.pow(9 - digits.len() as u32)
     };
     Ok((secs, nanos))
 }
@@ -479,7 +553,10 @@ mod tests {
         assert_eq!(pax["path"], b"a/very/long/name.t");
         assert_eq!(x, vec![("user.k".to_string(), b"value".to_vec())]);
         assert!(parse_pax(b"99 path=x\n", &mut pax, &mut x).is_err());
-        assert_eq!(parse_pax_time(b"1700000000.5").unwrap(), (1700000000, 500_000_000));
+        assert_eq!(
+            parse_pax_time(b"1700000000.5").unwrap(),
+            (1700000000, 500_000_000)
+        );
         assert_eq!(parse_pax_time(b"12").unwrap(), (12, 0));
     }
 }
