@@ -26,6 +26,9 @@ use sha2::{Digest as _, Sha256};
 use crate::error::{Error, Result};
 use crate::snapshots::{Kind, Snapshotter};
 
+/// A layer unpacked into a staging directory, or why it could not be.
+type Staged = Option<Result<(PathBuf, LayerStats)>>;
+
 pub const LABEL_LAYER_DIGEST: &str = "cstore.io/layer.digest";
 pub const LABEL_DIFF_ID: &str = "cstore.io/layer.diff-id";
 
@@ -157,8 +160,7 @@ pub fn unpack_image(
         });
     }
     let todo = &layers[present..];
-    let staged: Vec<Mutex<Option<Result<(PathBuf, LayerStats)>>>> =
-        todo.iter().map(|_| Mutex::new(None)).collect();
+    let staged: Vec<Mutex<Staged>> = todo.iter().map(|_| Mutex::new(None)).collect();
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     std::thread::scope(|s| {
@@ -186,11 +188,11 @@ pub fn unpack_image(
             });
         }
     });
-    let staged: Vec<Option<Result<(PathBuf, LayerStats)>>> = staged
+    let staged: Vec<Staged> = staged
         .into_iter()
         .map(|m| m.into_inner().unwrap())
         .collect();
-    let cleanup = |staged: &[Option<Result<(PathBuf, LayerStats)>>]| {
+    let cleanup = |staged: &[Staged]| {
         for (dir, _) in staged.iter().flatten().flatten() {
             let _ = std::fs::remove_dir_all(dir);
         }
@@ -341,23 +343,6 @@ fn lower_lookup(base: &Path, rel: &Path) -> Lookup {
     Lookup::Absent
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chain_ids_follow_the_image_spec() {
-        let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
-        let chains = chain_ids(&[d('a'), d('b')]);
-        assert_eq!(chains[0], d('a'));
-        let want = format!(
-            "sha256:{}",
-            hex::encode(Sha256::digest(format!("{} {}", d('a'), d('b'))))
-        );
-        assert_eq!(chains[1], want);
-    }
-}
-
 /// Remove layer snapshots (ones this crate unpacked) that no image in the
 /// store uses any more, leaves first. Snapshots others made (containerd's,
 /// mounts) are left alone. Returns how many went.
@@ -393,5 +378,22 @@ pub fn gc_layers(sn: &Snapshotter, store: &Store) -> Result<usize> {
         if !progress {
             return Ok(removed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_ids_follow_the_image_spec() {
+        let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+        let chains = chain_ids(&[d('a'), d('b')]);
+        assert_eq!(chains[0], d('a'));
+        let want = format!(
+            "sha256:{}",
+            hex::encode(Sha256::digest(format!("{} {}", d('a'), d('b'))))
+        );
+        assert_eq!(chains[1], want);
     }
 }

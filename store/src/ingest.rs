@@ -57,7 +57,7 @@ impl BlobDirs {
             .create(true)
             .truncate(false)
             .open(&partial)
-            .map_err(|e| write_err(&digest.to_string(), &partial, e))?;
+            .map_err(|e| write_err(digest.as_ref(), &partial, e))?;
         let mut hasher = Sha256::new();
         let mut have = file
             .metadata()
@@ -88,7 +88,7 @@ impl BlobDirs {
         }
         file.seek(SeekFrom::Start(have))
             .map_err(|e| Error::io("seek", &partial, e))?;
-        Ok(Acquired::Writer(BlobWriter {
+        Ok(Acquired::Writer(Box::new(BlobWriter {
             digest: digest.clone(),
             size,
             written: have,
@@ -99,7 +99,7 @@ impl BlobDirs {
             blob: self.blob_path(digest),
             blobs_dir: self.blobs.clone(),
             lock: Some(lock),
-        }))
+        })))
     }
 
     /// Remove the partial download of `digest` once no writer holds it,
@@ -146,7 +146,7 @@ impl BlobDirs {
 
 pub enum Acquired {
     Present,
-    Writer(BlobWriter),
+    Writer(Box<BlobWriter>),
 }
 
 pub struct BlobWriter {
@@ -181,7 +181,7 @@ impl BlobWriter {
     pub fn reset(&mut self) -> Result<()> {
         self.file
             .flush()
-            .map_err(|e| write_err(&self.digest.to_string(), &self.partial, e))?;
+            .map_err(|e| write_err(self.digest.as_ref(), &self.partial, e))?;
         let f = self.file.get_mut();
         f.set_len(0)
             .map_err(|e| Error::io("truncate", &self.partial, e))?;
@@ -202,7 +202,7 @@ impl BlobWriter {
             return Err(self.discard_with(err));
         }
         if let Err(e) = self.file.write_all(buf) {
-            let err = write_err(&self.digest.to_string(), &self.partial, e);
+            let err = write_err(self.digest.as_ref(), &self.partial, e);
             return Err(self.discard_if_no_space(err));
         }
         self.hasher.update(buf);
@@ -239,12 +239,12 @@ impl BlobWriter {
             return Err(self.discard_with(err));
         }
         if let Err(e) = self.file.flush() {
-            let err = write_err(&self.digest.to_string(), &self.partial, e);
+            let err = write_err(self.digest.as_ref(), &self.partial, e);
             return Err(self.discard_if_no_space(err));
         }
         let f = self.file.get_ref();
         if let Err(e) = f.sync_all() {
-            let err = write_err(&self.digest.to_string(), &self.partial, e);
+            let err = write_err(self.digest.as_ref(), &self.partial, e);
             return Err(self.discard_if_no_space(err));
         }
         fs::rename(&self.partial, &self.blob).map_err(|e| Error::io("rename", &self.blob, e))?;

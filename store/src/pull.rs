@@ -381,7 +381,7 @@ async fn select_platform(
         available.push(p.to_string());
         if chosen.is_none()
             && want.matches(&p)
-            && media::manifest_kind(&m.media_type().to_string()) == Some(ManifestKind::Manifest)
+            && media::manifest_kind(m.media_type().as_ref()) == Some(ManifestKind::Manifest)
         {
             chosen = Some((m.clone(), p));
         }
@@ -494,7 +494,7 @@ async fn fetch_blob(
             observer.event(&Event::Cached { digest: id });
             return Ok(None);
         }
-        Acquired::Writer(w) => w,
+        Acquired::Writer(w) => *w,
     };
     let resumed = writer.resumed_from();
     match download(client, reference, writer, size, observer.clone()).await {
@@ -513,7 +513,7 @@ async fn fetch_blob(
                 return Ok(None);
             };
             w.reset()?;
-            download(client, reference, w, size, observer)
+            download(client, reference, *w, size, observer)
                 .await
                 .map(Some)
         }

@@ -321,7 +321,7 @@ impl<R: Read> TarReader<R> {
                     .split(',')
                     .map(|x| x.parse::<u64>().map_err(|_| bad("bad GNU.sparse.map")))
                     .collect::<Result<_, _>>()?;
-                if nums.len() % 2 != 0 || nums.len() / 2 > MAX_SPARSE_REGIONS {
+                if !nums.len().is_multiple_of(2) || nums.len() / 2 > MAX_SPARSE_REGIONS {
                     return Err(bad("bad GNU.sparse.map"));
                 }
                 sparse = Some(nums.chunks(2).map(|c| (c[0], c[1])).collect());
