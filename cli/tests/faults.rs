@@ -1,0 +1,549 @@
+//! `cstore pull` through fixtures/faultproxy.py in front of a real registry:
+//! corrupt, truncated, dropped, refused, redirected and oversized answers, a
+//! full disk, SIGKILL mid-pull and two pulls racing. Every case checks that
+//! the error names what failed and that the store stays consistent: every
+//! file under blobs/ hashes to its name, and a later clean pull works and
+//! skopeo reads the image back.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::{shared_registry_addr, Cstore, FaultProxy};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+/// The blobs of busybox:latest in the shared registry.
+struct Busybox {
+    manifest: String,
+    config: String,
+    /// (digest, size), in manifest order.
+    layers: Vec<(String, u64)>,
+}
+
+impl Busybox {
+    /// The ~1 MiB busybox-static layer.
+    fn big(&self) -> &str {
+        &self.layers.iter().max_by_key(|(_, s)| *s).unwrap().0
+    }
+
+    /// The smallest layer.
+    fn small(&self) -> &str {
+        &self.layers.iter().min_by_key(|(_, s)| *s).unwrap().0
+    }
+
+    fn all(&self) -> Vec<String> {
+        let mut v = vec![self.manifest.clone(), self.config.clone()];
+        v.extend(self.layers.iter().map(|(d, _)| d.clone()));
+        v
+    }
+}
+
+fn busybox() -> &'static Busybox {
+    static B: OnceLock<Busybox> = OnceLock::new();
+    B.get_or_init(|| {
+        let addr = shared_registry_addr();
+        let out = Command::new("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(format!("docker://{addr}/busybox:latest"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "skopeo inspect: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let m: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let layers: Vec<(String, u64)> = m["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                (
+                    l["digest"].as_str().unwrap().to_string(),
+                    l["size"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(layers.len(), 3);
+        assert!(layers.iter().any(|(_, s)| *s > 1_000_000));
+        Busybox {
+            manifest: format!("sha256:{}", hex::encode(Sha256::digest(&out.stdout))),
+            config: m["config"]["digest"].as_str().unwrap().to_string(),
+            layers,
+        }
+    })
+}
+
+fn hex_of(digest: &str) -> &str {
+    digest.trim_start_matches("sha256:")
+}
+
+/// A fault proxy in front of the shared registry, a fresh store whose
+/// retries back off for only 20 ms, and the image reference via the proxy.
+fn setup() -> (FaultProxy, Cstore, String) {
+    let proxy = FaultProxy::start(&shared_registry_addr());
+    let mut cs = Cstore::new();
+    cs.env.push(("CSTORE_RETRY_BACKOFF_MS".into(), "20".into()));
+    let image = format!("{}/busybox:latest", proxy.addr);
+    (proxy, cs, image)
+}
+
+/// Proxy log entries for GETs of one blob (direct or redirected).
+fn blob_gets(proxy: &FaultProxy, digest: &str) -> Vec<Value> {
+    proxy
+        .log()
+        .into_iter()
+        .filter(|e| e["method"] == "GET")
+        .filter(|e| {
+            let p = e["path"].as_str().unwrap_or("");
+            p.split('?')
+                .next()
+                .unwrap()
+                .ends_with(&format!("/blobs/{digest}"))
+        })
+        .collect()
+}
+
+fn has_blob(cs: &Cstore, digest: &str) -> bool {
+    cs.path().join("blobs/sha256").join(hex_of(digest)).exists()
+}
+
+fn partial_path(cs: &Cstore, digest: &str) -> PathBuf {
+    cs.path()
+        .join("ingest")
+        .join(format!("{}.partial", hex_of(digest)))
+}
+
+fn listed(cs: &Cstore, image: &str) -> bool {
+    cs.images().iter().any(|i| i["name"] == image)
+}
+
+/// Without faults the same store pulls the image whole, and skopeo reads it.
+fn assert_recovers(cs: &Cstore, proxy: &FaultProxy, image: &str) {
+    proxy.clear();
+    cs.ok(&["pull", image]);
+    cs.assert_blobs_verified();
+    assert!(
+        cs.partials().is_empty(),
+        "partials left: {:?}",
+        cs.partials()
+    );
+    for d in busybox().all() {
+        assert!(has_blob(cs, &d), "{d} missing after a clean pull");
+    }
+    assert!(listed(cs, image), "{image} not listed");
+    cs.assert_skopeo_copies(image);
+}
+
+#[test]
+fn a_corrupted_layer_is_refused_and_never_stored() {
+    let (proxy, cs, image) = setup();
+    let big = busybox().big();
+    proxy.set(json!({"match": big, "action": "corrupt", "at": 1000}));
+    let err = cs.fail(&["pull", &image]);
+    assert!(err.contains(big) && err.contains("verification"), "{err}");
+    assert!(
+        !has_blob(&cs, big),
+        "the corrupted blob landed under blobs/"
+    );
+    // Its bytes can never become the blob, so they are not kept to resume
+    // from. (Downloads the failure cancelled may keep theirs: they resume.)
+    assert!(
+        !partial_path(&cs, big).exists(),
+        "the corrupted download was kept: {:?}",
+        cs.partials()
+    );
+    cs.assert_blobs_verified();
+    assert!(!listed(&cs, &image));
+    assert_recovers(&cs, &proxy, &image);
+}
+
+#[test]
+fn a_truncated_layer_resumes_with_a_range_request() {
+    let (proxy, cs, image) = setup();
+    let big = busybox().big();
+    proxy.set(json!({"match": big, "action": "truncate", "after": 300000, "times": 1}));
+    cs.ok(&["pull", &image]);
+    let gets = blob_gets(&proxy, big);
+    assert_eq!(gets.len(), 2, "{gets:?}");
+    assert_eq!(gets[0]["fault"], "truncate");
+    assert_eq!(gets[1]["range"], "bytes=300000-", "{gets:?}");
+    assert_eq!(gets[1]["status"], 206);
+    cs.assert_blobs_verified();
+    assert!(cs.partials().is_empty());
+    cs.assert_skopeo_copies(&image);
+}
+
+#[test]
+fn a_dropped_connection_is_retried() {
+    let (proxy, cs, image) = setup();
+    let big = busybox().big();
+    proxy.set(json!({"match": big, "action": "close", "times": 1}));
+    cs.ok(&["pull", &image]);
+    let gets = blob_gets(&proxy, big);
+    assert_eq!(gets.len(), 2, "{gets:?}");
+    assert_eq!(gets[0]["fault"], "close");
+    assert_eq!(gets[1]["status"], 200);
+    cs.assert_blobs_verified();
+    cs.assert_skopeo_copies(&image);
+}
+
+#[test]
+fn a_missing_manifest_is_named() {
+    let (proxy, cs, image) = setup();
+    proxy.set(json!({"match": "/manifests/", "action": "status", "status": 404}));
+    let err = cs.fail(&["pull", &image]);
+    assert!(
+        err.contains(&format!("manifest {}/busybox@latest not found", proxy.addr)),
+        "{err}"
+    );
+    assert!(cs.blob_names().is_empty());
+    assert_recovers(&cs, &proxy, &image);
+}
+
+#[test]
+fn a_forbidden_repository_is_denied_by_scope() {
+    let (proxy, cs, image) = setup();
+    proxy.set(json!({"match": "/manifests/", "action": "status", "status": 403}));
+    let err = cs.fail(&["pull", &image]);
+    assert!(
+        err.contains(&proxy.addr)
+            && err.contains("repository:busybox:pull")
+            && err.contains("denied"),
+        "{err}"
+    );
+    assert_recovers(&cs, &proxy, &image);
+}
+
+#[test]
+fn a_401_without_a_challenge_asks_for_authentication() {
+    let (proxy, cs, image) = setup();
+    proxy.set(json!({"match": "/manifests/", "action": "status", "status": 401}));
+    let err = cs.fail(&["pull", &image]);
+    assert!(
+        err.contains(&proxy.addr)
+            && err.contains("authentication required")
+            && err.contains("repository:busybox:pull"),
+        "{err}"
+    );
+    assert_recovers(&cs, &proxy, &image);
+}
+
+#[test]
+fn too_many_requests_is_waited_out() {
+    let (proxy, cs, image) = setup();
+    proxy.set(
+        json!({"match": "/manifests/", "action": "status", "status": 429,
+                     "headers": {"Retry-After": "0"}, "times": 2}),
+    );
+    cs.ok(&["pull", &image]);
+    let statuses: Vec<Value> = proxy
+        .log()
+        .iter()
+        .filter(|e| e["path"].as_str().unwrap().contains("/manifests/"))
+        .map(|e| e["status"].clone())
+        .collect();
+    assert_eq!(statuses, vec![json!(429), json!(429), json!(200)]);
+    cs.assert_blobs_verified();
+    cs.assert_skopeo_copies(&image);
+}
+
+#[test]
+fn a_blob_failing_with_500_gives_up_after_the_attempts() {
+    let (proxy, cs, image) = setup();
+    let big = busybox().big();
+    proxy.set(json!({"match": big, "action": "status", "status": 500}));
+    let err = cs.fail(&["pull", &image]);
+    assert!(
+        err.contains(&proxy.addr) && err.contains(big) && err.contains("HTTP 500"),
+        "{err}"
+    );
+    // The client's default: 5 attempts per request.
+    assert_eq!(blob_gets(&proxy, big).len(), 5);
+    assert!(!has_blob(&cs, big));
+    cs.assert_blobs_verified();
+    assert_recovers(&cs, &proxy, &image);
+}
+
+#[test]
+fn a_manifest_failing_with_500_is_asked_for_once_per_attempt() {
+    let (proxy, cs, image) = setup();
+    proxy.set(json!({"match": "/manifests/", "action": "status", "status": 500}));
+    let err = cs.fail(&["pull", &image]);
+    assert!(
+        err.contains(&format!("manifest {}/busybox@latest", proxy.addr))
+            && err.contains("HTTP 500"),
+        "{err}"
+    );
+    // Retries must not multiply (they once did: 5 x 5 requests).
+    assert_eq!(proxy.log().len(), 5, "{:?}", proxy.log());
+    assert_recovers(&cs, &proxy, &image);
+}
+
+#[test]
+fn redirected_blobs_are_followed() {
+    let (proxy, cs, image) = setup();
+    proxy.set(json!({"match": "/blobs/", "action": "redirect"}));
+    cs.ok(&["pull", &image]);
+    let b = busybox();
+    for d in std::iter::once(&b.config).chain(b.layers.iter().map(|(d, _)| d)) {
+        let gets = blob_gets(&proxy, d);
+        assert!(
+            gets.iter().any(|e| e["status"] == 307)
+                && gets.iter().any(|e| {
+                    e["status"] == 200 && e["path"].as_str().unwrap().starts_with("/__redirected/")
+                }),
+            "{d}: {gets:?}"
+        );
+    }
+    cs.assert_blobs_verified();
+    assert!(cs.partials().is_empty());
+    cs.assert_skopeo_copies(&image);
+}
+
+#[test]
+fn an_oversized_manifest_is_refused_with_or_without_a_length() {
+    let (proxy, cs, image) = setup();
+    for no_length in [false, true] {
+        proxy.set(json!({"match": "/manifests/", "action": "bigmanifest",
+                         "size": 5 << 20, "no_length": no_length}));
+        let err = cs.fail(&["pull", &image]);
+        assert!(
+            err.contains(&format!("manifest {}/busybox@latest", proxy.addr))
+                && err.contains("larger than the 4194304 byte limit"),
+            "no_length={no_length}: {err}"
+        );
+        assert!(cs.blob_names().is_empty());
+    }
+    assert_recovers(&cs, &proxy, &image);
+}
+
+#[test]
+fn schema1_and_unknown_manifests_are_refused() {
+    let (proxy, cs, image) = setup();
+    let schema1 = json!({
+        "schemaVersion": 1, "name": "busybox", "tag": "latest", "architecture": "amd64",
+        "fsLayers": [{"blobSum": busybox().big()}],
+        "history": [{"v1Compatibility": "{}"}],
+        "signatures": []
+    });
+    proxy.set(json!({"match": "/manifests/", "action": "body",
+                     "content_type": "application/vnd.docker.distribution.manifest.v1+prettyjws",
+                     "body": schema1.to_string()}));
+    let err = cs.fail(&["pull", &image]);
+    assert!(
+        err.contains(&image) && err.contains("schema 1 manifests are not supported"),
+        "{err}"
+    );
+
+    // An HTML page (a captive portal, a misconfigured proxy) is no manifest.
+    proxy.set(
+        json!({"match": "/manifests/", "action": "body", "content_type": "text/html",
+                     "body": "<html><body>Please log in</body></html>"}),
+    );
+    let err = cs.fail(&["pull", &image]);
+    assert!(
+        err.contains(&format!("manifest {}/busybox@latest", proxy.addr))
+            && err.contains("not a manifest or index"),
+        "{err}"
+    );
+
+    // A document of a media type cstore does not pull (an artifact).
+    let artifact =
+        json!({"schemaVersion": 2, "mediaType": "application/vnd.example.artifact.v1+json"});
+    proxy.set(json!({"match": "/manifests/", "action": "body",
+                     "content_type": "application/vnd.example.artifact.v1+json",
+                     "body": artifact.to_string()}));
+    let err = cs.fail(&["pull", &image]);
+    assert!(
+        err.contains(&image)
+            && err.contains("unsupported media type \"application/vnd.example.artifact.v1+json\""),
+        "{err}"
+    );
+    assert!(cs.blob_names().is_empty());
+    assert_recovers(&cs, &proxy, &image);
+}
+
+/// A tmpfs mounted over a directory, lazily unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount -t tmpfs (this test needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_cleanly_and_gives_the_space_back() {
+    let (proxy, cs, image) = setup();
+    // 2 MiB: meta.db takes ~1.6 MiB, so the store opens and the small blobs
+    // fit, but the 1 MiB layer does not.
+    let _tmpfs = Tmpfs::mount(cs.path(), "2048k");
+    // Keep a small layer in flight when the big one runs out of space: the
+    // failure cancels it, and its partial must not stay either.
+    let small = busybox().small();
+    proxy.set(json!({"match": small, "action": "slow", "bps": 100}));
+    let err = cs.fail(&["pull", &image]);
+    let big = busybox().big();
+    assert!(err.contains("no space left") && err.contains(big), "{err}");
+    assert!(
+        cs.partials().is_empty(),
+        "partials hold the full disk: {:?}",
+        cs.partials()
+    );
+    assert!(!has_blob(&cs, big));
+    cs.assert_blobs_verified();
+    // The proxy logs a request when it is done with it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while blob_gets(&proxy, small).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the small layer was never requested"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The store still works.
+    assert!(!listed(&cs, &image));
+}
+
+#[test]
+fn sigkill_at_any_point_leaves_a_consistent_store_that_resumes() {
+    let (proxy, cs, image) = setup();
+    let big = busybox().big();
+    // 200 kB/s: the 1 MiB layer takes 5 s, longer than all the runs below.
+    proxy.set(json!({"match": big, "action": "slow", "bps": 200000}));
+    for delay in [50, 300, 800, 1500] {
+        let mut child = cs
+            .cmd(&["pull", &image])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        cs.assert_blobs_verified();
+        assert!(!has_blob(&cs, big), "killed after {delay} ms");
+        assert!(!listed(&cs, &image), "killed after {delay} ms");
+    }
+    // What the killed pulls had received is on disk, not lost in a buffer.
+    let held = std::fs::metadata(partial_path(&cs, big))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    assert!(held > 0, "the killed pulls left nothing to resume from");
+
+    proxy.clear();
+    cs.ok(&["pull", &image]);
+    // (The killed pulls' requests are logged as the proxy notices.)
+    let gets: Vec<Value> = blob_gets(&proxy, big)
+        .into_iter()
+        .filter(|e| e["fault"].is_null())
+        .collect();
+    assert_eq!(gets.len(), 1, "{gets:?}");
+    assert_eq!(gets[0]["range"], format!("bytes={held}-"));
+    assert_eq!(gets[0]["status"], 206);
+    assert!(listed(&cs, &image));
+    cs.assert_blobs_verified();
+    assert!(cs.partials().is_empty());
+
+    let gc: Value = serde_json::from_str(&cs.ok(&["gc", "--json"])).unwrap();
+    assert!(
+        gc["expired_leases"].as_u64().unwrap() >= 1,
+        "the dead pulls' leases: {gc}"
+    );
+    assert_eq!(gc["removed_blobs"], 0, "{gc}");
+    cs.assert_skopeo_copies(&image);
+}
+
+#[test]
+fn sigkill_while_a_new_store_is_created_leaves_it_usable() {
+    let proxy = FaultProxy::start(&shared_registry_addr());
+    let image = format!("{}/busybox:latest", proxy.addr);
+    // The first tens of ms of a pull into a fresh root create the store:
+    // directories, oci-layout, meta.db. A kill in there once left a meta.db
+    // that never opened again.
+    for delay in (0..60).step_by(4) {
+        let cs = Cstore::new();
+        let mut child = cs
+            .cmd(&["pull", &image])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let out = cs.run(&["images", "--json"]);
+        assert!(
+            out.status.success(),
+            "killed after {delay} ms, the store no longer opens: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cs.assert_blobs_verified();
+    }
+}
+
+#[test]
+fn two_concurrent_pulls_fetch_each_blob_once() {
+    let (proxy, cs, image) = setup();
+    let big = busybox().big();
+    proxy.set(json!({"match": big, "action": "slow", "bps": 2_000_000}));
+    let children: Vec<_> = (0..2)
+        .map(|_| {
+            cs.cmd(&["pull", &image])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut want: Vec<String> = busybox()
+        .all()
+        .iter()
+        .map(|d| hex_of(d).to_string())
+        .collect();
+    want.sort();
+    assert_eq!(cs.blob_names(), want);
+    cs.assert_blobs_verified();
+    assert!(cs.partials().is_empty());
+    let full: Vec<Value> = blob_gets(&proxy, big)
+        .into_iter()
+        .filter(|e| e["range"].is_null())
+        .collect();
+    assert_eq!(
+        full.len(),
+        1,
+        "the big layer was fetched whole more than once: {full:?}"
+    );
+    assert_eq!(cs.images().len(), 1);
+    cs.assert_skopeo_copies(&image);
+}
