@@ -480,9 +480,9 @@ fn sigkill_while_a_new_store_is_created_leaves_it_usable() {
     let proxy = FaultProxy::start(&shared_registry_addr());
     let image = format!("{}/busybox:latest", proxy.addr);
     // The first tens of ms of a pull into a fresh root create the store:
-    // directories, oci-layout, meta.db. A kill in there once left a meta.db
-    // that never opened again.
-    for delay in (0..60).step_by(4) {
+    // directories, oci-layout, meta.db (redb's initialization alone takes
+    // tens of ms). A kill in there once left a meta.db that never opened.
+    for delay in [5, 15, 25, 40] {
         let cs = Cstore::new();
         let mut child = cs
             .cmd(&["pull", &image])
