@@ -83,6 +83,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The containerd proxy snapshotter plugin.
+    Snapshotter {
+        #[command(subcommand)]
+        command: SnapshotterCommand,
+    },
     /// List images in the store.
     Images {
         #[arg(long)]
@@ -99,6 +104,16 @@ enum Command {
     Df {
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotterCommand {
+    /// Serve containerd's snapshots gRPC API on a unix socket (a proxy plugin).
+    Serve {
+        /// Unix socket to listen on.
+        #[arg(long, default_value = "/run/cstore/snapshotter.sock")]
+        address: PathBuf,
     },
 }
 
@@ -208,6 +223,27 @@ fn run(cli: Cli) -> Result<()> {
         Command::Umount { keep, dir } => {
             let store = open_store(&cli.root)?;
             snap::umount(&store, &dir, keep)?;
+        }
+        Command::Snapshotter {
+            command: SnapshotterCommand::Serve { address },
+        } => {
+            let store = open_store(&cli.root)?;
+            let sn = std::sync::Arc::new(snap::open(&store)?);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let shutdown = async {
+                    use tokio::signal::unix::{signal, SignalKind};
+                    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+                    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+                    tokio::select! {
+                        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+                    }
+                };
+                cstore_snapshotter::service::serve(sn, &address, shutdown).await
+            })?;
         }
         Command::Snapshots { json } => {
             let store = open_store(&cli.root)?;

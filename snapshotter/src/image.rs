@@ -306,11 +306,77 @@ fn inherit_implicit_dirs(
                         std::fs::Permissions::from_mode(m.mode() & 0o7777),
                     )
                     .map_err(|e| Error::io("chmod", &p, e))?;
+                    // The upper directory's xattrs are the merged one's too.
+                    copy_xattrs(&base.join(rel), &p)?;
                     break;
                 }
                 Lookup::Absent => continue,
                 Lookup::Hidden => break,
             }
+        }
+    }
+    Ok(())
+}
+
+/// Copy the extended attributes of `from` to `to` (directories, no symlinks
+/// followed), except overlay's own: a lower directory's opaque mark must not
+/// make the upper one hide what is below.
+fn copy_xattrs(from: &Path, to: &Path) -> Result<()> {
+    let cpath = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| {
+            Error::io(
+                "xattr",
+                p,
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"),
+            )
+        })
+    };
+    let (src, dst) = (cpath(from)?, cpath(to)?);
+    let mut names = vec![0u8; 4096];
+    let n = loop {
+        // SAFETY: a valid C string and a buffer of the given length.
+        let n = unsafe { libc::llistxattr(src.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ERANGE) => names.resize(names.len() * 4, 0),
+            Some(libc::ENOTSUP) => return Ok(()),
+            _ => return Err(Error::io("list xattrs", from, e)),
+        }
+    };
+    for name in names[..n].split(|&b| b == 0).filter(|s| !s.is_empty()) {
+        if name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.") {
+            continue;
+        }
+        let cname = std::ffi::CString::new(name).expect("no NUL in an xattr name");
+        let mut value = vec![0u8; 4096];
+        let len = loop {
+            // SAFETY: valid C strings and a buffer of the given length.
+            let len = unsafe {
+                libc::lgetxattr(
+                    src.as_ptr(),
+                    cname.as_ptr(),
+                    value.as_mut_ptr().cast(),
+                    value.len(),
+                )
+            };
+            if len >= 0 {
+                break len as usize;
+            }
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ERANGE) && value.len() < (1 << 20) {
+                value.resize(value.len() * 4, 0);
+                continue;
+            }
+            return Err(Error::io("get xattr", from, e));
+        };
+        // SAFETY: valid C strings and a value of the given length.
+        let r =
+            unsafe { libc::lsetxattr(dst.as_ptr(), cname.as_ptr(), value.as_ptr().cast(), len, 0) };
+        if r < 0 {
+            return Err(Error::io("set xattr", to, std::io::Error::last_os_error()));
         }
     }
     Ok(())

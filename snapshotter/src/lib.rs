@@ -10,3 +10,5 @@ pub mod snapshots;
 pub use error::{Error, Result};
 pub use mount::Mount;
 pub use snapshots::{Info, Kind, Snapshotter, Usage};
+pub mod filter;
+pub mod service;

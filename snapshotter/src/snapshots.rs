@@ -360,7 +360,13 @@ impl Snapshotter {
     }
 
     /// containerd Commit: the active snapshot `key` becomes committed `name`.
-    pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<()> {
+    pub fn commit(
+        &self,
+        name: &str,
+        key: &str,
+        mut labels: BTreeMap<String, String>,
+    ) -> Result<()> {
+        drop_empty(&mut labels);
         if name.is_empty() {
             return Err(Error::InvalidArgument(
                 "snapshot name must not be empty".into(),
@@ -455,6 +461,55 @@ impl Snapshotter {
         )
     }
 
+    /// Give the committed snapshot `existing` a second name, `name`, on
+    /// `parent` (the same directory): how a layer cstore unpacked is handed
+    /// to containerd under the name containerd's unpacker asks for.
+    pub fn alias(
+        &self,
+        existing: &str,
+        name: &str,
+        parent: Option<&str>,
+        mut labels: BTreeMap<String, String>,
+    ) -> Result<()> {
+        drop_empty(&mut labels);
+        self.transact(
+            |txn| {
+                let src = self
+                    .get(txn, existing)?
+                    .ok_or_else(|| Error::NotFound(existing.to_string()))?;
+                if src.kind != Kind::Committed {
+                    return Err(Error::FailedPrecondition(format!(
+                        "snapshot {existing:?} is not committed"
+                    )));
+                }
+                if self.get(txn, name)?.is_some() {
+                    return Err(Error::AlreadyExists(name.to_string()));
+                }
+                if let Some(p) = parent {
+                    let pr = self
+                        .get(txn, p)?
+                        .ok_or_else(|| Error::NotFound(p.to_string()))?;
+                    if pr.kind != Kind::Committed {
+                        return Err(Error::FailedPrecondition(format!(
+                            "parent {p:?} is not committed"
+                        )));
+                    }
+                    self.link_child(txn, p, name, true)?;
+                }
+                let now = now_nanos();
+                let rec = Record {
+                    parent: parent.map(String::from),
+                    labels,
+                    created: now,
+                    updated: now,
+                    ..src
+                };
+                self.put(txn, name, &rec)
+            },
+            Ok,
+        )
+    }
+
     /// containerd Remove. FailedPrecondition if it has children.
     pub fn remove(&self, key: &str) -> Result<()> {
         let id = self.transact(
@@ -472,10 +527,19 @@ impl Snapshotter {
                 }
                 let mut t = txn.open_table(SNAPSHOTS).map_err(|e| self.dberr(e))?;
                 t.remove(key).map_err(|e| self.dberr(e))?;
-                Ok(rec.id)
+                // A layer shared under several names (see `alias`) keeps its
+                // directory until the last name goes.
+                for item in t.iter().map_err(|e| self.dberr(e))? {
+                    let (_, v) = item.map_err(|e| self.dberr(e))?;
+                    if serde_json::from_slice::<Record>(v.value()).is_ok_and(|r| r.id == rec.id) {
+                        return Ok(None);
+                    }
+                }
+                Ok(Some(rec.id))
             },
             // Out of sight first (one rename), then the slow part.
             |id| {
+                let Some(id) = id else { return Ok(None) };
                 let dir = self.dir(id);
                 let gone = self.root.join("staging").join(format!("removed-{id}"));
                 match fs::rename(&dir, &gone) {
@@ -522,10 +586,8 @@ impl Snapshotter {
                         if f == "labels" {
                             rec.labels = labels.clone();
                         } else if let Some(k) = f.strip_prefix("labels.") {
-                            match labels.get(k) {
-                                Some(v) => rec.labels.insert(k.to_string(), v.clone()),
-                                None => rec.labels.remove(k),
-                            };
+                            rec.labels
+                                .insert(k.to_string(), labels.get(k).cloned().unwrap_or_default());
                         } else {
                             return Err(Error::InvalidArgument(format!(
                                 "cannot update {f:?} of snapshot {key:?}: only labels can change"
@@ -533,6 +595,7 @@ impl Snapshotter {
                         }
                     }
                 }
+                drop_empty(&mut rec.labels);
                 rec.updated = now_nanos();
                 self.put(txn, key, &rec)?;
                 Ok(info(key, rec))
@@ -645,6 +708,11 @@ impl Snapshotter {
         }
         Ok(removed)
     }
+}
+
+/// containerd stores no empty label values: setting one to "" removes it.
+fn drop_empty(labels: &mut BTreeMap<String, String>) {
+    labels.retain(|_, v| !v.is_empty());
 }
 
 fn info(key: &str, r: Record) -> Info {

@@ -1,0 +1,319 @@
+//! containerd's `containerd.services.snapshots.v1.Snapshots` gRPC service over
+//! a `Snapshotter`: the proxy-plugin protocol. A thin adapter: the semantics
+//! live in `snapshots.rs`; here are the wire types, error codes, filters and
+//! the remote-snapshot shortcut for layers cstore already unpacked.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::error::Error;
+use crate::filter::Filters;
+use crate::snapshots::{Info, Kind, Snapshotter};
+
+#[allow(clippy::all, missing_docs)]
+pub mod proto {
+    pub mod containerd {
+        pub mod types {
+            tonic::include_proto!("containerd.types");
+        }
+        pub mod services {
+            pub mod snapshots {
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.snapshots.v1");
+                }
+            }
+        }
+    }
+}
+
+use proto::containerd::services::snapshots::v1 as api;
+use proto::containerd::types::Mount as ApiMount;
+
+/// The label containerd's unpacker (and CRI) puts on Prepare to ask a
+/// remote snapshotter for a layer it may already have.
+pub const LABEL_SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
+
+pub struct Service {
+    sn: Arc<Snapshotter>,
+}
+
+impl Service {
+    pub fn new(sn: Arc<Snapshotter>) -> Self {
+        Service { sn }
+    }
+
+    pub fn server(self) -> api::snapshots_server::SnapshotsServer<Service> {
+        api::snapshots_server::SnapshotsServer::new(self)
+    }
+
+    /// Run blocking snapshotter work off the async runtime.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Snapshotter) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Status> {
+        let sn = self.sn.clone();
+        tokio::task::spawn_blocking(move || f(&sn))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(status)
+    }
+}
+
+/// The gRPC codes containerd's errdefs turns back into its error kinds.
+pub fn status(e: Error) -> Status {
+    let msg = e.to_string();
+    match e {
+        Error::NotFound(_) => Status::not_found(msg),
+        Error::AlreadyExists(_) => Status::already_exists(msg),
+        Error::FailedPrecondition(_) => Status::failed_precondition(msg),
+        Error::InvalidArgument(_) => Status::invalid_argument(msg),
+        _ => Status::unknown(msg),
+    }
+}
+
+fn parent_of(p: String) -> Option<String> {
+    (!p.is_empty()).then_some(p)
+}
+
+fn labels(m: HashMap<String, String>) -> BTreeMap<String, String> {
+    m.into_iter().collect()
+}
+
+fn timestamp(nanos: u64) -> prost_types::Timestamp {
+    let d = Duration::from_nanos(nanos);
+    prost_types::Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+fn to_api_info(i: Info) -> api::Info {
+    api::Info {
+        name: i.name,
+        parent: i.parent.unwrap_or_default(),
+        kind: match i.kind {
+            Kind::View => api::Kind::View,
+            Kind::Active => api::Kind::Active,
+            Kind::Committed => api::Kind::Committed,
+        } as i32,
+        created_at: Some(timestamp(i.created)),
+        updated_at: Some(timestamp(i.updated)),
+        labels: i.labels.into_iter().collect(),
+    }
+}
+
+fn to_api_mounts(m: Vec<crate::mount::Mount>) -> Vec<ApiMount> {
+    m.into_iter()
+        .map(|m| ApiMount {
+            r#type: m.kind,
+            source: m.source,
+            target: String::new(),
+            options: m.options,
+        })
+        .collect()
+}
+
+/// containerd's backend names are `NAMESPACE/ID/NAME`; a layer's NAME is its
+/// chain ID. Find the chain ID a snapshot.ref label asks for.
+fn chain_id_of(target: &str) -> Option<&str> {
+    target
+        .rsplit('/')
+        .next()
+        .filter(|n| n.starts_with("sha256:") && n.len() == 71)
+}
+
+#[tonic::async_trait]
+impl api::snapshots_server::Snapshots for Service {
+    async fn prepare(
+        &self,
+        req: Request<api::PrepareSnapshotRequest>,
+    ) -> Result<Response<api::PrepareSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let labels = labels(r.labels);
+        // The remote-snapshot path (as stargz and nydus do it): if containerd
+        // asks for a layer cstore already unpacked, commit it under the name
+        // containerd wants and answer AlreadyExists, so it neither downloads
+        // nor unpacks the layer.
+        if let Some(target) = labels.get(LABEL_SNAPSHOT_REF).cloned() {
+            if let Some(chain) = chain_id_of(&target).map(String::from) {
+                let (parent, lbls) = (parent_of(r.parent.clone()), labels.clone());
+                let shared = self
+                    .run(move |sn| match sn.stat(&chain) {
+                        Ok(i) if i.kind == Kind::Committed && chain != target => {
+                            match sn.alias(&chain, &target, parent.as_deref(), lbls) {
+                                Ok(()) | Err(Error::AlreadyExists(_)) => Ok(true),
+                                Err(e) => {
+                                    tracing::warn!(target, error = %e, "could not share an unpacked layer; containerd will unpack it");
+                                    Ok(false)
+                                }
+                            }
+                        }
+                        _ => Ok(false),
+                    })
+                    .await?;
+                if shared {
+                    tracing::info!(
+                        key = r.key,
+                        "layer already unpacked by cstore; shared with containerd"
+                    );
+                    return Err(Status::already_exists(format!(
+                        "target snapshot {:?}: already exists",
+                        labels[LABEL_SNAPSHOT_REF]
+                    )));
+                }
+            }
+        }
+        let (key, parent) = (r.key, parent_of(r.parent));
+        let mounts = self
+            .run(move |sn| sn.prepare(&key, parent.as_deref(), labels))
+            .await?;
+        Ok(Response::new(api::PrepareSnapshotResponse {
+            mounts: to_api_mounts(mounts),
+        }))
+    }
+
+    async fn view(
+        &self,
+        req: Request<api::ViewSnapshotRequest>,
+    ) -> Result<Response<api::ViewSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let (key, parent, labels) = (r.key, parent_of(r.parent), labels(r.labels));
+        let mounts = self
+            .run(move |sn| sn.view(&key, parent.as_deref(), labels))
+            .await?;
+        Ok(Response::new(api::ViewSnapshotResponse {
+            mounts: to_api_mounts(mounts),
+        }))
+    }
+
+    async fn mounts(
+        &self,
+        req: Request<api::MountsRequest>,
+    ) -> Result<Response<api::MountsResponse>, Status> {
+        let key = req.into_inner().key;
+        let mounts = self.run(move |sn| sn.mounts(&key)).await?;
+        Ok(Response::new(api::MountsResponse {
+            mounts: to_api_mounts(mounts),
+        }))
+    }
+
+    async fn commit(
+        &self,
+        req: Request<api::CommitSnapshotRequest>,
+    ) -> Result<Response<()>, Status> {
+        let r = req.into_inner();
+        let (name, key, labels) = (r.name, r.key, labels(r.labels));
+        self.run(move |sn| sn.commit(&name, &key, labels)).await?;
+        Ok(Response::new(()))
+    }
+
+    async fn remove(
+        &self,
+        req: Request<api::RemoveSnapshotRequest>,
+    ) -> Result<Response<()>, Status> {
+        let key = req.into_inner().key;
+        self.run(move |sn| sn.remove(&key)).await?;
+        Ok(Response::new(()))
+    }
+
+    async fn stat(
+        &self,
+        req: Request<api::StatSnapshotRequest>,
+    ) -> Result<Response<api::StatSnapshotResponse>, Status> {
+        let key = req.into_inner().key;
+        let info = self.run(move |sn| sn.stat(&key)).await?;
+        Ok(Response::new(api::StatSnapshotResponse {
+            info: Some(to_api_info(info)),
+        }))
+    }
+
+    async fn update(
+        &self,
+        req: Request<api::UpdateSnapshotRequest>,
+    ) -> Result<Response<api::UpdateSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let info = r
+            .info
+            .ok_or_else(|| Status::invalid_argument("update without info"))?;
+        let fields = r.update_mask.map(|m| m.paths).unwrap_or_default();
+        let (name, labels) = (info.name, labels(info.labels));
+        let updated = self
+            .run(move |sn| sn.update(&name, labels, &fields))
+            .await?;
+        Ok(Response::new(api::UpdateSnapshotResponse {
+            info: Some(to_api_info(updated)),
+        }))
+    }
+
+    type ListStream =
+        Pin<Box<dyn Stream<Item = Result<api::ListSnapshotsResponse, Status>> + Send>>;
+
+    async fn list(
+        &self,
+        req: Request<api::ListSnapshotsRequest>,
+    ) -> Result<Response<Self::ListStream>, Status> {
+        let filters = Filters::parse(&req.into_inner().filters).map_err(status)?;
+        // The listing is read whole and the database released before the
+        // first message goes out, so a client may Stat inside its walk.
+        let infos = self.run(|sn| sn.list()).await?;
+        let matching: Vec<api::Info> = infos
+            .into_iter()
+            .filter(|i| filters.matches(i))
+            .map(to_api_info)
+            .collect();
+        let batches: Vec<Result<api::ListSnapshotsResponse, Status>> = matching
+            .chunks(100)
+            .map(|c| Ok(api::ListSnapshotsResponse { info: c.to_vec() }))
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(batches))))
+    }
+
+    async fn usage(
+        &self,
+        req: Request<api::UsageRequest>,
+    ) -> Result<Response<api::UsageResponse>, Status> {
+        let key = req.into_inner().key;
+        let u = self.run(move |sn| sn.usage(&key)).await?;
+        Ok(Response::new(api::UsageResponse {
+            size: u.size as i64,
+            inodes: u.inodes as i64,
+        }))
+    }
+
+    async fn cleanup(&self, _req: Request<api::CleanupRequest>) -> Result<Response<()>, Status> {
+        self.run(|sn| sn.cleanup().map(drop)).await?;
+        Ok(Response::new(()))
+    }
+}
+
+/// Serve on a unix socket until `shutdown` resolves; removes the socket after.
+pub async fn serve(
+    sn: Arc<Snapshotter>,
+    address: &Path,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    if let Some(dir) = address.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
+    }
+    match std::fs::remove_file(address) {
+        Ok(()) => tracing::info!(socket = %address.display(), "removed a stale socket"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io("remove", address, e)),
+    }
+    let listener =
+        tokio::net::UnixListener::bind(address).map_err(|e| Error::io("listen", address, e))?;
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    tracing::info!(socket = %address.display(), root = %sn.root().display(), "serving containerd snapshots API");
+    let res = tonic::transport::Server::builder()
+        .add_service(Service::new(sn).server())
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    let _ = std::fs::remove_file(address);
+    res.map_err(|e| Error::io("serve", address, std::io::Error::other(e)))
+}
