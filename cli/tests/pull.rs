@@ -26,9 +26,12 @@ fn pull_json(cs: &Cstore, args: &[&str]) -> Value {
     let mut a = vec!["pull", "--json"];
     a.extend_from_slice(args);
     let out = cs.ok(&a);
-    let last = out.lines().last().expect("pull prints its result");
-    let v: Value = serde_json::from_str(last).unwrap();
-    assert_eq!(v["event"], "pulled", "{out}");
+    // The pull's result, among the events (an unpack's follow it).
+    let v: Value = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["event"] == "pulled")
+        .unwrap_or_else(|| panic!("no pulled event in {out}"));
     v["result"].clone()
 }
 

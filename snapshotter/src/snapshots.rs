@@ -100,7 +100,7 @@ impl Snapshotter {
         let root = store_root.join("snapshots");
         fs::create_dir_all(root.join("staging")).map_err(|e| Error::io("create", &root, e))?;
         let sn = Snapshotter {
-            db: DbFile::new(&root.join("metadata.db")),
+            db: DbFile::open(&root.join("metadata.db"))?,
             root,
         };
         sn.transact(

@@ -8,6 +8,7 @@
 //! the open waits while another process holds it. Transactions are short (no
 //! network or bulk I/O inside), so the wait is too.
 
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -17,6 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::ingest::{sync_dir, IngestLock};
 use crate::platform::Platform;
 
 const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
@@ -116,11 +118,15 @@ pub struct DbFile {
 }
 
 impl DbFile {
-    pub fn new(path: &Path) -> DbFile {
-        DbFile {
+    /// Open (creating whole, if missing) the database file at `path`.
+    pub fn open(path: &Path) -> Result<DbFile> {
+        if !path.exists() {
+            create_db_whole(path)?;
+        }
+        Ok(DbFile {
             path: path.to_path_buf(),
             in_process: Mutex::new(()),
-        }
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -198,7 +204,7 @@ pub struct Tables<'t> {
 impl Meta {
     pub fn open(path: &Path) -> Result<Meta> {
         let meta = Meta {
-            db: DbFile::new(path),
+            db: DbFile::open(path)?,
         };
         // Create the tables once so readers never meet a missing table.
         meta.update(|_| Ok(()))?;
@@ -347,6 +353,32 @@ impl Tables<'_> {
     pub fn remove_lease(&mut self, id: &str) -> Result<bool> {
         self.remove(Which::Leases, id)
     }
+}
+
+/// Create an empty redb database at `path` under a temporary name and rename
+/// it into place once initialized. redb writes its header last, so a process
+/// killed while it created meta.db in place left a file that never opened
+/// again ("invalid data"), and the store with it. Creators take turns on a
+/// lock file; one killed midway leaves only the temporary file, which the
+/// next one starts over.
+pub(crate) fn create_db_whole(path: &Path) -> Result<()> {
+    let lock = IngestLock::take(&path.with_extension("db.lock"))?;
+    if !path.exists() {
+        let tmp = path.with_extension("db.init");
+        let _ = fs::remove_file(&tmp);
+        let db = redb::Builder::new().create(&tmp).map_err(|e| Error::Db {
+            path: tmp.clone(),
+            message: redb::Error::from(e).to_string(),
+        })?;
+        drop(db);
+        fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io("fsync", &tmp, e))?;
+        fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e))?;
+        sync_dir(path.parent().unwrap_or(Path::new(".")))?;
+    }
+    lock.remove_and_release();
+    Ok(())
 }
 
 #[derive(Clone, Copy)]

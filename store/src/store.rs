@@ -72,11 +72,7 @@ impl Store {
         if !layout.exists() {
             write_atomic(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
         }
-        let meta_path = root.join("meta.db");
-        if !meta_path.exists() {
-            create_db_whole(&meta_path)?;
-        }
-        let meta = Meta::open(&meta_path)?;
+        let meta = Meta::open(&root.join("meta.db"))?;
         let store = Store {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
@@ -381,32 +377,6 @@ fn tree_bytes(dir: &Path) -> u64 {
         }
     }
     total
-}
-
-/// Create an empty redb database at `path` under a temporary name and rename
-/// it into place once initialized. redb writes its header last, so a process
-/// killed while it created meta.db in place left a file that never opened
-/// again ("invalid data"), and the store with it. Creators take turns on a
-/// lock file; one killed midway leaves only the temporary file, which the
-/// next one starts over.
-fn create_db_whole(path: &Path) -> Result<()> {
-    let lock = IngestLock::take(&path.with_extension("db.lock"))?;
-    if !path.exists() {
-        let tmp = path.with_extension("db.init");
-        let _ = fs::remove_file(&tmp);
-        let db = redb::Builder::new().create(&tmp).map_err(|e| Error::Db {
-            path: tmp.clone(),
-            message: redb::Error::from(e).to_string(),
-        })?;
-        drop(db);
-        fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| Error::io("fsync", &tmp, e))?;
-        fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e))?;
-        sync_dir(path.parent().unwrap_or(Path::new(".")))?;
-    }
-    lock.remove_and_release();
-    Ok(())
 }
 
 /// Write a file so readers see the old or the new content, never a mix.
