@@ -1,5 +1,6 @@
 //! The `cstore` command: a thin layer over the library crates.
 
+mod device;
 mod progress;
 mod snap;
 
@@ -83,6 +84,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The block device under a path, and how cstore drives it.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
     /// The containerd proxy snapshotter plugin.
     Snapshotter {
         #[command(subcommand)]
@@ -102,6 +108,16 @@ enum Command {
     },
     /// Show disk usage of the store.
     Df {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Probe PATH's device (sysfs; NVMe identify by ioctl) and show the I/O policy.
+    Info {
+        path: PathBuf,
         #[arg(long)]
         json: bool,
     },
@@ -245,6 +261,9 @@ fn run(cli: Cli) -> Result<()> {
                 cstore_snapshotter::service::serve(sn, &address, shutdown).await
             })?;
         }
+        Command::Device {
+            command: DeviceCommand::Info { path, json },
+        } => device::info(&path, json)?,
         Command::Snapshots { json } => {
             let store = open_store(&cli.root)?;
             snap::list(&store, json)?;

@@ -1,0 +1,11 @@
+//! cstore's block I/O layer: what device a path lives on (sysfs and NVMe
+//! identify), and how to drive it (the policy the I/O engine uses).
+
+pub mod error;
+pub mod nvme;
+pub mod policy;
+pub mod probe;
+
+pub use error::{Error, Result};
+pub use policy::Policy;
+pub use probe::{probe, DeviceInfo, DeviceKind};

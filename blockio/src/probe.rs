@@ -1,0 +1,248 @@
+//! From any path to the block device under it, and what that device is:
+//! st_dev → /sys/dev/block/MAJ:MIN → the whole disk (through partitions),
+//! and through loop devices to the device of their backing file.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::nvme::{self, IdentifyController, IdentifyNamespace};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Queue {
+    pub rotational: bool,
+    pub logical_block_size: u32,
+    pub physical_block_size: u32,
+    /// 0 when the device does not report one.
+    pub optimal_io_size: u32,
+    pub max_sectors_kb: u32,
+    pub max_hw_sectors_kb: u32,
+    pub nr_requests: u32,
+    /// Hardware dispatch queues (blk-mq `mq/` entries).
+    pub hw_queues: u32,
+    /// The active I/O scheduler ("none", "mq-deadline", ...).
+    pub scheduler: String,
+    /// The device completes by polling (NVMe poll queues): IOPOLL can be used.
+    pub io_poll: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Nvme {
+    pub controller: IdentifyController,
+    pub namespace: IdentifyNamespace,
+    /// MDTS in bytes, assuming the common 4 KiB minimum page size.
+    pub max_transfer_bytes: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DeviceInfo {
+    /// The path asked about.
+    pub path: PathBuf,
+    /// `MAJ:MIN` of the filesystem holding the path.
+    pub dev: String,
+    /// The chain from the path's device to the device that does the I/O,
+    /// e.g. ["loop3", "vda"] or ["nvme0n1p2", "nvme0n1"].
+    pub chain: Vec<String>,
+    /// The device whose queue is described (the last of `chain`).
+    pub device: Option<String>,
+    /// Block devices carry this; virtual filesystems (tmpfs, overlay) don't.
+    pub queue: Option<Queue>,
+    pub kind: DeviceKind,
+    pub nvme: Option<Nvme>,
+    /// Why NVMe identify data is missing, when the device is NVMe.
+    pub nvme_error: Option<String>,
+    /// For paths on a filesystem without a block device.
+    pub fs_type: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    Nvme,
+    /// Non-rotational, not NVMe (SATA/virtio SSD, loop on memory...).
+    Ssd,
+    Rotational,
+    /// No block device: tmpfs and friends; memory-speed.
+    Memory,
+}
+
+fn read_trim(p: &Path) -> Option<String> {
+    fs::read_to_string(p).ok().map(|s| s.trim().to_string())
+}
+
+fn read_u32(p: &Path) -> u32 {
+    read_trim(p)
+        .and_then(|s| s.parse::<u64>().ok())
+        .map_or(0, |v| v.min(u32::MAX as u64) as u32)
+}
+
+/// The filesystem type holding `path`, from /proc/self/mountinfo (the
+/// longest mount point that is a prefix of the path).
+fn fs_type_of(path: &Path) -> Option<String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let path = path.canonicalize().ok()?;
+    let mut best: Option<(usize, String)> = None;
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let mp = *fields.get(4)?;
+        let sep = fields.iter().position(|f| *f == "-")?;
+        let fstype = fields.get(sep + 1)?.to_string();
+        if path.starts_with(mp) && best.as_ref().is_none_or(|(l, _)| mp.len() >= *l) {
+            best = Some((mp.len(), fstype));
+        }
+    }
+    best.map(|(_, t)| t)
+}
+
+/// The sysfs directory of a block device by number, and whether it is a partition.
+fn sysfs_of(major: u32, minor: u32) -> Option<PathBuf> {
+    fs::canonicalize(format!("/sys/dev/block/{major}:{minor}")).ok()
+}
+
+fn name_of(sys: &Path) -> String {
+    sys.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+pub fn probe(path: &Path) -> Result<DeviceInfo> {
+    probe_opts(path, true)
+}
+
+/// `identify`: also read NVMe identify pages (needs root and a real device).
+pub fn probe_opts(path: &Path, identify: bool) -> Result<DeviceInfo> {
+    let meta = fs::metadata(path).map_err(|e| Error::io("stat", path, e))?;
+    // A block device node describes itself; anything else, its filesystem's device.
+    let is_block_node = {
+        use std::os::unix::fs::FileTypeExt;
+        meta.file_type().is_block_device()
+    };
+    let dev = if is_block_node {
+        meta.rdev()
+    } else {
+        meta.dev()
+    };
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let mut info = DeviceInfo {
+        path: path.to_path_buf(),
+        dev: format!("{major}:{minor}"),
+        chain: Vec::new(),
+        device: None,
+        queue: None,
+        kind: DeviceKind::Memory,
+        nvme: None,
+        nvme_error: None,
+        fs_type: None,
+    };
+    let Some(mut sys) = sysfs_of(major, minor) else {
+        info.fs_type = fs_type_of(path);
+        return Ok(info);
+    };
+    // Follow partitions to their disk and loop devices to their backing file.
+    for _ in 0..8 {
+        info.chain.push(name_of(&sys));
+        if sys.join("partition").exists() {
+            if let Some(parent) = sys.parent() {
+                sys = parent.to_path_buf();
+                continue;
+            }
+        }
+        let backing = read_trim(&sys.join("loop/backing_file"));
+        if let Some(file) = backing {
+            match fs::metadata(&file) {
+                Ok(m) => match sysfs_of(libc::major(m.dev()), libc::minor(m.dev())) {
+                    Some(next) => {
+                        sys = next;
+                        continue;
+                    }
+                    None => {
+                        // Backed by a file on tmpfs: the loop device is memory-speed.
+                        info.fs_type = fs_type_of(Path::new(&file));
+                        break;
+                    }
+                },
+                Err(_) => break,
+            }
+        }
+        break;
+    }
+    let name = name_of(&sys);
+    if info.chain.last() != Some(&name) {
+        info.chain.push(name.clone());
+    }
+    let q = sys.join("queue");
+    let queue = Queue {
+        rotational: read_u32(&q.join("rotational")) == 1,
+        logical_block_size: read_u32(&q.join("logical_block_size")),
+        physical_block_size: read_u32(&q.join("physical_block_size")),
+        optimal_io_size: read_u32(&q.join("optimal_io_size")),
+        max_sectors_kb: read_u32(&q.join("max_sectors_kb")),
+        max_hw_sectors_kb: read_u32(&q.join("max_hw_sectors_kb")),
+        nr_requests: read_u32(&q.join("nr_requests")),
+        hw_queues: fs::read_dir(sys.join("mq"))
+            .map(|d| d.count() as u32)
+            .unwrap_or(0),
+        scheduler: read_trim(&q.join("scheduler"))
+            .and_then(|s| {
+                s.split_whitespace()
+                    .find(|w| w.starts_with('['))
+                    .map(|w| w.trim_matches(['[', ']']).to_string())
+            })
+            .unwrap_or_else(|| "none".into()),
+        io_poll: read_u32(&q.join("io_poll")) == 1,
+    };
+    let is_nvme = name.starts_with("nvme");
+    info.kind = if is_nvme {
+        DeviceKind::Nvme
+    } else if queue.rotational {
+        DeviceKind::Rotational
+    } else if info.fs_type.as_deref() == Some("tmpfs") {
+        DeviceKind::Memory
+    } else {
+        DeviceKind::Ssd
+    };
+    if is_nvme && identify {
+        match nvme::identify_namespace_device(&Path::new("/dev").join(&name)) {
+            Ok((controller, namespace)) => {
+                let max_transfer_bytes = (controller.mdts != 0).then(|| 4096u64 << controller.mdts);
+                info.nvme = Some(Nvme {
+                    controller,
+                    namespace,
+                    max_transfer_bytes,
+                });
+            }
+            Err(e) => info.nvme_error = Some(e.to_string()),
+        }
+    }
+    info.device = Some(name);
+    info.queue = Some(queue);
+    Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_on_the_root_disk_has_a_block_device_or_says_why_not() {
+        let info = probe(Path::new("/")).unwrap();
+        match &info.queue {
+            Some(q) => {
+                assert!(q.logical_block_size >= 512, "{info:?}");
+                assert!(!info.chain.is_empty());
+            }
+            None => assert!(info.fs_type.is_some(), "{info:?}"),
+        }
+    }
+
+    #[test]
+    fn tmpfs_has_no_block_device() {
+        let info = probe(Path::new("/dev/shm")).unwrap();
+        assert!(info.queue.is_none());
+        assert_eq!(info.kind, DeviceKind::Memory);
+        assert_eq!(info.fs_type.as_deref(), Some("tmpfs"));
+    }
+}
