@@ -55,7 +55,12 @@ impl Selector {
     fn field<'a>(&self, info: &'a Info) -> Option<std::borrow::Cow<'a, str>> {
         match self.path.first().map(String::as_str) {
             Some("name") if self.path.len() == 1 => Some(info.name.as_str().into()),
-            Some("parent") if self.path.len() == 1 => info.parent.as_deref().map(Into::into),
+            // containerd's adaptor reports parent as present even when
+            // empty, so `parent==""` selects snapshots without a parent (its
+            // metadata layer filters that way for a remote snapshot's base).
+            Some("parent") if self.path.len() == 1 => {
+                Some(info.parent.as_deref().unwrap_or("").into())
+            }
             Some("kind") if self.path.len() == 1 => Some(info.kind.to_string().into()),
             Some("labels") if self.path.len() >= 2 => info
                 .labels
@@ -222,6 +227,11 @@ mod tests {
             !f(&["parent!=\"\""]).matches(&a) && f(&["parent!=\"\""]).matches(&b),
             "absent reads as empty"
         );
+        assert!(
+            f(&["parent==\"\""]).matches(&a) && !f(&["parent==\"\""]).matches(&b),
+            "no parent equals the empty string, as containerd's adaptor has it"
+        );
+        assert!(f(&["parent"]).matches(&a), "parent is always present");
         assert!(f(&["labels.missing!=x"]).matches(&a));
         assert!(!f(&["kind!=active,labels.k==v2"]).matches(&a));
         let or = f(&["name==a", "name==b"]);
