@@ -128,6 +128,28 @@ fn chain_id_of(target: &str) -> Option<&str> {
         .filter(|n| n.starts_with("sha256:") && n.len() == 71)
 }
 
+/// The name to give containerd its own handle on the layer `chain` that
+/// cstore unpacked. A target that is already a backend name is used as is.
+/// containerd 1.6 sends the bare chain ID (the name cstore's own layer
+/// has), then finds the shared snapshot by walking for the label and the
+/// parent; it gets `NAMESPACE/ID/CHAIN`, with the namespace and ID of the
+/// Prepare key (`NAMESPACE/ID/extract-… CHAIN`): unique, and like the names
+/// containerd gives the snapshots it commits itself.
+fn share_name(target: &str, chain: &str, key: &str) -> String {
+    if target != chain {
+        return target.to_string();
+    }
+    let mut parts = key.splitn(3, '/');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(ns), Some(id), Some(_))
+            if !ns.is_empty() && !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            format!("{ns}/{id}/{chain}")
+        }
+        _ => key.to_string(),
+    }
+}
+
 #[tonic::async_trait]
 impl api::snapshots_server::Snapshots for Service {
     async fn prepare(
@@ -142,14 +164,15 @@ impl api::snapshots_server::Snapshots for Service {
         // nor unpacks the layer.
         if let Some(target) = labels.get(LABEL_SNAPSHOT_REF).cloned() {
             if let Some(chain) = chain_id_of(&target).map(String::from) {
+                let name = share_name(&target, &chain, &r.key);
                 let (parent, lbls) = (parent_of(r.parent.clone()), labels.clone());
                 let shared = self
                     .run(move |sn| match sn.stat(&chain) {
-                        Ok(i) if i.kind == Kind::Committed && chain != target => {
-                            match sn.alias(&chain, &target, parent.as_deref(), lbls) {
+                        Ok(i) if i.kind == Kind::Committed && chain != name => {
+                            match sn.alias(&chain, &name, parent.as_deref(), lbls) {
                                 Ok(()) | Err(Error::AlreadyExists(_)) => Ok(true),
                                 Err(e) => {
-                                    tracing::warn!(target, error = %e, "could not share an unpacked layer; containerd will unpack it");
+                                    tracing::warn!(name, error = %e, "could not share an unpacked layer; containerd will unpack it");
                                     Ok(false)
                                 }
                             }
