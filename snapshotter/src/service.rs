@@ -150,6 +150,17 @@ fn share_name(target: &str, chain: &str, key: &str) -> String {
     }
 }
 
+/// Snapshots cstore made for itself (layers `cstore pull` unpacked, `cstore
+/// mount`s) carry `cstore.io/` labels. They are not listed to proxy clients:
+/// containerd's garbage collector removes every backend snapshot it walks
+/// and does not know, which would delete cstore's own layers. containerd
+/// reaches a shared layer through its alias (see `prepare`), which is listed.
+fn is_cstores_own(i: &Info) -> bool {
+    i.labels.keys().any(|k| k.starts_with(CSTORE_LABEL_PREFIX))
+}
+
+const CSTORE_LABEL_PREFIX: &str = "cstore.io/";
+
 #[tonic::async_trait]
 impl api::snapshots_server::Snapshots for Service {
     async fn prepare(
@@ -287,7 +298,7 @@ impl api::snapshots_server::Snapshots for Service {
         let infos = self.run(|sn| sn.list()).await?;
         let matching: Vec<api::Info> = infos
             .into_iter()
-            .filter(|i| filters.matches(i))
+            .filter(|i| !is_cstores_own(i) && filters.matches(i))
             .map(to_api_info)
             .collect();
         let batches: Vec<Result<api::ListSnapshotsResponse, Status>> = matching
