@@ -9,3 +9,10 @@ pub mod probe;
 pub use error::{Error, Result};
 pub use policy::Policy;
 pub use probe::{probe, DeviceInfo, DeviceKind};
+pub mod buf;
+pub mod engine;
+pub mod ring;
+
+pub use buf::{AlignedBuf, Buf};
+pub use engine::{Completion, Engine};
+pub use ring::{Backend, Done, Mode, Op, Ring};
