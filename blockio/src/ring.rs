@@ -133,7 +133,7 @@ pub enum Backend {
 }
 
 enum Kind {
-    Uring(IoUring),
+    Uring(Box<IoUring>),
     Sync { queued: VecDeque<(usize, bool)> },
 }
 
@@ -170,7 +170,7 @@ impl Ring {
                 b.setup_iopoll();
             }
             match b.build(depth) {
-                Ok(r) => Kind::Uring(r),
+                Ok(r) => Kind::Uring(Box::new(r)),
                 Err(e) => {
                     FALLBACK_LOGGED.call_once(|| {
                         tracing::warn!(error = %e, "io_uring refused by the kernel; using a thread pool doing plain syscalls instead");
