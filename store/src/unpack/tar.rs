@@ -117,6 +117,19 @@ impl<R: Read> TarReader<R> {
         Ok(())
     }
 
+    /// Skip up to `n` bytes; false if the stream ended first.
+    fn skip_up_to(&mut self, mut n: u64) -> io::Result<bool> {
+        let mut buf = [0u8; 512];
+        while n > 0 {
+            let k = self.r.read(&mut buf[..n.min(512) as usize])?;
+            if k == 0 {
+                return Ok(false);
+            }
+            n -= k as u64;
+        }
+        Ok(true)
+    }
+
     fn read_block(&mut self) -> Result<Option<[u8; 512]>, TarError> {
         let mut b = [0u8; 512];
         let mut got = 0;
@@ -149,9 +162,18 @@ impl<R: Read> TarReader<R> {
             return Ok(None);
         }
         let (rem, padding) = (self.remaining, self.padding);
-        self.skip(rem + padding)?;
+        self.skip(rem)?;
         self.remaining = 0;
         self.padding = 0;
+        // The stream may end inside the last entry's padding, or right after
+        // its data (umoci 0.4 `insert` writes layers without padding or the
+        // end-of-archive blocks): Go's archive/tar, which containerd and
+        // umoci read layers with, takes that as the end of the archive.
+        // The diff_id still covers exactly the bytes there are.
+        if !self.skip_up_to(padding)? {
+            self.done = true;
+            return Ok(None);
+        }
 
         let mut pax: HashMap<String, Vec<u8>> = HashMap::new();
         let mut xattrs: Vec<(String, Vec<u8>)> = Vec::new();
@@ -548,7 +570,7 @@ mod tests {
     fn pax_records_and_times() {
         let mut pax = HashMap::new();
         let mut x = Vec::new();
-        let rec = b"27 path=a/very/long/name.t\n30 SCHILY.xattr.user.k=value\n";
+        let rec = b"27 path=a/very/long/name.t\n29 SCHILY.xattr.user.k=value\n";
         parse_pax(rec, &mut pax, &mut x).unwrap();
         assert_eq!(pax["path"], b"a/very/long/name.t");
         assert_eq!(x, vec![("user.k".to_string(), b"value".to_vec())]);
@@ -558,5 +580,41 @@ mod tests {
             (1700000000, 500_000_000)
         );
         assert_eq!(parse_pax_time(b"12").unwrap(), (12, 0));
+    }
+
+    fn header(name: &str, size: u64) -> Vec<u8> {
+        let mut h = vec![0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        h[100..108].copy_from_slice(b"0000644\0");
+        h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
+        h[156] = b'0';
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|&b| b as u32).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        h
+    }
+
+    #[test]
+    fn a_stream_may_end_in_the_last_padding_but_not_in_data() {
+        let mut t = header("a", 6);
+        t.extend_from_slice(b"fresh\n");
+        for cut in [t.len(), t.len() + 100] {
+            let mut bytes = t.clone();
+            bytes.resize(cut, 0);
+            let mut r = TarReader::new(&bytes[..]);
+            let e = r.next_entry().unwrap().expect("the entry");
+            assert_eq!(e.path, b"a");
+            let mut buf = [0u8; 16];
+            assert_eq!(r.read_data(&mut buf).unwrap(), 6);
+            assert!(r.next_entry().unwrap().is_none(), "cut at {cut}");
+        }
+        // Cut inside the data: an error, whether or not the data is read.
+        let cut = &t[..t.len() - 2];
+        assert!(TarReader::new(cut).next_entry().unwrap().is_some());
+        let mut r = TarReader::new(cut);
+        r.next_entry().unwrap();
+        assert!(r.next_entry().is_err());
     }
 }
