@@ -7,7 +7,7 @@
 //! O_EXCL|O_NOFOLLOW, hardlink targets must already exist in this layer, and
 //! overlay's own xattrs are never taken from an archive.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -52,6 +52,9 @@ pub struct Extractor {
     /// Paths created by this archive (files, links...), to tell a whiteout
     /// of a lower layer's file from one of this layer's own.
     created: HashMap<Vec<u8>, ()>,
+    /// Whiteouts this archive created: an entry that later takes the same
+    /// name must still hide what the lower layers have there.
+    whiteouts: HashSet<Vec<u8>>,
 }
 
 fn err(entry: &[u8], reason: impl Into<String>) -> EntryError {
@@ -102,6 +105,7 @@ impl Extractor {
             stats: ExtractStats::default(),
             buf: vec![0u8; 1 << 20],
             created: HashMap::new(),
+            whiteouts: HashSet::new(),
         }
     }
 
@@ -125,7 +129,12 @@ impl Extractor {
             libc::O_PATH | libc::O_DIRECTORY,
         ) {
             Ok(fd) => fd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => self.make_parents(comps, entry)?,
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || (e.raw_os_error() == Some(libc::ENOTDIR) && !self.whiteouts.is_empty()) =>
+            {
+                self.make_parents(comps, entry)?
+            }
             Err(e) => return Err(err(entry, io_reason("opening its parent directory", &e))),
         };
         self.cached = Some((key, fd));
@@ -148,6 +157,30 @@ impl Extractor {
                         sys::resolve_beneath(fd.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY)
                             .map_err(|e| err(entry, io_reason("opening a parent", &e)))?
                     }
+                    // A whiteout of this layer, then entries below it with no
+                    // directory entry: the directory is this layer's own, and
+                    // still hides the lower one (opaque). Not inherited: the
+                    // lower directory was deleted.
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::ENOTDIR)
+                            && self.whiteouts.remove(&comps[..=i].join(&b'/')) =>
+                    {
+                        sys::unlinkat(fd.as_fd(), &name, false)
+                            .map_err(|e| err(entry, io_reason("replacing a whiteout", &e)))?;
+                        sys::mkdirat(fd.as_fd(), &name, 0o755)
+                            .map_err(|e| err(entry, io_reason("creating a parent", &e)))?;
+                        let dir = sys::resolve_beneath(
+                            fd.as_fd(),
+                            &name,
+                            libc::O_RDONLY | libc::O_DIRECTORY,
+                        )
+                        .map_err(|e| err(entry, io_reason("opening a parent", &e)))?;
+                        let attr = CString::new(OPAQUE_XATTR).unwrap();
+                        sys::fsetxattr(dir.as_fd(), &attr, b"y")
+                            .map_err(|e| err(entry, io_reason("marking opaque", &e)))?;
+                        sys::resolve_beneath(fd.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY)
+                            .map_err(|e| err(entry, io_reason("opening a parent", &e)))?
+                    }
                     Err(e) => {
                         return Err(err(entry, io_reason("opening its parent directory", &e)))
                     }
@@ -155,6 +188,21 @@ impl Extractor {
             fd = next;
         }
         Ok(fd)
+    }
+
+    /// Is a directory on the way to an entry's parent something else in this
+    /// layer (a file, symlink or whiteout)?
+    fn parent_is_not_a_dir(&self, dirs: &[&[u8]]) -> bool {
+        if dirs.is_empty() {
+            return false;
+        }
+        let Ok(key) = sys::cstring(&dirs.join(&b'/')) else {
+            return false;
+        };
+        matches!(
+            sys::resolve_beneath(self.root.as_fd(), &key, libc::O_PATH | libc::O_DIRECTORY),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTDIR) | Some(libc::ELOOP))
+        )
     }
 
     /// Make room for a new entry at parent/name: an existing directory stays
@@ -232,24 +280,48 @@ impl Extractor {
             let mut target: Vec<&[u8]> = dirs.to_vec();
             target.push(hidden);
             let key = target.join(&b'/');
+            let name = sys::cstring(hidden).map_err(|x| err(path, x.to_string()))?;
             // A whiteout only hides lower layers: what this layer itself has
-            // under that name stays.
+            // under that name stays, but a directory of this layer must not
+            // merge with the lower one any more (opaque).
             if self.created.contains_key(&key) {
+                let parent = self.parent(dirs, path)?;
+                let st = sys::lstatat(parent, &name)
+                    .map_err(|x| err(path, io_reason("looking up the entry", &x)))?;
+                if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                    let dir =
+                        sys::resolve_beneath(parent, &name, libc::O_RDONLY | libc::O_DIRECTORY)
+                            .map_err(|x| err(path, io_reason("opening the directory", &x)))?;
+                    let attr = CString::new(OPAQUE_XATTR).unwrap();
+                    sys::fsetxattr(dir.as_fd(), &attr, b"y")
+                        .map_err(|x| err(path, io_reason("marking opaque", &x)))?;
+                }
+                self.stats.whiteouts += 1;
                 return Ok(());
             }
-            let name = sys::cstring(hidden).map_err(|x| err(path, x.to_string()))?;
+            // Under a file, symlink or whiteout of this layer, nothing of the
+            // lower layers shows anyway (umoci writes such whiteouts when a
+            // directory becomes a file).
+            if self.parent_is_not_a_dir(dirs) {
+                self.stats.whiteouts += 1;
+                return Ok(());
+            }
             self.clear_slot(dirs, &name, false, path)?;
             let parent = self.parent(dirs, path)?;
             sys::mknodat(parent, &name, libc::S_IFCHR, 0, 0)
                 .map_err(|x| err(path, io_reason("creating the whiteout", &x)))?;
+            self.whiteouts.insert(key);
             self.stats.whiteouts += 1;
             return Ok(());
         }
 
         let name = sys::cstring(last).map_err(|x| err(path, x.to_string()))?;
         let is_dir = e.kind == Kind::Dir;
-        let kept_dir = self.clear_slot(dirs, &name, is_dir, path)?;
         let key = comps.join(&b'/');
+        // Taking the place of this layer's own whiteout: a directory here
+        // must still hide the lower layers' one.
+        let over_whiteout = self.whiteouts.remove(&key);
+        let kept_dir = self.clear_slot(dirs, &name, is_dir, path)?;
         let (uid, gid) = (e.uid as u32, e.gid as u32);
         let xattrs: Vec<(CString, &[u8])> = e
             .xattrs
@@ -295,6 +367,11 @@ impl Extractor {
                 for (k, v) in &xattrs {
                     sys::lsetxattrat(parent, &name, k, v)
                         .map_err(|x| err(path, io_reason("setxattr", &x)))?;
+                }
+                if over_whiteout {
+                    let attr = CString::new(OPAQUE_XATTR).unwrap();
+                    sys::lsetxattrat(parent, &name, &attr, b"y")
+                        .map_err(|x| err(path, io_reason("marking opaque", &x)))?;
                 }
                 self.dir_times.push((key.clone(), e.mtime));
                 self.stats.dirs += 1;
