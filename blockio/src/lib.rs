@@ -16,3 +16,4 @@ pub mod ring;
 pub use buf::{AlignedBuf, Buf};
 pub use engine::{Completion, Engine};
 pub use ring::{Backend, Done, Mode, Op, Ring};
+pub mod bench;
