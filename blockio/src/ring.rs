@@ -165,11 +165,21 @@ impl Ring {
                 queued: VecDeque::new(),
             }
         } else if uring_allowed() {
-            let mut b = IoUring::builder();
-            if iopoll {
-                b.setup_iopoll();
-            }
-            match b.build(depth) {
+            // One thread owns a ring and reaps its completions itself (as
+            // fio does): no interrupts to run completion work elsewhere.
+            let build = |tuned: bool| {
+                let mut b = IoUring::builder();
+                if iopoll {
+                    b.setup_iopoll();
+                }
+                if tuned {
+                    b.setup_single_issuer()
+                        .setup_coop_taskrun()
+                        .setup_defer_taskrun();
+                }
+                b.build(depth)
+            };
+            match build(true).or_else(|_| build(false)) {
                 Ok(r) => Kind::Uring(Box::new(r)),
                 Err(e) => {
                     FALLBACK_LOGGED.call_once(|| {
