@@ -1,0 +1,410 @@
+//! `cstore pull` + `cstore mount` against a peer: for every test image, the
+//! tree cstore's (read-only) mount shows must equal what `umoci unpack`
+//! makes of the same image, as `fixtures/treesnap.py` describes both trees.
+//! Images: the busybox variants of fixtures/images.sh, the crafted layered
+//! images of fixtures/layered-images.sh, and Debian bookworm.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+use common::{fixture, shared_registry_addr, Cstore};
+use serde_json::Value;
+
+const LAYERED: &[&str] = &[
+    "layered-delete",
+    "layered-opaque",
+    "layered-replace",
+    "layered-hardlink",
+    "layered-implicit",
+    "layered-baddiff",
+];
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn oci_dir() -> PathBuf {
+    PathBuf::from(
+        run(Command::new("bash")
+            .arg(fixture("images.sh"))
+            .arg("--print-dir"))
+        .trim(),
+    )
+}
+
+/// The shared registry, with the layered images pushed too (once).
+fn registry() -> String {
+    static PUSHED: OnceLock<String> = OnceLock::new();
+    PUSHED
+        .get_or_init(|| {
+            let addr = shared_registry_addr();
+            run(Command::new("bash")
+                .arg(fixture("layered-images.sh"))
+                .args(["--push", &addr])
+                .args(LAYERED));
+            addr
+        })
+        .clone()
+}
+
+/// The canonical description of a tree. Directory mtimes are left out: in an
+/// overlay mount a directory's mtime is its upper-most layer's copy (for
+/// directories a layer only implies, the time cstore made them), while umoci
+/// writes into one directory and the kernel updates it as entries land.
+/// Overlay's own `trusted.overlay.*` xattrs (opaque marks) are not content,
+/// and `user.rootlesscontainers` is umoci's rootless bookkeeping.
+fn treesnap(dir: &Path) -> String {
+    run(Command::new("python3")
+        .arg(fixture("treesnap.py"))
+        .arg(dir)
+        .args(["--no-mtime-dirs", "--ignore-xattr", "trusted.overlay."])
+        .args(["--ignore-xattr", "user.rootlesscontainers"]))
+}
+
+/// `umoci unpack --image OCI:TAG` (once per tag), described by treesnap.
+fn umoci_tree(tag: &str) -> String {
+    static CACHE: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(t) = cache.lock().unwrap().get(tag) {
+        return t.clone();
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("cstore-umoci-")
+        .tempdir()
+        .unwrap();
+    let bundle = tmp.path().join("bundle");
+    run(Command::new("umoci")
+        .arg("unpack")
+        .arg("--image")
+        .arg(format!("{}:{tag}", oci_dir().display()))
+        .arg(&bundle));
+    let tree = treesnap(&bundle.join("rootfs"));
+    cache.lock().unwrap().insert(tag.to_string(), tree.clone());
+    tree
+}
+
+fn is_mountpoint(p: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let want = p.to_str().unwrap();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(want))
+}
+
+/// A mount point that is unmounted (lazily) however the test ends.
+struct MountDir {
+    dir: tempfile::TempDir,
+}
+
+impl MountDir {
+    fn new() -> MountDir {
+        MountDir {
+            dir: tempfile::Builder::new()
+                .prefix("cstore-mnt-")
+                .tempdir()
+                .unwrap(),
+        }
+    }
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for MountDir {
+    fn drop(&mut self) {
+        while is_mountpoint(self.dir.path()) {
+            let ok = Command::new("umount")
+                .arg("-l")
+                .arg(self.dir.path())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                break;
+            }
+        }
+    }
+}
+
+fn snapshots(cs: &Cstore) -> Vec<Value> {
+    serde_json::from_str::<Value>(&cs.ok(&["snapshots", "--json"]))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn staging_leftovers(cs: &Cstore) -> Vec<String> {
+    std::fs::read_dir(cs.path().join("snapshots/staging"))
+        .map(|rd| {
+            rd.map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A line-by-line diff of two treesnap outputs, for the assertion message.
+fn tree_diff(want: &str, got: &str) -> String {
+    let w: std::collections::BTreeSet<&str> = want.lines().collect();
+    let g: std::collections::BTreeSet<&str> = got.lines().collect();
+    let mut out = String::new();
+    for l in w.difference(&g).take(20) {
+        out += &format!("- umoci:  {l}\n");
+    }
+    for l in g.difference(&w).take(20) {
+        out += &format!("+ cstore: {l}\n");
+    }
+    out
+}
+
+/// Pull `reference` (which unpacks it), mount it read-only, and compare the
+/// tree with umoci's unpack of fixtures tag `oracle`. Returns the tree.
+fn assert_matches_umoci(reference: &str, oracle: &str) -> String {
+    let cs = Cstore::new();
+    cs.ok(&["pull", reference]);
+    let mnt = MountDir::new();
+    cs.ok(&["mount", reference, mnt.path().to_str().unwrap()]);
+    assert!(is_mountpoint(mnt.path()));
+    let got = treesnap(mnt.path());
+    let want = umoci_tree(oracle);
+    assert!(
+        got == want,
+        "{reference}: cstore's mount differs from umoci unpack of {oracle}:\n{}",
+        tree_diff(&want, &got)
+    );
+    cs.ok(&["umount", mnt.path().to_str().unwrap()]);
+    assert!(!is_mountpoint(mnt.path()));
+    assert!(
+        snapshots(&cs)
+            .iter()
+            .all(|s| s["kind"] == "committed" && s["mountpoint"].is_null()),
+        "the mount's snapshot went with umount"
+    );
+    assert!(staging_leftovers(&cs).is_empty());
+    got
+}
+
+/// The entry for `path` in a treesnap description.
+fn entry(tree: &str, path: &str) -> Option<Value> {
+    tree.lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["path"] == path)
+}
+
+// The busybox layers are the same in every variant (only compression and
+// manifest format differ), so umoci's unpack of the fixtures' OCI busybox is
+// the oracle for all four; umoci 0.4.7 itself reads neither zstd nor Docker
+// manifests.
+
+#[test]
+fn busybox_oci_gzip_matches_umoci() {
+    let tree = assert_matches_umoci(&format!("{}/busybox:latest", registry()), "busybox");
+    // The fixture's specials made it through (and so into the comparison).
+    assert_eq!(entry(&tree, "data/suid").unwrap()["mode"], "0o4755");
+    assert_eq!(entry(&tree, "tmp").unwrap()["mode"], "0o1777");
+    assert!(entry(&tree, "data/xattr.txt").unwrap()["xattrs"]["user.cstore"].is_string());
+    assert!(entry(&tree, "data/remove-me.txt").is_none());
+    assert_eq!(
+        entry(&tree, "data/hello.txt").unwrap()["links"],
+        serde_json::json!(["data/hardlink.txt", "data/hello.txt"])
+    );
+}
+
+#[test]
+fn busybox_zstd_matches_umoci() {
+    assert_matches_umoci(&format!("{}/busybox:zstd", registry()), "busybox");
+}
+
+#[test]
+fn busybox_uncompressed_matches_umoci() {
+    assert_matches_umoci(&format!("{}/busybox:uncompressed", registry()), "busybox");
+}
+
+#[test]
+fn busybox_docker_schema2_matches_umoci() {
+    assert_matches_umoci(&format!("{}/busybox:docker", registry()), "busybox");
+}
+
+#[test]
+fn deletes_across_layers_match_umoci() {
+    let tree = assert_matches_umoci(
+        &format!("{}/layered-delete:latest", registry()),
+        "layered-delete",
+    );
+    let has = |p: &str| entry(&tree, p).is_some();
+    assert!(has("keep.txt") && has("nested/x/z.txt"));
+    assert!(!has("gone.txt") && !has("gonedir") && !has("gonedir/sub/b"));
+    assert!(!has("nested/x/y.txt"));
+    // Whited out and re-created in one layer: only the new contents.
+    assert!(has("redo/new.txt") && !has("redo/old1") && !has("redo/sub"));
+    assert!(has("redo2/new.txt") && !has("redo2/old"));
+    // No whiteout device shows through.
+    assert!(!tree.contains("\"char\""));
+}
+
+#[test]
+fn opaque_directories_match_umoci() {
+    let tree = assert_matches_umoci(
+        &format!("{}/layered-opaque:latest", registry()),
+        "layered-opaque",
+    );
+    let has = |p: &str| entry(&tree, p).is_some();
+    assert!(has("o/new.txt") && !has("o/x") && !has("o/sub"));
+    assert!(has("q/new.txt") && !has("q/a"));
+    assert!(has("p/inner/fresh.txt") && !has("p/a") && !has("p/b"));
+    // q had no dir entry in the opaque layer: it keeps its lower owner/mode.
+    let q = entry(&tree, "q").unwrap();
+    assert_eq!(
+        (q["uid"].as_u64(), q["mode"].as_str()),
+        (Some(9), Some("0o711"))
+    );
+}
+
+#[test]
+fn type_changes_across_layers_match_umoci() {
+    let tree = assert_matches_umoci(
+        &format!("{}/layered-replace:latest", registry()),
+        "layered-replace",
+    );
+    assert_eq!(entry(&tree, "f2d").unwrap()["type"], "file");
+    assert!(entry(&tree, "f2d/inner.txt").is_none());
+    assert_eq!(entry(&tree, "d2f").unwrap()["type"], "dir");
+    assert!(entry(&tree, "d2f/new.txt").is_some());
+    assert!(entry(&tree, "d2f/child.txt").is_none() && entry(&tree, "d2f/sub").is_none());
+    assert_eq!(entry(&tree, "l2f").unwrap()["target"], "t.txt");
+}
+
+#[test]
+fn hardlinks_across_directories_match_umoci() {
+    let tree = assert_matches_umoci(
+        &format!("{}/layered-hardlink:latest", registry()),
+        "layered-hardlink",
+    );
+    assert_eq!(
+        entry(&tree, "a/orig").unwrap()["links"],
+        serde_json::json!(["a/orig", "b/c/link", "top-link"])
+    );
+    assert_eq!(
+        entry(&tree, "r/deep/target").unwrap()["links"],
+        serde_json::json!(["r/alias", "r/deep/target", "top-alias"])
+    );
+    assert_eq!(entry(&tree, "s/suid-link").unwrap()["mode"], "0o4755");
+    // One member of group two was deleted: x/one stands alone.
+    assert!(entry(&tree, "x/one").unwrap()["links"].is_null());
+}
+
+#[test]
+fn implicit_parents_inherit_from_lower_layers_like_umoci() {
+    let tree = assert_matches_umoci(
+        &format!("{}/layered-implicit:latest", registry()),
+        "layered-implicit",
+    );
+    let srv = entry(&tree, "srv").unwrap();
+    assert_eq!(
+        (
+            srv["uid"].as_u64(),
+            srv["gid"].as_u64(),
+            srv["mode"].as_str()
+        ),
+        (Some(1234), Some(2345), Some("0o711"))
+    );
+    assert!(srv["xattrs"]["user.cstore"].is_string());
+    let app = entry(&tree, "srv/app").unwrap();
+    assert_eq!(
+        (app["uid"].as_u64(), app["mode"].as_str()),
+        (Some(1000), Some("0o2750"))
+    );
+    assert!(entry(&tree, "fresh/deep/file.txt").is_some());
+    assert!(entry(&tree, "gone/again.txt").is_some() && entry(&tree, "gone/inner").is_none());
+}
+
+/// Debian bookworm (debootstrap minbase, one ~100 MB layer): slow.
+#[test]
+fn debian_matches_umoci() {
+    let addr = registry();
+    run(Command::new("bash")
+        .arg(fixture("push.sh"))
+        .args([&addr, "--debian"]));
+    let tree = assert_matches_umoci(&format!("{addr}/debian:bookworm"), "debian");
+    assert!(tree.lines().count() > 5000);
+    assert!(entry(&tree, "usr/bin/bash").is_some());
+}
+
+#[test]
+fn a_wrong_diff_id_fails_the_pull_and_leaves_no_snapshot() {
+    let oci = oci_dir();
+    let manifest_of = |tag: &str| -> Value {
+        let index: Value =
+            serde_json::from_slice(&std::fs::read(oci.join("index.json")).unwrap()).unwrap();
+        let d = index["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+            .unwrap()["digest"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        serde_json::from_slice(&std::fs::read(oci.join("blobs/sha256").join(&d[7..])).unwrap())
+            .unwrap()
+    };
+    let blob = |d: &str| -> Value {
+        serde_json::from_slice(&std::fs::read(oci.join("blobs/sha256").join(&d[7..])).unwrap())
+            .unwrap()
+    };
+    let addr = registry();
+    let bad = manifest_of("layered-baddiff");
+    let good = manifest_of("busybox");
+    let layer = bad["layers"][1]["digest"].as_str().unwrap().to_string();
+    assert_eq!(layer, good["layers"][1]["digest"]);
+    let wrong = blob(bad["config"]["digest"].as_str().unwrap())["rootfs"]["diff_ids"][1]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let right = blob(good["config"]["digest"].as_str().unwrap())["rootfs"]["diff_ids"][1]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(wrong, right);
+
+    let cs = Cstore::new();
+    let reference = format!("{addr}/layered-baddiff:latest");
+    let err = cs.fail(&["pull", &reference]);
+    for want in [&reference, &layer, &wrong, &right] {
+        assert!(err.contains(want.as_str()), "{want} not in: {err}");
+    }
+    let snaps = snapshots(&cs);
+    assert!(
+        !snaps
+            .iter()
+            .any(|s| s["labels"]["cstore.io/layer.digest"] == layer.as_str()),
+        "a snapshot of the bad layer: {snaps:?}"
+    );
+    // Nor any above it: committed layers form a chain from the bottom.
+    assert!(
+        !snaps
+            .iter()
+            .any(|s| s["labels"]["cstore.io/layer.digest"] == bad["layers"][2]["digest"]),
+        "{snaps:?}"
+    );
+    assert!(
+        staging_leftovers(&cs).is_empty(),
+        "{:?}",
+        staging_leftovers(&cs)
+    );
+    // Mounting it tries the unpack again, fails the same way, mounts nothing.
+    let mnt = MountDir::new();
+    let err = cs.fail(&["mount", &reference, mnt.path().to_str().unwrap()]);
+    assert!(err.contains(&layer) && err.contains(&wrong), "{err}");
+    assert!(!is_mountpoint(mnt.path()));
+    assert!(snapshots(&cs).iter().all(|s| s["mountpoint"].is_null()));
+    assert!(staging_leftovers(&cs).is_empty());
+}
