@@ -1,0 +1,106 @@
+//! The probe and NVMe identify on a real NVMe controller model: runs
+//! fixtures/nvme-vm.sh, which boots Debian's kernel under qemu with an
+//! emulated NVMe controller (serial cstore0001, MDTS 7, 64 MiB namespace)
+//! and runs `cstore device info /dev/nvme0n1 --json` in the guest, plus a raw
+//! O_DIRECT write/read self-check of the namespace. Skipped, saying so, only
+//! when qemu-system-x86_64 is not installed (fixtures/deps.sh --nvme-vm).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use serde_json::Value;
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
+}
+
+/// The lines between `==== BEGIN name ====` and `==== END name ====`.
+fn section<'a>(out: &'a str, name: &str) -> Vec<&'a str> {
+    let begin = format!("==== BEGIN {name} ====");
+    let end = format!("==== END {name} ====");
+    out.lines()
+        .skip_while(|l| *l != begin)
+        .skip(1)
+        .take_while(|l| *l != end)
+        .collect()
+}
+
+#[test]
+fn device_info_on_qemus_nvme_controller() {
+    if !on_path("qemu-system-x86_64") {
+        eprintln!("skipping: qemu-system-x86_64 is not installed (fixtures/deps.sh --nvme-vm)");
+        return;
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("device.json");
+    let started = Instant::now();
+    let out = Command::new("bash")
+        .arg(repo.join("fixtures/nvme-vm.sh"))
+        .arg("--out")
+        .arg(&json_path)
+        .output()
+        .expect("running fixtures/nvme-vm.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "nvme-vm.sh took {:.1}s\n{stderr}",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        out.status.success(),
+        "nvme-vm.sh failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+
+    let selfcheck = section(&stdout, "selfcheck");
+    assert!(
+        selfcheck.iter().any(|l| l.starts_with("guest: PASS")),
+        "guest self-check: {selfcheck:?}"
+    );
+    assert!(
+        selfcheck.iter().any(|l| l.starts_with("host: PASS")),
+        "host self-check: {selfcheck:?}"
+    );
+    let text = section(&stdout, "cstore device info").join("\n");
+    assert!(text.contains("serial cstore0001"), "{text}");
+
+    let json = std::fs::read_to_string(&json_path).unwrap();
+    assert_eq!(
+        json.trim(),
+        section(&stdout, "cstore device info --json")
+            .join("\n")
+            .trim()
+    );
+    let v: Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+    let d = &v["device"];
+    assert_eq!(d["kind"], "nvme", "{json}");
+    assert_eq!(d["device"], "nvme0n1", "{json}");
+    assert_eq!(d["chain"], serde_json::json!(["nvme0n1"]), "{json}");
+    assert_eq!(d["nvme_error"], Value::Null, "{json}");
+
+    let c = &d["nvme"]["controller"];
+    assert_eq!(c["serial"], "cstore0001", "{json}");
+    assert!(c["model"].as_str().unwrap_or("").contains("QEMU"), "{json}");
+    assert_eq!(c["vendor_id"], 0x1b36, "QEMU's PCI vendor id: {json}");
+    assert_eq!(c["mdts"], 7, "{json}");
+    assert_eq!(d["nvme"]["max_transfer_bytes"], 4096 << 7, "{json}");
+
+    let ns = &d["nvme"]["namespace"];
+    let in_use = ns["lba_format_in_use"].as_u64().unwrap() as usize;
+    let lba = ns["lba_formats"][in_use]["data_size"].as_u64().unwrap();
+    assert_eq!(lba, 512, "qemu's default LBA format: {json}");
+    assert_eq!(
+        ns["size_lbas"].as_u64().unwrap() * lba,
+        64 << 20,
+        "the 64 MiB image: {json}"
+    );
+    assert_eq!(d["queue"]["logical_block_size"], lba, "{json}");
+    assert!(d["queue"]["hw_queues"].as_u64().unwrap() >= 1, "{json}");
+
+    let p = &v["policy"];
+    assert!(p["rings"].as_u64().unwrap() >= 1, "{json}");
+    assert_eq!(p["direct"], true, "{json}");
+}
