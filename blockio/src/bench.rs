@@ -216,7 +216,7 @@ pub fn run(b: &IoBench) -> Result<IoBenchResult> {
                         b,
                         fd,
                         size,
-                        0x9e37_79b9_7f4a_7c15 ^ (j as u64 + 1) * 0x1234_5678,
+                        0x9e37_79b9_7f4a_7c15 ^ ((j as u64 + 1) * 0x1234_5678),
                     )
                 })
             })

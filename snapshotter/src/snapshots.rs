@@ -78,6 +78,33 @@ pub struct Usage {
     pub inodes: u64,
 }
 
+/// Snapshot records from a write or a read transaction.
+trait Lookup {
+    fn raw(&self, key: &str) -> std::result::Result<Option<Vec<u8>>, Box<redb::Error>>;
+}
+
+impl Lookup for redb::WriteTransaction {
+    fn raw(&self, key: &str) -> std::result::Result<Option<Vec<u8>>, Box<redb::Error>> {
+        let t = self.open_table(SNAPSHOTS).map_err(|e| Box::new(e.into()))?;
+        let v = t
+            .get(key)
+            .map_err(|e| Box::new(e.into()))?
+            .map(|v| v.value().to_vec());
+        Ok(v)
+    }
+}
+
+impl Lookup for redb::ReadTransaction {
+    fn raw(&self, key: &str) -> std::result::Result<Option<Vec<u8>>, Box<redb::Error>> {
+        let t = self.open_table(SNAPSHOTS).map_err(|e| Box::new(e.into()))?;
+        let v = t
+            .get(key)
+            .map_err(|e| Box::new(e.into()))?
+            .map(|v| v.value().to_vec());
+        Ok(v)
+    }
+}
+
 fn now_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -135,18 +162,18 @@ impl Snapshotter {
         Error::from(self.db.err(e))
     }
 
-    fn get(&self, txn: &redb::WriteTransaction, key: &str) -> Result<Option<Record>> {
-        let t = txn.open_table(SNAPSHOTS).map_err(|e| self.dberr(e))?;
-        let v = t.get(key).map_err(|e| self.dberr(e))?;
-        match v {
+    fn get<L: Lookup>(&self, txn: &L, key: &str) -> Result<Option<Record>> {
+        match txn.raw(key).map_err(|e| self.dberr(*e))? {
             None => Ok(None),
-            Some(v) => serde_json::from_slice(v.value())
-                .map(Some)
-                .map_err(|e| Error::Db {
-                    path: self.db.path().into(),
-                    message: format!("record {key:?}: {e}"),
-                }),
+            Some(v) => serde_json::from_slice(&v).map(Some).map_err(|e| Error::Db {
+                path: self.db.path().into(),
+                message: format!("record {key:?}: {e}"),
+            }),
         }
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&redb::ReadTransaction) -> Result<T>) -> Result<T> {
+        self.db.read(f)
     }
 
     fn put(&self, txn: &redb::WriteTransaction, key: &str, r: &Record) -> Result<()> {
@@ -197,11 +224,7 @@ impl Snapshotter {
     }
 
     /// The chain of committed ancestors' ids, nearest first.
-    fn chain_ids(
-        &self,
-        txn: &redb::WriteTransaction,
-        mut parent: Option<String>,
-    ) -> Result<Vec<u64>> {
+    fn chain_ids<L: Lookup>(&self, txn: &L, mut parent: Option<String>) -> Result<Vec<u64>> {
         let mut ids = Vec::new();
         while let Some(p) = parent {
             let r = self
@@ -311,21 +334,18 @@ impl Snapshotter {
     }
 
     pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
-        self.transact(
-            |txn| {
-                let rec = self
-                    .get(txn, key)?
-                    .ok_or_else(|| Error::NotFound(key.to_string()))?;
-                if rec.kind == Kind::Committed {
-                    return Err(Error::FailedPrecondition(format!(
-                        "snapshot {key:?} is committed: mounts are for active or view snapshots"
-                    )));
-                }
-                let chain = self.chain_ids(txn, rec.parent.clone())?;
-                Ok(self.mounts_for(&rec, &chain))
-            },
-            Ok,
-        )
+        self.read(|txn| {
+            let rec = self
+                .get(txn, key)?
+                .ok_or_else(|| Error::NotFound(key.to_string()))?;
+            if rec.kind == Kind::Committed {
+                return Err(Error::FailedPrecondition(format!(
+                    "snapshot {key:?} is committed: mounts are for active or view snapshots"
+                )));
+            }
+            let chain = self.chain_ids(txn, rec.parent.clone())?;
+            Ok(self.mounts_for(&rec, &chain))
+        })
     }
 
     /// Mounts as containerd's overlayfs snapshotter gives them.
@@ -556,14 +576,11 @@ impl Snapshotter {
     }
 
     pub fn stat(&self, key: &str) -> Result<Info> {
-        self.transact(
-            |txn| {
-                self.get(txn, key)?
-                    .map(|r| info(key, r))
-                    .ok_or_else(|| Error::NotFound(key.to_string()))
-            },
-            Ok,
-        )
+        self.read(|txn| {
+            self.get(txn, key)?
+                .map(|r| info(key, r))
+                .ok_or_else(|| Error::NotFound(key.to_string()))
+        })
     }
 
     /// containerd Update: only labels change. `fields` empty replaces all
@@ -607,33 +624,27 @@ impl Snapshotter {
     /// Every snapshot, as containerd's Walk sees them. The transaction ends
     /// before the caller looks at the result, so a Stat inside a walk works.
     pub fn list(&self) -> Result<Vec<Info>> {
-        self.transact(
-            |txn| {
-                let t = txn.open_table(SNAPSHOTS).map_err(|e| self.dberr(e))?;
-                let mut out = Vec::new();
-                for item in t.iter().map_err(|e| self.dberr(e))? {
-                    let (k, v) = item.map_err(|e| self.dberr(e))?;
-                    let rec: Record = serde_json::from_slice(v.value()).map_err(|e| Error::Db {
-                        path: self.db.path().into(),
-                        message: format!("record {:?}: {e}", k.value()),
-                    })?;
-                    out.push(info(k.value(), rec));
-                }
-                Ok(out)
-            },
-            Ok,
-        )
+        self.read(|txn| {
+            let t = txn.open_table(SNAPSHOTS).map_err(|e| self.dberr(e))?;
+            let mut out = Vec::new();
+            for item in t.iter().map_err(|e| self.dberr(e))? {
+                let (k, v) = item.map_err(|e| self.dberr(e))?;
+                let rec: Record = serde_json::from_slice(v.value()).map_err(|e| Error::Db {
+                    path: self.db.path().into(),
+                    message: format!("record {:?}: {e}", k.value()),
+                })?;
+                out.push(info(k.value(), rec));
+            }
+            Ok(out)
+        })
     }
 
     /// containerd Usage: bytes and inodes of the snapshot's own layer.
     pub fn usage(&self, key: &str) -> Result<Usage> {
-        let rec = self.transact(
-            |txn| {
-                self.get(txn, key)?
-                    .ok_or_else(|| Error::NotFound(key.to_string()))
-            },
-            Ok,
-        )?;
+        let rec = self.read(|txn| {
+            self.get(txn, key)?
+                .ok_or_else(|| Error::NotFound(key.to_string()))
+        })?;
         Ok(match rec.usage {
             Some(u) => u,
             None => dir_usage(&self.dir(rec.id).join("fs")),
@@ -642,13 +653,10 @@ impl Snapshotter {
 
     /// The directory of a snapshot's own tree (committed: a layer).
     pub fn fs_dir(&self, key: &str) -> Result<PathBuf> {
-        let rec = self.transact(
-            |txn| {
-                self.get(txn, key)?
-                    .ok_or_else(|| Error::NotFound(key.to_string()))
-            },
-            Ok,
-        )?;
+        let rec = self.read(|txn| {
+            self.get(txn, key)?
+                .ok_or_else(|| Error::NotFound(key.to_string()))
+        })?;
         Ok(self.dir(rec.id).join("fs"))
     }
 

@@ -10,7 +10,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableTable, Table, TableDefinition};
@@ -108,14 +108,29 @@ pub fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-/// A redb file opened per transaction (see the module docs), shared by the
-/// store's metadata and the snapshotter's.
+/// A redb file shared by processes (see the module docs): the store's
+/// metadata and the snapshotter's.
+///
+/// Opening and closing redb is not free (a close writes the allocator state
+/// durably), so an open database lingers for `LINGER` after its last
+/// transaction: a burst of transactions (an unpack committing 100 layers, a
+/// containerd pull's Prepare/Commit traffic) pays for one open, and another
+/// process gets its turn as soon as this one pauses.
 pub struct DbFile {
     path: PathBuf,
     /// Threads of one process take turns too: redb refuses a second open
     /// from the same process as well.
-    in_process: Mutex<()>,
+    open: Arc<Mutex<Option<Lingering>>>,
+    reaper: std::sync::Once,
 }
+
+struct Lingering {
+    db: Database,
+    last_used: Instant,
+}
+
+/// How long an idle database stays open.
+const LINGER: Duration = Duration::from_millis(20);
 
 impl DbFile {
     /// Open (creating whole, if missing) the database file at `path`.
@@ -125,7 +140,8 @@ impl DbFile {
         }
         Ok(DbFile {
             path: path.to_path_buf(),
-            in_process: Mutex::new(()),
+            open: Arc::new(Mutex::new(None)),
+            reaper: std::sync::Once::new(),
         })
     }
 
@@ -178,14 +194,66 @@ impl DbFile {
         f: impl FnOnce(&redb::WriteTransaction) -> Result<T, E>,
         after: impl FnOnce(T) -> Result<U, E>,
     ) -> Result<U, E> {
-        let _turn = self.in_process.lock().unwrap_or_else(|p| p.into_inner());
-        let db = self.open_db()?;
-        let txn = db.begin_write().map_err(|e| self.err(e))?;
-        let out = f(&txn)?;
-        txn.commit().map_err(|e| self.err(e))?;
-        let out = after(out)?;
-        drop(db);
-        Ok(out)
+        self.with_db(|db| {
+            let txn = db.begin_write().map_err(|e| self.err(e))?;
+            let out = f(&txn)?;
+            txn.commit().map_err(|e| self.err(e))?;
+            after(out)
+        })
+    }
+
+    /// A read-only transaction: a snapshot of the last commit, no commit of
+    /// its own.
+    pub fn read<T, E: From<Error>>(
+        &self,
+        f: impl FnOnce(&redb::ReadTransaction) -> Result<T, E>,
+    ) -> Result<T, E> {
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(|e| self.err(e))?;
+            f(&txn)
+        })
+    }
+
+    fn with_db<T, E: From<Error>>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if open.is_none() {
+            *open = Some(Lingering {
+                db: self.open_db()?,
+                last_used: Instant::now(),
+            });
+            self.start_reaper();
+        }
+        let l = open.as_mut().expect("just opened");
+        let out = f(&l.db);
+        l.last_used = Instant::now();
+        out
+    }
+
+    /// A thread that closes the database once it has been idle for LINGER,
+    /// and ends when the DbFile is dropped.
+    fn start_reaper(&self) {
+        let weak = Arc::downgrade(&self.open);
+        self.reaper.call_once(|| {
+            std::thread::Builder::new()
+                .name("cstore-db-linger".into())
+                .spawn(move || loop {
+                    std::thread::sleep(LINGER / 2);
+                    let Some(open) = weak.upgrade() else { return };
+                    let mut g = open.lock().unwrap_or_else(|p| p.into_inner());
+                    if g.as_ref().is_some_and(|l| l.last_used.elapsed() >= LINGER) {
+                        *g = None;
+                    }
+                })
+                .expect("spawn the database reaper");
+        });
+    }
+
+    /// Close now if open (tests that hand the file to another process).
+    pub fn close(&self) {
+        *self.open.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
 

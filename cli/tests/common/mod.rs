@@ -14,7 +14,10 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 pub fn fixture(name: &str) -> PathBuf {
@@ -22,7 +25,11 @@ pub fn fixture(name: &str) -> PathBuf {
 }
 
 fn run_fixture(name: &str, args: &[&str]) -> String {
-    let out = Command::new("bash").arg(fixture(name)).args(args).output().expect("run fixture");
+    let out = Command::new("bash")
+        .arg(fixture(name))
+        .args(args)
+        .output()
+        .expect("run fixture");
     assert!(
         out.status.success(),
         "fixtures/{name} {args:?} failed:\n{}\n{}",
@@ -41,7 +48,10 @@ pub struct Registry {
 impl Registry {
     /// `extra`: e.g. `["--htpasswd", "user:pass"]`.
     pub fn start(extra: &[&str]) -> Registry {
-        let state = tempfile::Builder::new().prefix("cstore-registry-").tempdir().unwrap();
+        let state = tempfile::Builder::new()
+            .prefix("cstore-registry-")
+            .tempdir()
+            .unwrap();
         let mut args = vec!["start", state.path().to_str().unwrap()];
         args.extend_from_slice(extra);
         let addr = run_fixture("registry.sh", &args).trim().to_string();
@@ -62,7 +72,10 @@ impl Registry {
     }
 
     pub fn stop(&self) {
-        let _ = Command::new("bash").arg(fixture("registry.sh")).args(["stop", self.state.path().to_str().unwrap()]).output();
+        let _ = Command::new("bash")
+            .arg(fixture("registry.sh"))
+            .args(["stop", self.state.path().to_str().unwrap()])
+            .output();
     }
 }
 
@@ -103,7 +116,13 @@ pub struct Cstore {
 
 impl Cstore {
     pub fn new() -> Cstore {
-        Cstore { root: tempfile::Builder::new().prefix("cstore-root-").tempdir().unwrap(), env: vec![] }
+        Cstore {
+            root: tempfile::Builder::new()
+                .prefix("cstore-root-")
+                .tempdir()
+                .unwrap(),
+            env: vec![],
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -151,7 +170,11 @@ impl Cstore {
     }
 
     pub fn images(&self) -> Vec<Value> {
-        serde_json::from_str::<Value>(&self.ok(&["images", "--json"])).unwrap().as_array().unwrap().clone()
+        serde_json::from_str::<Value>(&self.ok(&["images", "--json"]))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
     }
 
     pub fn blob_names(&self) -> Vec<String> {
@@ -167,7 +190,11 @@ impl Cstore {
     pub fn assert_blobs_verified(&self) {
         for name in self.blob_names() {
             let bytes = std::fs::read(self.path().join("blobs/sha256").join(&name)).unwrap();
-            assert_eq!(hex::encode(Sha256::digest(&bytes)), name, "blob {name} does not hash to its name");
+            assert_eq!(
+                hex::encode(Sha256::digest(&bytes)),
+                name,
+                "blob {name} does not hash to its name"
+            );
         }
     }
 
@@ -191,7 +218,11 @@ impl Cstore {
             .arg(format!("oci:{}:copy", dest.path().display()))
             .output()
             .unwrap();
-        assert!(out.status.success(), "skopeo copy oci:ROOT:{name} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "skopeo copy oci:ROOT:{name} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -224,7 +255,11 @@ impl FaultProxy {
             assert!(Instant::now() < deadline, "fault proxy did not start");
             std::thread::sleep(Duration::from_millis(50));
         };
-        FaultProxy { addr: format!("127.0.0.1:{port}"), child, _dir: dir }
+        FaultProxy {
+            addr: format!("127.0.0.1:{port}"),
+            child,
+            _dir: dir,
+        }
     }
 
     /// Replace the fault rules (see fixtures/faultproxy.py).
@@ -241,7 +276,10 @@ impl FaultProxy {
         let v: Value = serde_json::from_str(&http(&self.addr, "GET", "/__log", None)).unwrap();
         match v {
             Value::Array(a) => a,
-            Value::Object(mut o) => o.remove("log").and_then(|l| l.as_array().cloned()).unwrap_or_default(),
+            Value::Object(mut o) => o
+                .remove("log")
+                .and_then(|l| l.as_array().cloned())
+                .unwrap_or_default(),
             _ => vec![],
         }
     }
@@ -267,6 +305,9 @@ pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> String 
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-    assert!(head.starts_with("HTTP/1.1 2") || head.starts_with("HTTP/1.0 2"), "{method} {path}: {head}");
+    assert!(
+        head.starts_with("HTTP/1.1 2") || head.starts_with("HTTP/1.0 2"),
+        "{method} {path}: {head}"
+    );
     body.to_string()
 }
