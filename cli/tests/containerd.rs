@@ -834,6 +834,51 @@ fn containerd_unpacker_shares_layers_cstore_pulled() {
     assert_eq!(out.trim(), "shared-layers-run");
 }
 
+/// The other way round: `cstore rmi` + `cstore gc` drop cstore's own names
+/// for layers containerd still uses; the directories stay until containerd
+/// removes its names too.
+#[test]
+fn cstore_gc_keeps_shared_layers_containerd_still_uses() {
+    let addr = registry(false);
+    let env = Env::start();
+    let image = format!("{addr}/busybox:latest");
+    env.cs.ok(&["pull", &image]);
+    let dirs = numbered_dirs(&env.cs);
+    env.ctrd.cripull("default", &image);
+
+    env.cs.ok(&["rmi", &image]);
+    let gc: Value = serde_json::from_str(&env.cs.ok(&["gc", "--json"])).unwrap();
+    assert_eq!(gc["removed_layer_snapshots"], 3, "{gc}");
+    let left = cstore_snapshots(&env.cs);
+    assert!(
+        left.iter().all(|v| key_of(v).starts_with("default/")),
+        "only containerd's names are left: {left:?}"
+    );
+    assert_eq!(left.len(), 3);
+    assert_eq!(numbered_dirs(&env.cs), dirs, "the shared directories stay");
+    let out = env.ctrd.ctr_ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "cstore",
+        &image,
+        "after-gc",
+        "/bin/echo",
+        "still-runs",
+    ]);
+    assert_eq!(out.trim(), "still-runs");
+
+    env.ctrd.ctr_ok(&["image", "rm", "--sync", &image]);
+    wait_until("containerd's GC", Duration::from_secs(60), || {
+        cstore_snapshots(&env.cs).is_empty()
+    });
+    assert!(
+        numbered_dirs(&env.cs).is_empty(),
+        "the last name took the directories: {:?}",
+        numbered_dirs(&env.cs)
+    );
+}
+
 /// List through the gRPC client (a macro: the client's type names tonic,
 /// which this crate does not depend on directly).
 macro_rules! list {
