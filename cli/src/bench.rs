@@ -45,7 +45,7 @@ pub fn io(
 ) -> Result<()> {
     let rw: Rw = rw.parse().map_err(anyhow::Error::msg)?;
     let bs = parse_size(bs)? as usize;
-    if bs == 0 || (direct && bs % 512 != 0) {
+    if bs == 0 || (direct && !bs.is_multiple_of(512)) {
         bail!("--bs {bs} must be positive (and a multiple of 512 with --direct)");
     }
     let b = IoBench {
