@@ -252,6 +252,10 @@ impl Extractor {
             sys::fchown(root, e.uid as u32, e.gid as u32)
                 .map_err(|x| err(path, io_reason("chown", &x)))?;
             sys::fchmod(root, e.mode).map_err(|x| err(path, io_reason("chmod", &x)))?;
+            for (k, v) in e.xattrs.iter().filter(|(k, _)| xattr_allowed(k)) {
+                let k = CString::new(k.as_bytes()).map_err(|_| err(path, "NUL in xattr name"))?;
+                sys::fsetxattr(root, &k, v).map_err(|x| err(path, io_reason("setxattr", &x)))?;
+            }
             self.dir_times.push((Vec::new(), e.mtime));
             return Ok(());
         };
