@@ -278,7 +278,8 @@ fn unpack_one(
 
 /// A directory the layer did not list but needed as a parent was created
 /// 0755 root:root; in the merged view it would mask the lower layer's own
-/// directory's owner and mode. Give it those of the nearest lower layer.
+/// directory's owner, mode and xattrs. Give it those of the nearest lower
+/// layer. The same for the layer root when the layer has no `./` entry.
 fn inherit_implicit_dirs(
     sn: &Snapshotter,
     lower: &[Layer],
@@ -394,6 +395,13 @@ enum Lookup {
 fn lower_lookup(base: &Path, rel: &Path) -> Lookup {
     let mut p = base.to_path_buf();
     let comps: Vec<_> = rel.components().collect();
+    if comps.is_empty() {
+        // The layer root: always a directory.
+        return match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => Lookup::Dir(m),
+            _ => Lookup::Absent,
+        };
+    }
     for (i, c) in comps.iter().enumerate() {
         p.push(c);
         match std::fs::symlink_metadata(&p) {

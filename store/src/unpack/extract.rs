@@ -47,6 +47,8 @@ pub struct Extractor {
     dir_times: Vec<(Vec<u8>, (i64, u32))>,
     /// Directories created because an entry's parent was missing.
     pub implicit_dirs: Vec<Vec<u8>>,
+    /// Whether the archive had an entry for the layer root (`./`).
+    pub root_listed: bool,
     pub stats: ExtractStats,
     buf: Vec<u8>,
     /// Paths created by this archive (files, links...), to tell a whiteout
@@ -102,6 +104,7 @@ impl Extractor {
             cached: None,
             dir_times: Vec::new(),
             implicit_dirs: Vec::new(),
+            root_listed: false,
             stats: ExtractStats::default(),
             buf: vec![0u8; 1 << 20],
             created: HashMap::new(),
@@ -257,6 +260,7 @@ impl Extractor {
                 sys::fsetxattr(root, &k, v).map_err(|x| err(path, io_reason("setxattr", &x)))?;
             }
             self.dir_times.push((Vec::new(), e.mtime));
+            self.root_listed = true;
             return Ok(());
         };
 

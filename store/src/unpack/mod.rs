@@ -42,7 +42,8 @@ pub struct LayerStats {
     /// Bytes of the uncompressed tar stream.
     pub tar_bytes: u64,
     pub extract: ExtractStats,
-    /// Directories created for entries whose parent the layer did not list.
+    /// Directories created for entries whose parent the layer did not list;
+    /// the layer root (an empty path) first when the layer has no `./` entry.
     #[serde(skip)]
     pub implicit_dirs: Vec<Vec<u8>>,
 }
@@ -156,7 +157,13 @@ pub fn unpack_layer(
         diff_id: actual,
         tar_bytes: diff.count,
         extract: x.stats.clone(),
-        implicit_dirs: std::mem::take(&mut x.implicit_dirs),
+        implicit_dirs: {
+            let mut dirs = std::mem::take(&mut x.implicit_dirs);
+            if !x.root_listed {
+                dirs.insert(0, Vec::new());
+            }
+            dirs
+        },
     })
 }
 
