@@ -322,7 +322,7 @@ fn inherit_implicit_dirs(
 /// Copy the extended attributes of `from` to `to` (directories, no symlinks
 /// followed), except overlay's own: a lower directory's opaque mark must not
 /// make the upper one hide what is below.
-fn copy_xattrs(from: &Path, to: &Path) -> Result<()> {
+pub(crate) fn copy_xattrs(from: &Path, to: &Path) -> Result<()> {
     let cpath = |p: &Path| {
         std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| {
             Error::io(

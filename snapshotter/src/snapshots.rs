@@ -285,6 +285,13 @@ impl Snapshotter {
                         )));
                     }
                     self.link_child(txn, p, key, true)?;
+                    if kind == Kind::Active {
+                        // The upper dir's root is the mount's root: it must
+                        // look like the image's, not like a fresh 0755 dir
+                        // (containerd copies the owner; the mode and xattrs
+                        // show through just the same).
+                        copy_root_attrs(&self.dir(pr.id).join("fs"), &staging.join("fs"))?;
+                    }
                 }
                 let id = self.next_id(txn)?;
                 let now = now_nanos();
@@ -721,6 +728,16 @@ impl Snapshotter {
 /// containerd stores no empty label values: setting one to "" removes it.
 fn drop_empty(labels: &mut BTreeMap<String, String>) {
     labels.retain(|_, v| !v.is_empty());
+}
+
+fn copy_root_attrs(from: &Path, to: &Path) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let m = fs::symlink_metadata(from).map_err(|e| Error::io("stat", from, e))?;
+    std::os::unix::fs::lchown(to, Some(m.uid()), Some(m.gid()))
+        .map_err(|e| Error::io("chown", to, e))?;
+    fs::set_permissions(to, fs::Permissions::from_mode(m.mode() & 0o7777))
+        .map_err(|e| Error::io("chmod", to, e))?;
+    crate::image::copy_xattrs(from, to)
 }
 
 fn info(key: &str, r: Record) -> Info {
