@@ -72,7 +72,21 @@ fn treesnap(dir: &Path) -> String {
         .args(["--ignore-xattr", "user.rootlesscontainers"]))
 }
 
-/// `umoci unpack --image OCI:TAG` (once per tag), described by treesnap.
+/// treesnap leaves the root itself out: its mode, owner and xattrs.
+fn root_attrs(dir: &Path) -> String {
+    run(Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import os, sys; st = os.lstat(sys.argv[1]); \
+         xs = {k: os.getxattr(sys.argv[1], k).hex() for k in sorted(os.listxattr(sys.argv[1])) \
+               if not k.startswith(('trusted.overlay.', 'user.rootlesscontainers'))}; \
+         print(oct(st.st_mode), st.st_uid, st.st_gid, xs)",
+        )
+        .arg(dir))
+}
+
+/// `umoci unpack --image OCI:TAG` (once per tag), described by treesnap, then
+/// the root's attributes.
 fn umoci_tree(tag: &str) -> String {
     static CACHE: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
@@ -89,7 +103,8 @@ fn umoci_tree(tag: &str) -> String {
         .arg("--image")
         .arg(format!("{}:{tag}", oci_dir().display()))
         .arg(&bundle));
-    let tree = treesnap(&bundle.join("rootfs"));
+    let rootfs = bundle.join("rootfs");
+    let tree = format!("{}root {}", treesnap(&rootfs), root_attrs(&rootfs));
     cache.lock().unwrap().insert(tag.to_string(), tree.clone());
     tree
 }
@@ -173,7 +188,7 @@ fn assert_matches_umoci(reference: &str, oracle: &str) -> String {
     let mnt = MountDir::new();
     cs.ok(&["mount", reference, mnt.path().to_str().unwrap()]);
     assert!(is_mountpoint(mnt.path()));
-    let got = treesnap(mnt.path());
+    let got = format!("{}root {}", treesnap(mnt.path()), root_attrs(mnt.path()));
     let want = umoci_tree(oracle);
     assert!(
         got == want,
@@ -195,6 +210,7 @@ fn assert_matches_umoci(reference: &str, oracle: &str) -> String {
 /// The entry for `path` in a treesnap description.
 fn entry(tree: &str, path: &str) -> Option<Value> {
     tree.lines()
+        .filter(|l| l.starts_with('{'))
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
         .find(|e| e["path"] == path)
 }
@@ -324,6 +340,12 @@ fn implicit_parents_inherit_from_lower_layers_like_umoci() {
     );
     assert!(entry(&tree, "fresh/deep/file.txt").is_some());
     assert!(entry(&tree, "gone/again.txt").is_some() && entry(&tree, "gone/inner").is_none());
+    // The root's attributes come from layer 1's `./`, the only one listed.
+    let root = tree.lines().last().unwrap();
+    assert!(
+        root.starts_with("root 0o40750 5 6 {'user.cstore'"),
+        "{root}"
+    );
 }
 
 /// Debian bookworm (debootstrap minbase, one ~100 MB layer): slow.
