@@ -174,6 +174,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [debug]
   level = "info"
 
+# Collect after every deletion, so a removed snapshot reaches the backend
+# promptly (by default GC waits for 100 mutations).
+[plugins."io.containerd.gc.v1.scheduler"]
+  deletion_threshold = 1
+  schedule_delay = "0ms"
+
 [proxy_plugins]
   [proxy_plugins.cstore]
     type = "snapshot"
