@@ -372,6 +372,31 @@ fn schema1_and_unknown_manifests_are_refused() {
 struct Tmpfs(PathBuf);
 
 impl Tmpfs {
+    /// Shrink (or grow) it to `size` bytes.
+    fn resize(&self, size: u64) {
+        let st = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(st.success(), "remount tmpfs to {size} bytes");
+    }
+
+    fn used(&self) -> u64 {
+        let out = Command::new("df")
+            .args(["-B1", "--output=used"])
+            .arg(&self.0)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
     fn mount(dir: &Path, size: &str) -> Tmpfs {
         let out = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
@@ -395,34 +420,52 @@ impl Drop for Tmpfs {
 
 #[test]
 fn a_full_disk_fails_cleanly_and_gives_the_space_back() {
-    let (proxy, cs, image) = setup();
-    // 2 MiB: meta.db takes ~1.6 MiB, so the store opens and the small blobs
-    // fit, but the 1 MiB layer does not.
-    let _tmpfs = Tmpfs::mount(cs.path(), "2048k");
-    // Keep a small layer in flight when the big one runs out of space: the
+    // The Debian image's one 51 MB layer, on a store with 8 MiB to spare:
+    // far more room than the metadata database's own ups and downs need
+    // (redb grows and shrinks its file by pages), far less than the layer.
+    let reg = common::Registry::start(&[]);
+    common::run_fixture("push.sh", &[&reg.addr, "--debian"]);
+    let proxy = FaultProxy::start(&reg.addr);
+    let mut cs = Cstore::new();
+    cs.env.push(("CSTORE_RETRY_BACKOFF_MS".into(), "20".into()));
+    let image = format!("{}/debian:bookworm", proxy.addr);
+    let out = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{}/debian:bookworm", reg.addr))
+        .output()
+        .unwrap();
+    let m: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let layer = m["layers"][0]["digest"].as_str().unwrap().to_string();
+    let config = m["config"]["digest"].as_str().unwrap().to_string();
+
+    let tmpfs = Tmpfs::mount(cs.path(), "128m");
+    cs.ok(&["images"]);
+    tmpfs.resize(tmpfs.used() + (8 << 20));
+    // Keep the config in flight when the layer runs out of space: the
     // failure cancels it, and its partial must not stay either.
-    let small = busybox().small();
-    proxy.set(json!({"match": small, "action": "slow", "bps": 100}));
+    proxy.set(json!({"match": config, "action": "slow", "bps": 100}));
     let err = cs.fail(&["pull", &image]);
-    let big = busybox().big();
-    assert!(err.contains("no space left") && err.contains(big), "{err}");
+    assert!(
+        err.to_lowercase().contains("no space left") && err.contains(&layer),
+        "{err}"
+    );
     assert!(
         cs.partials().is_empty(),
         "partials hold the full disk: {:?}",
         cs.partials()
     );
-    assert!(!has_blob(&cs, big));
+    assert!(!has_blob(&cs, &layer));
     cs.assert_blobs_verified();
     // The proxy logs a request when it is done with it.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while blob_gets(&proxy, small).is_empty() {
+    while blob_gets(&proxy, &config).is_empty() {
         assert!(
             std::time::Instant::now() < deadline,
-            "the small layer was never requested"
+            "the config was never requested"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    // The store still works.
+    // The store still works, and holds no trace of the image.
     assert!(!listed(&cs, &image));
 }
 

@@ -24,7 +24,8 @@ pub fn fixture(name: &str) -> PathBuf {
     repo_root().join("fixtures").join(name)
 }
 
-fn run_fixture(name: &str, args: &[&str]) -> String {
+/// Run a fixtures/ script, asserting success; its stdout.
+pub fn run_fixture(name: &str, args: &[&str]) -> String {
     let out = Command::new("bash")
         .arg(fixture(name))
         .args(args)
