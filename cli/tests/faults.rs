@@ -30,11 +30,6 @@ impl Busybox {
         &self.layers.iter().max_by_key(|(_, s)| *s).unwrap().0
     }
 
-    /// The smallest layer.
-    fn small(&self) -> &str {
-        &self.layers.iter().min_by_key(|(_, s)| *s).unwrap().0
-    }
-
     fn all(&self) -> Vec<String> {
         let mut v = vec![self.manifest.clone(), self.config.clone()];
         v.extend(self.layers.iter().map(|(d, _)| d.clone()));
