@@ -34,7 +34,7 @@ t() { # t OUTFILE CMD...: wall seconds and peak RSS (KiB) of CMD
 for i in $(seq "$RUNS"); do
   rm -rf "$work/cs"
   drop_caches
-  t "$work/cstore.$i" "$cstore" --root "$work/cs" pull "$ref"
+  t "$work/cstore.$i" "$cstore" --root "$work/cs" pull --no-unpack "$ref"
 
   rm -rf "$work/sk"
   drop_caches
