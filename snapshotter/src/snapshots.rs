@@ -223,6 +223,20 @@ impl Snapshotter {
         Ok(id)
     }
 
+    /// Make `child` a child of `parent`, which must be committed; its record.
+    fn adopt(&self, txn: &redb::WriteTransaction, parent: &str, child: &str) -> Result<Record> {
+        let pr = self
+            .get(txn, parent)?
+            .ok_or_else(|| Error::NotFound(parent.to_string()))?;
+        if pr.kind != Kind::Committed {
+            return Err(Error::FailedPrecondition(format!(
+                "parent {parent:?} is not a committed snapshot"
+            )));
+        }
+        self.link_child(txn, parent, child, true)?;
+        Ok(pr)
+    }
+
     /// The chain of committed ancestors' ids, nearest first.
     fn chain_ids<L: Lookup>(&self, txn: &L, mut parent: Option<String>) -> Result<Vec<u64>> {
         let mut ids = Vec::new();
@@ -276,15 +290,7 @@ impl Snapshotter {
                     return Err(Error::AlreadyExists(key.to_string()));
                 }
                 if let Some(p) = parent {
-                    let pr = self
-                        .get(txn, p)?
-                        .ok_or_else(|| Error::NotFound(p.to_string()))?;
-                    if pr.kind != Kind::Committed {
-                        return Err(Error::FailedPrecondition(format!(
-                            "parent {p:?} is not a committed snapshot"
-                        )));
-                    }
-                    self.link_child(txn, p, key, true)?;
+                    let pr = self.adopt(txn, p, key)?;
                     if kind == Kind::Active {
                         // The upper dir's root is the mount's root: it must
                         // look like the image's, not like a fresh 0755 dir
@@ -460,15 +466,7 @@ impl Snapshotter {
                     return Err(Error::AlreadyExists(name.to_string()));
                 }
                 if let Some(p) = parent {
-                    let pr = self
-                        .get(txn, p)?
-                        .ok_or_else(|| Error::NotFound(p.to_string()))?;
-                    if pr.kind != Kind::Committed {
-                        return Err(Error::FailedPrecondition(format!(
-                            "parent {p:?} is not committed"
-                        )));
-                    }
-                    self.link_child(txn, p, name, true)?;
+                    self.adopt(txn, p, name)?;
                 }
                 let id = self.next_id(txn)?;
                 let now = now_nanos();
@@ -513,15 +511,7 @@ impl Snapshotter {
                     return Err(Error::AlreadyExists(name.to_string()));
                 }
                 if let Some(p) = parent {
-                    let pr = self
-                        .get(txn, p)?
-                        .ok_or_else(|| Error::NotFound(p.to_string()))?;
-                    if pr.kind != Kind::Committed {
-                        return Err(Error::FailedPrecondition(format!(
-                            "parent {p:?} is not committed"
-                        )));
-                    }
-                    self.link_child(txn, p, name, true)?;
+                    self.adopt(txn, p, name)?;
                 }
                 let now = now_nanos();
                 let rec = Record {
