@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use common::tree::snapshots as cstore_snapshots;
 use common::{fixture, repo_root, shared_registry_addr, Cstore};
 use cstore_snapshotter::service::proto::containerd::services::snapshots::v1 as api;
 use serde_json::Value;
@@ -467,15 +468,6 @@ impl Env {
 }
 
 // ------------------------------------------------------ store-side oracles
-
-/// `cstore snapshots --json`.
-fn cstore_snapshots(cs: &Cstore) -> Vec<Value> {
-    serde_json::from_str::<Value>(&cs.ok(&["snapshots", "--json"]))
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
-}
 
 fn key_of(v: &Value) -> String {
     v["key"].as_str().unwrap().to_string()

@@ -6,199 +6,37 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use common::{fixture, shared_registry_addr, Cstore};
+use common::tree::{
+    is_mountpoint, mountinfo, oci_dir, registry_with_layered, root_attrs, run, snapshots,
+    staging_leftovers, tree_diff, treesnap, umoci_root_attrs, umoci_tree, MountDir,
+};
+use common::{shared_registry_addr, Cstore};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn oci_dir() -> PathBuf {
-    PathBuf::from(
-        run(Command::new("bash")
-            .arg(fixture("images.sh"))
-            .arg("--print-dir"))
-        .trim(),
-    )
-}
-
 /// The shared registry (busybox tags), plus the layered images these tests use.
 fn registry() -> String {
-    static PUSHED: OnceLock<String> = OnceLock::new();
-    PUSHED
-        .get_or_init(|| {
-            let addr = shared_registry_addr();
-            run(Command::new("bash")
-                .arg(fixture("layered-images.sh"))
-                .args(["--push", &addr, "layered-many", "layered-bulk"])
-                .arg("layered-implicit"));
-            addr
-        })
-        .clone()
-}
-
-/// treesnap without directory mtimes (an overlay directory shows its
-/// upper-most layer's, umoci's are whenever its last entry landed) and
-/// without overlay's own xattrs or umoci's rootless bookkeeping.
-fn treesnap(dir: &Path) -> String {
-    run(Command::new("python3")
-        .arg(fixture("treesnap.py"))
-        .arg(dir)
-        .args(["--no-mtime-dirs", "--ignore-xattr", "trusted.overlay."])
-        .args(["--ignore-xattr", "user.rootlesscontainers"]))
-}
-
-/// treesnap leaves the root itself out: its mode, owner and xattrs.
-fn root_attrs(dir: &Path) -> String {
-    run(Command::new("python3")
-        .arg("-c")
-        .arg(
-            "import os, sys; st = os.lstat(sys.argv[1]); \
-         xs = {k: os.getxattr(sys.argv[1], k).hex() for k in sorted(os.listxattr(sys.argv[1])) \
-               if not k.startswith(('trusted.overlay.', 'user.rootlesscontainers'))}; \
-         print(oct(st.st_mode), st.st_uid, st.st_gid, xs)",
-        )
-        .arg(dir))
-}
-
-fn umoci_root_attrs(tag: &str) -> String {
-    let tmp = tempfile::Builder::new()
-        .prefix("cstore-umoci-")
-        .tempdir()
-        .unwrap();
-    let bundle = tmp.path().join("bundle");
-    run(Command::new("umoci")
-        .arg("unpack")
-        .arg("--image")
-        .arg(format!("{}:{tag}", oci_dir().display()))
-        .arg(&bundle));
-    root_attrs(&bundle.join("rootfs"))
-}
-
-fn umoci_tree(tag: &str) -> String {
-    static CACHE: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
-    let cache = CACHE.get_or_init(Default::default);
-    if let Some(t) = cache.lock().unwrap().get(tag) {
-        return t.clone();
-    }
-    let tmp = tempfile::Builder::new()
-        .prefix("cstore-umoci-")
-        .tempdir()
-        .unwrap();
-    let bundle = tmp.path().join("bundle");
-    run(Command::new("umoci")
-        .arg("unpack")
-        .arg("--image")
-        .arg(format!("{}:{tag}", oci_dir().display()))
-        .arg(&bundle));
-    let tree = treesnap(&bundle.join("rootfs"));
-    cache.lock().unwrap().insert(tag.to_string(), tree.clone());
-    tree
+    registry_with_layered(&["layered-many", "layered-bulk", "layered-implicit"])
 }
 
 fn assert_same_tree(want: &str, got: &str, what: &str) {
     if want == got {
         return;
     }
-    let w: std::collections::BTreeSet<&str> = want.lines().collect();
-    let g: std::collections::BTreeSet<&str> = got.lines().collect();
-    let mut msg = String::new();
-    for l in w.difference(&g).take(20) {
-        msg += &format!("- want: {l}\n");
-    }
-    for l in g.difference(&w).take(20) {
-        msg += &format!("+ got:  {l}\n");
-    }
-    panic!("{what}: trees differ:\n{msg}");
-}
-
-/// The mount entry (mountinfo line) at `p`, if `p` is a mount point.
-fn mountinfo(p: &Path) -> Option<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let want = p.to_str().unwrap();
-    info.lines()
-        .rfind(|l| l.split(' ').nth(4) == Some(want))
-        .map(String::from)
-}
-
-fn is_mountpoint(p: &Path) -> bool {
-    mountinfo(p).is_some()
-}
-
-/// A mount point (canonical path) that is unmounted, lazily, however the
-/// test ends.
-struct MountDir {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
-}
-
-impl MountDir {
-    fn new() -> MountDir {
-        let dir = tempfile::Builder::new()
-            .prefix("cstore-mnt-")
-            .tempdir()
-            .unwrap();
-        let path = dir.path().canonicalize().unwrap();
-        MountDir { _dir: dir, path }
-    }
-    fn path(&self) -> &Path {
-        &self.path
-    }
-    fn s(&self) -> &str {
-        self.path.to_str().unwrap()
-    }
-}
-
-impl Drop for MountDir {
-    fn drop(&mut self) {
-        while is_mountpoint(&self.path) {
-            let ok = Command::new("umount")
-                .arg("-l")
-                .arg(&self.path)
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                break;
-            }
-        }
-    }
-}
-
-fn snapshots(cs: &Cstore) -> Vec<Value> {
-    serde_json::from_str::<Value>(&cs.ok(&["snapshots", "--json"]))
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
+    panic!(
+        "{what}: trees differ:\n{}",
+        tree_diff(want, got, "want:", "got: ")
+    );
 }
 
 fn mount_snapshot(cs: &Cstore, dir: &MountDir) -> Option<Value> {
     let key = format!("cstore-mount:{}", dir.s());
     snapshots(cs).into_iter().find(|s| s["key"] == key.as_str())
-}
-
-fn staging_leftovers(cs: &Cstore) -> Vec<String> {
-    std::fs::read_dir(cs.path().join("snapshots/staging"))
-        .map(|rd| {
-            rd.map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// The `upperdir=` of the overlay mounted at `dir`.

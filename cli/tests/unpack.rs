@@ -6,12 +6,13 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, OnceLock};
 
-use common::{fixture, shared_registry_addr, Cstore};
+use common::tree::{
+    is_mountpoint, oci_dir, registry_with_layered, root_attrs, run, snapshots, staging_leftovers,
+    tree_diff, treesnap, umoci_root_attrs, umoci_tree, MountDir,
+};
+use common::{fixture, Cstore};
 use serde_json::Value;
 
 const LAYERED: &[&str] = &[
@@ -23,161 +24,9 @@ const LAYERED: &[&str] = &[
     "layered-baddiff",
 ];
 
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn oci_dir() -> PathBuf {
-    PathBuf::from(
-        run(Command::new("bash")
-            .arg(fixture("images.sh"))
-            .arg("--print-dir"))
-        .trim(),
-    )
-}
-
 /// The shared registry, with the layered images pushed too (once).
 fn registry() -> String {
-    static PUSHED: OnceLock<String> = OnceLock::new();
-    PUSHED
-        .get_or_init(|| {
-            let addr = shared_registry_addr();
-            run(Command::new("bash")
-                .arg(fixture("layered-images.sh"))
-                .args(["--push", &addr])
-                .args(LAYERED));
-            addr
-        })
-        .clone()
-}
-
-/// The canonical description of a tree. Directory mtimes are left out: in an
-/// overlay mount a directory's mtime is its upper-most layer's copy (for
-/// directories a layer only implies, the time cstore made them), while umoci
-/// writes into one directory and the kernel updates it as entries land.
-/// Overlay's own `trusted.overlay.*` xattrs (opaque marks) are not content,
-/// and `user.rootlesscontainers` is umoci's rootless bookkeeping.
-fn treesnap(dir: &Path) -> String {
-    run(Command::new("python3")
-        .arg(fixture("treesnap.py"))
-        .arg(dir)
-        .args(["--no-mtime-dirs", "--ignore-xattr", "trusted.overlay."])
-        .args(["--ignore-xattr", "user.rootlesscontainers"]))
-}
-
-/// treesnap leaves the root itself out: its mode, owner and xattrs.
-fn root_attrs(dir: &Path) -> String {
-    run(Command::new("python3")
-        .arg("-c")
-        .arg(
-            "import os, sys; st = os.lstat(sys.argv[1]); \
-         xs = {k: os.getxattr(sys.argv[1], k).hex() for k in sorted(os.listxattr(sys.argv[1])) \
-               if not k.startswith(('trusted.overlay.', 'user.rootlesscontainers'))}; \
-         print(oct(st.st_mode), st.st_uid, st.st_gid, xs)",
-        )
-        .arg(dir))
-}
-
-/// `umoci unpack --image OCI:TAG` (once per tag), described by treesnap, then
-/// the root's attributes.
-fn umoci_tree(tag: &str) -> String {
-    static CACHE: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
-    let cache = CACHE.get_or_init(Default::default);
-    if let Some(t) = cache.lock().unwrap().get(tag) {
-        return t.clone();
-    }
-    let tmp = tempfile::Builder::new()
-        .prefix("cstore-umoci-")
-        .tempdir()
-        .unwrap();
-    let bundle = tmp.path().join("bundle");
-    run(Command::new("umoci")
-        .arg("unpack")
-        .arg("--image")
-        .arg(format!("{}:{tag}", oci_dir().display()))
-        .arg(&bundle));
-    let rootfs = bundle.join("rootfs");
-    let tree = format!("{}root {}", treesnap(&rootfs), root_attrs(&rootfs));
-    cache.lock().unwrap().insert(tag.to_string(), tree.clone());
-    tree
-}
-
-fn is_mountpoint(p: &Path) -> bool {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let want = p.to_str().unwrap();
-    info.lines().any(|l| l.split(' ').nth(4) == Some(want))
-}
-
-/// A mount point that is unmounted (lazily) however the test ends.
-struct MountDir {
-    dir: tempfile::TempDir,
-}
-
-impl MountDir {
-    fn new() -> MountDir {
-        MountDir {
-            dir: tempfile::Builder::new()
-                .prefix("cstore-mnt-")
-                .tempdir()
-                .unwrap(),
-        }
-    }
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for MountDir {
-    fn drop(&mut self) {
-        while is_mountpoint(self.dir.path()) {
-            let ok = Command::new("umount")
-                .arg("-l")
-                .arg(self.dir.path())
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                break;
-            }
-        }
-    }
-}
-
-fn snapshots(cs: &Cstore) -> Vec<Value> {
-    serde_json::from_str::<Value>(&cs.ok(&["snapshots", "--json"]))
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
-fn staging_leftovers(cs: &Cstore) -> Vec<String> {
-    std::fs::read_dir(cs.path().join("snapshots/staging"))
-        .map(|rd| {
-            rd.map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// A line-by-line diff of two treesnap outputs, for the assertion message.
-fn tree_diff(want: &str, got: &str) -> String {
-    let w: std::collections::BTreeSet<&str> = want.lines().collect();
-    let g: std::collections::BTreeSet<&str> = got.lines().collect();
-    let mut out = String::new();
-    for l in w.difference(&g).take(20) {
-        out += &format!("- umoci:  {l}\n");
-    }
-    for l in g.difference(&w).take(20) {
-        out += &format!("+ cstore: {l}\n");
-    }
-    out
+    registry_with_layered(LAYERED)
 }
 
 /// Pull `reference` (which unpacks it), mount it read-only, and compare the
@@ -189,11 +38,11 @@ fn assert_matches_umoci(reference: &str, oracle: &str) -> String {
     cs.ok(&["mount", reference, mnt.path().to_str().unwrap()]);
     assert!(is_mountpoint(mnt.path()));
     let got = format!("{}root {}", treesnap(mnt.path()), root_attrs(mnt.path()));
-    let want = umoci_tree(oracle);
+    let want = format!("{}root {}", umoci_tree(oracle), umoci_root_attrs(oracle));
     assert!(
         got == want,
         "{reference}: cstore's mount differs from umoci unpack of {oracle}:\n{}",
-        tree_diff(&want, &got)
+        tree_diff(&want, &got, "umoci: ", "cstore:")
     );
     cs.ok(&["umount", mnt.path().to_str().unwrap()]);
     assert!(!is_mountpoint(mnt.path()));
