@@ -407,7 +407,7 @@ impl Snapshotter {
         }
         // Measure outside the transaction: it walks the tree.
         let id = self
-            .transact(|txn| Ok(self.get(txn, key)?.map(|r| r.id)), Ok)?
+            .read(|txn| Ok(self.get(txn, key)?.map(|r| r.id)))?
             .ok_or_else(|| Error::NotFound(key.to_string()))?;
         let usage = dir_usage(&self.dir(id).join("fs"));
         self.transact(
