@@ -1,0 +1,262 @@
+//! Cgroup I/O limits, v1 and v2 behind one interface (as youki's libcgroups
+//! does it). Which one applies is read from /proc/self/mountinfo: a cgroup v1
+//! mount carrying the `blkio` controller, or the cgroup2 mount whose root
+//! `cgroup.controllers` lists `io`. Never guessed.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no cgroup hierarchy here has the io controller (no v1 blkio mount, no io in cgroup2's controllers)")]
+    NoIoController,
+    #[error("invalid rate {value:?}: {reason}")]
+    InvalidRate { value: String, reason: String },
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |source| Error::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Where the io controller lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Hierarchy {
+    /// The v1 `blkio` hierarchy mounted at this path.
+    V1Blkio(PathBuf),
+    /// The unified hierarchy mounted at this path, with `io` available.
+    V2(PathBuf),
+}
+
+impl Hierarchy {
+    /// Find the hierarchy with the io controller from a mountinfo text (and,
+    /// for v2, the controllers file under its mount point).
+    pub fn from_mountinfo(mountinfo: &str) -> Result<Hierarchy, Error> {
+        let mut v2 = None;
+        for line in mountinfo.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let Some(sep) = fields.iter().position(|f| *f == "-") else {
+                continue;
+            };
+            let (Some(mp), Some(fstype), Some(opts)) =
+                (fields.get(4), fields.get(sep + 1), fields.get(sep + 3))
+            else {
+                continue;
+            };
+            match *fstype {
+                "cgroup" if opts.split(',').any(|o| o == "blkio") => {
+                    return Ok(Hierarchy::V1Blkio(PathBuf::from(mp)))
+                }
+                "cgroup2" => v2 = Some(PathBuf::from(mp)),
+                _ => {}
+            }
+        }
+        match v2 {
+            Some(root)
+                if fs::read_to_string(root.join("cgroup.controllers"))
+                    .is_ok_and(|c| c.split_whitespace().any(|x| x == "io")) =>
+            {
+                Ok(Hierarchy::V2(root))
+            }
+            _ => Err(Error::NoIoController),
+        }
+    }
+
+    /// The hierarchy of this machine.
+    pub fn detect() -> Result<Hierarchy, Error> {
+        let text = fs::read_to_string("/proc/self/mountinfo")
+            .map_err(io_err("read", Path::new("/proc/self/mountinfo")))?;
+        Self::from_mountinfo(&text)
+    }
+
+    pub fn root(&self) -> &Path {
+        match self {
+            Hierarchy::V1Blkio(p) | Hierarchy::V2(p) => p,
+        }
+    }
+}
+
+/// Limits for one block device; None leaves that limit off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct IoLimits {
+    pub read_bps: Option<u64>,
+    pub write_bps: Option<u64>,
+    pub read_iops: Option<u64>,
+    pub write_iops: Option<u64>,
+}
+
+impl IoLimits {
+    pub fn is_empty(&self) -> bool {
+        *self == IoLimits::default()
+    }
+}
+
+/// Parse a rate: a number with an optional k/m/g (×1024) suffix and an
+/// optional "b"/"ib", as docker's --device-read-bps takes it ("1mb").
+pub fn parse_rate(s: &str) -> Result<u64, Error> {
+    let bad = |reason: &str| Error::InvalidRate {
+        value: s.to_string(),
+        reason: reason.into(),
+    };
+    let t = s.trim().to_ascii_lowercase();
+    let digits: String = t.chars().take_while(|c| c.is_ascii_digit()).collect();
+    if digits.is_empty() {
+        return Err(bad("expected a number, e.g. 1mb or 150"));
+    }
+    let unit = t[digits.len()..]
+        .trim_end_matches("ib")
+        .trim_end_matches('b');
+    let mult: u64 = match unit {
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        _ => return Err(bad("unknown unit (use k, m or g)")),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad("too large"))?;
+    let v = n.checked_mul(mult).ok_or_else(|| bad("too large"))?;
+    if v == 0 {
+        return Err(bad("a limit must be positive"));
+    }
+    Ok(v)
+}
+
+/// A cgroup of one hierarchy, by its directory.
+#[derive(Debug)]
+pub struct Cgroup {
+    pub hierarchy: Hierarchy,
+    pub dir: PathBuf,
+}
+
+impl Cgroup {
+    /// Create `name` (a relative path) under the hierarchy's root.
+    pub fn create(hierarchy: Hierarchy, name: &str) -> Result<Cgroup, Error> {
+        let dir = hierarchy.root().join(name.trim_start_matches('/'));
+        fs::create_dir_all(&dir).map_err(io_err("create cgroup", &dir))?;
+        Ok(Cgroup { hierarchy, dir })
+    }
+
+    /// Write the limits for device `major:minor`.
+    pub fn set_io_limits(&self, major: u32, minor: u32, l: &IoLimits) -> Result<(), Error> {
+        let dev = format!("{major}:{minor}");
+        match &self.hierarchy {
+            Hierarchy::V2(_) => {
+                let v = |x: Option<u64>| x.map_or("max".to_string(), |n| n.to_string());
+                let line = format!(
+                    "{dev} rbps={} wbps={} riops={} wiops={}",
+                    v(l.read_bps),
+                    v(l.write_bps),
+                    v(l.read_iops),
+                    v(l.write_iops)
+                );
+                let p = self.dir.join("io.max");
+                fs::write(&p, line).map_err(io_err("write", &p))
+            }
+            Hierarchy::V1Blkio(_) => {
+                // v1 has a file per limit; 0 removes a device's limit.
+                for (file, value) in [
+                    ("blkio.throttle.read_bps_device", l.read_bps),
+                    ("blkio.throttle.write_bps_device", l.write_bps),
+                    ("blkio.throttle.read_iops_device", l.read_iops),
+                    ("blkio.throttle.write_iops_device", l.write_iops),
+                ] {
+                    let p = self.dir.join(file);
+                    fs::write(&p, format!("{dev} {}", value.unwrap_or(0)))
+                        .map_err(io_err("write", &p))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    pub fn add_pid(&self, pid: u32) -> Result<(), Error> {
+        let p = self.dir.join("cgroup.procs");
+        fs::write(&p, pid.to_string()).map_err(io_err("write", &p))
+    }
+
+    /// Remove the (empty) cgroup.
+    pub fn remove(self) -> Result<(), Error> {
+        fs::remove_dir(&self.dir).map_err(io_err("remove cgroup", &self.dir))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+38 31 0:35 / /sys/fs/cgroup/blkio rw,relatime - cgroup cgroup rw,blkio
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw";
+
+    #[test]
+    fn v1_blkio_wins_where_it_is_mounted() {
+        assert_eq!(
+            Hierarchy::from_mountinfo(HYBRID).unwrap(),
+            Hierarchy::V1Blkio("/sys/fs/cgroup/blkio".into())
+        );
+    }
+
+    #[test]
+    fn v2_needs_io_in_its_controllers() {
+        let root = tempfile::tempdir().unwrap();
+        let mi = format!(
+            "29 1 0:26 / {} rw - cgroup2 cgroup2 rw",
+            root.path().display()
+        );
+        fs::write(root.path().join("cgroup.controllers"), "cpu memory pids").unwrap();
+        assert!(matches!(
+            Hierarchy::from_mountinfo(&mi),
+            Err(Error::NoIoController)
+        ));
+        fs::write(root.path().join("cgroup.controllers"), "cpu io memory pids").unwrap();
+        assert_eq!(
+            Hierarchy::from_mountinfo(&mi).unwrap(),
+            Hierarchy::V2(root.path().into())
+        );
+    }
+
+    /// v2 io.max on a fake cgroupfs tree (no v2 io controller on this machine).
+    #[test]
+    fn v2_io_max_line() {
+        let root = tempfile::tempdir().unwrap();
+        let cg = Cgroup::create(Hierarchy::V2(root.path().into()), "cstore/c1").unwrap();
+        cg.set_io_limits(
+            7,
+            3,
+            &IoLimits {
+                read_bps: Some(1 << 20),
+                write_iops: Some(150),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            fs::read_to_string(cg.dir.join("io.max")).unwrap(),
+            "7:3 rbps=1048576 wbps=max riops=max wiops=150"
+        );
+    }
+
+    #[test]
+    fn rates_parse_like_docker() {
+        assert_eq!(parse_rate("1mb").unwrap(), 1 << 20);
+        assert_eq!(parse_rate("150").unwrap(), 150);
+        assert_eq!(parse_rate("10k").unwrap(), 10240);
+        assert_eq!(parse_rate("2GiB").unwrap(), 2 << 30);
+        for bad in ["", "mb", "0", "1x", "-5"] {
+            let e = parse_rate(bad).unwrap_err().to_string();
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
+    }
+}
