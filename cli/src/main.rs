@@ -3,6 +3,7 @@
 mod bench;
 mod device;
 mod progress;
+mod run;
 mod snap;
 
 use std::path::PathBuf;
@@ -35,6 +36,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process; boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Pull an image from a registry into the store.
@@ -84,6 +87,49 @@ enum Command {
     Snapshots {
         #[arg(long)]
         json: bool,
+    },
+    /// Run a command in a new container from an image's snapshots.
+    Run {
+        /// Remove the container's snapshot when it exits.
+        #[arg(long)]
+        rm: bool,
+        #[arg(long)]
+        name: Option<String>,
+        /// Environment KEY=VALUE (repeatable).
+        #[arg(short = 'e', long = "env")]
+        env: Vec<String>,
+        /// Working directory inside the container.
+        #[arg(short = 'w', long)]
+        workdir: Option<String>,
+        /// UID[:GID].
+        #[arg(short = 'u', long)]
+        user: Option<String>,
+        #[arg(long)]
+        hostname: Option<String>,
+        /// none (a new, empty network namespace) or host.
+        #[arg(long, default_value = "none")]
+        net: String,
+        /// Mount the root filesystem read-only.
+        #[arg(long)]
+        read_only: bool,
+        /// RATE (on the store's device) or MAJ:MIN:RATE, e.g. 1mb.
+        #[arg(long)]
+        device_read_bps: Option<String>,
+        #[arg(long)]
+        device_write_bps: Option<String>,
+        #[arg(long)]
+        device_read_iops: Option<String>,
+        #[arg(long)]
+        device_write_iops: Option<String>,
+        /// Memory limit in bytes (k, m, g suffixes).
+        #[arg(long)]
+        memory: Option<String>,
+        #[arg(long)]
+        pids_limit: Option<i64>,
+        reference: String,
+        /// Command and arguments (default: the image's entrypoint and cmd).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
     },
     /// Benchmarks.
     Bench {
@@ -182,7 +228,14 @@ fn main() {
 }
 
 fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
+    // libcontainer warns about every cgroup controller a host lacks; only its
+    // errors are ours to show unless asked for.
+    let level = if level.contains("libcontainer") {
+        level.to_string()
+    } else {
+        format!("{level},libcontainer=error")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -320,6 +373,49 @@ fn run(cli: Cli) -> Result<()> {
         } => bench::io(
             path, &rw, &bs, qd, rings, &size, direct, runtime, sync, json,
         )?,
+        Command::Run {
+            rm,
+            name,
+            env,
+            workdir,
+            user,
+            hostname,
+            net,
+            read_only,
+            device_read_bps,
+            device_write_bps,
+            device_read_iops,
+            device_write_iops,
+            memory,
+            pids_limit,
+            reference,
+            command,
+        } => {
+            let store = open_store(&cli.root)?;
+            let code = run::run(
+                &store,
+                run::RunArgs {
+                    rm,
+                    name,
+                    env,
+                    workdir,
+                    user,
+                    hostname,
+                    net,
+                    read_only,
+                    device_read_bps,
+                    device_write_bps,
+                    device_read_iops,
+                    device_write_iops,
+                    memory,
+                    pids_limit,
+                    reference,
+                    command,
+                },
+            )?;
+            drop(store);
+            std::process::exit(code);
+        }
         Command::Snapshots { json } => {
             let store = open_store(&cli.root)?;
             snap::list(&store, json)?;

@@ -1,0 +1,267 @@
+//! `cstore run`: a container from an image's snapshots, launched with the
+//! runtime crate (youki's libcontainer), with disk I/O limits on the block
+//! device under the store.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use cstore_runtime::cgroup::parse_rate;
+use cstore_runtime::{IoLimits, RunSpec};
+use cstore_snapshotter::{image, mount, Kind};
+use cstore_store::reference::parse_digest;
+use cstore_store::Store;
+
+use crate::snap;
+
+pub struct RunArgs {
+    pub rm: bool,
+    pub name: Option<String>,
+    pub env: Vec<String>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+    pub hostname: Option<String>,
+    pub net: String,
+    pub read_only: bool,
+    pub device_read_bps: Option<String>,
+    pub device_write_bps: Option<String>,
+    pub device_read_iops: Option<String>,
+    pub device_write_iops: Option<String>,
+    pub memory: Option<String>,
+    pub pids_limit: Option<i64>,
+    pub reference: String,
+    pub command: Vec<String>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "PascalCase")]
+struct ImageConfig {
+    entrypoint: Option<Vec<String>>,
+    cmd: Option<Vec<String>>,
+    env: Option<Vec<String>>,
+    working_dir: Option<String>,
+    user: Option<String>,
+}
+
+/// MAJ:MIN of the disk under `path` (a partition's disk: throttles apply to disks).
+fn store_device(path: &Path) -> Result<(u32, u32)> {
+    let info = cstore_blockio::probe::probe_opts(path, false)?;
+    let mut name = info.chain.first().cloned().with_context(|| {
+        format!(
+            "{} is not on a block device ({}): give --device-*-bps MAJ:MIN:RATE",
+            path.display(),
+            info.fs_type.as_deref().unwrap_or("virtual filesystem")
+        )
+    })?;
+    if Path::new(&format!("/sys/class/block/{name}/partition")).exists() {
+        name = info.chain.get(1).cloned().unwrap_or(name);
+    }
+    let dev = std::fs::read_to_string(format!("/sys/class/block/{name}/dev"))?;
+    parse_majmin(dev.trim()).with_context(|| format!("device number of {name}"))
+}
+
+fn parse_majmin(s: &str) -> Option<(u32, u32)> {
+    let (a, b) = s.split_once(':')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// "RATE" (on the store's device) or "MAJ:MIN:RATE".
+fn device_rate(flag: &str, v: &str, store_root: &Path) -> Result<((u32, u32), u64)> {
+    let parts: Vec<&str> = v.split(':').collect();
+    let (dev, rate) = match parts.as_slice() {
+        [rate] => (store_device(store_root)?, *rate),
+        [maj, min, rate] => {
+            let dev = parse_majmin(&format!("{maj}:{min}"))
+                .with_context(|| format!("{flag} {v:?}: bad MAJ:MIN"))?;
+            if !Path::new(&format!("/sys/dev/block/{maj}:{min}")).exists() {
+                bail!("{flag} {v:?}: {maj}:{min} is not a block device");
+            }
+            (dev, *rate)
+        }
+        _ => bail!("{flag} {v:?}: expected RATE or MAJ:MIN:RATE"),
+    };
+    Ok((
+        dev,
+        parse_rate(rate).with_context(|| format!("{flag} {v:?}"))?,
+    ))
+}
+
+pub fn run(store: &Store, a: RunArgs) -> Result<i32> {
+    if a.net != "none" && a.net != "host" {
+        bail!("--net {:?}: none or host", a.net);
+    }
+    let img = store.image(&a.reference)?;
+    let config: ImageConfig = {
+        let bytes = store.read_blob(&parse_digest(&img.config.digest)?, 32 << 20)?;
+        #[derive(serde::Deserialize)]
+        struct Wrapper {
+            config: Option<ImageConfig>,
+        }
+        serde_json::from_slice::<Wrapper>(&bytes)
+            .with_context(|| format!("config of {}", img.name))?
+            .config
+            .unwrap_or_default()
+    };
+    let mut args: Vec<String> = config.entrypoint.clone().unwrap_or_default();
+    if a.command.is_empty() {
+        args.extend(config.cmd.clone().unwrap_or_default());
+    } else {
+        args.extend(a.command.iter().cloned());
+    }
+    if args.is_empty() {
+        bail!(
+            "{}: no command given and the image has no entrypoint or cmd",
+            img.name
+        );
+    }
+
+    // I/O limits: all on one device.
+    let mut io: Option<((u32, u32), IoLimits)> = None;
+    for (flag, v) in [
+        ("--device-read-bps", &a.device_read_bps),
+        ("--device-write-bps", &a.device_write_bps),
+        ("--device-read-iops", &a.device_read_iops),
+        ("--device-write-iops", &a.device_write_iops),
+    ] {
+        let Some(v) = v else { continue };
+        let (dev, rate) = device_rate(flag, v, store.root())?;
+        let entry = io.get_or_insert((dev, IoLimits::default()));
+        if entry.0 != dev {
+            bail!(
+                "I/O limits on two devices ({}:{} and {}:{}) are not supported",
+                entry.0 .0,
+                entry.0 .1,
+                dev.0,
+                dev.1
+            );
+        }
+        match flag {
+            "--device-read-bps" => entry.1.read_bps = Some(rate),
+            "--device-write-bps" => entry.1.write_bps = Some(rate),
+            "--device-read-iops" => entry.1.read_iops = Some(rate),
+            _ => entry.1.write_iops = Some(rate),
+        }
+    }
+    let memory = a
+        .memory
+        .as_deref()
+        .map(parse_rate)
+        .transpose()
+        .context("--memory")?
+        .map(|m| m as i64);
+
+    let (uid, gid) = match a
+        .user
+        .clone()
+        .or(config.user.clone())
+        .filter(|u| !u.is_empty())
+    {
+        None => (0, 0),
+        Some(u) => {
+            let (uid, gid) = u.split_once(':').unwrap_or((&u, "0"));
+            match (uid.parse(), gid.parse()) {
+                (Ok(u), Ok(g)) => (u, g),
+                _ => bail!("user {u:?}: only numeric UID[:GID] is supported"),
+            }
+        }
+    };
+    let mut env = config.env.clone().unwrap_or_else(|| {
+        vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()]
+    });
+    for e in &a.env {
+        if !e.contains('=') {
+            bail!("-e {e:?}: expected KEY=VALUE");
+        }
+        let key = e.split('=').next().unwrap_or("");
+        env.retain(|x| x.split('=').next() != Some(key));
+        env.push(e.clone());
+    }
+
+    let id = a
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{:012x}", rand_id()));
+    if !id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        || id.is_empty()
+    {
+        bail!("--name {id:?}: letters, digits, - and _ only");
+    }
+    let sn = snap::open(store)?;
+    let layers = image::layers_of(store, &img)?;
+    let top = layers.last().context("image has no layers")?;
+    if !sn
+        .stat(&top.chain_id)
+        .is_ok_and(|i| i.kind == Kind::Committed)
+    {
+        snap::unpack(store, &a.reference, false)?;
+    }
+    let dir: PathBuf = store.root().join("containers").join(&id);
+    let rootfs = dir.join("rootfs");
+    std::fs::create_dir_all(&rootfs).with_context(|| format!("creating {}", rootfs.display()))?;
+    let key = format!("cstore-run:{id}");
+    let labels = BTreeMap::from([
+        ("cstore.io/container".to_string(), id.clone()),
+        ("cstore.io/image".to_string(), img.name.clone()),
+        (
+            "cstore.io/mountpoint".to_string(),
+            rootfs.display().to_string(),
+        ),
+    ]);
+    let mounts = sn
+        .prepare(&key, Some(&top.chain_id), labels)
+        .map_err(|e| match e {
+            cstore_snapshotter::Error::AlreadyExists(_) => {
+                anyhow::anyhow!("a container named {id:?} exists")
+            }
+            e => e.into(),
+        })?;
+    let cleanup = |remove: bool| {
+        let _ = mount::unmount(&rootfs);
+        if remove {
+            let _ = sn.remove(&key);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    };
+    if let Err(e) = mount::mount_all(&mounts, &rootfs) {
+        cleanup(true);
+        return Err(e.into());
+    }
+    let spec = RunSpec {
+        id: id.clone(),
+        rootfs: rootfs.clone(),
+        bundle: dir.join("bundle"),
+        state_root: store.root().join("run-state"),
+        args,
+        env,
+        cwd: a
+            .workdir
+            .clone()
+            .or(config.working_dir.clone())
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "/".into()),
+        uid,
+        gid,
+        hostname: a
+            .hostname
+            .clone()
+            .unwrap_or_else(|| id.chars().take(12).collect()),
+        net_host: a.net == "host",
+        readonly: a.read_only,
+        cgroup: format!("/cstore/{id}"),
+        io: io.map(|((maj, min), l)| (maj, min, l)),
+        memory,
+        pids: a.pids_limit,
+    };
+    let result = cstore_runtime::run(&spec);
+    cleanup(a.rm);
+    Ok(result?)
+}
+
+fn rand_id() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom fills the buffer.
+    unsafe { libc::getrandom(b.as_mut_ptr().cast(), 8, 0) };
+    u64::from_le_bytes(b) & 0xffff_ffff_ffff
+}
