@@ -89,48 +89,7 @@ enum Command {
         json: bool,
     },
     /// Run a command in a new container from an image's snapshots.
-    Run {
-        /// Remove the container's snapshot when it exits.
-        #[arg(long)]
-        rm: bool,
-        #[arg(long)]
-        name: Option<String>,
-        /// Environment KEY=VALUE (repeatable).
-        #[arg(short = 'e', long = "env")]
-        env: Vec<String>,
-        /// Working directory inside the container.
-        #[arg(short = 'w', long)]
-        workdir: Option<String>,
-        /// UID[:GID].
-        #[arg(short = 'u', long)]
-        user: Option<String>,
-        #[arg(long)]
-        hostname: Option<String>,
-        /// none (a new, empty network namespace) or host.
-        #[arg(long, default_value = "none")]
-        net: String,
-        /// Mount the root filesystem read-only.
-        #[arg(long)]
-        read_only: bool,
-        /// RATE (on the store's device) or MAJ:MIN:RATE, e.g. 1mb.
-        #[arg(long)]
-        device_read_bps: Option<String>,
-        #[arg(long)]
-        device_write_bps: Option<String>,
-        #[arg(long)]
-        device_read_iops: Option<String>,
-        #[arg(long)]
-        device_write_iops: Option<String>,
-        /// Memory limit in bytes (k, m, g suffixes).
-        #[arg(long)]
-        memory: Option<String>,
-        #[arg(long)]
-        pids_limit: Option<i64>,
-        reference: String,
-        /// Command and arguments (default: the image's entrypoint and cmd).
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        command: Vec<String>,
-    },
+    Run(run::RunArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -373,46 +332,9 @@ fn run(cli: Cli) -> Result<()> {
         } => bench::io(
             path, &rw, &bs, qd, rings, &size, direct, runtime, sync, json,
         )?,
-        Command::Run {
-            rm,
-            name,
-            env,
-            workdir,
-            user,
-            hostname,
-            net,
-            read_only,
-            device_read_bps,
-            device_write_bps,
-            device_read_iops,
-            device_write_iops,
-            memory,
-            pids_limit,
-            reference,
-            command,
-        } => {
+        Command::Run(args) => {
             let store = open_store(&cli.root)?;
-            let code = run::run(
-                &store,
-                run::RunArgs {
-                    rm,
-                    name,
-                    env,
-                    workdir,
-                    user,
-                    hostname,
-                    net,
-                    read_only,
-                    device_read_bps,
-                    device_write_bps,
-                    device_read_iops,
-                    device_write_iops,
-                    memory,
-                    pids_limit,
-                    reference,
-                    command,
-                },
-            )?;
+            let code = run::run(&store, args)?;
             drop(store);
             std::process::exit(code);
         }

@@ -14,22 +14,47 @@ use cstore_store::Store;
 
 use crate::snap;
 
+#[derive(clap::Args)]
 pub struct RunArgs {
+    /// Remove the container's snapshot when it exits.
+    #[arg(long)]
     pub rm: bool,
+    #[arg(long)]
     pub name: Option<String>,
+    /// Environment KEY=VALUE (repeatable).
+    #[arg(short = 'e', long = "env")]
     pub env: Vec<String>,
+    /// Working directory inside the container.
+    #[arg(short = 'w', long)]
     pub workdir: Option<String>,
+    /// UID[:GID].
+    #[arg(short = 'u', long)]
     pub user: Option<String>,
+    #[arg(long)]
     pub hostname: Option<String>,
+    /// none (a new, empty network namespace) or host.
+    #[arg(long, default_value = "none")]
     pub net: String,
+    /// Mount the root filesystem read-only.
+    #[arg(long)]
     pub read_only: bool,
+    /// RATE (on the store's device) or MAJ:MIN:RATE, e.g. 1mb.
+    #[arg(long)]
     pub device_read_bps: Option<String>,
+    #[arg(long)]
     pub device_write_bps: Option<String>,
+    #[arg(long)]
     pub device_read_iops: Option<String>,
+    #[arg(long)]
     pub device_write_iops: Option<String>,
+    /// Memory limit in bytes (k, m, g suffixes).
+    #[arg(long)]
     pub memory: Option<String>,
+    #[arg(long)]
     pub pids_limit: Option<i64>,
     pub reference: String,
+    /// Command and arguments (default: the image's entrypoint and cmd).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub command: Vec<String>,
 }
 
