@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use redb::{Database, ReadableTable, Table, TableDefinition};
+use redb::{Database, ReadOnlyTable, ReadableTable, Table, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -279,6 +279,20 @@ impl Meta {
         Ok(meta)
     }
 
+    /// Run `f` on a read-only snapshot of the tables.
+    pub fn read<T>(&self, f: impl FnOnce(&ReadTables<'_>) -> Result<T>) -> Result<T> {
+        let db = &self.db;
+        db.read(|txn| {
+            let tables = ReadTables {
+                images: txn.open_table(IMAGES).map_err(|e| db.err(e))?,
+                blobs: txn.open_table(BLOBS).map_err(|e| db.err(e))?,
+                leases: txn.open_table(LEASES).map_err(|e| db.err(e))?,
+                path: db.path(),
+            };
+            f(&tables)
+        })
+    }
+
     /// Run `f` in one write transaction; it commits only if `f` succeeds.
     pub fn update<T>(&self, f: impl FnOnce(&mut Tables<'_>) -> Result<T>) -> Result<T> {
         self.update_then(f, Ok)
@@ -308,40 +322,132 @@ impl Meta {
     }
 }
 
-impl Tables<'_> {
-    fn err(&self, e: impl Into<redb::Error>) -> Error {
-        Error::Db {
-            path: self.path.to_path_buf(),
-            message: e.into().to_string(),
-        }
-    }
+/// The tables of one read transaction: a snapshot of the last commit, at
+/// no cost of a commit of its own.
+pub struct ReadTables<'p> {
+    images: ReadOnlyTable<&'static str, &'static [u8]>,
+    blobs: ReadOnlyTable<&'static str, &'static [u8]>,
+    leases: ReadOnlyTable<&'static str, &'static [u8]>,
+    path: &'p Path,
+}
 
+/// Reading records, the same from a read or a write transaction.
+pub trait View {
+    #[doc(hidden)]
+    fn raw_get(&self, which: Which, key: &str) -> Result<Option<Vec<u8>>>;
+    #[doc(hidden)]
+    fn raw_all(&self, which: Which) -> Result<Vec<(String, Vec<u8>)>>;
+    #[doc(hidden)]
+    fn db_path(&self) -> &Path;
+
+    #[doc(hidden)]
     fn decode<T: DeserializeOwned>(&self, key: &str, bytes: &[u8]) -> Result<T> {
         serde_json::from_slice(bytes).map_err(|e| Error::Db {
-            path: self.path.to_path_buf(),
+            path: self.db_path().to_path_buf(),
             message: format!("record {key:?} is corrupt: {e}"),
         })
     }
-
+    #[doc(hidden)]
     fn get<T: DeserializeOwned>(&self, which: Which, key: &str) -> Result<Option<T>> {
-        let table = self.table(which);
-        let found = table.get(key).map_err(|e| self.err(e))?;
-        match found {
-            Some(v) => Ok(Some(self.decode(key, v.value())?)),
-            None => Ok(None),
-        }
+        self.raw_get(which, key)?
+            .map(|v| self.decode(key, &v))
+            .transpose()
     }
-
+    #[doc(hidden)]
     fn all<T: DeserializeOwned>(&self, which: Which) -> Result<Vec<(String, T)>> {
-        let table = self.table(which);
-        let mut out = Vec::new();
-        for item in table.iter().map_err(|e| self.err(e))? {
-            let (k, v) = item.map_err(|e| self.err(e))?;
-            out.push((k.value().to_string(), self.decode(k.value(), v.value())?));
-        }
-        Ok(out)
+        self.raw_all(which)?
+            .into_iter()
+            .map(|(k, v)| Ok((k.clone(), self.decode(&k, &v)?)))
+            .collect()
     }
 
+    fn image(&self, name: &str) -> Result<Option<ImageRecord>> {
+        self.get(Which::Images, name)
+    }
+    fn images(&self) -> Result<Vec<ImageRecord>> {
+        Ok(self
+            .all(Which::Images)?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
+    }
+    fn blob(&self, digest: &str) -> Result<Option<BlobRecord>> {
+        self.get(Which::Blobs, digest)
+    }
+    fn blobs(&self) -> Result<Vec<(String, BlobRecord)>> {
+        self.all(Which::Blobs)
+    }
+    fn lease(&self, id: &str) -> Result<Option<Lease>> {
+        self.get(Which::Leases, id)
+    }
+    fn leases(&self) -> Result<Vec<(String, Lease)>> {
+        self.all(Which::Leases)
+    }
+}
+
+fn raw_get_in(
+    path: &Path,
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<Vec<u8>>> {
+    let err = |e: redb::StorageError| Error::Db {
+        path: path.to_path_buf(),
+        message: redb::Error::from(e).to_string(),
+    };
+    Ok(t.get(key).map_err(err)?.map(|v| v.value().to_vec()))
+}
+
+fn raw_all_in(
+    path: &Path,
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    let err = |e: redb::StorageError| Error::Db {
+        path: path.to_path_buf(),
+        message: redb::Error::from(e).to_string(),
+    };
+    let mut out = Vec::new();
+    for item in t.iter().map_err(err)? {
+        let (k, v) = item.map_err(err)?;
+        out.push((k.value().to_string(), v.value().to_vec()));
+    }
+    Ok(out)
+}
+
+impl View for Tables<'_> {
+    fn raw_get(&self, which: Which, key: &str) -> Result<Option<Vec<u8>>> {
+        raw_get_in(self.path, self.table(which), key)
+    }
+    fn raw_all(&self, which: Which) -> Result<Vec<(String, Vec<u8>)>> {
+        raw_all_in(self.path, self.table(which))
+    }
+    fn db_path(&self) -> &Path {
+        self.path
+    }
+}
+
+impl View for ReadTables<'_> {
+    fn raw_get(&self, which: Which, key: &str) -> Result<Option<Vec<u8>>> {
+        raw_get_in(self.path, self.table(which), key)
+    }
+    fn raw_all(&self, which: Which) -> Result<Vec<(String, Vec<u8>)>> {
+        raw_all_in(self.path, self.table(which))
+    }
+    fn db_path(&self) -> &Path {
+        self.path
+    }
+}
+
+impl ReadTables<'_> {
+    fn table(&self, which: Which) -> &ReadOnlyTable<&'static str, &'static [u8]> {
+        match which {
+            Which::Images => &self.images,
+            Which::Blobs => &self.blobs,
+            Which::Leases => &self.leases,
+        }
+    }
+}
+
+impl Tables<'_> {
     fn put<T: Serialize>(&mut self, which: Which, key: &str, value: &T) -> Result<()> {
         let bytes = serde_json::to_vec(value).expect("records serialize");
         let path = self.path;
@@ -379,41 +485,17 @@ impl Tables<'_> {
         }
     }
 
-    pub fn image(&self, name: &str) -> Result<Option<ImageRecord>> {
-        self.get(Which::Images, name)
-    }
-    pub fn images(&self) -> Result<Vec<ImageRecord>> {
-        Ok(self
-            .all(Which::Images)?
-            .into_iter()
-            .map(|(_, v)| v)
-            .collect())
-    }
     pub fn put_image(&mut self, image: &ImageRecord) -> Result<()> {
         self.put(Which::Images, &image.name.clone(), image)
     }
     pub fn remove_image(&mut self, name: &str) -> Result<bool> {
         self.remove(Which::Images, name)
     }
-
-    pub fn blob(&self, digest: &str) -> Result<Option<BlobRecord>> {
-        self.get(Which::Blobs, digest)
-    }
-    pub fn blobs(&self) -> Result<Vec<(String, BlobRecord)>> {
-        self.all(Which::Blobs)
-    }
     pub fn put_blob(&mut self, digest: &str, blob: &BlobRecord) -> Result<()> {
         self.put(Which::Blobs, digest, blob)
     }
     pub fn remove_blob(&mut self, digest: &str) -> Result<bool> {
         self.remove(Which::Blobs, digest)
-    }
-
-    pub fn lease(&self, id: &str) -> Result<Option<Lease>> {
-        self.get(Which::Leases, id)
-    }
-    pub fn leases(&self) -> Result<Vec<(String, Lease)>> {
-        self.all(Which::Leases)
     }
     pub fn put_lease(&mut self, id: &str, lease: &Lease) -> Result<()> {
         self.put(Which::Leases, id, lease)
@@ -449,8 +531,9 @@ pub(crate) fn create_db_whole(path: &Path) -> Result<()> {
     Ok(())
 }
 
+#[doc(hidden)]
 #[derive(Clone, Copy)]
-enum Which {
+pub enum Which {
     Images,
     Blobs,
     Leases,

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use crate::error::{Error, Result};
 use crate::ingest::{Acquired, BlobWriter};
 use crate::media::{self, ManifestKind};
-use crate::meta::{BlobRecord, DescriptorRecord, ImageRecord, Lease};
+use crate::meta::{BlobRecord, DescriptorRecord, ImageRecord, Lease, View};
 use crate::platform::Platform;
 use crate::reference::{parse_digest, Reference};
 use crate::registry::{error_chain, FetchedManifest, RegistryClient, MAX_MANIFEST_BYTES};

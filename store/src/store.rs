@@ -21,7 +21,7 @@ use oci_spec::image::Digest;
 
 use crate::error::{write_err, Error, Result};
 use crate::ingest::{sync_dir, BlobDirs, IngestLock};
-use crate::meta::{ImageRecord, Meta, Tables};
+use crate::meta::{ImageRecord, Meta, View};
 use crate::reference::{parse_digest, Reference};
 
 pub const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
@@ -125,7 +125,7 @@ impl Store {
     }
 
     pub fn images(&self) -> Result<Vec<ImageRecord>> {
-        let mut images = self.inner.meta.update(|t| t.images())?;
+        let mut images = self.inner.meta.read(|t| t.images())?;
         images.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(images)
     }
@@ -135,7 +135,7 @@ impl Store {
         let name = reference.parse::<Reference>()?.to_string();
         self.inner
             .meta
-            .update(|t| t.image(&name))?
+            .read(|t| t.image(&name))?
             .ok_or(Error::ImageNotFound(name))
     }
 
@@ -289,7 +289,7 @@ impl Store {
         let (images, blobs, marked) = self
             .inner
             .meta
-            .update(|t| Ok((t.images()?.len(), t.blobs()?, mark(t)?)))?;
+            .read(|t| Ok((t.images()?.len(), t.blobs()?, mark(t)?)))?;
         let mut du = DiskUsage {
             images,
             blobs: blobs.len(),
@@ -338,7 +338,7 @@ impl Store {
 }
 
 /// Everything reachable from image refs and live leases.
-fn mark(t: &Tables<'_>) -> Result<HashSet<String>> {
+fn mark(t: &impl View) -> Result<HashSet<String>> {
     let mut stack: Vec<String> = Vec::new();
     for i in t.images()? {
         stack.extend([i.target.digest, i.manifest.digest, i.config.digest]);
