@@ -83,25 +83,30 @@ trait Lookup {
     fn raw(&self, key: &str) -> std::result::Result<Option<Vec<u8>>, Box<redb::Error>>;
 }
 
+fn lookup_in(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> std::result::Result<Option<Vec<u8>>, Box<redb::Error>> {
+    Ok(t.get(key)
+        .map_err(|e| Box::new(e.into()))?
+        .map(|v| v.value().to_vec()))
+}
+
 impl Lookup for redb::WriteTransaction {
     fn raw(&self, key: &str) -> std::result::Result<Option<Vec<u8>>, Box<redb::Error>> {
-        let t = self.open_table(SNAPSHOTS).map_err(|e| Box::new(e.into()))?;
-        let v = t
-            .get(key)
-            .map_err(|e| Box::new(e.into()))?
-            .map(|v| v.value().to_vec());
-        Ok(v)
+        lookup_in(
+            &self.open_table(SNAPSHOTS).map_err(|e| Box::new(e.into()))?,
+            key,
+        )
     }
 }
 
 impl Lookup for redb::ReadTransaction {
     fn raw(&self, key: &str) -> std::result::Result<Option<Vec<u8>>, Box<redb::Error>> {
-        let t = self.open_table(SNAPSHOTS).map_err(|e| Box::new(e.into()))?;
-        let v = t
-            .get(key)
-            .map_err(|e| Box::new(e.into()))?
-            .map(|v| v.value().to_vec());
-        Ok(v)
+        lookup_in(
+            &self.open_table(SNAPSHOTS).map_err(|e| Box::new(e.into()))?,
+            key,
+        )
     }
 }
 
@@ -744,24 +749,9 @@ fn info(key: &str, r: Record) -> Info {
 /// Bytes (allocated) and inodes of a tree, each hardlinked inode once, as
 /// containerd's fs.DiskUsage counts.
 pub fn dir_usage(dir: &Path) -> Usage {
-    use std::os::unix::fs::MetadataExt;
-    let mut seen = std::collections::HashSet::new();
-    let mut u = Usage::default();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            let Ok(m) = e.path().symlink_metadata() else {
-                continue;
-            };
-            if seen.insert((m.dev(), m.ino())) {
-                u.inodes += 1;
-                u.size += m.blocks() * 512;
-            }
-            if m.is_dir() {
-                stack.push(e.path());
-            }
-        }
+    let u = cstore_store::tree_usage(dir);
+    Usage {
+        size: u.allocated,
+        inodes: u.inodes,
     }
-    u
 }

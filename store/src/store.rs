@@ -301,8 +301,8 @@ impl Store {
                 du.reclaimable_bytes += rec.size;
             }
         }
-        du.unpacked_bytes = tree_bytes(&self.inner.root.join("snapshots"));
-        du.ingest_bytes = tree_bytes(&self.inner.dirs.ingest);
+        du.unpacked_bytes = tree_usage(&self.inner.root.join("snapshots")).file_bytes;
+        du.ingest_bytes = tree_usage(&self.inner.dirs.ingest).file_bytes;
         Ok(du)
     }
 
@@ -360,23 +360,40 @@ fn mark(t: &impl View) -> Result<HashSet<String>> {
     Ok(marked)
 }
 
-fn tree_bytes(dir: &Path) -> u64 {
+/// What a directory tree holds, each inode counted once (hardlinks).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TreeUsage {
+    /// Apparent bytes of everything but directories.
+    pub file_bytes: u64,
+    /// Bytes allocated on disk, directories included (containerd's usage).
+    pub allocated: u64,
+    pub inodes: u64,
+}
+
+/// Walk `dir` (not following symlinks); a missing dir is empty.
+pub fn tree_usage(dir: &Path) -> TreeUsage {
     use std::os::unix::fs::MetadataExt;
-    let mut total = 0;
+    let mut u = TreeUsage::default();
     let mut stack = vec![dir.to_path_buf()];
     let mut seen = HashSet::new();
     while let Some(d) = stack.pop() {
         let Ok(rd) = fs::read_dir(&d) else { continue };
         for e in rd.flatten() {
+            // DirEntry::metadata is lstat: symlinks are not followed.
             let Ok(m) = e.metadata() else { continue };
             if m.is_dir() {
                 stack.push(e.path());
-            } else if m.nlink() <= 1 || seen.insert((m.dev(), m.ino())) {
-                total += m.len();
+            }
+            if seen.insert((m.dev(), m.ino())) {
+                u.inodes += 1;
+                u.allocated += m.blocks() * 512;
+                if !m.is_dir() {
+                    u.file_bytes += m.len();
+                }
             }
         }
     }
-    total
+    u
 }
 
 /// Write a file so readers see the old or the new content, never a mix.
