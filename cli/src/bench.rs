@@ -7,60 +7,61 @@ use anyhow::{bail, Result};
 use cstore_blockio::bench::{run, IoBench, Rw};
 use cstore_blockio::Mode;
 
-/// `4k`, `1m`, `1g`, `512`, `1MiB`, `150mb`: bytes (binary multiples).
+/// `4k`, `1m`, `1g`, `512`, `1MiB`, `150mb`: bytes (binary multiples); the
+/// same syntax as `cstore run`'s rates.
 pub fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim().to_ascii_lowercase();
-    let digits: String = t.chars().take_while(|c| c.is_ascii_digit()).collect();
-    let unit = t[digits.len()..]
-        .trim_end_matches("ib")
-        .trim_end_matches('b');
-    let n: u64 = match digits.parse() {
-        Ok(n) => n,
-        Err(_) => bail!("bad size {s:?}: expected a number with an optional k, m, g or t suffix"),
-    };
-    let mult = match unit {
-        "" => 1,
-        "k" => 1 << 10,
-        "m" => 1 << 20,
-        "g" => 1 << 30,
-        "t" => 1 << 40,
-        _ => bail!("bad size {s:?}: unknown unit {unit:?}"),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| anyhow::anyhow!("size {s:?} is too large"))
+    Ok(cstore_runtime::cgroup::parse_rate(s)?)
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn io(
-    path: PathBuf,
-    rw: &str,
-    bs: &str,
+#[derive(clap::Args)]
+pub struct IoArgs {
+    /// randread, randwrite, read or write.
+    #[arg(long, default_value = "randread")]
+    rw: String,
+    #[arg(long, default_value = "4k")]
+    bs: String,
+    /// I/Os in flight per ring.
+    #[arg(long, default_value_t = 32)]
     qd: u32,
+    /// Rings (one thread each), like fio's numjobs.
+    #[arg(long, default_value_t = 1)]
     rings: usize,
-    size: &str,
+    /// Region of the file or device to use.
+    #[arg(long, default_value = "1g")]
+    size: String,
+    /// O_DIRECT.
+    #[arg(long)]
     direct: bool,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10.0)]
     runtime: f64,
+    /// Use the plain-syscall fallback instead of io_uring.
+    #[arg(long)]
     sync: bool,
+    #[arg(long)]
     json: bool,
-) -> Result<()> {
-    let rw: Rw = rw.parse().map_err(anyhow::Error::msg)?;
-    let bs = parse_size(bs)? as usize;
-    if bs == 0 || (direct && !bs.is_multiple_of(512)) {
+    path: PathBuf,
+}
+
+pub fn io(a: IoArgs) -> Result<()> {
+    let rw: Rw = a.rw.parse().map_err(anyhow::Error::msg)?;
+    let bs = parse_size(&a.bs)? as usize;
+    if bs == 0 || (a.direct && !bs.is_multiple_of(512)) {
         bail!("--bs {bs} must be positive (and a multiple of 512 with --direct)");
     }
     let b = IoBench {
-        path,
+        path: a.path,
         rw,
         bs,
-        qd: qd.max(1),
-        jobs: rings.max(1),
-        size: parse_size(size)?,
-        direct,
-        runtime: Duration::from_secs_f64(runtime),
-        mode: if sync { Mode::Sync } else { Mode::Auto },
+        qd: a.qd.max(1),
+        jobs: a.rings.max(1),
+        size: parse_size(&a.size)?,
+        direct: a.direct,
+        runtime: Duration::from_secs_f64(a.runtime),
+        mode: if a.sync { Mode::Sync } else { Mode::Auto },
     };
     let r = run(&b)?;
-    if json {
+    if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(

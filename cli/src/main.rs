@@ -127,34 +127,7 @@ enum Command {
 #[derive(Subcommand)]
 enum BenchCommand {
     /// fio-style I/O on cstore's io_uring rings: IOPS, MB/s, latency percentiles.
-    Io {
-        /// randread, randwrite, read or write.
-        #[arg(long, default_value = "randread")]
-        rw: String,
-        #[arg(long, default_value = "4k")]
-        bs: String,
-        /// I/Os in flight per ring.
-        #[arg(long, default_value_t = 32)]
-        qd: u32,
-        /// Rings (one thread each), like fio's numjobs.
-        #[arg(long, default_value_t = 1)]
-        rings: usize,
-        /// Region of the file or device to use.
-        #[arg(long, default_value = "1g")]
-        size: String,
-        /// O_DIRECT.
-        #[arg(long)]
-        direct: bool,
-        /// Seconds to run.
-        #[arg(long, default_value_t = 10.0)]
-        runtime: f64,
-        /// Use the plain-syscall fallback instead of io_uring.
-        #[arg(long)]
-        sync: bool,
-        #[arg(long)]
-        json: bool,
-        path: PathBuf,
-    },
+    Io(bench::IoArgs),
 }
 
 #[derive(Subcommand)]
@@ -316,22 +289,8 @@ fn run(cli: Cli) -> Result<()> {
             command: DeviceCommand::Info { path, json },
         } => device::info(&path, json)?,
         Command::Bench {
-            command:
-                BenchCommand::Io {
-                    rw,
-                    bs,
-                    qd,
-                    rings,
-                    size,
-                    direct,
-                    runtime,
-                    sync,
-                    json,
-                    path,
-                },
-        } => bench::io(
-            path, &rw, &bs, qd, rings, &size, direct, runtime, sync, json,
-        )?,
+            command: BenchCommand::Io(args),
+        } => bench::io(args)?,
         Command::Run(args) => {
             let store = open_store(&cli.root)?;
             let code = run::run(&store, args)?;
