@@ -62,3 +62,22 @@ stop_containerd() {
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
+
+# bench_setup: everything the pull/unpack benchmarks share. Installs the peers,
+# builds cstore (release) and the bench image, serves the image from a
+# registry on 127.0.0.1, and sets: cstore, work (removed on exit, with the
+# registry and any containerd under it stopped), addr, ref.
+bench_setup() {
+  bash fixtures/deps.sh --bench
+  bench_image
+  cargo build --release --locked -q -p cstore
+  cstore=$CARGO_TARGET_DIR/release/cstore
+  work=$(mktemp -d /var/tmp/cstore-bench.XXXXXX)
+  trap 'stop_containerd "$work/ctrd" || true; bash fixtures/registry.sh stop "$work/reg" || true; rm -rf "$work"' EXIT
+  addr=$(bash fixtures/registry.sh start "$work/reg")
+  skopeo copy -q --dest-tls-verify=false "oci:$OCI:bench" "docker://$addr/bench:latest"
+  ref=$addr/bench:latest
+  local raw
+  raw=$(skopeo inspect --raw --tls-verify=false "docker://$ref")
+  echo "image $ref: $(jq '.layers | length' <<<"$raw") layers, $(( $(jq '[.layers[].size] | add' <<<"$raw") >> 20 )) MiB compressed"
+}

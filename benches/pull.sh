@@ -11,20 +11,7 @@ source benches/lib.sh
 RUNS=${RUNS:-3}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/cstore-target}
 
-bash fixtures/deps.sh --bench
-bench_image
-cargo build --release --locked -q -p cstore
-cstore=$CARGO_TARGET_DIR/release/cstore
-
-work=$(mktemp -d /var/tmp/cstore-bench.XXXXXX)
-cleanup() { stop_containerd "$work/ctrd" || true; bash fixtures/registry.sh stop "$work/reg" || true; rm -rf "$work"; }
-trap cleanup EXIT
-addr=$(bash fixtures/registry.sh start "$work/reg")
-skopeo copy -q --dest-tls-verify=false "oci:$OCI:bench" "docker://$addr/bench:latest"
-ref=$addr/bench:latest
-
-layers=$(skopeo inspect --raw --tls-verify=false "docker://$ref" | jq '[.layers[].size] | add')
-echo "image $ref: $(skopeo inspect --raw --tls-verify=false "docker://$ref" | jq '.layers | length') layers, $((layers >> 20)) MiB compressed"
+bench_setup
 
 t() { # t OUTFILE CMD...: wall seconds and peak RSS (KiB) of CMD
   local out=$1; shift

@@ -19,24 +19,7 @@ source benches/lib.sh
 RUNS=${RUNS:-3}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/cstore-target}
 
-bash fixtures/deps.sh --bench
-bench_image
-cargo build --release --locked -q -p cstore
-cstore=$CARGO_TARGET_DIR/release/cstore
-
-work=$(mktemp -d /var/tmp/cstore-bench.XXXXXX)
-cleanup() {
-  stop_containerd "$work/ctrd" || true
-  bash fixtures/registry.sh stop "$work/reg" || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-addr=$(bash fixtures/registry.sh start "$work/reg")
-skopeo copy -q --dest-tls-verify=false "oci:$OCI:bench" "docker://$addr/bench:latest"
-ref=$addr/bench:latest
-
-raw=$(skopeo inspect --raw --tls-verify=false "docker://$ref")
-echo "image $ref: $(jq '.layers | length' <<<"$raw") layers, $(( $(jq '[.layers[].size] | add' <<<"$raw") >> 20 )) MiB compressed"
+bench_setup
 
 # t NAME CMD...: run CMD under /usr/bin/time -v; NAME gets "wall-seconds peak-RSS-KiB".
 t() {
