@@ -1,6 +1,7 @@
 //! The `cstore` command: a thin layer over the library crates.
 
 mod bench;
+mod containers;
 mod device;
 mod progress;
 mod run;
@@ -90,6 +91,21 @@ enum Command {
     },
     /// Run a command in a new container from an image's snapshots.
     Run(run::RunArgs),
+    /// List running containers (with --all, also exited ones).
+    Ps {
+        #[arg(short, long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove containers: their snapshot, directory and runtime leftovers.
+    Rm {
+        /// Kill a running container first.
+        #[arg(short, long)]
+        force: bool,
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -165,7 +181,7 @@ fn init_logging(level: &str) {
     let level = if level.contains("libcontainer") {
         level.to_string()
     } else {
-        format!("{level},libcontainer=error")
+        format!("{level},libcontainer=error,libcgroups=error")
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
@@ -296,6 +312,14 @@ fn run(cli: Cli) -> Result<()> {
             let code = run::run(&store, args)?;
             drop(store);
             std::process::exit(code);
+        }
+        Command::Ps { all, json } => {
+            let store = open_store(&cli.root)?;
+            containers::ps(&store, all, json)?;
+        }
+        Command::Rm { force, names } => {
+            let store = open_store(&cli.root)?;
+            containers::rm(&store, &names, force)?;
         }
         Command::Snapshots { json } => {
             let store = open_store(&cli.root)?;

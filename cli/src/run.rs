@@ -7,12 +7,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use cstore_runtime::cgroup::parse_rate;
-use cstore_runtime::{IoLimits, RunSpec};
+use cstore_runtime::{IoLimits, Record, RunSpec};
 use cstore_snapshotter::{image, mount, Kind};
 use cstore_store::reference::parse_digest;
 use cstore_store::Store;
 
-use crate::snap;
+use crate::{containers, snap};
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -206,11 +206,7 @@ pub fn run(store: &Store, a: RunArgs) -> Result<i32> {
         .name
         .clone()
         .unwrap_or_else(|| format!("{:012x}", rand_id()));
-    if !id
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        || id.is_empty()
-    {
+    if !containers::valid_name(&id) {
         bail!("--name {id:?}: letters, digits, - and _ only");
     }
     let sn = snap::open(store)?;
@@ -222,10 +218,10 @@ pub fn run(store: &Store, a: RunArgs) -> Result<i32> {
     {
         snap::unpack(store, &a.reference, false)?;
     }
-    let dir: PathBuf = store.root().join("containers").join(&id);
+    let dir: PathBuf = containers::dir(store, &id);
     let rootfs = dir.join("rootfs");
     std::fs::create_dir_all(&rootfs).with_context(|| format!("creating {}", rootfs.display()))?;
-    let key = format!("cstore-run:{id}");
+    let key = containers::snapshot_key(&id);
     let labels = BTreeMap::from([
         ("cstore.io/container".to_string(), id.clone()),
         ("cstore.io/image".to_string(), img.name.clone()),
@@ -238,7 +234,7 @@ pub fn run(store: &Store, a: RunArgs) -> Result<i32> {
         .prepare(&key, Some(&top.chain_id), labels)
         .map_err(|e| match e {
             cstore_snapshotter::Error::AlreadyExists(_) => {
-                anyhow::anyhow!("a container named {id:?} exists")
+                anyhow::anyhow!("a container named {id:?} exists (remove it with `cstore rm {id}`)")
             }
             e => e.into(),
         })?;
@@ -249,15 +245,22 @@ pub fn run(store: &Store, a: RunArgs) -> Result<i32> {
             let _ = std::fs::remove_dir_all(&dir);
         }
     };
-    if let Err(e) = mount::mount_all(&mounts, &rootfs) {
+    // The name is ours now (prepare refuses a second one): record the container.
+    let mut record = Record::new(&id, &img.name, &args);
+    record.auto_remove = a.rm;
+    if let Err(e) = record
+        .save(&dir)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| Ok(mount::mount_all(&mounts, &rootfs)?))
+    {
         cleanup(true);
-        return Err(e.into());
+        return Err(e);
     }
     let spec = RunSpec {
         id: id.clone(),
         rootfs: rootfs.clone(),
         bundle: dir.join("bundle"),
-        state_root: store.root().join("run-state"),
+        state_root: containers::state_root(store),
         args,
         env,
         cwd: a
@@ -274,12 +277,27 @@ pub fn run(store: &Store, a: RunArgs) -> Result<i32> {
             .unwrap_or_else(|| id.chars().take(12).collect()),
         net_host: a.net == "host",
         readonly: a.read_only,
-        cgroup: format!("/cstore/{id}"),
+        cgroup: containers::cgroup_path(&id),
         io: io.map(|((maj, min), l)| (maj, min, l)),
         memory,
         pids: a.pids_limit,
     };
-    let result = cstore_runtime::run(&spec);
+    let result = cstore_runtime::run_with(&spec, |pid| {
+        record.set_started(pid);
+        if let Err(e) = record.save(&dir) {
+            tracing::warn!(error = %e, "recording the container's pid");
+        }
+    });
+    // What a failed create left, and the cgroup parent when no other container uses it.
+    if let Err(e) = cstore_runtime::teardown::remove(&id, &spec.state_root, &spec.cgroup) {
+        tracing::warn!(error = %e, "removing the container's runtime state");
+    }
+    if !a.rm {
+        record.set_finished(&result);
+        if let Err(e) = record.save(&dir) {
+            tracing::warn!(error = %e, "recording the container's exit");
+        }
+    }
     cleanup(a.rm);
     Ok(result?)
 }

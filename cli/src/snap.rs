@@ -14,6 +14,7 @@ use crate::progress::human_bytes;
 const MOUNT_KEY_PREFIX: &str = "cstore-mount:";
 const LABEL_MOUNTPOINT: &str = "cstore.io/mountpoint";
 const LABEL_IMAGE: &str = "cstore.io/image";
+const LABEL_CONTAINER: &str = "cstore.io/container";
 
 pub fn jobs() -> usize {
     std::thread::available_parallelism()
@@ -159,17 +160,20 @@ pub fn list(store: &Store, json: bool) -> Result<()> {
         .iter()
         .map(|i| {
             let usage = sn.usage(&i.name).unwrap_or_default();
+            let container = i.labels.get(LABEL_CONTAINER);
             let mount = i.labels.get(LABEL_MOUNTPOINT).map(|mp| {
-                if mount::is_mountpoint(Path::new(mp)) {
-                    "mounted"
-                } else {
-                    "stale (not mounted)"
+                match (mount::is_mountpoint(Path::new(mp)), container) {
+                    (true, _) => "mounted",
+                    // A kept container's rootfs is mounted only while it runs.
+                    (false, Some(_)) => "not mounted (container not running)",
+                    (false, None) => "stale (not mounted)",
                 }
             });
             serde_json::json!({
                 "key": i.name, "kind": i.kind, "parent": i.parent, "labels": i.labels,
                 "size": usage.size, "inodes": usage.inodes, "created": i.created,
                 "mountpoint": i.labels.get(LABEL_MOUNTPOINT), "mount_state": mount,
+                "container": container,
             })
         })
         .collect();

@@ -190,6 +190,65 @@ impl Cgroup {
     }
 }
 
+/// Mount points of every cgroup hierarchy (v1 and v2) in a mountinfo text.
+pub fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let sep = fields.iter().position(|f| *f == "-")?;
+            let (mp, fstype) = (fields.get(4)?, *fields.get(sep + 1)?);
+            (fstype == "cgroup" || fstype == "cgroup2").then(|| PathBuf::from(mp))
+        })
+        .collect()
+}
+
+/// Remove a container's cgroup `path` (e.g. "/cstore/ID") under each of
+/// `roots` where it is left, then its parent where that is empty: runtimes
+/// remove the leaf only, and the parent is shared by every container, so a
+/// parent another container is using (ENOTEMPTY, EBUSY) stays.
+pub fn remove_leftovers(roots: &[PathBuf], path: &str) -> Result<(), Error> {
+    let rel = Path::new(path.trim_start_matches('/'));
+    for root in roots {
+        let leaf = root.join(rel);
+        remove_leaf(&leaf)?;
+        if let Some(parent) = rel.parent().filter(|p| !p.as_os_str().is_empty()) {
+            let dir = root.join(parent);
+            match fs::remove_dir(&dir) {
+                Err(e)
+                    if !matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENOTEMPTY | libc::EBUSY | libc::ENOENT)
+                    ) =>
+                {
+                    return Err(io_err("remove cgroup", &dir)(e))
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// rmdir a cgroup; a v1 cgroup stays busy for a moment after its last task
+/// is reaped, so EBUSY is retried for up to a second.
+fn remove_leaf(dir: &Path) -> Result<(), Error> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e)
+                if e.raw_os_error() == Some(libc::EBUSY)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => return Err(io_err("remove cgroup", dir)(e)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,6 +304,34 @@ mod tests {
         assert_eq!(
             fs::read_to_string(cg.dir.join("io.max")).unwrap(),
             "7:3 rbps=1048576 wbps=max riops=max wiops=150"
+        );
+    }
+
+    #[test]
+    fn leftovers_go_and_a_shared_parent_goes_only_when_empty() {
+        let mi = HYBRID.replace("/sys/fs/cgroup", "/fake");
+        let roots = mount_points(&mi);
+        assert_eq!(
+            roots,
+            [
+                "/fake/memory",
+                "/fake/blkio",
+                "/fake/systemd",
+                "/fake/unified"
+            ]
+            .map(PathBuf::from)
+        );
+        let t = tempfile::tempdir().unwrap();
+        let (a, b) = (t.path().join("a"), t.path().join("b"));
+        fs::create_dir_all(a.join("cstore/c1")).unwrap();
+        fs::create_dir_all(b.join("cstore/c1")).unwrap();
+        fs::create_dir_all(b.join("cstore/c2")).unwrap();
+        remove_leftovers(&[a.clone(), b.clone(), t.path().join("none")], "/cstore/c1").unwrap();
+        assert!(!a.join("cstore").exists(), "empty parent removed");
+        assert!(!b.join("cstore/c1").exists());
+        assert!(
+            b.join("cstore/c2").exists(),
+            "another container's cgroup stays"
         );
     }
 

@@ -23,6 +23,8 @@ pub enum RunError {
     Spec(String),
     #[error("container {id}: {message}")]
     Runtime { id: String, message: String },
+    #[error("container record {path}: {message}")]
+    Record { path: PathBuf, message: String },
 }
 
 /// What to run, and how.
@@ -149,6 +151,11 @@ pub fn build_spec(r: &RunSpec) -> Result<Spec, RunError> {
 /// Create, start, wait for and delete the container; its exit status
 /// (128 + signal when killed).
 pub fn run(r: &RunSpec) -> Result<i32, RunError> {
+    run_with(r, |_| {})
+}
+
+/// As [`run`], telling `on_start` the init's pid once it runs.
+pub fn run_with(r: &RunSpec, on_start: impl FnOnce(u32)) -> Result<i32, RunError> {
     let rt = |message: String| RunError::Runtime {
         id: r.id.clone(),
         message,
@@ -175,6 +182,7 @@ pub fn run(r: &RunSpec) -> Result<i32, RunError> {
     let code = match (started, c.pid()) {
         (Ok(()), Some(pid)) => {
             crate::signals::forward_to(pid.as_raw());
+            on_start(pid.as_raw() as u32);
             let code = loop {
                 match waitpid(nix::unistd::Pid::from_raw(pid.as_raw()), None) {
                     Ok(WaitStatus::Exited(_, code)) => break Ok(code),

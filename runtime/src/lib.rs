@@ -5,7 +5,10 @@
 
 pub mod cgroup;
 pub mod container;
+pub mod record;
 mod signals;
+pub mod teardown;
 
 pub use cgroup::{Cgroup, Error, Hierarchy, IoLimits};
-pub use container::{build_spec, run, RunError, RunSpec};
+pub use container::{build_spec, run, run_with, RunError, RunSpec};
+pub use record::{Record, State};

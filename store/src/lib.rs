@@ -17,4 +17,4 @@ pub use error::{Error, Result};
 pub use platform::Platform;
 pub use pull::{pull, Event, Observer, PullOptions, PullReport};
 pub use reference::Reference;
-pub use store::{tree_usage, DiskUsage, GcReport, Store, TreeUsage};
+pub use store::{tree_usage, write_atomic, DiskUsage, GcReport, Store, TreeUsage};

@@ -95,10 +95,18 @@ impl Lease {
 
 /// Field 22 of /proc/PID/stat: start time in clock ticks since boot.
 pub fn process_start_time(pid: u32) -> Option<u64> {
+    process_state(pid).map(|(_, start)| start)
+}
+
+/// Fields 3 and 22 of /proc/PID/stat: the state ('R', 'S', 'Z' for a
+/// zombie, ...) and the start time.
+pub fn process_state(pid: u32) -> Option<(char, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces and parens; fields resume after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    Some((state, fields.nth(18)?.parse().ok()?))
 }
 
 pub fn now_unix() -> u64 {
