@@ -92,6 +92,12 @@ pub fn build_spec(r: &RunSpec) -> Result<Spec, RunError> {
         .clone()
         .ok_or_else(|| spec_err("default spec has no linux section"))?;
     linux.set_cgroups_path(Some(r.cgroup.clone().into()));
+    // runc mounts the cgroup hierarchies read-only. libcontainer bind-mounts
+    // each v1 hierarchy read-write whatever the spec says, which would let
+    // the container lift its own limits; readonly paths remount each one.
+    let mut readonly = linux.readonly_paths().clone().unwrap_or_default();
+    readonly.extend(cgroup_readonly_paths());
+    linux.set_readonly_paths(Some(readonly));
     if r.net_host {
         if let Some(ns) = linux.namespaces().clone() {
             linux.set_namespaces(Some(
@@ -146,6 +152,21 @@ pub fn build_spec(r: &RunSpec) -> Result<Spec, RunError> {
     linux.set_resources(Some(res));
     spec.set_linux(Some(linux));
     Ok(spec)
+}
+
+/// /sys/fs/cgroup and every hierarchy mounted under it, as the container
+/// sees them (at the host's paths).
+fn cgroup_readonly_paths() -> Vec<String> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    std::iter::once(root.to_path_buf())
+        .chain(
+            crate::cgroup::mount_points(&mountinfo)
+                .into_iter()
+                .filter(|p| p.parent() == Some(root)),
+        )
+        .map(|p| p.display().to_string())
+        .collect()
 }
 
 /// Create, start, wait for and delete the container; its exit status
