@@ -110,3 +110,230 @@ fn bad_input_is_refused_clearly_and_leaves_nothing() {
     assert_ne!(code, 0, "a missing command fails: {err}");
     no_run_snapshots_left(&cs);
 }
+
+fn ps(cs: &Cstore, all: bool) -> Vec<serde_json::Value> {
+    let mut args = vec!["ps", "--json"];
+    if all {
+        args.push("-a");
+    }
+    serde_json::from_str::<serde_json::Value>(&cs.ok(&args))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn find<'a>(rows: &'a [serde_json::Value], name: &str) -> Option<&'a serde_json::Value> {
+    rows.iter().find(|r| r["name"] == name)
+}
+
+/// A name no concurrent test (of this or another binary) uses: cgroup paths
+/// (/cstore/NAME) are host-wide, whatever the store.
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{prefix}-{}-{nanos:x}", std::process::id())
+}
+
+/// Nothing of container `name` is left: snapshot, directory, mount,
+/// libcontainer state, cgroup directories.
+fn container_gone(cs: &Cstore, name: &str) {
+    let snaps = cs.ok(&["snapshots", "--json"]);
+    assert!(!snaps.contains(&format!("cstore-run:{name}")), "{snaps}");
+    assert!(!cs.path().join("containers").join(name).exists());
+    assert!(!cs.path().join("run-state").join(name).exists());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&cs.path().display().to_string()),
+        "something is still mounted under the store"
+    );
+    for h in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+        let leaf = h.path().join("cstore").join(name);
+        assert!(!leaf.exists(), "{} is left", leaf.display());
+    }
+}
+
+#[test]
+fn a_kept_container_is_listed_survives_gc_and_rm_removes_it() {
+    let (cs, image) = setup();
+    let name = unique("kept");
+    let out = cs.run(&["run", "--name", &name, &image, "sh", "-c", "exit 7"]);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    assert!(find(&ps(&cs, false), &name).is_none(), "ps lists running ones only");
+    let all = ps(&cs, true);
+    let c = find(&all, &name).unwrap_or_else(|| panic!("ps -a lacks {name}: {all:?}"));
+    assert_eq!(c["state"], "exited");
+    assert_eq!(c["exit_code"], 7);
+    assert_eq!(c["image"], image);
+    assert_eq!(c["command"], serde_json::json!(["sh", "-c", "exit 7"]));
+    assert!(c["status"].as_str().unwrap().starts_with("Exited (7) "), "{c}");
+    assert!(c["pid"].is_null());
+    let table = cs.ok(&["ps", "-a"]);
+    assert!(table.lines().any(|l| l.starts_with(&name) && l.contains("Exited (7)")), "{table}");
+
+    // Kept: its snapshot and directory, not mounted; gc leaves them (and its layers).
+    let dir = cs.path().join("containers").join(&name);
+    assert!(dir.join("container.json").is_file());
+    cs.ok(&["gc"]);
+    let snaps = cs.ok(&["snapshots", "--json"]);
+    assert!(snaps.contains(&format!("cstore-run:{name}")), "{snaps}");
+    assert!(snaps.contains("container not running"), "{snaps}");
+    let out = cs.run(&["run", "--rm", "--name", &name, &image, "true"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("a container named \"{name}\" exists")), "{err}");
+    let (code, _, err) = run(&cs, &[&image, "true"]);
+    assert_eq!(code, 0, "the image still runs after gc: {err}");
+
+    assert_eq!(cs.ok(&["rm", &name]).trim(), name);
+    container_gone(&cs, &name);
+    assert!(find(&ps(&cs, true), &name).is_none());
+    let err = cs.fail(&["rm", &name]);
+    assert!(err.contains(&format!("no such container: {name}")), "{err}");
+    let err = cs.fail(&["rm", "no-such-box"]);
+    assert!(err.contains("no such container: no-such-box"), "{err}");
+}
+
+/// Kills and reaps the background `cstore run` if a test fails midway.
+struct Background(std::process::Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_running_container_is_listed_and_rm_needs_force() {
+    let (cs, image) = setup();
+    let name = unique("sleeper");
+    let mut bg = Background(
+        cs.cmd(&["run", "--name", &name, &image, "sleep", "30"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let c = loop {
+        if let Some(c) = find(&ps(&cs, false), &name).filter(|c| c["state"] == "running") {
+            break c.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "{name} never ran");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(c["status"].as_str().unwrap().starts_with("Up "), "{c}");
+    // The pid is the container's init on the host, in the container's cgroup.
+    let pid = c["pid"].as_u64().unwrap();
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(cgroups.contains(&format!("/cstore/{name}")), "{cgroups}");
+    assert!(std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+        .unwrap()
+        .starts_with("sleep\0"));
+
+    let err = cs.fail(&["rm", &name]);
+    assert!(err.contains(&format!("container {name} is running")) && err.contains("rm -f"), "{err}");
+    assert!(find(&ps(&cs, false), &name).is_some(), "a refused rm leaves it running");
+
+    assert_eq!(cs.ok(&["rm", "-f", &name]).trim(), name);
+    let status = bg.0.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGKILL), "run reports the kill");
+    container_gone(&cs, &name);
+}
+
+/// runc's default capability set (`runc spec`): AUDIT_WRITE, KILL, NET_BIND_SERVICE.
+const DEFAULT_CAPS: [(&str, u32); 3] = [
+    ("CAP_KILL", 5),
+    ("CAP_NET_BIND_SERVICE", 10),
+    ("CAP_AUDIT_WRITE", 29),
+];
+
+#[test]
+fn runc_defaults_are_applied() {
+    let (cs, image) = setup();
+    // runc's masked paths: files become /dev/null, directories an empty read-only tmpfs.
+    let masked = [
+        "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+        "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi",
+    ];
+    let script = format!(
+        r#"for p in {}; do [ -e $p ] && echo "masked $p $([ -d $p ] && echo dir || ([ -c $p ] && echo chr) || echo other) $(stat -c %t:%T $p) $(ls -A $p 2>/dev/null | wc -l) $(cat $p 2>/dev/null | wc -c)"; done
+echo x > /proc/sys/kernel/domainname && echo proc-sys-writable
+echo "8:0 0" > /sys/fs/cgroup/blkio/blkio.throttle.read_bps_device && echo cgroup-writable
+touch /sys/fs/cgroup/blkio/x && echo cgroup-writable
+grep -E '^(NoNewPrivs|CapEff|CapBnd|CapPrm):' /proc/self/status
+echo dev $(ls -A /dev)
+true"#,
+        masked.join(" ")
+    );
+    let (code, out, err) = run(&cs, &[&image, "sh", "-c", &script]);
+    assert_eq!(code, 0, "{err}");
+
+    let mut checked = 0;
+    for p in masked {
+        if !std::path::Path::new(p).exists() {
+            continue; // this kernel has no such file
+        }
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("masked {p} ")))
+            .unwrap_or_else(|| panic!("{p} exists on the host but not in the container: {out}"));
+        let f: Vec<&str> = line.split(' ').collect();
+        if std::path::Path::new(p).is_dir() {
+            assert_eq!((f[2], f[4]), ("dir", "0"), "{p} is an empty dir: {line}");
+        } else {
+            // /dev/null is character device 1:3.
+            assert_eq!((f[2], f[3]), ("chr", "1:3"), "{p} is /dev/null: {line}");
+            assert_eq!(f[5], "0", "{p} reads empty: {line}");
+        }
+        checked += 1;
+    }
+    assert!(checked >= 2, "at least /proc/keys and /sys/firmware: {out}");
+    assert!(!out.contains("proc-sys-writable"), "{out}");
+    assert!(err.contains("/proc/sys/kernel/domainname: Read-only file system"), "{err}");
+    assert!(!out.contains("cgroup-writable"), "a container cannot lift its limits: {out}");
+
+    let field = |k: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}:")))
+            .unwrap_or_else(|| panic!("no {k} in {out}"))
+            .trim()
+            .to_string()
+    };
+    assert_eq!(field("NoNewPrivs"), "1");
+    let mask: u64 = DEFAULT_CAPS.iter().map(|(_, bit)| 1u64 << bit).sum();
+    for k in ["CapEff", "CapPrm", "CapBnd"] {
+        assert_eq!(
+            u64::from_str_radix(&field(k), 16).unwrap(),
+            mask,
+            "{k} is runc's default set {DEFAULT_CAPS:?}"
+        );
+    }
+
+    // runc's /dev: the default devices, the stdio and fd links, and the
+    // pts, shm and mqueue mounts; nothing of the host's.
+    let mut dev: Vec<&str> = out
+        .lines()
+        .find_map(|l| l.strip_prefix("dev "))
+        .unwrap()
+        .split(' ')
+        .collect();
+    dev.sort();
+    let mut want = vec![
+        "null", "zero", "full", "random", "urandom", "tty", // devices
+        "fd", "stdin", "stdout", "stderr", "ptmx", // links
+        "pts", "shm", "mqueue", // mounts
+    ];
+    want.sort();
+    assert_eq!(dev, want);
+    no_run_snapshots_left(&cs);
+}
