@@ -167,17 +167,28 @@ fn a_kept_container_is_listed_survives_gc_and_rm_removes_it() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    assert!(find(&ps(&cs, false), &name).is_none(), "ps lists running ones only");
+    assert!(
+        find(&ps(&cs, false), &name).is_none(),
+        "ps lists running ones only"
+    );
     let all = ps(&cs, true);
     let c = find(&all, &name).unwrap_or_else(|| panic!("ps -a lacks {name}: {all:?}"));
     assert_eq!(c["state"], "exited");
     assert_eq!(c["exit_code"], 7);
     assert_eq!(c["image"], image);
     assert_eq!(c["command"], serde_json::json!(["sh", "-c", "exit 7"]));
-    assert!(c["status"].as_str().unwrap().starts_with("Exited (7) "), "{c}");
+    assert!(
+        c["status"].as_str().unwrap().starts_with("Exited (7) "),
+        "{c}"
+    );
     assert!(c["pid"].is_null());
     let table = cs.ok(&["ps", "-a"]);
-    assert!(table.lines().any(|l| l.starts_with(&name) && l.contains("Exited (7)")), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&name) && l.contains("Exited (7)")),
+        "{table}"
+    );
 
     // Kept: its snapshot and directory, not mounted; gc leaves them (and its layers).
     let dir = cs.path().join("containers").join(&name);
@@ -189,7 +200,10 @@ fn a_kept_container_is_listed_survives_gc_and_rm_removes_it() {
     let out = cs.run(&["run", "--rm", "--name", &name, &image, "true"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("a container named \"{name}\" exists")), "{err}");
+    assert!(
+        err.contains(&format!("a container named \"{name}\" exists")),
+        "{err}"
+    );
     let (code, _, err) = run(&cs, &[&image, "true"]);
     assert_eq!(code, 0, "the image still runs after gc: {err}");
 
@@ -241,12 +255,22 @@ fn a_running_container_is_listed_and_rm_needs_force() {
         .starts_with("sleep\0"));
 
     let err = cs.fail(&["rm", &name]);
-    assert!(err.contains(&format!("container {name} is running")) && err.contains("rm -f"), "{err}");
-    assert!(find(&ps(&cs, false), &name).is_some(), "a refused rm leaves it running");
+    assert!(
+        err.contains(&format!("container {name} is running")) && err.contains("rm -f"),
+        "{err}"
+    );
+    assert!(
+        find(&ps(&cs, false), &name).is_some(),
+        "a refused rm leaves it running"
+    );
 
     assert_eq!(cs.ok(&["rm", "-f", &name]).trim(), name);
     let status = bg.0.wait().unwrap();
-    assert_eq!(status.code(), Some(128 + libc::SIGKILL), "run reports the kill");
+    assert_eq!(
+        status.code(),
+        Some(128 + libc::SIGKILL),
+        "run reports the kill"
+    );
     container_gone(&cs, &name);
 }
 
@@ -262,8 +286,16 @@ fn runc_defaults_are_applied() {
     let (cs, image) = setup();
     // runc's masked paths: files become /dev/null, directories an empty read-only tmpfs.
     let masked = [
-        "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-        "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi",
+        "/proc/acpi",
+        "/proc/asound",
+        "/proc/kcore",
+        "/proc/keys",
+        "/proc/latency_stats",
+        "/proc/timer_list",
+        "/proc/timer_stats",
+        "/proc/sched_debug",
+        "/sys/firmware",
+        "/proc/scsi",
     ];
     let script = format!(
         r#"for p in {}; do [ -e $p ] && echo "masked $p $([ -d $p ] && echo dir || ([ -c $p ] && echo chr) || echo other) $(stat -c %t:%T $p) $(ls -A $p 2>/dev/null | wc -l) $(cat $p 2>/dev/null | wc -c)"; done
@@ -299,8 +331,14 @@ true"#,
     }
     assert!(checked >= 2, "at least /proc/keys and /sys/firmware: {out}");
     assert!(!out.contains("proc-sys-writable"), "{out}");
-    assert!(err.contains("/proc/sys/kernel/domainname: Read-only file system"), "{err}");
-    assert!(!out.contains("cgroup-writable"), "a container cannot lift its limits: {out}");
+    assert!(
+        err.contains("/proc/sys/kernel/domainname: Read-only file system"),
+        "{err}"
+    );
+    assert!(
+        !out.contains("cgroup-writable"),
+        "a container cannot lift its limits: {out}"
+    );
 
     let field = |k: &str| {
         out.lines()
@@ -336,4 +374,201 @@ true"#,
     want.sort();
     assert_eq!(dev, want);
     no_run_snapshots_left(&cs);
+}
+
+/// An ext4 filesystem on a loop device over an image file in a temp dir,
+/// mounted; unmounted and detached on drop, also when a test panics.
+struct LoopFs {
+    dev: String,
+    mnt: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl LoopFs {
+    fn new(size_mb: u64) -> LoopFs {
+        let dir = tempfile::Builder::new()
+            .prefix("cstore-loop-")
+            .tempdir()
+            .unwrap();
+        let img = dir.path().join("fs.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(size_mb << 20)
+            .unwrap();
+        let sh = |cmd: &mut std::process::Command| {
+            let out = cmd.output().unwrap();
+            assert!(
+                out.status.success(),
+                "{cmd:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        };
+        sh(std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&img));
+        let dev = sh(std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&img));
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        // From here on, drop undoes what was done.
+        let fs = LoopFs {
+            dev,
+            mnt,
+            _dir: dir,
+        };
+        sh(std::process::Command::new("mount")
+            .arg(&fs.dev)
+            .arg(&fs.mnt));
+        fs
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let m = &self.mnt;
+        if std::process::Command::new("mountpoint")
+            .arg("-q")
+            .arg(m)
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            let _ = std::process::Command::new("umount").arg(m).status();
+        }
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.dev])
+            .status();
+    }
+}
+
+/// Seconds a direct read of /bin/busybox takes inside a container (timed by
+/// the container with /proc/uptime, so container setup is not counted), the
+/// file's size, and the container's blkio read throttle file.
+fn timed_direct_read(cs: &Cstore, image: &str, limit: Option<&str>) -> (f64, u64, String) {
+    let script = "cat /sys/fs/cgroup/blkio/blkio.throttle.read_bps_device; echo; \
+                  stat -c 'size %s' /bin/busybox; \
+                  read t0 _ < /proc/uptime; \
+                  busybox dd if=/bin/busybox of=/dev/null bs=64k iflag=direct 2>/dev/null || exit 9; \
+                  read t1 _ < /proc/uptime; echo \"took $t0 $t1\"";
+    let mut args = vec![];
+    if let Some(l) = limit {
+        args.extend(["--device-read-bps", l]);
+    }
+    args.extend([image, "sh", "-c", script]);
+    let (code, out, err) = run(cs, &args);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let field = |k: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap_or_else(|| panic!("no {k:?} in {out}"))
+            .to_string()
+    };
+    let (t0, t1) = field("took ")
+        .split_once(' ')
+        .map(|(a, b)| (a.parse::<f64>().unwrap(), b.parse::<f64>().unwrap()))
+        .unwrap();
+    let size = field("size ").parse().unwrap();
+    (
+        t1 - t0,
+        size,
+        out.lines()
+            .take_while(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+}
+
+#[test]
+fn device_read_bps_throttles_direct_reads_on_the_stores_loop_device() {
+    let fs = LoopFs::new(256);
+    // Declared after the loop fs, so dropped (removed) before it is unmounted.
+    let cs = Cstore {
+        root: tempfile::Builder::new()
+            .prefix("cstore-root-")
+            .tempdir_in(&fs.mnt)
+            .unwrap(),
+        env: vec![],
+    };
+    let image = format!("{}/busybox:latest", shared_registry_addr());
+    cs.ok(&["pull", &image]);
+    let dev = {
+        use std::os::unix::fs::MetadataExt;
+        let d = std::fs::metadata(cs.path()).unwrap().dev();
+        format!("{}:{}", libc::major(d), libc::minor(d))
+    };
+    let loop_dev = std::fs::read_to_string(format!(
+        "/sys/class/block/{}/dev",
+        fs.dev.trim_start_matches("/dev/")
+    ))
+    .unwrap();
+    assert_eq!(dev, loop_dev.trim(), "the store is on the loop device");
+
+    const RATE: u64 = 1 << 20;
+    let (free, size, free_throttle) = timed_direct_read(&cs, &image, None);
+    let (limited, _, throttle) = timed_direct_read(&cs, &image, Some("1mb"));
+    let expected = size as f64 / RATE as f64;
+    eprintln!(
+        "direct read of {size} bytes: {free:.2}s unlimited, {limited:.2}s at 1 MiB/s (size/rate {expected:.2}s)"
+    );
+    assert_eq!(
+        throttle,
+        format!("{dev} {RATE}"),
+        "v1 blkio throttle on the loop device"
+    );
+    assert_eq!(free_throttle, "", "no throttle without the flag");
+    assert!(size > 1 << 20, "busybox is over a MiB: {size}");
+    assert!(
+        limited >= 0.6 * expected,
+        "throttled read took {limited:.2}s, expected about {expected:.2}s"
+    );
+    assert!(
+        free * 4.0 < limited,
+        "unthrottled read ({free:.2}s) is much faster than throttled ({limited:.2}s)"
+    );
+    no_run_snapshots_left(&cs);
+}
+
+#[test]
+fn bad_input_without_rm_leaves_nothing_mounted() {
+    let (cs, image) = setup();
+    // Refused before anything is made: no container at all.
+    for (args, want) in [
+        (
+            vec!["run", "--device-read-bps", "fast", &image, "true"],
+            "invalid rate \"fast\"",
+        ),
+        (
+            vec!["run", "--name", "../escape", &image, "true"],
+            "--name \"../escape\": letters, digits, - and _ only",
+        ),
+        (
+            vec!["run", "127.0.0.1:1/none:here", "true"],
+            "127.0.0.1:1/none:here is not in the store",
+        ),
+    ] {
+        let err = cs.fail(&args);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    assert!(ps(&cs, true).is_empty());
+    assert!(
+        std::fs::read_dir(cs.path().join("containers")).map_or(true, |mut d| d.next().is_none())
+    );
+
+    // A command that is not there: the container is kept, failed, unmounted.
+    let name = unique("nocmd");
+    let err = cs.fail(&["run", "--name", &name, &image, "/no/such/command"]);
+    assert!(err.contains("/no/such/command"), "{err}");
+    let all = ps(&cs, true);
+    let c = find(&all, &name).unwrap_or_else(|| panic!("{all:?}"));
+    assert_eq!(c["state"], "exited");
+    assert!(c["exit_code"].is_null());
+    assert!(
+        c["error"].as_str().unwrap().contains("/no/such/command"),
+        "{c}"
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&cs.path().display().to_string()));
+    cs.ok(&["rm", &name]);
+    container_gone(&cs, &name);
 }
