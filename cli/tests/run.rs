@@ -1,6 +1,8 @@
 //! `cstore run` as root: a real container (youki's libcontainer) from the
 //! busybox test image's snapshots, with the store's disk throttled through
-//! the v1 blkio hierarchy this machine has.
+//! the v1 blkio hierarchy this machine has (and measured, on a store on a
+//! loop device); runc's defaults checked from inside; kept containers
+//! through `ps` and `rm`.
 
 mod common;
 
