@@ -181,7 +181,7 @@ pub fn ps(store: &Store, all: bool, json: bool) -> Result<()> {
     }
     let w = shown.iter().map(|c| c.id.len()).max().unwrap_or(0).max(12);
     println!(
-        "{:<w$}  {:<30}  {:<22}  {:<16}  STATUS",
+        "{:<w$}  {:<30}  {:<22}  {:<22}  STATUS",
         "NAME", "IMAGE", "COMMAND", "CREATED"
     );
     for c in &shown {
@@ -191,7 +191,7 @@ pub fn ps(store: &Store, all: bool, json: bool) -> Result<()> {
             .map(|r| r.command.join(" "))
             .unwrap_or_default();
         println!(
-            "{:<w$}  {:<30}  {:<22}  {:<16}  {}",
+            "{:<w$}  {:<30}  {:<22}  {:<22}  {}",
             c.id,
             truncate(&c.image, 30),
             truncate(&format!("\"{command}\""), 22),
@@ -282,5 +282,30 @@ fn remove(store: &Store, sn: &Snapshotter, name: &str, force: bool) -> Result<()
             Err(e).with_context(|| format!("removing {}", dir.display()))
         }
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_duration;
+
+    #[test]
+    fn durations_read_like_docker() {
+        for (secs, want) in [
+            (0, "Less than a second"),
+            (1, "1 second"),
+            (59, "59 seconds"),
+            (60, "About a minute"),
+            (150, "2 minutes"),
+            (3599, "59 minutes"),
+            (3600, "About an hour"),
+            (5 * 3600, "5 hours"),
+            (3 * 86400, "3 days"),
+            (21 * 86400, "3 weeks"),
+            (90 * 86400, "3 months"),
+            (800 * 86400, "2 years"),
+        ] {
+            assert_eq!(human_duration(secs), want, "{secs}s");
+        }
     }
 }
