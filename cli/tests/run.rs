@@ -436,7 +436,18 @@ impl Drop for LoopFs {
             .status()
             .is_ok_and(|s| s.success())
         {
-            let _ = std::process::Command::new("umount").arg(m).status();
+            let umount = |args: &[&str]| {
+                std::process::Command::new("umount")
+                    .args(args)
+                    .arg(m)
+                    .status()
+                    .is_ok_and(|s| s.success())
+            };
+            // Busy (a failed test left a container mounted on it): detach
+            // lazily rather than leave it mounted.
+            if !umount(&[]) {
+                umount(&["-l"]);
+            }
         }
         let _ = std::process::Command::new("losetup")
             .args(["-d", &self.dev])
