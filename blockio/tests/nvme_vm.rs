@@ -2,7 +2,10 @@
 //! fixtures/nvme-vm.sh, which boots Debian's kernel under qemu with an
 //! emulated NVMe controller (serial cstore0001, MDTS 7, 64 MiB namespace)
 //! and runs `cstore device info /dev/nvme0n1 --json` in the guest, plus a raw
-//! O_DIRECT write/read self-check of the namespace. Skipped, saying so, only
+//! O_DIRECT write/read self-check of the namespace; then, on a cgroup
+//! v2-only hierarchy, `cstore run` with I/O limits on the namespace from a
+//! store on an ext4 partition of it (the container's io.max, and a timed
+//! O_DIRECT read under --device-read-bps 1mb). Skipped, saying so, only
 //! when qemu-system-x86_64 is not installed (fixtures/deps.sh --nvme-vm).
 
 use std::path::Path;
@@ -66,6 +69,7 @@ fn device_info_on_qemus_nvme_controller() {
     );
     let text = section(&stdout, "cstore device info").join("\n");
     assert!(text.contains("serial cstore0001"), "{text}");
+    cgroup_v2_run_checks(&stdout, &text);
 
     let json = std::fs::read_to_string(&json_path).unwrap();
     assert_eq!(
@@ -103,4 +107,66 @@ fn device_info_on_qemus_nvme_controller() {
     let p = &v["policy"];
     assert!(p["rings"].as_u64().unwrap() >= 1, "{json}");
     assert_eq!(p["direct"], true, "{json}");
+}
+
+/// `cstore run` in the guest, on cgroup2 alone: the container's io.max names
+/// the namespace's MAJ:MIN (from `cstore device info`) with exactly the
+/// limits given, and an O_DIRECT read under 1 MiB/s takes about size/rate.
+fn cgroup_v2_run_checks(stdout: &str, device_info: &str) {
+    const RATE: f64 = (1u64 << 20) as f64;
+    // "device:      nvme0n1 (259:0)"
+    let majmin = device_info
+        .lines()
+        .find_map(|l| l.strip_prefix("device:"))
+        .and_then(|d| d.trim().strip_prefix("nvme0n1 ("))
+        .and_then(|d| d.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("no MAJ:MIN of nvme0n1 in {device_info}"));
+    assert_eq!(
+        section(stdout, "cgroup v2 io.max"),
+        [format!(
+            "{majmin} rbps=1048576 wbps=max riops=max wiops=100"
+        )],
+        "the container's /sys/fs/cgroup/io.max"
+    );
+
+    // "== limited" / "== free" blocks: size, took T0 T1, exit.
+    let throttle = section(stdout, "cgroup v2 throttle");
+    let run = |name: &str| -> (u64, f64) {
+        let block: Vec<&str> = throttle
+            .iter()
+            .skip_while(|l| **l != format!("== {name}"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("== "))
+            .copied()
+            .collect();
+        let field = |k: &str| {
+            block
+                .iter()
+                .find_map(|l| l.strip_prefix(k))
+                .unwrap_or_else(|| panic!("no {k:?} in the {name} run: {throttle:?}"))
+        };
+        assert_eq!(field("exit "), "0", "{name} run: {throttle:?}");
+        let (t0, t1) = field("took ").split_once(' ').unwrap();
+        let took = t1.parse::<f64>().unwrap() - t0.parse::<f64>().unwrap();
+        (field("size ").parse().unwrap(), took)
+    };
+    let (size, limited) = run("limited");
+    let (_, free) = run("free");
+    let expected = size as f64 / RATE;
+    eprintln!(
+        "guest O_DIRECT read of {size} bytes: {limited:.2}s at 1 MiB/s (size/rate {expected:.2}s), {free:.2}s unthrottled"
+    );
+    assert!(
+        throttle.contains(&"io.max read-only"),
+        "the container must not lift its own limit: {throttle:?}"
+    );
+    assert!(size > 1 << 20, "busybox is over a MiB: {size}");
+    assert!(
+        limited >= 0.6 * expected,
+        "throttled read took {limited:.2}s, expected about {expected:.2}s"
+    );
+    assert!(
+        free * 4.0 < limited,
+        "unthrottled read ({free:.2}s) is much faster than throttled ({limited:.2}s)"
+    );
 }
