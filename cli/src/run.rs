@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use cstore_runtime::cgroup::parse_rate;
-use cstore_runtime::{IoLimits, Record, RunSpec};
+use cstore_runtime::{Hierarchy, IoLimits, Record, RunSpec};
 use cstore_snapshotter::{image, mount, Kind};
 use cstore_store::reference::parse_digest;
 use cstore_store::Store;
@@ -166,6 +166,16 @@ pub fn run(store: &Store, a: RunArgs) -> Result<i32> {
             "--device-read-iops" => entry.1.read_iops = Some(rate),
             _ => entry.1.write_iops = Some(rate),
         }
+    }
+    if let Some(((major, minor), _)) = &io {
+        // libcontainer writes the limits, finding the hierarchy itself; one
+        // without the io controller at all is refused here, by name.
+        let hierarchy = Hierarchy::detect().context("I/O limits (--device-*)")?;
+        tracing::info!(
+            device = %format!("{major}:{minor}"),
+            ?hierarchy,
+            "I/O limits through the cgroup io controller"
+        );
     }
     let memory = a
         .memory

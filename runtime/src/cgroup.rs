@@ -286,6 +286,33 @@ mod tests {
         );
     }
 
+    /// The nvme-vm guest: cgroup2 alone (no tmpfs of v1 hierarchies under it).
+    #[test]
+    fn pure_v2_is_chosen_and_its_one_root_pruned() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path().display();
+        let mi = format!(
+            "22 1 0:20 / / rw,relatime - tmpfs tmpfs rw,mode=755
+24 22 0:21 / /sys rw,relatime - sysfs sysfs rw
+25 24 0:26 / {r} rw,relatime - cgroup2 cgroup2 rw
+26 22 259:1 / /store rw,relatime - ext4 /dev/nvme0n1p1 rw"
+        );
+        fs::write(
+            root.path().join("cgroup.controllers"),
+            "cpuset cpu io memory hugetlb pids rdma misc",
+        )
+        .unwrap();
+        assert_eq!(
+            Hierarchy::from_mountinfo(&mi).unwrap(),
+            Hierarchy::V2(root.path().into())
+        );
+        let roots = mount_points(&mi);
+        assert_eq!(roots, [root.path().to_path_buf()]);
+        fs::create_dir_all(root.path().join("cstore/c1")).unwrap();
+        remove_leftovers(&roots, "/cstore/c1").unwrap();
+        assert!(!root.path().join("cstore").exists());
+    }
+
     /// v2 io.max on a fake cgroupfs tree (no v2 io controller on this machine).
     #[test]
     fn v2_io_max_line() {

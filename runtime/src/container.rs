@@ -96,7 +96,8 @@ pub fn build_spec(r: &RunSpec) -> Result<Spec, RunError> {
     // each v1 hierarchy read-write whatever the spec says, which would let
     // the container lift its own limits; readonly paths remount each one.
     let mut readonly = linux.readonly_paths().clone().unwrap_or_default();
-    readonly.extend(cgroup_readonly_paths());
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    readonly.extend(cgroup_readonly_paths(&mountinfo));
     linux.set_readonly_paths(Some(readonly));
     if r.net_host {
         if let Some(ns) = linux.namespaces().clone() {
@@ -154,14 +155,13 @@ pub fn build_spec(r: &RunSpec) -> Result<Spec, RunError> {
     Ok(spec)
 }
 
-/// /sys/fs/cgroup and every hierarchy mounted under it, as the container
-/// sees them (at the host's paths).
-fn cgroup_readonly_paths() -> Vec<String> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+/// /sys/fs/cgroup and every hierarchy mounted under it (from a mountinfo
+/// text), as the container sees them (at the host's paths).
+fn cgroup_readonly_paths(mountinfo: &str) -> Vec<String> {
     let root = std::path::Path::new("/sys/fs/cgroup");
     std::iter::once(root.to_path_buf())
         .chain(
-            crate::cgroup::mount_points(&mountinfo)
+            crate::cgroup::mount_points(mountinfo)
                 .into_iter()
                 .filter(|p| p.parent() == Some(root)),
         )
@@ -224,4 +224,87 @@ pub fn run_with(r: &RunSpec, on_start: impl FnOnce(u32)) -> Result<i32, RunError
     let code = code?;
     deleted?;
     Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The nvme-vm guest's mounts: cgroup2 alone at /sys/fs/cgroup.
+    const PURE_V2: &str = "22 1 0:20 / / rw,relatime - tmpfs tmpfs rw,mode=755
+23 22 0:5 / /proc rw,relatime - proc proc rw
+24 22 0:21 / /sys rw,relatime - sysfs sysfs rw
+25 24 0:26 / /sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw
+26 22 259:1 / /store rw,relatime - ext4 /dev/nvme0n1p1 rw";
+
+    #[test]
+    fn cgroup_paths_are_read_only_on_pure_v2_and_hybrid() {
+        assert_eq!(cgroup_readonly_paths(PURE_V2), ["/sys/fs/cgroup"]);
+        let hybrid = "31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw
+38 31 0:35 / /sys/fs/cgroup/blkio rw - cgroup cgroup rw,blkio
+41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw
+50 23 0:40 / /elsewhere/cg rw - cgroup2 cgroup2 rw";
+        assert_eq!(
+            cgroup_readonly_paths(hybrid),
+            [
+                "/sys/fs/cgroup",
+                "/sys/fs/cgroup/blkio",
+                "/sys/fs/cgroup/unified"
+            ]
+        );
+    }
+
+    #[test]
+    fn io_limits_become_the_specs_block_io_throttles() {
+        let r = RunSpec {
+            id: "c1".into(),
+            rootfs: "/r".into(),
+            bundle: "/b".into(),
+            state_root: "/s".into(),
+            args: vec!["true".into()],
+            env: vec![],
+            cwd: "/".into(),
+            uid: 0,
+            gid: 0,
+            hostname: "c1".into(),
+            net_host: false,
+            readonly: false,
+            cgroup: "/cstore/c1".into(),
+            io: Some((
+                259,
+                0,
+                IoLimits {
+                    read_bps: Some(1 << 20),
+                    write_iops: Some(100),
+                    ..Default::default()
+                },
+            )),
+            memory: None,
+            pids: None,
+        };
+        let spec = build_spec(&r).unwrap();
+        let bio = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().as_ref())
+            .and_then(|r| r.block_io().as_ref())
+            .expect("blockIO in the spec");
+        let one = |v: &Option<Vec<oci_spec::runtime::LinuxThrottleDevice>>| {
+            v.as_ref().map(|v| {
+                v.iter()
+                    .map(|d| (d.major(), d.minor(), d.rate()))
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(
+            one(bio.throttle_read_bps_device()),
+            Some(vec![(259, 0, 1 << 20)])
+        );
+        assert_eq!(
+            one(bio.throttle_write_iops_device()),
+            Some(vec![(259, 0, 100)])
+        );
+        assert_eq!(one(bio.throttle_write_bps_device()), None);
+        assert_eq!(one(bio.throttle_read_iops_device()), None);
+    }
 }
