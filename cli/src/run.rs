@@ -52,6 +52,12 @@ pub struct RunArgs {
     pub memory: Option<String>,
     #[arg(long)]
     pub pids_limit: Option<i64>,
+    /// Allocate a pseudo-terminal for the process.
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// Keep stdin attached (without it the process reads /dev/null).
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
     pub reference: String,
     /// Command and arguments (default: the image's entrypoint and cmd).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -278,6 +284,8 @@ pub fn run(store: &Store, a: RunArgs) -> Result<i32> {
         io: io.map(|((maj, min), l)| (maj, min, l)),
         memory,
         pids: a.pids_limit,
+        tty: a.tty,
+        interactive: a.interactive,
     };
     let result = cstore_runtime::run(&spec);
     cleanup(a.rm);

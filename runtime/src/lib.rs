@@ -6,6 +6,7 @@
 pub mod cgroup;
 pub mod container;
 mod signals;
+pub mod tty;
 
 pub use cgroup::{Cgroup, Error, Hierarchy, IoLimits};
 pub use container::{build_spec, run, RunError, RunSpec};
