@@ -184,6 +184,32 @@ fn tty_without_interactive_shows_output_and_piped_input_ends_with_eof() {
     let (code, out) = t.finish();
     assert_eq!(code, 5, "{out:?}");
     assert!(out.contains("/dev/pts/"), "{out:?}");
+    // The pty comes from the container's own devpts, in a user namespace too.
+    let t = Terminal::spawn(
+        &cs,
+        &[
+            "run",
+            "--rm",
+            "-t",
+            "--userns=300000:65536",
+            &image,
+            "sh",
+            "-c",
+            "tty; cat /proc/self/uid_map; stat -c %u:%g $(tty)",
+        ],
+        24,
+        80,
+    );
+    let (code, out) = t.finish();
+    assert_eq!(code, 0, "{out:?}");
+    // (cstore's own log lines share the terminal.)
+    let lines: Vec<String> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .skip_while(|l| !l.starts_with("/dev/pts/"))
+        .collect();
+    assert!(lines.len() >= 3, "{out:?}");
+    assert_eq!(lines[1..3], ["0 300000 65536", "0:5"], "{out:?}");
 
     // -it with piped stdin: the end of input is EOF to the program inside.
     let mut child = cs

@@ -11,8 +11,8 @@ use libcontainer::syscall::syscall::SyscallType;
 use libcontainer::workload::default::DefaultExecutor;
 use nix::sys::wait::{waitpid, WaitStatus};
 use oci_spec::runtime::{
-    LinuxBlockIoBuilder, LinuxNamespaceType, LinuxThrottleDeviceBuilder, RootBuilder, Spec,
-    UserBuilder,
+    LinuxBlockIoBuilder, LinuxIdMappingBuilder, LinuxNamespaceBuilder, LinuxNamespaceType,
+    LinuxThrottleDeviceBuilder, RootBuilder, Spec, UserBuilder,
 };
 
 use crate::cgroup::IoLimits;
@@ -54,6 +54,9 @@ pub struct RunSpec {
     pub tty: bool,
     /// `-i`: our stdin reaches the process (else it reads /dev/null).
     pub interactive: bool,
+    /// `--userns`: a user namespace with this mapping (the rootfs must
+    /// already show the image's files under it: id-mapped layers).
+    pub userns: Option<crate::userns::Userns>,
 }
 
 fn spec_err(e: impl std::fmt::Display) -> RunError {
@@ -102,6 +105,32 @@ pub fn build_spec(r: &RunSpec) -> Result<Spec, RunError> {
                     .collect(),
             ));
         }
+    }
+    if let Some(u) = &r.userns {
+        if r.net_host {
+            // sysfs can be mounted only by the owner of the network namespace.
+            return Err(spec_err(
+                "--userns needs a network namespace of its own: not with --net host (as docker)",
+            ));
+        }
+        let map = |x: &crate::userns::IdRange| {
+            LinuxIdMappingBuilder::default()
+                .container_id(0u32)
+                .host_id(x.host)
+                .size(x.count)
+                .build()
+                .map_err(spec_err)
+        };
+        linux.set_uid_mappings(Some(vec![map(&u.uid)?]));
+        linux.set_gid_mappings(Some(vec![map(&u.gid)?]));
+        let mut ns = linux.namespaces().clone().unwrap_or_default();
+        ns.push(
+            LinuxNamespaceBuilder::default()
+                .typ(LinuxNamespaceType::User)
+                .build()
+                .map_err(spec_err)?,
+        );
+        linux.set_namespaces(Some(ns));
     }
     let mut res = linux.resources().clone().unwrap_or_default();
     if let Some((major, minor, l)) = &r.io {

@@ -7,6 +7,7 @@ pub mod cgroup;
 pub mod container;
 mod signals;
 pub mod tty;
+pub mod userns;
 
 pub use cgroup::{Cgroup, Error, Hierarchy, IoLimits};
 pub use container::{build_spec, run, RunError, RunSpec};
