@@ -63,6 +63,8 @@ fn set_winsize(fd: &OwnedFd, rows: u16, cols: u16) {
 /// fresh pty, which is its controlling terminal; we hold the master.
 struct Terminal {
     master: std::fs::File,
+    /// The terminal's settings before cstore started.
+    initial: nix::sys::termios::Termios,
     child: Child,
     output: Arc<Mutex<Vec<u8>>>,
     reader: Option<std::thread::JoinHandle<()>>,
@@ -72,6 +74,7 @@ impl Terminal {
     fn spawn(cs: &Cstore, args: &[&str], rows: u16, cols: u16) -> Terminal {
         let pty = nix::pty::openpty(None, None).unwrap();
         set_winsize(&pty.master, rows, cols);
+        let initial = nix::sys::termios::tcgetattr(&pty.master).unwrap();
         let slave = std::fs::File::from(pty.slave);
         let mut cmd = cs.cmd(args);
         cmd.stdin(slave.try_clone().unwrap())
@@ -102,6 +105,7 @@ impl Terminal {
         });
         Terminal {
             master,
+            initial,
             child,
             output,
             reader: Some(reader),
@@ -140,7 +144,7 @@ impl Terminal {
 fn tty_interactive_shell_through_a_real_pty() {
     let (cs, image) = setup();
     let mut t = Terminal::spawn(&cs, &["run", "--rm", "-it", &image, "sh"], 33, 101);
-    let before = nix::sys::termios::tcgetattr(&t.master).unwrap();
+    let before = t.initial.clone();
     // busybox sh shows "/ # " once it reads the terminal.
     t.expect("# ", 1);
     // While it runs, our terminal is raw: no echo, no line editing.
@@ -168,6 +172,20 @@ fn tty_interactive_shell_through_a_real_pty() {
     assert_eq!(after.local_flags, before.local_flags);
     assert_eq!(after.input_flags, before.input_flags);
     assert_eq!(after.output_flags, before.output_flags);
+    nothing_left(&cs);
+}
+
+#[test]
+fn tty_is_restored_when_the_command_fails() {
+    let (cs, image) = setup();
+    let t = Terminal::spawn(&cs, &["run", "--rm", "-it", &image, "/no/such/cmd"], 24, 80);
+    let before = t.initial.clone();
+    let master = t.master.try_clone().unwrap();
+    let (code, out) = t.finish();
+    assert_ne!(code, 0, "{out:?}");
+    let after = nix::sys::termios::tcgetattr(&master).unwrap();
+    assert_eq!(after.local_flags, before.local_flags, "{out:?}");
+    assert_eq!(after.input_flags, before.input_flags);
     nothing_left(&cs);
 }
 
