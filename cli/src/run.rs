@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use cstore_runtime::cgroup::parse_rate;
+use cstore_runtime::userns::Userns;
 use cstore_runtime::{Hierarchy, IoLimits, Record, RunSpec};
 use cstore_snapshotter::{image, mount, Kind};
 use cstore_store::reference::parse_digest;
@@ -52,6 +53,16 @@ pub struct RunArgs {
     pub memory: Option<String>,
     #[arg(long)]
     pub pids_limit: Option<i64>,
+    /// Allocate a pseudo-terminal for the process.
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// Keep stdin attached (without it the process reads /dev/null).
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// A user namespace: --userns (or =auto: root's /etc/subuid and
+    /// /etc/subgid ranges, else 100000:65536), =BASE:COUNT, or =host (none).
+    #[arg(long, value_name = "MODE", require_equals = true, num_args = 0..=1, default_missing_value = "auto")]
+    pub userns: Option<String>,
     pub reference: String,
     /// Command and arguments (default: the image's entrypoint and cmd).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -114,6 +125,15 @@ fn device_rate(flag: &str, v: &str, store_root: &Path) -> Result<((u32, u32), u6
 pub fn run(store: &Store, a: RunArgs) -> Result<i32> {
     if a.net != "none" && a.net != "host" {
         bail!("--net {:?}: none or host", a.net);
+    }
+    let userns = a
+        .userns
+        .as_deref()
+        .map(Userns::parse)
+        .transpose()?
+        .flatten();
+    if userns.is_some() && a.net == "host" {
+        bail!("--userns needs a network namespace of its own: not with --net host (as docker)");
     }
     let img = store.image(&a.reference)?;
     let config: ImageConfig = {
@@ -258,11 +278,14 @@ pub fn run(store: &Store, a: RunArgs) -> Result<i32> {
     // The name is ours now (prepare refuses a second one): record the container.
     let mut record = Record::new(&id, &img.name, &args);
     record.auto_remove = a.rm;
-    if let Err(e) = record
+    let mounted = record
         .save(&dir)
         .map_err(anyhow::Error::from)
-        .and_then(|()| Ok(mount::mount_all(&mounts, &rootfs)?))
-    {
+        .and_then(|()| match &userns {
+            None => mount::mount_all(&mounts, &rootfs).map_err(Into::into),
+            Some(u) => mount_userns(store.root(), &dir, &mounts, &rootfs, u),
+        });
+    if let Err(e) = mounted {
         cleanup(true);
         return Err(e);
     }
@@ -291,6 +314,9 @@ pub fn run(store: &Store, a: RunArgs) -> Result<i32> {
         io: io.map(|((maj, min), l)| (maj, min, l)),
         memory,
         pids: a.pids_limit,
+        tty: a.tty,
+        interactive: a.interactive,
+        userns,
     };
     let result = cstore_runtime::run_with(&spec, |pid| {
         record.set_started(pid);
@@ -310,6 +336,54 @@ pub fn run(store: &Store, a: RunArgs) -> Result<i32> {
     }
     cleanup(a.rm);
     Ok(result?)
+}
+
+/// The rootfs for a container in user namespace `u`: the image's layers
+/// id-mapped, the upper dir owned by the container's root (as containerd's
+/// overlay snapshotter does with uid/gid mappings), and the path to it
+/// searchable by that unprivileged host user.
+fn mount_userns(
+    root: &Path,
+    dir: &Path,
+    mounts: &[mount::Mount],
+    rootfs: &Path,
+    u: &Userns,
+) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let owner = (u.uid.host, u.gid.host);
+    // Ours: made searchable (not listable) by others, as containerd's root is.
+    for d in [root, &root.join("containers"), dir] {
+        let mut p = std::fs::metadata(d)?.permissions();
+        if p.mode() & 0o001 == 0 {
+            p.set_mode(p.mode() | 0o001);
+            std::fs::set_permissions(d, p).with_context(|| format!("chmod o+x {}", d.display()))?;
+        }
+    }
+    for d in root.ancestors().skip(1) {
+        if !cstore_runtime::userns::searchable_by(d, owner)? {
+            bail!(
+                "--userns: the container's root (host uid {}) cannot reach its rootfs: {} is not searchable by it (chmod o+x, or use another --root)",
+                owner.0,
+                d.display()
+            );
+        }
+    }
+    for m in mounts {
+        if let Some(upper) = m.options.iter().find_map(|o| o.strip_prefix("upperdir=")) {
+            std::os::unix::fs::lchown(upper, Some(owner.0), Some(owner.1))
+                .with_context(|| format!("chown {upper}"))?;
+        }
+    }
+    let ns = u.fd()?;
+    for (i, m) in mounts.iter().enumerate() {
+        if let Err(e) = mount::mount_idmapped(m, rootfs, std::os::fd::AsFd::as_fd(&ns)) {
+            for _ in 0..i {
+                let _ = mount::unmount(rootfs);
+            }
+            return Err(e.into());
+        }
+    }
+    Ok(())
 }
 
 fn rand_id() -> u64 {

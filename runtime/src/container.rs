@@ -11,8 +11,8 @@ use libcontainer::syscall::syscall::SyscallType;
 use libcontainer::workload::default::DefaultExecutor;
 use nix::sys::wait::{waitpid, WaitStatus};
 use oci_spec::runtime::{
-    LinuxBlockIoBuilder, LinuxNamespaceType, LinuxThrottleDeviceBuilder, RootBuilder, Spec,
-    UserBuilder,
+    LinuxBlockIoBuilder, LinuxIdMappingBuilder, LinuxNamespaceBuilder, LinuxNamespaceType,
+    LinuxThrottleDeviceBuilder, RootBuilder, Spec, UserBuilder,
 };
 
 use crate::cgroup::IoLimits;
@@ -52,6 +52,13 @@ pub struct RunSpec {
     pub io: Option<(u32, u32, IoLimits)>,
     pub memory: Option<i64>,
     pub pids: Option<i64>,
+    /// `-t`: a pty for the process, its master relayed to our stdio.
+    pub tty: bool,
+    /// `-i`: our stdin reaches the process (else it reads /dev/null).
+    pub interactive: bool,
+    /// `--userns`: a user namespace with this mapping (the rootfs must
+    /// already show the image's files under it: id-mapped layers).
+    pub userns: Option<crate::userns::Userns>,
 }
 
 fn spec_err(e: impl std::fmt::Display) -> RunError {
@@ -69,7 +76,7 @@ pub fn build_spec(r: &RunSpec) -> Result<Spec, RunError> {
         .set_args(Some(r.args.clone()))
         .set_env(Some(r.env.clone()))
         .set_cwd(r.cwd.clone().into())
-        .set_terminal(Some(false))
+        .set_terminal(Some(r.tty))
         .set_no_new_privileges(Some(true))
         .set_user(
             UserBuilder::default()
@@ -107,6 +114,32 @@ pub fn build_spec(r: &RunSpec) -> Result<Spec, RunError> {
                     .collect(),
             ));
         }
+    }
+    if let Some(u) = &r.userns {
+        if r.net_host {
+            // sysfs can be mounted only by the owner of the network namespace.
+            return Err(spec_err(
+                "--userns needs a network namespace of its own: not with --net host (as docker)",
+            ));
+        }
+        let map = |x: &crate::userns::IdRange| {
+            LinuxIdMappingBuilder::default()
+                .container_id(0u32)
+                .host_id(x.host)
+                .size(x.count)
+                .build()
+                .map_err(spec_err)
+        };
+        linux.set_uid_mappings(Some(vec![map(&u.uid)?]));
+        linux.set_gid_mappings(Some(vec![map(&u.gid)?]));
+        let mut ns = linux.namespaces().clone().unwrap_or_default();
+        ns.push(
+            LinuxNamespaceBuilder::default()
+                .typ(LinuxNamespaceType::User)
+                .build()
+                .map_err(spec_err)?,
+        );
+        linux.set_namespaces(Some(ns));
     }
     let mut res = linux.resources().clone().unwrap_or_default();
     if let Some((major, minor, l)) = &r.io {
@@ -188,17 +221,46 @@ pub fn run_with(r: &RunSpec, on_start: impl FnOnce(u32)) -> Result<i32, RunError
     build_spec(r)?
         .save(r.bundle.join("config.json"))
         .map_err(spec_err)?;
-    let mut c = ContainerBuilder::new(r.id.clone(), SyscallType::default())
+    let console = r
+        .tty
+        .then(|| crate::tty::ConsoleSocket::bind(&r.bundle.join("console.sock")))
+        .transpose()
+        .map_err(|e| rt(format!("console socket: {e}")))?;
+    let mut builder = ContainerBuilder::new(r.id.clone(), SyscallType::default())
         .with_executor(DefaultExecutor {})
         .with_root_path(&r.state_root)
         .map_err(|e| rt(e.to_string()))?
         .validate_id()
         .map_err(|e| rt(e.to_string()))?
+        .with_console_socket(console.as_ref().map(|c| c.path()));
+    if !r.tty && !r.interactive {
+        // As docker: without -i the process reads /dev/null, not our stdin.
+        let null = std::fs::File::open("/dev/null").map_err(|e| rt(format!("/dev/null: {e}")))?;
+        builder = builder.with_stdin(null);
+    }
+    let mut c = builder
         .as_init(&r.bundle)
         .with_systemd(false)
-        .with_detach(false)
+        // libcontainer takes a console socket only from a "detached" caller;
+        // detach gates nothing else: init is still our child, waited below.
+        .with_detach(r.tty)
         .build()
         .map_err(|e| rt(format!("create: {e}")))?;
+    // The pty master was sent during create; without it the container is useless.
+    let session = match console
+        .as_ref()
+        .map(|s| {
+            s.recv_master()
+                .and_then(|m| crate::tty::attach(m, r.interactive))
+        })
+        .transpose()
+    {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = c.delete(true);
+            return Err(rt(format!("terminal: {e}")));
+        }
+    };
     let started = c.start();
     let code = match (started, c.pid()) {
         (Ok(()), Some(pid)) => {
@@ -214,7 +276,11 @@ pub fn run_with(r: &RunSpec, on_start: impl FnOnce(u32)) -> Result<i32, RunError
                 }
             };
             crate::signals::forward_to(0);
-            code
+            // Output still in the pty after the exit reaches stdout.
+            match session.map(crate::tty::Session::finish) {
+                Some(Err(e)) => code.and(Err(rt(format!("terminal: {e}")))),
+                _ => code,
+            }
         }
         (Ok(()), None) => Err(rt("started without a pid".into())),
         (Err(e), _) => Err(rt(format!("start: {e}"))),
@@ -281,6 +347,9 @@ mod tests {
             )),
             memory: None,
             pids: None,
+            tty: false,
+            interactive: false,
+            userns: None,
         };
         let spec = build_spec(&r).unwrap();
         let bio = spec

@@ -8,6 +8,8 @@ pub mod container;
 pub mod record;
 mod signals;
 pub mod teardown;
+pub mod tty;
+pub mod userns;
 
 pub use cgroup::{Cgroup, Error, Hierarchy, IoLimits};
 pub use container::{build_spec, run, run_with, RunError, RunSpec};

@@ -1,4 +1,6 @@
-//! SIGINT and SIGTERM reach the container's init while it runs.
+//! SIGINT, SIGTERM, SIGHUP and SIGQUIT reach the container's init while it
+//! runs (docker's sig-proxy): cstore outlives them, so it can restore the
+//! terminal and report the exit status.
 
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Once;
@@ -14,11 +16,11 @@ extern "C" fn forward(sig: libc::c_int) {
     }
 }
 
-/// Forward SIGINT/SIGTERM to `pid` (0: stop forwarding).
+/// Forward SIGINT/SIGTERM/SIGHUP/SIGQUIT to `pid` (0: stop forwarding).
 pub fn forward_to(pid: i32) {
     TARGET.store(pid, Ordering::SeqCst);
     INSTALL.call_once(|| {
-        for sig in [libc::SIGINT, libc::SIGTERM] {
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
             // SAFETY: installing a handler that only calls kill(2).
             unsafe { libc::signal(sig, forward as *const () as libc::sighandler_t) };
         }

@@ -4,7 +4,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 use serde::Serialize;
@@ -113,7 +113,7 @@ pub fn mount(m: &Mount, target: &Path) -> Result<()> {
                 .map_err(fail)
                 .map(drop)
             } else {
-                mount_overlay_fsconfig(&m.options, target).map_err(fail)
+                mount_overlay_fsconfig(&m.options, target, None).map_err(fail)
             }
         }
         other => Err(Error::InvalidArgument(format!(
@@ -130,10 +130,22 @@ fn page_size() -> usize {
 const FSOPEN_CLOEXEC: libc::c_uint = 1;
 const FSCONFIG_SET_FLAG: libc::c_uint = 0;
 const FSCONFIG_SET_STRING: libc::c_uint = 1;
+const FSCONFIG_SET_FD: libc::c_uint = 5;
 const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
 const FSMOUNT_CLOEXEC: libc::c_uint = 1;
 const MOUNT_ATTR_RDONLY: libc::c_uint = 1;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+
+/// struct mount_attr of mount_setattr(2).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
 
 fn fsconfig(
     fd: &OwnedFd,
@@ -157,39 +169,59 @@ fn fsconfig(
     .map(drop)
 }
 
-/// overlay through fsopen/fsconfig/fsmount: each lower layer is its own
-/// `lowerdir+` parameter (Linux 6.8+), so 128+ layers mount.
-fn mount_overlay_fsconfig(options: &[String], target: &Path) -> io::Result<()> {
-    // SAFETY: fsopen with a C string; returns a new fd.
-    let fs =
-        check(unsafe { libc::syscall(libc::SYS_fsopen, c"overlay".as_ptr(), FSOPEN_CLOEXEC) })?;
+/// A detached copy of the directory tree at `path` (open_tree with
+/// OPEN_TREE_CLONE) whose owners are mapped through the user namespace
+/// `userns`: on-disk id N appears as the id N maps to. It is in no mount
+/// table, and is gone once the last fd (or a mount made from it) is.
+fn idmapped_tree(path: &Path, userns: BorrowedFd) -> io::Result<OwnedFd> {
+    let p = cpath(path)?;
+    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint;
+    // SAFETY: open_tree with a C string; returns a new fd.
+    let tree =
+        check(unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, p.as_ptr(), flags) })?;
     // SAFETY: new fd we own.
-    let fs = unsafe { OwnedFd::from_raw_fd(fs as i32) };
-    let mut readonly = true;
-    for o in options {
-        match o.split_once('=') {
-            Some(("lowerdir", v)) => {
-                for l in v.split(':') {
-                    fsconfig(&fs, FSCONFIG_SET_STRING, Some("lowerdir+"), Some(l))?;
-                }
-            }
-            Some((k, v)) => {
-                if k == "upperdir" {
-                    readonly = false;
-                }
-                fsconfig(&fs, FSCONFIG_SET_STRING, Some(k), Some(v))?;
-            }
-            None if o == "ro" => readonly = true,
-            None => fsconfig(&fs, FSCONFIG_SET_FLAG, Some(o), None)?,
-        }
+    let tree = unsafe { OwnedFd::from_raw_fd(tree as i32) };
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_IDMAP,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: userns.as_raw_fd() as u64,
+    };
+    // SAFETY: mount_setattr on our detached tree with a valid mount_attr.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    })?;
+    Ok(tree)
+}
+
+/// Mount `m` at `target` for a container in a user namespace, as containerd's
+/// overlay snapshotter does with uid/gid mappings: every lower layer is an
+/// id-mapped detached tree (`userns` holds the mapping), so files owned by
+/// root in the image appear owned by the container's root; the upper dir is
+/// not mapped (the caller chowns it to the mapped root), so what the
+/// container writes is stored under its host ids. The mapped layers exist
+/// only as file descriptors until overlayfs holds its own clones of them,
+/// so nothing is left mounted on any exit path (containerd attaches them
+/// to temporary directories instead). Needs an overlayfs that takes layers
+/// by fd from detached mounts (Linux 6.13-6.15 added it; checked on 6.18).
+pub fn mount_idmapped(m: &Mount, target: &Path, userns: BorrowedFd) -> Result<()> {
+    let fail = |e: io::Error| Error::io("mount (id-mapped)", target, e);
+    match m.kind.as_str() {
+        "overlay" => mount_overlay_fsconfig(&m.options, target, Some(userns)).map_err(fail),
+        other => Err(Error::InvalidArgument(format!(
+            "id-mapped {other:?} mounts are not supported (overlay only)"
+        ))),
     }
-    fsconfig(&fs, FSCONFIG_CMD_CREATE, None, None)?;
-    let attrs = if readonly { MOUNT_ATTR_RDONLY } else { 0 };
-    // SAFETY: fsmount on a created context; returns a new mount fd.
-    let mnt =
-        check(unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, attrs) })?;
-    // SAFETY: new fd we own.
-    let mnt = unsafe { OwnedFd::from_raw_fd(mnt as i32) };
+}
+
+fn move_mount(mnt: &OwnedFd, target: &Path) -> io::Result<()> {
     let dst = cpath(target)?;
     // SAFETY: move the detached mount onto the target path.
     check(unsafe {
@@ -203,6 +235,73 @@ fn mount_overlay_fsconfig(options: &[String], target: &Path) -> io::Result<()> {
         )
     })
     .map(drop)
+}
+
+fn fsconfig_fd(fs: &OwnedFd, key: &str, fd: &OwnedFd) -> io::Result<()> {
+    let k = cstr(key)?;
+    // SAFETY: fsconfig with a valid fs context fd, a C string and an fd.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs.as_raw_fd(),
+            FSCONFIG_SET_FD,
+            k.as_ptr(),
+            std::ptr::null::<libc::c_char>(),
+            fd.as_raw_fd(),
+        )
+    })
+    .map(drop)
+}
+
+/// overlay through fsopen/fsconfig/fsmount: each lower layer is its own
+/// `lowerdir+` parameter (Linux 6.8+), so 128+ layers mount. With `idmap`,
+/// each lower layer is an id-mapped detached tree passed by fd.
+fn mount_overlay_fsconfig(
+    options: &[String],
+    target: &Path,
+    idmap: Option<BorrowedFd>,
+) -> io::Result<()> {
+    // SAFETY: fsopen with a C string; returns a new fd.
+    let fs =
+        check(unsafe { libc::syscall(libc::SYS_fsopen, c"overlay".as_ptr(), FSOPEN_CLOEXEC) })?;
+    // SAFETY: new fd we own.
+    let fs = unsafe { OwnedFd::from_raw_fd(fs as i32) };
+    let mut readonly = true;
+    // Held until the superblock exists: closing one dissolves its tree.
+    let mut trees = Vec::new();
+    for o in options {
+        match o.split_once('=') {
+            Some(("lowerdir", v)) => {
+                for l in v.split(':') {
+                    match idmap {
+                        None => fsconfig(&fs, FSCONFIG_SET_STRING, Some("lowerdir+"), Some(l))?,
+                        Some(userns) => {
+                            let tree = idmapped_tree(Path::new(l), userns)?;
+                            fsconfig_fd(&fs, "lowerdir+", &tree)?;
+                            trees.push(tree);
+                        }
+                    }
+                }
+            }
+            Some((k, v)) => {
+                if k == "upperdir" {
+                    readonly = false;
+                }
+                fsconfig(&fs, FSCONFIG_SET_STRING, Some(k), Some(v))?;
+            }
+            None if o == "ro" => readonly = true,
+            None => fsconfig(&fs, FSCONFIG_SET_FLAG, Some(o), None)?,
+        }
+    }
+    fsconfig(&fs, FSCONFIG_CMD_CREATE, None, None)?;
+    drop(trees);
+    let attrs = if readonly { MOUNT_ATTR_RDONLY } else { 0 };
+    // SAFETY: fsmount on a created context; returns a new mount fd.
+    let mnt =
+        check(unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, attrs) })?;
+    // SAFETY: new fd we own.
+    let mnt = unsafe { OwnedFd::from_raw_fd(mnt as i32) };
+    move_mount(&mnt, target)
 }
 
 /// Mount a list of mounts stacked at `target` (containerd's mount.All).
