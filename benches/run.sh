@@ -11,6 +11,8 @@
 # container writes, i.e. its first instruction, and to exit), measured from the
 # spawn of the command by benches/runlat.py. RUNS rounds, each running every
 # case once in turn; prints median and p90 (ms) and the ratio cstore / peer.
+# CSTORE_BASE=PATH adds another cstore binary (e.g. a build of main) as column
+# "base", with a root of its own: before and after a change in one run.
 #
 #   sudo benches/run.sh        (RUNS=20 rounds after 2 untimed ones)
 set -euo pipefail
@@ -30,6 +32,8 @@ trap cleanup EXIT
 
 cs=("$cstore" --root "$work/cstore")
 "${cs[@]}" pull "$ref" >/dev/null
+base=${CSTORE_BASE:+$CSTORE_BASE --root $work/base}
+[ -z "$base" ] || $base pull "$ref" >/dev/null
 
 "$cstore" --root "$work/plugin" snapshotter serve --address "$work/plugin.sock" 2>"$work/plugin.log" &
 plugin_pid=$!
@@ -50,5 +54,6 @@ for c in "true" "echo x"; do
   cases+=("run --rm $c/cstore=${cs[*]} run --rm $ref $c"
           "run --rm $c/ctr=${ctr[*]} run --rm $ref ov$n-{i} $c"
           "run --rm $c/ctr+cs=${ctr[*]} run --rm --snapshotter cstore $ref cs$n-{i} $c")
+  [ -z "$base" ] || cases+=("run --rm $c/base=$base run --rm $ref $c")
 done
 python3 benches/runlat.py --rounds "$RUNS" "${cases[@]}"
