@@ -234,7 +234,7 @@ pub fn run(store: &Store, a: RunArgs) -> Result<i32> {
             rootfs.display().to_string(),
         ),
     ]);
-    let mounts = sn
+    let mut mounts = sn
         .prepare(&key, Some(&top.chain_id), labels)
         .map_err(|e| match e {
             cstore_snapshotter::Error::AlreadyExists(_) => {
@@ -242,6 +242,15 @@ pub fn run(store: &Store, a: RunArgs) -> Result<i32> {
             }
             e => e.into(),
         })?;
+    if a.rm {
+        // The upper dir of a --rm container is thrown away at exit. Without
+        // `volatile`, unmounting the overlay syncs the whole filesystem under
+        // the store (overlayfs' sync_fs), which costs what every other
+        // writer on it has left dirty.
+        for m in mounts.iter_mut().filter(|m| m.kind == "overlay") {
+            m.options.push("volatile".into());
+        }
+    }
     let cleanup = |remove: bool| {
         let _ = mount::unmount(&rootfs);
         if remove {
