@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cstore_store::meta::DbFile;
-use redb::{ReadableTable, TableDefinition};
+use redb::{ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -135,14 +135,14 @@ impl Snapshotter {
             db: DbFile::open(&root.join("metadata.db"))?,
             root,
         };
-        sn.transact(
+        sn.db.ensure_tables(
+            &[SNAPSHOTS.name(), CHILDREN.name(), COUNTERS.name()],
             |txn| {
                 txn.open_table(SNAPSHOTS).map_err(|e| sn.db.err(e))?;
                 txn.open_table(CHILDREN).map_err(|e| sn.db.err(e))?;
                 txn.open_table(COUNTERS).map_err(|e| sn.db.err(e))?;
-                Ok(())
+                Ok::<_, Error>(())
             },
-            Ok,
         )?;
         Ok(sn)
     }

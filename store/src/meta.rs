@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use redb::{Database, ReadOnlyTable, ReadableTable, Table, TableDefinition};
+use redb::{Database, ReadOnlyTable, ReadableTable, Table, TableDefinition, TableHandle};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -202,6 +202,28 @@ impl DbFile {
         })
     }
 
+    /// Create the tables named `names` with `create` unless all of them
+    /// exist already. A read transaction answers that, so opening an
+    /// initialized database costs no durable commit.
+    pub fn ensure_tables<E: From<Error>>(
+        &self,
+        names: &[&str],
+        create: impl FnOnce(&redb::WriteTransaction) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let present = self.read(|txn| {
+            let have: Vec<String> = txn
+                .list_tables()
+                .map_err(|e| self.err(e))?
+                .map(|t| t.name().to_string())
+                .collect();
+            Ok::<_, E>(names.iter().all(|n| have.iter().any(|h| h == n)))
+        })?;
+        if present {
+            return Ok(());
+        }
+        self.transact(create, Ok)
+    }
+
     /// A read-only transaction: a snapshot of the last commit, no commit of
     /// its own.
     pub fn read<T, E: From<Error>>(
@@ -275,7 +297,13 @@ impl Meta {
             db: DbFile::open(path)?,
         };
         // Create the tables once so readers never meet a missing table.
-        meta.update(|_| Ok(()))?;
+        let db = &meta.db;
+        db.ensure_tables(&[IMAGES.name(), BLOBS.name(), LEASES.name()], |txn| {
+            for t in [IMAGES, BLOBS, LEASES] {
+                txn.open_table(t).map_err(|e| db.err(e))?;
+            }
+            Ok(())
+        })?;
         Ok(meta)
     }
 
