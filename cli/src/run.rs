@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use cstore_runtime::cgroup::parse_rate;
 use cstore_runtime::{IoLimits, RunSpec};
-use cstore_snapshotter::{image, mount, Kind};
+use cstore_snapshotter::{image, mount, Kind, Snapshotter};
 use cstore_store::reference::parse_digest;
 use cstore_store::Store;
 
@@ -111,7 +111,26 @@ fn device_rate(flag: &str, v: &str, store_root: &Path) -> Result<((u32, u32), u6
     ))
 }
 
-pub fn run(store: &Store, a: RunArgs) -> Result<i32> {
+/// Open the store and its snapshot tree, in parallel: each open reads redb's
+/// allocator state and syncs the file, and `run` is latency-bound.
+pub fn open_and_run(root: &Path, a: RunArgs) -> Result<i32> {
+    let (store, sn) = std::thread::scope(|s| {
+        let sn = s.spawn(|| Snapshotter::open(root).context("opening the snapshot tree"));
+        let store = crate::open_store(root);
+        (store, sn.join())
+    });
+    let sn = sn.unwrap_or_else(|p| std::panic::resume_unwind(p))?;
+    let store = store?;
+    let code = run(&store, &sn, a);
+    // Closing a database writes it durably; the two close side by side.
+    std::thread::scope(|s| {
+        s.spawn(move || drop(store));
+        drop(sn);
+    });
+    code
+}
+
+pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
     if a.net != "none" && a.net != "host" {
         bail!("--net {:?}: none or host", a.net);
     }
@@ -213,7 +232,6 @@ pub fn run(store: &Store, a: RunArgs) -> Result<i32> {
     {
         bail!("--name {id:?}: letters, digits, - and _ only");
     }
-    let sn = snap::open(store)?;
     let layers = image::layers_of(store, &img)?;
     let top = layers.last().context("image has no layers")?;
     if !sn
@@ -288,7 +306,11 @@ pub fn run(store: &Store, a: RunArgs) -> Result<i32> {
         memory,
         pids: a.pids_limit,
     };
-    let result = cstore_runtime::run(&spec);
+    // Both databases stay as they are until the container runs: a reaper
+    // closing one (allocating, syncing) while libcontainer clones this
+    // process could leave the child a lock it never gets back.
+    let holds = (store.meta().hold(), sn.hold());
+    let result = cstore_runtime::run_then(&spec, move || drop(holds));
     cleanup(a.rm);
     Ok(result?)
 }

@@ -149,6 +149,12 @@ pub fn build_spec(r: &RunSpec) -> Result<Spec, RunError> {
 /// Create, start, wait for and delete the container; its exit status
 /// (128 + signal when killed).
 pub fn run(r: &RunSpec) -> Result<i32, RunError> {
+    run_then(r, || {})
+}
+
+/// `run`, calling `started` once the container's process runs its command
+/// (or once it failed to): from then on this process clones no more.
+pub fn run_then(r: &RunSpec, started: impl FnOnce()) -> Result<i32, RunError> {
     let rt = |message: String| RunError::Runtime {
         id: r.id.clone(),
         message,
@@ -171,8 +177,9 @@ pub fn run(r: &RunSpec) -> Result<i32, RunError> {
         .with_detach(false)
         .build()
         .map_err(|e| rt(format!("create: {e}")))?;
-    let started = c.start();
-    let code = match (started, c.pid()) {
+    let start = c.start();
+    started();
+    let code = match (start, c.pid()) {
         (Ok(()), Some(pid)) => {
             crate::signals::forward_to(pid.as_raw());
             let code = loop {

@@ -8,4 +8,4 @@ pub mod container;
 mod signals;
 
 pub use cgroup::{Cgroup, Error, Hierarchy, IoLimits};
-pub use container::{build_spec, run, RunError, RunSpec};
+pub use container::{build_spec, run, run_then, RunError, RunSpec};

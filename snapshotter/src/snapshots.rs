@@ -17,7 +17,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use cstore_store::meta::DbFile;
+use cstore_store::meta::{DbFile, Hold};
 use redb::{ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
 
@@ -149,6 +149,11 @@ impl Snapshotter {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Keep the metadata database from closing meanwhile (`DbFile::hold`).
+    pub fn hold(&self) -> Hold<'_> {
+        self.db.hold()
     }
 
     pub fn dir(&self, id: u64) -> PathBuf {
