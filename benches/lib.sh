@@ -26,9 +26,10 @@ bench_image() {
   mkdir -p "$(dirname "$stamp")" && touch "$stamp"
 }
 
-# start_containerd DIR: a private containerd (own root, state, socket; CRI off).
+# start_containerd DIR [TOML]: a private containerd (own root, state, socket;
+# CRI off), with TOML appended to its config (e.g. a proxy plugin).
 start_containerd() {
-  local dir=$1
+  local dir=$1 extra=${2:-}
   mkdir -p "$dir"
   cat > "$dir/config.toml" <<TOML
 version = 2
@@ -41,6 +42,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   address = "$dir/containerd.sock.ttrpc"
 [debug]
   level = "warn"
+$extra
 TOML
   containerd --config "$dir/config.toml" > "$dir/containerd.log" 2>&1 &
   echo $! > "$dir/pid"
@@ -63,21 +65,29 @@ median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+
 
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
 
-# bench_setup: everything the pull/unpack benchmarks share. Installs the peers,
-# builds cstore (release) and the bench image, serves the image from a
-# registry on 127.0.0.1, and sets: cstore, work (removed on exit, with the
-# registry and any containerd under it stopped), addr, ref.
+# bench_setup [TAG]: everything the benchmarks with a registry share. Installs
+# the peers, builds cstore (release) and the fixtures image TAG (default: the
+# bench image), serves it from a registry on 127.0.0.1, and sets: cstore, work
+# (removed on exit by bench_cleanup, with the registry and any containerd under
+# it stopped), addr, ref.
 bench_setup() {
+  local tag=${1:-bench}
   bash fixtures/deps.sh --bench
-  bench_image
+  if [ "$tag" = bench ]; then bench_image; else bash fixtures/images.sh >/dev/null; fi
   cargo build --release --locked -q -p cstore
   cstore=$CARGO_TARGET_DIR/release/cstore
   work=$(mktemp -d /var/tmp/cstore-bench.XXXXXX)
-  trap 'stop_containerd "$work/ctrd" || true; bash fixtures/registry.sh stop "$work/reg" || true; rm -rf "$work"' EXIT
+  trap bench_cleanup EXIT
   addr=$(bash fixtures/registry.sh start "$work/reg")
-  skopeo copy -q --dest-tls-verify=false "oci:$OCI:bench" "docker://$addr/bench:latest"
-  ref=$addr/bench:latest
+  skopeo copy -q --dest-tls-verify=false "oci:$OCI:$tag" "docker://$addr/$tag:latest"
+  ref=$addr/$tag:latest
   local raw
   raw=$(skopeo inspect --raw --tls-verify=false "docker://$ref")
   echo "image $ref: $(jq '.layers | length' <<<"$raw") layers, $(( $(jq '[.layers[].size] | add' <<<"$raw") >> 20 )) MiB compressed"
+}
+
+bench_cleanup() {
+  stop_containerd "$work/ctrd" || true
+  bash fixtures/registry.sh stop "$work/reg" || true
+  rm -rf "$work"
 }

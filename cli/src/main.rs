@@ -308,9 +308,7 @@ fn run(cli: Cli) -> Result<()> {
             command: BenchCommand::Io(args),
         } => bench::io(args)?,
         Command::Run(args) => {
-            let store = open_store(&cli.root)?;
-            let code = run::run(&store, args)?;
-            drop(store);
+            let code = run::open_and_run(&cli.root, args)?;
             std::process::exit(code);
         }
         Command::Ps { all, json } => {

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use cstore_runtime::cgroup::parse_rate;
 use cstore_runtime::userns::Userns;
 use cstore_runtime::{Hierarchy, IoLimits, Record, RunSpec};
-use cstore_snapshotter::{image, mount, Kind};
+use cstore_snapshotter::{image, mount, Kind, Snapshotter};
 use cstore_store::reference::parse_digest;
 use cstore_store::Store;
 
@@ -122,7 +122,26 @@ fn device_rate(flag: &str, v: &str, store_root: &Path) -> Result<((u32, u32), u6
     ))
 }
 
-pub fn run(store: &Store, a: RunArgs) -> Result<i32> {
+/// Open the store and its snapshot tree, in parallel: each open reads redb's
+/// allocator state and syncs the file, and `run` is latency-bound.
+pub fn open_and_run(root: &Path, a: RunArgs) -> Result<i32> {
+    let (store, sn) = std::thread::scope(|s| {
+        let sn = s.spawn(|| Snapshotter::open(root).context("opening the snapshot tree"));
+        let store = crate::open_store(root);
+        (store, sn.join())
+    });
+    let sn = sn.unwrap_or_else(|p| std::panic::resume_unwind(p))?;
+    let store = store?;
+    let code = run(&store, &sn, a);
+    // Closing a database writes it durably; the two close side by side.
+    std::thread::scope(|s| {
+        s.spawn(move || drop(store));
+        drop(sn);
+    });
+    code
+}
+
+pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
     if a.net != "none" && a.net != "host" {
         bail!("--net {:?}: none or host", a.net);
     }
@@ -239,7 +258,6 @@ pub fn run(store: &Store, a: RunArgs) -> Result<i32> {
     if !containers::valid_name(&id) {
         bail!("--name {id:?}: letters, digits, - and _ only");
     }
-    let sn = snap::open(store)?;
     let layers = image::layers_of(store, &img)?;
     let top = layers.last().context("image has no layers")?;
     if !sn
@@ -260,7 +278,7 @@ pub fn run(store: &Store, a: RunArgs) -> Result<i32> {
             rootfs.display().to_string(),
         ),
     ]);
-    let mounts = sn
+    let mut mounts = sn
         .prepare(&key, Some(&top.chain_id), labels)
         .map_err(|e| match e {
             cstore_snapshotter::Error::AlreadyExists(_) => {
@@ -268,6 +286,15 @@ pub fn run(store: &Store, a: RunArgs) -> Result<i32> {
             }
             e => e.into(),
         })?;
+    if a.rm {
+        // The upper dir of a --rm container is thrown away at exit. Without
+        // `volatile`, unmounting the overlay syncs the whole filesystem under
+        // the store (overlayfs' sync_fs), which costs what every other
+        // writer on it has left dirty.
+        for m in mounts.iter_mut().filter(|m| m.kind == "overlay") {
+            m.options.push("volatile".into());
+        }
+    }
     let cleanup = |remove: bool| {
         let _ = mount::unmount(&rootfs);
         if remove {
@@ -318,7 +345,13 @@ pub fn run(store: &Store, a: RunArgs) -> Result<i32> {
         interactive: a.interactive,
         userns,
     };
+    // Both databases stay as they are until the container runs: a reaper
+    // closing one (allocating, syncing) while libcontainer clones this
+    // process could leave the child a lock it never gets back. (Not called
+    // when the start fails: the holds then go when run_with returns.)
+    let holds = (store.meta().hold(), sn.hold());
     let result = cstore_runtime::run_with(&spec, |pid| {
+        drop(holds);
         record.set_started(pid);
         if let Err(e) = record.save(&dir) {
             tracing::warn!(error = %e, "recording the container's pid");

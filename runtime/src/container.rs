@@ -208,7 +208,8 @@ pub fn run(r: &RunSpec) -> Result<i32, RunError> {
     run_with(r, |_| {})
 }
 
-/// As [`run`], telling `on_start` the init's pid once it runs.
+/// As [`run`], telling `on_start` the init's pid once it runs: from then on
+/// this process clones no more (callers release locks other threads hold).
 pub fn run_with(r: &RunSpec, on_start: impl FnOnce(u32)) -> Result<i32, RunError> {
     let rt = |message: String| RunError::Runtime {
         id: r.id.clone(),

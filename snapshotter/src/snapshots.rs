@@ -17,8 +17,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use cstore_store::meta::DbFile;
-use redb::{ReadableTable, TableDefinition};
+use cstore_store::meta::{DbFile, Hold};
+use redb::{ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -135,20 +135,25 @@ impl Snapshotter {
             db: DbFile::open(&root.join("metadata.db"))?,
             root,
         };
-        sn.transact(
+        sn.db.ensure_tables(
+            &[SNAPSHOTS.name(), CHILDREN.name(), COUNTERS.name()],
             |txn| {
                 txn.open_table(SNAPSHOTS).map_err(|e| sn.db.err(e))?;
                 txn.open_table(CHILDREN).map_err(|e| sn.db.err(e))?;
                 txn.open_table(COUNTERS).map_err(|e| sn.db.err(e))?;
-                Ok(())
+                Ok::<_, Error>(())
             },
-            Ok,
         )?;
         Ok(sn)
     }
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Keep the metadata database from closing meanwhile (`DbFile::hold`).
+    pub fn hold(&self) -> Hold<'_> {
+        self.db.hold()
     }
 
     pub fn dir(&self, id: u64) -> PathBuf {

@@ -10,10 +10,12 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use redb::{Database, ReadOnlyTable, ReadableTable, Table, TableDefinition};
+use redb::{Database, ReadOnlyTable, ReadableTable, Table, TableDefinition, TableHandle};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -129,7 +131,30 @@ pub struct DbFile {
     /// Threads of one process take turns too: redb refuses a second open
     /// from the same process as well.
     open: Arc<Mutex<Option<Lingering>>>,
-    reaper: std::sync::Once,
+    /// The thread that closes an idle database. It starts before the first
+    /// open returns and is joined on drop, never in between: a process that
+    /// clones itself (libcontainer's clone3, which runs no atfork handlers)
+    /// while another thread is starting or ending copies std's thread
+    /// bookkeeping lock held, and the child deadlocks when it exits.
+    reaper: Mutex<Option<JoinHandle<()>>>,
+    /// Live `Hold`s; changed under the `open` lock, so the reaper sees them.
+    holds: Arc<AtomicUsize>,
+}
+
+/// Keeps a DbFile's database from being closed (see `DbFile::hold`).
+pub struct Hold<'a> {
+    db: &'a DbFile,
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        let mut open = self.db.open.lock().unwrap_or_else(|p| p.into_inner());
+        self.db.holds.fetch_sub(1, Ordering::SeqCst);
+        // The linger starts over from here.
+        if let Some(l) = open.as_mut() {
+            l.last_used = Instant::now();
+        }
+    }
 }
 
 struct Lingering {
@@ -149,7 +174,8 @@ impl DbFile {
         Ok(DbFile {
             path: path.to_path_buf(),
             open: Arc::new(Mutex::new(None)),
-            reaper: std::sync::Once::new(),
+            reaper: Mutex::new(None),
+            holds: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -210,6 +236,28 @@ impl DbFile {
         })
     }
 
+    /// Create the tables named `names` with `create` unless all of them
+    /// exist already. A read transaction answers that, so opening an
+    /// initialized database costs no durable commit.
+    pub fn ensure_tables<E: From<Error>>(
+        &self,
+        names: &[&str],
+        create: impl FnOnce(&redb::WriteTransaction) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let present = self.read(|txn| {
+            let have: Vec<String> = txn
+                .list_tables()
+                .map_err(|e| self.err(e))?
+                .map(|t| t.name().to_string())
+                .collect();
+            Ok::<_, E>(names.iter().all(|n| have.iter().any(|h| h == n)))
+        })?;
+        if present {
+            return Ok(());
+        }
+        self.transact(create, Ok)
+    }
+
     /// A read-only transaction: a snapshot of the last commit, no commit of
     /// its own.
     pub fn read<T, E: From<Error>>(
@@ -228,11 +276,16 @@ impl DbFile {
     ) -> Result<T, E> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if open.is_none() {
+            // The reaper gets going while the database opens.
+            let reaper_started = self.start_reaper();
+            let db = self.open_db();
+            if let Some(started) = reaper_started {
+                let _ = started.recv();
+            }
             *open = Some(Lingering {
-                db: self.open_db()?,
+                db: db?,
                 last_used: Instant::now(),
             });
-            self.start_reaper();
         }
         let l = open.as_mut().expect("just opened");
         let out = f(&l.db);
@@ -240,28 +293,67 @@ impl DbFile {
         out
     }
 
-    /// A thread that closes the database once it has been idle for LINGER,
-    /// and ends when the DbFile is dropped.
-    fn start_reaper(&self) {
+    /// Spawn, once, the thread that closes the database once it has been
+    /// idle for LINGER; it ends when the DbFile is dropped. Returns what the
+    /// thread signals once it runs (its start is complete), if just spawned.
+    fn start_reaper(&self) -> Option<mpsc::Receiver<()>> {
+        let mut reaper = self.reaper.lock().unwrap_or_else(|p| p.into_inner());
+        if reaper.is_some() {
+            return None;
+        }
         let weak = Arc::downgrade(&self.open);
-        self.reaper.call_once(|| {
-            std::thread::Builder::new()
-                .name("cstore-db-linger".into())
-                .spawn(move || loop {
-                    std::thread::sleep(LINGER / 2);
+        let holds = self.holds.clone();
+        let (tx, rx) = mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("cstore-db-linger".into())
+            .spawn(move || {
+                let _ = tx.send(());
+                loop {
+                    std::thread::park_timeout(LINGER / 2);
                     let Some(open) = weak.upgrade() else { return };
                     let mut g = open.lock().unwrap_or_else(|p| p.into_inner());
-                    if g.as_ref().is_some_and(|l| l.last_used.elapsed() >= LINGER) {
+                    if holds.load(Ordering::SeqCst) == 0
+                        && g.as_ref().is_some_and(|l| l.last_used.elapsed() >= LINGER)
+                    {
                         *g = None;
                     }
-                })
-                .expect("spawn the database reaper");
-        });
+                }
+            })
+            .expect("spawn the database reaper");
+        *reaper = Some(handle);
+        Some(rx)
+    }
+
+    /// Keep the database as it is (open or closed) until the guard drops:
+    /// while held, the reaper does not close it, so no thread of ours is
+    /// inside redb, allocating and syncing. For what must not overlap that:
+    /// a container launch clones this process, and the child inherits any
+    /// lock another thread holds at that instant. Waits out a close under
+    /// way. Hold briefly: other processes wait for the file meanwhile.
+    pub fn hold(&self) -> Hold<'_> {
+        let _open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        self.holds.fetch_add(1, Ordering::SeqCst);
+        Hold { db: self }
     }
 
     /// Close now if open (tests that hand the file to another process).
     pub fn close(&self) {
         *self.open.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+impl Drop for DbFile {
+    /// Close the database here, not in the reaper, and end the reaper before
+    /// returning (see `reaper`).
+    fn drop(&mut self) {
+        self.close();
+        let open = std::mem::replace(&mut self.open, Arc::new(Mutex::new(None)));
+        drop(open);
+        let reaper = self.reaper.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = reaper.take() {
+            h.thread().unpark();
+            let _ = h.join();
+        }
     }
 }
 
@@ -283,8 +375,19 @@ impl Meta {
             db: DbFile::open(path)?,
         };
         // Create the tables once so readers never meet a missing table.
-        meta.update(|_| Ok(()))?;
+        let db = &meta.db;
+        db.ensure_tables(&[IMAGES.name(), BLOBS.name(), LEASES.name()], |txn| {
+            for t in [IMAGES, BLOBS, LEASES] {
+                txn.open_table(t).map_err(|e| db.err(e))?;
+            }
+            Ok(())
+        })?;
         Ok(meta)
+    }
+
+    /// See `DbFile::hold`.
+    pub fn hold(&self) -> Hold<'_> {
+        self.db.hold()
     }
 
     /// Run `f` on a read-only snapshot of the tables.
