@@ -28,7 +28,8 @@ pub struct RunArgs {
     /// Working directory inside the container.
     #[arg(short = 'w', long)]
     pub workdir: Option<String>,
-    /// UID[:GID].
+    /// USER[:GROUP], each a name (from the image's /etc/passwd and
+    /// /etc/group) or a number.
     #[arg(short = 'u', long)]
     pub user: Option<String>,
     #[arg(long)]
@@ -224,21 +225,14 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
         .context("--memory")?
         .map(|m| m as i64);
 
-    let (uid, gid) = match a
+    // Resolved once the rootfs is mounted: names come from its /etc/passwd.
+    // An empty -u is no -u (the image's user), as docker.
+    let user = a
         .user
         .clone()
-        .or(config.user.clone())
         .filter(|u| !u.is_empty())
-    {
-        None => (0, 0),
-        Some(u) => {
-            let (uid, gid) = u.split_once(':').unwrap_or((&u, "0"));
-            match (uid.parse(), gid.parse()) {
-                (Ok(u), Ok(g)) => (u, g),
-                _ => bail!("user {u:?}: only numeric UID[:GID] is supported"),
-            }
-        }
-    };
+        .or(config.user.clone())
+        .unwrap_or_default();
     let mut env = config.env.clone().unwrap_or_else(|| {
         vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()]
     });
@@ -316,6 +310,17 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
         cleanup(true);
         return Err(e);
     }
+    let user = match cstore_runtime::user::resolve(&rootfs, &user) {
+        Ok(u) => u,
+        Err(e) => {
+            cleanup(true);
+            return Err(anyhow::Error::from(e).context(format!("image {}", img.name)));
+        }
+    };
+    // As docker (runc sets it in the container): HOME from passwd unless given.
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        env.push(format!("HOME={}", user.home));
+    }
     let spec = RunSpec {
         id: id.clone(),
         rootfs: rootfs.clone(),
@@ -329,8 +334,9 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
             .or(config.working_dir.clone())
             .filter(|w| !w.is_empty())
             .unwrap_or_else(|| "/".into()),
-        uid,
-        gid,
+        uid: user.uid,
+        gid: user.gid,
+        additional_gids: user.additional_gids,
         hostname: a
             .hostname
             .clone()

@@ -585,3 +585,246 @@ fn bad_input_without_rm_leaves_nothing_mounted() {
     cs.ok(&["rm", &name]);
     container_gone(&cs, &name);
 }
+
+/// A `cstore run --rm --name NAME` in the background with its stdout
+/// piped; if a test fails midway, `rm -f` kills its container and the
+/// run is reaped.
+struct Supervised<'a> {
+    cs: &'a Cstore,
+    name: String,
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl<'a> Supervised<'a> {
+    fn start(cs: &'a Cstore, args: &[&str]) -> Supervised<'a> {
+        Self::start_with(cs, args, |_| {})
+    }
+
+    fn start_with(
+        cs: &'a Cstore,
+        args: &[&str],
+        adjust: impl FnOnce(&mut std::process::Command),
+    ) -> Supervised<'a> {
+        let name = unique("sig");
+        let mut a = vec!["run", "--rm", "--name", &name];
+        a.extend_from_slice(args);
+        let mut cmd = cs.cmd(&a);
+        adjust(&mut cmd);
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Supervised {
+            cs,
+            name,
+            child,
+            lines,
+        }
+    }
+
+    fn line(&self) -> String {
+        self.lines
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("no line from {} in 30s: {e}", self.name))
+    }
+
+    /// The exit status and stderr, within 30 seconds.
+    fn wait(&mut self) -> (i32, String) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} still runs after 30s",
+                self.name
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        use std::io::Read;
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (status.code().unwrap_or(-1), err)
+    }
+}
+
+impl Drop for Supervised<'_> {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.cs.run(&["rm", "-f", &self.name]);
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// SIGTERM and SIGINT sent to `cstore run` reach the container's process
+/// (docker's sig-proxy): its trap runs, and its exit status is run's.
+#[test]
+fn sigterm_and_sigint_are_forwarded_to_the_container() {
+    let (cs, image) = setup();
+    for (sig, name) in [(libc::SIGTERM, "TERM"), (libc::SIGINT, "INT")] {
+        let script = format!(
+            "trap 'echo got-{name}; exit 5' {name}; echo ready; while :; do sleep 0.1; done"
+        );
+        let mut run = Supervised::start(&cs, &[&image, "sh", "-c", &script]);
+        assert_eq!(run.line(), "ready");
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        assert_eq!(unsafe { libc::kill(run.child.id() as i32, sig) }, 0);
+        assert_eq!(run.line(), format!("got-{name}"));
+        let (code, err) = run.wait();
+        assert_eq!(code, 5, "SIG{name}: the trap's exit status: {err}");
+        container_gone(&cs, &run.name);
+    }
+}
+
+#[test]
+fn memory_and_pids_limits_are_the_containers_and_bite() {
+    let (cs, image) = setup();
+    // The container's own v1 memory and pids cgroups are at their
+    // hierarchies' mount points inside it. Busybox dd allocates and fills a
+    // buffer of bs: 100 MiB cannot fit in 64 MiB (this machine has no
+    // swap), so it is OOM-killed. Then a fork loop past 20 tasks.
+    let script = "cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/pids/pids.max; \
+        busybox dd if=/dev/zero of=/dev/null bs=100M count=1 2>/dev/null; echo dd=$?; \
+        busybox dd if=/dev/zero of=/dev/null bs=16M count=1 2>/dev/null; echo small-dd=$?; \
+        for i in $(busybox seq 40); do sleep 2 & done; echo all-forked; wait";
+    let (code, out, err) = run(
+        &cs,
+        &[
+            "--memory",
+            "64m",
+            "--pids-limit",
+            "20",
+            &image,
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        ["67108864", "20", "dd=137", "small-dd=0"],
+        "limits in the cgroup files, 100 MiB killed and 16 MiB not: {err}"
+    );
+    assert_ne!(code, 0, "the fork loop fails: {err}");
+    assert!(err.contains("can't fork"), "{err}");
+    // Without the flags: no limit, and the same commands succeed.
+    let (code, out, err) = run(&cs, &[&image, "sh", "-c", script]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[1..],
+        ["max", "dd=0", "small-dd=0", "all-forked"],
+        "{err}"
+    );
+    assert!(lines[0].parse::<u64>().unwrap() > 1 << 40, "{out}");
+    no_run_snapshots_left(&cs);
+}
+
+fn interfaces(proc_net_dev: &str) -> Vec<String> {
+    let mut v: Vec<String> = proc_net_dev
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(|n| n.trim().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn net_none_has_only_loopback_and_net_host_sees_the_hosts_interfaces() {
+    let (cs, image) = setup();
+    let host = interfaces(&std::fs::read_to_string("/proc/net/dev").unwrap());
+    assert!(host.len() > 1, "the host has more than lo: {host:?}");
+    for (net, want) in [("none", vec!["lo".to_string()]), ("host", host)] {
+        let (code, out, err) = run(&cs, &["--net", net, &image, "cat", "/proc/net/dev"]);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(interfaces(&out), want, "--net {net}");
+    }
+    let (code, out, err) = run(&cs, &[&image, "cat", "/proc/net/dev"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(interfaces(&out), ["lo"], "none is the default");
+    let (code, _, err) = run(&cs, &["--net", "bridge", &image, "true"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--net \"bridge\": none or host"), "{err}");
+    no_run_snapshots_left(&cs);
+}
+
+/// Nothing is ignored in the container, as under docker: not SIGPIPE (which
+/// Rust ignores in cstore), nor what cstore was started with ignored (as a
+/// script's `cstore run ... &` or nohup start it).
+#[test]
+fn the_process_starts_with_every_signal_at_its_default_action() {
+    use std::os::unix::process::CommandExt;
+    let (cs, image) = setup();
+    let mut cmd = cs.cmd(&[
+        "run",
+        "--rm",
+        &image,
+        "sh",
+        "-c",
+        "grep SigIgn /proc/self/status; busybox yes | head -n 1",
+    ]);
+    // SAFETY: only signal(2) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            for s in [libc::SIGINT, libc::SIGQUIT, libc::SIGHUP, libc::SIGPIPE] {
+                libc::signal(s, libc::SIG_IGN);
+            }
+            Ok(())
+        })
+    };
+    let out = cmd.output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines, ["SigIgn:\t0000000000000000", "y"], "{stderr}");
+    // `yes` died of SIGPIPE rather than failing to write.
+    assert!(!stderr.contains("write error"), "{stderr}");
+
+    // And a trap on SIGINT works under such a cstore: the signal is forwarded.
+    let script = "trap 'echo got-INT; exit 6' INT; echo ready; while :; do sleep 0.1; done";
+    let mut run = Supervised::start_with(&cs, &[&image, "sh", "-c", script], |c| {
+        // SAFETY: as above.
+        unsafe {
+            c.pre_exec(|| {
+                libc::signal(libc::SIGINT, libc::SIG_IGN);
+                Ok(())
+            })
+        };
+    });
+    assert_eq!(run.line(), "ready");
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    assert_eq!(
+        unsafe { libc::kill(run.child.id() as i32, libc::SIGINT) },
+        0
+    );
+    assert_eq!(run.line(), "got-INT");
+    let (code, err) = run.wait();
+    assert_eq!(code, 6, "{err}");
+    container_gone(&cs, &run.name);
+}

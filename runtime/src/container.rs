@@ -8,8 +8,8 @@ use std::path::PathBuf;
 
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::syscall::syscall::SyscallType;
-use libcontainer::workload::default::DefaultExecutor;
-use nix::sys::wait::{waitpid, WaitStatus};
+use nix::errno::Errno;
+use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use oci_spec::runtime::{
     LinuxBlockIoBuilder, LinuxIdMappingBuilder, LinuxNamespaceBuilder, LinuxNamespaceType,
     LinuxThrottleDeviceBuilder, RootBuilder, Spec, UserBuilder,
@@ -25,6 +25,8 @@ pub enum RunError {
     Runtime { id: String, message: String },
     #[error("container record {path}: {message}")]
     Record { path: PathBuf, message: String },
+    #[error("user {user:?}: {reason}")]
+    User { user: String, reason: String },
 }
 
 /// What to run, and how.
@@ -42,6 +44,9 @@ pub struct RunSpec {
     pub cwd: String,
     pub uid: u32,
     pub gid: u32,
+    /// Supplementary groups. libcontainer calls setgroups only for a
+    /// non-empty list (else the process keeps ours): give at least `gid`.
+    pub additional_gids: Vec<u32>,
     pub hostname: String,
     /// Share the host's network namespace (else a new, empty one).
     pub net_host: bool,
@@ -82,6 +87,7 @@ pub fn build_spec(r: &RunSpec) -> Result<Spec, RunError> {
             UserBuilder::default()
                 .uid(r.uid)
                 .gid(r.gid)
+                .additional_gids(r.additional_gids.clone())
                 .build()
                 .map_err(spec_err)?,
         );
@@ -228,7 +234,7 @@ pub fn run_with(r: &RunSpec, on_start: impl FnOnce(u32)) -> Result<i32, RunError
         .transpose()
         .map_err(|e| rt(format!("console socket: {e}")))?;
     let mut builder = ContainerBuilder::new(r.id.clone(), SyscallType::default())
-        .with_executor(DefaultExecutor {})
+        .with_executor(crate::signals::DefaultSignals)
         .with_root_path(&r.state_root)
         .map_err(|e| rt(e.to_string()))?
         .validate_id()
@@ -262,21 +268,32 @@ pub fn run_with(r: &RunSpec, on_start: impl FnOnce(u32)) -> Result<i32, RunError
             return Err(rt(format!("terminal: {e}")));
         }
     };
+    // Forwarding from before the start: once the process runs (and can say
+    // so), a signal to us is never left to its default action.
+    if let Some(pid) = c.pid() {
+        crate::signals::forward_to(pid.as_raw());
+    }
     let started = c.start();
     let code = match (started, c.pid()) {
         (Ok(()), Some(pid)) => {
-            crate::signals::forward_to(pid.as_raw());
             on_start(pid.as_raw() as u32);
-            let code = loop {
-                match waitpid(nix::unistd::Pid::from_raw(pid.as_raw()), None) {
-                    Ok(WaitStatus::Exited(_, code)) => break Ok(code),
-                    Ok(WaitStatus::Signaled(_, sig, _)) => break Ok(128 + sig as i32),
-                    Ok(_) => continue,
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    Err(e) => break Err(rt(format!("wait: {e}"))),
+            let pid = nix::unistd::Pid::from_raw(pid.as_raw());
+            // Exited but not reaped (WNOWAIT): its pid cannot be anyone
+            // else's while a signal may still be forwarded to it.
+            let status = loop {
+                match waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+                    Err(Errno::EINTR) => continue,
+                    r => break r,
                 }
             };
             crate::signals::forward_to(0);
+            while let Err(Errno::EINTR) = waitpid(pid, None) {}
+            let code = match status {
+                Ok(WaitStatus::Exited(_, code)) => Ok(code),
+                Ok(WaitStatus::Signaled(_, sig, _)) => Ok(128 + sig as i32),
+                Ok(s) => Err(rt(format!("wait: unexpected {s:?}"))),
+                Err(e) => Err(rt(format!("wait: {e}"))),
+            };
             // Output still in the pty after the exit reaches stdout.
             match session.map(crate::tty::Session::finish) {
                 Some(Err(e)) => code.and(Err(rt(format!("terminal: {e}")))),
@@ -286,6 +303,7 @@ pub fn run_with(r: &RunSpec, on_start: impl FnOnce(u32)) -> Result<i32, RunError
         (Ok(()), None) => Err(rt("started without a pid".into())),
         (Err(e), _) => Err(rt(format!("start: {e}"))),
     };
+    crate::signals::forward_to(0);
     let _ = c.refresh_status();
     let deleted = c.delete(true).map_err(|e| rt(format!("delete: {e}")));
     let code = code?;
@@ -333,6 +351,7 @@ mod tests {
             cwd: "/".into(),
             uid: 0,
             gid: 0,
+            additional_gids: vec![],
             hostname: "c1".into(),
             net_host: false,
             readonly: false,

@@ -9,6 +9,7 @@ pub mod record;
 mod signals;
 pub mod teardown;
 pub mod tty;
+pub mod user;
 pub mod userns;
 
 pub use cgroup::{Cgroup, Error, Hierarchy, IoLimits};

@@ -1,0 +1,345 @@
+//! Who a container's process runs as: docker's `-u` / the image config's
+//! `User` (`user`, `uid`, `user:group`, `uid:gid`, any mix) resolved against
+//! the container's own /etc/passwd and /etc/group, as runc's `GetExecUser`
+//! does for docker: a name must be in the file, a number need not be; the
+//! user's primary gid when no group is given, and then the groups that list
+//! the user as supplementary ones; HOME from passwd (else "/").
+
+use std::io::Read;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::Path;
+
+use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::Mode;
+
+use crate::RunError;
+
+/// The process's credentials and home.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExecUser {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups, the primary gid first (as docker: the
+    /// process never keeps the groups of whoever started it).
+    pub additional_gids: Vec<u32>,
+    pub home: String,
+}
+
+/// runc's bound: ids above it are -1 in some ABIs.
+const MAX_ID: u32 = i32::MAX as u32;
+/// More than any real passwd or group file; a bigger one is refused, not read.
+const MAX_FILE: u64 = 16 << 20;
+
+/// Resolve `spec` ("" is root) against the files under `rootfs`, which are
+/// read as the container will see them: symlinks resolved inside `rootfs`,
+/// never out of it.
+pub fn resolve(rootfs: &Path, spec: &str) -> Result<ExecUser, RunError> {
+    let err = |reason: String| RunError::User {
+        user: spec.to_string(),
+        reason,
+    };
+    let passwd = read_in_root(rootfs, "etc/passwd").map_err(|e| err(e.to_string()))?;
+    let group = read_in_root(rootfs, "etc/group").map_err(|e| err(e.to_string()))?;
+    resolve_in(spec, passwd.as_deref(), group.as_deref()).map_err(err)
+}
+
+/// `rel` under `root` as if `root` were `/` (openat2 RESOLVE_IN_ROOT): a
+/// symlink to /x or ../../x stays inside. None when there is no such file.
+fn read_in_root(root: &Path, rel: &str) -> Result<Option<String>, String> {
+    let what = |e: &dyn std::fmt::Display| format!("/{rel} in {}: {e}", root.display());
+    let dir = std::fs::File::open(root).map_err(|e| what(&e))?;
+    // O_NONBLOCK: an image's /etc/passwd could be a FIFO; it is refused
+    // below, not waited on.
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK)
+        .mode(Mode::empty())
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let fd = match openat2(std::os::fd::AsRawFd::as_raw_fd(&dir), rel, how) {
+        Ok(fd) => fd,
+        Err(nix::errno::Errno::ENOENT) => return Ok(None),
+        Err(e) => return Err(what(&e)),
+    };
+    // SAFETY: openat2 returned a new descriptor that nothing else owns.
+    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let meta = file.metadata().map_err(|e| what(&e))?;
+    if !meta.is_file() {
+        return Err(what(&"not a regular file"));
+    }
+    let mut text = String::new();
+    file.take(MAX_FILE + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| what(&e))?;
+    if text.len() as u64 > MAX_FILE {
+        return Err(what(&format!("larger than {MAX_FILE} bytes")));
+    }
+    Ok(Some(text))
+}
+
+struct PasswdEntry<'a> {
+    name: &'a str,
+    uid: u32,
+    gid: u32,
+    home: &'a str,
+}
+
+struct GroupEntry<'a> {
+    name: &'a str,
+    gid: u32,
+    members: Vec<&'a str>,
+}
+
+/// `name:password:uid:gid:gecos:home:shell` lines; others (comments, NIS
+/// `+` entries, junk) are skipped.
+fn passwd_entries(text: &str) -> impl Iterator<Item = PasswdEntry<'_>> {
+    text.lines().filter_map(|l| {
+        let f: Vec<&str> = l.trim().split(':').collect();
+        Some(PasswdEntry {
+            name: f.first().filter(|n| !n.is_empty())?,
+            uid: f.get(2)?.parse().ok()?,
+            gid: f.get(3)?.parse().ok()?,
+            home: f.get(5).copied().unwrap_or(""),
+        })
+    })
+}
+
+/// `name:password:gid:member,member` lines.
+fn group_entries(text: &str) -> impl Iterator<Item = GroupEntry<'_>> {
+    text.lines().filter_map(|l| {
+        let f: Vec<&str> = l.trim().split(':').collect();
+        Some(GroupEntry {
+            name: f.first().filter(|n| !n.is_empty())?,
+            gid: f.get(2)?.parse().ok()?,
+            members: f
+                .get(3)
+                .map(|m| {
+                    m.split(',')
+                        .map(str::trim)
+                        .filter(|m| !m.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+    })
+}
+
+fn numeric(what: &str, s: &str) -> Result<Option<u32>, String> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok(None);
+    }
+    match s.parse::<u32>() {
+        Ok(n) if n <= MAX_ID => Ok(Some(n)),
+        _ => Err(format!("{what} {s} is out of range (0-{MAX_ID})")),
+    }
+}
+
+/// The resolution itself, on the files' contents (None: no such file).
+fn resolve_in(spec: &str, passwd: Option<&str>, group: Option<&str>) -> Result<ExecUser, String> {
+    let (user_arg, group_arg) = match spec.split_once(':') {
+        Some((_, g)) if g.contains(':') => {
+            return Err("expected USER[:GROUP] (a name or a number each)".into())
+        }
+        Some((u, g)) => (u, Some(g).filter(|g| !g.is_empty())),
+        None => (spec, None),
+    };
+    let uid_arg = numeric("uid", user_arg)?;
+    // A number is always a uid (even if some user is named so), a name must exist.
+    let entry = passwd.and_then(|p| {
+        passwd_entries(p).find(|e| match uid_arg {
+            _ if user_arg.is_empty() => e.uid == 0,
+            Some(uid) => e.uid == uid,
+            None => e.name == user_arg,
+        })
+    });
+    let mut user = match (&entry, uid_arg) {
+        (Some(e), _) => ExecUser {
+            uid: e.uid,
+            gid: e.gid,
+            additional_gids: vec![],
+            home: e.home.to_string(),
+        },
+        (None, Some(uid)) => ExecUser {
+            uid,
+            gid: 0,
+            additional_gids: vec![],
+            home: "/".into(),
+        },
+        (None, None) if user_arg.is_empty() => ExecUser {
+            uid: 0,
+            gid: 0,
+            additional_gids: vec![],
+            home: "/".into(),
+        },
+        (None, None) => {
+            return Err(match passwd {
+                Some(_) => "no such user in the image's /etc/passwd".into(),
+                None => "a user name, and the image has no /etc/passwd".into(),
+            })
+        }
+    };
+    if user.home.is_empty() {
+        user.home = "/".into();
+    }
+    let groups: Vec<GroupEntry> = group
+        .map(|g| group_entries(g).collect())
+        .unwrap_or_default();
+    let mut sgids = vec![];
+    match group_arg {
+        Some(g) => {
+            let gid_arg = numeric("gid", g)?;
+            user.gid = match groups.iter().find(|e| match gid_arg {
+                Some(gid) => e.gid == gid,
+                None => e.name == g,
+            }) {
+                Some(e) => e.gid,
+                None => gid_arg.ok_or_else(|| match group {
+                    Some(_) => format!("no group {g:?} in the image's /etc/group"),
+                    None => format!("group name {g:?}, and the image has no /etc/group"),
+                })?,
+            };
+        }
+        // Only a user found by name in passwd has groups listing it.
+        None => {
+            if let Some(e) = &entry {
+                sgids.extend(
+                    groups
+                        .iter()
+                        .filter(|g| g.members.contains(&e.name))
+                        .map(|g| g.gid),
+                );
+            }
+        }
+    }
+    user.additional_gids.push(user.gid);
+    for g in sgids {
+        if !user.additional_gids.contains(&g) {
+            user.additional_gids.push(g);
+        }
+    }
+    Ok(user)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh
+# a comment
+app:x:1000:1000:App:/home/app:/bin/sh
+svc:x:1001:1000::/srv:/bin/false
+nohome:x:1002:1002::
++::::::
+broken:x:notanumber:1:::
+2000:x:3000:3000::/numeric-name:/bin/sh
+";
+    const GROUP: &str = "root:x:0:
+wheel:x:10:root,app
+app:x:1000:
+audio:x:29:app, svc
+staff:x:50:
+nohome:x:1002:
+";
+
+    fn r(spec: &str) -> Result<ExecUser, String> {
+        resolve_in(spec, Some(PASSWD), Some(GROUP))
+    }
+
+    fn u(uid: u32, gid: u32, gids: &[u32], home: &str) -> ExecUser {
+        ExecUser {
+            uid,
+            gid,
+            additional_gids: gids.to_vec(),
+            home: home.into(),
+        }
+    }
+
+    #[test]
+    fn names_and_numbers_resolve_as_docker_does() {
+        assert_eq!(r(""), Ok(u(0, 0, &[0, 10], "/root")));
+        assert_eq!(r("root"), Ok(u(0, 0, &[0, 10], "/root")));
+        // By name: the primary group, then the groups listing the user.
+        assert_eq!(r("app"), Ok(u(1000, 1000, &[1000, 10, 29], "/home/app")));
+        // A number in passwd is that user, with its groups.
+        assert_eq!(r("1000"), Ok(u(1000, 1000, &[1000, 10, 29], "/home/app")));
+        // A number is never a name; one in no file runs as gid 0, home /.
+        assert_eq!(r("2000"), Ok(u(2000, 0, &[0], "/")));
+        assert_eq!(r("4242"), Ok(u(4242, 0, &[0], "/")));
+        // An explicit group replaces the primary one and all supplementary ones.
+        assert_eq!(r("app:staff"), Ok(u(1000, 50, &[50], "/home/app")));
+        assert_eq!(r("app:77"), Ok(u(1000, 77, &[77], "/home/app")));
+        assert_eq!(r("1000:1000"), Ok(u(1000, 1000, &[1000], "/home/app")));
+        assert_eq!(r("4242:audio"), Ok(u(4242, 29, &[29], "/")));
+        assert_eq!(r("svc"), Ok(u(1001, 1000, &[1000, 29], "/srv")));
+        assert_eq!(r("nohome"), Ok(u(1002, 1002, &[1002], "/")));
+        assert_eq!(r("app:"), r("app"));
+    }
+
+    #[test]
+    fn unknown_names_and_bad_specs_are_refused() {
+        assert_eq!(
+            r("bob"),
+            Err("no such user in the image's /etc/passwd".into())
+        );
+        assert_eq!(
+            r("broken"),
+            Err("no such user in the image's /etc/passwd".into())
+        );
+        assert_eq!(
+            r("app:nogroup"),
+            Err("no group \"nogroup\" in the image's /etc/group".into())
+        );
+        assert!(r("a:b:c").unwrap_err().contains("USER[:GROUP]"));
+        assert!(r("4294967295").unwrap_err().contains("out of range"));
+        assert!(r("1:2147483648").unwrap_err().contains("out of range"));
+    }
+
+    #[test]
+    fn without_the_files_only_numbers_work() {
+        assert_eq!(resolve_in("", None, None), Ok(u(0, 0, &[0], "/")));
+        assert_eq!(resolve_in("7:8", None, None), Ok(u(7, 8, &[8], "/")));
+        assert_eq!(
+            resolve_in("app", None, None),
+            Err("a user name, and the image has no /etc/passwd".into())
+        );
+        assert_eq!(
+            resolve_in("7:wheel", Some(PASSWD), None),
+            Err("group name \"wheel\", and the image has no /etc/group".into())
+        );
+    }
+
+    #[test]
+    fn files_are_read_inside_the_rootfs_only() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("passwd"), "evil:x:0:0::/:/bin/sh\n").unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let etc = root.path().join("etc");
+        std::fs::create_dir(&etc).unwrap();
+        std::fs::create_dir(root.path().join("lib")).unwrap();
+        std::fs::write(root.path().join("lib/passwd"), "app:x:5:6::/h:/bin/sh\n").unwrap();
+        // An absolute symlink means the container's /lib/passwd, not the host's.
+        std::os::unix::fs::symlink("/lib/passwd", etc.join("passwd")).unwrap();
+        // A relative one climbing out stops at the rootfs.
+        let up = format!("../../../../../../..{}/passwd", outside.path().display());
+        std::os::unix::fs::symlink(&up, etc.join("group")).unwrap();
+        assert_eq!(resolve(root.path(), "app").unwrap(), u(5, 6, &[6], "/h"));
+        assert_eq!(
+            read_in_root(root.path(), "etc/group").unwrap(),
+            None,
+            "{up} resolves inside the rootfs, where there is no such file"
+        );
+        std::fs::remove_file(etc.join("passwd")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("passwd"), etc.join("passwd")).unwrap();
+        let e = resolve(root.path(), "evil").unwrap_err().to_string();
+        assert!(
+            e.contains("user \"evil\"") && e.contains("no /etc/passwd"),
+            "{e}"
+        );
+        // Not a regular file: refused (a FIFO would block a reader).
+        std::fs::remove_file(etc.join("passwd")).unwrap();
+        nix::unistd::mkfifo(&etc.join("passwd"), Mode::from_bits_truncate(0o644)).unwrap();
+        let e = resolve(root.path(), "app").unwrap_err().to_string();
+        assert!(
+            e.contains("/etc/passwd in") && e.contains("not a regular file"),
+            "{e}"
+        );
+    }
+}
