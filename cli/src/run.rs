@@ -25,6 +25,10 @@ pub struct RunArgs {
     /// Environment KEY=VALUE (repeatable).
     #[arg(short = 'e', long = "env")]
     pub env: Vec<String>,
+    /// Run this instead of the image's entrypoint ("" for none; the image's
+    /// cmd is then not used either).
+    #[arg(long)]
+    pub entrypoint: Option<String>,
     /// Working directory inside the container.
     #[arg(short = 'w', long)]
     pub workdir: Option<String>,
@@ -167,11 +171,17 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
             .config
             .unwrap_or_default()
     };
-    let mut args: Vec<String> = config.entrypoint.clone().unwrap_or_default();
-    if a.command.is_empty() {
-        args.extend(config.cmd.clone().unwrap_or_default());
-    } else {
+    // As docker: --entrypoint replaces the image's ("" removes it) and
+    // drops the image's cmd with it; a command replaces the cmd.
+    let mut args: Vec<String> = match &a.entrypoint {
+        Some(e) if e.is_empty() => vec![],
+        Some(e) => vec![e.clone()],
+        None => config.entrypoint.clone().unwrap_or_default(),
+    };
+    if !a.command.is_empty() {
         args.extend(a.command.iter().cloned());
+    } else if a.entrypoint.is_none() {
+        args.extend(config.cmd.clone().unwrap_or_default());
     }
     if args.is_empty() {
         bail!(

@@ -1,0 +1,233 @@
+//! `cstore run` and the image config: Entrypoint, Cmd, Env, WorkingDir and
+//! User used when no flags are given, flags overriding them as docker's do,
+//! and users and groups by name from the container's own /etc/passwd and
+//! /etc/group (fixtures/run-images.sh's run-config image, whose /etc/group is
+//! an absolute symlink inside it), or by number (the busybox test image).
+
+mod common;
+
+use std::sync::OnceLock;
+
+use common::{run_fixture, shared_registry_addr, Cstore};
+
+/// The shared registry with run-config pushed too (once per test binary).
+fn registry() -> &'static str {
+    static ADDR: OnceLock<String> = OnceLock::new();
+    ADDR.get_or_init(|| {
+        let addr = shared_registry_addr();
+        run_fixture("run-images.sh", &["--push", &addr]);
+        addr
+    })
+}
+
+fn setup(repo_tag: &str) -> (Cstore, String) {
+    let cs = Cstore::new();
+    let image = format!("{}/{repo_tag}", registry());
+    cs.ok(&["pull", &image]);
+    (cs, image)
+}
+
+fn run(cs: &Cstore, args: &[&str]) -> (i32, String, String) {
+    let mut a = vec!["run", "--rm"];
+    a.extend_from_slice(args);
+    let out = cs.run(&a);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// stdout's lines of a run that must succeed.
+fn lines(cs: &Cstore, args: &[&str]) -> Vec<String> {
+    let (code, out, err) = run(cs, args);
+    assert_eq!(code, 0, "{args:?}: {err}");
+    out.lines().map(str::to_string).collect()
+}
+
+/// No container, snapshot or mount is left in the store.
+fn nothing_left(cs: &Cstore) {
+    let snaps = cs.ok(&["snapshots", "--json"]);
+    assert!(!snaps.contains("cstore-run:"), "{snaps}");
+    assert!(
+        std::fs::read_dir(cs.path().join("containers")).map_or(true, |mut d| d.next().is_none())
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&cs.path().display().to_string()),
+        "something is still mounted under the store"
+    );
+}
+
+#[test]
+fn the_image_config_is_used_when_no_flags_are_given() {
+    let (cs, image) = setup("run-config:latest");
+    // Entrypoint [show] + Cmd [from-cmd], as user app (1000, primary group
+    // 1000, listed in wheel and staff), in /srv/app, with the image's Env and
+    // HOME from passwd.
+    assert_eq!(
+        lines(&cs, &[&image]),
+        [
+            "args from-cmd",
+            "ids 1000 1000 1000 10 50",
+            "pwd /srv/app",
+            "home /home/app",
+            "env FROM_IMAGE=yes SHARED=image",
+        ]
+    );
+    nothing_left(&cs);
+}
+
+#[test]
+fn flags_override_the_image_config() {
+    let (cs, image) = setup("run-config:latest");
+    // A command replaces Cmd only; -e, -w and -u replace theirs; -e HOME wins.
+    assert_eq!(
+        lines(
+            &cs,
+            &[
+                "-e",
+                "SHARED=flag",
+                "-e",
+                "HOME=/flag-home",
+                "-w",
+                "/tmp",
+                "-u",
+                "root",
+                &image,
+                "one",
+                "two",
+            ]
+        ),
+        [
+            "args one two",
+            "ids 0 0 0 10",
+            "pwd /tmp",
+            "home /flag-home",
+            "env FROM_IMAGE=yes SHARED=flag",
+        ]
+    );
+    // --entrypoint replaces Entrypoint and drops Cmd (as docker).
+    assert_eq!(
+        lines(&cs, &["--entrypoint", "/bin/echo", &image]),
+        [""],
+        "no from-cmd after another entrypoint"
+    );
+    assert_eq!(
+        lines(
+            &cs,
+            &[
+                "--entrypoint",
+                "/bin/sh",
+                &image,
+                "-c",
+                "echo sh as $(id -u) in $(pwd)"
+            ]
+        ),
+        ["sh as 1000 in /srv/app"]
+    );
+    // "" removes it: the command alone runs.
+    assert_eq!(
+        lines(&cs, &["--entrypoint", "", &image, "echo", "plain"]),
+        ["plain"]
+    );
+    let (code, _, err) = run(&cs, &["--entrypoint", "", &image]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("no command given and the image has no entrypoint or cmd"),
+        "{err}"
+    );
+    nothing_left(&cs);
+}
+
+#[test]
+fn users_and_groups_resolve_by_name_and_number_from_the_rootfs() {
+    let (cs, image) = setup("run-config:latest");
+    // (spec, `id -u`, `id -g`, `id -G`, HOME): a name's primary group and
+    // the groups listing it unless a group is given; a number not in passwd
+    // runs with gid 0 and HOME /, as docker.
+    for (spec, ids, home) in [
+        ("app", "1000 1000 1000 10 50", "/home/app"),
+        ("1000", "1000 1000 1000 10 50", "/home/app"),
+        ("svc", "1001 1001 1001 50", "/srv"),
+        ("app:staff", "1000 50 50", "/home/app"),
+        ("app:4242", "1000 4242 4242", "/home/app"),
+        ("1001:wheel", "1001 10 10", "/srv"),
+        ("4321", "4321 0 0", "/"),
+        ("4321:staff", "4321 50 50", "/"),
+        ("nobody", "65534 65534 65534", "/"),
+        ("1000:1000", "1000 1000 1000", "/home/app"),
+    ] {
+        let out = lines(&cs, &["-u", spec, &image]);
+        assert_eq!(
+            out[1..4],
+            [
+                format!("ids {ids}"),
+                "pwd /srv/app".into(),
+                format!("home {home}")
+            ],
+            "-u {spec}"
+        );
+    }
+    // The same in a user namespace (ids inside it; the rootfs is id-mapped).
+    let out = lines(&cs, &["--userns", "-u", "app", &image]);
+    assert_eq!(out[1], "ids 1000 1000 1000 10 50");
+    nothing_left(&cs);
+}
+
+#[test]
+fn an_unknown_user_or_group_is_refused_and_leaves_nothing() {
+    let (cs, image) = setup("run-config:latest");
+    for (extra, want) in [
+        (
+            vec!["-u", "bob"],
+            "user \"bob\": no such user in the image's /etc/passwd",
+        ),
+        (
+            vec!["-u", "app:nosuchgroup"],
+            "user \"app:nosuchgroup\": no group \"nosuchgroup\" in the image's /etc/group",
+        ),
+        (vec!["-u", "1:2:3"], "user \"1:2:3\": expected USER[:GROUP]"),
+    ] {
+        for rm in [true, false] {
+            let mut args = vec!["run"];
+            if rm {
+                args.push("--rm");
+            }
+            args.extend(&extra);
+            args.extend([image.as_str(), "true"]);
+            let err = cs.fail(&args);
+            assert!(
+                err.contains(&format!("image {image}")) && err.contains(want),
+                "{args:?}: {err}"
+            );
+            nothing_left(&cs);
+        }
+    }
+}
+
+#[test]
+fn numeric_users_on_an_image_without_them_and_home_defaults() {
+    let cs = Cstore::new();
+    let image = format!("{}/busybox:latest", registry());
+    cs.ok(&["pull", &image]);
+    // Not in busybox's /etc/passwd: no names, gid as given, HOME /.
+    assert_eq!(
+        lines(
+            &cs,
+            &["-u", "1000:1000", &image, "sh", "-c", "id; echo $HOME"]
+        ),
+        ["uid=1000 gid=1000 groups=1000", "/"]
+    );
+    // The default user is root, with root's HOME; -u 0 is the same.
+    for user in [&[][..], &["-u", "0"][..]] {
+        let mut args = user.to_vec();
+        args.extend([image.as_str(), "sh", "-c", "id; echo $HOME"]);
+        assert_eq!(
+            lines(&cs, &args),
+            ["uid=0(root) gid=0(root) groups=0(root)", "/root"],
+            "{user:?}"
+        );
+    }
+    nothing_left(&cs);
+}
