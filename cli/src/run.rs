@@ -243,6 +243,18 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
         .filter(|u| !u.is_empty())
         .or(config.user.clone())
         .unwrap_or_default();
+    // As docker: absolute, and made in the rootfs if missing; -w "" is no -w.
+    let cwd = a
+        .workdir
+        .clone()
+        .filter(|w| !w.is_empty())
+        .or(config.working_dir.clone())
+        .filter(|w| !w.is_empty())
+        .unwrap_or_else(|| "/".into());
+    if !cwd.starts_with('/') {
+        bail!("working directory {cwd:?}: must be an absolute path");
+    }
+    let cwd = cstore_runtime::rootfs::clean_absolute(&cwd);
     let mut env = config.env.clone().unwrap_or_else(|| {
         vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()]
     });
@@ -320,11 +332,20 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
         cleanup(true);
         return Err(e);
     }
-    let user = match cstore_runtime::user::resolve(&rootfs, &user) {
+    // The container's root owns what is made for it.
+    let root_ids = userns.as_ref().map_or((0, 0), |u| (u.uid.host, u.gid.host));
+    let user = cstore_runtime::user::resolve(&rootfs, &user)
+        .map_err(anyhow::Error::from)
+        .and_then(|u| {
+            cstore_runtime::rootfs::create_dir_all(&rootfs, &cwd, root_ids)
+                .map_err(|e| anyhow::anyhow!("working directory {e}"))?;
+            Ok(u)
+        });
+    let user = match user {
         Ok(u) => u,
         Err(e) => {
             cleanup(true);
-            return Err(anyhow::Error::from(e).context(format!("image {}", img.name)));
+            return Err(e.context(format!("image {}", img.name)));
         }
     };
     // As docker (runc sets it in the container): HOME from passwd unless given.
@@ -338,12 +359,7 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
         state_root: containers::state_root(store),
         args,
         env,
-        cwd: a
-            .workdir
-            .clone()
-            .or(config.working_dir.clone())
-            .filter(|w| !w.is_empty())
-            .unwrap_or_else(|| "/".into()),
+        cwd,
         uid: user.uid,
         gid: user.gid,
         additional_gids: user.additional_gids,

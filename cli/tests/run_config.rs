@@ -231,3 +231,48 @@ fn numeric_users_on_an_image_without_them_and_home_defaults() {
     }
     nothing_left(&cs);
 }
+
+#[test]
+fn a_missing_working_directory_is_made_as_docker_makes_it() {
+    let cs = Cstore::new();
+    let image = format!("{}/busybox:latest", registry());
+    cs.ok(&["pull", &image]);
+    let show = "pwd; stat -c '%u:%g %a' /new /new/dir";
+    // Made by the container's root, 0755: also with a read-only root, and
+    // owned by the container's root in a user namespace.
+    for extra in [&[][..], &["-u", "1000"], &["--read-only"], &["--userns"]] {
+        let mut args = extra.to_vec();
+        args.extend(["-w", "/new/./x/../dir", image.as_str(), "sh", "-c", show]);
+        assert_eq!(
+            lines(&cs, &args),
+            ["/new/dir", "0:0 755", "0:0 755"],
+            "{extra:?}"
+        );
+    }
+    // An existing one is used as it is.
+    assert_eq!(
+        lines(
+            &cs,
+            &["-w", "/tmp", &image, "sh", "-c", "pwd; stat -c %a ."]
+        ),
+        ["/tmp", "1777"]
+    );
+    for (w, want) in [
+        (
+            "rel/dir",
+            "working directory \"rel/dir\": must be an absolute path",
+        ),
+        ("/data/hello.txt/sub", "/data/hello.txt is not a directory"),
+    ] {
+        for rm in [true, false] {
+            let mut args = vec!["run"];
+            if rm {
+                args.push("--rm");
+            }
+            args.extend(["-w", w, image.as_str(), "true"]);
+            let err = cs.fail(&args);
+            assert!(err.contains(want), "{args:?}: {err}");
+            nothing_left(&cs);
+        }
+    }
+}

@@ -6,6 +6,7 @@
 pub mod cgroup;
 pub mod container;
 pub mod record;
+pub mod rootfs;
 mod signals;
 pub mod teardown;
 pub mod tty;

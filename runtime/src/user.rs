@@ -5,12 +5,7 @@
 //! user's primary gid when no group is given, and then the groups that list
 //! the user as supplementary ones; HOME from passwd (else "/").
 
-use std::io::Read;
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
-
-use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
-use nix::sys::stat::Mode;
 
 use crate::RunError;
 
@@ -38,41 +33,9 @@ pub fn resolve(rootfs: &Path, spec: &str) -> Result<ExecUser, RunError> {
         user: spec.to_string(),
         reason,
     };
-    let passwd = read_in_root(rootfs, "etc/passwd").map_err(|e| err(e.to_string()))?;
-    let group = read_in_root(rootfs, "etc/group").map_err(|e| err(e.to_string()))?;
+    let passwd = crate::rootfs::read_file(rootfs, "etc/passwd", MAX_FILE).map_err(err)?;
+    let group = crate::rootfs::read_file(rootfs, "etc/group", MAX_FILE).map_err(err)?;
     resolve_in(spec, passwd.as_deref(), group.as_deref()).map_err(err)
-}
-
-/// `rel` under `root` as if `root` were `/` (openat2 RESOLVE_IN_ROOT): a
-/// symlink to /x or ../../x stays inside. None when there is no such file.
-fn read_in_root(root: &Path, rel: &str) -> Result<Option<String>, String> {
-    let what = |e: &dyn std::fmt::Display| format!("/{rel} in {}: {e}", root.display());
-    let dir = std::fs::File::open(root).map_err(|e| what(&e))?;
-    // O_NONBLOCK: an image's /etc/passwd could be a FIFO; it is refused
-    // below, not waited on.
-    let how = OpenHow::new()
-        .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK)
-        .mode(Mode::empty())
-        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    let fd = match openat2(std::os::fd::AsRawFd::as_raw_fd(&dir), rel, how) {
-        Ok(fd) => fd,
-        Err(nix::errno::Errno::ENOENT) => return Ok(None),
-        Err(e) => return Err(what(&e)),
-    };
-    // SAFETY: openat2 returned a new descriptor that nothing else owns.
-    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    let meta = file.metadata().map_err(|e| what(&e))?;
-    if !meta.is_file() {
-        return Err(what(&"not a regular file"));
-    }
-    let mut text = String::new();
-    file.take(MAX_FILE + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| what(&e))?;
-    if text.len() as u64 > MAX_FILE {
-        return Err(what(&format!("larger than {MAX_FILE} bytes")));
-    }
-    Ok(Some(text))
 }
 
 struct PasswdEntry<'a> {
@@ -307,35 +270,21 @@ nohome:x:1002:
     }
 
     #[test]
-    fn files_are_read_inside_the_rootfs_only() {
-        let outside = tempfile::tempdir().unwrap();
-        std::fs::write(outside.path().join("passwd"), "evil:x:0:0::/:/bin/sh\n").unwrap();
+    fn the_files_are_the_rootfs_ones() {
         let root = tempfile::tempdir().unwrap();
         let etc = root.path().join("etc");
+        std::fs::create_dir_all(root.path().join("lib")).unwrap();
         std::fs::create_dir(&etc).unwrap();
-        std::fs::create_dir(root.path().join("lib")).unwrap();
         std::fs::write(root.path().join("lib/passwd"), "app:x:5:6::/h:/bin/sh\n").unwrap();
-        // An absolute symlink means the container's /lib/passwd, not the host's.
+        std::fs::write(etc.join("group"), "g:x:7:app\n").unwrap();
+        // Absolute: the container's /lib/passwd (rootfs::read_file's tests
+        // have the rest).
         std::os::unix::fs::symlink("/lib/passwd", etc.join("passwd")).unwrap();
-        // A relative one climbing out stops at the rootfs.
-        let up = format!("../../../../../../..{}/passwd", outside.path().display());
-        std::os::unix::fs::symlink(&up, etc.join("group")).unwrap();
-        assert_eq!(resolve(root.path(), "app").unwrap(), u(5, 6, &[6], "/h"));
-        assert_eq!(
-            read_in_root(root.path(), "etc/group").unwrap(),
-            None,
-            "{up} resolves inside the rootfs, where there is no such file"
-        );
-        std::fs::remove_file(etc.join("passwd")).unwrap();
-        std::os::unix::fs::symlink(outside.path().join("passwd"), etc.join("passwd")).unwrap();
-        let e = resolve(root.path(), "evil").unwrap_err().to_string();
-        assert!(
-            e.contains("user \"evil\"") && e.contains("no /etc/passwd"),
-            "{e}"
-        );
-        // Not a regular file: refused (a FIFO would block a reader).
-        std::fs::remove_file(etc.join("passwd")).unwrap();
-        nix::unistd::mkfifo(&etc.join("passwd"), Mode::from_bits_truncate(0o644)).unwrap();
+        assert_eq!(resolve(root.path(), "app").unwrap(), u(5, 6, &[6, 7], "/h"));
+        let e = resolve(root.path(), "bob").unwrap_err().to_string();
+        assert_eq!(e, "user \"bob\": no such user in the image's /etc/passwd");
+        std::fs::remove_file(root.path().join("lib/passwd")).unwrap();
+        std::fs::create_dir(root.path().join("lib/passwd")).unwrap();
         let e = resolve(root.path(), "app").unwrap_err().to_string();
         assert!(
             e.contains("/etc/passwd in") && e.contains("not a regular file"),
