@@ -6,20 +6,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("no cgroup hierarchy here has the io controller (no v1 blkio mount, no io in cgroup2's controllers)")]
-    NoIoController,
-    #[error("invalid rate {value:?}: {reason}")]
-    InvalidRate { value: String, reason: String },
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
+pub use crate::Error;
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
     move |source| Error::Io {

@@ -16,18 +16,7 @@ use oci_spec::runtime::{
 };
 
 use crate::cgroup::IoLimits;
-
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("container spec: {0}")]
-    Spec(String),
-    #[error("container {id}: {message}")]
-    Runtime { id: String, message: String },
-    #[error("container record {path}: {message}")]
-    Record { path: PathBuf, message: String },
-    #[error("user {user:?}: {reason}")]
-    User { user: String, reason: String },
-}
+use crate::Error;
 
 /// What to run, and how.
 #[derive(Clone, Debug)]
@@ -66,12 +55,12 @@ pub struct RunSpec {
     pub userns: Option<crate::userns::Userns>,
 }
 
-fn spec_err(e: impl std::fmt::Display) -> RunError {
-    RunError::Spec(e.to_string())
+fn spec_err(e: impl std::fmt::Display) -> Error {
+    Error::Spec(e.to_string())
 }
 
 /// The OCI runtime spec for `r`.
-pub fn build_spec(r: &RunSpec) -> Result<Spec, RunError> {
+pub fn build_spec(r: &RunSpec) -> Result<Spec, Error> {
     let mut spec = Spec::default();
     let mut process = spec
         .process()
@@ -157,7 +146,7 @@ pub fn build_spec(r: &RunSpec) -> Result<Spec, RunError> {
                 .build()
                 .map_err(spec_err)
         };
-        let list = |v: Option<u64>| -> Result<Option<Vec<_>>, RunError> {
+        let list = |v: Option<u64>| -> Result<Option<Vec<_>>, Error> {
             v.map(|x| dev(x).map(|d| vec![d])).transpose()
         };
         let mut b = LinuxBlockIoBuilder::default();
@@ -210,14 +199,14 @@ fn cgroup_readonly_paths(mountinfo: &str) -> Vec<String> {
 
 /// Create, start, wait for and delete the container; its exit status
 /// (128 + signal when killed).
-pub fn run(r: &RunSpec) -> Result<i32, RunError> {
+pub fn run(r: &RunSpec) -> Result<i32, Error> {
     run_with(r, |_| {})
 }
 
 /// As [`run`], telling `on_start` the init's pid once it runs: from then on
 /// this process clones no more (callers release locks other threads hold).
-pub fn run_with(r: &RunSpec, on_start: impl FnOnce(u32)) -> Result<i32, RunError> {
-    let rt = |message: String| RunError::Runtime {
+pub fn run_with(r: &RunSpec, on_start: impl FnOnce(u32)) -> Result<i32, Error> {
+    let rt = |message: String| Error::Runtime {
         id: r.id.clone(),
         message,
     };

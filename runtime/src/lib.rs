@@ -5,6 +5,7 @@
 
 pub mod cgroup;
 pub mod container;
+mod error;
 pub mod record;
 pub mod rootfs;
 mod signals;
@@ -13,6 +14,7 @@ pub mod tty;
 pub mod user;
 pub mod userns;
 
-pub use cgroup::{Cgroup, Error, Hierarchy, IoLimits};
-pub use container::{build_spec, run, run_with, RunError, RunSpec};
+pub use cgroup::{Cgroup, Hierarchy, IoLimits};
+pub use container::{build_spec, run, run_with, RunSpec};
+pub use error::Error;
 pub use record::{Record, State};

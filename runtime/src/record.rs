@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use cstore_store::meta::{now_unix, process_start_time, process_state};
 use serde::{Deserialize, Serialize};
 
-use crate::RunError;
+use crate::Error;
 
 /// The record's file name in the container's directory.
 pub const RECORD_FILE: &str = "container.json";
@@ -116,7 +116,7 @@ impl Record {
     }
 
     /// The record in `dir`; None if there is none.
-    pub fn load(dir: &Path) -> Result<Option<Record>, RunError> {
+    pub fn load(dir: &Path) -> Result<Option<Record>, Error> {
         let path = Self::path(dir);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
@@ -129,7 +129,7 @@ impl Record {
     }
 
     /// Replace the record in `dir` (readers see the old or the new one).
-    pub fn save(&self, dir: &Path) -> Result<(), RunError> {
+    pub fn save(&self, dir: &Path) -> Result<(), Error> {
         let path = Self::path(dir);
         let bytes = serde_json::to_vec_pretty(self).map_err(|e| record_err(&path, e))?;
         cstore_store::write_atomic(&path, &bytes).map_err(|e| record_err(&path, e))
@@ -142,7 +142,7 @@ impl Record {
     }
 
     /// The run is over: its exit status, or why it could not run.
-    pub fn set_finished(&mut self, result: &Result<i32, RunError>) {
+    pub fn set_finished(&mut self, result: &Result<i32, Error>) {
         match result {
             Ok(code) => self.exit_code = Some(*code),
             Err(e) => self.error = Some(e.to_string()),
@@ -169,8 +169,8 @@ impl Record {
     }
 }
 
-fn record_err(path: &Path, e: impl std::fmt::Display) -> RunError {
-    RunError::Record {
+fn record_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Record {
         path: path.to_path_buf(),
         message: e.to_string(),
     }

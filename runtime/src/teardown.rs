@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use libcontainer::container::Container;
 
 use crate::record::Proc;
-use crate::RunError;
+use crate::Error;
 
 /// SIGKILL the container's init (its pid namespace, and every process in
 /// it, dies with it) and wait up to `timeout` for it to be gone.
-pub fn kill(id: &str, init: &Proc, timeout: Duration) -> Result<(), RunError> {
+pub fn kill(id: &str, init: &Proc, timeout: Duration) -> Result<(), Error> {
     if init.is_alive() {
         // SAFETY: kill(2) on a pid whose start time was just checked.
         unsafe { libc::kill(init.pid as i32, libc::SIGKILL) };
@@ -19,7 +19,7 @@ pub fn kill(id: &str, init: &Proc, timeout: Duration) -> Result<(), RunError> {
     if wait_gone(init, timeout) {
         Ok(())
     } else {
-        Err(RunError::Runtime {
+        Err(Error::Runtime {
             id: id.to_string(),
             message: format!("init (pid {}) still alive after SIGKILL", init.pid),
         })
@@ -42,8 +42,8 @@ pub fn wait_gone(p: &Proc, timeout: Duration) -> bool {
 /// (through libcontainer's delete, which kills what is left in the cgroup
 /// and removes the cgroup), then its cgroup directories `cgroup` and their
 /// shared parent where empty.
-pub fn remove(id: &str, state_root: &Path, cgroup: &str) -> Result<(), RunError> {
-    let rt = |message: String| RunError::Runtime {
+pub fn remove(id: &str, state_root: &Path, cgroup: &str) -> Result<(), Error> {
+    let rt = |message: String| Error::Runtime {
         id: id.to_string(),
         message,
     };

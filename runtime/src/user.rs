@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use crate::RunError;
+use crate::Error;
 
 /// The process's credentials and home.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,8 +28,8 @@ const MAX_FILE: u64 = 16 << 20;
 /// Resolve `spec` ("" is root) against the files under `rootfs`, which are
 /// read as the container will see them: symlinks resolved inside `rootfs`,
 /// never out of it.
-pub fn resolve(rootfs: &Path, spec: &str) -> Result<ExecUser, RunError> {
-    let err = |reason: String| RunError::User {
+pub fn resolve(rootfs: &Path, spec: &str) -> Result<ExecUser, Error> {
+    let err = |reason: String| Error::User {
         user: spec.to_string(),
         reason,
     };

@@ -12,20 +12,12 @@ use std::path::Path;
 use nix::sched::CloneFlags;
 use nix::sys::signal::Signal;
 
+use crate::Error;
+
 /// The default when /etc/subuid has no entry for root (docker's and
 /// podman's first subordinate range).
 pub const DEFAULT_BASE: u32 = 100_000;
 pub const DEFAULT_COUNT: u32 = 65_536;
-
-#[derive(Debug, thiserror::Error)]
-pub enum UsernsError {
-    #[error("--userns {value:?}: {reason} (expected auto, host or BASE:COUNT, e.g. 100000:65536)")]
-    Invalid { value: String, reason: String },
-    #[error("{path}: {message}")]
-    SubIds { path: String, message: String },
-    #[error("user namespace for id-mapped mounts: {0}")]
-    Create(#[source] io::Error),
-}
 
 /// Container ids 0..count are host ids host..host+count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,8 +27,8 @@ pub struct IdRange {
 }
 
 impl IdRange {
-    fn new(host: u32, count: u32, value: &str) -> Result<IdRange, UsernsError> {
-        let bad = |reason: &str| UsernsError::Invalid {
+    fn new(host: u32, count: u32, value: &str) -> Result<IdRange, Error> {
+        let bad = |reason: &str| Error::InvalidUserns {
             value: value.to_string(),
             reason: reason.to_string(),
         };
@@ -70,15 +62,11 @@ pub struct Userns {
 impl Userns {
     /// `--userns VALUE`: `host` (None: no user namespace), `auto` (root's
     /// /etc/subuid and /etc/subgid entries, else 100000:65536) or BASE:COUNT.
-    pub fn parse(value: &str) -> Result<Option<Userns>, UsernsError> {
+    pub fn parse(value: &str) -> Result<Option<Userns>, Error> {
         Self::parse_with(value, Path::new("/etc/subuid"), Path::new("/etc/subgid"))
     }
 
-    fn parse_with(
-        value: &str,
-        subuid: &Path,
-        subgid: &Path,
-    ) -> Result<Option<Userns>, UsernsError> {
+    fn parse_with(value: &str, subuid: &Path, subgid: &Path) -> Result<Option<Userns>, Error> {
         match value {
             "host" => Ok(None),
             "auto" | "" => {
@@ -94,7 +82,7 @@ impl Userns {
                 }))
             }
             v => {
-                let bad = |reason: &str| UsernsError::Invalid {
+                let bad = |reason: &str| Error::InvalidUserns {
                     value: v.to_string(),
                     reason: reason.to_string(),
                 };
@@ -111,8 +99,8 @@ impl Userns {
     /// mount_setattr's MOUNT_ATTR_IDMAP). A child is cloned into a new user
     /// namespace, its maps written, its namespace opened, and it is killed:
     /// the namespace lives on through the fd.
-    pub fn fd(&self) -> Result<OwnedFd, UsernsError> {
-        self.make_fd().map_err(UsernsError::Create)
+    pub fn fd(&self) -> Result<OwnedFd, Error> {
+        self.make_fd().map_err(Error::UsernsCreate)
     }
 
     fn make_fd(&self) -> io::Result<OwnedFd> {
@@ -143,12 +131,12 @@ impl Userns {
 
 /// Root's range in a /etc/subuid-style file ("root:100000:65536" or
 /// "0:..."); None if the file or the entry is absent.
-fn sub_range(path: &Path) -> Result<Option<IdRange>, UsernsError> {
+fn sub_range(path: &Path) -> Result<Option<IdRange>, Error> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => {
-            return Err(UsernsError::SubIds {
+            return Err(Error::SubIds {
                 path: path.display().to_string(),
                 message: e.to_string(),
             })
@@ -162,7 +150,7 @@ fn sub_range(path: &Path) -> Result<Option<IdRange>, UsernsError> {
         if name != "root" && name != "0" {
             continue;
         }
-        let err = |message: String| UsernsError::SubIds {
+        let err = |message: String| Error::SubIds {
             path: path.display().to_string(),
             message,
         };
