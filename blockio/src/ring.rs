@@ -157,8 +157,21 @@ fn uring_allowed() -> bool {
 }
 
 impl Ring {
-    /// A ring with `depth` entries; io_uring if possible.
+    /// A ring with `depth` entries; io_uring if possible. Bound to the
+    /// thread that creates it (single issuer, deferred task running).
     pub fn new(depth: u32, iopoll: bool, mode: Mode) -> Ring {
+        Self::create(depth, iopoll, mode, true)
+    }
+
+    /// A ring that may move between threads while idle (no single-issuer
+    /// binding; completions are posted without the submitter's help), for a
+    /// stream owned by an object that changes threads between calls, as a
+    /// blob writer does across tokio's blocking pool.
+    pub fn portable(depth: u32, mode: Mode) -> Ring {
+        Self::create(depth, false, mode, false)
+    }
+
+    fn create(depth: u32, iopoll: bool, mode: Mode, thread_bound: bool) -> Ring {
         let depth = depth.clamp(1, 4096);
         let kind = if mode == Mode::Sync {
             Kind::Sync {
@@ -179,7 +192,12 @@ impl Ring {
                 }
                 b.build(depth)
             };
-            match build(true).or_else(|_| build(false)) {
+            let built = if thread_bound {
+                build(true).or_else(|_| build(false))
+            } else {
+                build(false)
+            };
+            match built {
                 Ok(r) => Kind::Uring(Box::new(r)),
                 Err(e) => {
                     FALLBACK_LOGGED.call_once(|| {
