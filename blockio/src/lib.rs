@@ -9,6 +9,7 @@ pub mod nvme;
 pub mod policy;
 pub mod probe;
 pub mod ring;
+pub mod selfcheck;
 pub mod stream;
 
 pub use buf::{AlignedBuf, Buf};

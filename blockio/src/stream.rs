@@ -59,12 +59,13 @@ impl Default for StreamConfig {
 }
 
 impl StreamConfig {
-    /// The policy's I/O size and O_DIRECT choice. The depth is capped at 4:
-    /// one stream of large sequential requests keeps a device busy with a few,
-    /// and memory (several blobs stream at once) stays bounded.
+    /// The policy's I/O size and O_DIRECT choice. Size and depth are capped
+    /// (1 MiB, 4): one stream of large sequential requests keeps a device busy
+    /// with a few (the kernel splits them at max_sectors anyway), and memory
+    /// stays bounded with several blobs streaming at once.
     pub fn from_policy(p: &Policy, mode: Mode) -> StreamConfig {
         StreamConfig {
-            io_size: (p.io_size as usize).clamp(64 << 10, 4 << 20),
+            io_size: (p.io_size as usize).clamp(64 << 10, 1 << 20),
             depth: (p.queue_depth as usize).clamp(1, 4),
             direct: p.direct,
             mode,
