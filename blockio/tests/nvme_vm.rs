@@ -1,8 +1,9 @@
 //! The probe and NVMe identify on a real NVMe controller model: runs
 //! fixtures/nvme-vm.sh, which boots Debian's kernel under qemu with an
 //! emulated NVMe controller (serial cstore0001, MDTS 7, 64 MiB namespace)
-//! and runs `cstore device info /dev/nvme0n1 --json` in the guest, plus a raw
-//! O_DIRECT write/read self-check of the namespace. Skipped, saying so, only
+//! and runs `cstore device info /dev/nvme0n1 --json` in the guest, a raw
+//! O_DIRECT write/read self-check of the namespace, and the io_uring engine's
+//! own (`cstore device selfcheck`). Skipped, saying so, only
 //! when qemu-system-x86_64 is not installed (fixtures/deps.sh --nvme-vm).
 
 use std::path::Path;
@@ -64,6 +65,32 @@ fn device_info_on_qemus_nvme_controller() {
         selfcheck.iter().any(|l| l.starts_with("host: PASS")),
         "host self-check: {selfcheck:?}"
     );
+    assert!(
+        selfcheck
+            .iter()
+            .any(|l| l.starts_with("guest: PASS engine io_uring")),
+        "engine self-check: {selfcheck:?}"
+    );
+    assert!(
+        !selfcheck.iter().any(|l| l.contains("FAIL")),
+        "{selfcheck:?}"
+    );
+
+    // The engine's self-check: io_uring on the NVMe namespace, O_DIRECT,
+    // every ring used, every block read back as written.
+    let engine = section(&stdout, "cstore device selfcheck --json").join("\n");
+    let e: Value = serde_json::from_str(&engine).unwrap_or_else(|err| panic!("{err}: {engine}"));
+    assert_eq!(e["path"], "/dev/nvme0n1", "{engine}");
+    assert_eq!(e["backend"], "iouring", "{engine}");
+    assert_eq!(e["verified"], true, "{engine}");
+    assert_eq!(e["bad_blocks"], 0, "{engine}");
+    assert_eq!(e["direct"], true, "{engine}");
+    assert_eq!(e["bytes"], 32 << 20, "{engine}");
+    assert_eq!(e["rings_used"], e["rings"], "{engine}");
+    let ios = 32u64 * (1 << 20) / e["io_size"].as_u64().unwrap();
+    assert_eq!(e["write"]["ios"], ios, "{engine}");
+    assert_eq!(e["read"]["ios"], ios, "{engine}");
+    assert!(e["read"]["iops"].as_f64().unwrap() > 0.0, "{engine}");
     let text = section(&stdout, "cstore device info").join("\n");
     assert!(text.contains("serial cstore0001"), "{text}");
 
