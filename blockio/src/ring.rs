@@ -38,6 +38,24 @@ pub enum Op {
         bufs: Vec<Buf>,
         offset: u64,
     },
+    /// Read into a buffer registered with `Ring::register_buffers` (its
+    /// index `buf_index`), from registered file `file` if given, else `fd`.
+    /// The plain-syscall stand-in does a pread on `fd`.
+    ReadFixed {
+        fd: RawFd,
+        file: Option<u32>,
+        buf: Buf,
+        buf_index: u16,
+        offset: u64,
+    },
+    /// As ReadFixed, writing.
+    WriteFixed {
+        fd: RawFd,
+        file: Option<u32>,
+        buf: Buf,
+        buf_index: u16,
+        offset: u64,
+    },
     Fsync {
         fd: RawFd,
         datasync: bool,
@@ -225,6 +243,32 @@ impl Ring {
         }
     }
 
+    /// Register buffers for ReadFixed/WriteFixed (index = position): the
+    /// kernel pins them once instead of per I/O. No-op on the stand-in.
+    ///
+    /// # Safety
+    /// The buffers' memory must stay allocated (the `Buf`s alive, wherever
+    /// they move) until the ring is dropped.
+    pub unsafe fn register_buffers(&mut self, bufs: &mut [Buf]) -> io::Result<()> {
+        match &mut self.kind {
+            Kind::Uring(ring) => {
+                let iovs: Vec<libc::iovec> = bufs.iter_mut().map(iov).collect();
+                // SAFETY: the caller keeps the memory alive (see above).
+                unsafe { ring.submitter().register_buffers(&iovs) }
+            }
+            Kind::Sync { .. } => Ok(()),
+        }
+    }
+
+    /// Register files for ops that name them by index (the kernel skips the
+    /// per-I/O file lookup and reference). No-op on the stand-in.
+    pub fn register_files(&mut self, fds: &[RawFd]) -> io::Result<()> {
+        match &mut self.kind {
+            Kind::Uring(ring) => ring.submitter().register_files(fds),
+            Kind::Sync { .. } => Ok(()),
+        }
+    }
+
     pub fn backend(&self) -> Backend {
         match self.kind {
             Kind::Uring(_) => Backend::IoUring,
@@ -384,6 +428,40 @@ fn build_sqe(f: &mut InFlight) -> squeue::Entry {
                 .offset(*offset)
                 .build()
         }
+        Op::ReadFixed {
+            fd,
+            file,
+            buf,
+            buf_index,
+            offset,
+        } => {
+            let (ptr, len) = (buf.as_mut_ptr(), buf.len() as u32);
+            match file {
+                Some(i) => opcode::ReadFixed::new(types::Fixed(*i), ptr, len, *buf_index)
+                    .offset(*offset)
+                    .build(),
+                None => opcode::ReadFixed::new(types::Fd(*fd), ptr, len, *buf_index)
+                    .offset(*offset)
+                    .build(),
+            }
+        }
+        Op::WriteFixed {
+            fd,
+            file,
+            buf,
+            buf_index,
+            offset,
+        } => {
+            let (ptr, len) = (buf.as_mut_ptr().cast_const(), buf.len() as u32);
+            match file {
+                Some(i) => opcode::WriteFixed::new(types::Fixed(*i), ptr, len, *buf_index)
+                    .offset(*offset)
+                    .build(),
+                None => opcode::WriteFixed::new(types::Fd(*fd), ptr, len, *buf_index)
+                    .offset(*offset)
+                    .build(),
+            }
+        }
         Op::Fsync { fd, datasync } => {
             let flags = if *datasync {
                 types::FsyncFlags::DATASYNC
@@ -514,6 +592,22 @@ fn run_sync(f: &mut InFlight) -> io::Result<u32> {
                     *offset as i64,
                 ))
             }
+            Op::ReadFixed {
+                fd, buf, offset, ..
+            } => cvt(libc::pread(
+                *fd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                *offset as i64,
+            )),
+            Op::WriteFixed {
+                fd, buf, offset, ..
+            } => cvt(libc::pwrite(
+                *fd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                *offset as i64,
+            )),
             Op::Fsync { fd, datasync } => cvt(if *datasync {
                 libc::fdatasync(*fd)
             } else {

@@ -349,7 +349,9 @@ impl Write for SeqWriter {
                 v.extend_from_slice(&data[..take])
             }
             _ => {
-                let mut v = Vec::with_capacity(room.max(take));
+                // Room for what follows, but a small write between owned
+                // chunks gets no whole request's worth.
+                let mut v = Vec::with_capacity(take.max(room.min(64 << 10)));
                 v.extend_from_slice(&data[..take]);
                 self.pending.push(Buf::Heap(v));
             }
