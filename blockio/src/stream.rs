@@ -50,7 +50,7 @@ pub struct StreamConfig {
 impl Default for StreamConfig {
     fn default() -> Self {
         StreamConfig {
-            io_size: 1 << 20,
+            io_size: 512 << 10,
             depth: 4,
             direct: false,
             mode: Mode::Auto,
@@ -60,12 +60,14 @@ impl Default for StreamConfig {
 
 impl StreamConfig {
     /// The policy's I/O size and O_DIRECT choice. Size and depth are capped
-    /// (1 MiB, 4): one stream of large sequential requests keeps a device busy
-    /// with a few (the kernel splits them at max_sectors anyway), and memory
-    /// stays bounded with several blobs streaming at once.
+    /// (512 KiB, 4): one stream of large sequential requests keeps a device
+    /// busy with a few (the kernel splits them at max_sectors anyway), and
+    /// memory stays bounded with several blobs streaming at once (1 MiB
+    /// requests cost a pull with unpack ~6 MiB more peak RSS, for nothing
+    /// measurable).
     pub fn from_policy(p: &Policy, mode: Mode) -> StreamConfig {
         StreamConfig {
-            io_size: (p.io_size as usize).clamp(64 << 10, 1 << 20),
+            io_size: (p.io_size as usize).clamp(64 << 10, 512 << 10),
             depth: (p.queue_depth as usize).clamp(1, 4),
             direct: p.direct,
             mode,
