@@ -50,11 +50,16 @@ pub struct IoBench {
     pub direct: bool,
     pub runtime: Duration,
     pub mode: Mode,
+    /// Registered buffers and file (READ_FIXED/WRITE_FIXED on a fixed file):
+    /// no per-I/O page pinning or file lookup. io_uring only.
+    pub register: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct IoBenchResult {
     pub backend: Backend,
+    /// Whether registered buffers and file were used.
+    pub registered: bool,
     pub ios: u64,
     pub seconds: f64,
     pub iops: f64,
@@ -110,6 +115,7 @@ fn lay_out(path: &PathBuf, size: u64) -> Result<()> {
 }
 
 struct Job {
+    registered: bool,
     lat_ns: Vec<u32>,
     ios: u64,
     backend: Backend,
@@ -136,16 +142,9 @@ fn job(b: &IoBench, fd: i32, size: u64, seed: u64) -> Result<Job> {
             }
         }
     };
-    let make = |buf: Buf, offset: u64| match b.rw {
-        Rw::RandRead | Rw::Read => Op::Read { fd, buf, offset },
-        Rw::RandWrite | Rw::Write => Op::Write { fd, buf, offset },
-    };
-    let mut started = vec![Instant::now(); b.qd as usize];
-    let mut free: Vec<u64> = (0..b.qd as u64).collect();
-    let mut lat_ns = Vec::with_capacity(1 << 20);
-    let mut ios = 0u64;
-    let mut done: Vec<Done> = Vec::new();
-    let mut bufs: Vec<Buf> = (0..b.qd)
+    // Buffer i belongs to tag i: it is registered as index i, and a
+    // completion's tag says where its buffer goes back.
+    let mut owned: Vec<Buf> = (0..b.qd)
         .map(|_| {
             if b.direct {
                 Buf::Aligned(AlignedBuf::new(b.bs, 4096))
@@ -154,18 +153,59 @@ fn job(b: &IoBench, fd: i32, size: u64, seed: u64) -> Result<Job> {
             }
         })
         .collect();
+    let fixed = b.register && ring.backend() == Backend::IoUring;
+    if fixed {
+        // SAFETY: the buffers live in `bufs` (or in ops in flight) until
+        // the ring is dropped at the end of this function.
+        unsafe { ring.register_buffers(&mut owned) }
+            .map_err(|e| Error::io("io_uring register buffers", &b.path, e))?;
+        ring.register_files(&[fd])
+            .map_err(|e| Error::io("io_uring register files", &b.path, e))?;
+    }
+    let mut bufs: Vec<Option<Buf>> = owned.into_iter().map(Some).collect();
+    let make = |buf: Buf, tag: u64, offset: u64| {
+        let (file, buf_index) = (Some(0), tag as u16);
+        match (b.rw, fixed) {
+            (Rw::RandRead | Rw::Read, false) => Op::Read { fd, buf, offset },
+            (Rw::RandWrite | Rw::Write, false) => Op::Write { fd, buf, offset },
+            (Rw::RandRead | Rw::Read, true) => Op::ReadFixed {
+                fd,
+                file,
+                buf,
+                buf_index,
+                offset,
+            },
+            (Rw::RandWrite | Rw::Write, true) => Op::WriteFixed {
+                fd,
+                file,
+                buf,
+                buf_index,
+                offset,
+            },
+        }
+    };
+    let give_back = |op: Op| match op {
+        Op::Read { buf, .. }
+        | Op::Write { buf, .. }
+        | Op::ReadFixed { buf, .. }
+        | Op::WriteFixed { buf, .. } => buf,
+        _ => unreachable!("the bench submits reads and writes only"),
+    };
+    let mut started = vec![Instant::now(); b.qd as usize];
+    let mut free: Vec<u64> = (0..b.qd as u64).collect();
+    let mut lat_ns = Vec::with_capacity(1 << 20);
+    let mut ios = 0u64;
+    let mut done: Vec<Done> = Vec::new();
     let deadline = Instant::now() + b.runtime;
     loop {
         let running = Instant::now() < deadline;
         while running && !free.is_empty() {
             let tag = free.pop().unwrap();
-            let buf = bufs.pop().expect("a buffer per slot");
+            let buf = bufs[tag as usize].take().expect("a buffer per tag");
             started[tag as usize] = Instant::now();
-            if let Err(op) = ring.push(make(buf, next_off(&mut rng)), tag, false) {
+            if let Err(op) = ring.push(make(buf, tag, next_off(&mut rng)), tag, false) {
                 free.push(tag);
-                if let Op::Read { buf, .. } | Op::Write { buf, .. } = op {
-                    bufs.push(buf);
-                }
+                bufs[tag as usize] = Some(give_back(op));
                 break;
             }
         }
@@ -192,15 +232,18 @@ fn job(b: &IoBench, fd: i32, size: u64, seed: u64) -> Result<Job> {
             );
             ios += 1;
             free.push(d.user_data);
-            if let Op::Read { buf, .. } | Op::Write { buf, .. } = d.op {
-                bufs.push(buf);
-            }
+            bufs[d.user_data as usize] = Some(give_back(d.op));
         }
     }
+    let backend = ring.backend();
+    // The ring (and its registration) goes before the buffers.
+    drop(ring);
+    drop(bufs);
     Ok(Job {
+        registered: fixed,
         lat_ns,
         ios,
-        backend: ring.backend(),
+        backend,
     })
 }
 
@@ -230,8 +273,10 @@ pub fn run(b: &IoBench) -> Result<IoBenchResult> {
     let mut lat: Vec<u32> = Vec::new();
     let mut ios = 0;
     let mut backend = Backend::IoUring;
+    let mut registered = true;
     for j in jobs {
         let j = j?;
+        registered &= j.registered;
         ios += j.ios;
         backend = j.backend;
         lat.extend(j.lat_ns);
@@ -246,6 +291,7 @@ pub fn run(b: &IoBench) -> Result<IoBenchResult> {
     drop(file);
     Ok(IoBenchResult {
         backend,
+        registered,
         ios,
         seconds,
         iops: ios as f64 / seconds,

@@ -7,6 +7,9 @@ use std::alloc::{alloc_zeroed, dealloc, Layout};
 pub enum Buf {
     Heap(Vec<u8>),
     Aligned(AlignedBuf),
+    /// Shared, read-only bytes (e.g. a network body chunk) handed to a write
+    /// without copying. Only for writes: the kernel never stores into it.
+    Shared(bytes::Bytes),
 }
 
 impl std::fmt::Debug for Buf {
@@ -20,6 +23,7 @@ impl Buf {
         match self {
             Buf::Heap(v) => v.len(),
             Buf::Aligned(a) => a.len,
+            Buf::Shared(b) => b.len(),
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -29,6 +33,8 @@ impl Buf {
         match self {
             Buf::Heap(v) => v.as_mut_ptr(),
             Buf::Aligned(a) => a.ptr,
+            // Write ops only read through this pointer (see `Shared`).
+            Buf::Shared(b) => b.as_ptr().cast_mut(),
         }
     }
     pub fn as_slice(&self) -> &[u8] {
@@ -36,13 +42,16 @@ impl Buf {
             Buf::Heap(v) => v,
             // SAFETY: ptr is valid for len bytes for the life of the buffer.
             Buf::Aligned(a) => unsafe { std::slice::from_raw_parts(a.ptr, a.len) },
+            Buf::Shared(b) => b,
         }
     }
+    /// Panics for `Shared` bytes, which are read-only.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         match self {
             Buf::Heap(v) => v,
             // SAFETY: as above, and we hold the only reference.
             Buf::Aligned(a) => unsafe { std::slice::from_raw_parts_mut(a.ptr, a.len) },
+            Buf::Shared(_) => panic!("Buf::Shared is read-only: use it for writes only"),
         }
     }
 }

@@ -9,6 +9,8 @@ pub mod nvme;
 pub mod policy;
 pub mod probe;
 pub mod ring;
+pub mod selfcheck;
+pub mod stream;
 
 pub use buf::{AlignedBuf, Buf};
 pub use engine::{Completion, Engine};
@@ -16,3 +18,4 @@ pub use error::{Error, Result};
 pub use policy::Policy;
 pub use probe::{probe, DeviceInfo, DeviceKind};
 pub use ring::{Backend, Done, Mode, Op, Ring};
+pub use stream::{SeqReader, SeqWriter, StreamConfig};

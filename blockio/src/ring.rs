@@ -38,6 +38,24 @@ pub enum Op {
         bufs: Vec<Buf>,
         offset: u64,
     },
+    /// Read into a buffer registered with `Ring::register_buffers` (its
+    /// index `buf_index`), from registered file `file` if given, else `fd`.
+    /// The plain-syscall stand-in does a pread on `fd`.
+    ReadFixed {
+        fd: RawFd,
+        file: Option<u32>,
+        buf: Buf,
+        buf_index: u16,
+        offset: u64,
+    },
+    /// As ReadFixed, writing.
+    WriteFixed {
+        fd: RawFd,
+        file: Option<u32>,
+        buf: Buf,
+        buf_index: u16,
+        offset: u64,
+    },
     Fsync {
         fd: RawFd,
         datasync: bool,
@@ -157,8 +175,21 @@ fn uring_allowed() -> bool {
 }
 
 impl Ring {
-    /// A ring with `depth` entries; io_uring if possible.
+    /// A ring with `depth` entries; io_uring if possible. Bound to the
+    /// thread that creates it (single issuer, deferred task running).
     pub fn new(depth: u32, iopoll: bool, mode: Mode) -> Ring {
+        Self::create(depth, iopoll, mode, true)
+    }
+
+    /// A ring that may move between threads while idle (no single-issuer
+    /// binding; completions are posted without the submitter's help), for a
+    /// stream owned by an object that changes threads between calls, as a
+    /// blob writer does across tokio's blocking pool.
+    pub fn portable(depth: u32, mode: Mode) -> Ring {
+        Self::create(depth, false, mode, false)
+    }
+
+    fn create(depth: u32, iopoll: bool, mode: Mode, thread_bound: bool) -> Ring {
         let depth = depth.clamp(1, 4096);
         let kind = if mode == Mode::Sync {
             Kind::Sync {
@@ -179,7 +210,12 @@ impl Ring {
                 }
                 b.build(depth)
             };
-            match build(true).or_else(|_| build(false)) {
+            let built = if thread_bound {
+                build(true).or_else(|_| build(false))
+            } else {
+                build(false)
+            };
+            match built {
                 Ok(r) => Kind::Uring(Box::new(r)),
                 Err(e) => {
                     FALLBACK_LOGGED.call_once(|| {
@@ -204,6 +240,32 @@ impl Ring {
             free: (0..depth as usize).rev().collect(),
             ready: VecDeque::new(),
             in_flight: 0,
+        }
+    }
+
+    /// Register buffers for ReadFixed/WriteFixed (index = position): the
+    /// kernel pins them once instead of per I/O. No-op on the stand-in.
+    ///
+    /// # Safety
+    /// The buffers' memory must stay allocated (the `Buf`s alive, wherever
+    /// they move) until the ring is dropped.
+    pub unsafe fn register_buffers(&mut self, bufs: &mut [Buf]) -> io::Result<()> {
+        match &mut self.kind {
+            Kind::Uring(ring) => {
+                let iovs: Vec<libc::iovec> = bufs.iter_mut().map(iov).collect();
+                // SAFETY: the caller keeps the memory alive (see above).
+                unsafe { ring.submitter().register_buffers(&iovs) }
+            }
+            Kind::Sync { .. } => Ok(()),
+        }
+    }
+
+    /// Register files for ops that name them by index (the kernel skips the
+    /// per-I/O file lookup and reference). No-op on the stand-in.
+    pub fn register_files(&mut self, fds: &[RawFd]) -> io::Result<()> {
+        match &mut self.kind {
+            Kind::Uring(ring) => ring.submitter().register_files(fds),
+            Kind::Sync { .. } => Ok(()),
         }
     }
 
@@ -366,6 +428,40 @@ fn build_sqe(f: &mut InFlight) -> squeue::Entry {
                 .offset(*offset)
                 .build()
         }
+        Op::ReadFixed {
+            fd,
+            file,
+            buf,
+            buf_index,
+            offset,
+        } => {
+            let (ptr, len) = (buf.as_mut_ptr(), buf.len() as u32);
+            match file {
+                Some(i) => opcode::ReadFixed::new(types::Fixed(*i), ptr, len, *buf_index)
+                    .offset(*offset)
+                    .build(),
+                None => opcode::ReadFixed::new(types::Fd(*fd), ptr, len, *buf_index)
+                    .offset(*offset)
+                    .build(),
+            }
+        }
+        Op::WriteFixed {
+            fd,
+            file,
+            buf,
+            buf_index,
+            offset,
+        } => {
+            let (ptr, len) = (buf.as_mut_ptr().cast_const(), buf.len() as u32);
+            match file {
+                Some(i) => opcode::WriteFixed::new(types::Fixed(*i), ptr, len, *buf_index)
+                    .offset(*offset)
+                    .build(),
+                None => opcode::WriteFixed::new(types::Fd(*fd), ptr, len, *buf_index)
+                    .offset(*offset)
+                    .build(),
+            }
+        }
         Op::Fsync { fd, datasync } => {
             let flags = if *datasync {
                 types::FsyncFlags::DATASYNC
@@ -496,6 +592,22 @@ fn run_sync(f: &mut InFlight) -> io::Result<u32> {
                     *offset as i64,
                 ))
             }
+            Op::ReadFixed {
+                fd, buf, offset, ..
+            } => cvt(libc::pread(
+                *fd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                *offset as i64,
+            )),
+            Op::WriteFixed {
+                fd, buf, offset, ..
+            } => cvt(libc::pwrite(
+                *fd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                *offset as i64,
+            )),
             Op::Fsync { fd, datasync } => cvt(if *datasync {
                 libc::fdatasync(*fd)
             } else {

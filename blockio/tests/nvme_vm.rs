@@ -1,11 +1,12 @@
 //! The probe and NVMe identify on a real NVMe controller model: runs
 //! fixtures/nvme-vm.sh, which boots Debian's kernel under qemu with an
-//! emulated NVMe controller (serial cstore0001, MDTS 7, 64 MiB namespace)
-//! and runs `cstore device info /dev/nvme0n1 --json` in the guest, plus a raw
-//! O_DIRECT write/read self-check of the namespace; then, on a cgroup
-//! v2-only hierarchy, `cstore run` with I/O limits on the namespace from a
-//! store on an ext4 partition of it (the container's io.max, and a timed
-//! O_DIRECT read under --device-read-bps 1mb). Skipped, saying so, only
+//! emulated NVMe controller (serial cstore0001, MDTS 7, 128 MiB namespace)
+//! and runs `cstore device info /dev/nvme0n1 --json` in the guest, a raw
+//! O_DIRECT write/read self-check of the namespace, and the io_uring engine's
+//! own (`cstore device selfcheck`); then, on a cgroup v2-only hierarchy,
+//! `cstore run` with I/O limits on the namespace from a store on an ext4
+//! partition of it (the container's io.max, and a timed O_DIRECT read under
+//! --device-read-bps 1mb). Skipped, saying so, only
 //! when qemu-system-x86_64 is not installed (fixtures/deps.sh --nvme-vm).
 
 use std::path::Path;
@@ -67,6 +68,32 @@ fn device_info_on_qemus_nvme_controller() {
         selfcheck.iter().any(|l| l.starts_with("host: PASS")),
         "host self-check: {selfcheck:?}"
     );
+    assert!(
+        selfcheck
+            .iter()
+            .any(|l| l.starts_with("guest: PASS engine io_uring")),
+        "engine self-check: {selfcheck:?}"
+    );
+    assert!(
+        !selfcheck.iter().any(|l| l.contains("FAIL")),
+        "{selfcheck:?}"
+    );
+
+    // The engine's self-check: io_uring on the NVMe namespace, O_DIRECT,
+    // every ring used, every block read back as written.
+    let engine = section(&stdout, "cstore device selfcheck --json").join("\n");
+    let e: Value = serde_json::from_str(&engine).unwrap_or_else(|err| panic!("{err}: {engine}"));
+    assert_eq!(e["path"], "/dev/nvme0n1", "{engine}");
+    assert_eq!(e["backend"], "iouring", "{engine}");
+    assert_eq!(e["verified"], true, "{engine}");
+    assert_eq!(e["bad_blocks"], 0, "{engine}");
+    assert_eq!(e["direct"], true, "{engine}");
+    assert_eq!(e["bytes"], 32 << 20, "{engine}");
+    assert_eq!(e["rings_used"], e["rings"], "{engine}");
+    let ios = 32u64 * (1 << 20) / e["io_size"].as_u64().unwrap();
+    assert_eq!(e["write"]["ios"], ios, "{engine}");
+    assert_eq!(e["read"]["ios"], ios, "{engine}");
+    assert!(e["read"]["iops"].as_f64().unwrap() > 0.0, "{engine}");
     let text = section(&stdout, "cstore device info").join("\n");
     assert!(text.contains("serial cstore0001"), "{text}");
     cgroup_v2_run_checks(&stdout, &text);
@@ -98,8 +125,8 @@ fn device_info_on_qemus_nvme_controller() {
     assert_eq!(lba, 512, "qemu's default LBA format: {json}");
     assert_eq!(
         ns["size_lbas"].as_u64().unwrap() * lba,
-        64 << 20,
-        "the 64 MiB image: {json}"
+        128 << 20,
+        "the 128 MiB image: {json}"
     );
     assert_eq!(d["queue"]["logical_block_size"], lba, "{json}");
     assert!(d["queue"]["hw_queues"].as_u64().unwrap() >= 1, "{json}");

@@ -38,6 +38,10 @@ pub struct IoArgs {
     /// Use the plain-syscall fallback instead of io_uring.
     #[arg(long)]
     sync: bool,
+    /// Plain reads/writes on the file descriptor instead of registered
+    /// (fixed) buffers and file.
+    #[arg(long)]
+    no_register: bool,
     #[arg(long)]
     json: bool,
     path: PathBuf,
@@ -59,6 +63,7 @@ pub fn io(a: IoArgs) -> Result<()> {
         direct: a.direct,
         runtime: Duration::from_secs_f64(a.runtime),
         mode: if a.sync { Mode::Sync } else { Mode::Auto },
+        register: !a.no_register,
     };
     let r = run(&b)?;
     if a.json {

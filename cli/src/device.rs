@@ -1,10 +1,14 @@
 //! `cstore device info PATH`: the block device under a path and the I/O
 //! policy cstore derives from it.
 
-use std::path::Path;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
-use cstore_blockio::{probe, Policy};
+use anyhow::{bail, Context, Result};
+use cstore_blockio::selfcheck::{self, SelfCheck};
+use cstore_blockio::{probe, Mode, Policy};
+
+use crate::bench::parse_size;
 
 use crate::progress::human_bytes;
 
@@ -95,5 +99,114 @@ pub fn info(path: &Path, json: bool) -> Result<()> {
         policy.iopoll
     );
     println!("             ({})", policy.reason);
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct SelfcheckArgs {
+    /// A block device, or a file (created and removed if it does not exist).
+    path: PathBuf,
+    /// Bytes to write and verify.
+    #[arg(long, default_value = "64m")]
+    size: String,
+    /// Where the region starts.
+    #[arg(long, default_value = "0")]
+    offset: String,
+    /// Allow overwriting a block device or an existing file.
+    #[arg(long)]
+    destroy_data: bool,
+    /// Use the plain-syscall fallback instead of io_uring.
+    #[arg(long)]
+    sync: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn selfcheck(a: &SelfcheckArgs) -> Result<()> {
+    let existed = match std::fs::metadata(&a.path) {
+        Ok(m) => {
+            let what = if m.file_type().is_block_device() {
+                "is a block device"
+            } else if m.is_file() {
+                "exists"
+            } else {
+                bail!("{}: not a block device or a regular file", a.path.display());
+            };
+            if !a.destroy_data {
+                bail!(
+                    "{} {what}: the self-check overwrites its data; pass --destroy-data if that is intended",
+                    a.path.display()
+                );
+            }
+            true
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(e).with_context(|| format!("stat {}", a.path.display())),
+    };
+    // The policy of the device under the path (its directory if it is new).
+    let probe_at = if existed {
+        a.path.clone()
+    } else {
+        a.path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf()
+    };
+    let info = probe(&probe_at)
+        .with_context(|| format!("probing the device under {}", probe_at.display()))?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let policy = Policy::for_device(&info, cores);
+    let check = SelfCheck {
+        path: a.path.clone(),
+        offset: if a.offset == "0" {
+            0
+        } else {
+            parse_size(&a.offset)?
+        },
+        size: parse_size(&a.size)?,
+        policy,
+        mode: if a.sync { Mode::Sync } else { Mode::Auto },
+    };
+    let result = selfcheck::run(&check);
+    if !existed {
+        let _ = std::fs::remove_file(&a.path);
+    }
+    let r = result.with_context(|| format!("self-check of {}", a.path.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "{} {}: {} written and read back, backend {:?}, {} rings ({} used) x depth {} (batches of {}), {} I/O, direct {}",
+            if r.verified { "PASS" } else { "FAIL" },
+            r.path.display(),
+            human_bytes(r.bytes),
+            r.backend,
+            r.rings,
+            r.rings_used,
+            r.queue_depth,
+            r.batch,
+            human_bytes(r.io_size as u64),
+            r.direct
+        );
+        println!(
+            "  write {:.0} IOPS {:.1} MB/s, fsync {:.3} s, read {:.0} IOPS {:.1} MB/s",
+            r.write.iops, r.write.mb_per_s, r.fsync_seconds, r.read.iops, r.read.mb_per_s
+        );
+        if !r.verified {
+            println!(
+                "  {} blocks differ, first at byte {}",
+                r.bad_blocks,
+                r.first_bad_offset.unwrap_or(0)
+            );
+        }
+    }
+    if !r.verified {
+        bail!(
+            "self-check of {}: {} blocks read back differ from what was written",
+            a.path.display(),
+            r.bad_blocks
+        );
+    }
     Ok(())
 }

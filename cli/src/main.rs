@@ -154,6 +154,11 @@ enum DeviceCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Write a verifiable pattern through the io_uring engine (the policy's
+    /// rings, depth, I/O size, O_DIRECT), fsync, read it back and verify.
+    /// Overwrites the region: a block device or existing file needs
+    /// --destroy-data; a new file is created and removed.
+    Selfcheck(device::SelfcheckArgs),
 }
 
 #[derive(Subcommand)]
@@ -304,6 +309,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Device {
             command: DeviceCommand::Info { path, json },
         } => device::info(&path, json)?,
+        Command::Device {
+            command: DeviceCommand::Selfcheck(args),
+        } => device::selfcheck(&args)?,
         Command::Bench {
             command: BenchCommand::Io(args),
         } => bench::io(args)?,

@@ -266,6 +266,17 @@ fn unpack_one(
         compression,
         diff_id: &l.diff_id,
     };
+    let with_io;
+    let opts = if opts.io.is_none() {
+        // Read layer blobs as the store's device wants.
+        with_io = UnpackOptions {
+            io: Some(store.stream_config().clone()),
+            ..opts.clone()
+        };
+        &with_io
+    } else {
+        opts
+    };
     match unpack_layer(&blob, &layer, &dir.join("fs"), opts) {
         Ok(stats) => Ok((dir, stats)),
         Err(e) => {

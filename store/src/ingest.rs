@@ -10,12 +10,15 @@
 //! hashed again and the download resumes from its end (an HTTP Range request).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use cstore_blockio::{Mode, Policy, SeqReader, SeqWriter, StreamConfig};
 use oci_spec::image::Digest;
 use sha2::{Digest as _, Sha256};
 
@@ -26,9 +29,55 @@ use crate::error::{write_err, Error, Result};
 pub struct BlobDirs {
     pub blobs: PathBuf,
     pub ingest: PathBuf,
+    /// How blob files are streamed: from the policy of the device under
+    /// `blobs`, probed once, on first use.
+    io: Arc<OnceLock<StreamConfig>>,
+}
+
+/// `CSTORE_BLOCKIO=sync` makes every blob read and write use plain syscalls
+/// instead of io_uring (to compare the two, or where io_uring misbehaves).
+pub fn io_mode_from_env() -> Mode {
+    match std::env::var("CSTORE_BLOCKIO") {
+        Ok(v) if v == "sync" => Mode::Sync,
+        _ => Mode::Auto,
+    }
 }
 
 impl BlobDirs {
+    pub fn new(blobs: PathBuf, ingest: PathBuf) -> BlobDirs {
+        BlobDirs {
+            blobs,
+            ingest,
+            io: Arc::default(),
+        }
+    }
+
+    /// The stream settings for blob files: the policy of the device holding
+    /// the store (`cstore device info` shows it), probed on first use.
+    pub fn stream_config(&self) -> &StreamConfig {
+        self.io.get_or_init(|| {
+            let mode = io_mode_from_env();
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            // No NVMe identify: sysfs says enough for streaming, and it
+            // needs no access to the device node.
+            match cstore_blockio::probe::probe_opts(&self.blobs, false) {
+                Ok(info) => StreamConfig::from_policy(&Policy::for_device(&info, cores), mode),
+                Err(e) => {
+                    tracing::warn!(path = %self.blobs.display(), error = %e, "could not probe the store's device; default I/O settings");
+                    StreamConfig {
+                        mode,
+                        ..StreamConfig::default()
+                    }
+                }
+            }
+        })
+    }
+
+    /// Stream a blob file (or any file of the store) with readahead.
+    pub fn open_reader(&self, path: &Path) -> std::io::Result<SeqReader> {
+        SeqReader::open(path, self.stream_config())
+    }
+
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         self.blobs.join(digest.digest())
     }
@@ -51,7 +100,7 @@ impl BlobDirs {
             return Ok(Acquired::Present);
         }
         let partial = self.ingest.join(format!("{hex}.partial"));
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
@@ -71,30 +120,22 @@ impl BlobDirs {
         }
         if have > 0 {
             // Resume: the hash state is not saved, so re-read what is there.
-            let mut buf = vec![0u8; 1 << 20];
-            let mut left = have;
-            while left > 0 {
-                let want = left.min(buf.len() as u64) as usize;
-                let n = file
-                    .read(&mut buf[..want])
-                    .map_err(|e| Error::io("read", &partial, e))?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                left -= n as u64;
-            }
-            have -= left;
+            let clone = file
+                .try_clone()
+                .map_err(|e| Error::io("open", &partial, e))?;
+            let reader = SeqReader::new(clone, 0, self.stream_config())
+                .map_err(|e| Error::io("read", &partial, e))?;
+            let n = std::io::copy(&mut reader.take(have), &mut hasher)
+                .map_err(|e| Error::io("read", &partial, e))?;
+            have = n;
         }
-        file.seek(SeekFrom::Start(have))
-            .map_err(|e| Error::io("seek", &partial, e))?;
         Ok(Acquired::Writer(Box::new(BlobWriter {
             digest: digest.clone(),
             size,
             written: have,
             resumed_from: have,
             hasher,
-            file: BufWriter::with_capacity(1 << 20, file),
+            file: SeqWriter::new(file, have, self.stream_config()),
             partial,
             blob: self.blob_path(digest),
             blobs_dir: self.blobs.clone(),
@@ -155,7 +196,8 @@ pub struct BlobWriter {
     written: u64,
     resumed_from: u64,
     hasher: Sha256,
-    file: BufWriter<File>,
+    /// Writes in flight through the writing thread's own ring.
+    file: SeqWriter,
     partial: PathBuf,
     blob: PathBuf,
     blobs_dir: PathBuf,
@@ -182,10 +224,12 @@ impl BlobWriter {
         self.file
             .flush()
             .map_err(|e| write_err(self.digest.as_ref(), &self.partial, e))?;
-        let f = self.file.get_mut();
-        f.set_len(0)
+        self.file
+            .get_ref()
+            .set_len(0)
             .map_err(|e| Error::io("truncate", &self.partial, e))?;
-        f.seek(SeekFrom::Start(0))
+        self.file
+            .seek_to(0)
             .map_err(|e| Error::io("seek", &self.partial, e))?;
         self.hasher = Sha256::new();
         self.written = 0;
@@ -193,20 +237,39 @@ impl BlobWriter {
     }
 
     pub fn write(&mut self, buf: &[u8]) -> Result<()> {
-        if self.written + buf.len() as u64 > self.size {
-            let err = Error::SizeMismatch {
-                digest: self.digest.to_string(),
-                expected: self.size,
-                actual: self.written + buf.len() as u64,
-            };
-            return Err(self.discard_with(err));
-        }
+        self.check_room(buf.len())?;
         if let Err(e) = self.file.write_all(buf) {
             let err = write_err(self.digest.as_ref(), &self.partial, e);
             return Err(self.discard_if_no_space(err));
         }
         self.hasher.update(buf);
         self.written += buf.len() as u64;
+        Ok(())
+    }
+
+    /// As `write`, handing the buffer itself to the kernel (no copy).
+    pub fn write_bytes(&mut self, buf: Bytes) -> Result<()> {
+        self.check_room(buf.len())?;
+        self.hasher.update(&buf);
+        let n = buf.len() as u64;
+        if let Err(e) = self.file.write_bytes(buf) {
+            let err = write_err(self.digest.as_ref(), &self.partial, e);
+            return Err(self.discard_if_no_space(err));
+        }
+        self.written += n;
+        Ok(())
+    }
+
+    /// A write past the descriptor's size stops before it is written.
+    fn check_room(&mut self, len: usize) -> Result<()> {
+        if self.written + len as u64 > self.size {
+            let err = Error::SizeMismatch {
+                digest: self.digest.to_string(),
+                expected: self.size,
+                actual: self.written + len as u64,
+            };
+            return Err(self.discard_with(err));
+        }
         Ok(())
     }
 
@@ -238,12 +301,7 @@ impl BlobWriter {
             };
             return Err(self.discard_with(err));
         }
-        if let Err(e) = self.file.flush() {
-            let err = write_err(self.digest.as_ref(), &self.partial, e);
-            return Err(self.discard_if_no_space(err));
-        }
-        let f = self.file.get_ref();
-        if let Err(e) = f.sync_all() {
+        if let Err(e) = self.file.sync_all() {
             let err = write_err(self.digest.as_ref(), &self.partial, e);
             return Err(self.discard_if_no_space(err));
         }
@@ -368,10 +426,7 @@ mod tests {
 
     fn dirs() -> (tempfile::TempDir, BlobDirs) {
         let t = tempfile::tempdir().unwrap();
-        let d = BlobDirs {
-            blobs: t.path().join("blobs"),
-            ingest: t.path().join("ingest"),
-        };
+        let d = BlobDirs::new(t.path().join("blobs"), t.path().join("ingest"));
         fs::create_dir_all(&d.blobs).unwrap();
         fs::create_dir_all(&d.ingest).unwrap();
         (t, d)

@@ -540,7 +540,7 @@ async fn download(
         let mut w = writer;
         while let Some(chunk) = rx.blocking_recv() {
             match chunk {
-                Chunk::Data(b) => w.write(&b)?,
+                Chunk::Data(b) => w.write_bytes(b)?,
                 Chunk::Restart => w.reset()?,
             }
             // Caught up with the network: write out the buffer (up to 1 MiB),

@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -61,10 +61,7 @@ pub struct DiskUsage {
 impl Store {
     /// Open (creating if needed) the store at `root`.
     pub fn open(root: &Path) -> Result<Store> {
-        let dirs = BlobDirs {
-            blobs: root.join("blobs/sha256"),
-            ingest: root.join("ingest"),
-        };
+        let dirs = BlobDirs::new(root.join("blobs/sha256"), root.join("ingest"));
         for d in [&dirs.blobs, &dirs.ingest] {
             fs::create_dir_all(d).map_err(|e| write_err("store directories", d, e))?;
         }
@@ -121,7 +118,18 @@ impl Store {
                 limit,
             });
         }
-        fs::read(&path).map_err(|e| Error::io("read", &path, e))
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        self.inner
+            .dirs
+            .open_reader(&path)
+            .and_then(|r| r.take(limit).read_to_end(&mut bytes))
+            .map_err(|e| Error::io("read", &path, e))?;
+        Ok(bytes)
+    }
+
+    /// How blob files are streamed (the store device's policy).
+    pub fn stream_config(&self) -> &cstore_blockio::StreamConfig {
+        self.inner.dirs.stream_config()
     }
 
     pub fn images(&self) -> Result<Vec<ImageRecord>> {

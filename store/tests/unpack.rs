@@ -276,6 +276,7 @@ fn bombs_and_wrong_diff_ids_are_refused() {
     let opts = UnpackOptions {
         max_ratio: 100,
         min_limit: 1 << 20,
+        ..Default::default()
     };
     let e = unpack_layer(&blob, &layer, &dest, &opts)
         .unwrap_err()

@@ -12,6 +12,7 @@ use std::io::{self, BufReader, Read};
 
 use std::path::Path;
 
+use cstore_blockio::{SeqReader, StreamConfig};
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, Result};
@@ -25,6 +26,9 @@ pub struct UnpackOptions {
     pub max_ratio: u64,
     /// ...but always allow at least this much.
     pub min_limit: u64,
+    /// How the blob is read (readahead, O_DIRECT): the store's
+    /// `stream_config()`; None reads with the defaults.
+    pub io: Option<StreamConfig>,
 }
 
 impl Default for UnpackOptions {
@@ -32,6 +36,7 @@ impl Default for UnpackOptions {
         UnpackOptions {
             max_ratio: 1100,
             min_limit: 256 << 20,
+            io: None,
         }
     }
 }
@@ -103,13 +108,15 @@ pub fn unpack_layer(
         entry,
         reason,
     };
-    let file = File::open(blob).map_err(|e| Error::io("open", blob, e))?;
-    let blob_size = file
+    // Reads of the compressed blob run ahead of the decompressor.
+    let raw = SeqReader::open(blob, opts.io.as_ref().unwrap_or(&StreamConfig::default()))
+        .map_err(|e| Error::io("open", blob, e))?;
+    let blob_size = raw
+        .get_ref()
         .metadata()
         .map_err(|e| Error::io("stat", blob, e))?
         .len();
     let limit = blob_size.saturating_mul(opts.max_ratio).max(opts.min_limit);
-    let raw = BufReader::with_capacity(1 << 20, file);
     let decoder: Box<dyn Read> = match layer.compression {
         Compression::None => Box::new(raw),
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(raw)),
