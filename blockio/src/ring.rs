@@ -335,8 +335,12 @@ impl Ring {
     pub fn submit(&mut self, wait: usize) -> io::Result<()> {
         match &mut self.kind {
             Kind::Uring(ring) => {
+                // `wait` counts completions already collected but not yet
+                // reaped: waiting in the kernel for those would never end.
+                let outstanding = self.in_flight - self.ready.len();
+                let want = wait.saturating_sub(self.ready.len()).min(outstanding);
                 loop {
-                    match ring.submit_and_wait(wait.min(self.in_flight)) {
+                    match ring.submit_and_wait(want) {
                         Ok(_) => break,
                         Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
