@@ -127,16 +127,13 @@ fn gnu_tar_archives_unpack_exactly() {
     }
 }
 
-/// Whether this process's extractions batch small files through io_uring
-/// (`CSTORE_IO`, and whether the kernel allows io_uring at all).
+/// Whether this process's extractions batch small files (CSTORE_IO=uring).
 fn batching() -> bool {
     use cstore_blockio::ring::{io_env, IoEnv};
-    io_env() != IoEnv::Sync
-        && cstore_blockio::Ring::new(1, false, cstore_blockio::Mode::Auto).backend()
-            == cstore_blockio::Backend::IoUring
+    io_env() == IoEnv::Uring
 }
 
-// Thousands of small files (batched through io_uring unless CSTORE_IO=sync;
+// Thousands of small files (batched through io_uring with CSTORE_IO=uring;
 // fixtures/test.sh runs this file both ways), among them entries that depend
 // on files still queued: hardlinks right after their target, a whiteout of a
 // file of the same layer, a file then a path through it, big files, and

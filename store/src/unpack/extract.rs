@@ -133,19 +133,18 @@ fn xattr_allowed(name: &str) -> bool {
 }
 
 impl Extractor {
-    /// An extractor into the directory `root`. Small files are batched
-    /// through io_uring unless `CSTORE_IO=sync` or the kernel refuses it
-    /// (`CSTORE_IO=uring` makes that refusal an error).
+    /// An extractor into the directory `root`. Files are written one
+    /// syscall at a time, or with `CSTORE_IO=uring` small ones in io_uring
+    /// batches (an error if the kernel refuses io_uring). Batching is not the
+    /// default because it measured slower: see docs/architecture.md.
     pub fn new(root: OwnedFd) -> Result<Self, String> {
         let batch = match io_env() {
-            IoEnv::Sync => None,
-            env => {
-                let b = Batch::new().map_err(|e| format!("setting up io_uring: {e}"))?;
-                if b.is_none() && env == IoEnv::Uring {
-                    return Err("CSTORE_IO=uring but the kernel refuses io_uring".into());
-                }
-                b
-            }
+            IoEnv::Uring => Some(
+                Batch::new()
+                    .map_err(|e| format!("setting up io_uring: {e}"))?
+                    .ok_or("CSTORE_IO=uring, but the kernel refuses io_uring")?,
+            ),
+            IoEnv::Sync | IoEnv::Default => None,
         };
         // SAFETY: geteuid/getegid cannot fail.
         let owner = unsafe { (libc::geteuid(), libc::getegid()) };
@@ -456,6 +455,7 @@ impl Extractor {
                     let parent = self.parent_rc(dirs, path)?;
                     let file = Pending {
                         entry: path.to_vec(),
+                        key: key.clone(),
                         parent,
                         name,
                         data,
@@ -467,7 +467,7 @@ impl Extractor {
                         },
                     };
                     let b = self.batch.as_mut().unwrap();
-                    b.push(key.clone(), file)
+                    b.push(file)
                         .map_err(|(entry, reason)| err(&entry, reason))?;
                     self.stats.files += 1;
                     self.stats.batched_files += 1;
