@@ -7,7 +7,7 @@
 //! O_EXCL|O_NOFOLLOW, hardlink targets must already exist in this layer, and
 //! overlay's own xattrs are never taken from an archive.
 //!
-//! Small regular files go through `batch` (io_uring) when it is available;
+//! With `CSTORE_IO=uring`, small regular files go through `batch` (io_uring);
 //! see there for how the batches keep the same tree and errors.
 
 use std::collections::{HashMap, HashSet};
