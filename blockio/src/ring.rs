@@ -2,7 +2,7 @@
 //! kernel allows it, else a synchronous stand-in that runs the same ops with
 //! plain syscalls (same API, same results), used when io_uring is refused
 //! (ENOSYS, EPERM, `kernel.io_uring_disabled`) or forced by
-//! `CSTORE_BLOCKIO=sync`.
+//! `CSTORE_IO=sync`.
 
 use std::collections::VecDeque;
 use std::ffi::CString;
@@ -110,6 +110,27 @@ pub enum Op {
         path: CString,
         flags: i32,
     },
+    /// openat2 with an open_how: `resolve` takes the RESOLVE_* flags. With
+    /// `slot`, the file goes into that slot of the ring's fixed-file table
+    /// (see `register_file_slots`) instead of the fd table, and the result is 0.
+    OpenAt2 {
+        dirfd: RawFd,
+        path: CString,
+        flags: i32,
+        mode: u32,
+        resolve: u64,
+        slot: Option<u32>,
+    },
+    /// A write to the file in a fixed-file slot (an OpenAt2 `slot`).
+    WriteSlot {
+        slot: u32,
+        buf: Buf,
+        offset: u64,
+    },
+    /// Close the file in a fixed-file slot (the slot becomes free).
+    CloseSlot {
+        slot: u32,
+    },
 }
 
 /// A finished operation: its result (bytes moved, or a new fd for OpenAt),
@@ -126,6 +147,8 @@ struct InFlight {
     user_data: u64,
     op: Op,
     statx: Option<Box<libc::statx>>,
+    /// open_how for OpenAt2, which the kernel reads at submission.
+    how: Option<Box<types::OpenHow>>,
     /// iovecs for Readv/Writev, pointing into the op's buffers.
     _iov: Vec<libc::iovec>,
 }
@@ -137,7 +160,7 @@ unsafe impl Send for InFlight {}
 /// Which backend to ask for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
-    /// io_uring unless refused or `CSTORE_BLOCKIO=sync`.
+    /// io_uring unless refused or `CSTORE_IO=sync`.
     Auto,
     /// Plain syscalls (the fallback), e.g. to test both paths.
     Sync,
@@ -152,7 +175,11 @@ pub enum Backend {
 
 enum Kind {
     Uring(Box<IoUring>),
-    Sync { queued: VecDeque<(usize, bool)> },
+    Sync {
+        queued: VecDeque<(usize, bool)>,
+        /// The fixed-file table, emulated with plain fds (-1: empty).
+        fixed: Vec<RawFd>,
+    },
 }
 
 pub struct Ring {
@@ -165,9 +192,28 @@ pub struct Ring {
 
 static FALLBACK_LOGGED: Once = Once::new();
 
+/// What `CSTORE_IO` asks for, read once per process: `sync` forces plain
+/// syscalls, `uring` the io_uring paths (an error where io_uring is refused),
+/// unset (or anything else) lets each user choose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoEnv {
+    Default,
+    Sync,
+    Uring,
+}
+
+pub fn io_env() -> IoEnv {
+    static ENV: std::sync::OnceLock<IoEnv> = std::sync::OnceLock::new();
+    *ENV.get_or_init(|| match std::env::var("CSTORE_IO").as_deref() {
+        Ok("sync") => IoEnv::Sync,
+        Ok("uring") => IoEnv::Uring,
+        _ => IoEnv::Default,
+    })
+}
+
 /// Whether io_uring is to be tried at all.
 fn uring_allowed() -> bool {
-    if std::env::var("CSTORE_BLOCKIO").is_ok_and(|v| v == "sync") {
+    if io_env() == IoEnv::Sync {
         return false;
     }
     // 2: disabled for all; 1: only for a group (we may or may not be in it: try).
@@ -194,6 +240,7 @@ impl Ring {
         let kind = if mode == Mode::Sync {
             Kind::Sync {
                 queued: VecDeque::new(),
+                fixed: Vec::new(),
             }
         } else if uring_allowed() {
             // One thread owns a ring and reaps its completions itself (as
@@ -223,15 +270,17 @@ impl Ring {
                     });
                     Kind::Sync {
                         queued: VecDeque::new(),
+                        fixed: Vec::new(),
                     }
                 }
             }
         } else {
             FALLBACK_LOGGED.call_once(|| {
-                tracing::warn!("io_uring disabled (kernel.io_uring_disabled=2 or CSTORE_BLOCKIO=sync); using plain syscalls instead");
+                tracing::warn!("io_uring disabled (kernel.io_uring_disabled=2 or CSTORE_IO=sync); using plain syscalls instead");
             });
             Kind::Sync {
                 queued: VecDeque::new(),
+                fixed: Vec::new(),
             }
         };
         Ring {
@@ -299,10 +348,11 @@ impl Ring {
             user_data,
             op,
             statx: None,
+            how: None,
             _iov: Vec::new(),
         };
         match &mut self.kind {
-            Kind::Sync { queued } => {
+            Kind::Sync { queued, .. } => {
                 queued.push_back((slot, link));
             }
             Kind::Uring(ring) => {
@@ -370,7 +420,7 @@ impl Ring {
                     });
                 }
             }
-            Kind::Sync { queued } => {
+            Kind::Sync { queued, fixed } => {
                 let mut cancel = false;
                 while let Some((slot, link)) = queued.pop_front() {
                     let mut inflight = self.slots[slot].take().expect("queued slot");
@@ -378,7 +428,7 @@ impl Ring {
                     let result = if cancel {
                         Err(io::Error::from_raw_os_error(libc::ECANCELED))
                     } else {
-                        run_sync(&mut inflight)
+                        run_sync(&mut inflight, fixed)
                     };
                     // A failed op of a chain cancels the rest of the chain.
                     cancel = link && result.is_err();
@@ -394,10 +444,53 @@ impl Ring {
         Ok(())
     }
 
+    /// A table of `n` empty fixed-file slots for OpenAt2/WriteSlot/
+    /// CloseSlot (replacing any earlier table). Files left in it are closed
+    /// when the ring is dropped.
+    pub fn register_file_slots(&mut self, n: u32) -> io::Result<()> {
+        match &mut self.kind {
+            Kind::Uring(ring) => ring.submitter().register_files_sparse(n),
+            Kind::Sync { fixed, .. } => {
+                close_fixed(fixed);
+                *fixed = vec![-1; n as usize];
+                Ok(())
+            }
+        }
+    }
+
+    /// Cap the kernel's io-wq worker threads for this ring (bounded work:
+    /// regular files; unbounded: sockets and the like). 0 leaves a limit as
+    /// it is. No-op without io_uring.
+    pub fn max_workers(&mut self, bounded: u32, unbounded: u32) -> io::Result<()> {
+        match &mut self.kind {
+            Kind::Uring(ring) => ring
+                .submitter()
+                .register_iowq_max_workers(&mut [bounded, unbounded]),
+            Kind::Sync { .. } => Ok(()),
+        }
+    }
+
     /// Move finished operations into `out`.
     pub fn reap(&mut self, out: &mut Vec<Done>) {
         self.in_flight -= self.ready.len();
         out.extend(self.ready.drain(..));
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // io_uring closes its own fixed files; the stand-in closes its fds.
+        if let Kind::Sync { fixed, .. } = &mut self.kind {
+            close_fixed(fixed);
+        }
+    }
+}
+
+fn close_fixed(fixed: &mut [RawFd]) {
+    for fd in fixed.iter_mut().filter(|fd| **fd >= 0) {
+        // SAFETY: the fd was opened by this ring's stand-in and is owned by it.
+        unsafe { libc::close(*fd) };
+        *fd = -1;
     }
 }
 
@@ -549,6 +642,38 @@ fn build_sqe(f: &mut InFlight) -> squeue::Entry {
                 .flags(*flags)
                 .build()
         }
+        Op::OpenAt2 {
+            dirfd,
+            path,
+            flags,
+            mode,
+            resolve,
+            slot,
+        } => {
+            // The kernel reads open_how when the SQE is submitted, later
+            // than this push: it lives in the in-flight slot until then.
+            // A fixed slot is no fd: the kernel refuses O_CLOEXEC for it.
+            let cloexec = if slot.is_some() { 0 } else { libc::O_CLOEXEC };
+            let how = types::OpenHow::new()
+                .flags((*flags | cloexec) as u64)
+                .mode(*mode as u64)
+                .resolve(*resolve);
+            f.how = Some(Box::new(how));
+            let how_ptr: *const types::OpenHow = &**f.how.as_ref().unwrap();
+            let mut op = opcode::OpenAt2::new(types::Fd(*dirfd), path.as_ptr(), how_ptr);
+            if let Some(s) = slot {
+                op = op.file_index(Some(
+                    types::DestinationSlot::try_from_slot_target(*s).expect("slot in range"),
+                ));
+            }
+            op.build()
+        }
+        Op::WriteSlot { slot, buf, offset } => {
+            opcode::Write::new(types::Fixed(*slot), buf.as_mut_ptr(), buf.len() as u32)
+                .offset(*offset)
+                .build()
+        }
+        Op::CloseSlot { slot } => opcode::Close::new(types::Fixed(*slot)).build(),
     }
 }
 
@@ -561,7 +686,7 @@ fn cvt(r: isize) -> io::Result<u32> {
 }
 
 /// The same operation as one plain syscall.
-fn run_sync(f: &mut InFlight) -> io::Result<u32> {
+fn run_sync(f: &mut InFlight, fixed: &mut [RawFd]) -> io::Result<u32> {
     // SAFETY (whole function): each call gets valid fds, NUL-terminated
     // paths and buffers owned by the op, exactly as the io_uring path does.
     unsafe {
@@ -679,6 +804,66 @@ fn run_sync(f: &mut InFlight) -> io::Result<u32> {
             Op::UnlinkAt { dirfd, path, flags } => {
                 cvt(libc::unlinkat(*dirfd, path.as_ptr(), *flags) as isize)
             }
+            Op::OpenAt2 {
+                dirfd,
+                path,
+                flags,
+                mode,
+                resolve,
+                slot,
+            } => {
+                let mut how: libc::open_how = std::mem::zeroed();
+                how.flags = (*flags | libc::O_CLOEXEC) as u64;
+                how.mode = *mode as u64;
+                how.resolve = *resolve;
+                let target = match slot {
+                    Some(s) => Some(fixed.get_mut(*s as usize).ok_or_else(ebadf)?),
+                    None => None,
+                };
+                let fd = cvt(libc::syscall(
+                    libc::SYS_openat2,
+                    *dirfd,
+                    path.as_ptr(),
+                    &how as *const libc::open_how,
+                    std::mem::size_of::<libc::open_how>(),
+                ) as isize)?;
+                match target {
+                    Some(t) => {
+                        // As io_uring does: installing replaces what was there.
+                        if *t >= 0 {
+                            libc::close(*t);
+                        }
+                        *t = fd as RawFd;
+                        Ok(0)
+                    }
+                    None => Ok(fd),
+                }
+            }
+            Op::WriteSlot { slot, buf, offset } => {
+                let fd = fixed_fd(fixed, *slot)?;
+                cvt(libc::pwrite(
+                    fd,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    *offset as i64,
+                ))
+            }
+            Op::CloseSlot { slot } => {
+                let fd = fixed_fd(fixed, *slot)?;
+                fixed[*slot as usize] = -1;
+                cvt(libc::close(fd) as isize)
+            }
         }
+    }
+}
+
+fn ebadf() -> io::Error {
+    io::Error::from_raw_os_error(libc::EBADF)
+}
+
+fn fixed_fd(fixed: &[RawFd], slot: u32) -> io::Result<RawFd> {
+    match fixed.get(slot as usize) {
+        Some(&fd) if fd >= 0 => Ok(fd),
+        _ => Err(ebadf()),
     }
 }

@@ -14,8 +14,8 @@ fn cstore() -> Command {
 fn selfcheck_verifies_a_new_file_on_both_backends_and_removes_it() {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let path = dir.path().join("check");
-    // CSTORE_BLOCKIO=sync (the fallback's test run) makes every ring sync.
-    let auto = if std::env::var("CSTORE_BLOCKIO").is_ok_and(|v| v == "sync") {
+    // CSTORE_IO=sync (the fallback's test run) makes every ring sync.
+    let auto = if std::env::var("CSTORE_IO").is_ok_and(|v| v == "sync") {
         "sync"
     } else {
         "iouring"

@@ -34,11 +34,11 @@ pub struct BlobDirs {
     io: Arc<OnceLock<StreamConfig>>,
 }
 
-/// `CSTORE_BLOCKIO=sync` makes every blob read and write use plain syscalls
+/// `CSTORE_IO=sync` makes every blob read and write use plain syscalls
 /// instead of io_uring (to compare the two, or where io_uring misbehaves).
 pub fn io_mode_from_env() -> Mode {
-    match std::env::var("CSTORE_BLOCKIO") {
-        Ok(v) if v == "sync" => Mode::Sync,
+    match cstore_blockio::ring::io_env() {
+        cstore_blockio::ring::IoEnv::Sync => Mode::Sync,
         _ => Mode::Auto,
     }
 }

@@ -127,6 +127,107 @@ fn gnu_tar_archives_unpack_exactly() {
     }
 }
 
+/// Whether this process's extractions batch small files (CSTORE_IO=uring).
+fn batching() -> bool {
+    use cstore_blockio::ring::{io_env, IoEnv};
+    io_env() == IoEnv::Uring
+}
+
+// Thousands of small files (batched through io_uring with CSTORE_IO=uring;
+// fixtures/test.sh runs this file both ways), among them entries that depend
+// on files still queued: hardlinks right after their target, a whiteout of a
+// file of the same layer, a file then a path through it, big files, and
+// owners and modes that need chown/chmod. The tree must equal GNU tar's.
+#[test]
+fn many_small_files_unpack_exactly_in_batches() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let gen = r#"
+import os, random
+rng = random.Random(7)
+for d in range(12):
+    os.makedirs(f"d{d:02}")
+    for f in range(300):
+        p = f"d{d:02}/f{f:04}"
+        size = rng.choice([0, 1, rng.randint(2, 9000), 70000]) if f % 50 else 200000
+        with open(p, "wb") as fh:
+            fh.write(rng.randbytes(size))
+        if f % 7 == 0:
+            os.chown(p, 1000 + f % 3, 2000 + f % 5)
+        os.chmod(p, rng.choice([0o644, 0o600, 0o666, 0o755, 0o4755, 0o2711, 0o000]))
+        os.utime(p, (1e9 + f, 1e9 + f))
+"#;
+    let st = Command::new("python3")
+        .args(["-c", gen])
+        .current_dir(&src)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    sh(&format!(
+        r#"cd {src}
+        mkdir -m 2775 sg && chown 0:4242 sg && echo in-setgid > sg/file
+        for d in d00 d05 d11; do
+          ln $d/f0001 $d/f0001.link
+          ln $d/f0002 $d/f0002a
+          ln $d/f0003 sg/cross-$d
+        done
+        echo mine > d03/wh-target"#,
+        src = src.display()
+    ));
+    // A whiteout of a file of this same layer, after it (tar sorts ".wh."
+    // first, so it is appended): the file stays, nothing is hidden.
+    let extra = t.path().join("extra");
+    sh(&format!(
+        "mkdir -p {e}/d03 && touch {e}/d03/.wh.wh-target",
+        e = extra.display()
+    ));
+    let want = snap(&src, &[]);
+    let blob = t.path().join("layer");
+    sh(&format!(
+        "tar --format=posix --sort=name --numeric-owner -C {s} -cf {b} . && tar --format=posix --numeric-owner -C {e} -rf {b} ./d03/.wh.wh-target",
+        s = src.display(),
+        e = extra.display(),
+        b = blob.display()
+    ));
+    let dest = t.path().join("dest");
+    let stats = unpack(&blob, Compression::None, &dest).unwrap();
+    assert_eq!(snap(&dest, &[]), want, "tree differs from GNU tar's");
+    assert_eq!(stats.extract.hardlinks, 9);
+    assert_eq!(stats.extract.whiteouts, 1);
+    if batching() {
+        assert!(
+            stats.extract.batched_files > 2000,
+            "{} files batched",
+            stats.extract.batched_files
+        );
+    } else {
+        assert_eq!(stats.extract.batched_files, 0);
+    }
+
+    // A file, then a path through it: refused with the same error either
+    // way, naming the entry (the file is still queued when the path comes).
+    let bad = t.path().join("bad");
+    sh(&format!(
+        "mkdir -p {b}/one {b}/alt && echo a > {b}/one/x && echo b > {b}/alt/y && tar --format=posix -C {b} -cf {b}.tar one/x && tar --format=posix --transform='s,^y$,one/x/y,' -C {b}/alt -rf {b}.tar y",
+        b = bad.display()
+    ));
+    let err = unpack(
+        &t.path().join("bad.tar"),
+        Compression::None,
+        &t.path().join("bad-dest"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("test/image:latest")
+            && err.contains("sha256:feed")
+            && err.contains("one/x/y")
+            && err.contains("a parent is not a directory"),
+        "{err}"
+    );
+}
+
 #[test]
 fn whiteouts_become_overlay_whiteouts() {
     let t = tempfile::tempdir().unwrap();

@@ -6,13 +6,20 @@
 //! symlink the archive created is ever followed. Files are created with
 //! O_EXCL|O_NOFOLLOW, hardlink targets must already exist in this layer, and
 //! overlay's own xattrs are never taken from an archive.
+//!
+//! With `CSTORE_IO=uring`, small regular files go through `batch` (io_uring);
+//! see there for how the batches keep the same tree and errors.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
+use std::rc::Rc;
 
+use cstore_blockio::ring::{io_env, IoEnv};
+
+use super::batch::{self, Batch, Meta, Pending};
 use super::sys;
 use super::tar::{Entry, Kind, TarReader};
 
@@ -31,6 +38,8 @@ pub struct ExtractStats {
     pub whiteouts: u64,
     pub opaque_dirs: u64,
     pub file_bytes: u64,
+    /// Files written in io_uring batches (the rest: one syscall at a time).
+    pub batched_files: u64,
 }
 
 /// Why an entry could not be applied (the caller adds image and layer).
@@ -40,9 +49,10 @@ pub struct EntryError {
 }
 
 pub struct Extractor {
-    root: OwnedFd,
-    /// The last parent directory opened, by its cleaned path.
-    cached: Option<(Vec<u8>, OwnedFd)>,
+    root: Rc<OwnedFd>,
+    /// The last parent directory opened, by its cleaned path (shared with
+    /// the files queued in it).
+    cached: Option<(Vec<u8>, Rc<OwnedFd>)>,
     /// Directories whose mtime is set at the end (their children change it).
     dir_times: Vec<(Vec<u8>, (i64, u32))>,
     /// Directories created because an entry's parent was missing.
@@ -57,6 +67,31 @@ pub struct Extractor {
     /// Whiteouts this archive created: an entry that later takes the same
     /// name must still hide what the lower layers have there.
     whiteouts: HashSet<Vec<u8>>,
+    /// Directories made for entries (missing parents, replaced whiteouts):
+    /// with `created` and `whiteouts`, everything in the layer directory, so
+    /// a name in none of them needs no lookup before it is created.
+    made_dirs: HashSet<Vec<u8>>,
+    /// Directories with the setgid bit: files in them get its group.
+    setgid_dirs: HashSet<Vec<u8>>,
+    /// Who new files belong to and the umask applied to their mode: chown
+    /// and chmod are skipped when these give what the entry says.
+    owner: (u32, u32),
+    umask: u32,
+    /// Small files queued for io_uring; None: one syscall at a time.
+    batch: Option<Batch>,
+}
+
+/// The process umask, without changing it (umask(2) would, for every thread).
+fn current_umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        // Unknown: assume it strips everything, so chmod always runs.
+        .unwrap_or(0o777)
 }
 
 fn err(entry: &[u8], reason: impl Into<String>) -> EntryError {
@@ -66,7 +101,7 @@ fn err(entry: &[u8], reason: impl Into<String>) -> EntryError {
     }
 }
 
-fn io_reason(op: &str, e: &io::Error) -> String {
+pub(super) fn io_reason(op: &str, e: &io::Error) -> String {
     match e.raw_os_error() {
         Some(libc::ELOOP) => format!("{op}: the path goes through a symlink"),
         Some(libc::EXDEV) => format!("{op}: the path escapes the layer"),
@@ -98,9 +133,23 @@ fn xattr_allowed(name: &str) -> bool {
 }
 
 impl Extractor {
-    pub fn new(root: OwnedFd) -> Self {
-        Extractor {
-            root,
+    /// An extractor into the directory `root`. Files are written one
+    /// syscall at a time, or with `CSTORE_IO=uring` small ones in io_uring
+    /// batches (an error if the kernel refuses io_uring). Batching is not the
+    /// default because it measured slower: see docs/architecture.md.
+    pub fn new(root: OwnedFd) -> Result<Self, String> {
+        let batch = match io_env() {
+            IoEnv::Uring => Some(
+                Batch::new()
+                    .map_err(|e| format!("setting up io_uring: {e}"))?
+                    .ok_or("CSTORE_IO=uring, but the kernel refuses io_uring")?,
+            ),
+            IoEnv::Sync | IoEnv::Default => None,
+        };
+        // SAFETY: geteuid/getegid cannot fail.
+        let owner = unsafe { (libc::geteuid(), libc::getegid()) };
+        Ok(Extractor {
+            root: Rc::new(root),
             cached: None,
             dir_times: Vec::new(),
             implicit_dirs: Vec::new(),
@@ -109,7 +158,29 @@ impl Extractor {
             buf: vec![0u8; 1 << 20],
             created: HashMap::new(),
             whiteouts: HashSet::new(),
+            made_dirs: HashSet::new(),
+            setgid_dirs: HashSet::new(),
+            owner,
+            umask: current_umask(),
+            batch,
+        })
+    }
+
+    /// Write the queued files.
+    fn flush(&mut self) -> Result<(), EntryError> {
+        match &mut self.batch {
+            Some(b) => b.flush().map_err(|(entry, reason)| err(&entry, reason)),
+            None => Ok(()),
         }
+    }
+
+    /// The parent of an entry, to keep open while a file in it is queued.
+    fn parent_rc(&mut self, comps: &[&[u8]], entry: &[u8]) -> Result<Rc<OwnedFd>, EntryError> {
+        if comps.is_empty() {
+            return Ok(self.root.clone());
+        }
+        self.parent(comps, entry)?;
+        Ok(self.cached.as_ref().expect("parent cached").1.clone())
     }
 
     pub fn root(&self) -> BorrowedFd<'_> {
@@ -140,7 +211,7 @@ impl Extractor {
             }
             Err(e) => return Err(err(entry, io_reason("opening its parent directory", &e))),
         };
-        self.cached = Some((key, fd));
+        self.cached = Some((key, Rc::new(fd)));
         Ok(self.cached.as_ref().unwrap().1.as_fd())
     }
 
@@ -157,6 +228,7 @@ impl Extractor {
                         sys::mkdirat(fd.as_fd(), &name, 0o755)
                             .map_err(|e| err(entry, io_reason("creating a parent", &e)))?;
                         self.implicit_dirs.push(comps[..=i].join(&b'/'));
+                        self.made_dirs.insert(comps[..=i].join(&b'/'));
                         sys::resolve_beneath(fd.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY)
                             .map_err(|e| err(entry, io_reason("opening a parent", &e)))?
                     }
@@ -172,6 +244,7 @@ impl Extractor {
                             .map_err(|e| err(entry, io_reason("replacing a whiteout", &e)))?;
                         sys::mkdirat(fd.as_fd(), &name, 0o755)
                             .map_err(|e| err(entry, io_reason("creating a parent", &e)))?;
+                        self.made_dirs.insert(comps[..=i].join(&b'/'));
                         let dir = sys::resolve_beneath(
                             fd.as_fd(),
                             &name,
@@ -246,6 +319,19 @@ impl Extractor {
         self.stats.entries += 1;
         let path = e.path.as_slice();
         let comps = clean(path).map_err(|r| err(path, r))?;
+        // Flush the queued files before an entry that could see one of them:
+        // anything but a new file or directory in a path free of them.
+        if self.batch.as_ref().is_some_and(|b| !b.is_empty()) {
+            let independent = comps.split_last().is_some_and(|(last, dirs)| {
+                matches!(e.kind, Kind::File | Kind::Dir)
+                    && !last.starts_with(WHITEOUT_PREFIX)
+                    && !self.exists(&comps.join(&b'/'))
+                    && !self.batch.as_ref().unwrap().has_ancestor(dirs)
+            });
+            if !independent {
+                self.flush()?;
+            }
+        }
         let Some((last, dirs)) = comps.split_last() else {
             // The layer root itself ("./"): its attributes become the root's.
             if e.kind != Kind::Dir {
@@ -260,6 +346,9 @@ impl Extractor {
                 sys::fsetxattr(root, &k, v).map_err(|x| err(path, io_reason("setxattr", &x)))?;
             }
             self.dir_times.push((Vec::new(), e.mtime));
+            if e.mode & libc::S_ISGID != 0 {
+                self.setgid_dirs.insert(Vec::new());
+            }
             self.root_listed = true;
             return Ok(());
         };
@@ -329,7 +418,9 @@ impl Extractor {
         // Taking the place of this layer's own whiteout: a directory here
         // must still hide the lower layers' one.
         let over_whiteout = self.whiteouts.remove(&key);
-        let kept_dir = self.clear_slot(dirs, &name, is_dir, path)?;
+        // Only a name this layer already made can be taken: no lookup else.
+        let fresh = !over_whiteout && !self.exists(&key);
+        let kept_dir = !fresh && self.clear_slot(dirs, &name, is_dir, path)?;
         let (uid, gid) = (e.uid as u32, e.gid as u32);
         let xattrs: Vec<(CString, &[u8])> = e
             .xattrs
@@ -345,15 +436,58 @@ impl Extractor {
 
         match e.kind {
             Kind::File => {
+                // Created with the entry's permission bits; chown only if the
+                // file would not be the entry's owner's (setgid parent
+                // included), chmod only for what create and the umask miss.
+                let setgid_parent =
+                    !self.setgid_dirs.is_empty() && self.setgid_dirs.contains(&dirs.join(&b'/'));
+                let chown = (setgid_parent || (uid, gid) != self.owner).then_some((uid, gid));
+                let create_mode = e.mode & 0o777;
+                let chmod = (e.mode & 0o7777 != create_mode & !self.umask).then_some(e.mode);
+                if self.batch.is_some()
+                    && fresh
+                    && xattrs.is_empty()
+                    && e.sparse.is_none()
+                    && e.size <= batch::MAX_FILE
+                {
+                    let data =
+                        read_small(tar, e.size).map_err(|x| err(path, io_reason("write", &x)))?;
+                    let parent = self.parent_rc(dirs, path)?;
+                    let file = Pending {
+                        entry: path.to_vec(),
+                        key: key.clone(),
+                        parent,
+                        name,
+                        data,
+                        meta: Meta {
+                            create_mode,
+                            chown,
+                            chmod,
+                            mtime: e.mtime,
+                        },
+                    };
+                    let b = self.batch.as_mut().unwrap();
+                    b.push(file)
+                        .map_err(|(entry, reason)| err(&entry, reason))?;
+                    self.stats.files += 1;
+                    self.stats.batched_files += 1;
+                    self.stats.file_bytes += e.size;
+                    self.created.insert(key, ());
+                    return Ok(());
+                }
                 let parent = self.parent(dirs, path)?;
-                let mut f = sys::create_file(parent, &name)
+                let mut f = sys::create_file(parent, &name, create_mode)
                     .map_err(|x| err(path, io_reason("create", &x)))?;
                 self.write_data(tar, e, &mut f)
                     .map_err(|x| err(path, io_reason("write", &x)))?;
                 let fd = f.as_fd();
-                sys::fchown(fd, uid, gid).map_err(|x| err(path, io_reason("chown", &x)))?;
+                if let Some((uid, gid)) = chown {
+                    sys::fchown(fd, uid, gid).map_err(|x| err(path, io_reason("chown", &x)))?;
+                }
                 // After chown, which clears setuid/setgid and file capabilities.
-                sys::fchmod(fd, e.mode).map_err(|x| err(path, io_reason("chmod", &x)))?;
+                if let Some(mode) = chmod {
+                    sys::fchmod(fd, mode).map_err(|x| err(path, io_reason("chmod", &x)))?;
+                }
                 for (k, v) in &xattrs {
                     sys::fsetxattr(fd, k, v).map_err(|x| err(path, io_reason("setxattr", &x)))?;
                 }
@@ -380,6 +514,11 @@ impl Extractor {
                     let attr = CString::new(OPAQUE_XATTR).unwrap();
                     sys::lsetxattrat(parent, &name, &attr, b"y")
                         .map_err(|x| err(path, io_reason("marking opaque", &x)))?;
+                }
+                if e.mode & libc::S_ISGID != 0 {
+                    self.setgid_dirs.insert(key.clone());
+                } else {
+                    self.setgid_dirs.remove(&key);
                 }
                 self.dir_times.push((key.clone(), e.mtime));
                 self.stats.dirs += 1;
@@ -515,8 +654,17 @@ impl Extractor {
         Ok(())
     }
 
-    /// Set directory mtimes, now that nothing more is written into them.
+    /// Is there something at `key` (a cleaned path) that this layer made?
+    fn exists(&self, key: &[u8]) -> bool {
+        self.created.contains_key(key)
+            || self.whiteouts.contains(key)
+            || self.made_dirs.contains(key)
+    }
+
+    /// Write the queued files, then set directory mtimes, now that nothing
+    /// more is written into them.
     pub fn finish(&mut self) -> Result<(), EntryError> {
+        self.flush()?;
         self.cached = None;
         for (key, mtime) in std::mem::take(&mut self.dir_times).into_iter().rev() {
             if key.is_empty() {
@@ -536,6 +684,19 @@ impl Extractor {
         }
         Ok(())
     }
+}
+
+/// The data of a small file, whole.
+fn read_small<R: Read>(tar: &mut TarReader<R>, size: u64) -> io::Result<Vec<u8>> {
+    let mut data = vec![0u8; size as usize];
+    let mut n = 0;
+    while n < data.len() {
+        match tar.read_data(&mut data[n..])? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            r => n += r,
+        }
+    }
+    Ok(data)
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! config's diff_id, and extract entries as they go by. Nothing uncompressed
 //! is ever stored except the extracted tree.
 
+mod batch;
 pub mod extract;
 mod sys;
 pub mod tar;
@@ -133,7 +134,7 @@ pub fn unpack_layer(
     };
     let mut tar = tar::TarReader::new(BufReader::with_capacity(1 << 20, diff));
     let root = sys::open_dir(dest).map_err(|e| Error::io("open", dest, e))?;
-    let mut x = extract::Extractor::new(root);
+    let mut x = extract::Extractor::new(root).map_err(|r| fail(None, r))?;
 
     let read_fail = |e: tar::TarError| match e {
         tar::TarError::Io(io) => fail(None, format!("reading the layer: {io}")),

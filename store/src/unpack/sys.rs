@@ -26,10 +26,10 @@ struct OpenHow {
     resolve: u64,
 }
 
-const RESOLVE_NO_XDEV: u64 = 0x01;
-const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
-const RESOLVE_NO_SYMLINKS: u64 = 0x04;
-const RESOLVE_BENEATH: u64 = 0x08;
+pub const RESOLVE_NO_XDEV: u64 = 0x01;
+pub const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+pub const RESOLVE_NO_SYMLINKS: u64 = 0x04;
+pub const RESOLVE_BENEATH: u64 = 0x08;
 
 /// openat2(dir, path, flags, RESOLVE_BENEATH | NO_SYMLINKS | NO_MAGICLINKS |
 /// NO_XDEV): the kernel guarantees the result lies under `dir` and that no
@@ -80,15 +80,16 @@ pub fn open_dir(path: &std::path::Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Create a regular file that must not exist yet (O_EXCL, no symlink follow).
-pub fn create_file(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<std::fs::File> {
+/// Create a regular file that must not exist yet (O_EXCL, no symlink follow),
+/// with permission bits `mode` (less the umask).
+pub fn create_file(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<std::fs::File> {
     // SAFETY: valid dir fd and NUL-terminated name.
     let fd = cvt(unsafe {
         libc::openat(
             dir.as_raw_fd(),
             name.as_ptr(),
             libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            0o600,
+            mode,
         )
     })?;
     // SAFETY: new fd we own.
