@@ -276,15 +276,27 @@ fn a_running_container_is_listed_and_rm_needs_force() {
     container_gone(&cs, &name);
 }
 
-/// runc's default capability set (`runc spec`): AUDIT_WRITE, KILL, NET_BIND_SERVICE.
-const DEFAULT_CAPS: [(&str, u32); 3] = [
+/// containerd's default capability set (what `ctr run` gives), by number
+/// (include/uapi/linux/capability.h).
+const DEFAULT_CAPS: [(&str, u32); 14] = [
+    ("CAP_CHOWN", 0),
+    ("CAP_DAC_OVERRIDE", 1),
+    ("CAP_FOWNER", 3),
+    ("CAP_FSETID", 4),
     ("CAP_KILL", 5),
+    ("CAP_SETGID", 6),
+    ("CAP_SETUID", 7),
+    ("CAP_SETPCAP", 8),
     ("CAP_NET_BIND_SERVICE", 10),
+    ("CAP_NET_RAW", 13),
+    ("CAP_SYS_CHROOT", 18),
+    ("CAP_MKNOD", 27),
     ("CAP_AUDIT_WRITE", 29),
+    ("CAP_SETFCAP", 31),
 ];
 
 #[test]
-fn runc_defaults_are_applied() {
+fn secure_defaults_are_applied() {
     let (cs, image) = setup();
     // runc's masked paths: files become /dev/null, directories an empty read-only tmpfs.
     let masked = [
@@ -304,7 +316,7 @@ fn runc_defaults_are_applied() {
 echo x > /proc/sys/kernel/domainname && echo proc-sys-writable
 echo "8:0 0" > /sys/fs/cgroup/blkio/blkio.throttle.read_bps_device && echo cgroup-writable
 touch /sys/fs/cgroup/blkio/x && echo cgroup-writable
-grep -E '^(NoNewPrivs|CapEff|CapBnd|CapPrm):' /proc/self/status
+grep -E '^(NoNewPrivs|CapEff|CapBnd|CapPrm|CapInh|CapAmb):' /proc/self/status
 echo dev $(ls -A /dev)
 true"#,
         masked.join(" ")
@@ -355,8 +367,11 @@ true"#,
         assert_eq!(
             u64::from_str_radix(&field(k), 16).unwrap(),
             mask,
-            "{k} is runc's default set {DEFAULT_CAPS:?}"
+            "{k} is containerd's default set {DEFAULT_CAPS:?}"
         );
+    }
+    for k in ["CapInh", "CapAmb"] {
+        assert_eq!(u64::from_str_radix(&field(k), 16).unwrap(), 0, "{k}");
     }
 
     // runc's /dev: the default devices, the stdio and fd links, and the

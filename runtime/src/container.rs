@@ -11,8 +11,9 @@ use libcontainer::syscall::syscall::SyscallType;
 use nix::errno::Errno;
 use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use oci_spec::runtime::{
-    LinuxBlockIoBuilder, LinuxIdMappingBuilder, LinuxNamespaceBuilder, LinuxNamespaceType,
-    LinuxThrottleDeviceBuilder, RootBuilder, Spec, UserBuilder,
+    Capabilities, Capability, LinuxBlockIoBuilder, LinuxCapabilities, LinuxCapabilitiesBuilder,
+    LinuxIdMappingBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxThrottleDeviceBuilder,
+    RootBuilder, Spec, UserBuilder,
 };
 
 use crate::cgroup::IoLimits;
@@ -59,6 +60,41 @@ fn spec_err(e: impl std::fmt::Display) -> Error {
     Error::Spec(e.to_string())
 }
 
+/// The capabilities containerd (and so `ctr run`, CRI and podman) gives a
+/// container by default: what package managers and init scripts need as
+/// root (chown, setuid, mknod, raw sockets...), nothing that reaches the
+/// host (no SYS_ADMIN, NET_ADMIN, SYS_MODULE, ...). `runc spec`'s three are
+/// too few for a root that installs software. Not inheritable, no ambient
+/// (containerd dropped those in 1.6.18, CVE-2022-24769).
+pub const DEFAULT_CAPABILITIES: [Capability; 14] = [
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::Fsetid,
+    Capability::Fowner,
+    Capability::Mknod,
+    Capability::NetRaw,
+    Capability::Setgid,
+    Capability::Setuid,
+    Capability::Setfcap,
+    Capability::Setpcap,
+    Capability::NetBindService,
+    Capability::SysChroot,
+    Capability::Kill,
+    Capability::AuditWrite,
+];
+
+fn default_capabilities() -> Result<LinuxCapabilities, Error> {
+    let set: Capabilities = DEFAULT_CAPABILITIES.into_iter().collect();
+    LinuxCapabilitiesBuilder::default()
+        .bounding(set.clone())
+        .effective(set.clone())
+        .permitted(set)
+        .inheritable(Capabilities::new())
+        .ambient(Capabilities::new())
+        .build()
+        .map_err(spec_err)
+}
+
 /// The OCI runtime spec for `r`.
 pub fn build_spec(r: &RunSpec) -> Result<Spec, Error> {
     let mut spec = Spec::default();
@@ -72,6 +108,7 @@ pub fn build_spec(r: &RunSpec) -> Result<Spec, Error> {
         .set_cwd(r.cwd.clone().into())
         .set_terminal(Some(r.tty))
         .set_no_new_privileges(Some(true))
+        .set_capabilities(Some(default_capabilities()?))
         .set_user(
             UserBuilder::default()
                 .uid(r.uid)
