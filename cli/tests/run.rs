@@ -6,34 +6,16 @@
 
 mod common;
 
-use common::{shared_registry_addr, Cstore};
+use common::{pulled, shared_registry_addr, Cstore};
 
 fn setup() -> (Cstore, String) {
-    let cs = Cstore::new();
-    let image = format!("{}/busybox:latest", shared_registry_addr());
-    cs.ok(&["pull", &image]);
-    (cs, image)
+    pulled(&shared_registry_addr(), "busybox:latest")
 }
 
 fn run(cs: &Cstore, args: &[&str]) -> (i32, String, String) {
     let mut a = vec!["run", "--rm"];
     a.extend_from_slice(args);
-    let out = cs.run(&a);
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn no_run_snapshots_left(cs: &Cstore) {
-    let snaps = cs.ok(&["snapshots", "--json"]);
-    assert!(!snaps.contains("cstore-run:"), "{snaps}");
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(
-        !mounts.contains(&cs.path().display().to_string()),
-        "something is still mounted under the store"
-    );
+    cs.outcome(&a)
 }
 
 #[test]
@@ -47,7 +29,7 @@ fn output_exit_status_pid_1_hostname_and_isolation() {
     assert_eq!(code, 7, "exit status passes through: {err}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines, ["hello", "pid=1", "box1", "/tmp", "0"], "{err}");
-    no_run_snapshots_left(&cs);
+    cs.assert_no_containers();
 }
 
 #[test]
@@ -61,7 +43,7 @@ fn read_only_root_refuses_writes() {
         &[&image, "sh", "-c", "touch /new-file && ls /new-file"],
     );
     assert_eq!(code, 0, "{err}");
-    no_run_snapshots_left(&cs);
+    cs.assert_no_containers();
 }
 
 #[test]
@@ -90,7 +72,7 @@ fn device_read_bps_lands_in_the_v1_blkio_throttle_file() {
         out.lines().any(|l| l.starts_with(&format!("{}:", dev.0))),
         "throttle on the store's disk {dev:?}: {out}"
     );
-    no_run_snapshots_left(&cs);
+    cs.assert_no_containers();
 }
 
 #[test]
@@ -110,7 +92,7 @@ fn bad_input_is_refused_clearly_and_leaves_nothing() {
     assert!(err.contains("1:3 is not a block device"), "{err}");
     let (code, _, err) = run(&cs, &[&image, "/no/such/command"]);
     assert_ne!(code, 0, "a missing command fails: {err}");
-    no_run_snapshots_left(&cs);
+    cs.assert_no_containers();
 }
 
 fn ps(cs: &Cstore, all: bool) -> Vec<serde_json::Value> {
@@ -146,11 +128,7 @@ fn container_gone(cs: &Cstore, name: &str) {
     assert!(!snaps.contains(&format!("cstore-run:{name}")), "{snaps}");
     assert!(!cs.path().join("containers").join(name).exists());
     assert!(!cs.path().join("run-state").join(name).exists());
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(
-        !mounts.contains(&cs.path().display().to_string()),
-        "something is still mounted under the store"
-    );
+    cs.assert_nothing_mounted();
     for h in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
         let leaf = h.path().join("cstore").join(name);
         assert!(!leaf.exists(), "{} is left", leaf.display());
@@ -390,7 +368,7 @@ true"#,
     ];
     want.sort();
     assert_eq!(dev, want);
-    no_run_snapshots_left(&cs);
+    cs.assert_no_containers();
 }
 
 /// An ext4 filesystem on a loop device over an image file in a temp dir,
@@ -554,7 +532,7 @@ fn device_read_bps_throttles_direct_reads_on_the_stores_loop_device() {
         free * 4.0 < limited,
         "unthrottled read ({free:.2}s) is much faster than throttled ({limited:.2}s)"
     );
-    no_run_snapshots_left(&cs);
+    cs.assert_no_containers();
 }
 
 #[test]
@@ -595,8 +573,7 @@ fn bad_input_without_rm_leaves_nothing_mounted() {
         c["error"].as_str().unwrap().contains("/no/such/command"),
         "{c}"
     );
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(!mounts.contains(&cs.path().display().to_string()));
+    cs.assert_nothing_mounted();
     cs.ok(&["rm", &name]);
     container_gone(&cs, &name);
 }
@@ -753,7 +730,7 @@ fn memory_and_pids_limits_are_the_containers_and_bite() {
         "{err}"
     );
     assert!(lines[0].parse::<u64>().unwrap() > 1 << 40, "{out}");
-    no_run_snapshots_left(&cs);
+    cs.assert_no_containers();
 }
 
 fn interfaces(proc_net_dev: &str) -> Vec<String> {
@@ -783,7 +760,7 @@ fn net_none_has_only_loopback_and_net_host_sees_the_hosts_interfaces() {
     let (code, _, err) = run(&cs, &["--net", "bridge", &image, "true"]);
     assert_ne!(code, 0);
     assert!(err.contains("--net \"bridge\": none or host"), "{err}");
-    no_run_snapshots_left(&cs);
+    cs.assert_no_containers();
 }
 
 /// Nothing is ignored in the container, as under docker: not SIGPIPE (which

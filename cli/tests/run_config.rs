@@ -8,7 +8,7 @@ mod common;
 
 use std::sync::OnceLock;
 
-use common::{run_fixture, shared_registry_addr, Cstore};
+use common::{pulled, run_fixture, shared_registry_addr, Cstore};
 
 /// The shared registry with run-config pushed too (once per test binary).
 fn registry() -> &'static str {
@@ -21,21 +21,13 @@ fn registry() -> &'static str {
 }
 
 fn setup(repo_tag: &str) -> (Cstore, String) {
-    let cs = Cstore::new();
-    let image = format!("{}/{repo_tag}", registry());
-    cs.ok(&["pull", &image]);
-    (cs, image)
+    pulled(registry(), repo_tag)
 }
 
 fn run(cs: &Cstore, args: &[&str]) -> (i32, String, String) {
     let mut a = vec!["run", "--rm"];
     a.extend_from_slice(args);
-    let out = cs.run(&a);
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    cs.outcome(&a)
 }
 
 /// stdout's lines of a run that must succeed.
@@ -47,15 +39,9 @@ fn lines(cs: &Cstore, args: &[&str]) -> Vec<String> {
 
 /// No container, snapshot or mount is left in the store.
 fn nothing_left(cs: &Cstore) {
-    let snaps = cs.ok(&["snapshots", "--json"]);
-    assert!(!snaps.contains("cstore-run:"), "{snaps}");
+    cs.assert_no_containers();
     assert!(
         std::fs::read_dir(cs.path().join("containers")).map_or(true, |mut d| d.next().is_none())
-    );
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(
-        !mounts.contains(&cs.path().display().to_string()),
-        "something is still mounted under the store"
     );
 }
 

@@ -10,23 +10,32 @@ use std::process::{Child, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{shared_registry_addr, Cstore};
+use common::{pulled, shared_registry_addr, Cstore};
 
 fn setup() -> (Cstore, String) {
-    let cs = Cstore::new();
-    let image = format!("{}/busybox:latest", shared_registry_addr());
-    cs.ok(&["pull", &image]);
-    (cs, image)
+    pulled(&shared_registry_addr(), "busybox:latest")
 }
 
-fn nothing_left(cs: &Cstore) {
-    let snaps = cs.ok(&["snapshots", "--json"]);
-    assert!(!snaps.contains("cstore-run:"), "{snaps}");
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(
-        !mounts.contains(&cs.path().display().to_string()),
-        "something is still mounted under the store"
-    );
+/// `cstore ARGS` with `input` on a pipe that is then closed; its exit
+/// status and stdout.
+fn piped(cs: &Cstore, args: &[&str], input: &[u8], what: &str) -> (ExitStatus, String) {
+    let mut child = cs
+        .cmd(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let st = wait_for(&mut child, 60, what);
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    (st, out)
 }
 
 /// Wait for `child`, killing it (and failing) after `secs`.
@@ -172,7 +181,7 @@ fn tty_interactive_shell_through_a_real_pty() {
     assert_eq!(after.local_flags, before.local_flags);
     assert_eq!(after.input_flags, before.input_flags);
     assert_eq!(after.output_flags, before.output_flags);
-    nothing_left(&cs);
+    cs.assert_no_containers();
 }
 
 #[test]
@@ -186,7 +195,7 @@ fn tty_is_restored_when_the_command_fails() {
     let after = nix::sys::termios::tcgetattr(&master).unwrap();
     assert_eq!(after.local_flags, before.local_flags, "{out:?}");
     assert_eq!(after.input_flags, before.input_flags);
-    nothing_left(&cs);
+    cs.assert_no_containers();
 }
 
 #[test]
@@ -230,46 +239,26 @@ fn tty_without_interactive_shows_output_and_piped_input_ends_with_eof() {
     assert_eq!(lines[1..3], ["0 300000 65536", "0:5"], "{out:?}");
 
     // -it with piped stdin: the end of input is EOF to the program inside.
-    let mut child = cs
-        .cmd(&["run", "--rm", "-it", &image, "cat"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(b"piped\n").unwrap();
-    let st = wait_for(&mut child, 60, "cstore run -it cat < pipe");
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
+    let (st, out) = piped(
+        &cs,
+        &["run", "--rm", "-it", &image, "cat"],
+        b"piped\n",
+        "cstore run -it cat < pipe",
+    );
     assert!(st.success(), "{st:?}: {out:?}");
     assert!(out.contains("piped"), "{out:?}");
-    nothing_left(&cs);
+    cs.assert_no_containers();
 }
 
 #[test]
 fn interactive_passes_stdin_and_without_it_stdin_is_dev_null() {
     let (cs, image) = setup();
-    let mut child = cs
-        .cmd(&["run", "--rm", "-i", &image, "cat"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(b"hi\n").unwrap();
-    let st = wait_for(&mut child, 60, "cstore run -i cat");
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
+    let (st, out) = piped(
+        &cs,
+        &["run", "--rm", "-i", &image, "cat"],
+        b"hi\n",
+        "cstore run -i cat",
+    );
     assert!(st.success(), "{st:?}");
     assert_eq!(out, "hi\n");
 
@@ -300,5 +289,5 @@ fn interactive_passes_stdin_and_without_it_stdin_is_dev_null() {
         .unwrap();
     assert!(st.success(), "{st:?}: {out}");
     assert!(out.trim_end().ends_with("-> /dev/null"), "{out}");
-    nothing_left(&cs);
+    cs.assert_no_containers();
 }

@@ -7,32 +7,16 @@ mod common;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use common::{shared_registry_addr, Cstore};
+use common::{pulled, shared_registry_addr, Cstore};
 
 fn setup() -> (Cstore, String) {
-    let cs = Cstore::new();
-    let image = format!("{}/busybox:latest", shared_registry_addr());
-    cs.ok(&["pull", &image]);
-    (cs, image)
+    pulled(&shared_registry_addr(), "busybox:latest")
 }
 
 fn run(cs: &Cstore, args: &[&str]) -> (i32, String, String) {
     let mut a = vec!["run"];
     a.extend_from_slice(args);
-    let out = cs.run(&a);
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn nothing_mounted(cs: &Cstore) {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(
-        !mounts.contains(&cs.path().display().to_string()),
-        "something is still mounted under the store"
-    );
+    cs.outcome(&a)
 }
 
 /// Every `snapshots/*/fs/REL` in the store.
@@ -74,7 +58,7 @@ fn mapped_root_sees_image_owners_and_writes_as_the_mapped_host_user() {
         ["0 200000 65536", "0 200000 65536", "0", "0:0", "new 0:0"],
         "{err}"
     );
-    nothing_mounted(&cs);
+    cs.assert_nothing_mounted();
     // Kept (no --rm): the upper dir holds the new file under the host ids.
     let new: Vec<_> = snapshot_files(&cs, "etc/x");
     assert_eq!(new.len(), 1, "{new:?}");
@@ -116,7 +100,7 @@ fn bare_flag_uses_roots_subordinate_ids_or_100000() {
     );
     assert_eq!(code, 0, "{err}");
     assert_eq!(fields(&out), ["0 0 4294967295"]);
-    nothing_mounted(&cs);
+    cs.assert_nothing_mounted();
     assert!(!cs.ok(&["snapshots", "--json"]).contains("cstore-run:"));
 }
 
@@ -138,7 +122,7 @@ fn bad_userns_values_are_refused_clearly() {
     let (code, _, err) = run(&cs, &["--rm", "--userns", "--net", "host", &image, "true"]);
     assert_ne!(code, 0);
     assert!(err.contains("not with --net host"), "{err}");
-    nothing_mounted(&cs);
+    cs.assert_nothing_mounted();
     assert!(!cs.ok(&["snapshots", "--json"]).contains("cstore-run:"));
     assert!(
         !Path::new(&cs.path().join("containers")).exists()

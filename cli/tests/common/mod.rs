@@ -111,6 +111,14 @@ pub fn shared_registry_addr() -> String {
     m.lock().unwrap().as_ref().unwrap().addr.clone()
 }
 
+/// A fresh store with `ADDR/repo_tag` pulled (and unpacked); the image's name.
+pub fn pulled(addr: &str, repo_tag: &str) -> (Cstore, String) {
+    let cs = Cstore::new();
+    let image = format!("{addr}/{repo_tag}");
+    cs.ok(&["pull", &image]);
+    (cs, image)
+}
+
 /// A cstore store in a temp dir and a way to run the binary on it.
 pub struct Cstore {
     pub root: tempfile::TempDir,
@@ -159,6 +167,32 @@ impl Cstore {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Run; exit code (-1 when killed), stdout and stderr.
+    pub fn outcome(&self, args: &[&str]) -> (i32, String, String) {
+        let out = self.run(args);
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Nothing is mounted under the store (containers' rootfs included).
+    pub fn assert_nothing_mounted(&self) {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(
+            !mounts.contains(&self.path().display().to_string()),
+            "something is still mounted under the store"
+        );
+    }
+
+    /// No container snapshot is left, and nothing is mounted.
+    pub fn assert_no_containers(&self) {
+        let snaps = self.ok(&["snapshots", "--json"]);
+        assert!(!snaps.contains("cstore-run:"), "{snaps}");
+        self.assert_nothing_mounted();
     }
 
     /// Run, assert failure, return stderr.
