@@ -166,6 +166,17 @@ pub enum Mode {
     Sync,
 }
 
+impl Mode {
+    /// What `CSTORE_IO` asks of a ring: `sync` is the stand-in, chosen
+    /// quietly (no fallback warning: nothing was refused).
+    pub fn from_env() -> Mode {
+        match io_env() {
+            IoEnv::Sync => Mode::Sync,
+            IoEnv::Default | IoEnv::Uring => Mode::Auto,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {

@@ -34,15 +34,6 @@ pub struct BlobDirs {
     io: Arc<OnceLock<StreamConfig>>,
 }
 
-/// `CSTORE_IO=sync` makes every blob read and write use plain syscalls
-/// instead of io_uring (to compare the two, or where io_uring misbehaves).
-pub fn io_mode_from_env() -> Mode {
-    match cstore_blockio::ring::io_env() {
-        cstore_blockio::ring::IoEnv::Sync => Mode::Sync,
-        _ => Mode::Auto,
-    }
-}
-
 impl BlobDirs {
     pub fn new(blobs: PathBuf, ingest: PathBuf) -> BlobDirs {
         BlobDirs {
@@ -56,7 +47,8 @@ impl BlobDirs {
     /// the store (`cstore device info` shows it), probed on first use.
     pub fn stream_config(&self) -> &StreamConfig {
         self.io.get_or_init(|| {
-            let mode = io_mode_from_env();
+            // CSTORE_IO=sync: plain syscalls, to compare or where io_uring misbehaves.
+            let mode = Mode::from_env();
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             // No NVMe identify: sysfs says enough for streaming, and it
             // needs no access to the device node.
