@@ -8,12 +8,20 @@
 # umoci unpack of the same layout as the peer. Checks that both modes build
 # the same tree. Prints medians of RUNS runs and the ratios.
 #
-#   sudo benches/smallfiles.sh        (RUNS=3, FILES=100000 by default)
+# FS picks the filesystem the stores and umoci's bundle live on: `root` (the
+# directory under /var/tmp as it is), or `ext4` / `xfs`, made fresh (mkfs
+# defaults, so ext4 has its journal) on a loop device over a file in /var/tmp.
+# This machine's root is an ext4 *without* a journal, where every inode
+# allocation also scans for recently deleted inodes; a store usually lives on a
+# journaled ext4 or on xfs.
+#
+#   sudo benches/smallfiles.sh        (RUNS=3, FILES=100000, FS=root by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/lib.sh
 RUNS=${RUNS:-3}
 FILES=${FILES:-100000}
+FS=${FS:-root}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/cstore-target}
 
 # smallfiles_image: tags smallfiles-tar and smallfiles-gz in the fixtures
@@ -97,11 +105,28 @@ smallfiles_image
 cargo build --release --locked -q -p cstore
 cstore=$CARGO_TARGET_DIR/release/cstore
 work=$(mktemp -d /var/tmp/cstore-bench.XXXXXX)
-trap 'bash fixtures/registry.sh stop "$work/reg" || true; rm -rf "$work"' EXIT
+loopdev=
+cleanup() {
+  bash fixtures/registry.sh stop "$work/reg" || true
+  if [ -n "$loopdev" ]; then umount "$work/fs" 2>/dev/null || true; losetup -d "$loopdev" || true; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
 addr=$(bash fixtures/registry.sh start "$work/reg")
+# dst: where the stores and umoci's bundle go.
+case $FS in
+  root) dst=$work ;;
+  ext4|xfs)
+    truncate -s 8G "$work/fs.img"
+    loopdev=$(losetup --find --show "$work/fs.img")
+    if [ "$FS" = ext4 ]; then mkfs.ext4 -q "$loopdev"; else mkfs.xfs -q "$loopdev"; fi
+    mkdir "$work/fs" && mount "$loopdev" "$work/fs"
+    dst=$work/fs ;;
+  *) echo "FS=$FS: root, ext4 or xfs" >&2; exit 2 ;;
+esac
 for v in tar gz; do
   push_blobs "smallfiles-$v" "small$v"
-  "$cstore" --root "$work/pulled-$v" pull --no-unpack "$addr/small$v:latest" >/dev/null
+  "$cstore" --root "$dst/pulled-$v" pull --no-unpack "$addr/small$v:latest" >/dev/null
 done
 
 # t NAME CMD...: NAME gets "wall user sys" seconds (from /usr/bin/time).
@@ -113,19 +138,19 @@ t() {
 # fresh: what the previous run left is removed, and the inodes it freed have
 # aged past ext4's "recently deleted" window (which it scans on every inode
 # allocation on a journal-less fs) before the cache is dropped.
-fresh() { rm -rf "$work/cu" "$work/bundle"; sync; sleep 6; drop_caches; }
+fresh() { rm -rf "$dst/cu" "$dst/bundle"; sync; sleep 6; drop_caches; }
 
 for i in $(seq "$RUNS"); do
   for v in tar gz; do
     for mode in sync uring; do
-      fresh; cp -a "$work/pulled-$v" "$work/cu"; sync; drop_caches
-      t "$mode-$v.$i" env CSTORE_IO=$mode "$cstore" --root "$work/cu" unpack "$addr/small$v:latest"
+      fresh; cp -a "$dst/pulled-$v" "$dst/cu"; sync; drop_caches
+      t "$mode-$v.$i" env CSTORE_IO=$mode "$cstore" --root "$dst/cu" unpack "$addr/small$v:latest"
       if [ "$i" = 1 ]; then
-        python3 fixtures/treesnap.py "$work"/cu/snapshots/[0-9]*/fs > "$work/tree-$mode-$v"
+        python3 fixtures/treesnap.py "$dst"/cu/snapshots/[0-9]*/fs > "$work/tree-$mode-$v"
       fi
     done
     fresh
-    t "umoci-$v.$i" umoci unpack --image "$OCI:smallfiles-$v" "$work/bundle"
+    t "umoci-$v.$i" umoci unpack --image "$OCI:smallfiles-$v" "$dst/bundle"
     t "umoci-sync-$v.$i" sync
   done
 done
@@ -143,7 +168,7 @@ col() { for i in $(seq "$RUNS"); do awk -v c="$2" '{print $c}' "$work/$1.$i"; do
 runs() { for i in $(seq "$RUNS"); do cut -d' ' -f1 "$work/$1.$i"; done | tr '\n' ' '; }
 files=$(grep -c '"type": *"file"' "$work/tree-sync-tar" || true)
 echo
-echo "unpack of $files small files (0-8 KiB, one layer), median of $RUNS runs, cold cache;"
+echo "unpack of $files small files (0-8 KiB, one layer) on FS=$FS, median of $RUNS runs, cold cache;"
 echo "trees of both modes equal. Seconds: wall (user + sys of the process and its io-wq workers)"
 for v in tar gz; do
   printf '  %-30s %7.2f  (%5.2f + %5.2f)   runs: %s\n' "cstore CSTORE_IO=sync  ($v)" \

@@ -56,6 +56,19 @@ pub struct DeviceInfo {
     pub nvme_error: Option<String>,
     /// For paths on a filesystem without a block device.
     pub fs_type: Option<String>,
+    /// The filesystem holding the path (not for a block device node).
+    pub filesystem: Option<Filesystem>,
+}
+
+/// What the filesystem is, as far as the policy cares.
+#[derive(Clone, Debug, Serialize)]
+pub struct Filesystem {
+    /// The type in /proc/self/mountinfo (ext4, xfs, tmpfs...).
+    pub kind: String,
+    /// ext2/3/4: whether it has a journal (a jbd2 journal in /proc/fs/jbd2
+    /// for its device). Without one, ext4 scans for recently deleted inodes
+    /// on every inode allocation.
+    pub journal: Option<bool>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -97,6 +110,18 @@ fn fs_type_of(path: &Path) -> Option<String> {
     best.map(|(_, t)| t)
 }
 
+/// jbd2 lists each journal it runs as /proc/fs/jbd2/<device>-<journal inode>.
+fn has_jbd2_journal(major: u32, minor: u32) -> bool {
+    let Some(dev) = sysfs_of(major, minor).map(|s| name_of(&s)) else {
+        return false;
+    };
+    let prefix = format!("{dev}-");
+    fs::read_dir("/proc/fs/jbd2").is_ok_and(|d| {
+        d.flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+    })
+}
+
 /// The sysfs directory of a block device by number, and whether it is a partition.
 fn sysfs_of(major: u32, minor: u32) -> Option<PathBuf> {
     fs::canonicalize(format!("/sys/dev/block/{major}:{minor}")).ok()
@@ -136,7 +161,16 @@ pub fn probe_opts(path: &Path, identify: bool) -> Result<DeviceInfo> {
         nvme: None,
         nvme_error: None,
         fs_type: None,
+        filesystem: None,
     };
+    if !is_block_node {
+        info.filesystem = fs_type_of(path).map(|kind| Filesystem {
+            journal: kind
+                .starts_with("ext")
+                .then(|| has_jbd2_journal(major, minor)),
+            kind,
+        });
+    }
     let Some(mut sys) = sysfs_of(major, minor) else {
         info.fs_type = fs_type_of(path);
         return Ok(info);

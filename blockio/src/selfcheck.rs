@@ -310,6 +310,7 @@ mod tests {
             direct: true,
             sort_by_offset: false,
             iopoll: false,
+            batch_small_files: false,
             reason: "test".into(),
         }
     }

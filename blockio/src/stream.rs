@@ -45,6 +45,9 @@ pub struct StreamConfig {
     /// back soon, by unpack or by other tools).
     pub direct: bool,
     pub mode: Mode,
+    /// Unpack writes the small files of compressed layers in io_uring
+    /// batches (the policy's choice for the store's filesystem).
+    pub batch_small_files: bool,
 }
 
 impl Default for StreamConfig {
@@ -54,6 +57,7 @@ impl Default for StreamConfig {
             depth: 4,
             direct: false,
             mode: Mode::Auto,
+            batch_small_files: false,
         }
     }
 }
@@ -70,6 +74,7 @@ impl StreamConfig {
             depth: (p.queue_depth as usize).clamp(1, 4),
             direct: p.direct,
             mode,
+            batch_small_files: p.batch_small_files && mode != Mode::Sync,
         }
     }
 }

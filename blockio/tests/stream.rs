@@ -16,6 +16,7 @@ fn configs() -> Vec<(StreamConfig, Backend)> {
         depth: 3,
         direct: false,
         mode,
+        batch_small_files: false,
     };
     vec![
         (small(Mode::Auto), Backend::IoUring),

@@ -36,8 +36,20 @@ pub fn info(path: &Path, json: bool) -> Result<()> {
         println!("chain:       {}", info.chain.join(" -> "));
     }
     println!("kind:        {:?}", info.kind);
-    if let Some(fs) = &info.fs_type {
-        println!("filesystem:  {fs}");
+    if let Some(fs) = &info.filesystem {
+        let journal = match fs.journal {
+            Some(true) => " (journal)",
+            Some(false) => " (no journal)",
+            None => "",
+        };
+        println!("filesystem:  {}{journal}", fs.kind);
+    }
+    if let Some(fs) = info.fs_type.as_ref().filter(|_| info.queue.is_some()) {
+        println!("backed by:   a file on {fs}");
+    } else if info.filesystem.is_none() {
+        if let Some(fs) = &info.fs_type {
+            println!("filesystem:  {fs}");
+        }
     }
     if let Some(q) = &info.queue {
         println!("rotational:  {}", q.rotational);

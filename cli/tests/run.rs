@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::loopfs::LoopFs;
 use common::{pulled, shared_registry_addr, Cstore};
 
 fn setup() -> (Cstore, String) {
@@ -369,83 +370,6 @@ true"#,
     want.sort();
     assert_eq!(dev, want);
     cs.assert_no_containers();
-}
-
-/// An ext4 filesystem on a loop device over an image file in a temp dir,
-/// mounted; unmounted and detached on drop, also when a test panics.
-struct LoopFs {
-    dev: String,
-    mnt: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl LoopFs {
-    fn new(size_mb: u64) -> LoopFs {
-        let dir = tempfile::Builder::new()
-            .prefix("cstore-loop-")
-            .tempdir()
-            .unwrap();
-        let img = dir.path().join("fs.img");
-        std::fs::File::create(&img)
-            .unwrap()
-            .set_len(size_mb << 20)
-            .unwrap();
-        let sh = |cmd: &mut std::process::Command| {
-            let out = cmd.output().unwrap();
-            assert!(
-                out.status.success(),
-                "{cmd:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8(out.stdout).unwrap().trim().to_string()
-        };
-        sh(std::process::Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
-            .arg(&img));
-        let dev = sh(std::process::Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(&img));
-        let mnt = dir.path().join("mnt");
-        std::fs::create_dir(&mnt).unwrap();
-        // From here on, drop undoes what was done.
-        let fs = LoopFs {
-            dev,
-            mnt,
-            _dir: dir,
-        };
-        sh(std::process::Command::new("mount")
-            .arg(&fs.dev)
-            .arg(&fs.mnt));
-        fs
-    }
-}
-
-impl Drop for LoopFs {
-    fn drop(&mut self) {
-        let m = &self.mnt;
-        if std::process::Command::new("mountpoint")
-            .arg("-q")
-            .arg(m)
-            .status()
-            .is_ok_and(|s| s.success())
-        {
-            let umount = |args: &[&str]| {
-                std::process::Command::new("umount")
-                    .args(args)
-                    .arg(m)
-                    .status()
-                    .is_ok_and(|s| s.success())
-            };
-            // Busy (a failed test left a container mounted on it): detach
-            // lazily rather than leave it mounted.
-            if !umount(&[]) {
-                umount(&["-l"]);
-            }
-        }
-        let _ = std::process::Command::new("losetup")
-            .args(["-d", &self.dev])
-            .status();
-    }
 }
 
 /// Seconds a direct read of /bin/busybox takes inside a container (timed by

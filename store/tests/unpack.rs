@@ -133,6 +133,63 @@ fn batching() -> bool {
     io_env() == IoEnv::Uring
 }
 
+// The policy's choice (batches where the store's filesystem measured faster
+// with them) reaches the extractor, for compressed layers only; CSTORE_IO
+// overrides it both ways. Same tree every way.
+#[test]
+fn the_policy_batches_small_files_of_compressed_layers() {
+    use cstore_blockio::ring::{io_env, IoEnv};
+    use cstore_blockio::StreamConfig;
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    sh(&format!(
+        "mkdir -p {s}/a {s}/b && for i in $(seq 300); do echo $i > {s}/a/f$i; echo $i$i > {s}/b/g$i; done",
+        s = src.display()
+    ));
+    let tar = t.path().join("layer.tar");
+    sh(&format!(
+        "tar --format=posix --sort=name --numeric-owner -C {s} -cf {b} . && gzip -k {b}",
+        s = src.display(),
+        b = tar.display()
+    ));
+    let gz = t.path().join("layer.tar.gz");
+    let want = snap(&src, &[]);
+    let mut n = 0;
+    for (blob, compression) in [(&gz, Compression::Gzip), (&tar, Compression::None)] {
+        for policy in [true, false] {
+            let diff_id = diff_id_of(blob, compression).unwrap();
+            let layer = LayerRef {
+                image: "test/image:latest",
+                digest: "sha256:feed",
+                compression,
+                diff_id: &diff_id,
+            };
+            let opts = UnpackOptions {
+                io: Some(StreamConfig {
+                    batch_small_files: policy,
+                    ..StreamConfig::default()
+                }),
+                ..UnpackOptions::default()
+            };
+            n += 1;
+            let dest = t.path().join(format!("d{n}"));
+            std::fs::create_dir(&dest).unwrap();
+            let stats = unpack_layer(blob, &layer, &dest, &opts).unwrap();
+            assert_eq!(snap(&dest, &[]), want, "{compression:?} policy {policy}");
+            let batched = match io_env() {
+                IoEnv::Uring => true,
+                IoEnv::Sync => false,
+                IoEnv::Default => policy && compression != Compression::None,
+            };
+            if batched {
+                assert_eq!(stats.extract.batched_files, 600, "{compression:?} {policy}");
+            } else {
+                assert_eq!(stats.extract.batched_files, 0, "{compression:?} {policy}");
+            }
+        }
+    }
+}
+
 // Thousands of small files (batched through io_uring with CSTORE_IO=uring;
 // fixtures/test.sh runs this file both ways), among them entries that depend
 // on files still queued: hardlinks right after their target, a whiteout of a

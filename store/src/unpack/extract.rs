@@ -134,16 +134,19 @@ fn xattr_allowed(name: &str) -> bool {
 
 impl Extractor {
     /// An extractor into the directory `root`. Files are written one
-    /// syscall at a time, or with `CSTORE_IO=uring` small ones in io_uring
-    /// batches (an error if the kernel refuses io_uring). Batching is not the
-    /// default because it measured slower: see docs/architecture.md.
-    pub fn new(root: OwnedFd) -> Result<Self, String> {
+    /// syscall at a time, or with `batch` small ones in io_uring batches
+    /// (falling back to one at a time if the kernel refuses io_uring);
+    /// `CSTORE_IO=uring` forces batches (an error without io_uring) and
+    /// `CSTORE_IO=sync` rules them out. Where batches pay off: see
+    /// `cstore_blockio::Policy` and docs/architecture.md.
+    pub fn new(root: OwnedFd, batch: bool) -> Result<Self, String> {
         let batch = match io_env() {
             IoEnv::Uring => Some(
                 Batch::new()
                     .map_err(|e| format!("setting up io_uring: {e}"))?
                     .ok_or("CSTORE_IO=uring, but the kernel refuses io_uring")?,
             ),
+            IoEnv::Default if batch => Batch::new().ok().flatten(),
             IoEnv::Sync | IoEnv::Default => None,
         };
         // SAFETY: geteuid/getegid cannot fail.

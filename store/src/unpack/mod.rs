@@ -134,7 +134,10 @@ pub fn unpack_layer(
     };
     let mut tar = tar::TarReader::new(BufReader::with_capacity(1 << 20, diff));
     let root = sys::open_dir(dest).map_err(|e| Error::io("open", dest, e))?;
-    let mut x = extract::Extractor::new(root).map_err(|r| fail(None, r))?;
+    // Batches pay off only beside the decompressor's own work (see the policy).
+    let batch = opts.io.as_ref().is_some_and(|c| c.batch_small_files)
+        && layer.compression != Compression::None;
+    let mut x = extract::Extractor::new(root, batch).map_err(|r| fail(None, r))?;
 
     let read_fail = |e: tar::TarError| match e {
         tar::TarError::Io(io) => fail(None, format!("reading the layer: {io}")),
