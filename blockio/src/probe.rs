@@ -111,10 +111,7 @@ fn fs_type_of(path: &Path) -> Option<String> {
 }
 
 /// jbd2 lists each journal it runs as /proc/fs/jbd2/<device>-<journal inode>.
-fn has_jbd2_journal(major: u32, minor: u32) -> bool {
-    let Some(dev) = sysfs_of(major, minor).map(|s| name_of(&s)) else {
-        return false;
-    };
+fn has_jbd2_journal(dev: &str) -> bool {
     let prefix = format!("{dev}-");
     fs::read_dir("/proc/fs/jbd2").is_ok_and(|d| {
         d.flatten()
@@ -163,16 +160,21 @@ pub fn probe_opts(path: &Path, identify: bool) -> Result<DeviceInfo> {
         fs_type: None,
         filesystem: None,
     };
+    let sys = sysfs_of(major, minor);
     if !is_block_node {
         info.filesystem = fs_type_of(path).map(|kind| Filesystem {
-            journal: kind
-                .starts_with("ext")
-                .then(|| has_jbd2_journal(major, minor)),
+            journal: kind.starts_with("ext").then(|| {
+                sys.as_deref()
+                    .is_some_and(|s| has_jbd2_journal(&name_of(s)))
+            }),
             kind,
         });
     }
-    let Some(mut sys) = sysfs_of(major, minor) else {
-        info.fs_type = fs_type_of(path);
+    let Some(mut sys) = sys else {
+        info.fs_type = match &info.filesystem {
+            Some(f) => Some(f.kind.clone()),
+            None => fs_type_of(path),
+        };
         return Ok(info);
     };
     // Follow partitions to their disk and loop devices to their backing file.
