@@ -322,13 +322,14 @@ impl Extractor {
         self.stats.entries += 1;
         let path = e.path.as_slice();
         let comps = clean(path).map_err(|r| err(path, r))?;
+        let key = comps.join(&b'/');
         // Flush the queued files before an entry that could see one of them:
         // anything but a new file or directory in a path free of them.
         if self.batch.as_ref().is_some_and(|b| !b.is_empty()) {
             let independent = comps.split_last().is_some_and(|(last, dirs)| {
                 matches!(e.kind, Kind::File | Kind::Dir)
                     && !last.starts_with(WHITEOUT_PREFIX)
-                    && !self.exists(&comps.join(&b'/'))
+                    && !self.exists(&key)
                     && !self.batch.as_ref().unwrap().has_ancestor(dirs)
             });
             if !independent {
@@ -417,7 +418,6 @@ impl Extractor {
 
         let name = sys::cstring(last).map_err(|x| err(path, x.to_string()))?;
         let is_dir = e.kind == Kind::Dir;
-        let key = comps.join(&b'/');
         // Taking the place of this layer's own whiteout: a directory here
         // must still hide the lower layers' one.
         let over_whiteout = self.whiteouts.remove(&key);
