@@ -244,22 +244,24 @@ impl SeqWriter {
     /// Wait for a completion and handle what finished.
     fn reap_one(&mut self) -> io::Result<()> {
         wait_one(&mut self.ring, &mut self.done)?;
-        let mut done = std::mem::take(&mut self.done);
-        for d in done.drain(..) {
-            self.finished(d);
-        }
-        self.done = done;
+        self.handle_done();
         Ok(())
     }
 
+    /// Handle what has finished, without waiting.
     fn collect(&mut self) -> io::Result<()> {
         self.ring.reap(&mut self.done);
+        self.handle_done();
+        Ok(())
+    }
+
+    fn handle_done(&mut self) {
+        // The Vec goes back afterwards, so its allocation is reused.
         let mut done = std::mem::take(&mut self.done);
         for d in done.drain(..) {
             self.finished(d);
         }
         self.done = done;
-        Ok(())
     }
 
     fn finished(&mut self, d: Done) {
