@@ -313,9 +313,8 @@ impl SeqWriter {
     }
 }
 
-/// Move finished ops into `done`, waiting for one if none has finished.
-/// (A submit may already have collected completions the ring holds ready:
-/// waiting in the kernel for those would never end.)
+/// Move finished ops into `done`, waiting for one if none has finished
+/// (reaping first: what a submit already collected needs no trip to the kernel).
 fn wait_one(ring: &mut Ring, done: &mut Vec<Done>) -> io::Result<()> {
     ring.reap(done);
     if done.is_empty() && ring.in_flight() > 0 {

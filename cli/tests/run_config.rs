@@ -194,9 +194,7 @@ fn an_unknown_user_or_group_is_refused_and_leaves_nothing() {
 
 #[test]
 fn numeric_users_on_an_image_without_them_and_home_defaults() {
-    let cs = Cstore::new();
-    let image = format!("{}/busybox:latest", registry());
-    cs.ok(&["pull", &image]);
+    let (cs, image) = setup("busybox:latest");
     // Not in busybox's /etc/passwd: no names, gid as given, HOME /.
     assert_eq!(
         lines(
@@ -220,9 +218,7 @@ fn numeric_users_on_an_image_without_them_and_home_defaults() {
 
 #[test]
 fn a_missing_working_directory_is_made_as_docker_makes_it() {
-    let cs = Cstore::new();
-    let image = format!("{}/busybox:latest", registry());
-    cs.ok(&["pull", &image]);
+    let (cs, image) = setup("busybox:latest");
     let show = "pwd; stat -c '%u:%g %a' /new /new/dir";
     // Made by the container's root, 0755: also with a read-only root, and
     // owned by the container's root in a user namespace.

@@ -28,6 +28,11 @@ fn piped(cs: &Cstore, args: &[&str], input: &[u8], what: &str) -> (ExitStatus, S
         .unwrap();
     child.stdin.take().unwrap().write_all(input).unwrap();
     let st = wait_for(&mut child, 60, what);
+    (st, stdout_of(&mut child))
+}
+
+/// All a finished child wrote to its piped stdout.
+fn stdout_of(child: &mut Child) -> String {
     let mut out = String::new();
     child
         .stdout
@@ -35,7 +40,7 @@ fn piped(cs: &Cstore, args: &[&str], input: &[u8], what: &str) -> (ExitStatus, S
         .unwrap()
         .read_to_string(&mut out)
         .unwrap();
-    (st, out)
+    out
 }
 
 /// Wait for `child`, killing it (and failing) after `secs`.
@@ -280,13 +285,7 @@ fn interactive_passes_stdin_and_without_it_stdin_is_dev_null() {
     let open_stdin = child.stdin.take().unwrap();
     let st = wait_for(&mut child, 60, "cstore run cat (no -i)");
     drop(open_stdin);
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
+    let out = stdout_of(&mut child);
     assert!(st.success(), "{st:?}: {out}");
     assert!(out.trim_end().ends_with("-> /dev/null"), "{out}");
     cs.assert_no_containers();
