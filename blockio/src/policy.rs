@@ -28,6 +28,12 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// Policy for `info` on this machine (its CPU count).
+    pub fn for_device_here(info: &DeviceInfo) -> Policy {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::for_device(info, cores)
+    }
+
     /// Policy for `info` on a machine with `cores` CPUs.
     pub fn for_device(info: &DeviceInfo, cores: usize) -> Policy {
         let cores = cores.max(1);

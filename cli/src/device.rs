@@ -15,10 +15,7 @@ use crate::progress::human_bytes;
 pub fn info(path: &Path, json: bool) -> Result<()> {
     let info =
         probe(path).with_context(|| format!("probing the device under {}", path.display()))?;
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let policy = Policy::for_device(&info, cores);
+    let policy = Policy::for_device_here(&info);
     if json {
         println!(
             "{}",
@@ -167,8 +164,7 @@ pub fn selfcheck(a: &SelfcheckArgs) -> Result<()> {
     };
     let info = probe(&probe_at)
         .with_context(|| format!("probing the device under {}", probe_at.display()))?;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let policy = Policy::for_device(&info, cores);
+    let policy = Policy::for_device_here(&info);
     let check = SelfCheck {
         path: a.path.clone(),
         offset: if a.offset == "0" {

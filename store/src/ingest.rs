@@ -49,11 +49,10 @@ impl BlobDirs {
         self.io.get_or_init(|| {
             // CSTORE_IO=sync: plain syscalls, to compare or where io_uring misbehaves.
             let mode = Mode::from_env();
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             // No NVMe identify: sysfs says enough for streaming, and it
             // needs no access to the device node.
             match cstore_blockio::probe::probe_opts(&self.blobs, false) {
-                Ok(info) => StreamConfig::from_policy(&Policy::for_device(&info, cores), mode),
+                Ok(info) => StreamConfig::from_policy(&Policy::for_device_here(&info), mode),
                 Err(e) => {
                     tracing::warn!(path = %self.blobs.display(), error = %e, "could not probe the store's device; default I/O settings");
                     StreamConfig {
