@@ -37,13 +37,15 @@ impl ImageConfigHead {
         })
     }
 
-    /// The platform the config says the image is for.
+    /// The platform the config says the image is for, normalized as
+    /// containerd does before it matches (`x86_64` is amd64).
     pub fn platform(&self) -> Platform {
         Platform {
             os: self.os.clone(),
             architecture: self.architecture.clone(),
             variant: self.variant.clone().filter(|v| !v.is_empty()),
         }
+        .normalized()
     }
 
     /// An image whose config cannot describe its manifest's `layers` can
