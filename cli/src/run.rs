@@ -161,7 +161,7 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
     }
     let img = store.image(&a.reference)?;
     let config: ImageConfig = {
-        let bytes = store.read_blob(&parse_digest(&img.config.digest)?, 32 << 20)?;
+        let bytes = store.read_config(&parse_digest(&img.config.digest)?)?;
         #[derive(serde::Deserialize)]
         struct Wrapper {
             config: Option<ImageConfig>,

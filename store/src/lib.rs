@@ -3,6 +3,7 @@
 //! pulls into it.
 
 pub mod error;
+pub mod image_config;
 pub mod ingest;
 pub mod media;
 pub mod meta;
