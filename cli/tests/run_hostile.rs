@@ -574,3 +574,26 @@ fn normal_starts_are_unchanged() {
     assert_eq!((e.code, e.stdout.as_str()), (0, "slept\n"), "{}", e.stderr);
     nothing_left(&cs, &name);
 }
+
+/// A working directory through one of the init's fds (runc's
+/// CVE-2024-21626): before pivot_root the init holds host directories open
+/// (the host's / among them), and chdir happens after it. None of these
+/// starts: either the path is no directory, or libcontainer finds the cwd
+/// outside the container (its verify_cwd, on which cstore relies).
+#[test]
+fn a_working_directory_through_the_inits_fds_never_starts() {
+    let (cs, image) = pulled(registry(), "busybox:latest");
+    let name = unique("fdcwd");
+    for n in 3..=26 {
+        let w = format!("/proc/self/fd/{n}");
+        let e = run(
+            &cs,
+            true,
+            &name,
+            &["-w", &w, &image, "sh", "-c", "echo ran in $(pwd)"],
+        );
+        assert_ne!(e.code, 0, "-w {w} ran: {}", e.stdout);
+        assert!(e.stdout.is_empty(), "-w {w}: {}", e.stdout);
+        nothing_left(&cs, &name);
+    }
+}

@@ -23,7 +23,6 @@
 //!   Our executor writes a mark just before execve and the error if execve
 //!   fails; the read end sees EOF when the init has exec'd (or died).
 
-use std::collections::HashSet;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::{Arc, Barrier};
 use std::thread::JoinHandle;
@@ -41,47 +40,64 @@ pub(crate) const EXEC_MARK: u8 = b'x';
 /// More than any report the executor writes; the rest is not read.
 const REPORT_MAX: usize = 4096;
 
-/// Pids whose parent is `parent` (from /proc: this kernel may lack
+/// (pid, start time in clock ticks since boot) of the processes whose
+/// parent is `parent`, from /proc (this kernel may lack
 /// /proc/PID/task/TID/children).
-fn children_of(parent: i32) -> Vec<i32> {
+fn children_of(parent: i32) -> Vec<(i32, u64)> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return vec![];
     };
     dir.flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    // "pid (comm) state ppid ...": comm may hold spaces and ')'.
-                    let rest = &s[s.rfind(')')? + 1..];
-                    rest.split_whitespace().nth(1)?.parse::<i32>().ok()
-                })
-                == Some(parent)
+        .filter_map(|pid| {
+            let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // "pid (comm) state ppid ... starttime(22) ...": comm may hold
+            // spaces and ')'; the fields after it are numbered from 3.
+            let f: Vec<&str> = s[s.rfind(')')? + 1..].split_whitespace().collect();
+            let ppid: i32 = f.get(1)?.parse().ok()?;
+            let start: u64 = f.get(22 - 3)?.parse().ok()?;
+            (ppid == parent).then_some((pid, start))
         })
         .collect()
 }
 
-/// This process's children at one moment, to tell the ones a create makes.
+/// Now, in /proc's start-time unit (clock ticks since boot).
+fn boot_ticks() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut t) };
+    let now = t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    now / (1_000_000_000 / hz)
+}
+
+/// The children a create makes: this process's children started since
+/// `now` (to /proc's resolution, 10 ms: `cstore run` has no other child
+/// then). Nothing is read until they are asked for, so a start that goes
+/// well pays one clock read.
 pub(crate) struct Children {
     me: i32,
-    before: HashSet<i32>,
+    since: u64,
 }
 
 impl Children {
     pub(crate) fn now() -> Children {
-        let me = std::process::id() as i32;
         Children {
-            me,
-            before: children_of(me).into_iter().collect(),
+            me: std::process::id() as i32,
+            since: boot_ticks(),
         }
     }
 
-    /// SIGKILL every child that was not there before; their pids.
+    /// SIGKILL every child started since `now`; their pids.
     pub(crate) fn kill_new(&self) -> Vec<i32> {
         let new: Vec<i32> = children_of(self.me)
             .into_iter()
-            .filter(|p| !self.before.contains(p))
+            .filter(|&(_, start)| start >= self.since)
+            .map(|(pid, _)| pid)
             .collect();
         for &p in &new {
             let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
@@ -379,6 +395,8 @@ mod tests {
         let (abort_r, abort_w) = abort_pipe();
         let abort_r = Arc::new(abort_r);
         let mut old = Command::new("sleep").arg("30").spawn().unwrap();
+        // Start times are in clock ticks: the old child is a tick older.
+        std::thread::sleep(Duration::from_millis(50));
         for (timeout, signal) in [
             (Duration::from_millis(300), None),
             (Duration::from_secs(60), Some(libc::SIGINT)),
@@ -416,7 +434,9 @@ mod tests {
         let _one = CHILDREN.lock().unwrap_or_else(|p| p.into_inner());
         let before = Children::now();
         let mut c = Command::new("sleep").arg("30").spawn().unwrap();
-        assert!(children_of(std::process::id() as i32).contains(&(c.id() as i32)));
+        assert!(children_of(std::process::id() as i32)
+            .iter()
+            .any(|&(pid, _)| pid == c.id() as i32));
         assert_eq!(before.kill_new(), vec![c.id() as i32]);
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(c.wait().unwrap().signal(), Some(libc::SIGKILL));
