@@ -141,25 +141,21 @@ pub(crate) enum Cut {
     Signal(i32),
 }
 
-/// Readable `fd`s among `fds`, waiting at most `timeout` (EINTR: none).
-fn readable(fds: &[BorrowedFd], timeout: Duration) -> Vec<bool> {
-    let mut p: Vec<PollFd> = fds
-        .iter()
-        .map(|f| PollFd::new(*f, PollFlags::POLLIN))
-        .collect();
+/// Which of `fds` are readable (or hung up), waiting at most `timeout`
+/// (EINTR: none). No allocation: the watchdog calls it while libcontainer
+/// may be cloning this process.
+fn readable(fds: [BorrowedFd; 2], timeout: Duration) -> [bool; 2] {
+    let mut p = fds.map(|f| PollFd::new(f, PollFlags::POLLIN));
     let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
     match poll(
         &mut p,
         PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
     ) {
-        Ok(_) => p
-            .iter()
-            .map(|p| {
-                p.revents()
-                    .is_some_and(|r| r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP))
-            })
-            .collect(),
-        Err(_) => vec![false; fds.len()],
+        Ok(_) => p.map(|p| {
+            p.revents()
+                .is_some_and(|r| r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP))
+        }),
+        Err(_) => [false; 2],
     }
 }
 
@@ -210,7 +206,7 @@ impl Watchdog {
                             Some(_) => Duration::from_millis(50),
                             None => deadline.saturating_duration_since(Instant::now()),
                         };
-                        let r = readable(&[done_r.as_fd(), abort.as_fd()], wait);
+                        let r = readable([done_r.as_fd(), abort.as_fd()], wait);
                         if r[0] {
                             return cut;
                         }
@@ -287,7 +283,7 @@ impl ExecReport {
             if left.is_zero() {
                 return Exec::Cut(Cut::Timeout);
             }
-            let r = readable(&[self.read.as_fd(), abort], left);
+            let r = readable([self.read.as_fd(), abort], left);
             if r[1] {
                 if let Some(sig) = read_signal(abort) {
                     return Exec::Cut(Cut::Signal(sig));
