@@ -488,16 +488,17 @@ fn an_init_that_never_runs_its_command_is_killed_after_the_timeout() {
         "-e",
         "inject=execve:error=EAGAIN:signal=SIGSTOP",
     ];
+    // Longer than the others: the create, traced, must finish within it.
     let e = bounded(
         &cs,
         &name,
-        under_strace(&cs, &inject, "3", &args),
+        under_strace(&cs, &inject, "10", &args),
         Duration::from_secs(60),
     );
     assert_eq!(e.code, 1, "{}", e.stderr);
     assert!(
         e.stderr.contains(&format!(
-            "image {image}: container {name}: its init did not run its command within 3s"
+            "image {image}: container {name}: its init did not run its command within 10s"
         )),
         "{}",
         e.stderr
@@ -567,9 +568,9 @@ fn normal_starts_are_unchanged() {
         &image,
         "sh",
         "-c",
-        "sleep 2; echo slept",
+        "sleep 9; echo slept",
     ]);
-    cmd.env("CSTORE_START_TIMEOUT", "1");
+    cmd.env("CSTORE_START_TIMEOUT", "8");
     let e = bounded(&cs, &name, cmd, Duration::from_secs(60));
     assert_eq!((e.code, e.stdout.as_str()), (0, "slept\n"), "{}", e.stderr);
     nothing_left(&cs, &name);
