@@ -53,10 +53,12 @@ pub struct SessionOptions {
     /// Sets the connection's bdi readahead after mount (sizes the kernel's READs).
     pub read_ahead_kb: Option<u32>,
     pub mount: MountOptions,
-    /// After INIT, open and close one regular file so FLUSH is answered ENOSYS once:
-    /// the kernel then never sends it again on this connection, and a `close()` never
-    /// waits for a daemon that is being restarted.
-    pub flush_warmup: bool,
+    /// After INIT, open, statx and close one regular file, so FLUSH and STATX are
+    /// answered ENOSYS once: the kernel then never sends them again on this connection.
+    /// Without it the first `close()` (FLUSH) and the first statx asking for more than
+    /// the basic stats (STATX; std's `metadata()` does, for btime) would wait for a
+    /// daemon even on a file open in passthrough, with attributes cached.
+    pub warmup: bool,
     /// Where the /dev/fuse fd is kept between daemons, and under which name. A fresh
     /// mount is put there before INIT; an unmount removes it.
     pub fd_store: Option<(Arc<dyn FdStore>, String)>,
@@ -73,7 +75,7 @@ impl Default for SessionOptions {
             max_pages: 256,
             read_ahead_kb: None,
             mount: MountOptions::default(),
-            flush_warmup: true,
+            warmup: true,
             fd_store: None,
         }
     }
@@ -90,7 +92,7 @@ impl std::fmt::Debug for SessionOptions {
             .field("max_pages", &self.max_pages)
             .field("read_ahead_kb", &self.read_ahead_kb)
             .field("mount", &self.mount)
-            .field("flush_warmup", &self.flush_warmup)
+            .field("warmup", &self.warmup)
             .field("fd_store", &self.fd_store.as_ref().map(|(_, n)| n))
             .finish()
     }
@@ -279,9 +281,9 @@ impl<F: ReadOnlyFs> Session<F> {
             Ok(s) => s,
             Err(e) => return Err(undo(None, e)),
         };
-        if opts.flush_warmup {
-            if let Err(e) = flush_warmup(&mountpoint) {
-                tracing::warn!("FUSE flush warm-up on {}: {e}", mountpoint.display());
+        if opts.warmup {
+            if let Err(e) = warmup(&mountpoint) {
+                tracing::warn!("FUSE warm-up on {}: {e}", mountpoint.display());
             }
         }
         Ok(session)
@@ -566,10 +568,10 @@ fn handshake(dev: &FuseDev, mountpoint: &Path, opts: &SessionOptions) -> Result<
     Ok(neg)
 }
 
-/// Opens and closes one regular file of the mount (the first found, breadth first, in
-/// at most [`WARMUP_MAX_DIRS`] directories), so the kernel learns FLUSH is not
-/// implemented. Walks with fds, never following a symlink.
-fn flush_warmup(mountpoint: &Path) -> io::Result<()> {
+/// Opens, statx's and closes one regular file of the mount (the first found, breadth
+/// first, in at most [`WARMUP_MAX_DIRS`] directories), so the kernel learns that FLUSH
+/// and STATX are not implemented. Walks with fds, never following a symlink.
+fn warmup(mountpoint: &Path) -> io::Result<()> {
     use crate::util::{list_dir, open_beneath};
     let root = open_beneath(None, mountpoint, libc::O_DIRECTORY)?;
     let mut queue: std::collections::VecDeque<PathBuf> = [PathBuf::new()].into();
@@ -588,7 +590,23 @@ fn flush_warmup(mountpoint: &Path) -> io::Result<()> {
             let p = rel.join(std::ffi::OsStr::from_bytes(&name));
             match dtype {
                 libc::DT_REG => {
-                    drop(open_beneath(Some(&root), &p, 0)?);
+                    let f = open_beneath(Some(&root), &p, 0)?;
+                    // SAFETY: statx is plain data; an empty path with AT_EMPTY_PATH
+                    // names the fd.
+                    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+                    let r = unsafe {
+                        libc::statx(
+                            f.as_raw_fd(),
+                            c"".as_ptr(),
+                            libc::AT_EMPTY_PATH,
+                            libc::STATX_BASIC_STATS | libc::STATX_BTIME,
+                            &mut stx,
+                        )
+                    };
+                    if r != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    drop(f); // FLUSH
                     return Ok(());
                 }
                 libc::DT_DIR => queue.push_back(p),

@@ -369,9 +369,10 @@ fn passthrough_reads_never_reach_the_daemon() {
     assert_eq!(cached.wait().unwrap(), Exit::Unmounted);
 }
 
-/// A stopped session leaves the connection alive with its fd: a `close()` needs no
-/// daemon (FLUSH was disabled at start), a request made meanwhile waits, and a session
-/// resumed on the fd (no INIT) answers it.
+/// A stopped session leaves the connection alive with its fd: `fstat()` (std's statx,
+/// asking for btime) and `close()` of an open file need no daemon (the warm-up taught
+/// the kernel STATX and FLUSH are ENOSYS, and attributes are cached), a request made
+/// meanwhile waits, and a session resumed on the fd (no INIT) answers it.
 #[test]
 fn stop_and_resume_in_process_without_init() {
     if !fuse_available() {
@@ -402,11 +403,18 @@ fn stop_and_resume_in_process_without_init() {
     assert_eq!(exit, Exit::Stopped);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
+        let m = f.metadata().map(|m| m.len());
+        tx.send(m).unwrap();
         drop(f);
-        tx.send(()).unwrap();
+        tx.send(Ok(0)).unwrap();
     });
+    let len = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("fstat blocked with no daemon: STATX was not disabled");
+    assert_eq!(len.unwrap(), b.len() as u64);
     rx.recv_timeout(Duration::from_secs(5))
-        .expect("close() blocked with no daemon: FLUSH was not disabled");
+        .expect("close() blocked with no daemon: FLUSH was not disabled")
+        .unwrap();
     // A request with no daemon: waits (it is not refused).
     let (tx, rx) = mpsc::channel();
     let target = p("mnt/dir/sub/s4");
