@@ -123,12 +123,14 @@ fn expected(rig: &Rig) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
     want
 }
 
-fn report(what: &str, r: &ReaderReport, stalls: &[Duration]) {
-    let mut s = stalls.to_vec();
+/// Prints what the reader saw; the stall of a restart is the longest read in flight
+/// between the end of the old daemon and the new one serving.
+fn report(what: &str, r: &ReaderReport, windows: &[(Instant, Instant)]) {
+    let mut s: Vec<Duration> = windows.iter().map(|(a, b)| r.stall(*a, *b)).collect();
     s.sort();
     eprintln!(
         "{what}: {} loops, {} file reads, {} errors; read latency p50 {:?} max {:?}; \
-         restart stalls (longest read started around each restart) {:?}, p50 {:?} max {:?}",
+         stall per restart {:?}, p50 {:?} max {:?}",
         r.loops,
         r.reads,
         r.errors.len(),
@@ -141,15 +143,14 @@ fn report(what: &str, r: &ReaderReport, stalls: &[Duration]) {
 }
 
 /// Runs `restarts` restarts of the daemon under the reader, each ending the running
-/// daemon with `end` (which returns once it is gone). Returns the stall of each: the
-/// longest read latency the reader saw, measured from just before the end to a while
-/// after the new daemon serves.
+/// daemon with `end` (which returns once it is gone). Returns the reader's report and
+/// each restart's window: from just before the end to the new daemon serving.
 fn restarts_under_reader(
     rig: &mut Rig,
     restarts: usize,
     args: &[&str],
     mut end: impl FnMut(&mut Proc),
-) -> (ReaderReport, Vec<Duration>) {
+) -> (ReaderReport, Vec<(Instant, Instant)>) {
     let mut d = rig.daemon(0, args);
     let conn = rig.conn();
     rig.mounts.push(&rig.p("mnt"));
@@ -176,7 +177,7 @@ fn restarts_under_reader(
         let t = Instant::now();
         end(&mut d);
         d = rig.daemon(i, args);
-        downs.push(t.elapsed());
+        downs.push((t, Instant::now()));
         // Progress after the restart: the reader is not stuck.
         wait_reads(&reader, before + 3);
     }

@@ -350,20 +350,30 @@ pub struct ReaderReport {
     pub loops: u64,
     pub reads: u64,
     pub errors: Vec<String>,
-    /// Per file read (open + read whole + compare) and per directory listing.
-    pub latencies: Vec<Duration>,
+    /// Start and latency of each file read (open + read whole) and directory listing.
+    pub samples: Vec<(Instant, Duration)>,
 }
 
 impl ReaderReport {
     pub fn percentile(&self, p: f64) -> Duration {
-        let mut l = self.latencies.clone();
+        let mut l: Vec<Duration> = self.samples.iter().map(|s| s.1).collect();
         l.sort();
         l.get(((l.len() as f64 - 1.0) * p) as usize)
             .copied()
             .unwrap_or_default()
     }
     pub fn max(&self) -> Duration {
-        self.latencies.iter().max().copied().unwrap_or_default()
+        self.samples.iter().map(|s| s.1).max().unwrap_or_default()
+    }
+    /// The longest operation in flight at any time within `[from, to]`: the stall the
+    /// reader saw around a daemon restart.
+    pub fn stall(&self, from: Instant, to: Instant) -> Duration {
+        self.samples
+            .iter()
+            .filter(|(s, l)| *s <= to && *s + *l >= from)
+            .map(|s| s.1)
+            .max()
+            .unwrap_or_default()
     }
 }
 
@@ -398,7 +408,7 @@ impl Reader {
                         .and_then(|rd| rd.collect::<Result<Vec<_>, _>>());
                     let el = t.elapsed();
                     let mut rep = r.lock().unwrap();
-                    rep.latencies.push(el);
+                    rep.samples.push((t, el));
                     if let Err(e) = res {
                         rep.errors.push(format!("readdir {}: {e}", d.display()));
                     }
@@ -414,7 +424,7 @@ impl Reader {
                     let el = t.elapsed();
                     let mut rep = r.lock().unwrap();
                     rep.reads += 1;
-                    rep.latencies.push(el);
+                    rep.samples.push((t, el));
                     match res {
                         Err(e) => rep.errors.push(format!("{}: {e}", f.display())),
                         Ok(_) if &buf != content => {
