@@ -204,7 +204,16 @@ impl KeeperClient {
     fn call(&self, msg: &str, fd: Option<BorrowedFd<'_>>) -> Result<(String, Option<OwnedFd>)> {
         let e = |e: io::Error| Error::store(self.socket.display(), e.to_string());
         let s = connect(&self.socket, libc::SOCK_SEQPACKET).map_err(e)?;
-        send_msg(s.as_fd(), msg.as_bytes(), fd).map_err(e)?;
+        if let Err(err) = send_msg(s.as_fd(), msg.as_bytes(), fd) {
+            // A keeper that refused us (peer check) said why before closing.
+            if let Ok(Some((r, _))) = recv_msg(s.as_fd()) {
+                let r = String::from_utf8_lossy(&r);
+                if let Some(r) = r.strip_prefix("ERR ") {
+                    return Err(Error::store(self.socket.display(), format!("{msg}: {r}")));
+                }
+            }
+            return Err(e(err));
+        }
         let Some((reply, mut fds)) = recv_msg(s.as_fd()).map_err(e)? else {
             return Err(Error::store(
                 self.socket.display(),
@@ -349,7 +358,9 @@ impl Keeper {
             let mut p = Vec::with_capacity(1 + clients.len() + held.len());
             p.push(pollfd(self.listener.as_raw_fd(), libc::POLLIN));
             p.extend(clients.iter().map(|c| pollfd(c.as_raw_fd(), libc::POLLIN)));
-            // events 0: only POLLERR/POLLHUP come back, i.e. the FUSE connection ended.
+            // events 0: only POLLERR/POLLHUP come back: on /dev/fuse, POLLERR means the
+            // connection ended (unmounted or aborted). Either drops the fd, as systemd's
+            // fd store does (and an fd stuck in POLLHUP would make poll spin).
             p.extend(held.iter().map(|(_, f)| pollfd(*f, 0)));
             // SAFETY: p is a live array of pollfds.
             let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, 200) };

@@ -1,6 +1,7 @@
 //! The test daemon of cstore-fuse-fs's tests: a separate process they can SIGKILL.
 //!
 //!   cstore-fuse-testd keeper SOCK
+//!   cstore-fuse-testd list SOCK      (the names a keeper holds, one per line)
 //!   cstore-fuse-testd serve --src DIR --mnt DIR --state DIR [--keeper SOCK --name NAME]
 //!       [--mode keep|passthrough|direct] [--ttl SECS] [--threads N] [--delay-ms N]
 //!       [--stats FILE]
@@ -58,6 +59,18 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Some("list") if args.len() == 2 => match KeeperClient::new(&args[1]).list() {
+            Ok(names) => {
+                for n in names {
+                    println!("{n}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("list: {e}");
+                ExitCode::from(1)
+            }
+        },
         Some("serve") => match serve(&args[1..]) {
             Ok(Exit::Unmounted) => ExitCode::SUCCESS,
             Ok(Exit::Stopped) => ExitCode::from(EXIT_STOPPED as u8),
