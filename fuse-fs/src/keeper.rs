@@ -188,6 +188,32 @@ pub fn recv_msg(sock: BorrowedFd<'_>) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd
     Ok(Some((buf, fds)))
 }
 
+/// How long a keeper client waits for the keeper to take or answer a request.
+const CLIENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn set_timeouts(sock: BorrowedFd<'_>, t: std::time::Duration) -> io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: t.as_secs() as libc::time_t,
+        tv_usec: t.subsec_micros() as libc::suseconds_t,
+    };
+    for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+        // SAFETY: tv is a live timeval of the size given.
+        let r = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// A client of a keeper process.
 #[derive(Debug, Clone)]
 pub struct KeeperClient {
@@ -204,6 +230,8 @@ impl KeeperClient {
     fn call(&self, msg: &str, fd: Option<BorrowedFd<'_>>) -> Result<(String, Option<OwnedFd>)> {
         let e = |e: io::Error| Error::store(self.socket.display(), e.to_string());
         let s = connect(&self.socket, libc::SOCK_SEQPACKET).map_err(e)?;
+        // A hung keeper must not hang the daemon (or the start of a mount) with it.
+        set_timeouts(s.as_fd(), CLIENT_TIMEOUT).map_err(e)?;
         if let Err(err) = send_msg(s.as_fd(), msg.as_bytes(), fd) {
             // A keeper that refused us (peer check) said why before closing.
             if let Ok(Some((r, _))) = recv_msg(s.as_fd()) {

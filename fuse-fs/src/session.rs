@@ -688,10 +688,23 @@ impl<F: ReadOnlyFs> Inner<F> {
         }
     }
 
+    /// Writes a reply. One the kernel refuses (a bug of ours, e.g. a malformed body) is
+    /// logged and replaced by EIO, so the caller is not left waiting and the session
+    /// goes on; only a gone connection ends it.
     fn reply(&self, unique: u64, r: std::result::Result<&[u8], Errno>) -> Result<()> {
-        match r {
+        let res = match r {
             Ok(body) => self.dev.write_reply(unique, 0, body),
             Err(Errno(e)) => self.dev.write_reply(unique, -e, &[]),
+        };
+        match res {
+            Err(Error::Device { source, .. }) => {
+                tracing::error!("FUSE: reply to {unique:#x} refused: {source}; answering EIO");
+                match self.dev.write_reply(unique, -libc::EIO, &[]) {
+                    Err(e @ Error::Disconnected(_)) => Err(e),
+                    _ => Ok(()),
+                }
+            }
+            r => r,
         }
     }
 
