@@ -302,6 +302,7 @@ impl<F: ReadOnlyFs> Session<F> {
             });
         };
         let dev = FuseDev::from_fd(fd, settings.conn);
+        let fresh = settings.init.is_none();
         let neg = match settings.init {
             Some(neg) => {
                 if neg.has_resend {
@@ -326,7 +327,15 @@ impl<F: ReadOnlyFs> Session<F> {
         if opts.passthrough == PassthroughMode::Required && !neg.passthrough {
             return Err(Error::NoPassthrough(settings.mountpoint.clone()));
         }
-        Self::serve(fs, dev, settings, state, saved.backing, &opts)
+        let mountpoint = settings.mountpoint.clone();
+        let session = Self::serve(fs, dev, settings, state, saved.backing, &opts)?;
+        // INIT was answered here: the kernel has not learned about FLUSH and STATX yet.
+        if fresh && opts.warmup {
+            if let Err(e) = warmup(&mountpoint) {
+                tracing::warn!("FUSE warm-up on {}: {e}", mountpoint.display());
+            }
+        }
+        Ok(session)
     }
 
     fn serve(

@@ -558,3 +558,65 @@ fn passthrough_falls_back_to_the_daemon_when_backing_open_fails() {
     assert_eq!(s.wait().unwrap(), Exit::Unmounted);
     mounts.umount(&p("srcovl"));
 }
+
+/// A daemon that died after mount, having read INIT but not answered it: the next one
+/// finds no INIT result in the state, has the kernel resend the INIT and answers it.
+#[test]
+fn resume_handshakes_when_the_first_daemon_died_before_init() {
+    if !fuse_available() {
+        return;
+    }
+    let t = tmpdir();
+    let p = |s: &str| t.path().join(s);
+    make_layer(&p("src"), 1 << 12);
+    std::fs::create_dir_all(p("mnt")).unwrap();
+    let mut mounts = Mounts::default();
+    let dev =
+        cstore_fuse_fs::dev::mount(&p("mnt"), &cstore_fuse_fs::MountOptions::default()).unwrap();
+    mounts.push(&p("mnt"));
+    let conn = dev.conn().unwrap();
+    mounts.conn(conn);
+    let _dog = Watchdog::new(conn, Duration::from_secs(30));
+    let state = StateDir::new(p("state")).unwrap();
+    state
+        .save_settings(&cstore_fuse_fs::Settings {
+            version: cstore_fuse_fs::state::STATE_VERSION,
+            mountpoint: p("mnt"),
+            conn: Some(conn),
+            daemon: "died before INIT".into(),
+            init: None,
+        })
+        .unwrap();
+    // The first daemon reads INIT and dies before answering.
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = match dev.read_request(&mut buf).unwrap() {
+        cstore_fuse_fs::dev::ReadResult::Request(n) => n,
+        r => panic!("{r:?}"),
+    };
+    let init = cstore_fuse_fs::abi::parse_request(&buf[..n]).unwrap();
+    assert!(matches!(init.op, cstore_fuse_fs::abi::Op::Init(_)));
+
+    let fs = Arc::new(DirFs::load(&p("src"), Open::KeepCache).unwrap());
+    let s = Session::resume(fs, dev.into_fd(), &state, opts(PassthroughMode::Off)).unwrap();
+    let neg = s.settings().init.expect("INIT answered on resume");
+    assert!(neg.has_resend);
+    assert_eq!(
+        s.stats().count(op::INIT),
+        0,
+        "INIT is answered by the handshake, not the loop"
+    );
+    assert_eq!(
+        s.stats().count(op::FLUSH),
+        1,
+        "the warm-up ran after this handshake"
+    );
+    assert_eq!(std::fs::read(p("mnt/dir/sub/s3")).unwrap(), b"small 3\n");
+    let saved = state.load().unwrap().settings.unwrap();
+    assert_eq!(
+        saved.init,
+        Some(neg),
+        "the INIT result is recorded for the next resume"
+    );
+    mounts.umount(&p("mnt"));
+    assert_eq!(s.wait().unwrap(), Exit::Unmounted);
+}
