@@ -220,6 +220,11 @@ impl Default for MountOptions {
 /// Mounts a new FUSE connection at `mountpoint`; returns its /dev/fuse and connection
 /// id. The kernel sends INIT next; nothing on the mount works until it is answered.
 pub fn mount(mountpoint: &Path, opts: &MountOptions) -> Result<FuseDev> {
+    // Resolved now: afterwards, resolving a path through the mount needs the daemon, and
+    // mountinfo names the mount by its resolved path.
+    let resolved =
+        std::fs::canonicalize(mountpoint).map_err(|e| Error::io("resolve", mountpoint, e))?;
+    let mountpoint = resolved.as_path();
     let mut dev = FuseDev::open()?;
     // default_permissions: the kernel checks modes and owners; the daemon checks nothing.
     let data = format!(
@@ -342,8 +347,9 @@ impl fmt::Display for ConnId {
     }
 }
 
-/// The connection of the topmost `fuse.cstore` mount at `mountpoint`, from
-/// /proc/self/mountinfo (stat(2) of the mount would need the daemon to answer).
+/// The connection of the topmost `fuse.cstore` mount at `mountpoint` (a resolved path:
+/// resolving it through the mount would need the daemon), from /proc/self/mountinfo
+/// (stat(2) of the mount would need the daemon too).
 pub fn conn_of_mount(mountpoint: &Path) -> Result<ConnId> {
     let mi = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| Error::io("read", "/proc/self/mountinfo", e))?;

@@ -374,7 +374,8 @@ impl Keeper {
 
     /// Serves until `stop` is set (checked at least every 200 ms).
     pub fn serve(&self, stop: &AtomicBool) -> Result<()> {
-        let mut clients: Vec<OwnedFd> = Vec::new();
+        // (connection, peer uid): non-root peers stay connected only to be told no.
+        let mut clients: Vec<(OwnedFd, u32)> = Vec::new();
         while !stop.load(Ordering::SeqCst) {
             let held: Vec<(String, RawFd)> = self
                 .held
@@ -385,7 +386,11 @@ impl Keeper {
                 .collect();
             let mut p = Vec::with_capacity(1 + clients.len() + held.len());
             p.push(pollfd(self.listener.as_raw_fd(), libc::POLLIN));
-            p.extend(clients.iter().map(|c| pollfd(c.as_raw_fd(), libc::POLLIN)));
+            p.extend(
+                clients
+                    .iter()
+                    .map(|(c, _)| pollfd(c.as_raw_fd(), libc::POLLIN)),
+            );
             // events 0: only POLLERR/POLLHUP come back: on /dev/fuse, POLLERR means the
             // connection ended (unmounted or aborted). Either drops the fd, as systemd's
             // fd store does (and an fd stuck in POLLHUP would make poll spin).
@@ -410,10 +415,10 @@ impl Keeper {
                 }
             }
             let mut done = Vec::new();
-            for (i, c) in clients.iter().enumerate() {
+            for (i, (c, uid)) in clients.iter().enumerate() {
                 let re = p[1 + i].revents;
                 if re & libc::POLLIN != 0 {
-                    if !self.answer(c.as_fd()) {
+                    if !self.answer(c.as_fd(), *uid) {
                         done.push(i);
                     }
                 } else if re != 0 {
@@ -439,8 +444,8 @@ impl Keeper {
         Ok(())
     }
 
-    /// Accepts one client if its peer is uid 0; others are closed at once.
-    fn accept(&self) -> io::Result<Option<OwnedFd>> {
+    /// Accepts one client, with its peer's uid (SO_PEERCRED).
+    fn accept(&self) -> io::Result<Option<(OwnedFd, u32)>> {
         loop {
             // SAFETY: no address wanted; result checked.
             let c = unsafe {
@@ -462,18 +467,17 @@ impl Keeper {
             // SAFETY: new fd.
             let c = unsafe { OwnedFd::from_raw_fd(c) };
             match peer_uid(c.as_fd()) {
-                Ok(0) => return Ok(Some(c)),
-                Ok(uid) => {
-                    tracing::warn!("keeper: refusing a client of uid {uid}");
-                    let _ = send_msg(c.as_fd(), b"ERR permission denied", None);
-                }
+                Ok(uid) => return Ok(Some((c, uid))),
                 Err(e) => tracing::warn!("keeper: SO_PEERCRED: {e}"),
             }
         }
     }
 
-    /// Answers the requests waiting on a client; false when it is done.
-    fn answer(&self, c: BorrowedFd<'_>) -> bool {
+    /// Answers the request waiting on a client; false when it is done. A peer that is not
+    /// uid 0 gets an error for every request (its fds are closed unused). It is not
+    /// simply hung up on: closing a socket with its request unread would make the
+    /// peer's read fail ECONNRESET before it sees why.
+    fn answer(&self, c: BorrowedFd<'_>, uid: u32) -> bool {
         let (msg, mut fds) = match recv_msg(c) {
             Ok(Some(m)) => m,
             Ok(None) => return false,
@@ -483,6 +487,11 @@ impl Keeper {
         let reply = |m: &[u8], fd: Option<BorrowedFd<'_>>| {
             let _ = send_msg(c, m, fd);
         };
+        if uid != 0 {
+            tracing::warn!("keeper: refusing a request of uid {uid}");
+            reply(b"ERR permission denied: the keeper serves uid 0 only", None);
+            return true;
+        }
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         match parse_keeper_request(&msg) {
             Ok(KeeperRequest::Put(name)) => match (fds.pop(), fds.is_empty()) {

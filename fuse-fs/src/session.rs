@@ -230,8 +230,9 @@ impl<F: ReadOnlyFs> Session<F> {
         state: &StateDir,
         opts: SessionOptions,
     ) -> Result<Self> {
+        // Resolved before the mount: resolving through it would need the daemon.
         let mountpoint =
-            std::path::absolute(mountpoint).map_err(|e| Error::io("resolve", mountpoint, e))?;
+            std::fs::canonicalize(mountpoint).map_err(|e| Error::io("resolve", mountpoint, e))?;
         state.reset()?;
         let dev = dev::mount(&mountpoint, &opts.mount)?;
         // From here on a failure must not leave a mount nobody serves.
