@@ -213,10 +213,24 @@ impl Mounts {
     pub fn conn(&mut self, c: ConnId) {
         self.conns.push(c);
     }
-    /// Unmounts `p` now (it must be the last pushed).
+    /// Unmounts `p` now (it must be the last pushed). EBUSY is retried for a while: a
+    /// child another test of this process is spawning holds copies of all our fds
+    /// (close-on-exec ones too) until it execs.
     pub fn umount(&mut self, p: &Path) {
         assert_eq!(self.points.last().map(|x| x.as_path()), Some(p));
-        cstore_fuse_fs::dev::unmount(p, false).unwrap_or_else(|e| panic!("{e}"));
+        let t = Instant::now();
+        loop {
+            match cstore_fuse_fs::dev::unmount(p, false) {
+                Ok(()) => break,
+                Err(cstore_fuse_fs::Error::Io { source, .. })
+                    if source.raw_os_error() == Some(libc::EBUSY)
+                        && t.elapsed() < Duration::from_secs(5) =>
+                {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
         self.points.pop();
     }
 }
