@@ -280,18 +280,32 @@ fn unmount_ends_the_daemon_and_the_keeper_drops_the_fd() {
     rig.mounts.umount(&mnt);
     let st = d.wait_exit(Duration::from_secs(10));
     assert!(st.success(), "daemon after unmount: {st}");
-    let t = Instant::now();
-    loop {
-        let held = rig.keeper().list().unwrap();
-        if held.is_empty() {
-            break;
+    let wait_empty = |rig: &Rig| {
+        let t = Instant::now();
+        loop {
+            let held = rig.keeper().list().unwrap();
+            if held.is_empty() {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "keeper still holds {held:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "keeper still holds {held:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    };
+    wait_empty(&rig);
+
+    // Unmounted while no daemon runs (nobody sends DEL): the keeper sees the connection
+    // end (POLLERR) and drops the fd by itself.
+    let mut d = rig.daemon(2, &[]);
+    rig.mounts.push(&mnt);
+    rig.mounts.conn(rig.conn());
+    assert_eq!(rig.keeper().list().unwrap(), vec![rig.name.clone()]);
+    d.signal(libc::SIGKILL);
+    d.wait_exit(Duration::from_secs(5));
+    rig.mounts.umount(&mnt);
+    wait_empty(&rig);
     assert!(
         rig.keeper.child.try_wait().unwrap().is_none(),
         "the keeper must outlive it all"
