@@ -218,12 +218,13 @@ pub struct Session<F: ReadOnlyFs> {
 /// Requests are small for a read-only fs (no WRITE): names, xattr names, BATCH_FORGET.
 /// The kernel wants at least 8 KiB and room for max_write (4 KiB) plus headers.
 const REQUEST_BUF: usize = 64 * 1024;
-/// Bound on the flush warm-up's search for a regular file.
+/// Bound on the warm-up's search for a regular file.
 const WARMUP_MAX_DIRS: usize = 64;
 
 impl<F: ReadOnlyFs> Session<F> {
     /// Mounts `fs` at `mountpoint`, puts the fd in the fd store, answers INIT, records
-    /// the session in `state` and starts serving.
+    /// the session in `state` and starts serving. A new connection: what `state` held
+    /// is discarded (a daemon that finds its fd in the fd store resumes instead).
     pub fn start(
         fs: Arc<F>,
         mountpoint: &Path,
@@ -290,7 +291,7 @@ impl<F: ReadOnlyFs> Session<F> {
         Ok(session)
     }
 
-    /// Takes over a live connection whose fd a previous daemon left (in the fd store):
+    /// Takes over a live connection whose fd (`fd`, from the fd store) a previous daemon left:
     /// no INIT (it was answered before; the settings come from `state`), then
     /// `FUSE_NOTIFY_RESEND` so requests the previous daemon had read but not answered
     /// come back. If the previous daemon died before INIT, the handshake happens here.
