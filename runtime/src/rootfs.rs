@@ -98,7 +98,19 @@ pub fn create_dir_all(root: &Path, path: &str, owner: (u32, u32)) -> Result<(), 
                     }
                     Err(e) => return Err(what(&e)),
                 }
-                let d = open_in_root(&dir, &sofar, flags).map_err(|e| what(&e))?;
+                // The directory just made, by name from its parent's fd and
+                // never through a symlink: what is chowned is what was made.
+                let how = OpenHow::new()
+                    .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
+                    .mode(Mode::empty())
+                    .resolve(
+                        ResolveFlag::RESOLVE_BENEATH
+                            | ResolveFlag::RESOLVE_NO_SYMLINKS
+                            | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+                    );
+                let fd = openat2(parent.as_raw_fd(), name, how).map_err(|e| what(&e))?;
+                // SAFETY: openat2 returned a new descriptor that nothing else owns.
+                let d = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
                 std::os::unix::fs::fchown(&d, Some(owner.0), Some(owner.1))
                     .map_err(|e| what(&e))?;
                 d

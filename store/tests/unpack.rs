@@ -463,6 +463,8 @@ fn bombs_and_wrong_diff_ids_are_refused() {
 // snapshotter later gives a lower layer's owner and mode. One that a later
 // entry replaces (here by a symlink to /tmp) or lists itself is no longer
 // implicit: a fix-up of `x/secret` by path would follow `x` out of the layer.
+// (And dating directories at the end neither fails on nor re-creates ones
+// whose parent a later entry replaced.)
 #[test]
 fn implicit_parents_replaced_or_listed_later_are_not_implicit() {
     use std::os::unix::fs::MetadataExt;
@@ -494,4 +496,6 @@ fn implicit_parents_replaced_or_listed_later_are_not_implicit() {
     let y = std::fs::symlink_metadata(dest.join("y")).unwrap();
     assert_eq!((y.uid(), y.gid(), y.mode() & 0o7777), (5, 5, 0o700));
     assert!(dest.join("y/z/f").is_file());
+    // Listed directories whose parent became a file are simply gone.
+    assert_eq!(std::fs::read(dest.join("d")).unwrap(), b"now a file");
 }
