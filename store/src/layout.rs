@@ -59,9 +59,14 @@ pub fn create_dir_all(path: &Path, mode: u32) -> io::Result<()> {
 }
 
 /// Take the bits in `strip` off `path` if it has any (a directory or file
-/// the store made: a symlink in its place is left alone). Whether it changed.
-fn strip_bits(path: &Path, strip: u32) -> Result<bool> {
-    let m = match fs::symlink_metadata(path) {
+/// the store made: a symlink in its place is left alone, unless `follow`,
+/// for ROOT, which the admin may give as a symlink). Whether it changed.
+fn strip_bits(path: &Path, strip: u32, follow: bool) -> Result<bool> {
+    let m = match if follow {
+        fs::metadata(path)
+    } else {
+        fs::symlink_metadata(path)
+    } {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(Error::io("stat", path, e)),
@@ -69,9 +74,15 @@ fn strip_bits(path: &Path, strip: u32) -> Result<bool> {
     if m.file_type().is_symlink() || m.mode() & strip == 0 {
         return Ok(false);
     }
-    fs::set_permissions(path, fs::Permissions::from_mode(m.mode() & 0o7777 & !strip))
-        .map_err(|e| Error::io("chmod", path, e))?;
-    Ok(true)
+    match fs::set_permissions(path, fs::Permissions::from_mode(m.mode() & 0o7777 & !strip)) {
+        Ok(()) => Ok(true),
+        // A store on a read-only filesystem is read as it is.
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
+            tracing::warn!(path = %path.display(), "read-only: cannot close it to other users");
+            Ok(false)
+        }
+        Err(e) => Err(Error::io("chmod", path, e)),
+    }
 }
 
 /// Create ROOT if missing (0711; its parents as the umask makes them), and
@@ -86,18 +97,18 @@ pub fn secure_root(root: &Path) -> Result<()> {
     // loosened since), whose container directories are open too.
     let was_open = m.mode() & 0o066 != 0;
     for d in PRIVATE_DIRS {
-        strip_bits(&root.join(d), 0o077)?;
+        strip_bits(&root.join(d), 0o077, false)?;
     }
-    strip_bits(&root.join("containers"), 0o066)?;
+    strip_bits(&root.join("containers"), 0o066, false)?;
     for f in FILES {
-        strip_bits(&root.join(f), 0o077)?;
+        strip_bits(&root.join(f), 0o077, false)?;
     }
     if was_open {
         let containers = root.join("containers");
         match fs::read_dir(&containers) {
             Ok(rd) => {
                 for e in rd.flatten() {
-                    strip_bits(&e.path(), 0o077)?;
+                    strip_bits(&e.path(), 0o077, false)?;
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -108,7 +119,7 @@ pub fn secure_root(root: &Path) -> Result<()> {
             Ok(rd) => {
                 for e in rd.flatten() {
                     if e.file_type().is_ok_and(|t| t.is_dir()) {
-                        strip_bits(&e.path(), 0o077)?;
+                        strip_bits(&e.path(), 0o077, false)?;
                     }
                 }
             }
@@ -117,7 +128,7 @@ pub fn secure_root(root: &Path) -> Result<()> {
         }
     }
     // Last: ROOT closed says everything below was closed.
-    strip_bits(root, 0o066)?;
+    strip_bits(root, 0o066, true)?;
     Ok(())
 }
 
@@ -196,5 +207,13 @@ mod tests {
         secure_root(&root).unwrap();
         assert_eq!(mode(&root.join("containers/c1")), 0o710);
         assert_eq!(mode(&root.join("ingest")), 0o700);
+
+        // --root given as a symlink: the directory it names is closed.
+        let real = t.path().join("real");
+        fs::create_dir(&real).unwrap();
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink(&real, t.path().join("via-link")).unwrap();
+        secure_root(&t.path().join("via-link")).unwrap();
+        assert_eq!(mode(&real), 0o711);
     }
 }
