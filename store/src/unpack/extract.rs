@@ -527,26 +527,45 @@ impl Extractor {
                 self.stats.file_bytes += e.size;
             }
             Kind::Dir => {
+                // As a file: made with the entry's permission bits, then
+                // chown and chmod only where that does not give what the
+                // entry says (a directory the layer had already, a setgid
+                // parent, whose group and bit a new directory takes, another
+                // owner, bits the umask strips, setuid/setgid/sticky).
+                let setgid_parent =
+                    !self.setgid_dirs.is_empty() && self.setgid_dirs.contains(&dirs.join(&b'/'));
+                let create_mode = e.mode & 0o777;
+                let chown = kept_dir || setgid_parent || (uid, gid) != self.owner;
+                let chmod =
+                    kept_dir || setgid_parent || e.mode & 0o7777 != create_mode & !self.umask;
                 let parent = self.parent(dirs, path)?;
                 if !kept_dir {
-                    sys::mkdirat(parent, &name, 0o700)
+                    sys::mkdirat(parent, &name, create_mode)
                         .map_err(|x| err(path, io_reason("mkdir", &x)))?;
                 }
-                // Attributes through the directory's own fd: nothing that
-                // takes the name can be followed anywhere else.
-                let parent = self.parent(dirs, path)?;
-                let dir = sys::resolve_beneath(parent, &name, libc::O_RDONLY | libc::O_DIRECTORY)
-                    .map_err(|x| err(path, io_reason("opening the directory", &x)))?;
-                let fd = dir.as_fd();
-                sys::fchown(fd, uid, gid).map_err(|x| err(path, io_reason("chown", &x)))?;
-                sys::fchmod(fd, e.mode).map_err(|x| err(path, io_reason("chmod", &x)))?;
-                for (k, v) in &xattrs {
-                    sys::fsetxattr(fd, k, v).map_err(|x| err(path, io_reason("setxattr", &x)))?;
-                }
-                if over_whiteout {
-                    let attr = CString::new(OPAQUE_XATTR).unwrap();
-                    sys::fsetxattr(fd, &attr, b"y")
-                        .map_err(|x| err(path, io_reason("marking opaque", &x)))?;
+                if chown || chmod || !xattrs.is_empty() || over_whiteout {
+                    // Through the directory's own fd: nothing that takes
+                    // the name can be followed anywhere else.
+                    let parent = self.parent(dirs, path)?;
+                    let dir =
+                        sys::resolve_beneath(parent, &name, libc::O_RDONLY | libc::O_DIRECTORY)
+                            .map_err(|x| err(path, io_reason("opening the directory", &x)))?;
+                    let fd = dir.as_fd();
+                    if chown {
+                        sys::fchown(fd, uid, gid).map_err(|x| err(path, io_reason("chown", &x)))?;
+                    }
+                    if chmod {
+                        sys::fchmod(fd, e.mode).map_err(|x| err(path, io_reason("chmod", &x)))?;
+                    }
+                    for (k, v) in &xattrs {
+                        sys::fsetxattr(fd, k, v)
+                            .map_err(|x| err(path, io_reason("setxattr", &x)))?;
+                    }
+                    if over_whiteout {
+                        let attr = CString::new(OPAQUE_XATTR).unwrap();
+                        sys::fsetxattr(fd, &attr, b"y")
+                            .map_err(|x| err(path, io_reason("marking opaque", &x)))?;
+                    }
                 }
                 // Listed: its own entry's attributes, not a lower layer's.
                 self.implicit_dirs.remove(&key);
