@@ -467,3 +467,34 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     }
     sync_dir(dir)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Every name is read (more than one getdents64 buffer), a hardlinked
+    // inode counts once, and a symlink to a directory outside (what a
+    // container can swap in for one of its directories) is not walked.
+    #[test]
+    fn tree_usage_counts_the_tree_and_nothing_behind_its_symlinks() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = t.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("big"), vec![1u8; 1 << 20]).unwrap();
+        let tree = t.path().join("tree");
+        fs::create_dir_all(tree.join("d/e")).unwrap();
+        let long = "n".repeat(200);
+        for i in 0..1000 {
+            fs::write(tree.join("d").join(format!("{long}{i}")), b"x").unwrap();
+        }
+        fs::write(tree.join("d/e/f"), b"12345").unwrap();
+        fs::hard_link(tree.join("d/e/f"), tree.join("link")).unwrap();
+        std::os::unix::fs::symlink(&outside, tree.join("d/e/away")).unwrap();
+        let u = tree_usage(&tree);
+        // d, d/e, 1000 files, f (link is the same inode), the symlink.
+        assert_eq!(u.inodes, 2 + 1000 + 1 + 1);
+        let away = outside.to_str().unwrap().len() as u64;
+        assert_eq!(u.file_bytes, 1000 + 5 + away);
+        assert_eq!(tree_usage(&t.path().join("missing")), TreeUsage::default());
+    }
+}

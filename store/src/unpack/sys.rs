@@ -261,38 +261,50 @@ pub fn flistxattr(fd: BorrowedFd<'_>) -> io::Result<Vec<CString>> {
 }
 
 /// The names in the directory open as `dir` (not `.` and `..`), each with
-/// its d_type (DT_UNKNOWN where the filesystem does not say).
+/// its d_type (DT_UNKNOWN where the filesystem does not say), read from the
+/// fd's offset (callers pass a directory they just opened) with getdents64
+/// on the fd itself: no DIR stream, so no dup of the fd.
 pub fn read_names(dir: BorrowedFd<'_>) -> io::Result<Vec<(CString, u8)>> {
-    // SAFETY: dup gives readdir its own fd to own and close.
-    let dup = cvt(unsafe { libc::fcntl(dir.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) })?;
-    // SAFETY: dup is a valid directory fd that the DIR stream now owns.
-    let dirp = unsafe { libc::fdopendir(dup) };
-    if dirp.is_null() {
-        let e = io::Error::last_os_error();
-        // SAFETY: fdopendir failed, so we still own dup.
-        unsafe { libc::close(dup) };
-        return Err(e);
-    }
-    // The dup shares its offset with `dir`: start from the top.
-    // SAFETY: dirp is a valid DIR stream.
-    unsafe { libc::rewinddir(dirp) };
+    // struct linux_dirent64: d_ino u64, d_off i64, d_reclen u16, d_type u8,
+    // d_name (NUL-terminated, padded to the record's length).
+    const NAME_AT: usize = 19;
+    let mut buf = vec![0u8; 32 << 10];
     let mut names = Vec::new();
     loop {
-        // SAFETY: dirp is a valid DIR stream.
-        let ent = unsafe { libc::readdir(dirp) };
-        if ent.is_null() {
-            break;
+        // SAFETY: valid fd and a buffer of the given length.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_getdents64,
+                dir.as_raw_fd(),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
         }
-        // SAFETY: d_name is NUL-terminated within the dirent.
-        let n = unsafe { CStr::from_ptr((*ent).d_name.as_ptr()) };
-        if n.to_bytes() != b"." && n.to_bytes() != b".." {
-            // SAFETY: ent is valid until the next readdir.
-            names.push((n.to_owned(), unsafe { (*ent).d_type }));
+        if n == 0 {
+            return Ok(names);
+        }
+        let mut at = 0usize;
+        while at + NAME_AT <= n as usize {
+            let reclen = u16::from_ne_bytes([buf[at + 16], buf[at + 17]]) as usize;
+            if reclen < NAME_AT || at + reclen > n as usize {
+                return Err(io::Error::other("getdents64: malformed record"));
+            }
+            let d_type = buf[at + 18];
+            let name = CStr::from_bytes_until_nul(&buf[at + NAME_AT..at + reclen])
+                .map_err(|_| io::Error::other("getdents64: name without NUL"))?;
+            if name.to_bytes() != b"." && name.to_bytes() != b".." {
+                names.push((name.to_owned(), d_type));
+            }
+            at += reclen;
         }
     }
-    // SAFETY: closes the stream and dup.
-    unsafe { libc::closedir(dirp) };
-    Ok(names)
 }
 
 pub fn fchown(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
