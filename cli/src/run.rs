@@ -159,9 +159,10 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
     if userns.is_some() && a.net == "host" {
         bail!("--userns needs a network namespace of its own: not with --net host (as docker)");
     }
+    let start_timeout = start_timeout()?;
     let img = store.image(&a.reference)?;
     let config: ImageConfig = {
-        let bytes = store.read_blob(&parse_digest(&img.config.digest)?, 32 << 20)?;
+        let bytes = store.read_config(&parse_digest(&img.config.digest)?)?;
         #[derive(serde::Deserialize)]
         struct Wrapper {
             config: Option<ImageConfig>,
@@ -189,6 +190,17 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
             img.name
         );
     }
+    // The image config is hostile input: every entry that reaches the
+    // container's init is checked here, naming where it came from (see
+    // cstore_runtime::validate), before anything is made.
+    cstore_runtime::validate::args(&args).map_err(|e| {
+        let from = if a.command.is_empty() && a.entrypoint.is_none() {
+            "its Entrypoint and Cmd"
+        } else {
+            "the command given"
+        };
+        anyhow::anyhow!("image {}: {e} (from {from})", img.name)
+    })?;
 
     // I/O limits: all on one device.
     let mut io: Option<((u32, u32), IoLimits)> = None;
@@ -251,20 +263,26 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
         .or(config.working_dir.clone())
         .filter(|w| !w.is_empty())
         .unwrap_or_else(|| "/".into());
-    if !cwd.starts_with('/') {
-        bail!("working directory {cwd:?}: must be an absolute path");
-    }
+    cstore_runtime::validate::cwd(&cwd).map_err(|e| match &a.workdir {
+        Some(w) if !w.is_empty() => anyhow::anyhow!("-w: {e}"),
+        _ => anyhow::anyhow!("image {}: {e} (its WorkingDir)", img.name),
+    })?;
     let cwd = cstore_runtime::rootfs::clean_absolute(&cwd);
     let mut env = config.env.clone().unwrap_or_else(|| {
         vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()]
     });
+    for e in &env {
+        cstore_runtime::validate::env_entry(e)
+            .map_err(|e| anyhow::anyhow!("image {}: {e} (its Env)", img.name))?;
+    }
     for e in &a.env {
-        if !e.contains('=') {
-            bail!("-e {e:?}: expected KEY=VALUE");
-        }
+        cstore_runtime::validate::env_entry(e).map_err(|e| anyhow::anyhow!("-e: {e}"))?;
         let key = e.split('=').next().unwrap_or("");
         env.retain(|x| x.split('=').next() != Some(key));
         env.push(e.clone());
+    }
+    if let Some(h) = &a.hostname {
+        cstore_runtime::validate::hostname(h).map_err(|e| anyhow::anyhow!("--hostname: {e}"))?;
     }
 
     let id = a
@@ -335,6 +353,10 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
     // The container's root owns what is made for it.
     let root_ids = userns.as_ref().map_or((0, 0), |u| (u.uid.host, u.gid.host));
     let user = cstore_runtime::user::resolve(&rootfs, &user)
+        .and_then(|u| match &userns {
+            Some(ns) => ns.check_user(&user, &u).map(|()| u),
+            None => Ok(u),
+        })
         .map_err(anyhow::Error::from)
         .and_then(|u| {
             cstore_runtime::rootfs::create_dir_all(&rootfs, &cwd, root_ids)
@@ -376,6 +398,7 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
         tty: a.tty,
         interactive: a.interactive,
         userns,
+        start_timeout,
     };
     // Both databases stay as they are until the container runs: a reaper
     // closing one (allocating, syncing) while libcontainer clones this
@@ -400,7 +423,15 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
         }
     }
     cleanup(a.rm);
-    Ok(result?)
+    // A container that did not start says which image it was.
+    result.map_err(|e| match e {
+        cstore_runtime::Error::Input(_)
+        | cstore_runtime::Error::NotStarted { .. }
+        | cstore_runtime::Error::StartTimeout { .. } => {
+            anyhow::Error::from(e).context(format!("image {}", img.name))
+        }
+        e => e.into(),
+    })
 }
 
 /// The rootfs for a container in user namespace `u`: the image's layers
@@ -464,6 +495,21 @@ fn mount_userns(
         }
     }
     Ok(())
+}
+
+/// `$CSTORE_START_TIMEOUT` (seconds), else the runtime's default.
+fn start_timeout() -> Result<std::time::Duration> {
+    match std::env::var("CSTORE_START_TIMEOUT") {
+        Err(_) => Ok(cstore_runtime::START_TIMEOUT),
+        Ok(v) => v
+            .parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && *s > 0.0 && *s <= 86400.0)
+            .map(std::time::Duration::from_secs_f64)
+            .with_context(|| {
+                format!("CSTORE_START_TIMEOUT={v:?}: expected seconds (more than 0, at most 86400)")
+            }),
+    }
 }
 
 fn rand_id() -> u64 {

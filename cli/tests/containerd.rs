@@ -1229,3 +1229,74 @@ fn sigkill_during_prepare_commit_traffic_leaves_no_half_snapshot() {
         "no orphaned directories after Cleanup"
     );
 }
+
+/// Issue 12, finding 8: a NUL in a key, name or parent is InvalidArgument
+/// through the real socket. Before, Prepare of "q\0r" on "p" was indexed
+/// as a child of an unrelated snapshot "p\0q", which Remove then refused
+/// ("it has children").
+#[test]
+fn grpc_refuses_nul_in_keys_names_and_parents() {
+    const INVALID_ARGUMENT: i32 = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let cs = Cstore::new();
+    let sock = dir.path().join("sn.sock");
+    let _sn = Snapshotter::start(&cs, &sock, &dir.path().join("sn.log"));
+    runtime().block_on(async {
+        let mut c = SnapshotsClient::connect(format!("unix://{}", sock.display()))
+            .await
+            .unwrap();
+        let commit = |name: &str, key: &str| api::CommitSnapshotRequest {
+            snapshotter: "cstore".into(),
+            name: name.into(),
+            key: key.into(),
+            labels: Default::default(),
+        };
+        c.prepare(prepare_req("p-active", "", &[])).await.unwrap();
+        c.commit(commit("p", "p-active")).await.unwrap();
+        c.prepare(prepare_req("c-active", "p", &[])).await.unwrap();
+        // A layer as cstore's unpack names it (its chain ID).
+        let chain = format!("sha256:{}", "a".repeat(64));
+        c.prepare(prepare_req("l-active", "", &[])).await.unwrap();
+        c.commit(commit(&chain, "l-active")).await.unwrap();
+        let refused = [
+            c.prepare(prepare_req("q\0r", "p", &[])).await.unwrap_err(),
+            c.prepare(prepare_req("k", "p\0q", &[])).await.unwrap_err(),
+            c.view(api::ViewSnapshotRequest {
+                snapshotter: "cstore".into(),
+                key: "v\0w".into(),
+                parent: "p".into(),
+                labels: Default::default(),
+            })
+            .await
+            .unwrap_err(),
+            c.commit(commit("c\0x", "c-active")).await.unwrap_err(),
+            // The layer-sharing path of Prepare names its alias after the
+            // key: "ns\0/1/<chain>" is refused as an alias, then as a key.
+            c.prepare(prepare_req(
+                &format!("ns\0/1/extract-0 {chain}"),
+                "",
+                &[(REF_LABEL, &chain)],
+            ))
+            .await
+            .unwrap_err(),
+        ];
+        for e in refused {
+            assert_eq!(i32::from(e.code()), INVALID_ARGUMENT, "{e:?}");
+            assert!(e.message().contains("contains a NUL byte"), "{e:?}");
+        }
+        let names: BTreeSet<String> = list!(c, vec![]).into_iter().map(|i| i.name).collect();
+        assert_eq!(
+            names,
+            BTreeSet::from(["p".into(), "c-active".into(), chain.clone()])
+        );
+        for key in ["c-active", "p", &chain] {
+            c.remove(api::RemoveSnapshotRequest {
+                snapshotter: "cstore".into(),
+                key: key.into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("remove {key}: {e:?}"));
+        }
+        assert!(list!(c, vec![]).is_empty());
+    });
+}

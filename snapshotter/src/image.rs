@@ -15,6 +15,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use cstore_store::confined::TreeDir;
+use cstore_store::image_config::ImageConfigHead;
 use cstore_store::media::layer_compression;
 use cstore_store::meta::{DescriptorRecord, ImageRecord};
 use cstore_store::reference::parse_digest;
@@ -58,35 +59,13 @@ pub struct Layer {
 /// The image's layers with their diff_ids (from the config) and chain IDs.
 pub fn layers_of(store: &Store, image: &ImageRecord) -> Result<Vec<Layer>> {
     let config_digest = parse_digest(&image.config.digest)?;
-    let bytes = store.read_blob(&config_digest, 32 << 20)?;
-    #[derive(serde::Deserialize)]
-    struct Config {
-        rootfs: RootFs,
-    }
-    #[derive(serde::Deserialize)]
-    struct RootFs {
-        diff_ids: Vec<String>,
-    }
-    let config: Config = serde_json::from_slice(&bytes).map_err(|e| {
-        Error::Store(cstore_store::Error::Malformed {
-            what: format!("config {} of {}", image.config.digest, image.name),
-            reason: e.to_string(),
-        })
-    })?;
+    let bytes = store.read_config(&config_digest)?;
+    // The pull checked this already; a store written before it did may hold
+    // an image whose config does not describe its layers.
+    let what = format!("config {} of {}", image.config.digest, image.name);
+    let config = ImageConfigHead::parse(&bytes, &what)?;
+    config.check_layers(image.layers.len(), &what)?;
     let diff_ids = config.rootfs.diff_ids;
-    if diff_ids.len() != image.layers.len() {
-        return Err(Error::Store(cstore_store::Error::Malformed {
-            what: format!("image {}", image.name),
-            reason: format!(
-                "{} layers but {} diff_ids in the config",
-                image.layers.len(),
-                diff_ids.len()
-            ),
-        }));
-    }
-    for d in &diff_ids {
-        parse_digest(d)?;
-    }
     let chains = chain_ids(&diff_ids);
     Ok(image
         .layers

@@ -124,6 +124,24 @@ fn child_key(parent: &str, child: &str) -> String {
     format!("{parent}\0{child}")
 }
 
+/// A name this API is to store or link (key, name, parent). NUL separates
+/// parent and child in the children index, so a name holding one would
+/// read as another snapshot's child there ("p" + "q\0r" is the entry of
+/// "p\0q" with child "r").
+fn check_name(what: &str, name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "snapshot {what} must not be empty"
+        )));
+    }
+    if name.contains('\0') {
+        return Err(Error::InvalidArgument(format!(
+            "snapshot {what} {name:?} contains a NUL byte"
+        )));
+    }
+    Ok(())
+}
+
 pub struct Snapshotter {
     root: PathBuf,
     db: DbFile,
@@ -304,10 +322,9 @@ impl Snapshotter {
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
-        if key.is_empty() {
-            return Err(Error::InvalidArgument(
-                "snapshot key must not be empty".into(),
-            ));
+        check_name("key", key)?;
+        if let Some(p) = parent {
+            check_name("parent", p)?;
         }
         let staging = self.new_staging()?;
         let res = self.transact(
@@ -426,11 +443,7 @@ impl Snapshotter {
         mut labels: BTreeMap<String, String>,
     ) -> Result<()> {
         drop_empty(&mut labels);
-        if name.is_empty() {
-            return Err(Error::InvalidArgument(
-                "snapshot name must not be empty".into(),
-            ));
-        }
+        check_name("name", name)?;
         // Measure outside the transaction: it walks the tree.
         let id = self
             .read(|txn| Ok(self.get(txn, key)?.map(|r| r.id)))?
@@ -484,6 +497,10 @@ impl Snapshotter {
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
     ) -> Result<()> {
+        check_name("name", name)?;
+        if let Some(p) = parent {
+            check_name("parent", p)?;
+        }
         let usage = dir_usage(&staging.join("fs"));
         let _ = fs::remove_dir_all(staging.join("work"));
         self.transact(
@@ -523,6 +540,10 @@ impl Snapshotter {
         mut labels: BTreeMap<String, String>,
     ) -> Result<()> {
         drop_empty(&mut labels);
+        check_name("name", name)?;
+        if let Some(p) = parent {
+            check_name("parent", p)?;
+        }
         self.transact(
             |txn| {
                 let src = self
@@ -774,5 +795,51 @@ pub fn dir_usage(dir: &Path) -> Usage {
     Usage {
         size: u.allocated,
         inodes: u.inodes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invalid(r: Result<impl std::fmt::Debug>, want: &str) {
+        match r {
+            Err(Error::InvalidArgument(m)) => assert!(m.contains(want), "{m}"),
+            other => panic!("expected InvalidArgument ({want}), got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn nul_in_keys_names_and_parents_is_refused_and_the_children_index_holds() {
+        let root = tempfile::tempdir().unwrap();
+        let sn = Snapshotter::open(root.path()).unwrap();
+        let none = BTreeMap::new;
+        sn.prepare("p-active", None, none()).unwrap();
+        sn.commit("p", "p-active", none()).unwrap();
+        // Before the check, this child of "p" was indexed as "p\0q\0r":
+        // the entry of a child "r" of an unrelated snapshot "p\0q".
+        invalid(sn.prepare("q\0r", Some("p"), none()), "key \"q\\0r\"");
+        invalid(sn.view("q\0r", Some("p"), none()), "contains a NUL");
+        invalid(sn.prepare("k", Some("p\0q"), none()), "parent \"p\\0q\"");
+        sn.prepare("c-active", Some("p"), none()).unwrap();
+        invalid(sn.commit("c\0x", "c-active", none()), "name \"c\\0x\"");
+        invalid(sn.alias("p", "p\0alias", None, none()), "name");
+        invalid(sn.alias("p", "alias", Some("p\0q"), none()), "parent");
+        let staging = sn.new_staging().unwrap();
+        invalid(sn.commit_dir(&staging, "d\0e", None, none()), "name");
+        invalid(sn.prepare("", None, none()), "key must not be empty");
+        // Nothing was recorded or linked: the only snapshots are the two
+        // made, and each is removable exactly when it has no child.
+        let mut names: Vec<String> = sn.list().unwrap().into_iter().map(|i| i.name).collect();
+        names.sort();
+        assert_eq!(names, ["c-active", "p"]);
+        assert!(matches!(
+            sn.remove("p"),
+            Err(Error::FailedPrecondition(m)) if m.contains("has children")
+        ));
+        sn.remove("c-active").unwrap();
+        sn.remove("p").unwrap();
+        assert!(sn.list().unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(staging);
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod confined;
 pub mod error;
+pub mod image_config;
 pub mod ingest;
 pub mod layout;
 pub mod media;

@@ -7,7 +7,8 @@
 //! ingest/ (resumed next time) and a lease whose process is gone (expired by
 //! the next `gc`).
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,6 +19,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
+use crate::image_config::{ImageConfigHead, MAX_CONFIG_BYTES};
 use crate::ingest::{Acquired, BlobWriter};
 use crate::media::{self, ManifestKind};
 use crate::meta::{BlobRecord, DescriptorRecord, ImageRecord, Lease, View};
@@ -132,7 +134,7 @@ pub async fn pull(
     // Pinned by digest and held whole: no need to ask the registry anything.
     if reference.digest().is_some() {
         if let Ok(img) = store.image(&name) {
-            if store.is_complete(&img) && img.platform == opts.platform {
+            if store.is_complete(&img) && serves(&img, &opts.platform) {
                 return Ok(up_to_date(&img, started));
             }
         }
@@ -148,6 +150,16 @@ pub async fn pull(
         let _ = store.meta().update(|t| t.remove_lease(&lease_id));
     }
     result
+}
+
+/// Does a held image answer a pull for `want`? One from an index holds the
+/// entry chosen for the platform asked then; a single manifest is recorded
+/// with its config's platform, which must run on `want`.
+fn serves(img: &ImageRecord, want: &Platform) -> bool {
+    match media::manifest_kind(&img.target.media_type) {
+        Some(ManifestKind::Index) => img.platform == *want,
+        _ => want.matches(&img.platform),
+    }
 }
 
 fn up_to_date(img: &ImageRecord, started: Instant) -> PullReport {
@@ -193,10 +205,13 @@ async fn pull_leased(
         media_type: top.media_type.clone(),
     });
     let what = format!("{name} ({})", top.digest);
-    let (manifest, platform) = match media::manifest_kind(&top.media_type) {
-        Some(ManifestKind::Manifest) => (top.clone(), opts.platform.clone()),
+    // From an index, the entry's platform; a single manifest's is known
+    // only from its config (None until that is read).
+    let (manifest, index_platform) = match media::manifest_kind(&top.media_type) {
+        Some(ManifestKind::Manifest) => (top.clone(), None),
         Some(ManifestKind::Index) => {
-            select_platform(store, client, reference, &top, &opts.platform).await?
+            let (m, p) = select_platform(store, client, reference, &top, &opts.platform).await?;
+            (m, Some(p))
         }
         Some(ManifestKind::Schema1) => return Err(Error::Schema1 { what }),
         None => {
@@ -209,10 +224,11 @@ async fn pull_leased(
 
     // Same target as the ref we hold, and all of it present: nothing to do.
     if let Ok(held) = store.image(&name) {
-        if held.target.digest == top.digest.as_ref()
-            && held.platform == platform
-            && store.is_complete(&held)
-        {
+        let same_platform = match &index_platform {
+            Some(p) => held.platform == *p,
+            None => opts.platform.matches(&held.platform),
+        };
+        if held.target.digest == top.digest.as_ref() && same_platform && store.is_complete(&held) {
             return Ok(up_to_date(&held, started));
         }
     }
@@ -234,6 +250,14 @@ async fn pull_leased(
         });
     }
     let config_digest = parse_digest(config.digest().as_ref())?;
+    let config_what = format!("config {config_digest} of {name}");
+    if config.size() > MAX_CONFIG_BYTES {
+        return Err(Error::ConfigTooLarge {
+            what: config_what,
+            size: config.size(),
+            limit: MAX_CONFIG_BYTES,
+        });
+    }
     let mut blobs: Vec<(Digest, u64, String, BlobKind)> = vec![(
         config_digest.clone(),
         config.size(),
@@ -278,15 +302,66 @@ async fn pull_leased(
         put_bytes(store, &manifest).await?;
     }
 
+    // The config is checked as soon as it is in (it is fetched first, with
+    // the layers): an image that can never work is refused then, and the
+    // layer downloads still running are dropped with the stream.
+    let config_platform: OnceLock<Platform> = OnceLock::new();
+    let refused = AtomicBool::new(false);
+    let check_config = || -> Result<()> {
+        let result = (|| {
+            let bytes = store.read_config(&config_digest).map_err(|e| match e {
+                Error::ConfigTooLarge { size, limit, .. } => Error::ConfigTooLarge {
+                    what: config_what.clone(),
+                    size,
+                    limit,
+                },
+                e => e,
+            })?;
+            let head = ImageConfigHead::parse(&bytes, &config_what)?;
+            head.check_layers(layers.len(), &config_what)?;
+            let actual = head.platform();
+            // An index chose by platform already; a single manifest has only
+            // its config to say what it runs on (containerd checks the same).
+            if index_platform.is_none() && !opts.platform.matches(&actual) {
+                return Err(Error::PlatformMismatch {
+                    reference: name.clone(),
+                    wanted: opts.platform.to_string(),
+                    actual: if actual.os.is_empty() || actual.architecture.is_empty() {
+                        format!("an unnamed platform ({actual:?})")
+                    } else {
+                        actual.to_string()
+                    },
+                });
+            }
+            let _ = config_platform.set(actual);
+            Ok(())
+        })();
+        if result.is_err() {
+            refused.store(true, Ordering::Relaxed);
+        }
+        result
+    };
     let outcomes: Vec<Option<u64>> = match stream::iter(blobs.iter().cloned())
-        .map(|(d, size, _, _)| fetch_blob(store, client, reference, d, size, observer.clone()))
+        .map(|(d, size, _, kind)| {
+            let fetched = fetch_blob(store, client, reference, d, size, observer.clone());
+            let check_config = &check_config;
+            async move {
+                let n = fetched.await?;
+                if kind == BlobKind::Config {
+                    check_config()?;
+                }
+                Ok(n)
+            }
+        })
         .buffer_unordered(opts.max_concurrent.max(1))
         .try_collect()
         .await
     {
         Ok(o) => o,
         Err(e) => {
-            if matches!(e, Error::NoSpace { .. }) {
+            // A refused image's layers will not be pulled as it is: their
+            // partials are litter, like those that a full disk cannot use.
+            if matches!(e, Error::NoSpace { .. }) || refused.load(Ordering::Relaxed) {
                 let digests = blobs.iter().map(|(d, ..)| d.clone()).collect();
                 discard_partials(store, digests).await;
             }
@@ -327,6 +402,13 @@ async fn pull_leased(
             },
         ));
     }
+    // Recorded as what it is: the index entry, or the config's own word.
+    let platform = match index_platform {
+        Some(p) => p,
+        None => config_platform
+            .into_inner()
+            .expect("the config was checked with the blobs"),
+    };
     let image = ImageRecord {
         name: name.clone(),
         target: descriptor(&top.media_type, &top.digest, top.bytes.len() as u64),

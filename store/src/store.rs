@@ -105,8 +105,31 @@ impl Store {
         self.inner.dirs.blob_path(digest)
     }
 
-    /// Read a small blob (manifest, config) whole, refusing anything over `limit`.
+    /// Read a manifest or index whole, refusing anything over `limit`.
     pub fn read_blob(&self, digest: &Digest, limit: u64) -> Result<Vec<u8>> {
+        self.read_small(digest, limit, |_| Error::ManifestTooLarge {
+            what: format!("blob {digest}"),
+            limit,
+        })
+    }
+
+    /// Read an image config whole, refusing one over `MAX_CONFIG_BYTES`
+    /// (every reader of configs comes here: one limit, one wording).
+    pub fn read_config(&self, digest: &Digest) -> Result<Vec<u8>> {
+        let limit = crate::image_config::MAX_CONFIG_BYTES;
+        self.read_small(digest, limit, |size| Error::ConfigTooLarge {
+            what: format!("config {digest}"),
+            size,
+            limit,
+        })
+    }
+
+    fn read_small(
+        &self,
+        digest: &Digest,
+        limit: u64,
+        too_large: impl FnOnce(u64) -> Error,
+    ) -> Result<Vec<u8>> {
         let path = self.blob_path(digest);
         let meta = match fs::metadata(&path) {
             Ok(m) => m,
@@ -116,10 +139,7 @@ impl Store {
             Err(e) => return Err(Error::io("stat", &path, e)),
         };
         if meta.len() > limit {
-            return Err(Error::ManifestTooLarge {
-                what: format!("blob {digest}"),
-                limit,
-            });
+            return Err(too_large(meta.len()));
         }
         let mut bytes = Vec::with_capacity(meta.len() as usize);
         self.inner
