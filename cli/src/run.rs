@@ -302,7 +302,7 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
     }
     let dir: PathBuf = containers::dir(store, &id);
     let rootfs = dir.join("rootfs");
-    std::fs::create_dir_all(&rootfs).with_context(|| format!("creating {}", rootfs.display()))?;
+    containers::create_dir(store, &id)?;
     let key = containers::snapshot_key(&id);
     let labels = BTreeMap::from([
         ("cstore.io/container".to_string(), id.clone()),
@@ -445,16 +445,25 @@ fn mount_userns(
     rootfs: &Path,
     u: &Userns,
 ) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let owner = (u.uid.host, u.gid.host);
-    // Ours: made searchable (not listable) by others, as containerd's root is.
-    for d in [root, &root.join("containers"), dir] {
+    // The container's root walks ROOT/containers/NAME/rootfs as an
+    // unprivileged host user: ROOT and containers/ are searchable by all
+    // (0711, as containerd's root), the container's own directory by its
+    // group only: 0710, group the mapped root's gid. Other users reach no
+    // rootfs, and the layers below snapshots/ (0700) reach overlayfs
+    // through the mount cstore makes as root.
+    for d in [root, &root.join("containers")] {
         let mut p = std::fs::metadata(d)?.permissions();
         if p.mode() & 0o001 == 0 {
             p.set_mode(p.mode() | 0o001);
             std::fs::set_permissions(d, p).with_context(|| format!("chmod o+x {}", d.display()))?;
         }
     }
+    std::os::unix::fs::lchown(dir, None, Some(owner.1))
+        .with_context(|| format!("chgrp {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o710))
+        .with_context(|| format!("chmod {}", dir.display()))?;
     for d in root.ancestors().skip(1) {
         if !cstore_runtime::userns::searchable_by(d, owner)? {
             bail!(
@@ -466,7 +475,13 @@ fn mount_userns(
     }
     for m in mounts {
         if let Some(upper) = m.options.iter().find_map(|o| o.strip_prefix("upperdir=")) {
-            std::os::unix::fs::lchown(upper, Some(owner.0), Some(owner.1))
+            // The upper dir's root, through its own fd (never a symlink).
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+                .open(upper)
+                .with_context(|| format!("opening {upper}"))?;
+            std::os::unix::fs::fchown(&f, Some(owner.0), Some(owner.1))
                 .with_context(|| format!("chown {upper}"))?;
         }
     }

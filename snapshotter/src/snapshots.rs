@@ -14,9 +14,12 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use cstore_store::confined::TreeDir;
+use cstore_store::layout;
 use cstore_store::meta::{DbFile, Hold};
 use redb::{ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
@@ -147,8 +150,14 @@ pub struct Snapshotter {
 impl Snapshotter {
     /// Open (creating) the snapshot tree under `store_root/snapshots`.
     pub fn open(store_root: &Path) -> Result<Snapshotter> {
+        // Every layer tree and upper dir is below `snapshots/`, closed to
+        // other users (see cstore_store::layout), as is the store root.
+        layout::secure_root(store_root)?;
         let root = store_root.join("snapshots");
-        fs::create_dir_all(root.join("staging")).map_err(|e| Error::io("create", &root, e))?;
+        for d in [&root, &root.join("staging")] {
+            layout::create_dir(d, layout::PRIVATE_DIR_MODE)
+                .map_err(|e| Error::io("create", d, e))?;
+        }
         let sn = Snapshotter {
             db: DbFile::open(&root.join("metadata.db"))?,
             root,
@@ -285,7 +294,9 @@ impl Snapshotter {
             std::process::id(),
             rand::random::<u64>()
         ));
-        fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        // Renamed to snapshots/ID as it is: closed like its parent.
+        layout::create_dir_all(&dir, layout::PRIVATE_DIR_MODE)
+            .map_err(|e| Error::io("create", &dir, e))?;
         Ok(dir)
     }
 
@@ -293,8 +304,13 @@ impl Snapshotter {
     /// `commit_dir`). Left behind by a dead process, `cleanup` removes it.
     pub fn new_staging(&self) -> Result<PathBuf> {
         let dir = self.staging_dir()?;
-        for sub in ["fs", "work"] {
-            fs::create_dir(dir.join(sub)).map_err(|e| Error::io("create", dir.join(sub), e))?;
+        // fs gets the image's root attributes (its `./` entry, the lower
+        // layer's, or the parent's for an upper dir); work is overlay's.
+        for (sub, mode) in [("fs", 0o755), ("work", layout::PRIVATE_DIR_MODE)] {
+            fs::DirBuilder::new()
+                .mode(mode)
+                .create(dir.join(sub))
+                .map_err(|e| Error::io("create", dir.join(sub), e))?;
         }
         Ok(dir)
     }
@@ -751,14 +767,14 @@ fn drop_empty(labels: &mut BTreeMap<String, String>) {
     labels.retain(|_, v| !v.is_empty());
 }
 
+/// Give the tree root `to` (a new upper dir) the owner, mode and xattrs of
+/// the tree root `from` (its parent layer's), through fds of the two
+/// directories (cstore_store::confined).
 fn copy_root_attrs(from: &Path, to: &Path) -> Result<()> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let m = fs::symlink_metadata(from).map_err(|e| Error::io("stat", from, e))?;
-    std::os::unix::fs::lchown(to, Some(m.uid()), Some(m.gid()))
-        .map_err(|e| Error::io("chown", to, e))?;
-    fs::set_permissions(to, fs::Permissions::from_mode(m.mode() & 0o7777))
-        .map_err(|e| Error::io("chmod", to, e))?;
-    crate::image::copy_xattrs(from, to)
+    let src = TreeDir::open_root(from).map_err(|e| Error::io("open", from, e))?;
+    let dst = TreeDir::open_root(to).map_err(|e| Error::io("open", to, e))?;
+    dst.copy_attrs_from(&src)
+        .map_err(|e| Error::io("copy attributes to", to, e))
 }
 
 fn info(key: &str, r: Record) -> Info {

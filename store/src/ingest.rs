@@ -345,11 +345,14 @@ impl IngestLock {
     /// path still names the file we locked, and retry if not.
     pub(crate) fn take(path: &Path) -> Result<IngestLock> {
         loop {
+            use std::os::unix::fs::OpenOptionsExt;
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
+                // Others could flock a readable one (meta.db.lock is in ROOT).
+                .mode(crate::layout::PRIVATE_FILE_MODE)
                 .open(path)
                 .map_err(|e| write_err("ingest lock", path, e))?;
             flock(&file, libc::LOCK_EX).map_err(|e| Error::io("flock", path, e))?;

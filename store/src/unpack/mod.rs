@@ -5,7 +5,7 @@
 
 mod batch;
 pub mod extract;
-mod sys;
+pub(crate) mod sys;
 pub mod tar;
 
 use std::fs::File;
@@ -48,8 +48,10 @@ pub struct LayerStats {
     /// Bytes of the uncompressed tar stream.
     pub tar_bytes: u64,
     pub extract: ExtractStats,
-    /// Directories created for entries whose parent the layer did not list;
-    /// the layer root (an empty path) first when the layer has no `./` entry.
+    /// Directories created for entries whose parent the layer did not list,
+    /// and still directories the layer did not list when it ended (one a
+    /// later entry replaced, removed or listed is not here), sorted; the
+    /// layer root (an empty path) first when the layer has no `./` entry.
     #[serde(skip)]
     pub implicit_dirs: Vec<Vec<u8>>,
 }
@@ -171,9 +173,10 @@ pub fn unpack_layer(
         implicit_dirs: {
             let mut dirs = std::mem::take(&mut x.implicit_dirs);
             if !x.root_listed {
-                dirs.insert(0, Vec::new());
+                dirs.insert(Vec::new());
             }
-            dirs
+            // Sorted: the root (empty) first, each directory before those in it.
+            dirs.into_iter().collect()
         },
     })
 }
