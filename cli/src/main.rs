@@ -202,6 +202,8 @@ fn open_store(root: &std::path::Path) -> Result<Store> {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    // Refused up front: the store would only log it and ignore it.
+    cstore_blockio::policy::forced_kind().map_err(anyhow::Error::msg)?;
     match cli.command {
         Command::Pull {
             reference,
