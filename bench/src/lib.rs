@@ -344,6 +344,7 @@ fn notes() -> Vec<String> {
         "Emulated classes are ext4 on a loop device over a file on tmpfs; HDD and SATA are throttled with cgroup v1 blkio limits on that loop device for the processes the suite starts (cstore, fio, containerd and its shims, ctr). v1 throttles reads and O_DIRECT writes only: buffered writes are written back by the kernel outside any cgroup, so they are not throttled, and a container's own process runs in its own cgroup (cstore's or runc's), so its reads are not throttled either.".into(),
         "The throttle counts I/Os and bytes, not seeks: the emulated HDD costs as much per request in any order, so sorting by offset cannot pay off on it, and fio's sequential figure there is bound by the request count (the loop device splits 1 MiB reads into 512 KiB requests).".into(),
         "Each class's limits were measured with fio (io_uring, O_DIRECT, one job) before its workloads ran. Figures are medians over rounds with min and max; the page cache was dropped before every measured run; cstore and its peer alternate within each round.".into(),
+        "Cold cache: before every measured run the page cache is dropped and then only the tools' own executables (cstore, ctr, nsenter, runc, the shim, containerd) are read back: they live on the root disk, not on the class. A running containerd's pages stay resident (mapped pages are not dropped); cstore has no daemon.".into(),
         "containerd runs in a mount namespace of its own (ctr joins it through nsenter, a few milliseconds per ctr command).".into(),
     ]
 }

@@ -463,15 +463,20 @@ pub fn have(program: &str) -> bool {
     if program.contains('/') {
         return Path::new(program).exists();
     }
-    std::env::var_os("PATH").is_some_and(|p| {
-        std::env::split_paths(&p).any(|d| {
-            let f = d.join(program);
-            std::fs::metadata(&f).is_ok_and(|m| {
+    which(program).is_some()
+}
+
+/// `program`'s executable on PATH.
+pub fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|f| {
+            std::fs::metadata(f).is_ok_and(|m| {
                 use std::os::unix::fs::PermissionsExt;
                 m.is_file() && m.permissions().mode() & 0o111 != 0
             })
         })
-    })
 }
 
 /// Pids of every process on the machine (from /proc).

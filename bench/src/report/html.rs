@@ -66,12 +66,14 @@ fn per_class(
     r.classes
         .iter()
         .filter_map(|c| {
-            let bars: Vec<(String, super::Stat)> = c
+            let mut bars: Vec<(String, super::Stat)> = c
                 .results
                 .iter()
                 .filter(|m| m.workload == workload && m.metric == metric && m.n.is_none())
                 .map(|m| (m.tool.clone(), m.stat.clone()))
                 .collect();
+            // cstore first: the same colour in every chart.
+            bars.sort_by_key(|b| b.0 != "cstore");
             (!bars.is_empty()).then(|| Group {
                 label: c.class.title.clone(),
                 bars,
@@ -83,11 +85,10 @@ fn per_class(
         .collect()
 }
 
-fn figure(svg: &str, caption: &str) -> String {
-    format!(
-        "<figure>{svg}<figcaption>{}</figcaption></figure>\n",
-        esc(caption)
-    )
+/// The chart carries its own provenance (machine, kernel, device,
+/// filesystem), so it says where it came from when copied out alone.
+fn figure(svg: &str) -> String {
+    format!("<figure>{svg}</figure>\n")
 }
 
 pub fn html(r: &Report) -> Result<String> {
@@ -125,13 +126,13 @@ pub fn html(r: &Report) -> Result<String> {
             })
         };
         h.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}: {}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>\n",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} ({})</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>\n",
             esc(&c.class.title),
             esc(&c.class.device),
             esc(&c.class.device_detail),
             esc(&c.class.filesystem),
-            esc(&c.class.probe.kind),
             esc(&c.class.probe.policy.reason),
+            esc(&c.class.probe.chain.join(" → ")),
             l("4k randread qd32"),
             l("1m read qd8"),
             l("1m write qd8"),
@@ -170,9 +171,9 @@ pub fn html(r: &Report) -> Result<String> {
             continue;
         }
         let title = format!("Density — {}", c.class.title);
-        let foot = vec![machine_line(r), provenance(r, &c.class)];
+        let foot = vec![provenance(r, &c.class)];
         let svg = plots::density(&title, &foot, &lines, "seconds")?;
-        h.push_str(&figure(&svg, &provenance(r, &c.class)));
+        h.push_str(&figure(&svg));
     }
 
     let foot = foot_all(r);
@@ -213,7 +214,7 @@ pub fn html(r: &Report) -> Result<String> {
             esc(workload_title(workload))
         ));
         let svg = plots::bars(&format!("{title} — per class"), &foot, &groups, y, log)?;
-        h.push_str(&figure(&svg, &foot.join(" · ")));
+        h.push_str(&figure(&svg));
     }
 
     for c in r.classes.iter().filter(|c| !c.policies.is_empty()) {
@@ -255,7 +256,7 @@ pub fn html(r: &Report) -> Result<String> {
                 })
             })
             .collect();
-        let foot = vec![machine_line(r), provenance(r, &c.class)];
+        let foot = vec![provenance(r, &c.class)];
         let svg = plots::bars(
             &format!("Policy — {}", c.class.title),
             &foot,
@@ -263,7 +264,7 @@ pub fn html(r: &Report) -> Result<String> {
             "seconds",
             false,
         )?;
-        h.push_str(&figure(&svg, &provenance(r, &c.class)));
+        h.push_str(&figure(&svg));
     }
 
     h.push_str("<h2>All figures</h2>\n<p>Medians with min–max over rounds. “Ahead” is how many times better cstore (or, for the policy rows, the rotational policy) is than its peer: &gt; 1 is ahead.</p>\n");

@@ -80,7 +80,8 @@ pub fn density(title: &str, foot: &[String], lines: &[Line], y_desc: &str) -> Re
                     .find(|t| (lx(**t) - *v).abs() < 0.05)
                     .map_or(String::new(), |t| format!("{t}"))
             })
-            .light_line_style(WHITE.mix(0.0))
+            .y_label_formatter(&|v| super::html::fmt(*v))
+            .disable_x_mesh()
             .draw()
             .map_err(err)?;
         for l in lines {
@@ -197,6 +198,7 @@ pub fn bars(
                     .y_desc(y_desc)
                     .x_labels(groups.len() * 8 + 1)
                     .x_label_formatter(&xfmt)
+                    .y_label_formatter(&|v| super::html::fmt(*v))
                     .disable_x_mesh()
                     .draw()
                     .map_err(err)?;
