@@ -145,7 +145,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         self.daemon.stop(Duration::from_secs(5));
         // Whatever containerd started after the first sweep.
         self.kill_namespace(None);
-        for h in sys::v1_hierarchies() {
+        for h in sys::cgroup_hierarchies() {
             let cg = h.join(&self.ns);
             if let Err(e) = sys::remove_cgroup(&cg) {
                 eprintln!("cstore bench suite: cleanup: {e}");

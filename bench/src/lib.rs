@@ -141,7 +141,7 @@ impl Drop for Work {
 /// runc's /RUN_ID/..., and cstore's /cstore/RUN_ID-...
 fn our_cgroups(run_id: &str) -> Vec<PathBuf> {
     let mut v = Vec::new();
-    for h in sys::v1_hierarchies() {
+    for h in sys::cgroup_hierarchies() {
         for dir in [h.clone(), h.join("cstore")] {
             for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
                 if e.file_name().to_string_lossy().starts_with(run_id)

@@ -65,14 +65,16 @@ pub fn blkio_root() -> Option<PathBuf> {
     })
 }
 
-/// Every v1 hierarchy's mount point (for sweeping our cgroups out of all).
-pub fn v1_hierarchies() -> Vec<PathBuf> {
+/// Every cgroup hierarchy's mount point, v1 and v2 (runc makes its
+/// container's cgroup in each, the hybrid layout's v2 "unified" one too):
+/// for sweeping our cgroups out of all.
+pub fn cgroup_hierarchies() -> Vec<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     info.lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split(' ').collect();
             let sep = f.iter().position(|x| *x == "-")?;
-            (*f.get(sep + 1)? == "cgroup").then(|| PathBuf::from(f[4]))
+            matches!(*f.get(sep + 1)?, "cgroup" | "cgroup2").then(|| PathBuf::from(f[4]))
         })
         .collect()
 }
@@ -143,7 +145,8 @@ pub fn umount(p: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Remove a cgroup directory (v1): kill what is left in it first.
+/// Remove a cgroup directory and those under it: kill what is left in
+/// each first.
 pub fn remove_cgroup(dir: &Path) -> Result<()> {
     if !dir.exists() {
         return Ok(());
