@@ -316,9 +316,19 @@ pub fn run(opts: &Options, progress: &dyn Fn(&str)) -> Result<Report> {
             class.info.probe.kind,
             class.info.probe.policy.reason
         ));
-        let r = workload::run_class(&ctx, &class)?;
+        let r = workload::run_class(&ctx, &class);
+        if r.is_err() {
+            // Failed or stopped midway: containers may still run in their
+            // own cgroups (cstore's /cstore/RUN_ID-*, runc's /RUN_ID/*).
+            // Killed first, so nothing keeps the class's mounts busy.
+            for cg in our_cgroups(&run_id) {
+                if let Err(e) = sys::remove_cgroup(&cg) {
+                    eprintln!("cstore bench suite: cleanup: {e}");
+                }
+            }
+        }
         drop(class);
-        report.classes.push(r);
+        report.classes.push(r?);
     }
     drop(work);
     let left = leftovers(&run_id, &dir);

@@ -230,6 +230,7 @@ impl Cmd {
         Ok(Running {
             child,
             cmd: self.clone(),
+            reaped: false,
         })
     }
 
@@ -316,6 +317,17 @@ fn kill_group(g: i32, sig: libc::c_int) {
 pub struct Running {
     pub child: Child,
     pub cmd: Cmd,
+    reaped: bool,
+}
+
+impl Drop for Running {
+    /// Never left behind: one dropped unwaited (an error elsewhere) is
+    /// killed with its group and reaped.
+    fn drop(&mut self) {
+        if !self.reaped {
+            self.kill();
+        }
+    }
 }
 
 impl Running {
@@ -347,6 +359,7 @@ impl Running {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&(pid as i32));
+        self.reaped = true;
         // Anything left in its group (a forked helper) goes with it.
         kill_group(pid as i32, libc::SIGKILL);
         let st = self.child.wait().map_err(|e| Error::Command {
@@ -361,8 +374,10 @@ impl Running {
 
     /// SIGKILL its group and reap it.
     pub fn kill(&mut self) {
-        kill_group(self.child.id() as i32, libc::SIGKILL);
-        let _ = self.wait();
+        if !self.reaped {
+            kill_group(self.child.id() as i32, libc::SIGKILL);
+            let _ = self.wait();
+        }
     }
 }
 
