@@ -188,7 +188,8 @@ fn io_file(class: &Class) -> PathBuf {
     class.dir.join("io.dat")
 }
 
-fn fio(ctx: &Ctx, class: &Class, rw: &str, bs: &str, qd: u32) -> Result<IoFigure> {
+/// fio with `jobs` jobs (each its own ring) of `qd` I/Os in flight.
+fn fio(ctx: &Ctx, class: &Class, rw: &str, bs: &str, qd: u32, jobs: u64) -> Result<IoFigure> {
     let out = Cmd::new("fio", "fio on the class")
         .arg("--name=bench")
         .arg(format!("--filename={}", io_file(class).display()))
@@ -201,9 +202,10 @@ fn fio(ctx: &Ctx, class: &Class, rw: &str, bs: &str, qd: u32) -> Result<IoFigure
             "--ioengine=io_uring",
             "--direct=1",
             "--time_based",
-            "--numjobs=1",
+            "--group_reporting",
             "--output-format=json",
         ])
+        .arg(format!("--numjobs={jobs}"))
         .cgroup(class.cgroup.as_deref())
         .output()?;
     // fio may print notes before its JSON.
@@ -220,11 +222,13 @@ fn fio(ctx: &Ctx, class: &Class, rw: &str, bs: &str, qd: u32) -> Result<IoFigure
     })
 }
 
-fn bench_io(ctx: &Ctx, class: &Class, rw: &str, bs: &str, qd: u32) -> Result<IoFigure> {
+fn bench_io(ctx: &Ctx, class: &Class, rw: &str, bs: &str, qd: u32, rings: u64) -> Result<IoFigure> {
     let out = Cmd::new(ctx.cstore, "cstore bench io on the class")
         .args(["bench", "io", "--rw", rw, "--bs", bs])
         .arg("--qd")
         .arg(qd.to_string())
+        .arg("--rings")
+        .arg(rings.to_string())
         .arg("--size")
         .arg(ctx.plan.io_size.to_string())
         .arg("--runtime")
@@ -251,7 +255,7 @@ fn limits(ctx: &Ctx, class: &Class) -> Result<Vec<Limit>> {
         ("1m read qd8", "read", "1m", 8),
         ("1m write qd8", "write", "1m", 8),
     ] {
-        let f = fio(ctx, class, rw, bs, qd)?;
+        let f = fio(ctx, class, rw, bs, qd, 1)?;
         ctx.say(
             class,
             &format!(
@@ -269,8 +273,11 @@ fn limits(ctx: &Ctx, class: &Class) -> Result<Vec<Limit>> {
     Ok(out)
 }
 
+/// Both tools with as many rings (fio: jobs) as cstore's policy gives the
+/// class: one on a rotational device, one per core on memory or NVMe.
 fn io(ctx: &Ctx, class: &Class) -> Result<Vec<Measurement>> {
     let mut out = Vec::new();
+    let rings = class.info.probe.policy.rings.max(1);
     for (workload, rw, bs, qd, metric, unit) in [
         ("io-4k-randread", "randread", "4k", 32, "iops", "IOPS"),
         ("io-1m-read", "read", "1m", 8, "mb/s", "MB/s"),
@@ -284,8 +291,8 @@ fn io(ctx: &Ctx, class: &Class) -> Result<Vec<Measurement>> {
                     x.bytes_per_s / 1e6
                 }
             };
-            let a = pick(fio(ctx, class, rw, bs, qd)?);
-            let b = pick(bench_io(ctx, class, rw, bs, qd)?);
+            let a = pick(fio(ctx, class, rw, bs, qd, rings)?);
+            let b = pick(bench_io(ctx, class, rw, bs, qd, rings)?);
             ctx.say(
                 class,
                 &format!(

@@ -2,7 +2,7 @@
 //! fetched.
 
 use super::plots::{self, Group, Line};
-use super::{provenance, workload_title, ClassReport, Report};
+use super::{goals, provenance, workload_title, ClassReport, Report};
 use crate::error::Result;
 
 pub fn esc(s: &str) -> String {
@@ -57,12 +57,7 @@ fn limit(c: &ClassReport, name: &str) -> Option<(f64, f64)> {
 }
 
 /// Bars per class for one workload: cstore and its peer.
-fn per_class(
-    r: &Report,
-    workload: &str,
-    metric: &str,
-    limit_of: Option<&dyn Fn(&ClassReport) -> Option<f64>>,
-) -> Vec<Group> {
+fn per_class(r: &Report, workload: &str, metric: &str, limit_of: LimitOf) -> Vec<Group> {
     r.classes
         .iter()
         .filter_map(|c| {
@@ -87,6 +82,9 @@ fn per_class(
 
 /// The chart carries its own provenance (machine, kernel, device,
 /// filesystem), so it says where it came from when copied out alone.
+/// A class's limit to draw as a line across its bars.
+type LimitOf<'a> = Option<&'a dyn Fn(&ClassReport) -> Option<f64>>;
+
 fn figure(svg: &str) -> String {
     format!("<figure>{svg}</figure>\n")
 }
@@ -117,6 +115,21 @@ pub fn html(r: &Report) -> Result<String> {
         esc(&r.run_id),
         r.seconds
     ));
+
+    h.push_str("<h2>Goals</h2>\n<table><tr><th>goal</th><th>met</th><th>figures</th></tr>\n");
+    for g in goals(r) {
+        let (cls, met) = match g.met {
+            Some(true) => ("good", "yes"),
+            Some(false) => ("bad", "no"),
+            None => ("", "not measured"),
+        };
+        h.push_str(&format!(
+            "<tr><td>{}</td><td class=\"{cls}\">{met}</td><td>{}</td></tr>\n",
+            esc(&g.goal),
+            esc(&g.detail)
+        ));
+    }
+    h.push_str("</table>\n");
 
     h.push_str("<h2>Storage classes</h2>\n<table><tr><th>class</th><th>device</th><th>how</th><th>filesystem</th><th>cstore's probe and policy</th><th>fio 4K randread QD32</th><th>fio 1M read</th><th>fio 1M write</th></tr>\n");
     for c in &r.classes {
@@ -177,14 +190,7 @@ pub fn html(r: &Report) -> Result<String> {
     }
 
     let foot = foot_all(r);
-    let sections: [(
-        &str,
-        &str,
-        &str,
-        &str,
-        bool,
-        Option<&dyn Fn(&ClassReport) -> Option<f64>>,
-    ); 3] = [
+    let sections: [(&str, &str, &str, &str, bool, LimitOf); 3] = [
         ("Pull + unpack", "pull", "seconds", "seconds", false, None),
         (
             "4K random read",

@@ -1,7 +1,7 @@
 //! The figures as markdown tables, for pasting.
 
 use super::html::fmt;
-use super::{provenance, Report};
+use super::{goals, provenance, Report};
 
 pub fn markdown(r: &Report) -> String {
     let mut m = String::new();
@@ -16,6 +16,16 @@ pub fn markdown(r: &Report) -> String {
         r.image,
         r.rounds
     ));
+    m.push_str("| goal | met | figures |\n|---|---|---|\n");
+    for g in goals(r) {
+        let met = match g.met {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "not measured",
+        };
+        m.push_str(&format!("| {} | {met} | {} |\n", g.goal, g.detail));
+    }
+    m.push('\n');
     m.push_str("| class | device | filesystem | probe | fio 4K randread QD32 | fio 1M read | fio 1M write |\n|---|---|---|---|---|---|---|\n");
     for c in &r.classes {
         let l = |n: &str| {
@@ -67,7 +77,7 @@ pub fn markdown(r: &Report) -> String {
             m.push_str(&format!("\nNot measured: {}: {}\n", s.workload, s.why));
         }
     }
-    m.push_str("\n");
+    m.push('\n');
     for n in &r.notes {
         m.push_str(&format!("- {n}\n"));
     }

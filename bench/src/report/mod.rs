@@ -194,13 +194,126 @@ impl ClassReport {
     }
 }
 
+/// The goals, checked against a report.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Goal {
+    pub goal: String,
+    /// None: not measured in this run.
+    pub met: Option<bool>,
+    pub detail: String,
+}
+
+pub fn goals(r: &Report) -> Vec<Goal> {
+    let mut out = Vec::new();
+    // 1. cstore ahead of its peer everywhere.
+    let (mut total, mut behind) = (0, Vec::new());
+    for c in &r.classes {
+        for cmp in c
+            .comparisons()
+            .iter()
+            .filter(|c| !c.workload.starts_with("policy-"))
+        {
+            total += 1;
+            if cmp.advantage < 1.0 {
+                behind.push(format!(
+                    "{} {} {}{}: {:.2}×",
+                    c.class.kind.name(),
+                    cmp.workload,
+                    cmp.metric,
+                    cmp.n.map_or(String::new(), |n| format!(" N={n}")),
+                    cmp.advantage
+                ));
+            }
+        }
+    }
+    out.push(Goal {
+        goal: "cstore ahead of its peer on every workload and class".into(),
+        met: (total > 0).then_some(behind.is_empty()),
+        detail: if behind.is_empty() {
+            format!("ahead in {total} of {total}")
+        } else {
+            format!(
+                "ahead in {} of {total}; behind: {}",
+                total - behind.len(),
+                behind.join(", ")
+            )
+        },
+    });
+    // 2. NVMe-like: 64 at once within 4× the time of one.
+    let nvme = r
+        .classes
+        .iter()
+        .find(|c| c.class.kind == crate::ClassKind::Nvme);
+    let ratio = |metric: &str| {
+        let c = nvme?;
+        let one = c.find("density", "cstore", metric, Some(1))?;
+        let many = c.find("density", "cstore", metric, Some(64))?;
+        Some(many.stat.median / one.stat.median)
+    };
+    out.push(match (ratio("all-exited"), ratio("first-output")) {
+        (Some(exit), Some(first)) => Goal {
+            goal: "NVMe-like class: 64 containers at once in ≤ 4× the time of one (cstore)".into(),
+            met: Some(exit <= 4.0),
+            detail: format!("all exited: {exit:.1}×, all first outputs: {first:.1}×"),
+        },
+        _ => Goal {
+            goal: "NVMe-like class: 64 containers at once in ≤ 4× the time of one (cstore)".into(),
+            met: None,
+            detail: "not measured (needs the nvme class and density N = 1 and 64)".into(),
+        },
+    });
+    // 3. HDD policy measurably better than the NVMe policy on the HDD class.
+    let hdd = r
+        .classes
+        .iter()
+        .find(|c| c.class.kind == crate::ClassKind::Hdd);
+    let policy: Vec<String> = hdd
+        .map(|c| {
+            c.comparisons()
+                .into_iter()
+                .filter(|cmp| cmp.workload.starts_with("policy-"))
+                .map(|cmp| {
+                    format!(
+                        "{}: {:.2}×{}",
+                        cmp.workload,
+                        cmp.advantage,
+                        if cmp.ours.max < cmp.peer.min {
+                            " (ranges apart)"
+                        } else {
+                            " (ranges overlap)"
+                        }
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let measurably = hdd.is_some_and(|c| {
+        let v: Vec<Comparison> = c
+            .comparisons()
+            .into_iter()
+            .filter(|cmp| cmp.workload.starts_with("policy-"))
+            .collect();
+        !v.is_empty() && v.iter().all(|cmp| cmp.ours.max < cmp.peer.min)
+    });
+    out.push(Goal {
+        goal: "HDD class: the HDD policy measurably better than the NVMe policy".into(),
+        met: (!policy.is_empty()).then_some(measurably),
+        detail: if policy.is_empty() {
+            "not measured (needs the hdd class in --policy-classes)".into()
+        } else {
+            policy.join(", ")
+        },
+    });
+    out
+}
+
 /// Human title of a workload.
 pub fn workload_title(w: &str) -> &'static str {
     match w {
         "pull" => "pull + unpack (vs ctr image pull)",
         "density" => "density: N containers at once, cold cache (vs ctr run)",
-        "io-4k-randread" => "4K random read, QD32, O_DIRECT (cstore bench io vs fio)",
-        "io-1m-read" => "1M sequential read, QD8, O_DIRECT (cstore bench io vs fio)",
+        "io-4k-randread" => "4K random read, QD32 per ring, as many rings (fio: jobs) as cstore's policy gives the class, O_DIRECT (cstore bench io vs fio)",
+        "io-1m-read" => "1M sequential read, QD8 per ring, the policy's rings, O_DIRECT (cstore bench io vs fio)",
         "policy-pull" => "pull + unpack: rotational (HDD) policy vs NVMe policy",
         "policy-unpack" => {
             "unpack of local blobs, cold cache: rotational (HDD) policy vs NVMe policy"
