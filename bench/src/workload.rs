@@ -71,6 +71,7 @@ fn measurement(
         unit: unit.into(),
         lower_is_better,
         stat: Stat::of(samples),
+        redone: 0,
     }
 }
 
@@ -372,9 +373,16 @@ fn pull(ctx: &Ctx, class: &Class) -> Result<(Vec<Measurement>, Containerd, PathB
 
 // ---------------------------------------------------------------- density
 
-/// When each of `cmds`, started at once, wrote its first byte and exited
-/// (seconds from the start): the latest of each.
-fn start_all(cmds: &[Cmd]) -> Result<(f64, f64)> {
+/// When the last of `cmds`, started at once, wrote its first byte and
+/// exited (seconds from the start), and how many exited without writing
+/// anything (ctr run sometimes loses a short-lived container's output).
+struct Started {
+    first: f64,
+    exit: f64,
+    lost: usize,
+}
+
+fn start_all(cmds: &[Cmd]) -> Result<Started> {
     let t0 = Instant::now();
     let mut running = Vec::with_capacity(cmds.len());
     for c in cmds {
@@ -385,11 +393,11 @@ fn start_all(cmds: &[Cmd]) -> Result<(f64, f64)> {
         )?;
         running.push((r, err));
     }
-    let results: Vec<Result<(f64, f64)>> = std::thread::scope(|s| {
+    let results: Vec<Result<(Option<f64>, f64)>> = std::thread::scope(|s| {
         let handles: Vec<_> = running
             .into_iter()
             .map(|(mut r, mut err)| {
-                s.spawn(move || -> Result<(f64, f64)> {
+                s.spawn(move || -> Result<(Option<f64>, f64)> {
                     let mut out = r.child.stdout.take().expect("piped stdout");
                     let mut buf = [0u8; 4096];
                     let mut first = None;
@@ -422,13 +430,6 @@ fn start_all(cmds: &[Cmd]) -> Result<(f64, f64)> {
                             stderr: stderr(),
                         });
                     }
-                    let first = first.ok_or_else(|| Error::Output {
-                        what: format!("`{}`", r.cmd.display()),
-                        detail: format!(
-                            "the container wrote nothing to stdout; stderr: {}",
-                            stderr()
-                        ),
-                    })?;
                     Ok((first, exit))
                 })
             })
@@ -441,16 +442,22 @@ fn start_all(cmds: &[Cmd]) -> Result<(f64, f64)> {
             })
             .collect()
     });
-    let mut first: f64 = 0.0;
-    let mut exit: f64 = 0.0;
+    let mut out = Started {
+        first: 0.0,
+        exit: 0.0,
+        lost: 0,
+    };
     // An interruption wins over the errors it caused.
     proc::check()?;
     for r in results {
         let (f, e) = r?;
-        first = first.max(f);
-        exit = exit.max(e);
+        match f {
+            Some(f) => out.first = out.first.max(f),
+            None => out.lost += 1,
+        }
+        out.exit = out.exit.max(e);
     }
-    Ok((first, exit))
+    Ok(out)
 }
 
 fn tempfile() -> Result<std::fs::File> {
@@ -472,6 +479,7 @@ fn density(
     let mut out = Vec::new();
     for &n in &ctx.plan.density {
         let mut s: [(Vec<f64>, Vec<f64>); 2] = Default::default();
+        let mut redone = [0u32; 2];
         for r in 0..ctx.plan.rounds {
             for (t, tool) in ["cstore", "ctr"].into_iter().enumerate() {
                 let cmds: Vec<Cmd> = (0..n)
@@ -489,8 +497,35 @@ fn density(
                         }
                     })
                     .collect();
-                cold(ctx)?;
-                let (first, exit) = start_all(&cmds)?;
+                // A round where the tool lost a container's output has no
+                // "all first outputs": measured again, up to 3 times.
+                let mut tries = 0;
+                let Started { first, exit, .. } = loop {
+                    cold(ctx)?;
+                    let st = start_all(&cmds)?;
+                    if st.lost == 0 {
+                        break st;
+                    }
+                    tries += 1;
+                    if tries == 3 {
+                        return Err(Error::Output {
+                            what: format!("density N={n} with {tool}"),
+                            detail: format!(
+                                "{} of {n} containers exited 0 without output, {tries} times in a row",
+                                st.lost
+                            ),
+                        });
+                    }
+                    redone[t] += 1;
+                    ctx.say(
+                        class,
+                        &format!(
+                            "density N={n} round {}: {tool} lost the output of {} of {n} containers (exit 0, nothing on stdout): measuring the round again",
+                            r + 1,
+                            st.lost
+                        ),
+                    );
+                };
                 ctx.say(
                     class,
                     &format!(
@@ -504,24 +539,11 @@ fn density(
             }
         }
         for (t, tool) in ["cstore", "ctr"].into_iter().enumerate() {
-            out.push(measurement(
-                "density",
-                tool,
-                "first-output",
-                Some(n),
-                "s",
-                true,
-                &s[t].0,
-            ));
-            out.push(measurement(
-                "density",
-                tool,
-                "all-exited",
-                Some(n),
-                "s",
-                true,
-                &s[t].1,
-            ));
+            for (metric, samples) in [("first-output", &s[t].0), ("all-exited", &s[t].1)] {
+                let mut m = measurement("density", tool, metric, Some(n), "s", true, samples);
+                m.redone = redone[t];
+                out.push(m);
+            }
         }
     }
     Ok(out)

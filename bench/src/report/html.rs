@@ -302,8 +302,24 @@ pub fn html(r: &Report) -> Result<String> {
             ));
         }
         h.push_str("</table>\n");
-        if !c.skipped.is_empty() {
+        let redone: Vec<String> = c
+            .results
+            .iter()
+            .filter(|m| m.redone > 0 && m.metric == "first-output")
+            .map(|m| {
+                format!(
+                    "{} N={}: {} round(s) measured again (a container's output was lost)",
+                    m.tool,
+                    m.n.unwrap_or(0),
+                    m.redone
+                )
+            })
+            .collect();
+        if !c.skipped.is_empty() || !redone.is_empty() {
             h.push_str("<ul>\n");
+            for r in &redone {
+                h.push_str(&format!("<li>{}</li>\n", esc(r)));
+            }
             for s in &c.skipped {
                 h.push_str(&format!(
                     "<li>not measured: {}: {}</li>\n",

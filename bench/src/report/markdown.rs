@@ -73,6 +73,18 @@ pub fn markdown(r: &Report) -> String {
                 cmp.advantage
             ));
         }
+        for x in c
+            .results
+            .iter()
+            .filter(|x| x.redone > 0 && x.metric == "first-output")
+        {
+            m.push_str(&format!(
+                "\n{} N={}: {} round(s) measured again (a container's output was lost)\n",
+                x.tool,
+                x.n.unwrap_or(0),
+                x.redone
+            ));
+        }
         for s in &c.skipped {
             m.push_str(&format!("\nNot measured: {}: {}\n", s.workload, s.why));
         }

@@ -88,6 +88,10 @@ pub struct Measurement {
     /// Whether less is better (times) or more (throughput).
     pub lower_is_better: bool,
     pub stat: Stat,
+    /// Rounds measured again because the tool lost a container's output
+    /// (exit 0, nothing on stdout: seen with ctr run).
+    #[serde(default)]
+    pub redone: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
