@@ -9,9 +9,9 @@
 //! Needs root, fio, containerd, ctr, runc and chromium (fixtures/deps.sh).
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use cstore_bench::report::{Report, SCHEMA};
@@ -22,10 +22,19 @@ use common::Registry;
 
 /// One quick run, shared by the tests that read its results.
 struct QuickRun {
-    _registry: Registry,
-    dir: tempfile::TempDir,
+    dir: PathBuf,
     run_id: String,
     report: Report,
+}
+
+/// The shared run's registry and directory: statics are never dropped, so
+/// they go at process exit (as common's shared registry does).
+static KEEP: Mutex<Option<(Registry, tempfile::TempDir)>> = Mutex::new(None);
+
+extern "C" fn drop_kept() {
+    if let Ok(mut k) = KEEP.lock() {
+        k.take();
+    }
 }
 
 fn quick_run() -> &'static QuickRun {
@@ -54,12 +63,15 @@ fn quick_run() -> &'static QuickRun {
         // stdout is the markdown report.
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(stdout.contains("| workload | metric | N |"), "{stdout}");
-        QuickRun {
-            _registry: registry,
-            dir,
+        let run = QuickRun {
+            dir: dir.path().to_path_buf(),
             run_id,
             report,
-        }
+        };
+        *KEEP.lock().unwrap() = Some((registry, dir));
+        // SAFETY: registering a plain extern "C" fn to run at exit.
+        unsafe { libc::atexit(drop_kept) };
+        run
     })
 }
 
@@ -224,7 +236,7 @@ fn quick_suite_produces_every_workloads_figures_as_valid_json() {
             c.skipped
         );
     }
-    let md = std::fs::read_to_string(run.dir.path().join("out/report.md")).unwrap();
+    let md = std::fs::read_to_string(run.dir.as_path().join("out/report.md")).unwrap();
     for want in [
         "| pull | seconds |",
         "| density | first-output | 4 |",
@@ -289,9 +301,9 @@ fn hdd_class_lands_near_its_throttle() {
 #[test]
 fn quick_suite_leaves_nothing_behind() {
     let run = quick_run();
-    let left = left_behind(&run.run_id, run.dir.path());
+    let left = left_behind(&run.run_id, run.dir.as_path());
     assert!(left.is_empty(), "left behind:\n{}", left.join("\n"));
-    let inside: Vec<String> = std::fs::read_dir(run.dir.path())
+    let inside: Vec<String> = std::fs::read_dir(run.dir.as_path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
@@ -327,7 +339,7 @@ fn html_report_renders_its_plots_in_chromium() {
     // which the leftovers test (running beside this one) looks for.
     let scratch = tempfile::tempdir().unwrap();
     let html = scratch.path().join("report.html");
-    std::fs::copy(run.dir.path().join("out/report.html"), &html).unwrap();
+    std::fs::copy(run.dir.as_path().join("out/report.html"), &html).unwrap();
     let url = format!("file://{}", html.display());
 
     let dom = chromium(&["--dump-dom", &url], scratch.path());
