@@ -59,21 +59,7 @@ pub struct Layer {
 pub fn layers_of(store: &Store, image: &ImageRecord) -> Result<Vec<Layer>> {
     let config_digest = parse_digest(&image.config.digest)?;
     let bytes = store.read_blob(&config_digest, 32 << 20)?;
-    #[derive(serde::Deserialize)]
-    struct Config {
-        rootfs: RootFs,
-    }
-    #[derive(serde::Deserialize)]
-    struct RootFs {
-        diff_ids: Vec<String>,
-    }
-    let config: Config = serde_json::from_slice(&bytes).map_err(|e| {
-        Error::Store(cstore_store::Error::Malformed {
-            what: format!("config {} of {}", image.config.digest, image.name),
-            reason: e.to_string(),
-        })
-    })?;
-    let diff_ids = config.rootfs.diff_ids;
+    let diff_ids = config_diff_ids(&bytes, &image.config.digest, &image.name)?;
     if diff_ids.len() != image.layers.len() {
         return Err(Error::Store(cstore_store::Error::Malformed {
             what: format!("image {}", image.name),
@@ -83,9 +69,6 @@ pub fn layers_of(store: &Store, image: &ImageRecord) -> Result<Vec<Layer>> {
                 diff_ids.len()
             ),
         }));
-    }
-    for d in &diff_ids {
-        parse_digest(d)?;
     }
     let chains = chain_ids(&diff_ids);
     Ok(image
@@ -99,6 +82,29 @@ pub fn layers_of(store: &Store, image: &ImageRecord) -> Result<Vec<Layer>> {
             chain_id,
         })
         .collect())
+}
+
+/// The `rootfs.diff_ids` of an image config (`digest` of `image`), each a
+/// valid sha256 digest.
+pub fn config_diff_ids(bytes: &[u8], digest: &str, image: &str) -> Result<Vec<String>> {
+    #[derive(serde::Deserialize)]
+    struct Config {
+        rootfs: RootFs,
+    }
+    #[derive(serde::Deserialize)]
+    struct RootFs {
+        diff_ids: Vec<String>,
+    }
+    let config: Config = serde_json::from_slice(bytes).map_err(|e| {
+        Error::Store(cstore_store::Error::Malformed {
+            what: format!("config {digest} of {image}"),
+            reason: e.to_string(),
+        })
+    })?;
+    for d in &config.rootfs.diff_ids {
+        parse_digest(d)?;
+    }
+    Ok(config.rootfs.diff_ids)
 }
 
 #[derive(Clone, Debug, Serialize)]
