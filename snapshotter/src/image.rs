@@ -229,8 +229,9 @@ pub fn unpack_image(
             (LABEL_LAYER_DIGEST.to_string(), l.descriptor.digest.clone()),
             (LABEL_DIFF_ID.to_string(), l.diff_id.clone()),
         ]);
+        tracing::debug!(chain_id = %l.chain_id, "committing the snapshot");
         match sn.commit_dir(dir, &l.chain_id, parent, labels) {
-            Ok(()) => {}
+            Ok(()) => tracing::debug!(chain_id = %l.chain_id, "committed the snapshot"),
             // Another unpack of the same layer won the race: use theirs.
             Err(Error::AlreadyExists(_)) => {
                 let _ = std::fs::remove_dir_all(dir);

@@ -309,7 +309,9 @@ async fn pull_leased(
         platform: platform.clone(),
         updated: crate::meta::now_unix(),
     };
+    tracing::debug!(image = %name, "recording the image");
     store.commit_image(&image, &records, lease_id)?;
+    tracing::debug!(image = %name, "recorded the image");
 
     let fetched: Vec<u64> = outcomes.iter().flatten().copied().collect();
     Ok(PullReport {
