@@ -145,13 +145,20 @@ fn read_tar(bytes: &[u8]) {
 }
 
 /// A structured layer (see `gen`) extracted into a sandbox: nothing
-/// outside the layer directory may change.
+/// outside the layer directory may change. The first choice says whether
+/// small files go through io_uring batches (a gzip layer, as the device
+/// policy would batch it) or one syscall at a time.
 pub fn layer(data: &[u8]) {
     let mut u = Unstructured::new(data);
+    let batched = bool::arbitrary(&mut u).unwrap_or(false);
     if let Ok(l) = gen::Layer::arbitrary(&mut u) {
         let bytes = l.to_tar();
         read_tar(&bytes);
-        sandbox::extract_checked(&bytes);
+        if batched {
+            sandbox::extract_checked_batched(&bytes);
+        } else {
+            sandbox::extract_checked(&bytes);
+        }
     }
 }
 

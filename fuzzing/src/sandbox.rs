@@ -229,6 +229,32 @@ pub fn extract_checked(tar: &[u8]) {
     });
 }
 
+/// The same, for `tar` gzipped and its small files written in io_uring
+/// batches (where the kernel allows io_uring; one at a time otherwise).
+pub fn extract_checked_batched(tar: &[u8]) {
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(tar).expect("gzip in memory");
+    let blob = gz.finish().expect("gzip in memory");
+    in_sandbox(&blob, |blob, dest| {
+        let diff_id = format!("sha256:{}", hex::encode(Sha256::digest(tar)));
+        let layer = LayerRef {
+            image: "fuzz/image",
+            digest: "sha256:fuzz",
+            compression: Compression::Gzip,
+            diff_id: &diff_id,
+        };
+        let opts = UnpackOptions {
+            io: Some(cstore_blockio::StreamConfig {
+                batch_small_files: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let _ = unpack_layer(blob, &layer, dest, &opts);
+    });
+}
+
 /// Run `f(blob, layer_dir)` with `tar` written to `blob` and an empty
 /// `layer_dir`, then check that nothing outside `layer_dir` changed.
 pub fn in_sandbox(tar: &[u8], f: impl FnOnce(&Path, &Path)) {
