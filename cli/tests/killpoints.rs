@@ -400,13 +400,15 @@ fn sigkill_at_spread_points_of_pull_and_unpack() {
     // Every fifth kill waits for a phase marker instead of a time, so the
     // brief windows (verify and rename, recording, committing) get kills
     // too; the others are stratified over the run's length.
+    // (marker, how many times a pull shows it: blobs are the manifest, the
+    // config and 4 layers; snapshots 4)
     let markers = [
-        "verified",
-        "renamed into blobs/",
-        "recording the image",
-        "recorded the image",
-        "committing the snapshot",
-        "committed the snapshot",
+        ("verified", 6),
+        ("renamed into blobs/", 6),
+        ("recording the image", 1),
+        ("recorded the image", 1),
+        ("committing the snapshot", 4),
+        ("committed the snapshot", 4),
     ];
     let timed = points - points / 5;
     let mut rng = seed;
@@ -419,7 +421,8 @@ fn sigkill_at_spread_points_of_pull_and_unpack() {
         let trigger = if i % 5 == 4 {
             // The n-th time it shows (blobs: manifest, config, layers...).
             let j = i / 5;
-            Trigger::Marker(markers[j % markers.len()], 1 + (j / markers.len()) % 4)
+            let (m, times) = markers[j % markers.len()];
+            Trigger::Marker(m, 1 + (j / markers.len()) % times)
         } else {
             // Point k of the timed ones lands in the k-th slice of the run,
             // at random within it (a little past the end too: the exit).
