@@ -248,12 +248,35 @@ fn tempfile_dir() -> PathBuf {
     d
 }
 
+/// A manifest at the 4 MiB limit: ~27000 distinct layers. Each was looked
+/// up in the list of blobs so far, which took minutes.
+fn big_manifest_seed() -> Vec<u8> {
+    use sha2::Digest as _;
+    let layers: Vec<String> = (0..27000)
+        .map(|i: u32| {
+            format!(
+                r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:{}","size":1}}"#,
+                hex::encode(sha2::Sha256::digest(i.to_le_bytes()))
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{}","size":1}},"layers":[{}]}}"#,
+        "a".repeat(64),
+        layers.join(",")
+    )
+    .into_bytes()
+}
+
 fn seeds(t: &Target) -> Vec<Vec<u8>> {
     let mut s = committed_seeds(t.name);
     assert!(!s.is_empty(), "no committed seeds for {}", t.name);
     if t.tar {
         s.extend(big_tar_seeds());
         s.extend(evil_tars());
+    }
+    if t.name == "manifest" {
+        s.push(big_manifest_seed());
     }
     s
 }

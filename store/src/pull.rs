@@ -367,6 +367,9 @@ pub fn image_plan(bytes: &[u8], digest: &Digest, name: &str) -> Result<ImagePlan
         BlobKind::Config,
     )];
     let mut layers = Vec::new();
+    // A 4 MiB manifest can list ~27000 layers: looking each up in `blobs`
+    // took minutes.
+    let mut seen = std::collections::HashSet::from([config_digest.to_string()]);
     for layer in parsed.layers() {
         let mt = layer.media_type().to_string();
         let d = parse_digest(layer.digest().as_ref())?;
@@ -377,7 +380,7 @@ pub fn image_plan(bytes: &[u8], digest: &Digest, name: &str) -> Result<ImagePlan
             });
         }
         layers.push(descriptor(&mt, &d, layer.size()));
-        if !blobs.iter().any(|(b, ..)| *b == d) {
+        if seen.insert(d.to_string()) {
             blobs.push((d, layer.size(), mt, BlobKind::Layer));
         }
     }
