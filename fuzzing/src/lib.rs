@@ -172,7 +172,9 @@ fn fake_digest(data: &[u8]) -> Digest {
 }
 
 /// A manifest or index body from a registry: media type sniffing, the
-/// manifest's plan (config and layers) and platform selection from an index.
+/// manifest's plan (config and layers) and platform selection from an index
+/// (for one of three platforms, chosen by the input's length: each call
+/// parses the whole body again).
 pub fn manifest(data: &[u8]) {
     let d = fake_digest(data);
     let _ = media::sniff_manifest_media_type(data);
@@ -184,12 +186,11 @@ pub fn manifest(data: &[u8]) {
             assert!(media::layer_compression(&l.media_type).is_some());
         }
     }
-    for want in ["linux/amd64", "linux/arm64", "linux/arm/v7"] {
-        let want: Platform = want.parse().expect("a platform");
-        if let Ok((desc, digest, platform)) = choose_manifest(data, &d, "fuzz/image", &want) {
-            assert!(want.matches(&platform));
-            assert_eq!(desc.digest().to_string(), digest.to_string());
-        }
+    let want = ["linux/amd64", "linux/arm64", "linux/arm/v7"][data.len() % 3];
+    let want: Platform = want.parse().expect("a platform");
+    if let Ok((desc, digest, platform)) = choose_manifest(data, &d, "fuzz/image", &want) {
+        assert!(want.matches(&platform));
+        assert_eq!(desc.digest().to_string(), digest.to_string());
     }
 }
 
