@@ -80,6 +80,15 @@ pub fn layers_of(store: &Store, image: &ImageRecord) -> Result<Vec<Layer>> {
         .collect())
 }
 
+/// The `rootfs.diff_ids` of an image config (`digest` of `image`), each a
+/// valid sha256 digest: what unpack reads of a config (the fuzz target's entry).
+pub fn config_diff_ids(bytes: &[u8], digest: &str, image: &str) -> Result<Vec<String>> {
+    let what = format!("config {digest} of {image}");
+    let config = ImageConfigHead::parse(bytes, &what)?;
+    config.check_layers(config.rootfs.diff_ids.len(), &what)?;
+    Ok(config.rootfs.diff_ids)
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub enum Event {
     /// A layer is already a committed snapshot.
@@ -207,8 +216,9 @@ pub fn unpack_image(
             (LABEL_LAYER_DIGEST.to_string(), l.descriptor.digest.clone()),
             (LABEL_DIFF_ID.to_string(), l.diff_id.clone()),
         ]);
+        tracing::debug!(chain_id = %l.chain_id, "committing the snapshot");
         match sn.commit_dir(dir, &l.chain_id, parent, labels) {
-            Ok(()) => {}
+            Ok(()) => tracing::debug!(chain_id = %l.chain_id, "committed the snapshot"),
             // Another unpack of the same layer won the race: use theirs.
             Err(Error::AlreadyExists(_)) => {
                 let _ = std::fs::remove_dir_all(dir);

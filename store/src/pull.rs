@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{stream, StreamExt, TryStreamExt};
-use oci_spec::image::{Digest, ImageIndex, ImageManifest};
+use oci_spec::image::{Descriptor, Digest, ImageIndex, ImageManifest};
 use reqwest::StatusCode;
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -233,52 +233,14 @@ async fn pull_leased(
         }
     }
 
-    let parsed: ImageManifest =
-        serde_json::from_slice(&manifest.bytes).map_err(|e| Error::Malformed {
-            what: format!("manifest {} of {name}", manifest.digest),
-            reason: e.to_string(),
-        })?;
-    let config = parsed.config();
-    let config_type = config.media_type().to_string();
-    if !media::is_config(&config_type) {
-        return Err(Error::UnsupportedMediaType {
-            what: format!(
-                "config {} of {name} (not a container image?)",
-                config.digest()
-            ),
-            media_type: config_type,
-        });
-    }
-    let config_digest = parse_digest(config.digest().as_ref())?;
+    let ImagePlan {
+        config_digest,
+        config_size,
+        config_type,
+        layers,
+        blobs,
+    } = image_plan(&manifest.bytes, &manifest.digest, &name)?;
     let config_what = format!("config {config_digest} of {name}");
-    if config.size() > MAX_CONFIG_BYTES {
-        return Err(Error::ConfigTooLarge {
-            what: config_what,
-            size: config.size(),
-            limit: MAX_CONFIG_BYTES,
-        });
-    }
-    let mut blobs: Vec<(Digest, u64, String, BlobKind)> = vec![(
-        config_digest.clone(),
-        config.size(),
-        config_type.clone(),
-        BlobKind::Config,
-    )];
-    let mut layers = Vec::new();
-    for layer in parsed.layers() {
-        let mt = layer.media_type().to_string();
-        let d = parse_digest(layer.digest().as_ref())?;
-        if media::layer_compression(&mt).is_none() {
-            return Err(Error::UnsupportedMediaType {
-                what: format!("layer {d} of {name}"),
-                media_type: mt,
-            });
-        }
-        layers.push(descriptor(&mt, &d, layer.size()));
-        if !blobs.iter().any(|(b, ..)| *b == d) {
-            blobs.push((d, layer.size(), mt, BlobKind::Layer));
-        }
-    }
 
     // Lease everything before writing any of it.
     let mut leased: Vec<String> = vec![top.digest.to_string(), manifest.digest.to_string()];
@@ -417,12 +379,14 @@ async fn pull_leased(
             &manifest.digest,
             manifest.bytes.len() as u64,
         ),
-        config: descriptor(&config_type, &config_digest, config.size()),
+        config: descriptor(&config_type, &config_digest, config_size),
         layers,
         platform: platform.clone(),
         updated: crate::meta::now_unix(),
     };
+    tracing::debug!(image = %name, "recording the image");
     store.commit_image(&image, &records, lease_id)?;
+    tracing::debug!(image = %name, "recorded the image");
 
     let fetched: Vec<u64> = outcomes.iter().flatten().copied().collect();
     Ok(PullReport {
@@ -440,20 +404,89 @@ async fn pull_leased(
     })
 }
 
-/// Choose the manifest for `want` from an index, and fetch it (or read it
-/// from the store if held).
-async fn select_platform(
-    store: &Store,
-    client: &RegistryClient,
-    reference: &Reference,
-    index: &FetchedManifest,
+/// What a platform manifest asks for: its config and layers, checked.
+#[derive(Clone, Debug)]
+pub struct ImagePlan {
+    pub config_digest: Digest,
+    pub config_size: u64,
+    pub config_type: String,
+    /// In manifest order, repeats included.
+    pub layers: Vec<DescriptorRecord>,
+    /// The config, then each distinct layer: what the pull fetches.
+    pub blobs: Vec<(Digest, u64, String, BlobKind)>,
+}
+
+/// Parse and check a platform manifest (`digest` of `name`): an image
+/// config, layer media types cstore can unpack, sha256 digests only.
+pub fn image_plan(bytes: &[u8], digest: &Digest, name: &str) -> Result<ImagePlan> {
+    let parsed: ImageManifest = serde_json::from_slice(bytes).map_err(|e| Error::Malformed {
+        what: format!("manifest {digest} of {name}"),
+        reason: e.to_string(),
+    })?;
+    let config = parsed.config();
+    let config_type = config.media_type().to_string();
+    if !media::is_config(&config_type) {
+        return Err(Error::UnsupportedMediaType {
+            what: format!(
+                "config {} of {name} (not a container image?)",
+                config.digest()
+            ),
+            media_type: config_type,
+        });
+    }
+    let config_digest = parse_digest(config.digest().as_ref())?;
+    if config.size() > MAX_CONFIG_BYTES {
+        return Err(Error::ConfigTooLarge {
+            what: format!("config {config_digest} of {name}"),
+            size: config.size(),
+            limit: MAX_CONFIG_BYTES,
+        });
+    }
+    let mut blobs: Vec<(Digest, u64, String, BlobKind)> = vec![(
+        config_digest.clone(),
+        config.size(),
+        config_type.clone(),
+        BlobKind::Config,
+    )];
+    let mut layers = Vec::new();
+    // A 4 MiB manifest can list ~27000 layers: looking each up in `blobs`
+    // took minutes.
+    let mut seen = std::collections::HashSet::from([config_digest.to_string()]);
+    for layer in parsed.layers() {
+        let mt = layer.media_type().to_string();
+        let d = parse_digest(layer.digest().as_ref())?;
+        if media::layer_compression(&mt).is_none() {
+            return Err(Error::UnsupportedMediaType {
+                what: format!("layer {d} of {name}"),
+                media_type: mt,
+            });
+        }
+        layers.push(descriptor(&mt, &d, layer.size()));
+        if seen.insert(d.to_string()) {
+            blobs.push((d, layer.size(), mt, BlobKind::Layer));
+        }
+    }
+    Ok(ImagePlan {
+        config_digest,
+        config_size: config.size(),
+        config_type,
+        layers,
+        blobs,
+    })
+}
+
+/// The entry of an index (`digest` of `reference`) for `want`, checked: a
+/// platform manifest, a sha256 digest, within the manifest size limit.
+pub fn choose_manifest(
+    bytes: &[u8],
+    digest: &Digest,
+    reference: &str,
     want: &Platform,
-) -> Result<(FetchedManifest, Platform)> {
-    let parsed: ImageIndex =
-        serde_json::from_slice(&index.bytes).map_err(|e| Error::Malformed {
-            what: format!("index {} of {reference}", index.digest),
-            reason: e.to_string(),
-        })?;
+) -> Result<(Descriptor, Digest, Platform)> {
+    let parsed: ImageIndex = serde_json::from_slice(bytes).map_err(|e| Error::Malformed {
+        what: format!("index {digest} of {reference}"),
+        reason: e.to_string(),
+    })?;
     let mut available = Vec::new();
     let mut chosen = None;
     for m in parsed.manifests() {
@@ -486,6 +519,28 @@ async fn select_platform(
             limit: MAX_MANIFEST_BYTES,
         });
     }
+    Ok((desc, digest, platform))
+}
+
+/// The first byte of a `Content-Range: bytes FIRST-LAST/SIZE` answer.
+pub fn content_range_start(value: &str) -> Option<u64> {
+    value
+        .strip_prefix("bytes ")
+        .and_then(|v| v.split('-').next())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// Choose the manifest for `want` from an index, and fetch it (or read it
+/// from the store if held).
+async fn select_platform(
+    store: &Store,
+    client: &RegistryClient,
+    reference: &Reference,
+    index: &FetchedManifest,
+    want: &Platform,
+) -> Result<(FetchedManifest, Platform)> {
+    let (desc, digest, platform) =
+        choose_manifest(&index.bytes, &index.digest, &reference.to_string(), want)?;
     if store.blob_dirs().is_present(&digest, desc.size()) {
         let bytes = store.read_blob(&digest, MAX_MANIFEST_BYTES)?;
         return Ok((
@@ -666,9 +721,7 @@ async fn download(
                 .headers()
                 .get(reqwest::header::CONTENT_RANGE)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("bytes "))
-                .and_then(|v| v.split('-').next())
-                .and_then(|v| v.parse::<u64>().ok());
+                .and_then(content_range_start);
             if start != Some(offset) {
                 return Err(Error::Malformed {
                     what: format!("blob {id} from {}", reference.registry()),
