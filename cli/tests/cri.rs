@@ -869,7 +869,7 @@ fn assert_rootfs_mounted_from(
 
 // ------------------------------------------------------------ the flow
 
-/// How the images' layers got into cstore before the pod runs.
+/// How the images' layers get into cstore.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ImagesFrom {
     /// CRI's PullImage (and RunPodSandbox, for the sandbox image) download
@@ -880,36 +880,97 @@ enum ImagesFrom {
     /// and configs, and take the layers from cstore (remote-snapshot
     /// sharing: AlreadyExists for each layer's Prepare).
     CstorePull,
+    // The lazy case (issue 15: `cstore pull --lazy`, or the CRI labels
+    // alone, and the pod running before its layers are complete) is one
+    // more variant: `before_cri` and `assert_layers_from` say what it does
+    // differently.
 }
 
-/// The kubelet's calls for a pod of two busybox containers, on cstore.
-fn cri_flow(from: ImagesFrom) {
-    let registry = shared_registry_addr();
-    let busybox = image_facts(&format!("{registry}/busybox:latest"));
-    let pause = image_facts(&format!("{registry}/pause:latest"));
-    assert_eq!(busybox.layers.len(), 3);
-    assert_eq!(pause.layers.len(), 1);
-    let mut env = Env::start(&registry, &pause.reference);
+/// One run of the flow: the environment, the images, what cstore had
+/// before CRI came.
+struct Flow {
+    from: ImagesFrom,
+    env: Env,
+    busybox: ImageFacts,
+    pause: ImageFacts,
+    /// cstore's snapshots and their directories before any CRI call.
+    own: Vec<Value>,
+    own_dirs: BTreeSet<PathBuf>,
+    /// The pod's log directory.
+    log_dir: PathBuf,
+}
 
-    if from == ImagesFrom::CstorePull {
-        env.cs.ok(&["pull", &busybox.reference]);
-        env.cs.ok(&["pull", &pause.reference]);
+impl Flow {
+    fn start(from: ImagesFrom) -> Flow {
+        let registry = shared_registry_addr();
+        let busybox = image_facts(&format!("{registry}/busybox:latest"));
+        let pause = image_facts(&format!("{registry}/pause:latest"));
+        assert_eq!(busybox.layers.len(), 3);
+        assert_eq!(pause.layers.len(), 1);
+        let env = Env::start(&registry, &pause.reference);
+        let log_dir = env.dir.path().join("pods/default_cri-test_uid");
+        let mut flow = Flow {
+            from,
+            env,
+            busybox,
+            pause,
+            own: vec![],
+            own_dirs: BTreeSet::new(),
+            log_dir,
+        };
+        flow.before_cri();
+        flow
     }
-    let own = assert_consistent(&env.cs);
-    let own_dirs = numbered_dirs(&env.cs);
-    assert_eq!(
-        own.len(),
-        match from {
-            ImagesFrom::CriPull => 0,
-            ImagesFrom::CstorePull => 4,
-        }
-    );
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    /// What happens before the kubelet asks for anything.
+    fn before_cri(&mut self) {
+        let cs = &self.env.cs;
+        match self.from {
+            ImagesFrom::CriPull => {}
+            ImagesFrom::CstorePull => {
+                cs.ok(&["pull", &self.busybox.reference]);
+                cs.ok(&["pull", &self.pause.reference]);
+            }
+        }
+        self.own = assert_consistent(cs);
+        self.own_dirs = numbered_dirs(cs);
+        let layers = match self.from {
+            ImagesFrom::CriPull => 0,
+            ImagesFrom::CstorePull => self.busybox.layers.len() + self.pause.layers.len(),
+        };
+        assert_eq!(self.own.len(), layers, "{:#?}", self.own);
+    }
+
+    /// containerd's snapshots of `image`'s layers (`keys`, bottom first)
+    /// came the way `from` says.
+    fn assert_layers_from(&self, image: &ImageFacts, keys: &[String]) {
+        let (cs, ctrd) = (&self.env.cs, &self.env.ctrd);
+        match self.from {
+            ImagesFrom::CriPull => {
+                for (key, l) in keys.iter().zip(&image.layers) {
+                    assert!(
+                        !self.own_dirs.contains(&dir_of(cs, key).unwrap()),
+                        "{key} is a new directory"
+                    );
+                    assert!(has_blob(ctrd, l), "containerd downloaded layer {l}");
+                }
+            }
+            ImagesFrom::CstorePull => {
+                for ((key, chain), l) in keys.iter().zip(&image.chain_ids).zip(&image.layers) {
+                    assert_eq!(
+                        dir_of(cs, key),
+                        dir_of(cs, chain),
+                        "{key} is cstore's layer {chain}, not a copy"
+                    );
+                    assert!(!has_blob(ctrd, l), "containerd downloaded layer {l}");
+                }
+            }
+        }
+    }
+
+    /// The kubelet's calls, in its order.
+    async fn kubelet(&self) {
+        let (env, busybox, pause) = (&self.env, &self.busybox, &self.pause);
         let mut cri = Cri::connect(&env.ctrd.sock, &env.ctrd.log()).await;
         let v = call!(
             cri,
@@ -924,7 +985,74 @@ fn cri_flow(from: ImagesFrom) {
         assert_eq!(v.runtime_name, "containerd");
         assert_eq!(v.runtime_api_version, "v1");
 
-        // ---- PullImage
+        let bb_layers = self.pull(&mut cri).await;
+        let (pod, pod_config) = self.run_sandbox(&mut cri).await;
+        self.run_containers(&mut cri, &pod, &pod_config, &bb_layers)
+            .await;
+
+        // ---- StopPodSandbox, RemovePodSandbox.
+        call!(
+            cri,
+            rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+        );
+        let st = call!(
+            cri,
+            rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: pod.clone(),
+                verbose: false,
+            })
+        )
+        .status
+        .expect("PodSandboxStatus");
+        assert_eq!(st.state, cri::PodSandboxState::SandboxNotready as i32);
+        call!(
+            cri,
+            rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+        );
+        let pods = call!(
+            cri,
+            rt.list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+        )
+        .items;
+        assert!(pods.is_empty(), "{pods:?}");
+
+        // ---- RemoveImage (the kubelet's image GC), both images.
+        for image in [busybox, pause] {
+            call!(
+                cri,
+                img.remove_image(cri::RemoveImageRequest {
+                    image: image_spec(&image.reference),
+                })
+            );
+            let st = call!(
+                cri,
+                img.image_status(cri::ImageStatusRequest {
+                    image: image_spec(&image.reference),
+                    verbose: false,
+                })
+            );
+            assert!(
+                st.image.is_none(),
+                "{} is still there: {st:?}",
+                image.reference
+            );
+        }
+        let images = call!(
+            cri,
+            img.list_images(cri::ListImagesRequest { filter: None })
+        )
+        .images;
+        assert!(images.is_empty(), "{images:?}");
+    }
+
+    /// PullImage of busybox, ListImages, ImageStatus; the snapshots of its
+    /// layers (bottom first).
+    async fn pull(&self, cri: &mut Cri) -> Vec<String> {
+        let (env, busybox) = (&self.env, &self.busybox);
         let image_ref = call!(
             cri,
             img.pull_image(cri::PullImageRequest {
@@ -934,32 +1062,14 @@ fn cri_flow(from: ImagesFrom) {
         )
         .image_ref;
         assert_eq!(image_ref, busybox.config_digest, "CRI's image ID");
-        let bb_layers = assert_layers_with_cri_labels(&env.cs, &busybox);
-        match from {
-            ImagesFrom::CriPull => {
-                assert_eq!(numbered_dirs(&env.cs).len(), 3, "one directory per layer");
-                for l in &busybox.layers {
-                    assert!(has_blob(&env.ctrd, l), "containerd downloaded layer {l}");
-                }
-            }
-            ImagesFrom::CstorePull => {
-                assert_eq!(
-                    numbered_dirs(&env.cs),
-                    own_dirs,
-                    "containerd unpacked nothing: no new snapshot directories"
-                );
-                for (key, chain) in bb_layers.iter().zip(&busybox.chain_ids) {
-                    assert_eq!(
-                        dir_of(&env.cs, key),
-                        dir_of(&env.cs, chain),
-                        "{key} is cstore's layer {chain}"
-                    );
-                }
-                for l in &busybox.layers {
-                    assert!(!has_blob(&env.ctrd, l), "containerd downloaded layer {l}");
-                }
-            }
-        }
+        let layers = assert_layers_with_cri_labels(&env.cs, busybox);
+        self.assert_layers_from(busybox, &layers);
+        let new = numbered_dirs(&env.cs).len() - self.own_dirs.len();
+        let want = match self.from {
+            ImagesFrom::CriPull => busybox.layers.len(),
+            ImagesFrom::CstorePull => 0,
+        };
+        assert_eq!(new, want, "new snapshot directories after PullImage");
 
         let images = call!(
             cri,
@@ -969,7 +1079,7 @@ fn cri_flow(from: ImagesFrom) {
         let listed = images
             .iter()
             .find(|i| i.id == image_ref)
-            .unwrap_or_else(|| panic!("{image_ref} not listed: {images:?}"));
+            .unwrap_or_else(|| panic!("{image_ref} is not listed: {images:?}"));
         assert!(listed.repo_tags.contains(&busybox.reference), "{listed:?}");
         let status = call!(
             cri,
@@ -982,19 +1092,24 @@ fn cri_flow(from: ImagesFrom) {
         .expect("ImageStatus of the pulled image");
         assert_eq!(status.id, image_ref);
         assert!(status.size > 0, "{status:?}");
+        layers
+    }
 
-        // ---- RunPodSandbox: containerd pulls the sandbox image itself.
-        let log_dir = env.dir.path().join("pods/default_cri-test_uid");
-        let pod_config = sandbox_config("cri-test", &log_dir, &env.ctrd.cgroup_parent);
+    /// RunPodSandbox (containerd pulls the sandbox image itself); the pod's
+    /// ID and config.
+    async fn run_sandbox(&self, cri: &mut Cri) -> (String, cri::PodSandboxConfig) {
+        let (env, pause) = (&self.env, &self.pause);
+        let dirs_before = numbered_dirs(&env.cs);
+        let config = sandbox_config("cri-test", &self.log_dir, &env.ctrd.cgroup_parent);
         let pod = call!(
             cri,
             rt.run_pod_sandbox(cri::RunPodSandboxRequest {
-                config: Some(pod_config.clone()),
+                config: Some(config.clone()),
                 runtime_handler: String::new(),
             })
         )
         .pod_sandbox_id;
-        let pod_status = call!(
+        let st = call!(
             cri,
             rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
                 pod_sandbox_id: pod.clone(),
@@ -1004,38 +1119,42 @@ fn cri_flow(from: ImagesFrom) {
         .status
         .expect("PodSandboxStatus");
         assert_eq!(
-            pod_status.state,
+            st.state,
             cri::PodSandboxState::SandboxReady as i32,
-            "{pod_status:?}"
+            "{st:?}"
         );
-        let pause_layers = assert_layers_with_cri_labels(&env.cs, &pause);
-        let pod_snapshot = snapshot_of_container(&env.cs, &pod);
-        assert_eq!(pod_snapshot["kind"], "active");
-        assert_eq!(
-            pod_snapshot["parent"].as_str(),
-            Some(pause_layers[0].as_str())
-        );
-        assert_rootfs_mounted_from(&env, &pod, &key_of(&pod_snapshot), &pause_layers);
-        if from == ImagesFrom::CstorePull {
-            assert_eq!(
-                dir_of(&env.cs, &pause_layers[0]),
-                dir_of(&env.cs, &pause.chain_ids[0]),
-                "the sandbox image's layer is cstore's"
-            );
-            let new: Vec<_> = numbered_dirs(&env.cs)
-                .difference(&own_dirs)
-                .cloned()
-                .collect();
-            assert_eq!(
-                new,
-                vec![dir_of(&env.cs, &key_of(&pod_snapshot)).unwrap()],
-                "only the sandbox's own snapshot is new"
-            );
-        }
 
-        // ---- CreateContainer, StartContainer: one that exits, one that runs.
+        let layers = assert_layers_with_cri_labels(&env.cs, pause);
+        self.assert_layers_from(pause, &layers);
+        let snapshot = snapshot_of_container(&env.cs, &pod);
+        assert_eq!(snapshot["kind"], "active");
+        assert_eq!(snapshot["parent"].as_str(), Some(layers[0].as_str()));
+        assert_rootfs_mounted_from(env, &pod, &key_of(&snapshot), &layers);
+        let new: BTreeSet<PathBuf> = numbered_dirs(&env.cs)
+            .difference(&dirs_before)
+            .cloned()
+            .collect();
+        let mut want = BTreeSet::from([dir_of(&env.cs, &key_of(&snapshot)).unwrap()]);
+        if self.from == ImagesFrom::CriPull {
+            want.insert(dir_of(&env.cs, &layers[0]).unwrap());
+        }
+        assert_eq!(new, want, "new snapshot directories after RunPodSandbox");
+        (pod, config)
+    }
+
+    /// Two busybox containers in the pod: `hello` prints and exits 3,
+    /// `sleeper` runs until StopContainer. Their logs, states, root
+    /// filesystems; then RemoveContainer.
+    async fn run_containers(
+        &self,
+        cri: &mut Cri,
+        pod: &str,
+        pod_config: &cri::PodSandboxConfig,
+        bb_layers: &[String],
+    ) {
+        let (env, busybox) = (&self.env, &self.busybox);
         let create = |name: &str, script: &str| cri::CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
+            pod_sandbox_id: pod.to_string(),
             config: Some(container_config(name, &busybox.reference, script)),
             sandbox_config: Some(pod_config.clone()),
         };
@@ -1063,8 +1182,9 @@ fn cri_flow(from: ImagesFrom) {
             );
         }
 
-        // hello: exited with its code; its output in the CRI log file.
-        let st = wait_for_state(&mut cri, &hello, cri::ContainerState::ContainerExited).await;
+        // hello: exited with its code; its output (a file of each of the
+        // image's layers, a whiteout honoured) in the CRI log file.
+        let st = wait_for_state(cri, &hello, cri::ContainerState::ContainerExited).await;
         assert_eq!(st.exit_code, 3, "{st:?}");
         assert_eq!(st.reason, "Error", "{st:?}");
         // containerd 1.6 reports the repo digest as the image's ref.
@@ -1072,48 +1192,47 @@ fn cri_flow(from: ImagesFrom) {
         // (Not finished_at >= started_at: containerd stamps the start after
         // the start call returns, which a fast container may outlive.)
         assert!(st.started_at > 0 && st.finished_at > 0, "{st:?}");
-        let hello_log = log_dir.join("hello/0.log");
+        let hello_log = self.log_dir.join("hello/0.log");
         assert_eq!(st.log_path, hello_log.to_string_lossy());
-        let want_stdout = ["hello-from-cri", "added in layer 3", "whiteout-ok"];
         wait_until("hello's log", Duration::from_secs(30), || {
             let l = read_cri_log(&hello_log);
             l.get("stdout").map(Vec::len) == Some(3) && l.contains_key("stderr")
         });
-        let logs = read_cri_log(&hello_log);
         eprintln!(
             "{}:\n{}",
             hello_log.display(),
             std::fs::read_to_string(&hello_log).unwrap()
         );
-        assert_eq!(logs["stdout"], want_stdout);
+        let logs = read_cri_log(&hello_log);
+        assert_eq!(
+            logs["stdout"],
+            ["hello-from-cri", "added in layer 3", "whiteout-ok"]
+        );
         assert_eq!(logs["stderr"], ["to-stderr"]);
 
         // sleeper: running on an overlay of cstore's snapshots.
-        let sleeper_log = log_dir.join("sleeper/0.log");
+        let sleeper_log = self.log_dir.join("sleeper/0.log");
         wait_until("sleeper's log", Duration::from_secs(60), || {
             read_cri_log(&sleeper_log)
                 .get("stdout")
                 .is_some_and(|l| l == &["sleeper-up"])
         });
-        let st = container_status(&mut cri, &sleeper).await;
+        let st = container_status(cri, &sleeper).await;
+        let running = cri::ContainerState::ContainerRunning as i32;
+        assert_eq!(st.state, running, "{st:?}");
+        let snapshot = snapshot_of_container(&env.cs, &sleeper);
+        assert_eq!(snapshot["kind"], "active");
         assert_eq!(
-            st.state,
-            cri::ContainerState::ContainerRunning as i32,
-            "{st:?}"
+            snapshot["parent"].as_str(),
+            bb_layers.last().map(String::as_str)
         );
-        let sleeper_snapshot = snapshot_of_container(&env.cs, &sleeper);
-        assert_eq!(sleeper_snapshot["kind"], "active");
-        assert_eq!(
-            sleeper_snapshot["parent"].as_str(),
-            Some(bb_layers[2].as_str())
-        );
-        assert_rootfs_mounted_from(&env, &sleeper, &key_of(&sleeper_snapshot), &bb_layers);
+        assert_rootfs_mounted_from(env, &sleeper, &key_of(&snapshot), bb_layers);
 
         let listed = call!(
             cri,
             rt.list_containers(cri::ListContainersRequest {
                 filter: Some(cri::ContainerFilter {
-                    pod_sandbox_id: pod.clone(),
+                    pod_sandbox_id: pod.to_string(),
                     ..Default::default()
                 }),
             })
@@ -1121,18 +1240,14 @@ fn cri_flow(from: ImagesFrom) {
         .containers;
         let states: BTreeMap<String, i32> =
             listed.iter().map(|c| (c.id.clone(), c.state)).collect();
+        let exited = cri::ContainerState::ContainerExited as i32;
         assert_eq!(
             states,
-            BTreeMap::from([
-                (hello.clone(), cri::ContainerState::ContainerExited as i32),
-                (
-                    sleeper.clone(),
-                    cri::ContainerState::ContainerRunning as i32
-                ),
-            ])
+            BTreeMap::from([(hello.clone(), exited), (sleeper.clone(), running)])
         );
 
-        // ---- StopContainer: SIGTERM ends sleep (143), well before SIGKILL (137).
+        // StopContainer: SIGTERM ends sleep (exit 143) long before the
+        // grace period's SIGKILL (137).
         call!(
             cri,
             rt.stop_container(cri::StopContainerRequest {
@@ -1140,15 +1255,10 @@ fn cri_flow(from: ImagesFrom) {
                 timeout: 30,
             })
         );
-        let st = container_status(&mut cri, &sleeper).await;
-        assert_eq!(
-            st.state,
-            cri::ContainerState::ContainerExited as i32,
-            "{st:?}"
-        );
+        let st = container_status(cri, &sleeper).await;
+        assert_eq!(st.state, exited, "{st:?}");
         assert_eq!(st.exit_code, 128 + libc::SIGTERM, "{st:?}");
 
-        // ---- RemoveContainer, StopPodSandbox, RemovePodSandbox.
         for id in [&hello, &sleeper] {
             call!(
                 cri,
@@ -1163,124 +1273,83 @@ fn cri_flow(from: ImagesFrom) {
         )
         .containers;
         assert!(left.is_empty(), "{left:?}");
-        call!(
-            cri,
-            rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-                pod_sandbox_id: pod.clone(),
-            })
-        );
-        let pod_status = call!(
-            cri,
-            rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
-                pod_sandbox_id: pod.clone(),
-                verbose: false,
-            })
-        )
-        .status
-        .expect("PodSandboxStatus");
-        assert_eq!(
-            pod_status.state,
-            cri::PodSandboxState::SandboxNotready as i32
-        );
-        call!(
-            cri,
-            rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                pod_sandbox_id: pod.clone(),
-            })
-        );
-        let pods = call!(
-            cri,
-            rt.list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-        )
-        .items;
-        assert!(pods.is_empty(), "{pods:?}");
-
-        // ---- RemoveImage (the kubelet's image GC), both images.
-        for image in [&busybox, &pause] {
-            call!(
-                cri,
-                img.remove_image(cri::RemoveImageRequest {
-                    image: image_spec(&image.reference),
-                })
-            );
-            let st = call!(
-                cri,
-                img.image_status(cri::ImageStatusRequest {
-                    image: image_spec(&image.reference),
-                    verbose: false,
-                })
-            );
-            assert!(
-                st.image.is_none(),
-                "{} still there: {st:?}",
-                image.reference
-            );
-        }
-        let images = call!(
-            cri,
-            img.list_images(cri::ListImagesRequest { filter: None })
-        )
-        .images;
-        assert!(images.is_empty(), "{images:?}");
-    });
-    drop(rt);
-
-    // containerd's GC removes its snapshots through the plugin.
-    wait_until(
-        "containerd's GC to remove its snapshots",
-        Duration::from_secs(60),
-        || {
-            cstore_snapshots(&env.cs)
-                .iter()
-                .all(|v| !key_of(v).starts_with(&format!("{K8S_NS}/")))
-        },
-    );
-    let after = assert_consistent(&env.cs);
-    assert_eq!(after, own, "cstore's own snapshots are as they were");
-    assert_eq!(
-        numbered_dirs(&env.cs),
-        own_dirs,
-        "no directory added or lost"
-    );
-    let shared = std::fs::read_to_string(&env.sn.log)
-        .unwrap()
-        .matches("shared with containerd")
-        .count();
-    match from {
-        ImagesFrom::CriPull => assert_eq!(shared, 0),
-        // busybox's three layers and pause's one.
-        ImagesFrom::CstorePull => assert_eq!(shared, 4, "layers shared"),
     }
 
-    // Nothing of the pod is left mounted or running in containerd's
-    // namespace, nor mounted in ours.
-    let store = env.cs.path().display().to_string();
-    let ctrd_dir = env.ctrd.dir.display().to_string();
-    let left: Vec<_> = env
-        .ctrd
-        .mounts()
-        .into_iter()
-        .filter(|m| m.0.starts_with(&ctrd_dir) || m.2.contains(&store))
-        .collect();
-    assert!(left.is_empty(), "left mounted: {left:?}");
-    wait_until("the pod's shim to exit", Duration::from_secs(30), || {
-        env.ctrd.others_in_namespace().is_empty()
-    });
-    let cgroups: Vec<PathBuf> = env
-        .ctrd
-        .cgroup_dirs()
-        .into_iter()
-        .filter(|d| !d.ends_with(env.ctrd.cgroup_parent.trim_start_matches('/')))
-        .collect();
-    assert!(cgroups.is_empty(), "containers' cgroups left: {cgroups:?}");
-    assert!(env.ctrd.stop(), "containerd stops on SIGTERM");
-    env.sn.stop();
-    env.cs.assert_nothing_mounted();
+    /// After RemoveImage: containerd's GC gives back its snapshots, the
+    /// store is as before CRI came, nothing is left mounted or running,
+    /// and containerd and the snapshotter stop cleanly.
+    fn after(mut self) {
+        let env = &mut self.env;
+        wait_until(
+            "containerd's GC to remove its snapshots",
+            Duration::from_secs(60),
+            || {
+                cstore_snapshots(&env.cs)
+                    .iter()
+                    .all(|v| !key_of(v).starts_with(&format!("{K8S_NS}/")))
+            },
+        );
+        let after = assert_consistent(&env.cs);
+        assert_eq!(after, self.own, "cstore's own snapshots are as they were");
+        assert_eq!(
+            numbered_dirs(&env.cs),
+            self.own_dirs,
+            "no directory added or lost"
+        );
+        let shared = std::fs::read_to_string(&env.sn.log)
+            .unwrap()
+            .matches("shared with containerd")
+            .count();
+        let want = match self.from {
+            ImagesFrom::CriPull => 0,
+            ImagesFrom::CstorePull => self.busybox.layers.len() + self.pause.layers.len(),
+        };
+        assert_eq!(shared, want, "layers the snapshotter logged as shared");
+
+        // Nothing of the pod is left mounted or running in containerd's
+        // namespace (the sandbox's shm, the root filesystems), nor mounted
+        // in ours; the containers' cgroups are gone.
+        let store = env.cs.path().display().to_string();
+        let ctrd_dir = env.ctrd.dir.display().to_string();
+        let left: Vec<_> = env
+            .ctrd
+            .mounts()
+            .into_iter()
+            .filter(|m| m.0.starts_with(&ctrd_dir) || m.2.contains(&store))
+            .collect();
+        assert!(left.is_empty(), "left mounted: {left:?}");
+        wait_until("the pod's shim to exit", Duration::from_secs(30), || {
+            env.ctrd.others_in_namespace().is_empty()
+        });
+        let parent = env.ctrd.cgroup_parent.trim_start_matches('/').to_string();
+        let cgroups: Vec<PathBuf> = env
+            .ctrd
+            .cgroup_dirs()
+            .into_iter()
+            .filter(|d| !d.ends_with(&parent))
+            .collect();
+        assert!(cgroups.is_empty(), "containers' cgroups left: {cgroups:?}");
+        assert!(env.ctrd.stop(), "containerd stops on SIGTERM");
+        env.sn.stop();
+        env.cs.assert_nothing_mounted();
+    }
+}
+
+/// The kubelet's calls for a pod of two busybox containers, on cstore.
+fn cri_flow(from: ImagesFrom) {
+    let flow = Flow::start(from);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(flow.kubelet());
+    drop(rt);
+    flow.after();
 }
 
 /// The CRI flow with full pulls: CRI downloads every layer, containerd's
 /// unpacker unpacks each into a snapshot it prepares on cstore (with the
-/// CRI labels), the pod runs on cstore's overlay, and RemoveImage lets
+/// CRI labels), the pod runs on cstore's overlays, and RemoveImage lets
 /// containerd's GC take every snapshot back.
 #[test]
 fn cri_pod_on_cstore_with_full_pulls() {
