@@ -166,7 +166,10 @@ impl Containerd {
         // snapshotter and disable_snapshot_annotations, sandbox_image,
         // config_path), plus what keeps a test instance off the host: every
         // path under `dir`, and AppArmor off (CRI would load its default
-        // profile into the kernel when the host has AppArmor).
+        // profile into the kernel when the host has AppArmor). And
+        // restrict_oom_score_adj: the sandbox's oom_score_adj of -998 needs
+        // CAP_SYS_RESOURCE, which root lacks on the test machines (runc's
+        // init then dies with "can't get final child's PID from pipe").
         let config = format!(
             r#"version = 2
 root = "{d}/root"
