@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use cstore_store::confined::TreeDir;
+use cstore_os::tree::TreeDir;
+use cstore_os::IoError;
 use cstore_store::image_config::ImageConfigHead;
 use cstore_store::media::layer_compression;
 use cstore_store::meta::{DescriptorRecord, ImageRecord};
@@ -290,7 +291,7 @@ fn unpack_one(
 /// path. So nothing is done by path: each directory, lower and upper, is
 /// opened from its tree root's fd with openat2 (no symlink followed, nothing
 /// outside the tree reached) and changed through its own fd
-/// (cstore_store::confined). `implicit` holds only directories that are
+/// (cstore_os::tree). `implicit` holds only directories that are
 /// still the layer's implicit ones (the extractor drops those a later entry
 /// replaced, removed or listed); one that is not a directory of the tree
 /// any more fails the unpack rather than being looked for elsewhere.
@@ -305,7 +306,7 @@ fn inherit_implicit_dirs(
     if implicit.is_empty() || lower.is_empty() {
         return Ok(());
     }
-    let open_root = |p: &Path| TreeDir::open_root(p).map_err(|e| Error::io("open", p, e));
+    let open_root = |p: &Path| TreeDir::open_root(p).map_err(|e| IoError::new("open", p, e));
     let lower_trees: Vec<(PathBuf, TreeDir)> = lower
         .iter()
         .rev()
@@ -332,7 +333,7 @@ fn inherit_implicit_dirs(
         };
         for (base, lower_tree) in &lower_trees {
             match lower_lookup(lower_tree, rel)
-                .map_err(|e| Error::io("look up", base.join(path_of(rel)), e))?
+                .map_err(|e| IoError::new("look up", base.join(path_of(rel)), e))?
             {
                 Lookup::Dir(from) => {
                     dir.copy_attrs_from(&from).map_err(|e| {

@@ -4,6 +4,8 @@
 
 use std::path::PathBuf;
 
+use cstore_os::IoError;
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
@@ -130,13 +132,8 @@ pub enum Error {
     #[error("no space left on the device holding {path} while writing {what}")]
     NoSpace { what: String, path: PathBuf },
 
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(cstore_os::IoError),
 
     #[error("image {image}: layer {layer}{}: {reason}", entry.as_ref().map(|e| format!(", entry {e:?}")).unwrap_or_default())]
     Unpack {
@@ -154,19 +151,12 @@ pub enum Error {
         actual: String,
     },
 
-    #[error("metadata database {path}: {message}")]
-    Db { path: PathBuf, message: String },
+    /// The metadata database, a lock file, the store's layout.
+    #[error(transparent)]
+    Os(#[from] cstore_os::Error),
 }
 
 impl Error {
-    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            op,
-            path: path.into(),
-            source,
-        }
-    }
-
     /// Worth trying again as it is (network hiccups, registry overload).
     pub fn is_transient(&self) -> bool {
         match self {
@@ -179,12 +169,31 @@ impl Error {
 
 /// Map a write error: ENOSPC becomes `NoSpace`, so callers can say "free disk".
 pub(crate) fn write_err(what: &str, path: &std::path::Path, e: std::io::Error) -> Error {
-    if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
+    if is_no_space(&e) {
         Error::NoSpace {
             what: what.to_string(),
             path: path.to_path_buf(),
         }
     } else {
-        Error::io("write", path, e)
+        Error::Io(IoError::new("write", path, e))
+    }
+}
+
+fn is_no_space(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+/// An io error of the store; a full disk becomes `NoSpace` (what was being
+/// written: the path), so every writer says "free disk" the same way.
+impl From<IoError> for Error {
+    fn from(e: IoError) -> Self {
+        if is_no_space(&e.source) {
+            Error::NoSpace {
+                what: e.path.display().to_string(),
+                path: e.path,
+            }
+        } else {
+            Error::Io(e)
+        }
     }
 }

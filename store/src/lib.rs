@@ -2,11 +2,9 @@
 //! redb metadata database as the source of truth, and a registry client that
 //! pulls into it.
 
-pub mod confined;
 pub mod error;
 pub mod image_config;
 pub mod ingest;
-pub mod layout;
 pub mod media;
 pub mod meta;
 pub mod platform;
@@ -20,4 +18,4 @@ pub use error::{Error, Result};
 pub use platform::Platform;
 pub use pull::{pull, Event, Observer, PullOptions, PullReport};
 pub use reference::Reference;
-pub use store::{tree_usage, write_atomic, DiskUsage, GcReport, Store, TreeUsage};
+pub use store::{DiskUsage, GcReport, Store};

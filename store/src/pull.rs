@@ -382,7 +382,7 @@ async fn pull_leased(
         config: descriptor(&config_type, &config_digest, config_size),
         layers,
         platform: platform.clone(),
-        updated: crate::meta::now_unix(),
+        updated: cstore_os::now_unix(),
     };
     tracing::debug!(image = %name, "recording the image");
     store.commit_image(&image, &records, lease_id)?;

@@ -5,7 +5,7 @@
 
 mod batch;
 pub mod extract;
-pub(crate) mod sys;
+
 pub mod tar;
 
 use std::fs::File;
@@ -15,6 +15,8 @@ use std::path::Path;
 
 use cstore_blockio::{SeqReader, StreamConfig};
 use sha2::{Digest as _, Sha256};
+
+use cstore_os::{sys, IoError};
 
 use crate::error::{Error, Result};
 use crate::media::Compression;
@@ -113,11 +115,11 @@ pub fn unpack_layer(
     };
     // Reads of the compressed blob run ahead of the decompressor.
     let raw = SeqReader::open(blob, opts.io.as_ref().unwrap_or(&StreamConfig::default()))
-        .map_err(|e| Error::io("open", blob, e))?;
+        .map_err(|e| IoError::new("open", blob, e))?;
     let blob_size = raw
         .get_ref()
         .metadata()
-        .map_err(|e| Error::io("stat", blob, e))?
+        .map_err(|e| IoError::new("stat", blob, e))?
         .len();
     let limit = blob_size.saturating_mul(opts.max_ratio).max(opts.min_limit);
     let decoder: Box<dyn Read> = match layer.compression {
@@ -135,7 +137,7 @@ pub fn unpack_layer(
         limit,
     };
     let mut tar = tar::TarReader::new(BufReader::with_capacity(1 << 20, diff));
-    let root = sys::open_dir(dest).map_err(|e| Error::io("open", dest, e))?;
+    let root = sys::open_dir(dest).map_err(|e| IoError::new("open", dest, e))?;
     // Batches pay off only beside the decompressor's own work (see the policy).
     let batch = opts.io.as_ref().is_some_and(|c| c.batch_small_files)
         && layer.compression != Compression::None;
@@ -165,7 +167,7 @@ pub fn unpack_layer(
         });
     }
     // Durable before anyone calls it committed.
-    sys::syncfs(x.root()).map_err(|e| Error::io("syncfs", dest, e))?;
+    sys::syncfs(x.root()).map_err(|e| IoError::new("syncfs", dest, e))?;
     Ok(LayerStats {
         diff_id: actual,
         tar_bytes: diff.count,
@@ -183,16 +185,16 @@ pub fn unpack_layer(
 
 /// Hash an uncompressed layer stream without extracting (for tests and checks).
 pub fn diff_id_of(blob: &Path, compression: Compression) -> Result<String> {
-    let file = BufReader::new(File::open(blob).map_err(|e| Error::io("open", blob, e))?);
+    let file = BufReader::new(File::open(blob).map_err(|e| IoError::new("open", blob, e))?);
     let mut r: Box<dyn Read> = match compression {
         Compression::None => Box::new(file),
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(file)),
         Compression::Zstd => Box::new(
             zstd::stream::read::Decoder::with_buffer(file)
-                .map_err(|e| Error::io("zstd", blob, e))?,
+                .map_err(|e| IoError::new("zstd", blob, e))?,
         ),
     };
     let mut h = Sha256::new();
-    io::copy(&mut r, &mut h).map_err(|e| Error::io("read", blob, e))?;
+    io::copy(&mut r, &mut h).map_err(|e| IoError::new("read", blob, e))?;
     Ok(format!("sha256:{}", hex::encode(h.finalize())))
 }
