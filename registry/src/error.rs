@@ -95,6 +95,14 @@ pub enum Error {
 
     #[error("malformed {what}: {reason}")]
     Malformed { what: String, reason: String },
+
+    /// A ranged read asked for what cannot be given (too much at once).
+    #[error("{what}: {reason}")]
+    InvalidRange { what: String, reason: String },
+
+    /// A ranged read reaches past the end of the blob.
+    #[error("{what}: out of range: {reason}")]
+    OutOfRange { what: String, reason: String },
 }
 
 impl Error {
@@ -125,7 +133,8 @@ impl Error {
             Error::DigestMismatch { .. } | Error::SizeMismatch { .. } => {
                 ErrorKind::FailedPrecondition
             }
-            Error::Malformed { .. } => ErrorKind::InvalidArgument,
+            Error::Malformed { .. } | Error::InvalidRange { .. } => ErrorKind::InvalidArgument,
+            Error::OutOfRange { .. } => ErrorKind::OutOfRange,
         }
     }
 }

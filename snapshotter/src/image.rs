@@ -16,11 +16,10 @@ use std::time::Instant;
 
 use cstore_os::tree::TreeDir;
 use cstore_os::IoError;
+use cstore_registry::parse_digest;
 use cstore_store::image_config::ImageConfigHead;
-use cstore_store::media::layer_compression;
 use cstore_store::meta::{DescriptorRecord, ImageRecord};
-use cstore_store::reference::parse_digest;
-use cstore_store::unpack::{unpack_layer, LayerRef, LayerStats, UnpackOptions};
+use cstore_store::unpack::{layer_compression, unpack_layer, LayerRef, LayerStats, UnpackOptions};
 use cstore_store::Store;
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
@@ -59,7 +58,7 @@ pub struct Layer {
 
 /// The image's layers with their diff_ids (from the config) and chain IDs.
 pub fn layers_of(store: &Store, image: &ImageRecord) -> Result<Vec<Layer>> {
-    let config_digest = parse_digest(&image.config.digest)?;
+    let config_digest = parse_digest(&image.config.digest).map_err(cstore_store::Error::from)?;
     let bytes = store.read_config(&config_digest)?;
     // The pull checked this already; a store written before it did may hold
     // an image whose config does not describe its layers.
@@ -246,7 +245,7 @@ fn unpack_one(
     l: &Layer,
     opts: &UnpackOptions,
 ) -> Result<(PathBuf, LayerStats)> {
-    let digest = parse_digest(&l.descriptor.digest)?;
+    let digest = parse_digest(&l.descriptor.digest).map_err(cstore_store::Error::from)?;
     let compression = layer_compression(&l.descriptor.media_type).ok_or_else(|| {
         Error::Store(cstore_store::Error::UnsupportedMediaType {
             what: format!("layer {} of {}", l.descriptor.digest, image.name),

@@ -334,7 +334,7 @@ impl Drop for BlobWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reference::parse_digest;
+    use cstore_registry::parse_digest;
 
     fn dirs() -> (tempfile::TempDir, BlobDirs) {
         let t = tempfile::tempdir().unwrap();

@@ -26,7 +26,7 @@ use cstore_os::{sync_dir, write_atomic, FileLock, IoError};
 
 use crate::ingest::BlobDirs;
 use crate::meta::{ImageRecord, Meta, View};
-use crate::reference::{parse_digest, Reference};
+use cstore_registry::{parse_digest, Reference};
 
 pub const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
 
@@ -366,7 +366,7 @@ impl Store {
             .collect();
         let index = serde_json::json!({
             "schemaVersion": 2,
-            "mediaType": crate::media::OCI_INDEX,
+            "mediaType": cstore_registry::media::OCI_INDEX,
             "manifests": manifests,
         });
         let bytes = serde_json::to_vec_pretty(&index).expect("json");

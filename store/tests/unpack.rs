@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use cstore_store::media::Compression;
+use cstore_store::unpack::Compression;
 use cstore_store::unpack::{diff_id_of, unpack_layer, LayerRef, UnpackOptions};
 use cstore_store::Error;
 
