@@ -17,9 +17,9 @@ use cstore_registry::auth::{parse_challenge, Challenge, Credentials};
 use cstore_registry::media;
 use cstore_registry::{content_range_start, parse_digest, Reference};
 use cstore_store::pull::{choose_manifest, image_plan};
-use cstore_store::unpack::layer_compression;
-use cstore_store::unpack::tar::{Kind, TarReader, MAX_META_BYTES};
 use cstore_store::Platform;
+use cstore_unpack::layer_compression;
+use cstore_unpack::tar::{Kind, TarReader, MAX_META_BYTES};
 use oci_spec::image::Digest;
 use sha2::{Digest as _, Sha256};
 

@@ -21,4 +21,7 @@ pub enum Error {
     Os(#[from] cstore_os::Error),
     #[error(transparent)]
     Store(#[from] cstore_store::Error),
+    /// A layer that could not be unpacked into its snapshot.
+    #[error(transparent)]
+    Unpack(#[from] cstore_unpack::Error),
 }

@@ -19,8 +19,8 @@ use cstore_os::IoError;
 use cstore_registry::parse_digest;
 use cstore_store::image_config::ImageConfigHead;
 use cstore_store::meta::{DescriptorRecord, ImageRecord};
-use cstore_store::unpack::{layer_compression, unpack_layer, LayerRef, LayerStats, UnpackOptions};
 use cstore_store::Store;
+use cstore_unpack::{layer_compression, unpack_layer, LayerRef, LayerStats, UnpackOptions};
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
@@ -317,7 +317,7 @@ fn inherit_implicit_dirs(
         .collect::<Result<_>>()?;
     let tree = open_root(fs)?;
     let fail = |rel: &[u8], reason: String| {
-        Error::Store(cstore_store::Error::Unpack {
+        Error::Unpack(cstore_unpack::Error::Layer {
             image: image.name.clone(),
             layer: layer.descriptor.digest.clone(),
             entry: Some(String::from_utf8_lossy(rel).into_owned()),

@@ -72,22 +72,6 @@ pub enum Error {
     #[error(transparent)]
     Io(cstore_os::IoError),
 
-    #[error("image {image}: layer {layer}{}: {reason}", entry.as_ref().map(|e| format!(", entry {e:?}")).unwrap_or_default())]
-    Unpack {
-        image: String,
-        layer: String,
-        entry: Option<String>,
-        reason: String,
-    },
-
-    #[error("image {image}: layer {layer}: uncompressed content hashes to {actual}, but the config's diff_id is {expected}")]
-    DiffIdMismatch {
-        image: String,
-        layer: String,
-        expected: String,
-        actual: String,
-    },
-
     /// The metadata database, a lock file, the store's layout.
     #[error(transparent)]
     Os(#[from] cstore_os::Error),

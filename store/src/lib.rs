@@ -9,7 +9,6 @@ pub mod meta;
 pub mod platform;
 pub mod pull;
 pub mod store;
-pub mod unpack;
 
 pub use error::{Error, Result};
 pub use platform::Platform;

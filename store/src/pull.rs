@@ -27,7 +27,7 @@ use crate::ingest::{Acquired, BlobWriter};
 use crate::meta::{BlobRecord, DescriptorRecord, ImageRecord, Lease, View};
 use crate::platform::Platform;
 use crate::store::Store;
-use crate::unpack::layer_compression;
+use cstore_unpack::layer_compression;
 
 #[derive(Clone, Debug)]
 pub struct PullOptions {

@@ -1,16 +1,21 @@
-//! Unpacking a layer blob into a directory in one streaming pass: read the
-//! blob, decompress (gzip, zstd or none), hash the tar stream for the
-//! config's diff_id, and extract entries as they go by. Nothing uncompressed
-//! is ever stored except the extracted tree.
+//! Unpacking a layer into a directory in one streaming pass: decompress
+//! (gzip, zstd or none), hash the tar stream for the config's diff_id, stop
+//! a decompression bomb, and extract entries as they go by, every syscall on
+//! an fd beneath the layer's root. Nothing uncompressed is ever stored
+//! except the extracted tree. Knows nothing of the store or the registry:
+//! [`unpack_reader`] takes any buffered reader of a compressed layer and a
+//! directory fd; [`unpack_layer`] is that for a blob file and a path. The
+//! tar reader ([`tar::TarReader`]) stands alone too, and says where each
+//! entry's data starts in the uncompressed stream.
 
 mod batch;
+pub mod error;
 pub mod extract;
-
 pub mod tar;
 
 use std::fs::File;
-use std::io::{self, BufReader, Read};
-
+use std::io::{self, BufRead, BufReader, Read};
+use std::os::fd::OwnedFd;
 use std::path::Path;
 
 use cstore_blockio::{SeqReader, StreamConfig};
@@ -18,9 +23,10 @@ use sha2::{Digest as _, Sha256};
 
 use cstore_os::{sys, IoError};
 
-use crate::error::{Error, Result};
-pub use extract::{ExtractStats, OPAQUE_XATTR};
+pub use error::{Error, Result};
+pub use extract::{ExtractStats, MAX_MADE_DIR_BYTES, OPAQUE_XATTR};
 
+/// How a layer blob is compressed (from its media type).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
@@ -136,12 +142,6 @@ pub fn unpack_layer(
     dest: &Path,
     opts: &UnpackOptions,
 ) -> Result<LayerStats> {
-    let fail = |entry: Option<String>, reason: String| Error::Unpack {
-        image: layer.image.to_string(),
-        layer: layer.digest.to_string(),
-        entry,
-        reason,
-    };
     // Reads of the compressed blob run ahead of the decompressor.
     let raw = SeqReader::open(blob, opts.io.as_ref().unwrap_or(&StreamConfig::default()))
         .map_err(|e| IoError::new("open", blob, e))?;
@@ -150,8 +150,30 @@ pub fn unpack_layer(
         .metadata()
         .map_err(|e| IoError::new("stat", blob, e))?
         .len();
-    let limit = blob_size.saturating_mul(opts.max_ratio).max(opts.min_limit);
-    let decoder: Box<dyn Read> = match layer.compression {
+    let root = sys::open_dir(dest).map_err(|e| IoError::new("open", dest, e))?;
+    unpack_reader(raw, blob_size, layer, root, opts)
+}
+
+/// Unpack the compressed layer `raw` (`compressed_size` bytes: the bomb cap
+/// is a multiple of it) into the empty directory `root`. Nothing outside
+/// `root` is touched; on error the caller removes what is in it.
+pub fn unpack_reader<R: BufRead>(
+    raw: R,
+    compressed_size: u64,
+    layer: &LayerRef<'_>,
+    root: OwnedFd,
+    opts: &UnpackOptions,
+) -> Result<LayerStats> {
+    let fail = |entry: Option<String>, reason: String| Error::Layer {
+        image: layer.image.to_string(),
+        layer: layer.digest.to_string(),
+        entry,
+        reason,
+    };
+    let limit = compressed_size
+        .saturating_mul(opts.max_ratio)
+        .max(opts.min_limit);
+    let decoder: Box<dyn Read + '_> = match layer.compression {
         Compression::None => Box::new(raw),
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(raw)),
         Compression::Zstd => Box::new(
@@ -166,7 +188,6 @@ pub fn unpack_layer(
         limit,
     };
     let mut tar = tar::TarReader::new(BufReader::with_capacity(1 << 20, diff));
-    let root = sys::open_dir(dest).map_err(|e| IoError::new("open", dest, e))?;
     // Batches pay off only beside the decompressor's own work (see the policy).
     let batch = opts.io.as_ref().is_some_and(|c| c.batch_small_files)
         && layer.compression != Compression::None;
@@ -197,7 +218,7 @@ pub fn unpack_layer(
         });
     }
     // Durable before anyone calls it committed.
-    sys::syncfs(x.root()).map_err(|e| IoError::new("syncfs", dest, e))?;
+    sys::syncfs(x.root()).map_err(|e| fail(None, format!("syncfs of the layer: {e}")))?;
     Ok(LayerStats {
         diff_id: actual,
         tar_bytes: diff.count,
