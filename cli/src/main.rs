@@ -3,6 +3,7 @@
 mod bench;
 mod containers;
 mod device;
+mod exit;
 mod progress;
 mod run;
 mod snap;
@@ -11,9 +12,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use cstore_store::registry::auth::Credentials;
-use cstore_store::registry::{ClientOptions, RegistryClient};
-use cstore_store::{Platform, PullOptions, Reference, Store};
+use cstore_registry::auth::Credentials;
+use cstore_registry::{ClientOptions, Reference, RegistryClient};
+use cstore_store::{Platform, PullOptions, Store};
 
 #[derive(Parser)]
 #[command(
@@ -180,11 +181,7 @@ fn main() {
     init_logging(&cli.log_level);
     if let Err(e) = run(cli) {
         eprintln!("cstore: {e:#}");
-        // Stopped by a signal: the shell's convention (128 + SIGINT).
-        let interrupted = e
-            .downcast_ref::<cstore_bench::Error>()
-            .is_some_and(|e| matches!(e, cstore_bench::Error::Interrupted));
-        std::process::exit(if interrupted { 130 } else { 1 });
+        std::process::exit(exit::code(exit::kind_of(&e)));
     }
 }
 

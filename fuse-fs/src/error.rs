@@ -1,18 +1,15 @@
 use std::path::PathBuf;
 
+use cstore_os::{Classify, ErrorKind};
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// fuse-fs's error type: what was being done, on what, and why it failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A system call on a path failed (mount, open, the state directory, fusectl).
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] cstore_os::IoError),
     /// /dev/fuse is missing or cannot be opened: no FUSE on this machine (or no
     /// permission to use it).
     #[error("/dev/fuse: {0} (is the fuse module loaded and are we root?)")]
@@ -49,18 +46,32 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            op,
-            path: path.into(),
-            source,
-        }
-    }
-
     pub(crate) fn store(store: impl std::fmt::Display, reason: impl Into<String>) -> Self {
         Error::FdStore {
             store: store.to_string(),
             reason: reason.into(),
         }
+    }
+}
+
+impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io(e) => e.kind(),
+            Error::NoFuse(_) | Error::Handshake { .. } | Error::State { .. } => {
+                ErrorKind::FailedPrecondition
+            }
+            Error::Device { source, .. } => ErrorKind::of_io(source),
+            Error::Disconnected(_) | Error::FdStore { .. } => ErrorKind::Unavailable,
+            Error::NoPassthrough(_) => ErrorKind::NotImplemented,
+            Error::NotMounted(_) => ErrorKind::NotFound,
+            Error::BadName(_) => ErrorKind::InvalidArgument,
+        }
+    }
+}
+
+impl Classify for Error {
+    fn kind(&self) -> ErrorKind {
+        Error::kind(self)
     }
 }

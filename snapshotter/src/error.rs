@@ -2,7 +2,7 @@
 //! service maps them one to one (NotFound, AlreadyExists, FailedPrecondition,
 //! InvalidArgument), plus the failures of the layers below.
 
-use std::path::PathBuf;
+use cstore_os::{Classify, ErrorKind};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -16,25 +16,35 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     InvalidArgument(String),
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("snapshot database {path}: {message}")]
-    Db { path: PathBuf, message: String },
+    #[error(transparent)]
+    Io(#[from] cstore_os::IoError),
+    /// The snapshot database, a mount, the store's layout.
+    #[error(transparent)]
+    Os(#[from] cstore_os::Error),
     #[error(transparent)]
     Store(#[from] cstore_store::Error),
+    /// A layer that could not be unpacked into its snapshot.
+    #[error(transparent)]
+    Unpack(#[from] cstore_unpack::Error),
 }
 
 impl Error {
-    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            op,
-            path: path.into(),
-            source,
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::NotFound(_) => ErrorKind::NotFound,
+            Error::AlreadyExists(_) => ErrorKind::AlreadyExists,
+            Error::FailedPrecondition(_) => ErrorKind::FailedPrecondition,
+            Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            Error::Io(e) => e.kind(),
+            Error::Os(e) => e.kind(),
+            Error::Store(e) => e.kind(),
+            Error::Unpack(e) => e.kind(),
         }
+    }
+}
+
+impl Classify for Error {
+    fn kind(&self) -> ErrorKind {
+        Error::kind(self)
     }
 }

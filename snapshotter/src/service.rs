@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_stream::Stream;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
+
+use cstore_os::{ErrorKind, IoError};
 
 use crate::error::Error;
 use crate::filter::Filters;
@@ -65,15 +67,34 @@ impl Service {
     }
 }
 
-/// The gRPC codes containerd's errdefs turns back into its error kinds.
+/// An error as the gRPC status containerd's errgrpc turns back into the
+/// same errdefs kind: by the error's kind, whatever crate it came from.
 pub fn status(e: Error) -> Status {
-    let msg = e.to_string();
-    match e {
-        Error::NotFound(_) => Status::not_found(msg),
-        Error::AlreadyExists(_) => Status::already_exists(msg),
-        Error::FailedPrecondition(_) => Status::failed_precondition(msg),
-        Error::InvalidArgument(_) => Status::invalid_argument(msg),
-        _ => Status::unknown(msg),
+    Status::new(code(e.kind()), e.to_string())
+}
+
+/// containerd's errgrpc.ToGRPC: each kind's gRPC code (a conflict and "not
+/// modified" are failed preconditions there).
+pub fn code(kind: ErrorKind) -> Code {
+    match kind {
+        ErrorKind::Unknown => Code::Unknown,
+        ErrorKind::InvalidArgument => Code::InvalidArgument,
+        ErrorKind::NotFound => Code::NotFound,
+        ErrorKind::AlreadyExists => Code::AlreadyExists,
+        ErrorKind::PermissionDenied => Code::PermissionDenied,
+        ErrorKind::ResourceExhausted => Code::ResourceExhausted,
+        ErrorKind::FailedPrecondition | ErrorKind::Conflict | ErrorKind::NotModified => {
+            Code::FailedPrecondition
+        }
+        ErrorKind::Aborted => Code::Aborted,
+        ErrorKind::OutOfRange => Code::OutOfRange,
+        ErrorKind::NotImplemented => Code::Unimplemented,
+        ErrorKind::Internal => Code::Internal,
+        ErrorKind::Unavailable => Code::Unavailable,
+        ErrorKind::DataLoss => Code::DataLoss,
+        ErrorKind::Unauthenticated => Code::Unauthenticated,
+        ErrorKind::Canceled => Code::Cancelled,
+        ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
     }
 }
 
@@ -333,15 +354,15 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     if let Some(dir) = address.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
+        std::fs::create_dir_all(dir).map_err(|e| IoError::new("create", dir, e))?;
     }
     match std::fs::remove_file(address) {
         Ok(()) => tracing::info!(socket = %address.display(), "removed a stale socket"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io("remove", address, e)),
+        Err(e) => return Err(IoError::new("remove", address, e).into()),
     }
     let listener =
-        tokio::net::UnixListener::bind(address).map_err(|e| Error::io("listen", address, e))?;
+        tokio::net::UnixListener::bind(address).map_err(|e| IoError::new("listen", address, e))?;
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     tracing::info!(socket = %address.display(), root = %sn.root().display(), "serving containerd snapshots API");
     let res = tonic::transport::Server::builder()
@@ -349,5 +370,5 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     let _ = std::fs::remove_file(address);
-    res.map_err(|e| Error::io("serve", address, std::io::Error::other(e)))
+    res.map_err(|e| IoError::new("serve", address, std::io::Error::other(e)).into())
 }
