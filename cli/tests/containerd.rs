@@ -260,6 +260,21 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         stdout_of(&out)
     }
 
+    /// `ctr run` that must print something: ctr (1.6) now and then loses a
+    /// short-lived container's output on a loaded machine (the container ran
+    /// and exited 0, stdout is empty), so an empty stdout is retried twice;
+    /// a failed run is not.
+    fn ctr_run(&self, args: &[&str]) -> String {
+        for _ in 0..2 {
+            let out = self.ctr_ok(args);
+            if !out.trim().is_empty() {
+                return out;
+            }
+            eprintln!("ctr {args:?} exited 0 with no output; running it again");
+        }
+        self.ctr_ok(args)
+    }
+
     /// Like `ctr_ok`, but retried while containerd's connection to a
     /// restarted snapshotter comes back (gRPC reconnects with backoff).
     fn ctr_retry(&self, args: &[&str]) -> String {
@@ -733,7 +748,7 @@ fn containerd_gc_removes_its_snapshots_and_leaves_cstores_own() {
         &image,
     ]);
     env.ctrd.cripull("k8s.io", &image);
-    let out = env.ctrd.ctr_ok(&[
+    let out = env.ctrd.ctr_run(&[
         "run",
         "--rm",
         "--snapshotter",
@@ -818,7 +833,7 @@ fn containerd_unpacker_shares_layers_cstore_pulled() {
     }
     assert_listings_agree(&env, "default");
 
-    let out = env.ctrd.ctr_ok(&[
+    let out = env.ctrd.ctr_run(&[
         "run",
         "--rm",
         "--snapshotter",
@@ -854,7 +869,7 @@ fn cstore_gc_keeps_shared_layers_containerd_still_uses() {
     );
     assert_eq!(left.len(), 3);
     assert_eq!(numbered_dirs(&env.cs), dirs, "the shared directories stay");
-    let out = env.ctrd.ctr_ok(&[
+    let out = env.ctrd.ctr_run(&[
         "run",
         "--rm",
         "--snapshotter",
@@ -1111,7 +1126,7 @@ fn sigkill_mid_unpack_leaves_no_half_snapshot_and_the_pull_retries() {
     assert_no_half_snapshots(&env.cs);
 
     env.ctrd.ctr_retry(&pull_args);
-    let out = env.ctrd.ctr_ok(&[
+    let out = env.ctrd.ctr_run(&[
         "run",
         "--rm",
         "--snapshotter",

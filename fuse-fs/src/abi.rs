@@ -1047,6 +1047,15 @@ mod tests {
     }
 
     #[test]
+    fn newer_than_debians_header_matches_the_uapi_text() {
+        // Debian's <linux/fuse.h> is 7.38; these came later (uapi fuse.h, 7.39/7.40).
+        assert_eq!(op::STATX, 52);
+        assert_eq!(init::HAS_RESEND, 1 << 39);
+        assert_eq!(notify::RESEND, 7);
+        assert_eq!(UNIQUE_RESEND, 1 << 63);
+    }
+
+    #[test]
     fn rdev_encoding_is_new_encode_dev() {
         assert_eq!(encode_dev(0), 0);
         assert_eq!(encode_dev(libc::makedev(1, 5)), 0x105);

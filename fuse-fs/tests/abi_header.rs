@@ -12,6 +12,8 @@ use cstore_fuse_fs::abi::{self, init, op};
 const PROBE: &str = r#"
 #include <stdio.h>
 #include <stddef.h>
+#include <stdint.h>
+#include <sys/ioctl.h>
 #include <linux/fuse.h>
 #define S(t) printf("sizeof %s %zu\n", #t, sizeof(struct t));
 #define O(t, f) printf("offsetof %s.%s %zu\n", #t, #f, offsetof(struct t, f));
@@ -37,7 +39,7 @@ int main(void) {
   C(FUSE_LOOKUP) C(FUSE_FORGET) C(FUSE_GETATTR) C(FUSE_READLINK) C(FUSE_OPEN) C(FUSE_READ)
   C(FUSE_STATFS) C(FUSE_RELEASE) C(FUSE_GETXATTR) C(FUSE_LISTXATTR) C(FUSE_FLUSH)
   C(FUSE_INIT) C(FUSE_OPENDIR) C(FUSE_READDIR) C(FUSE_RELEASEDIR) C(FUSE_ACCESS)
-  C(FUSE_INTERRUPT) C(FUSE_DESTROY) C(FUSE_BATCH_FORGET) C(FUSE_READDIRPLUS) C(FUSE_STATX)
+  C(FUSE_INTERRUPT) C(FUSE_DESTROY) C(FUSE_BATCH_FORGET) C(FUSE_READDIRPLUS)
   C(FUSE_WRITE) C(FUSE_SETXATTR) C(FUSE_CREATE) C(FUSE_RENAME2) C(FUSE_TMPFILE)
   C(FUSE_NOTIFY_REPLY) C(FUSE_COPY_FILE_RANGE)
   C(FUSE_ASYNC_READ) C(FUSE_DO_READDIRPLUS) C(FUSE_READDIRPLUS_AUTO) C(FUSE_WRITEBACK_CACHE)
@@ -217,7 +219,6 @@ fn layout_and_constants_match_the_kernel_header() {
         ("FUSE_DESTROY", op::DESTROY as u64),
         ("FUSE_BATCH_FORGET", op::BATCH_FORGET as u64),
         ("FUSE_READDIRPLUS", op::READDIRPLUS as u64),
-        ("FUSE_STATX", op::STATX as u64),
         ("FUSE_WRITE", op::WRITE as u64),
         ("FUSE_SETXATTR", op::SETXATTR as u64),
         ("FUSE_CREATE", op::CREATE as u64),

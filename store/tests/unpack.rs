@@ -499,3 +499,49 @@ fn implicit_parents_replaced_or_listed_later_are_not_implicit() {
     // Listed directories whose parent became a file are simply gone.
     assert_eq!(std::fs::read(dest.join("d")).unwrap(), b"now a file");
 }
+
+// Every directory made for a missing parent is remembered by its whole path,
+// so entries with new deep paths cost the square of their depth: capped per
+// layer (a clear error, nothing else touched), far above real layers.
+#[test]
+fn deep_new_paths_entry_after_entry_are_capped() {
+    let t = tempfile::tempdir().unwrap();
+    let blob = t.path().join("deep.tar");
+    // 8 files, each under its own chain of 300 one-letter directories.
+    sh(&format!(
+        r#"python3 - <<'PY'
+import io, tarfile
+with tarfile.open("{}", "w", format=tarfile.PAX_FORMAT) as tf:
+    for k in range(8):
+        info = tarfile.TarInfo("d%d/" % k + "a/" * 300 + "f")
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"x"))
+PY"#,
+        blob.display()
+    ));
+    let diff_id = diff_id_of(&blob, Compression::None).unwrap();
+    let layer = LayerRef {
+        image: "deep:1",
+        digest: "sha256:dee9",
+        compression: Compression::None,
+        diff_id: &diff_id,
+    };
+    let capped = UnpackOptions {
+        max_made_dir_bytes: 1 << 20,
+        ..Default::default()
+    };
+    let dest = t.path().join("capped");
+    std::fs::create_dir(&dest).unwrap();
+    let e = unpack_layer(&blob, &layer, &dest, &capped)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("implicit parent directories") && e.contains("sha256:dee9"),
+        "{e}"
+    );
+    // The default cap takes the same layer.
+    let dest = t.path().join("default");
+    std::fs::create_dir(&dest).unwrap();
+    let stats = unpack_layer(&blob, &layer, &dest, &UnpackOptions::default()).unwrap();
+    assert_eq!(stats.extract.files, 8, "{stats:?}");
+}

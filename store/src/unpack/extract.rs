@@ -74,6 +74,12 @@ pub struct Extractor {
     /// with `created` and `whiteouts`, everything in the layer directory, so
     /// a name in none of them needs no lookup before it is created.
     made_dirs: HashSet<Vec<u8>>,
+    /// Bytes of paths in `made_dirs` and `implicit_dirs`, and their cap:
+    /// each holds every made directory's whole path, so an archive of
+    /// entries with new deep paths (2048 one-letter components each) would
+    /// cost megabytes per 4 KiB header without it.
+    made_dir_bytes: usize,
+    pub max_made_dir_bytes: usize,
     /// Directories with the setgid bit: files in them get its group.
     setgid_dirs: HashSet<Vec<u8>>,
     /// Who new files belong to and the umask applied to their mode: chown
@@ -96,6 +102,10 @@ fn current_umask() -> u32 {
         // Unknown: assume it strips everything, so chmod always runs.
         .unwrap_or(0o777)
 }
+
+/// The default cap of `Extractor::max_made_dir_bytes`: real layers use
+/// kilobytes (CPython's tree: about 100 KiB).
+pub const MAX_MADE_DIR_BYTES: usize = 64 << 20;
 
 fn err(entry: &[u8], reason: impl Into<String>) -> EntryError {
     EntryError {
@@ -165,6 +175,8 @@ impl Extractor {
             created: HashMap::new(),
             whiteouts: HashSet::new(),
             made_dirs: HashSet::new(),
+            made_dir_bytes: 0,
+            max_made_dir_bytes: MAX_MADE_DIR_BYTES,
             setgid_dirs: HashSet::new(),
             owner,
             umask: current_umask(),
@@ -227,46 +239,55 @@ impl Extractor {
                 .map_err(|e| err(entry, io_reason("opening the layer root", &e)))?;
         for (i, c) in comps.iter().enumerate() {
             let name = sys::cstring(c).map_err(|e| err(entry, e.to_string()))?;
-            let next =
-                match sys::resolve_beneath(fd.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY) {
-                    Ok(f) => f,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                        sys::mkdirat(fd.as_fd(), &name, 0o755)
-                            .map_err(|e| err(entry, io_reason("creating a parent", &e)))?;
-                        self.implicit_dirs.insert(comps[..=i].join(&b'/'));
-                        self.made_dirs.insert(comps[..=i].join(&b'/'));
-                        sys::resolve_beneath(fd.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY)
-                            .map_err(|e| err(entry, io_reason("opening a parent", &e)))?
+            let next = match sys::resolve_beneath(
+                fd.as_fd(),
+                &name,
+                libc::O_PATH | libc::O_DIRECTORY,
+            ) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    self.made_dir_bytes +=
+                        2 * comps[..=i].iter().map(|c| c.len() + 1).sum::<usize>();
+                    if self.made_dir_bytes > self.max_made_dir_bytes {
+                        return Err(err(
+                                entry,
+                                format!(
+                                    "the layer's implicit parent directories need more than {} bytes of paths (new deep paths entry after entry)",
+                                    self.max_made_dir_bytes
+                                ),
+                            ));
                     }
-                    // A whiteout of this layer, then entries below it with no
-                    // directory entry: the directory is this layer's own, and
-                    // still hides the lower one (opaque). Not inherited: the
-                    // lower directory was deleted.
-                    Err(e)
-                        if e.raw_os_error() == Some(libc::ENOTDIR)
-                            && self.whiteouts.remove(&comps[..=i].join(&b'/')) =>
-                    {
-                        sys::unlinkat(fd.as_fd(), &name, false)
-                            .map_err(|e| err(entry, io_reason("replacing a whiteout", &e)))?;
-                        sys::mkdirat(fd.as_fd(), &name, 0o755)
-                            .map_err(|e| err(entry, io_reason("creating a parent", &e)))?;
-                        self.made_dirs.insert(comps[..=i].join(&b'/'));
-                        let dir = sys::resolve_beneath(
-                            fd.as_fd(),
-                            &name,
-                            libc::O_RDONLY | libc::O_DIRECTORY,
-                        )
-                        .map_err(|e| err(entry, io_reason("opening a parent", &e)))?;
-                        let attr = CString::new(OPAQUE_XATTR).unwrap();
-                        sys::fsetxattr(dir.as_fd(), &attr, b"y")
-                            .map_err(|e| err(entry, io_reason("marking opaque", &e)))?;
-                        sys::resolve_beneath(fd.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY)
-                            .map_err(|e| err(entry, io_reason("opening a parent", &e)))?
-                    }
-                    Err(e) => {
-                        return Err(err(entry, io_reason("opening its parent directory", &e)))
-                    }
-                };
+                    sys::mkdirat(fd.as_fd(), &name, 0o755)
+                        .map_err(|e| err(entry, io_reason("creating a parent", &e)))?;
+                    self.implicit_dirs.insert(comps[..=i].join(&b'/'));
+                    self.made_dirs.insert(comps[..=i].join(&b'/'));
+                    sys::resolve_beneath(fd.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY)
+                        .map_err(|e| err(entry, io_reason("opening a parent", &e)))?
+                }
+                // A whiteout of this layer, then entries below it with no
+                // directory entry: the directory is this layer's own, and
+                // still hides the lower one (opaque). Not inherited: the
+                // lower directory was deleted.
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ENOTDIR)
+                        && self.whiteouts.remove(&comps[..=i].join(&b'/')) =>
+                {
+                    sys::unlinkat(fd.as_fd(), &name, false)
+                        .map_err(|e| err(entry, io_reason("replacing a whiteout", &e)))?;
+                    sys::mkdirat(fd.as_fd(), &name, 0o755)
+                        .map_err(|e| err(entry, io_reason("creating a parent", &e)))?;
+                    self.made_dirs.insert(comps[..=i].join(&b'/'));
+                    let dir =
+                        sys::resolve_beneath(fd.as_fd(), &name, libc::O_RDONLY | libc::O_DIRECTORY)
+                            .map_err(|e| err(entry, io_reason("opening a parent", &e)))?;
+                    let attr = CString::new(OPAQUE_XATTR).unwrap();
+                    sys::fsetxattr(dir.as_fd(), &attr, b"y")
+                        .map_err(|e| err(entry, io_reason("marking opaque", &e)))?;
+                    sys::resolve_beneath(fd.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY)
+                        .map_err(|e| err(entry, io_reason("opening a parent", &e)))?
+                }
+                Err(e) => return Err(err(entry, io_reason("opening its parent directory", &e))),
+            };
             fd = next;
         }
         Ok(fd)

@@ -32,6 +32,10 @@ pub struct UnpackOptions {
     /// How the blob is read (readahead, O_DIRECT): the store's
     /// `stream_config()`; None reads with the defaults.
     pub io: Option<StreamConfig>,
+    /// Refuse a layer whose directories made for missing parents need more
+    /// than this many bytes of bookkeeping (every such directory's path is
+    /// kept: a deep new path per entry grows it with the square of the depth).
+    pub max_made_dir_bytes: usize,
 }
 
 impl Default for UnpackOptions {
@@ -40,6 +44,7 @@ impl Default for UnpackOptions {
             max_ratio: 1100,
             min_limit: 256 << 20,
             io: None,
+            max_made_dir_bytes: extract::MAX_MADE_DIR_BYTES,
         }
     }
 }
@@ -142,6 +147,7 @@ pub fn unpack_layer(
     let batch = opts.io.as_ref().is_some_and(|c| c.batch_small_files)
         && layer.compression != Compression::None;
     let mut x = extract::Extractor::new(root, batch).map_err(|r| fail(None, r))?;
+    x.max_made_dir_bytes = opts.max_made_dir_bytes;
 
     let read_fail = |e: tar::TarError| match e {
         tar::TarError::Io(io) => fail(None, format!("reading the layer: {io}")),
