@@ -2,7 +2,6 @@
 //! mount points undone however a test ends, and `cstore snapshots` as the
 //! store describes them. Shared by the mount and unpack tests (and the
 //! snapshot listing by the containerd tests).
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
