@@ -60,6 +60,17 @@ stop_containerd() {
   rm -f "$dir/pid"
 }
 
+# t NAME CMD...: run CMD (its output dropped) under /usr/bin/time; $work/NAME
+# gets "wall-seconds peak-RSS-KiB user-seconds sys-seconds" (user and sys
+# include the io-wq workers, which are the process's threads).
+t() {
+  local out=$work/$1; shift
+  /usr/bin/time -f '%e %M %U %S' -o "$out" "$@" >/dev/null 2>"$out.err" || { cat "$out.err" >&2; return 1; }
+}
+
+# col NAME N: the median over the RUNS rounds ($work/NAME.1 …) of column N of t's line.
+col() { for i in $(seq "$RUNS"); do awk -v c="$2" '{print $c}' "$work/$1.$i"; done | median; }
+
 # median of numbers on stdin
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 

@@ -13,27 +13,21 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/cstore-target}
 
 bench_setup
 
-t() { # t OUTFILE CMD...: wall seconds and peak RSS (KiB) of CMD
-  local out=$1; shift
-  /usr/bin/time -f '%e %M' -o "$out" "$@" >/dev/null 2>"$out.err" || { cat "$out.err" >&2; return 1; }
-}
-
 for i in $(seq "$RUNS"); do
   rm -rf "$work/cs"
   drop_caches
-  t "$work/cstore.$i" "$cstore" --root "$work/cs" pull --no-unpack "$ref"
+  t "cstore.$i" "$cstore" --root "$work/cs" pull --no-unpack "$ref"
 
   rm -rf "$work/sk"
   drop_caches
-  t "$work/skopeo.$i" skopeo copy -q --src-tls-verify=false "docker://$ref" "oci:$work/sk:bench"
+  t "skopeo.$i" skopeo copy -q --src-tls-verify=false "docker://$ref" "oci:$work/sk:bench"
 
   stop_containerd "$work/ctrd"; rm -rf "$work/ctrd"
   start_containerd "$work/ctrd"
   drop_caches
-  t "$work/ctr.$i" ctr -a "$work/ctrd/containerd.sock" -n bench content fetch --plain-http "$ref"
+  t "ctr.$i" ctr -a "$work/ctrd/containerd.sock" -n bench content fetch --plain-http "$ref"
 done
 
-col() { for i in $(seq "$RUNS"); do awk -v c="$2" '{print $c}' "$work/$1.$i"; done | median; }
 cs=$(col cstore 1); sk=$(col skopeo 1); ct=$(col ctr 1); rss=$(col cstore 2)
 unpacked=$(du -sb "$FIXTURES/debootstrap-bookworm" "$(python3 -c 'import sys; print(sys.base_prefix)')" | awk '{s+=$1} END {print int(s/1048576)+64}')
 echo

@@ -129,12 +129,6 @@ for v in tar gz; do
   "$cstore" --root "$dst/pulled-$v" pull --no-unpack "$addr/small$v:latest" >/dev/null
 done
 
-# t NAME CMD...: NAME gets "wall user sys" seconds (from /usr/bin/time).
-t() {
-  local out=$work/$1; shift
-  /usr/bin/time -f '%e %U %S' -o "$out" "$@" >/dev/null 2>"$out.err" || { cat "$out.err" >&2; return 1; }
-}
-
 # fresh: what the previous run left is removed, and the inodes it freed have
 # aged past ext4's "recently deleted" window (which it scans on every inode
 # allocation on a journal-less fs) before the cache is dropped.
@@ -164,7 +158,6 @@ for v in tar gz; do
   fi
 done
 
-col() { for i in $(seq "$RUNS"); do awk -v c="$2" '{print $c}' "$work/$1.$i"; done | median; }
 runs() { for i in $(seq "$RUNS"); do cut -d' ' -f1 "$work/$1.$i"; done | tr '\n' ' '; }
 files=$(grep -c '"type": *"file"' "$work/tree-sync-tar" || true)
 echo
@@ -172,11 +165,11 @@ echo "unpack of $files small files (0-8 KiB, one layer) on FS=$FS, median of $RU
 echo "trees of both modes equal. Seconds: wall (user + sys of the process and its io-wq workers)"
 for v in tar gz; do
   printf '  %-30s %7.2f  (%5.2f + %5.2f)   runs: %s\n' "cstore CSTORE_IO=sync  ($v)" \
-    "$(col sync-$v 1)" "$(col sync-$v 2)" "$(col sync-$v 3)" "$(runs sync-$v)"
+    "$(col sync-$v 1)" "$(col sync-$v 3)" "$(col sync-$v 4)" "$(runs sync-$v)"
   printf '  %-30s %7.2f  (%5.2f + %5.2f)   runs: %s\n' "cstore CSTORE_IO=uring ($v)" \
-    "$(col uring-$v 1)" "$(col uring-$v 2)" "$(col uring-$v 3)" "$(runs uring-$v)"
+    "$(col uring-$v 1)" "$(col uring-$v 3)" "$(col uring-$v 4)" "$(runs uring-$v)"
   printf '  %-30s %7.2f  (%5.2f + %5.2f)  + sync afterwards %.2f\n' "umoci unpack ($v)" \
-    "$(col umoci-$v 1)" "$(col umoci-$v 2)" "$(col umoci-$v 3)" "$(col umoci-sync-$v 1)"
+    "$(col umoci-$v 1)" "$(col umoci-$v 3)" "$(col umoci-$v 4)" "$(col umoci-sync-$v 1)"
   printf '  ratio uring / sync  %.2f    sync / umoci  %.2f    uring / umoci  %.2f\n' \
     "$(echo "$(col uring-$v 1)/$(col sync-$v 1)" | bc -l)" \
     "$(echo "$(col sync-$v 1)/$(col umoci-$v 1)" | bc -l)" \

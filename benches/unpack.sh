@@ -22,16 +22,6 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/cstore-target}
 
 bench_setup
 
-# t NAME CMD...: run CMD under /usr/bin/time -v; NAME gets "wall-seconds peak-RSS-KiB".
-t() {
-  local out=$work/$1; shift
-  /usr/bin/time -v -o "$out.v" "$@" >/dev/null 2>"$out.err" || { cat "$out.err" "$out.v" >&2; return 1; }
-  awk -F': ' '
-    /Elapsed \(wall clock\)/ { n = split($2, p, ":"); s = 0; for (i = 1; i <= n; i++) s = s * 60 + p[i] }
-    /Maximum resident set size/ { rss = $2 }
-    END { print s, rss }' "$out.v" > "$out"
-}
-
 # A store with the blobs but no snapshots, for (d): pulled once, copied per run.
 "$cstore" --root "$work/pulled" pull --no-unpack "$ref" >/dev/null
 
@@ -77,8 +67,7 @@ for i in $(seq "$RUNS"); do
   rm -rf "$work/bundle" "$work/sk"
 done
 
-col() { for i in $(seq "$RUNS"); do awk -v c="$2" '{print $c}' "$work/$1.$i"; done | median; }
-sum() { for i in $(seq "$RUNS"); do paste -d' ' "$work/$1.$i" "$work/$2.$i" | awk '{print $1 + $3}'; done | median; }
+sum() { for i in $(seq "$RUNS"); do paste -d' ' "$work/$1.$i" "$work/$2.$i" | awk '{print $1 + $5}'; done | median; }
 cs=$(col cstore-pull 1); rss=$(col cstore-pull 2)
 sk=$(col skopeo 1); um=$(col umoci 1); skum=$(sum skopeo umoci)
 ct=$(col ctr 1)

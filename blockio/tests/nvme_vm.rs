@@ -6,8 +6,8 @@
 //! own (`cstore device selfcheck`); then, on a cgroup v2-only hierarchy,
 //! `cstore run` with I/O limits on the namespace from a store on an ext4
 //! partition of it (the container's io.max, and a timed O_DIRECT read under
-//! --device-read-bps 1mb). Skipped, saying so, only
-//! when qemu-system-x86_64 is not installed (fixtures/deps.sh --nvme-vm).
+//! --device-read-bps 1mb). Skipped visibly when qemu-system-x86_64 is not
+//! installed (fixtures/deps.sh --nvme-vm), and then a failure under CI=true.
 
 use std::path::Path;
 use std::process::Command;
@@ -34,7 +34,10 @@ fn section<'a>(out: &'a str, name: &str) -> Vec<&'a str> {
 #[test]
 fn device_info_on_qemus_nvme_controller() {
     if !on_path("qemu-system-x86_64") {
-        eprintln!("skipping: qemu-system-x86_64 is not installed (fixtures/deps.sh --nvme-vm)");
+        cstore_os::testing::skip_or_fail(
+            "device_info_on_qemus_nvme_controller",
+            "qemu-system-x86_64 is not installed (fixtures/deps.sh --nvme-vm)",
+        );
         return;
     }
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();

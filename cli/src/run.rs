@@ -2,18 +2,20 @@
 //! runtime crate (youki's libcontainer), with disk I/O limits on the block
 //! device under the store.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use cstore_registry::parse_digest;
 use cstore_runtime::cgroup::parse_rate;
 use cstore_runtime::userns::Userns;
-use cstore_runtime::{Hierarchy, IoLimits, Record, RunSpec};
-use cstore_snapshotter::{image, mount, Kind, Snapshotter};
+use cstore_runtime::{
+    Containers, Hierarchy, ImageConfig, IoLimits, Overrides, Process, RunRequest,
+};
+use cstore_snapshotter::{image, Kind, Snapshotter};
 use cstore_store::Store;
 
-use crate::{containers, snap};
+use crate::containers::SnapshotTree;
+use crate::snap;
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -72,16 +74,6 @@ pub struct RunArgs {
     /// Command and arguments (default: the image's entrypoint and cmd).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub command: Vec<String>,
-}
-
-#[derive(serde::Deserialize, Default)]
-#[serde(rename_all = "PascalCase")]
-struct ImageConfig {
-    entrypoint: Option<Vec<String>>,
-    cmd: Option<Vec<String>>,
-    env: Option<Vec<String>>,
-    working_dir: Option<String>,
-    user: Option<String>,
 }
 
 /// MAJ:MIN of the disk under `path` (a partition's disk: throttles apply to disks).
@@ -146,153 +138,135 @@ pub fn open_and_run(root: &Path, a: RunArgs) -> Result<i32> {
     code
 }
 
+/// resolve → prepare → launch → teardown: the flags and the image here, the
+/// container's life (prepare, launch, teardown) in cstore-runtime.
 pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
-    if a.net != "none" && a.net != "host" {
-        bail!("--net {:?}: none or host", a.net);
-    }
-    let userns = a
-        .userns
-        .as_deref()
-        .map(Userns::parse)
-        .transpose()?
-        .flatten();
-    if userns.is_some() && a.net == "host" {
-        bail!("--userns needs a network namespace of its own: not with --net host (as docker)");
-    }
-    let start_timeout = start_timeout()?;
-    let img = store.image(&a.reference)?;
-    let config: ImageConfig = {
-        let bytes = store.read_config(&parse_digest(&img.config.digest)?)?;
-        #[derive(serde::Deserialize)]
-        struct Wrapper {
-            config: Option<ImageConfig>,
-        }
-        serde_json::from_slice::<Wrapper>(&bytes)
-            .with_context(|| format!("config of {}", img.name))?
-            .config
-            .unwrap_or_default()
+    let flags = Flags::parse(&a, store.root())?;
+    let image = resolve(store, sn, &a)?;
+    let req = RunRequest {
+        id: image.id,
+        image: image.name,
+        parent: image.top,
+        process: image.process,
+        auto_remove: a.rm,
+        net_host: flags.net_host,
+        readonly: a.read_only,
+        io: flags.io,
+        memory: flags.memory,
+        pids: a.pids_limit,
+        tty: a.tty,
+        interactive: a.interactive,
+        userns: flags.userns,
+        start_timeout: flags.start_timeout,
     };
-    // As docker: --entrypoint replaces the image's ("" removes it) and
-    // drops the image's cmd with it; a command replaces the cmd.
-    let mut args: Vec<String> = match &a.entrypoint {
-        Some(e) if e.is_empty() => vec![],
-        Some(e) => vec![e.clone()],
-        None => config.entrypoint.clone().unwrap_or_default(),
-    };
-    if !a.command.is_empty() {
-        args.extend(a.command.iter().cloned());
-    } else if a.entrypoint.is_none() {
-        args.extend(config.cmd.clone().unwrap_or_default());
-    }
-    if args.is_empty() {
-        bail!(
-            "{}: no command given and the image has no entrypoint or cmd",
-            img.name
-        );
-    }
-    // The image config is hostile input: every entry that reaches the
-    // container's init is checked here, naming where it came from (see
-    // cstore_runtime::validate), before anything is made.
-    cstore_runtime::validate::args(&args).map_err(|e| {
-        let from = if a.command.is_empty() && a.entrypoint.is_none() {
-            "its Entrypoint and Cmd"
-        } else {
-            "the command given"
-        };
-        anyhow::anyhow!("image {}: {e} (from {from})", img.name)
-    })?;
+    let hold = || (store.meta().hold(), sn.hold());
+    Ok(Containers::new(store.root()).run(&SnapshotTree(sn), req, hold)?)
+}
 
-    // I/O limits: all on one device.
-    let mut io: Option<((u32, u32), IoLimits)> = None;
-    for (flag, v) in [
-        ("--device-read-bps", &a.device_read_bps),
-        ("--device-write-bps", &a.device_write_bps),
-        ("--device-read-iops", &a.device_read_iops),
-        ("--device-write-iops", &a.device_write_iops),
-    ] {
-        let Some(v) = v else { continue };
-        let (dev, rate) = device_rate(flag, v, store.root())?;
-        let entry = io.get_or_insert((dev, IoLimits::default()));
-        if entry.0 != dev {
-            bail!(
-                "I/O limits on two devices ({}:{} and {}:{}) are not supported",
-                entry.0 .0,
-                entry.0 .1,
-                dev.0,
-                dev.1
+/// What the flags say that needs no image.
+struct Flags {
+    net_host: bool,
+    userns: Option<Userns>,
+    start_timeout: std::time::Duration,
+    /// All on one device.
+    io: Option<(u32, u32, IoLimits)>,
+    memory: Option<i64>,
+}
+
+impl Flags {
+    fn parse(a: &RunArgs, store_root: &Path) -> Result<Flags> {
+        if a.net != "none" && a.net != "host" {
+            bail!("--net {:?}: none or host", a.net);
+        }
+        let userns = a
+            .userns
+            .as_deref()
+            .map(Userns::parse)
+            .transpose()?
+            .flatten();
+        if userns.is_some() && a.net == "host" {
+            bail!("--userns needs a network namespace of its own: not with --net host (as docker)");
+        }
+        let mut io: Option<((u32, u32), IoLimits)> = None;
+        for (flag, v) in [
+            ("--device-read-bps", &a.device_read_bps),
+            ("--device-write-bps", &a.device_write_bps),
+            ("--device-read-iops", &a.device_read_iops),
+            ("--device-write-iops", &a.device_write_iops),
+        ] {
+            let Some(v) = v else { continue };
+            let (dev, rate) = device_rate(flag, v, store_root)?;
+            let entry = io.get_or_insert((dev, IoLimits::default()));
+            if entry.0 != dev {
+                bail!(
+                    "I/O limits on two devices ({}:{} and {}:{}) are not supported",
+                    entry.0 .0,
+                    entry.0 .1,
+                    dev.0,
+                    dev.1
+                );
+            }
+            match flag {
+                "--device-read-bps" => entry.1.read_bps = Some(rate),
+                "--device-write-bps" => entry.1.write_bps = Some(rate),
+                "--device-read-iops" => entry.1.read_iops = Some(rate),
+                _ => entry.1.write_iops = Some(rate),
+            }
+        }
+        if let Some(((major, minor), _)) = &io {
+            // libcontainer writes the limits, finding the hierarchy itself;
+            // one without the io controller at all is refused here, by name.
+            let hierarchy = Hierarchy::detect().context("I/O limits (--device-*)")?;
+            tracing::info!(
+                device = %format!("{major}:{minor}"),
+                ?hierarchy,
+                "I/O limits through the cgroup io controller"
             );
         }
-        match flag {
-            "--device-read-bps" => entry.1.read_bps = Some(rate),
-            "--device-write-bps" => entry.1.write_bps = Some(rate),
-            "--device-read-iops" => entry.1.read_iops = Some(rate),
-            _ => entry.1.write_iops = Some(rate),
-        }
+        let memory = a
+            .memory
+            .as_deref()
+            .map(parse_rate)
+            .transpose()
+            .context("--memory")?
+            .map(|m| m as i64);
+        Ok(Flags {
+            net_host: a.net == "host",
+            userns,
+            start_timeout: start_timeout()?,
+            io: io.map(|((maj, min), l)| (maj, min, l)),
+            memory,
+        })
     }
-    if let Some(((major, minor), _)) = &io {
-        // libcontainer writes the limits, finding the hierarchy itself; one
-        // without the io controller at all is refused here, by name.
-        let hierarchy = Hierarchy::detect().context("I/O limits (--device-*)")?;
-        tracing::info!(
-            device = %format!("{major}:{minor}"),
-            ?hierarchy,
-            "I/O limits through the cgroup io controller"
-        );
-    }
-    let memory = a
-        .memory
-        .as_deref()
-        .map(parse_rate)
-        .transpose()
-        .context("--memory")?
-        .map(|m| m as i64);
+}
 
-    // Resolved once the rootfs is mounted: names come from its /etc/passwd.
-    // An empty -u is no -u (the image's user), as docker.
-    let user = a
-        .user
-        .clone()
-        .filter(|u| !u.is_empty())
-        .or(config.user.clone())
-        .unwrap_or_default();
-    // As docker: absolute, and made in the rootfs if missing; -w "" is no -w.
-    let cwd = a
-        .workdir
-        .clone()
-        .filter(|w| !w.is_empty())
-        .or(config.working_dir.clone())
-        .filter(|w| !w.is_empty())
-        .unwrap_or_else(|| "/".into());
-    cstore_runtime::validate::cwd(&cwd).map_err(|e| match &a.workdir {
-        Some(w) if !w.is_empty() => anyhow::anyhow!("-w: {e}"),
-        _ => anyhow::anyhow!("image {}: {e} (its WorkingDir)", img.name),
-    })?;
-    let cwd = cstore_runtime::rootfs::clean_absolute(&cwd);
-    let mut env = config.env.clone().unwrap_or_else(|| {
-        vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()]
-    });
-    for e in &env {
-        cstore_runtime::validate::env_entry(e)
-            .map_err(|e| anyhow::anyhow!("image {}: {e} (its Env)", img.name))?;
-    }
-    for e in &a.env {
-        cstore_runtime::validate::env_entry(e).map_err(|e| anyhow::anyhow!("-e: {e}"))?;
-        let key = e.split('=').next().unwrap_or("");
-        env.retain(|x| x.split('=').next() != Some(key));
-        env.push(e.clone());
-    }
-    if let Some(h) = &a.hostname {
-        cstore_runtime::validate::hostname(h).map_err(|e| anyhow::anyhow!("--hostname: {e}"))?;
-    }
+/// The image resolved for a run: its process (docker's merge of its config
+/// and the flags), the container's name, and the committed snapshot of its
+/// top layer (unpacked first if it is not).
+struct Resolved {
+    name: String,
+    id: String,
+    process: Process,
+    top: String,
+}
 
-    let id = a
-        .name
-        .clone()
-        .unwrap_or_else(|| format!("{:012x}", rand_id()));
-    if !containers::valid_name(&id) {
-        bail!("--name {id:?}: letters, digits, - and _ only");
-    }
-    let layers = image::layers_of(store, &img)?;
+fn resolve(store: &Store, sn: &Snapshotter, a: &RunArgs) -> Result<Resolved> {
+    let img = store.image(&a.reference)?;
+    // Read once, under the store's limit on configs: the snapshotter takes
+    // the layers from it, the runtime the process.
+    let bytes = store.read_config(&parse_digest(&img.config.digest)?)?;
+    let config = ImageConfig::parse(&bytes, &img.name)?;
+    let overrides = Overrides {
+        entrypoint: a.entrypoint.clone(),
+        command: a.command.clone(),
+        env: a.env.clone(),
+        workdir: a.workdir.clone(),
+        user: a.user.clone(),
+        hostname: a.hostname.clone(),
+    };
+    let process = Process::merge(&img.name, &config, &overrides)?;
+    let id = cstore_runtime::containers::name_or_random(a.name.as_deref())?;
+    let layers = image::layers_from_config(&img, &bytes)?;
     let top = layers.last().context("image has no layers")?;
     if !sn
         .stat(&top.chain_id)
@@ -300,201 +274,12 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
     {
         snap::unpack(store, &a.reference, false)?;
     }
-    let dir: PathBuf = containers::dir(store, &id);
-    let rootfs = dir.join("rootfs");
-    containers::create_dir(store, &id)?;
-    let key = containers::snapshot_key(&id);
-    let labels = BTreeMap::from([
-        ("cstore.io/container".to_string(), id.clone()),
-        ("cstore.io/image".to_string(), img.name.clone()),
-        (
-            "cstore.io/mountpoint".to_string(),
-            rootfs.display().to_string(),
-        ),
-    ]);
-    let mut mounts = sn
-        .prepare(&key, Some(&top.chain_id), labels)
-        .map_err(|e| match e {
-            cstore_snapshotter::Error::AlreadyExists(_) => {
-                anyhow::anyhow!("a container named {id:?} exists (remove it with `cstore rm {id}`)")
-            }
-            e => e.into(),
-        })?;
-    if a.rm {
-        // The upper dir of a --rm container is thrown away at exit. Without
-        // `volatile`, unmounting the overlay syncs the whole filesystem under
-        // the store (overlayfs' sync_fs), which costs what every other
-        // writer on it has left dirty.
-        for m in mounts.iter_mut().filter(|m| m.kind == "overlay") {
-            m.options.push("volatile".into());
-        }
-    }
-    let cleanup = |remove: bool| {
-        let _ = mount::unmount(&rootfs);
-        if remove {
-            let _ = sn.remove(&key);
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-    };
-    // The name is ours now (prepare refuses a second one): record the container.
-    let mut record = Record::new(&id, &img.name, &args);
-    record.auto_remove = a.rm;
-    let mounted = record
-        .save(&dir)
-        .map_err(anyhow::Error::from)
-        .and_then(|()| match &userns {
-            None => mount::mount_all(&mounts, &rootfs).map_err(Into::into),
-            Some(u) => mount_userns(store.root(), &dir, &mounts, &rootfs, u),
-        });
-    if let Err(e) = mounted {
-        cleanup(true);
-        return Err(e);
-    }
-    // The container's root owns what is made for it.
-    let root_ids = userns.as_ref().map_or((0, 0), |u| (u.uid.host, u.gid.host));
-    let user = cstore_runtime::user::resolve(&rootfs, &user)
-        .and_then(|u| match &userns {
-            Some(ns) => ns.check_user(&user, &u).map(|()| u),
-            None => Ok(u),
-        })
-        .map_err(anyhow::Error::from)
-        .and_then(|u| {
-            cstore_runtime::rootfs::create_dir_all(&rootfs, &cwd, root_ids)
-                .map_err(|e| anyhow::anyhow!("working directory {e}"))?;
-            Ok(u)
-        });
-    let user = match user {
-        Ok(u) => u,
-        Err(e) => {
-            cleanup(true);
-            return Err(e.context(format!("image {}", img.name)));
-        }
-    };
-    // As docker (runc sets it in the container): HOME from passwd unless given.
-    if !env.iter().any(|e| e.starts_with("HOME=")) {
-        env.push(format!("HOME={}", user.home));
-    }
-    let spec = RunSpec {
-        id: id.clone(),
-        rootfs: rootfs.clone(),
-        bundle: dir.join("bundle"),
-        state_root: containers::state_root(store),
-        args,
-        env,
-        cwd,
-        uid: user.uid,
-        gid: user.gid,
-        additional_gids: user.additional_gids,
-        hostname: a
-            .hostname
-            .clone()
-            .unwrap_or_else(|| id.chars().take(12).collect()),
-        net_host: a.net == "host",
-        readonly: a.read_only,
-        cgroup: containers::cgroup_path(&id),
-        io: io.map(|((maj, min), l)| (maj, min, l)),
-        memory,
-        pids: a.pids_limit,
-        tty: a.tty,
-        interactive: a.interactive,
-        userns,
-        start_timeout,
-    };
-    // Both databases stay as they are until the container runs: a reaper
-    // closing one (allocating, syncing) while libcontainer clones this
-    // process could leave the child a lock it never gets back. (Not called
-    // when the start fails: the holds then go when run_with returns.)
-    let holds = (store.meta().hold(), sn.hold());
-    let result = cstore_runtime::run_with(&spec, |pid| {
-        drop(holds);
-        record.set_started(pid);
-        if let Err(e) = record.save(&dir) {
-            tracing::warn!(error = %e, "recording the container's pid");
-        }
-    });
-    // What a failed create left, and the cgroup parent when no other container uses it.
-    if let Err(e) = cstore_runtime::teardown::remove(&id, &spec.state_root, &spec.cgroup) {
-        tracing::warn!(error = %e, "removing the container's runtime state");
-    }
-    if !a.rm {
-        record.set_finished(&result);
-        if let Err(e) = record.save(&dir) {
-            tracing::warn!(error = %e, "recording the container's exit");
-        }
-    }
-    cleanup(a.rm);
-    // A container that did not start says which image it was.
-    result.map_err(|e| match e {
-        cstore_runtime::Error::Input(_)
-        | cstore_runtime::Error::NotStarted { .. }
-        | cstore_runtime::Error::StartTimeout { .. } => {
-            anyhow::Error::from(e).context(format!("image {}", img.name))
-        }
-        e => e.into(),
+    Ok(Resolved {
+        name: img.name,
+        id,
+        process,
+        top: top.chain_id.clone(),
     })
-}
-
-/// The rootfs for a container in user namespace `u`: the image's layers
-/// id-mapped, the upper dir owned by the container's root (as containerd's
-/// overlay snapshotter does with uid/gid mappings), and the path to it
-/// searchable by that unprivileged host user.
-fn mount_userns(
-    root: &Path,
-    dir: &Path,
-    mounts: &[mount::Mount],
-    rootfs: &Path,
-    u: &Userns,
-) -> Result<()> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let owner = (u.uid.host, u.gid.host);
-    // The container's root walks ROOT/containers/NAME/rootfs as an
-    // unprivileged host user: ROOT and containers/ are searchable by all
-    // (0711, as containerd's root), the container's own directory by its
-    // group only: 0710, group the mapped root's gid. Other users reach no
-    // rootfs, and the layers below snapshots/ (0700) reach overlayfs
-    // through the mount cstore makes as root.
-    for d in [root, &root.join("containers")] {
-        let mut p = std::fs::metadata(d)?.permissions();
-        if p.mode() & 0o001 == 0 {
-            p.set_mode(p.mode() | 0o001);
-            std::fs::set_permissions(d, p).with_context(|| format!("chmod o+x {}", d.display()))?;
-        }
-    }
-    std::os::unix::fs::lchown(dir, None, Some(owner.1))
-        .with_context(|| format!("chgrp {}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o710))
-        .with_context(|| format!("chmod {}", dir.display()))?;
-    for d in root.ancestors().skip(1) {
-        if !cstore_runtime::userns::searchable_by(d, owner)? {
-            bail!(
-                "--userns: the container's root (host uid {}) cannot reach its rootfs: {} is not searchable by it (chmod o+x, or use another --root)",
-                owner.0,
-                d.display()
-            );
-        }
-    }
-    for m in mounts {
-        if let Some(upper) = m.options.iter().find_map(|o| o.strip_prefix("upperdir=")) {
-            // The upper dir's root, through its own fd (never a symlink).
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
-                .open(upper)
-                .with_context(|| format!("opening {upper}"))?;
-            std::os::unix::fs::fchown(&f, Some(owner.0), Some(owner.1))
-                .with_context(|| format!("chown {upper}"))?;
-        }
-    }
-    let ns = u.fd()?;
-    for (i, m) in mounts.iter().enumerate() {
-        if let Err(e) = mount::mount_idmapped(m, rootfs, std::os::fd::AsFd::as_fd(&ns)) {
-            for _ in 0..i {
-                let _ = mount::unmount(rootfs);
-            }
-            return Err(e.into());
-        }
-    }
-    Ok(())
 }
 
 /// `$CSTORE_START_TIMEOUT` (seconds), else the runtime's default.
@@ -510,11 +295,4 @@ fn start_timeout() -> Result<std::time::Duration> {
                 format!("CSTORE_START_TIMEOUT={v:?}: expected seconds (more than 0, at most 86400)")
             }),
     }
-}
-
-fn rand_id() -> u64 {
-    let mut b = [0u8; 8];
-    // SAFETY: getrandom fills the buffer.
-    unsafe { libc::getrandom(b.as_mut_ptr().cast(), 8, 0) };
-    u64::from_le_bytes(b) & 0xffff_ffff_ffff
 }

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use cstore_runtime::containers::{LABEL_CONTAINER, LABEL_IMAGE, LABEL_MOUNTPOINT};
 use cstore_snapshotter::image::{self, Event};
 use cstore_snapshotter::{mount, Kind, Snapshotter};
 use cstore_store::Store;
@@ -12,9 +13,6 @@ use cstore_unpack::UnpackOptions;
 use crate::progress::human_bytes;
 
 const MOUNT_KEY_PREFIX: &str = "cstore-mount:";
-const LABEL_MOUNTPOINT: &str = "cstore.io/mountpoint";
-const LABEL_IMAGE: &str = "cstore.io/image";
-const LABEL_CONTAINER: &str = "cstore.io/container";
 
 pub fn jobs() -> usize {
     std::thread::available_parallelism()

@@ -1,11 +1,9 @@
 //! `cstore pull` from registries that want credentials: htpasswd (basic)
 //! and bearer tokens from fixtures/tokenserver.py.
 
-mod common;
-
 use std::process::Command;
 
-use common::{fixture, http, shared_registry_addr, Cstore, FaultProxy, Registry};
+use crate::harness::{fixture, http, shared_registry_addr, Cstore, FaultProxy, Registry};
 use serde_json::{json, Value};
 
 const REPO_SCOPE: &str = "repository:busybox:pull";

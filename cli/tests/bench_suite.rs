@@ -17,8 +17,7 @@ use std::time::{Duration, Instant};
 use cstore_bench::report::{Report, SCHEMA};
 use cstore_bench::ClassKind;
 
-mod common;
-use common::Registry;
+use crate::harness::Registry;
 
 /// One quick run, shared by the tests that read its results.
 struct QuickRun {
@@ -28,7 +27,7 @@ struct QuickRun {
 }
 
 /// The shared run's registry and directory: statics are never dropped, so
-/// they go at process exit (as common's shared registry does).
+/// they go at process exit (as the harness's shared registry does).
 static KEEP: Mutex<Option<(Registry, tempfile::TempDir)>> = Mutex::new(None);
 
 extern "C" fn drop_kept() {

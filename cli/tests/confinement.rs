@@ -5,16 +5,14 @@
 //! the same image as the oracle for what the layers make; real containers;
 //! and an unprivileged user (uid 65534) trying what a local attacker would.
 
-mod common;
-
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::tree::{oci_dir, root_attrs, run, tree_diff, treesnap, MountDir};
-use common::{fixture, pulled, shared_registry_addr, Cstore};
+use crate::harness::tree::{oci_dir, root_attrs, run, tree_diff, treesnap, MountDir};
+use crate::harness::{fixture, pulled, shared_registry_addr, Cstore};
 
 /// A name no concurrent test uses (cgroups /cstore/NAME are host-wide).
 fn unique(prefix: &str) -> String {

@@ -15,8 +15,6 @@
 //! CRI-style pull in cli/tests/containerd/cripull.go, because `ctr image
 //! pull` in containerd 1.6 never takes the unpacker path that shares layers.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::OpenOptions;
 use std::os::unix::net::UnixStream;
@@ -26,8 +24,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::tree::snapshots as cstore_snapshots;
-use common::{fixture, repo_root, shared_registry_addr, Cstore};
+use crate::harness::tree::snapshots as cstore_snapshots;
+use crate::harness::{fixture, repo_root, shared_registry_addr, Cstore};
 use cstore_snapshotter::service::proto::containerd::services::snapshots::v1 as api;
 use serde_json::Value;
 

@@ -25,8 +25,6 @@
 //! Needs root, containerd (with its CRI plugin: Debian's has it), runc,
 //! unshare/nsenter, skopeo and the registry fixtures.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::OpenOptions;
 use std::os::unix::net::UnixStream;
@@ -35,8 +33,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::tree::snapshots as cstore_snapshots;
-use common::{shared_registry_addr, Cstore};
+use crate::harness::tree::snapshots as cstore_snapshots;
+use crate::harness::{shared_registry_addr, Cstore};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 

@@ -6,9 +6,8 @@
 
 use serde_json::Value;
 
-mod common;
-use common::loopfs::LoopFs;
-use common::Cstore;
+use crate::harness::loopfs::LoopFs;
+use crate::harness::Cstore;
 
 #[test]
 fn selfcheck_verifies_a_new_file_on_both_backends_and_removes_it() {

@@ -5,14 +5,12 @@
 //! file under blobs/ hashes to its name, and a later clean pull works and
 //! skopeo reads the image back.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::{shared_registry_addr, Cstore, FaultProxy};
+use crate::harness::{shared_registry_addr, Cstore, FaultProxy};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -187,45 +185,96 @@ fn a_dropped_connection_is_retried() {
     cs.assert_skopeo_copies(&image);
 }
 
-#[test]
-fn a_missing_manifest_is_named() {
+/// A pull the proxy's rule makes fail before any blob is fetched: the
+/// error says each phrase ("{proxy}" and "{image}" stand for the proxy's
+/// address and the image's reference).
+type Refusal = (Value, &'static [&'static str]);
+
+/// Each refusal in turn on one store: the pull fails saying what it must,
+/// nothing is stored; the proxy saw `requests` requests in all, if given;
+/// then, without faults, the same store pulls the image whole.
+fn refused_before_any_blob(refusals: Vec<Refusal>, requests: Option<usize>) {
     let (proxy, cs, image) = setup();
-    proxy.set(json!({"match": "/manifests/", "action": "status", "status": 404}));
-    let err = cs.fail(&["pull", &image]);
-    assert!(
-        err.contains(&format!("manifest {}/busybox@latest not found", proxy.addr)),
-        "{err}"
-    );
-    assert!(cs.blob_names().is_empty());
+    for (rule, says) in refusals {
+        proxy.set(rule.clone());
+        let err = cs.fail(&["pull", &image]);
+        for phrase in says {
+            let phrase = phrase
+                .replace("{proxy}", &proxy.addr)
+                .replace("{image}", &image);
+            assert!(err.contains(&phrase), "{rule}: {phrase:?} in {err}");
+        }
+        assert!(cs.blob_names().is_empty(), "{rule}: {:?}", cs.blob_names());
+    }
+    if let Some(n) = requests {
+        assert_eq!(proxy.log().len(), n, "{:?}", proxy.log());
+    }
     assert_recovers(&cs, &proxy, &image);
 }
 
-#[test]
-fn a_forbidden_repository_is_denied_by_scope() {
-    let (proxy, cs, image) = setup();
-    proxy.set(json!({"match": "/manifests/", "action": "status", "status": 403}));
-    let err = cs.fail(&["pull", &image]);
-    assert!(
-        err.contains(&proxy.addr)
-            && err.contains("repository:busybox:pull")
-            && err.contains("denied"),
-        "{err}"
-    );
-    assert_recovers(&cs, &proxy, &image);
+/// One test per row: `name { rule => phrases, ... } [requests: n];`.
+macro_rules! refusals {
+    ($($(#[doc = $doc:literal])* $name:ident { $($rule:expr => $says:expr),+ $(,)? } $(requests: $n:expr)?;)+) => {$(
+        $(#[doc = $doc])*
+        #[test]
+        fn $name() {
+            let requests: Option<usize> = None $(.or(Some($n)))?;
+            refused_before_any_blob(vec![$(($rule, &$says[..])),+], requests);
+        }
+    )+};
 }
 
-#[test]
-fn a_401_without_a_challenge_asks_for_authentication() {
-    let (proxy, cs, image) = setup();
-    proxy.set(json!({"match": "/manifests/", "action": "status", "status": 401}));
-    let err = cs.fail(&["pull", &image]);
-    assert!(
-        err.contains(&proxy.addr)
-            && err.contains("authentication required")
-            && err.contains("repository:busybox:pull"),
-        "{err}"
-    );
-    assert_recovers(&cs, &proxy, &image);
+fn manifest_status(status: u16) -> Value {
+    json!({"match": "/manifests/", "action": "status", "status": status})
+}
+
+fn manifest_body(content_type: &str, body: &str) -> Value {
+    json!({"match": "/manifests/", "action": "body", "content_type": content_type, "body": body})
+}
+
+fn schema1() -> String {
+    json!({
+        "schemaVersion": 1, "name": "busybox", "tag": "latest", "architecture": "amd64",
+        "fsLayers": [{"blobSum": busybox().big()}],
+        "history": [{"v1Compatibility": "{}"}],
+        "signatures": []
+    })
+    .to_string()
+}
+
+const ARTIFACT: &str = "application/vnd.example.artifact.v1+json";
+
+refusals! {
+    a_missing_manifest_is_named {
+        manifest_status(404) => ["manifest {proxy}/busybox@latest not found"],
+    };
+    a_forbidden_repository_is_denied_by_scope {
+        manifest_status(403) => ["{proxy}", "repository:busybox:pull", "denied"],
+    };
+    a_401_without_a_challenge_asks_for_authentication {
+        manifest_status(401) => ["{proxy}", "authentication required", "repository:busybox:pull"],
+    };
+    /// Retries must not multiply (they once did: 5 x 5 requests).
+    a_manifest_failing_with_500_is_asked_for_once_per_attempt {
+        manifest_status(500) => ["manifest {proxy}/busybox@latest", "HTTP 500"],
+    } requests: 5;
+    an_oversized_manifest_is_refused_with_or_without_a_length {
+        json!({"match": "/manifests/", "action": "bigmanifest", "size": 5 << 20, "no_length": false})
+            => ["manifest {proxy}/busybox@latest", "larger than the 4194304 byte limit"],
+        json!({"match": "/manifests/", "action": "bigmanifest", "size": 5 << 20, "no_length": true})
+            => ["manifest {proxy}/busybox@latest", "larger than the 4194304 byte limit"],
+    };
+    /// Schema 1; an HTML page (a captive portal, a misconfigured proxy) is
+    /// no manifest; a document of a media type cstore does not pull (an
+    /// artifact).
+    schema1_and_unknown_manifests_are_refused {
+        manifest_body("application/vnd.docker.distribution.manifest.v1+prettyjws", &schema1())
+            => ["{image}", "schema 1 manifests are not supported"],
+        manifest_body("text/html", "<html><body>Please log in</body></html>")
+            => ["manifest {proxy}/busybox@latest", "not a manifest or index"],
+        manifest_body(ARTIFACT, &json!({"schemaVersion": 2, "mediaType": ARTIFACT}).to_string())
+            => ["{image}", "unsupported media type \"application/vnd.example.artifact.v1+json\""],
+    };
 }
 
 #[test]
@@ -265,21 +314,6 @@ fn a_blob_failing_with_500_gives_up_after_the_attempts() {
 }
 
 #[test]
-fn a_manifest_failing_with_500_is_asked_for_once_per_attempt() {
-    let (proxy, cs, image) = setup();
-    proxy.set(json!({"match": "/manifests/", "action": "status", "status": 500}));
-    let err = cs.fail(&["pull", &image]);
-    assert!(
-        err.contains(&format!("manifest {}/busybox@latest", proxy.addr))
-            && err.contains("HTTP 500"),
-        "{err}"
-    );
-    // Retries must not multiply (they once did: 5 x 5 requests).
-    assert_eq!(proxy.log().len(), 5, "{:?}", proxy.log());
-    assert_recovers(&cs, &proxy, &image);
-}
-
-#[test]
 fn redirected_blobs_are_followed() {
     let (proxy, cs, image) = setup();
     proxy.set(json!({"match": "/blobs/", "action": "redirect"}));
@@ -298,69 +332,6 @@ fn redirected_blobs_are_followed() {
     cs.assert_blobs_verified();
     assert!(cs.partials().is_empty());
     cs.assert_skopeo_copies(&image);
-}
-
-#[test]
-fn an_oversized_manifest_is_refused_with_or_without_a_length() {
-    let (proxy, cs, image) = setup();
-    for no_length in [false, true] {
-        proxy.set(json!({"match": "/manifests/", "action": "bigmanifest",
-                         "size": 5 << 20, "no_length": no_length}));
-        let err = cs.fail(&["pull", &image]);
-        assert!(
-            err.contains(&format!("manifest {}/busybox@latest", proxy.addr))
-                && err.contains("larger than the 4194304 byte limit"),
-            "no_length={no_length}: {err}"
-        );
-        assert!(cs.blob_names().is_empty());
-    }
-    assert_recovers(&cs, &proxy, &image);
-}
-
-#[test]
-fn schema1_and_unknown_manifests_are_refused() {
-    let (proxy, cs, image) = setup();
-    let schema1 = json!({
-        "schemaVersion": 1, "name": "busybox", "tag": "latest", "architecture": "amd64",
-        "fsLayers": [{"blobSum": busybox().big()}],
-        "history": [{"v1Compatibility": "{}"}],
-        "signatures": []
-    });
-    proxy.set(json!({"match": "/manifests/", "action": "body",
-                     "content_type": "application/vnd.docker.distribution.manifest.v1+prettyjws",
-                     "body": schema1.to_string()}));
-    let err = cs.fail(&["pull", &image]);
-    assert!(
-        err.contains(&image) && err.contains("schema 1 manifests are not supported"),
-        "{err}"
-    );
-
-    // An HTML page (a captive portal, a misconfigured proxy) is no manifest.
-    proxy.set(
-        json!({"match": "/manifests/", "action": "body", "content_type": "text/html",
-                     "body": "<html><body>Please log in</body></html>"}),
-    );
-    let err = cs.fail(&["pull", &image]);
-    assert!(
-        err.contains(&format!("manifest {}/busybox@latest", proxy.addr))
-            && err.contains("not a manifest or index"),
-        "{err}"
-    );
-
-    // A document of a media type cstore does not pull (an artifact).
-    let artifact =
-        json!({"schemaVersion": 2, "mediaType": "application/vnd.example.artifact.v1+json"});
-    proxy.set(json!({"match": "/manifests/", "action": "body",
-                     "content_type": "application/vnd.example.artifact.v1+json",
-                     "body": artifact.to_string()}));
-    let err = cs.fail(&["pull", &image]);
-    assert!(
-        err.contains(&image)
-            && err.contains("unsupported media type \"application/vnd.example.artifact.v1+json\""),
-        "{err}"
-    );
-    assert!(cs.blob_names().is_empty());
-    assert_recovers(&cs, &proxy, &image);
 }
 
 /// A tmpfs mounted over a directory, lazily unmounted on drop.
@@ -418,8 +389,8 @@ fn a_full_disk_fails_cleanly_and_gives_the_space_back() {
     // The Debian image's one 51 MB layer, on a store with 8 MiB to spare:
     // far more room than the metadata database's own ups and downs need
     // (redb grows and shrinks its file by pages), far less than the layer.
-    let reg = common::Registry::start(&[]);
-    common::run_fixture("push.sh", &[&reg.addr, "--debian"]);
+    let reg = crate::harness::Registry::start(&[]);
+    crate::harness::run_fixture("push.sh", &[&reg.addr, "--debian"]);
     let proxy = FaultProxy::start(&reg.addr);
     let mut cs = Cstore::new();
     cs.env.push(("CSTORE_RETRY_BACKOFF_MS".into(), "20".into()));

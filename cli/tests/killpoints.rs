@@ -18,16 +18,16 @@
 //! --nocapture`). `KILL_SEED` fixes the random offsets. The figures are
 //! printed and written to `CARGO_TARGET_TMPDIR/killpoints.json`.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::tree::{registry_with_layered, snapshots, staging_leftovers, treesnap, umoci_tree};
-use common::{Cstore, FaultProxy};
+use crate::harness::tree::{
+    registry_with_layered, snapshots, staging_leftovers, treesnap, umoci_tree,
+};
+use crate::harness::{Cstore, FaultProxy};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -38,7 +38,7 @@ const BPS: u64 = 3_000_000;
 /// The layer digests of `TAG` and the chain ID of each, from the fixtures'
 /// OCI layout (the image as built, not as cstore read it).
 fn layers_and_chains() -> (Vec<String>, Vec<String>) {
-    let oci = common::tree::oci_dir();
+    let oci = crate::harness::tree::oci_dir();
     let read = |d: &str| -> Value {
         let p = oci
             .join("blobs/sha256")
@@ -193,7 +193,7 @@ fn half_snapshots(
             bad.push(format!(
                 "snapshots/{name} (layer {}): not the whole layer:\n{}",
                 i - 1,
-                common::tree::tree_diff(&oracles[i - 1], &got, "umoci:", "cstore:")
+                crate::harness::tree::tree_diff(&oracles[i - 1], &got, "umoci:", "cstore:")
             ));
         } else {
             whole[i - 1] = true;

@@ -4,18 +4,16 @@
 //! Trees are compared with `umoci unpack` via fixtures/treesnap.py. Every
 //! mount is undone (`umount -l`) by a guard, whatever the test's outcome.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::tree::{
+use crate::harness::tree::{
     is_mountpoint, mountinfo, oci_dir, registry_with_layered, root_attrs, run, snapshots,
     staging_leftovers, tree_diff, treesnap, umoci_root_attrs, umoci_tree, MountDir,
 };
-use common::{shared_registry_addr, Cstore};
+use crate::harness::{shared_registry_addr, Cstore};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 

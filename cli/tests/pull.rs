@@ -2,9 +2,7 @@
 //! distribution) holding images built with umoci and pushed with skopeo; the
 //! oracle is skopeo reading the result back out of cstore's OCI layout.
 
-mod common;
-
-use common::{shared_registry_addr, Cstore, Registry};
+use crate::harness::{shared_registry_addr, Cstore, Registry};
 use serde_json::Value;
 
 fn manifest_of(cs: &Cstore, name: &str) -> Value {
@@ -361,7 +359,7 @@ fn craft(addr: &str, tag: &str, flags: &[&str]) -> String {
     let mut args = vec![addr, "busybox", "latest", tag];
     args.extend_from_slice(flags);
     let out = std::process::Command::new("python3")
-        .arg(common::fixture("craft-config.py"))
+        .arg(crate::harness::fixture("craft-config.py"))
         .args(&args)
         .output()
         .unwrap();

@@ -4,45 +4,11 @@
 //! /etc/group (fixtures/run-images.sh's run-config image, whose /etc/group is
 //! an absolute symlink inside it), or by number (the busybox test image).
 
-mod common;
-
-use std::sync::OnceLock;
-
-use common::{pulled, run_fixture, shared_registry_addr, Cstore};
-
-/// The shared registry with run-config pushed too (once per test binary).
-fn registry() -> &'static str {
-    static ADDR: OnceLock<String> = OnceLock::new();
-    ADDR.get_or_init(|| {
-        let addr = shared_registry_addr();
-        run_fixture("run-images.sh", &["--push", &addr]);
-        addr
-    })
-}
+use crate::harness::containers::run_images_registry;
+use crate::harness::{pulled, Cstore};
 
 fn setup(repo_tag: &str) -> (Cstore, String) {
-    pulled(registry(), repo_tag)
-}
-
-fn run(cs: &Cstore, args: &[&str]) -> (i32, String, String) {
-    let mut a = vec!["run", "--rm"];
-    a.extend_from_slice(args);
-    cs.outcome(&a)
-}
-
-/// stdout's lines of a run that must succeed.
-fn lines(cs: &Cstore, args: &[&str]) -> Vec<String> {
-    let (code, out, err) = run(cs, args);
-    assert_eq!(code, 0, "{args:?}: {err}");
-    out.lines().map(str::to_string).collect()
-}
-
-/// No container, snapshot or mount is left in the store.
-fn nothing_left(cs: &Cstore) {
-    cs.assert_no_containers();
-    assert!(
-        std::fs::read_dir(cs.path().join("containers")).map_or(true, |mut d| d.next().is_none())
-    );
+    pulled(run_images_registry(), repo_tag)
 }
 
 #[test]
@@ -52,7 +18,7 @@ fn the_image_config_is_used_when_no_flags_are_given() {
     // 1000, listed in wheel and staff), in /srv/app, with the image's Env and
     // HOME from passwd.
     assert_eq!(
-        lines(&cs, &[&image]),
+        cs.run_lines(&[&image]),
         [
             "args from-cmd",
             "ids 1000 1000 1000 10 50",
@@ -61,7 +27,7 @@ fn the_image_config_is_used_when_no_flags_are_given() {
             "env FROM_IMAGE=yes SHARED=image",
         ]
     );
-    nothing_left(&cs);
+    cs.assert_no_container_at_all();
 }
 
 #[test]
@@ -69,22 +35,19 @@ fn flags_override_the_image_config() {
     let (cs, image) = setup("run-config:latest");
     // A command replaces Cmd only; -e, -w and -u replace theirs; -e HOME wins.
     assert_eq!(
-        lines(
-            &cs,
-            &[
-                "-e",
-                "SHARED=flag",
-                "-e",
-                "HOME=/flag-home",
-                "-w",
-                "/tmp",
-                "-u",
-                "root",
-                &image,
-                "one",
-                "two",
-            ]
-        ),
+        cs.run_lines(&[
+            "-e",
+            "SHARED=flag",
+            "-e",
+            "HOME=/flag-home",
+            "-w",
+            "/tmp",
+            "-u",
+            "root",
+            &image,
+            "one",
+            "two",
+        ]),
         [
             "args one two",
             "ids 0 0 0 10",
@@ -95,35 +58,32 @@ fn flags_override_the_image_config() {
     );
     // --entrypoint replaces Entrypoint and drops Cmd (as docker).
     assert_eq!(
-        lines(&cs, &["--entrypoint", "/bin/echo", &image]),
+        cs.run_lines(&["--entrypoint", "/bin/echo", &image]),
         [""],
         "no from-cmd after another entrypoint"
     );
     assert_eq!(
-        lines(
-            &cs,
-            &[
-                "--entrypoint",
-                "/bin/sh",
-                &image,
-                "-c",
-                "echo sh as $(id -u) in $(pwd)"
-            ]
-        ),
+        cs.run_lines(&[
+            "--entrypoint",
+            "/bin/sh",
+            &image,
+            "-c",
+            "echo sh as $(id -u) in $(pwd)"
+        ]),
         ["sh as 1000 in /srv/app"]
     );
     // "" removes it: the command alone runs.
     assert_eq!(
-        lines(&cs, &["--entrypoint", "", &image, "echo", "plain"]),
+        cs.run_lines(&["--entrypoint", "", &image, "echo", "plain"]),
         ["plain"]
     );
-    let (code, _, err) = run(&cs, &["--entrypoint", "", &image]);
+    let (code, _, err) = cs.run_rm(&["--entrypoint", "", &image]);
     assert_ne!(code, 0);
     assert!(
         err.contains("no command given and the image has no entrypoint or cmd"),
         "{err}"
     );
-    nothing_left(&cs);
+    cs.assert_no_container_at_all();
 }
 
 #[test]
@@ -144,7 +104,7 @@ fn users_and_groups_resolve_by_name_and_number_from_the_rootfs() {
         ("nobody", "65534 65534 65534", "/"),
         ("1000:1000", "1000 1000 1000", "/home/app"),
     ] {
-        let out = lines(&cs, &["-u", spec, &image]);
+        let out = cs.run_lines(&["-u", spec, &image]);
         assert_eq!(
             out[1..4],
             [
@@ -156,9 +116,9 @@ fn users_and_groups_resolve_by_name_and_number_from_the_rootfs() {
         );
     }
     // The same in a user namespace (ids inside it; the rootfs is id-mapped).
-    let out = lines(&cs, &["--userns", "-u", "app", &image]);
+    let out = cs.run_lines(&["--userns", "-u", "app", &image]);
     assert_eq!(out[1], "ids 1000 1000 1000 10 50");
-    nothing_left(&cs);
+    cs.assert_no_container_at_all();
 }
 
 #[test]
@@ -187,7 +147,7 @@ fn an_unknown_user_or_group_is_refused_and_leaves_nothing() {
                 err.contains(&format!("image {image}")) && err.contains(want),
                 "{args:?}: {err}"
             );
-            nothing_left(&cs);
+            cs.assert_no_container_at_all();
         }
     }
 }
@@ -197,10 +157,7 @@ fn numeric_users_on_an_image_without_them_and_home_defaults() {
     let (cs, image) = setup("busybox:latest");
     // Not in busybox's /etc/passwd: no names, gid as given, HOME /.
     assert_eq!(
-        lines(
-            &cs,
-            &["-u", "1000:1000", &image, "sh", "-c", "id; echo $HOME"]
-        ),
+        cs.run_lines(&["-u", "1000:1000", &image, "sh", "-c", "id; echo $HOME"]),
         ["uid=1000 gid=1000 groups=1000", "/"]
     );
     // The default user is root, with root's HOME; -u 0 is the same.
@@ -208,12 +165,12 @@ fn numeric_users_on_an_image_without_them_and_home_defaults() {
         let mut args = user.to_vec();
         args.extend([image.as_str(), "sh", "-c", "id; echo $HOME"]);
         assert_eq!(
-            lines(&cs, &args),
+            cs.run_lines(&args),
             ["uid=0(root) gid=0(root) groups=0(root)", "/root"],
             "{user:?}"
         );
     }
-    nothing_left(&cs);
+    cs.assert_no_container_at_all();
 }
 
 #[test]
@@ -226,17 +183,14 @@ fn a_missing_working_directory_is_made_as_docker_makes_it() {
         let mut args = extra.to_vec();
         args.extend(["-w", "/new/./x/../dir", image.as_str(), "sh", "-c", show]);
         assert_eq!(
-            lines(&cs, &args),
+            cs.run_lines(&args),
             ["/new/dir", "0:0 755", "0:0 755"],
             "{extra:?}"
         );
     }
     // An existing one is used as it is.
     assert_eq!(
-        lines(
-            &cs,
-            &["-w", "/tmp", &image, "sh", "-c", "pwd; stat -c %a ."]
-        ),
+        cs.run_lines(&["-w", "/tmp", &image, "sh", "-c", "pwd; stat -c %a ."]),
         ["/tmp", "1777"]
     );
     for (w, want) in [
@@ -254,7 +208,7 @@ fn a_missing_working_directory_is_made_as_docker_makes_it() {
             args.extend(["-w", w, image.as_str(), "true"]);
             let err = cs.fail(&args);
             assert!(err.contains(want), "{args:?}: {err}");
-            nothing_left(&cs);
+            cs.assert_no_container_at_all();
         }
     }
 }

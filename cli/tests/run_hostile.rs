@@ -10,32 +10,11 @@
 //! Every cstore run here is bounded by the test (`Bounded`): on the code
 //! before these fixes, several hung forever.
 
-mod common;
-
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{pulled, run_fixture, shared_registry_addr, Cstore};
-
-/// The shared registry with run-images.sh's images pushed (once).
-fn registry() -> &'static str {
-    static ADDR: OnceLock<String> = OnceLock::new();
-    ADDR.get_or_init(|| {
-        let addr = shared_registry_addr();
-        run_fixture("run-images.sh", &["--push", &addr]);
-        addr
-    })
-}
-
-/// A name no concurrent test uses (cgroup paths are host-wide).
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!("{prefix}-{}-{nanos:x}", std::process::id())
-}
+use crate::harness::containers::{run_images_registry, unique};
+use crate::harness::{pulled, Cstore};
 
 /// How a bounded `cstore run` ended.
 struct Ended {
@@ -89,52 +68,11 @@ fn run(cs: &Cstore, rm: bool, name: &str, args: &[&str]) -> Ended {
     bounded(cs, name, cs.cmd(&a), Duration::from_secs(60))
 }
 
-fn ps_all(cs: &Cstore) -> Vec<serde_json::Value> {
-    serde_json::from_str::<serde_json::Value>(&cs.ok(&["ps", "-a", "--json"]))
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
-/// Nothing of container `name` is left: no mount under the store, no
-/// snapshot, directory, record, libcontainer state or cgroup, no process of
-/// it, and `ps -a` does not list it.
-fn nothing_left(cs: &Cstore, name: &str) {
-    cs.assert_nothing_mounted();
-    let snaps = cs.ok(&["snapshots", "--json"]);
-    assert!(!snaps.contains(&format!("cstore-run:{name}")), "{snaps}");
-    assert!(!cs.path().join("containers").join(name).exists());
-    assert!(!cs.path().join("run-state").join(name).exists());
-    assert!(
-        ps_all(cs).iter().all(|c| c["name"] != name),
-        "{:?}",
-        ps_all(cs)
-    );
-    for h in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
-        let leaf = h.path().join("cstore").join(name);
-        assert!(!leaf.exists(), "{} is left", leaf.display());
-    }
-}
-
-/// No container at all in the store, not even a record: what a refusal
-/// before anything is made leaves.
-fn no_container_at_all(cs: &Cstore) {
-    assert!(ps_all(cs).is_empty(), "{:?}", ps_all(cs));
-    cs.assert_nothing_mounted();
-    for d in ["containers", "run-state"] {
-        assert!(
-            std::fs::read_dir(cs.path().join(d)).map_or(true, |mut d| d.next().is_none()),
-            "{d} is not empty"
-        );
-    }
-}
-
 /// Finding 5: a passwd entry with uid 4294967295 ((uid_t)-1: "unchanged"
 /// to setresuid) ran the process as root with the default capabilities.
 #[test]
 fn ids_from_the_images_passwd_and_group_are_range_checked() {
-    let (cs, image) = pulled(registry(), "run-baduser:latest");
+    let (cs, image) = pulled(run_images_registry(), "run-baduser:latest");
     // The image's own User (app) and -u app, with and without --rm.
     for (extra, rm) in [
         (&[][..], true),
@@ -154,7 +92,7 @@ fn ids_from_the_images_passwd_and_group_are_range_checked() {
             e.stderr
         );
         assert!(e.stdout.is_empty(), "nothing ran: {}", e.stdout);
-        nothing_left(&cs, &name);
+        cs.assert_container_gone(&name);
     }
     for (user, want) in [
         (
@@ -184,7 +122,7 @@ fn ids_from_the_images_passwd_and_group_are_range_checked() {
             "-u {user}: {}",
             e.stderr
         );
-        nothing_left(&cs, &name);
+        cs.assert_container_gone(&name);
     }
     // In a user namespace, an id the mapping lacks is refused by name
     // (libcontainer's init failed with a bare EINVAL).
@@ -203,14 +141,14 @@ fn ids_from_the_images_passwd_and_group_are_range_checked() {
         "{}",
         e.stderr
     );
-    nothing_left(&cs, &name);
+    cs.assert_container_gone(&name);
     // The sane users of the same image run, as themselves.
     let name = unique("root");
     let e = run(&cs, true, &name, &["-u", "root", &image, "id", "-u"]);
     assert_eq!((e.code, e.stdout.trim()), (0, "0"), "{}", e.stderr);
     let e = run(&cs, true, &name, &["-u", "1002:1002", &image, "id", "-u"]);
     assert_eq!((e.code, e.stdout.trim()), (0, "1002"), "{}", e.stderr);
-    nothing_left(&cs, &name);
+    cs.assert_container_gone(&name);
 }
 
 /// Finding 6: an Env entry "=x" (image or -e) made libcontainer's init
@@ -219,7 +157,7 @@ fn ids_from_the_images_passwd_and_group_are_range_checked() {
 /// command, the working directory and the hostname.
 #[test]
 fn hostile_config_entries_are_refused_by_name_before_anything_is_made() {
-    let addr = registry();
+    let addr = run_images_registry();
     let cs = Cstore::new();
     let busybox = format!("{addr}/busybox:latest");
     let mut cases: Vec<(String, Vec<String>, String)> = vec![];
@@ -288,7 +226,7 @@ fn hostile_config_entries_are_refused_by_name_before_anything_is_made() {
             let e = run(&cs, rm, &name, &args);
             assert_eq!(e.code, 1, "{flags:?} {image}: {}", e.stderr);
             assert!(e.stderr.contains(&want), "{flags:?} {image}:\n{}", e.stderr);
-            no_container_at_all(&cs);
+            cs.assert_no_container_at_all();
         }
     }
     // A command that is an empty string (from the flags).
@@ -302,7 +240,7 @@ fn hostile_config_entries_are_refused_by_name_before_anything_is_made() {
         "{}",
         e.stderr
     );
-    no_container_at_all(&cs);
+    cs.assert_no_container_at_all();
 }
 
 /// `cstore run` under strace, which stops (SIGSTOP) the process that makes
@@ -333,7 +271,7 @@ fn under_strace(cs: &Cstore, inject: &[&str], secs: &str, run_args: &[&str]) -> 
 /// the container is kept, unmounted, with the reason.
 #[test]
 fn an_init_that_never_reports_ready_is_killed_after_the_timeout() {
-    let (cs, image) = pulled(registry(), "busybox:latest");
+    let (cs, image) = pulled(run_images_registry(), "busybox:latest");
     let stop_at_sethostname = ["-e", "inject=sethostname:signal=SIGSTOP"];
     for rm in [true, false] {
         let name = unique("stuck");
@@ -361,9 +299,9 @@ fn an_init_that_never_reports_ready_is_killed_after_the_timeout() {
         assert!(!e.stdout.contains("ran"));
         assert!(took >= Duration::from_secs(3), "{took:?}");
         if rm {
-            nothing_left(&cs, &name);
+            cs.assert_container_gone(&name);
         } else {
-            let all = ps_all(&cs);
+            let all = cs.ps(true);
             let c = all.iter().find(|c| c["name"] == name).unwrap();
             assert_eq!(c["state"], "exited");
             assert!(
@@ -376,7 +314,7 @@ fn an_init_that_never_reports_ready_is_killed_after_the_timeout() {
             cs.assert_nothing_mounted();
             assert!(!cs.path().join("run-state").join(&name).exists());
             cs.ok(&["rm", &name]);
-            nothing_left(&cs, &name);
+            cs.assert_container_gone(&name);
         }
     }
 }
@@ -386,7 +324,7 @@ fn an_init_that_never_reports_ready_is_killed_after_the_timeout() {
 /// mounted, the libcontainer state and the record).
 #[test]
 fn sigterm_during_a_stuck_start_removes_everything() {
-    let (cs, image) = pulled(registry(), "busybox:latest");
+    let (cs, image) = pulled(run_images_registry(), "busybox:latest");
     let name = unique("term");
     let args = ["run", "--rm", "--name", &name, &image, "echo", "ran"];
     let mut cmd = under_strace(
@@ -440,7 +378,7 @@ fn sigterm_during_a_stuck_start_removes_everything() {
         stderr.contains(&format!("container {name}: start interrupted by SIGTERM")),
         "{stderr}"
     );
-    nothing_left(&cs, &name);
+    cs.assert_container_gone(&name);
 }
 
 /// (pid, ppid, state) of every process.
@@ -479,7 +417,7 @@ fn state_of(pid: i32) -> Option<char> {
 /// killed after the timeout instead of being waited on as if it ran.
 #[test]
 fn an_init_that_never_runs_its_command_is_killed_after_the_timeout() {
-    let (cs, image) = pulled(registry(), "run-config:latest");
+    let (cs, image) = pulled(run_images_registry(), "run-config:latest");
     let name = unique("noexec");
     let args = ["run", "--rm", "--name", &name, &image];
     let inject = [
@@ -504,7 +442,7 @@ fn an_init_that_never_runs_its_command_is_killed_after_the_timeout() {
         e.stderr
     );
     assert!(e.stdout.is_empty(), "{}", e.stdout);
-    nothing_left(&cs, &name);
+    cs.assert_container_gone(&name);
 }
 
 /// Finding 9: an execve that fails with E2BIG said so with the whole
@@ -512,7 +450,7 @@ fn an_init_that_never_runs_its_command_is_killed_after_the_timeout() {
 /// and sizes, naming the image, and the container records it as failed.
 #[test]
 fn an_e2big_says_how_big_the_command_was_not_what_it_was() {
-    let (cs, image) = pulled(registry(), "run-e2big:latest");
+    let (cs, image) = pulled(run_images_registry(), "run-e2big:latest");
     for rm in [true, false] {
         let name = unique("e2big");
         let e = run(&cs, rm, &name, &[&image]);
@@ -533,15 +471,15 @@ fn an_e2big_says_how_big_the_command_was_not_what_it_was() {
             e.stderr.len()
         );
         if rm {
-            nothing_left(&cs, &name);
+            cs.assert_container_gone(&name);
         } else {
-            let all = ps_all(&cs);
+            let all = cs.ps(true);
             let c = all.iter().find(|c| c["name"] == name).unwrap();
             assert_eq!(c["state"], "exited");
             assert!(c["error"].as_str().unwrap().contains("E2BIG"), "{c}");
             cs.assert_nothing_mounted();
             cs.ok(&["rm", &name]);
-            nothing_left(&cs, &name);
+            cs.assert_container_gone(&name);
         }
     }
 }
@@ -550,15 +488,15 @@ fn an_e2big_says_how_big_the_command_was_not_what_it_was() {
 /// a command that is not there is still refused at create.
 #[test]
 fn normal_starts_are_unchanged() {
-    let (cs, image) = pulled(registry(), "busybox:latest");
+    let (cs, image) = pulled(run_images_registry(), "busybox:latest");
     let name = unique("plain");
     let e = run(&cs, true, &name, &[&image, "sh", "-c", "echo hi; exit 3"]);
     assert_eq!((e.code, e.stdout.as_str()), (3, "hi\n"), "{}", e.stderr);
-    nothing_left(&cs, &name);
+    cs.assert_container_gone(&name);
     let e = run(&cs, true, &name, &[&image, "/no/such/command"]);
     assert_eq!(e.code, 1);
     assert!(e.stderr.contains("/no/such/command"), "{}", e.stderr);
-    nothing_left(&cs, &name);
+    cs.assert_container_gone(&name);
     // A process running longer than the start timeout is not touched.
     let mut cmd = cs.cmd(&[
         "run",
@@ -573,7 +511,7 @@ fn normal_starts_are_unchanged() {
     cmd.env("CSTORE_START_TIMEOUT", "8");
     let e = bounded(&cs, &name, cmd, Duration::from_secs(60));
     assert_eq!((e.code, e.stdout.as_str()), (0, "slept\n"), "{}", e.stderr);
-    nothing_left(&cs, &name);
+    cs.assert_container_gone(&name);
 }
 
 /// A working directory through one of the init's fds (runc's
@@ -583,7 +521,7 @@ fn normal_starts_are_unchanged() {
 /// outside the container (its verify_cwd, on which cstore relies).
 #[test]
 fn a_working_directory_through_the_inits_fds_never_starts() {
-    let (cs, image) = pulled(registry(), "busybox:latest");
+    let (cs, image) = pulled(run_images_registry(), "busybox:latest");
     let name = unique("fdcwd");
     for n in 3..=26 {
         let w = format!("/proc/self/fd/{n}");
@@ -595,6 +533,6 @@ fn a_working_directory_through_the_inits_fds_never_starts() {
         );
         assert_ne!(e.code, 0, "-w {w} ran: {}", e.stdout);
         assert!(e.stdout.is_empty(), "-w {w}: {}", e.stdout);
-        nothing_left(&cs, &name);
+        cs.assert_container_gone(&name);
     }
 }

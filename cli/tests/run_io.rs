@@ -1,8 +1,6 @@
 //! `cstore run` as root: the container's stdio (`-t` through a real pty
 //! driven like a user's terminal, `-i`, and /dev/null without it).
 
-mod common;
-
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -10,11 +8,8 @@ use std::process::{Child, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{pulled, shared_registry_addr, Cstore};
-
-fn setup() -> (Cstore, String) {
-    pulled(&shared_registry_addr(), "busybox:latest")
-}
+use crate::harness::containers::busybox;
+use crate::harness::Cstore;
 
 /// `cstore ARGS` with `input` on a pipe that is then closed; its exit
 /// status and stdout.
@@ -156,7 +151,7 @@ impl Terminal {
 
 #[test]
 fn tty_interactive_shell_through_a_real_pty() {
-    let (cs, image) = setup();
+    let (cs, image) = busybox();
     let mut t = Terminal::spawn(&cs, &["run", "--rm", "-it", &image, "sh"], 33, 101);
     let before = t.initial.clone();
     // busybox sh shows "/ # " once it reads the terminal.
@@ -191,7 +186,7 @@ fn tty_interactive_shell_through_a_real_pty() {
 
 #[test]
 fn tty_is_restored_when_the_command_fails() {
-    let (cs, image) = setup();
+    let (cs, image) = busybox();
     let t = Terminal::spawn(&cs, &["run", "--rm", "-it", &image, "/no/such/cmd"], 24, 80);
     let before = t.initial.clone();
     let master = t.master.try_clone().unwrap();
@@ -205,7 +200,7 @@ fn tty_is_restored_when_the_command_fails() {
 
 #[test]
 fn tty_without_interactive_shows_output_and_piped_input_ends_with_eof() {
-    let (cs, image) = setup();
+    let (cs, image) = busybox();
     // -t alone: output through the pty, stdin not read, terminal not raw.
     let t = Terminal::spawn(
         &cs,
@@ -257,7 +252,7 @@ fn tty_without_interactive_shows_output_and_piped_input_ends_with_eof() {
 
 #[test]
 fn interactive_passes_stdin_and_without_it_stdin_is_dev_null() {
-    let (cs, image) = setup();
+    let (cs, image) = busybox();
     let (st, out) = piped(
         &cs,
         &["run", "--rm", "-i", &image, "cat"],

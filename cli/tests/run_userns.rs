@@ -2,22 +2,11 @@
 //! the image's layers id-mapped so their owners show through, what it
 //! writes stored under the mapped host ids, nothing left mounted.
 
-mod common;
-
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use common::{pulled, shared_registry_addr, Cstore};
-
-fn setup() -> (Cstore, String) {
-    pulled(&shared_registry_addr(), "busybox:latest")
-}
-
-fn run(cs: &Cstore, args: &[&str]) -> (i32, String, String) {
-    let mut a = vec!["run"];
-    a.extend_from_slice(args);
-    cs.outcome(&a)
-}
+use crate::harness::containers::busybox;
+use crate::harness::Cstore;
 
 /// Every `snapshots/*/fs/REL` in the store.
 fn snapshot_files(cs: &Cstore, rel: &str) -> Vec<PathBuf> {
@@ -39,19 +28,17 @@ fn fields(s: &str) -> Vec<String> {
 
 #[test]
 fn mapped_root_sees_image_owners_and_writes_as_the_mapped_host_user() {
-    let (cs, image) = setup();
-    let (code, out, err) = run(
-        &cs,
-        &[
-            "--name",
-            "kept",
-            "--userns=200000:65536",
-            &image,
-            "sh",
-            "-c",
-            INSIDE,
-        ],
-    );
+    let (cs, image) = busybox();
+    let (code, out, err) = cs.outcome(&[
+        "run",
+        "--name",
+        "kept",
+        "--userns=200000:65536",
+        &image,
+        "sh",
+        "-c",
+        INSIDE,
+    ]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(
         fields(&out),
@@ -75,7 +62,7 @@ fn mapped_root_sees_image_owners_and_writes_as_the_mapped_host_user() {
 
 #[test]
 fn bare_flag_uses_roots_subordinate_ids_or_100000() {
-    let (cs, image) = setup();
+    let (cs, image) = busybox();
     let root_range = |file: &str| {
         std::fs::read_to_string(file)
             .unwrap_or_default()
@@ -87,17 +74,14 @@ fn bare_flag_uses_roots_subordinate_ids_or_100000() {
             })
             .unwrap_or_else(|| "0 100000 65536".into())
     };
-    let (code, out, err) = run(&cs, &["--rm", "--userns", &image, "sh", "-c", INSIDE]);
+    let (code, out, err) = cs.run_rm(&["--userns", &image, "sh", "-c", INSIDE]);
     assert_eq!(code, 0, "{err}");
     let got = fields(&out);
     assert_eq!(got[0], root_range("/etc/subuid"), "{out}");
     assert_eq!(got[1], root_range("/etc/subgid"), "{out}");
     assert_eq!(got[2..], ["0", "0:0", "new 0:0"], "{out}");
     // --userns=host: the host's namespace, as without the flag.
-    let (code, out, err) = run(
-        &cs,
-        &["--rm", "--userns=host", &image, "cat", "/proc/self/uid_map"],
-    );
+    let (code, out, err) = cs.run_rm(&["--userns=host", &image, "cat", "/proc/self/uid_map"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(fields(&out), ["0 0 4294967295"]);
     cs.assert_nothing_mounted();
@@ -106,7 +90,7 @@ fn bare_flag_uses_roots_subordinate_ids_or_100000() {
 
 #[test]
 fn bad_userns_values_are_refused_clearly() {
-    let (cs, image) = setup();
+    let (cs, image) = busybox();
     for (v, why) in [
         ("--userns=sometimes", "--userns \"sometimes\": unknown mode"),
         (
@@ -115,11 +99,11 @@ fn bad_userns_values_are_refused_clearly() {
         ),
         ("--userns=100000:x", "COUNT is not a number"),
     ] {
-        let (code, _, err) = run(&cs, &["--rm", v, &image, "true"]);
+        let (code, _, err) = cs.run_rm(&[v, &image, "true"]);
         assert_ne!(code, 0);
         assert!(err.contains(why), "{v}: {err}");
     }
-    let (code, _, err) = run(&cs, &["--rm", "--userns", "--net", "host", &image, "true"]);
+    let (code, _, err) = cs.run_rm(&["--userns", "--net", "host", &image, "true"]);
     assert_ne!(code, 0);
     assert!(err.contains("not with --net host"), "{err}");
     cs.assert_nothing_mounted();

@@ -4,15 +4,13 @@
 //! Images: the busybox variants of fixtures/images.sh, the crafted layered
 //! images of fixtures/layered-images.sh, and Debian bookworm.
 
-mod common;
-
 use std::process::Command;
 
-use common::tree::{
+use crate::harness::tree::{
     is_mountpoint, oci_dir, registry_with_layered, root_attrs, run, snapshots, staging_leftovers,
     tree_diff, treesnap, umoci_root_attrs, umoci_tree, MountDir,
 };
-use common::{fixture, Cstore};
+use crate::harness::{fixture, Cstore};
 use serde_json::Value;
 
 const LAYERED: &[&str] = &[

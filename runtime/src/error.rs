@@ -39,6 +39,35 @@ pub enum Error {
     NotStarted { id: String, reason: String },
     #[error("container record {path}: {message}")]
     Record { path: PathBuf, message: String },
+    /// The `config` part of an image config is not what docker's is.
+    #[error("config of {image}: {reason}")]
+    ImageConfig { image: String, reason: String },
+    /// What went wrong with a container of `image` (the image named, as a
+    /// user looks for it).
+    #[error("image {image}")]
+    Image {
+        image: String,
+        #[source]
+        source: Box<Error>,
+    },
+    /// The name is taken.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The container is running, or its `cstore run` still finishing.
+    #[error("{0}")]
+    Busy(String),
+    /// Mounting or unmounting container `id`'s rootfs.
+    #[error("container {id}")]
+    Container {
+        id: String,
+        #[source]
+        source: cstore_os::Error,
+    },
+    #[error(transparent)]
+    Os(#[from] cstore_os::Error),
+    /// The snapshot tree, for container `id`.
+    #[error("container {id}: {message}")]
+    Snapshot { id: String, message: String },
     #[error("user {user:?}: {reason}")]
     User { user: String, reason: String },
     // User namespaces.

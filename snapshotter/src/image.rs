@@ -59,11 +59,15 @@ pub struct Layer {
 /// The image's layers with their diff_ids (from the config) and chain IDs.
 pub fn layers_of(store: &Store, image: &ImageRecord) -> Result<Vec<Layer>> {
     let config_digest = parse_digest(&image.config.digest).map_err(cstore_store::Error::from)?;
-    let bytes = store.read_config(&config_digest)?;
+    layers_from_config(image, &store.read_config(&config_digest)?)
+}
+
+/// `layers_of` with the image's config already read (`Store::read_config`).
+pub fn layers_from_config(image: &ImageRecord, bytes: &[u8]) -> Result<Vec<Layer>> {
     // The pull checked this already; a store written before it did may hold
     // an image whose config does not describe its layers.
     let what = format!("config {} of {}", image.config.digest, image.name);
-    let config = ImageConfigHead::parse(&bytes, &what)?;
+    let config = ImageConfigHead::parse(bytes, &what)?;
     config.check_layers(image.layers.len(), &what)?;
     let diff_ids = config.rootfs.diff_ids;
     let chains = chain_ids(&diff_ids);

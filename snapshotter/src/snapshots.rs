@@ -842,4 +842,236 @@ mod tests {
         assert!(sn.list().unwrap().is_empty());
         let _ = std::fs::remove_dir_all(staging);
     }
+
+    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn option<'a>(m: &'a Mount, prefix: &str) -> Option<&'a str> {
+        m.options.iter().find_map(|o| o.strip_prefix(prefix))
+    }
+
+    // containerd's snapshotter model (snapshots.Snapshotter): Prepare on
+    // nothing is a writable bind, on a committed parent an overlay with an
+    // upper dir; View of one layer a read-only bind, of more a read-only
+    // overlay; only active snapshots commit; mounts are for active or view
+    // snapshots; keys are unique.
+    #[test]
+    fn prepare_view_commit_and_their_mounts_follow_containerds_model() {
+        let root = tempfile::tempdir().unwrap();
+        let sn = Snapshotter::open(root.path()).unwrap();
+        let none = BTreeMap::new;
+
+        let m = sn.prepare("base-a", None, none()).unwrap();
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].kind, "bind");
+        assert!(m[0].options.contains(&"rw".to_string()), "{m:?}");
+        assert_eq!(sn.stat("base-a").unwrap().kind, Kind::Active);
+        assert!(matches!(
+            sn.prepare("base-a", None, none()),
+            Err(Error::AlreadyExists(k)) if k == "base-a"
+        ));
+        sn.commit("base", "base-a", none()).unwrap();
+        assert!(matches!(sn.stat("base-a"), Err(Error::NotFound(_))));
+        let base = sn.stat("base").unwrap();
+        assert_eq!((base.kind, base.parent.as_deref()), (Kind::Committed, None));
+        assert!(matches!(
+            sn.mounts("base"),
+            Err(Error::FailedPrecondition(m)) if m.contains("committed")
+        ));
+        assert!(matches!(
+            sn.commit("again", "base", none()),
+            Err(Error::FailedPrecondition(m)) if m.contains("not active")
+        ));
+
+        // One layer viewed: a read-only bind of it.
+        let v = sn.view("v1", Some("base"), none()).unwrap();
+        assert_eq!(v[0].kind, "bind");
+        assert!(v[0].options.contains(&"ro".to_string()));
+        assert_eq!(
+            v[0].source,
+            sn.fs_dir("base").unwrap().display().to_string()
+        );
+        assert!(matches!(
+            sn.commit("v1c", "v1", none()),
+            Err(Error::FailedPrecondition(_))
+        ));
+
+        // Active on a parent: an overlay, the child's own dir as upper, the
+        // parent as lower.
+        let a = sn.prepare("top-a", Some("base"), none()).unwrap();
+        assert_eq!(a[0].kind, "overlay");
+        assert_eq!(
+            option(&a[0], "upperdir="),
+            Some(sn.fs_dir("top-a").unwrap().display().to_string().as_str())
+        );
+        assert!(option(&a[0], "workdir=").is_some());
+        assert_eq!(
+            option(&a[0], "lowerdir="),
+            Some(sn.fs_dir("base").unwrap().display().to_string().as_str())
+        );
+        assert_eq!(sn.mounts("top-a").unwrap(), a, "Mounts repeats Prepare's");
+        sn.commit("top", "top-a", none()).unwrap();
+
+        // Two layers viewed: a read-only overlay, nearest layer first.
+        let v = sn.view("v2", Some("top"), none()).unwrap();
+        assert_eq!(v[0].kind, "overlay");
+        assert!(option(&v[0], "upperdir=").is_none());
+        let lower = format!(
+            "{}:{}",
+            sn.fs_dir("top").unwrap().display(),
+            sn.fs_dir("base").unwrap().display()
+        );
+        assert_eq!(option(&v[0], "lowerdir="), Some(lower.as_str()));
+
+        // Parents must exist and be committed.
+        assert!(matches!(
+            sn.prepare("orphan", Some("nothing"), none()),
+            Err(Error::NotFound(p)) if p == "nothing"
+        ));
+        sn.prepare("mid-a", Some("top"), none()).unwrap();
+        assert!(matches!(
+            sn.prepare("on-active", Some("mid-a"), none()),
+            Err(Error::FailedPrecondition(m)) if m.contains("not a committed")
+        ));
+        // A refused create leaves no directory and no record.
+        let ids: Vec<String> = std::fs::read_dir(sn.root())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.parse::<u64>().is_ok())
+            .collect();
+        assert_eq!(ids.len(), sn.list().unwrap().len(), "{ids:?}");
+    }
+
+    // containerd's Update: only labels change; "" removes a label.
+    #[test]
+    fn update_changes_labels_only_and_empty_values_remove_them() {
+        let root = tempfile::tempdir().unwrap();
+        let sn = Snapshotter::open(root.path()).unwrap();
+        sn.prepare("k", None, labels(&[("a", "1"), ("b", "2")]))
+            .unwrap();
+        assert_eq!(
+            sn.stat("k").unwrap().labels,
+            labels(&[("a", "1"), ("b", "2")])
+        );
+        let i = sn
+            .update("k", labels(&[("a", "9"), ("c", "3")]), &["labels.a".into()])
+            .unwrap();
+        assert_eq!(
+            i.labels,
+            labels(&[("a", "9"), ("b", "2")]),
+            "only a changes"
+        );
+        let i = sn
+            .update("k", labels(&[("b", "")]), &["labels.b".into()])
+            .unwrap();
+        assert_eq!(i.labels, labels(&[("a", "9")]), "an empty value removes b");
+        let i = sn.update("k", labels(&[("z", "26")]), &[]).unwrap();
+        assert_eq!(
+            i.labels,
+            labels(&[("z", "26")]),
+            "no fields: all labels replaced"
+        );
+        assert!(i.updated >= i.created);
+        assert!(matches!(
+            sn.update("k", BTreeMap::new(), &["parent".into()]),
+            Err(Error::InvalidArgument(m)) if m.contains("only labels")
+        ));
+        assert!(matches!(
+            sn.update("none", BTreeMap::new(), &[]),
+            Err(Error::NotFound(_))
+        ));
+        assert_eq!(sn.stat("k").unwrap().labels, labels(&[("z", "26")]));
+    }
+
+    // A layer committed from staging, then handed out under a second name
+    // (what containerd's unpacker asks for): one directory until the last
+    // name is removed. The table and counters survive a reopen.
+    #[test]
+    fn an_alias_shares_the_directory_until_the_last_name_goes() {
+        let root = tempfile::tempdir().unwrap();
+        let sn = Snapshotter::open(root.path()).unwrap();
+        let staging = sn.new_staging().unwrap();
+        std::fs::write(staging.join("fs/file"), b"12345").unwrap();
+        sn.commit_dir(&staging, "layer", None, labels(&[("x", "1")]))
+            .unwrap();
+        assert!(!staging.exists(), "the staging dir became the snapshot");
+        let dir = sn.fs_dir("layer").unwrap();
+        assert_eq!(std::fs::read(dir.join("file")).unwrap(), b"12345");
+        let usage = sn.usage("layer").unwrap();
+        assert!(
+            usage.inodes >= 1 && usage.size > 0,
+            "the file counts: {usage:?}"
+        );
+        let again = sn.new_staging().unwrap();
+        assert!(matches!(
+            sn.commit_dir(&again, "layer", None, BTreeMap::new()),
+            Err(Error::AlreadyExists(_))
+        ));
+        let _ = std::fs::remove_dir_all(again);
+
+        sn.alias("layer", "containerd-name", None, BTreeMap::new())
+            .unwrap();
+        assert_eq!(sn.fs_dir("containerd-name").unwrap(), dir);
+        assert!(matches!(
+            sn.alias("nothing", "n2", None, BTreeMap::new()),
+            Err(Error::NotFound(_))
+        ));
+        sn.prepare("act", None, BTreeMap::new()).unwrap();
+        assert!(matches!(
+            sn.alias("act", "n3", None, BTreeMap::new()),
+            Err(Error::FailedPrecondition(_))
+        ));
+
+        drop(sn);
+        let sn = Snapshotter::open(root.path()).unwrap();
+        let mut names: Vec<String> = sn.list().unwrap().into_iter().map(|i| i.name).collect();
+        names.sort();
+        assert_eq!(names, ["act", "containerd-name", "layer"]);
+        sn.remove("layer").unwrap();
+        assert!(dir.exists(), "another name still holds the layer");
+        sn.remove("containerd-name").unwrap();
+        assert!(!dir.exists(), "the last name took the layer with it");
+        assert!(matches!(sn.remove("layer"), Err(Error::NotFound(_))));
+        // New ids never reuse old ones (a removed layer's directory name).
+        let id_of = |d: &Path| -> u64 {
+            d.parent()
+                .unwrap()
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        sn.prepare("next", None, BTreeMap::new()).unwrap();
+        assert!(id_of(&sn.fs_dir("next").unwrap()) > id_of(&dir));
+    }
+
+    // Cleanup removes what no snapshot owns: numbered directories without
+    // a record, and staging directories of processes that are gone.
+    #[test]
+    fn cleanup_removes_only_what_no_snapshot_or_live_process_owns() {
+        let root = tempfile::tempdir().unwrap();
+        let sn = Snapshotter::open(root.path()).unwrap();
+        sn.prepare("kept", None, BTreeMap::new()).unwrap();
+        let kept = sn.fs_dir("kept").unwrap();
+        std::fs::create_dir_all(sn.root().join("999/fs")).unwrap();
+        let dead = sn
+            .root()
+            .join("staging")
+            .join("999999999-1-00000000000000aa");
+        std::fs::create_dir_all(&dead).unwrap();
+        let removed = sn.root().join("staging").join("removed-77");
+        std::fs::create_dir_all(&removed).unwrap();
+        let live = sn.new_staging().unwrap();
+        assert_eq!(sn.cleanup().unwrap(), 3);
+        assert!(kept.exists() && live.exists());
+        assert!(!sn.root().join("999").exists() && !dead.exists() && !removed.exists());
+        assert_eq!(sn.cleanup().unwrap(), 0);
+        let _ = std::fs::remove_dir_all(live);
+    }
 }

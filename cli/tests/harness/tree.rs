@@ -2,9 +2,8 @@
 //! mount points undone however a test ends, and `cstore snapshots` as the
 //! store describes them. Shared by the mount and unpack tests (and the
 //! snapshot listing by the containerd tests).
-#![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
@@ -36,20 +35,26 @@ pub fn oci_dir() -> PathBuf {
 }
 
 /// The shared registry, with the `layered` images of
-/// fixtures/layered-images.sh pushed too (once per test binary, which asks
-/// for one set).
+/// fixtures/layered-images.sh pushed too (each once per test run).
 pub fn registry_with_layered(layered: &[&str]) -> String {
-    static PUSHED: OnceLock<(Vec<String>, String)> = OnceLock::new();
-    let (pushed, addr) = PUSHED.get_or_init(|| {
-        let addr = shared_registry_addr();
+    // Each module asks for the set it needs; each image is pushed once per
+    // test run, under the lock (a second asker waits for the push).
+    static PUSHED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    let addr = shared_registry_addr();
+    let mut pushed = PUSHED.lock().unwrap_or_else(|p| p.into_inner());
+    let missing: Vec<&str> = layered
+        .iter()
+        .copied()
+        .filter(|l| !pushed.contains(*l))
+        .collect();
+    if !missing.is_empty() {
         run(Command::new("bash")
             .arg(fixture("layered-images.sh"))
             .args(["--push", &addr])
-            .args(layered));
-        (layered.iter().map(|s| s.to_string()).collect(), addr)
-    });
-    assert_eq!(pushed, layered, "one set of layered images per test binary");
-    addr.clone()
+            .args(&missing));
+        pushed.extend(missing.iter().map(|s| s.to_string()));
+    }
+    addr
 }
 
 /// The canonical description of a tree. Directory mtimes are left out: in an

@@ -2,7 +2,6 @@
 //! (fixtures/images.sh + push.sh), the fault proxy, and a cstore binary
 //! pointed at a temp root. Everything started here is stopped on drop, or at
 //! process exit for the shared registry.
-#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -13,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+pub mod containers;
 pub mod loopfs;
 pub mod tree;
 
