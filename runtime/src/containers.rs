@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cstore_os::mount::{self, Mount};
+use cstore_os::{Classify, ErrorKind};
 
 use crate::policy::Process;
 use crate::record::{Record, State};
@@ -32,8 +33,22 @@ pub const LABEL_CONTAINER: &str = "cstore.io/container";
 /// The label naming where the container's rootfs is mounted.
 pub const LABEL_MOUNTPOINT: &str = "cstore.io/mountpoint";
 
-/// A snapshot error this crate cannot name the type of (the snapshotter's).
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A snapshot error this crate cannot name the type of (the snapshotter's),
+/// with its errdefs kind kept so a caller can still act on it.
+#[derive(Debug)]
+pub struct BoxError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl<E: Classify + std::fmt::Display> From<E> for BoxError {
+    fn from(e: E) -> Self {
+        BoxError {
+            kind: e.kind(),
+            message: e.to_string(),
+        }
+    }
+}
 
 /// A snapshot as listed.
 #[derive(Clone, Debug)]
@@ -564,7 +579,8 @@ impl Prepared<'_> {
 fn snapshot_err(id: &str, e: BoxError) -> Error {
     Error::Snapshot {
         id: id.to_string(),
-        message: e.to_string(),
+        kind: e.kind,
+        message: e.message,
     }
 }
 

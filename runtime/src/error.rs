@@ -67,7 +67,11 @@ pub enum Error {
     Os(#[from] cstore_os::Error),
     /// The snapshot tree, for container `id`.
     #[error("container {id}: {message}")]
-    Snapshot { id: String, message: String },
+    Snapshot {
+        id: String,
+        kind: ErrorKind,
+        message: String,
+    },
     #[error("user {user:?}: {reason}")]
     User { user: String, reason: String },
     // User namespaces.
@@ -97,6 +101,12 @@ impl Error {
             // A record we cannot read back is a record lost.
             Error::Record { .. } => ErrorKind::DataLoss,
             Error::UsernsCreate(e) => ErrorKind::of_io(e),
+            Error::ImageConfig { .. } => ErrorKind::InvalidArgument,
+            Error::Image { source, .. } => source.kind(),
+            Error::AlreadyExists(_) => ErrorKind::AlreadyExists,
+            Error::Busy(_) => ErrorKind::FailedPrecondition,
+            Error::Container { source, .. } | Error::Os(source) => source.kind(),
+            Error::Snapshot { kind, .. } => *kind,
         }
     }
 }
