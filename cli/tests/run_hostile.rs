@@ -224,7 +224,11 @@ fn hostile_config_entries_are_refused_by_name_before_anything_is_made() {
             let mut args: Vec<&str> = flags.iter().map(String::as_str).collect();
             args.push(&image);
             let e = run(&cs, rm, &name, &args);
-            assert_eq!(e.code, 1, "{flags:?} {image}: {}", e.stderr);
+            assert_eq!(
+                e.code, 64,
+                /* invalid argument */ "{flags:?} {image}: {}",
+                e.stderr
+            );
             assert!(e.stderr.contains(&want), "{flags:?} {image}:\n{}", e.stderr);
             cs.assert_no_container_at_all();
         }
@@ -232,7 +236,7 @@ fn hostile_config_entries_are_refused_by_name_before_anything_is_made() {
     // A command that is an empty string (from the flags).
     let name = unique("empty");
     let e = run(&cs, true, &name, &[&busybox, ""]);
-    assert_eq!(e.code, 1);
+    assert_eq!(e.code, 64, /* invalid argument */ "{}", e.stderr);
     assert!(
         e.stderr.contains(&format!(
             "image {busybox}: the command is an empty string (from the command given)"
