@@ -11,4 +11,5 @@ pub use error::{Error, Result};
 pub use mount::Mount;
 pub use snapshots::{Info, Kind, Snapshotter, Usage};
 pub mod filter;
+pub mod metrics;
 pub mod service;

@@ -9,6 +9,7 @@ pub mod ingest;
 pub mod layout;
 pub mod media;
 pub mod meta;
+pub mod metrics;
 pub mod platform;
 pub mod pull;
 pub mod reference;
