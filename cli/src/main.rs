@@ -70,6 +70,11 @@ enum Command {
         /// Blobs fetched in parallel.
         #[arg(long, default_value_t = 6)]
         jobs: usize,
+        /// Mirrors and TLS per registry, in containerd's format
+        /// (DIR/<registry>/hosts.toml). Default: /etc/cstore/certs.d, else
+        /// /etc/containerd/certs.d, whichever exists.
+        #[arg(long, env = "CSTORE_HOSTS_DIR")]
+        hosts_dir: Option<PathBuf>,
         /// Machine-readable output: one JSON event per line, then the result.
         #[arg(long)]
         json: bool,
@@ -229,6 +234,7 @@ fn run(cli: Cli) -> Result<()> {
             plain_http,
             creds,
             jobs,
+            hosts_dir,
             json,
             no_unpack,
         } => {
@@ -245,6 +251,7 @@ fn run(cli: Cli) -> Result<()> {
             let mut client_opts = ClientOptions {
                 plain_http,
                 creds,
+                hosts_dir: hosts_dir.or_else(cstore_store::registry::hosts::default_dir),
                 ..Default::default()
             };
             if let Some(ms) = retry_backoff_ms()? {

@@ -156,6 +156,16 @@ pub enum Error {
 
     #[error("metadata database {path}: {message}")]
     Db { path: PathBuf, message: String },
+
+    #[error("registry hosts config {}: {reason}", path.display())]
+    HostsConfig { path: PathBuf, reason: String },
+
+    #[error("{registry}: credential helper {helper}: {reason}")]
+    CredentialHelper {
+        helper: String,
+        registry: String,
+        reason: String,
+    },
 }
 
 impl Error {
