@@ -1,6 +1,6 @@
 //! Logs on stderr: `--log-format text` (default) or `json` (one object per
 //! line, the event's fields at the top level: what a log shipper indexes).
-//! Under systemd (JOURNAL_STREAM set: stderr is the journal) text lines carry
+//! Under systemd (stderr is the stream JOURNAL_STREAM names) text lines carry
 //! no colours and no timestamps (journald stamps every line) and start with
 //! the syslog priority `<N>`, which journald turns into the entry's priority
 //! (`journalctl -p warning` works).
@@ -35,7 +35,7 @@ pub fn init(level: &str, format: LogFormat) {
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let journal = stderr_is_journal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -54,6 +54,31 @@ pub fn init(level: &str, format: LogFormat) {
             .init(),
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
     }
+}
+
+/// Whether stderr is the journal: JOURNAL_STREAM (`DEV:INODE`, set by
+/// systemd for a service's stdout/stderr) names stderr's own device and
+/// inode. A process that inherited the variable but writes elsewhere (a
+/// service's script redirecting to a file) gets the ordinary format, as
+/// systemd asks programs to check.
+fn stderr_is_journal() -> bool {
+    let Some(v) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    // SAFETY: fstat of fd 2 into a stat buffer.
+    if unsafe { libc::fstat(2, st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: filled by a successful fstat.
+    let st = unsafe { st.assume_init() };
+    st.st_dev == dev && st.st_ino == ino
 }
 
 /// Prefixes a text line with its syslog priority for journald.

@@ -70,19 +70,31 @@ fn json_logs_of_a_pull_have_image_layer_and_duration() {
     assert_eq!(err[0]["image"], missing.as_str());
 }
 
+/// Runs cstore with stderr to a file and JOURNAL_STREAM naming `stream`
+/// (`None`: that file itself, as systemd would set it); its stderr.
+fn pull_with_journal_stream(cs: &mut Cstore, image: &str, stream: Option<&str>) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let f = tempfile::NamedTempFile::new().unwrap();
+    let md = f.as_file().metadata().unwrap();
+    let value = stream.map_or(format!("{}:{}", md.dev(), md.ino()), String::from);
+    cs.env.retain(|(k, _)| k != "JOURNAL_STREAM");
+    cs.env.push(("JOURNAL_STREAM".into(), value));
+    let st = cs
+        .cmd(&["--log-level", "info", "pull", image])
+        .stdout(std::process::Stdio::null())
+        .stderr(f.reopen().unwrap())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::read_to_string(f.path()).unwrap()
+}
+
 #[test]
 fn text_logs_under_systemd_have_priorities_and_no_timestamps_or_colours() {
     let addr = shared_registry_addr();
+    let image = format!("{addr}/busybox:latest");
     let mut cs = Cstore::new();
-    cs.env.push(("JOURNAL_STREAM".into(), "8:12345".into()));
-    let out = cs.run(&[
-        "--log-level",
-        "info",
-        "pull",
-        &format!("{addr}/busybox:latest"),
-    ]);
-    assert!(out.status.success(), "{out:?}");
-    let stderr = String::from_utf8(out.stderr).unwrap();
+    let stderr = pull_with_journal_stream(&mut cs, &image, None);
     assert!(!stderr.contains('\x1b'), "colours: {stderr:?}");
     let lines: Vec<&str> = stderr.lines().collect();
     assert!(lines.iter().any(|l| l.contains("pulled")), "{stderr}");
@@ -92,23 +104,25 @@ fn text_logs_under_systemd_have_priorities_and_no_timestamps_or_colours() {
             "{l:?}"
         );
     }
-    // Without it (not a terminal either): timestamps, no priorities, no colours.
+    // JOURNAL_STREAM inherited but stderr elsewhere (another stream), and no
+    // JOURNAL_STREAM at all (not a terminal either): timestamps, no
+    // priorities, no colours.
+    let mut cs = Cstore::new();
+    let elsewhere = pull_with_journal_stream(&mut cs, &image, Some("8:12345"));
     let cs = Cstore::new();
-    let out = cs.run(&[
-        "--log-level",
-        "info",
-        "pull",
-        &format!("{addr}/busybox:latest"),
-    ]);
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(
-        !stderr.contains('\x1b') && !stderr.contains("<6>"),
-        "{stderr:?}"
-    );
-    assert!(
-        stderr
-            .lines()
-            .all(|l| l.as_bytes()[..4].iter().all(u8::is_ascii_digit)),
-        "{stderr}"
-    );
+    let out = cs.run(&["--log-level", "info", "pull", &image]);
+    let plain = String::from_utf8(out.stderr).unwrap();
+    for stderr in [elsewhere, plain] {
+        assert!(stderr.contains("pulled"), "{stderr}");
+        assert!(
+            !stderr.contains('\x1b') && !stderr.contains("<6>"),
+            "{stderr:?}"
+        );
+        assert!(
+            stderr
+                .lines()
+                .all(|l| l.as_bytes()[..4].iter().all(u8::is_ascii_digit)),
+            "{stderr}"
+        );
+    }
 }
