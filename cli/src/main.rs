@@ -1,9 +1,12 @@
 //! The `cstore` command: a thin layer over the library crates.
 
 mod bench;
+mod check;
 mod containers;
 mod device;
 mod exit;
+mod install;
+mod logging;
 mod progress;
 mod run;
 mod snap;
@@ -34,6 +37,16 @@ struct Cli {
     /// Log level (error, warn, info, debug, trace) or a tracing filter.
     #[arg(long, global = true, env = "CSTORE_LOG", default_value = "warn")]
     log_level: String,
+    /// Log lines as text (no colours or timestamps under systemd) or JSON
+    /// objects, one per line.
+    #[arg(
+        long,
+        global = true,
+        env = "CSTORE_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -58,6 +71,11 @@ enum Command {
         /// Blobs fetched in parallel.
         #[arg(long, default_value_t = 6)]
         jobs: usize,
+        /// Mirrors and TLS per registry, in containerd's format
+        /// (DIR/<registry>/hosts.toml). Default: /etc/cstore/certs.d, else
+        /// /etc/containerd/certs.d, whichever exists.
+        #[arg(long, env = "CSTORE_HOSTS_DIR")]
+        hosts_dir: Option<PathBuf>,
         /// Machine-readable output: one JSON event per line, then the result.
         #[arg(long)]
         json: bool,
@@ -139,6 +157,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What this kernel and host give cstore (overlayfs, FUSE, io_uring,
+    /// openat2, cgroups, the store's device), each with why it matters.
+    /// Exits 1 if something cstore needs is missing.
+    Check {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put cstore on this node in one step: the binary, the snapshotter's
+    /// systemd unit and containerd's proxy-plugin config (a drop-in the
+    /// user's config.toml imports); --uninstall takes them off again.
+    Install(install::InstallArgs),
 }
 
 #[derive(Subcommand)]
@@ -173,33 +202,19 @@ enum SnapshotterCommand {
         /// Unix socket to listen on.
         #[arg(long, default_value = "/run/cstore/snapshotter.sock")]
         address: PathBuf,
+        /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9311).
+        #[arg(long)]
+        metrics_address: Option<std::net::SocketAddr>,
     },
 }
 
 fn main() {
     let cli = Cli::parse();
-    init_logging(&cli.log_level);
+    logging::init(&cli.log_level, cli.log_format);
     if let Err(e) = run(cli) {
         eprintln!("cstore: {e:#}");
         std::process::exit(exit::code(exit::kind_of(&e)));
     }
-}
-
-fn init_logging(level: &str) {
-    // libcontainer warns about every cgroup controller a host lacks; only its
-    // errors are ours to show unless asked for.
-    let level = if level.contains("libcontainer") {
-        level.to_string()
-    } else {
-        format!("{level},libcontainer=error,libcgroups=error")
-    };
-    let filter = tracing_subscriber::EnvFilter::try_new(&level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
 }
 
 fn open_store(root: &std::path::Path) -> Result<Store> {
@@ -216,6 +231,7 @@ fn run(cli: Cli) -> Result<()> {
             plain_http,
             creds,
             jobs,
+            hosts_dir,
             json,
             no_unpack,
         } => {
@@ -232,6 +248,7 @@ fn run(cli: Cli) -> Result<()> {
             let mut client_opts = ClientOptions {
                 plain_http,
                 creds,
+                hosts_dir: hosts_dir.or_else(cstore_registry::hosts::default_dir),
                 ..Default::default()
             };
             if let Some(ms) = retry_backoff_ms()? {
@@ -243,18 +260,25 @@ fn run(cli: Cli) -> Result<()> {
                 max_concurrent: jobs,
             };
             let display = progress::PullDisplay::new(json);
+            let observer = logging::PullLog::new(reference.to_string(), display.clone());
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
             let report = rt.block_on(cstore_store::pull(
-                &store,
-                &client,
-                &reference,
-                &opts,
-                display.clone(),
+                &store, &client, &reference, &opts, observer,
             ));
             display.finish();
-            let report = report?;
+            let report = report.inspect_err(|e| {
+                tracing::error!(image = %reference, error = %e, "pull failed");
+            })?;
+            tracing::info!(
+                image = report.reference,
+                digest = report.digest,
+                bytes = report.fetched_bytes,
+                duration_ms = (report.seconds * 1e6).round() / 1e3,
+                up_to_date = report.up_to_date,
+                "pulled"
+            );
             if json {
                 println!(
                     "{}",
@@ -293,14 +317,38 @@ fn run(cli: Cli) -> Result<()> {
             snap::umount(&store, &dir, keep)?;
         }
         Command::Snapshotter {
-            command: SnapshotterCommand::Serve { address },
+            command:
+                SnapshotterCommand::Serve {
+                    address,
+                    metrics_address,
+                },
         } => {
             let store = open_store(&cli.root)?;
             let sn = std::sync::Arc::new(snap::open(&store)?);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(async move {
+            let (stop_metrics, metrics) = match metrics_address {
+                Some(addr) => {
+                    cstore_snapshotter::metrics::register(cli.root.clone())?;
+                    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+                    let server = rt.block_on(async {
+                        // Bound before serving snapshots: a busy port is an error at start.
+                        let listener = tokio::net::TcpListener::bind(addr)
+                            .await
+                            .with_context(|| format!("--metrics-address {addr}"))?;
+                        anyhow::Ok(tokio::spawn(cstore_snapshotter::metrics::serve_metrics(
+                            listener,
+                            async {
+                                let _ = rx.await;
+                            },
+                        )))
+                    })?;
+                    (Some(tx), Some(server))
+                }
+                None => (None, None),
+            };
+            let served = rt.block_on(async move {
                 let shutdown = async {
                     use tokio::signal::unix::{signal, SignalKind};
                     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
@@ -311,7 +359,12 @@ fn run(cli: Cli) -> Result<()> {
                     }
                 };
                 cstore_snapshotter::service::serve(sn, &address, shutdown).await
-            })?;
+            });
+            if let (Some(tx), Some(server)) = (stop_metrics, metrics) {
+                let _ = tx.send(());
+                rt.block_on(server)??;
+            }
+            served?;
         }
         Command::Device {
             command: DeviceCommand::Info { path, json },
@@ -399,6 +452,12 @@ fn run(cli: Cli) -> Result<()> {
                     r.removed_partials,
                     r.expired_leases
                 );
+            }
+        }
+        Command::Install(args) => install::run(&cli.root, args)?,
+        Command::Check { json } => {
+            if !check::check(&cli.root, json)? {
+                std::process::exit(1);
             }
         }
         Command::Df { json } => {

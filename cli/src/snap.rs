@@ -31,7 +31,9 @@ pub fn unpack(store: &Store, reference: &str, json: bool) -> Result<image::Unpac
     sn.cleanup()?;
     let img = store.image(reference)?;
     let quiet = json;
+    let started = std::sync::Mutex::new(std::collections::HashMap::new());
     let report = image::unpack_image(&sn, store, &img, &UnpackOptions::default(), jobs(), &|e| {
+        crate::logging::unpack_event(&img.name, &e, &started);
         if quiet {
             println!("{}", serde_json::to_string(&e).unwrap_or_default());
             return;
@@ -47,6 +49,14 @@ pub fn unpack(store: &Store, reference: &str, json: bool) -> Result<image::Unpac
             ),
         }
     })?;
+    tracing::info!(
+        image = report.image,
+        chain_id = report.chain_id,
+        layers = report.layers,
+        unpacked = report.unpacked,
+        duration_ms = (report.seconds * 1e6).round() / 1e3,
+        "unpacked the image"
+    );
     if json {
         println!(
             "{}",

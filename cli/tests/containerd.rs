@@ -81,14 +81,30 @@ struct Snapshotter {
     child: Option<Child>,
     sock: PathBuf,
     log: PathBuf,
+    /// Global options before `snapshotter serve` (the log level by default).
+    global: Vec<String>,
+    /// Options after `serve --address SOCK`.
+    extra: Vec<String>,
 }
 
 impl Snapshotter {
     fn start(cs: &Cstore, sock: &Path, log: &Path) -> Snapshotter {
+        Self::start_with(cs, sock, log, &["--log-level", "info"], &[])
+    }
+
+    fn start_with(
+        cs: &Cstore,
+        sock: &Path,
+        log: &Path,
+        global: &[&str],
+        extra: &[&str],
+    ) -> Snapshotter {
         let mut s = Snapshotter {
             child: None,
             sock: sock.to_path_buf(),
             log: log.to_path_buf(),
+            global: global.iter().map(|s| s.to_string()).collect(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         s.restart(cs);
         s
@@ -102,8 +118,11 @@ impl Snapshotter {
             .open(&self.log)
             .unwrap();
         let mut child = cs
-            .cmd(&["--log-level", "info", "snapshotter", "serve", "--address"])
+            .cmd(&[])
+            .args(&self.global)
+            .args(["snapshotter", "serve", "--address"])
             .arg(&self.sock)
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -463,13 +482,19 @@ struct Env {
 
 impl Env {
     fn start() -> Env {
+        Self::start_with(Cstore::new(), &["--log-level", "info"], &[])
+    }
+
+    /// With `global` options before and `extra` after `snapshotter serve`,
+    /// on an existing store.
+    fn start_with(cs: Cstore, global: &[&str], extra: &[&str]) -> Env {
         let dir = tempfile::Builder::new()
             .prefix("cstore-containerd-")
             .tempdir()
             .unwrap();
-        let cs = Cstore::new();
         let sock = dir.path().join("cstore-snapshotter.sock");
-        let sn = Snapshotter::start(&cs, &sock, &dir.path().join("snapshotter.log"));
+        let log = dir.path().join("snapshotter.log");
+        let sn = Snapshotter::start_with(&cs, &sock, &log, global, extra);
         let ctrd = Containerd::start(&dir.path().join("containerd"), &sock);
         Env {
             ctrd,
@@ -1312,4 +1337,158 @@ fn grpc_refuses_nul_in_keys_names_and_parents() {
         }
         assert!(list!(c, vec![]).is_empty());
     });
+}
+
+// ------------------------------------------------------------------ metrics
+
+/// A Prometheus text exposition as `name{labels}` → value (no HELP/TYPE).
+fn scrape(addr: &str) -> BTreeMap<String, f64> {
+    crate::harness::http(addr, "GET", "/metrics", None)
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap();
+            (
+                k.to_string(),
+                v.parse::<f64>().unwrap_or_else(|_| panic!("{l:?}")),
+            )
+        })
+        .collect()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `--metrics-address`: scraped while containerd pulls and runs through the
+/// plugin, the call counters and histograms of the methods containerd used
+/// move, the store's size matches `cstore df`, process metrics are there;
+/// and `--log-format json` logs every call with method, key, outcome and
+/// duration.
+#[test]
+fn metrics_and_json_logs_of_a_containerd_run() {
+    let addr = registry(false);
+    // A store holding an image already: its size is what the gauges report.
+    let cs = Cstore::new();
+    cs.ok(&[
+        "pull",
+        "--no-unpack",
+        &format!("{addr}/busybox:uncompressed"),
+    ]);
+    let df: Value = serde_json::from_str(&cs.ok(&["df", "--json"])).unwrap();
+    let maddr = format!("127.0.0.1:{}", free_port());
+    let env = Env::start_with(
+        cs,
+        &["--log-level", "debug", "--log-format", "json"],
+        &["--metrics-address", &maddr],
+    );
+    let before = scrape(&maddr);
+    let get = |m: &BTreeMap<String, f64>, k: &str| m.get(k).copied().unwrap_or(0.0);
+    assert_eq!(
+        get(&before, "cstore_store_blob_bytes"),
+        df["blob_bytes"].as_f64().unwrap()
+    );
+    assert_eq!(get(&before, "cstore_store_images"), 1.0);
+    assert!(get(&before, "cstore_store_filesystem_avail_bytes") > 0.0);
+    assert!(
+        get(&before, "process_resident_memory_bytes") > 0.0,
+        "{before:?}"
+    );
+    assert!(get(&before, "process_open_fds") > 0.0);
+
+    let image = format!("{addr}/busybox:latest");
+    env.ctrd.ctr_ok(&[
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "cstore",
+        &image,
+    ]);
+    let out = env.ctrd.ctr_run(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "cstore",
+        &image,
+        "m1",
+        "/bin/echo",
+        "metered",
+    ]);
+    assert_eq!(out.trim(), "metered");
+    let after = scrape(&maddr);
+    let calls = |m: &BTreeMap<String, f64>, method: &str, outcome: &str| {
+        get(
+            m,
+            &format!("cstore_snapshot_calls_total{{method=\"{method}\",outcome=\"{outcome}\"}}"),
+        )
+    };
+    for method in ["prepare", "commit", "mounts"] {
+        assert!(
+            calls(&after, method, "ok") > calls(&before, method, "ok"),
+            "{method}: {before:?} -> {after:?}"
+        );
+    }
+    // containerd's unpacker asks Stat for layers it may have: NotFound.
+    assert!(calls(&after, "stat", "not_found") + calls(&after, "stat", "ok") > 0.0);
+    let count = |m: &BTreeMap<String, f64>, method: &str| {
+        get(
+            m,
+            &format!("cstore_snapshot_call_duration_seconds_count{{method=\"{method}\"}}"),
+        )
+    };
+    let ok_and_not = |m: &BTreeMap<String, f64>, method: &str| {
+        m.iter()
+            .filter(|(k, _)| {
+                k.starts_with(&format!("cstore_snapshot_calls_total{{method=\"{method}\""))
+            })
+            .map(|(_, v)| v)
+            .sum::<f64>()
+    };
+    assert_eq!(count(&after, "prepare"), ok_and_not(&after, "prepare"));
+    assert!(
+        get(
+            &after,
+            "cstore_snapshot_call_duration_seconds_sum{method=\"commit\"}"
+        ) > 0.0
+    );
+    assert_eq!(
+        get(
+            &after,
+            "cstore_snapshot_call_duration_seconds_bucket{method=\"commit\",le=\"+Inf\"}"
+        ),
+        count(&after, "commit")
+    );
+    // Whole seconds in the prometheus crate: present, maybe still 0.
+    assert!(after.contains_key("process_cpu_seconds_total"), "{after:?}");
+    assert!(get(&after, "process_start_time_seconds") > 0.0);
+
+    // The daemon's log: one JSON object per line; calls with their fields.
+    let log = std::fs::read_to_string(&env.sn.log).unwrap();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+        .collect();
+    let prepares: Vec<&Value> = lines
+        .iter()
+        .filter(|e| e["message"] == "snapshot call" && e["method"] == "prepare")
+        .collect();
+    assert!(!prepares.is_empty(), "{log}");
+    for e in &prepares {
+        assert!(e["key"].as_str().is_some_and(|k| !k.is_empty()), "{e}");
+        assert!(e["duration_ms"].as_f64().is_some(), "{e}");
+        assert!(e["outcome"].is_string(), "{e}");
+    }
+    // ctr run's container snapshot is prepared under the container's name.
+    assert!(
+        prepares
+            .iter()
+            .any(|e| e["key"].as_str().unwrap().ends_with("/m1")
+                || e["key"].as_str().unwrap().contains("m1")),
+        "{log}"
+    );
 }

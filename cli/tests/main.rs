@@ -10,12 +10,16 @@ mod harness;
 
 mod auth;
 mod bench_suite;
+mod check;
 mod confinement;
 mod containerd;
 mod cri;
 mod device;
 mod faults;
+mod install;
 mod killpoints;
+mod logs;
+mod mirrors;
 mod mount;
 mod pull;
 mod run;

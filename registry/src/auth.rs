@@ -39,10 +39,17 @@ impl Credentials {
 
 /// Look up `registry` in docker's config.json (`$DOCKER_CONFIG/config.json`,
 /// else `~/.docker/config.json`): `auths.<host>.auth` (base64 `user:pass`) or
-/// `username`/`password`. Credential helpers are not run.
+/// `username`/`password`; or from the credential helper it names for the
+/// registry (`credHelpers`, `credsStore`: see `helpers`).
 pub fn docker_config_credentials(registry: &str) -> Option<Credentials> {
     let path = docker_config_path()?;
     let text = std::fs::read_to_string(&path).ok()?;
+    if let Some(helper) = crate::helpers::helper_for(&text, registry) {
+        return crate::helpers::get(&helper, registry).unwrap_or_else(|e| {
+            tracing::warn!(registry, error = %e, "no credentials from the helper");
+            None
+        });
+    }
     credentials_from_config(&text, registry)
 }
 

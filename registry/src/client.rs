@@ -14,8 +14,9 @@
 //! on a redirect to the same host and port even from https to http, and
 //! cannot tell a 401 of the registry from one of the host it redirected to.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -27,6 +28,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::auth::{self, Challenge, Credentials, TokenResponse};
 use crate::error::{Error, Result};
+use crate::hosts;
 use crate::media;
 use crate::reference::Reference;
 
@@ -67,6 +69,9 @@ pub struct ClientOptions {
     pub attempts: u32,
     /// First backoff; doubles each attempt, with jitter.
     pub backoff: Duration,
+    /// containerd-style hosts directory (`DIR/<registry>/hosts.toml`):
+    /// mirrors and TLS per registry. None: every registry as it is.
+    pub hosts_dir: Option<PathBuf>,
 }
 
 impl Default for ClientOptions {
@@ -77,6 +82,7 @@ impl Default for ClientOptions {
             docker_config: true,
             attempts: 5,
             backoff: Duration::from_millis(200),
+            hosts_dir: None,
         }
     }
 }
@@ -107,6 +113,10 @@ struct State {
     /// naming another realm replaces it); and it is only ever sent to the
     /// registry's own origin.
     auth: HashMap<(String, String), Auth>,
+    /// Per registry: its hosts (mirrors first, the upstream last).
+    endpoints: HashMap<String, Arc<Vec<hosts::Endpoint>>>,
+    /// Mirrors whose connection failed: not asked again by this client.
+    down: HashSet<String>,
 }
 
 /// Where a GET ended after following redirects.
@@ -153,14 +163,9 @@ pub struct FetchedManifest {
 
 impl RegistryClient {
     pub fn new(opts: ClientOptions) -> Result<Self> {
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("cstore/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(15))
-            // No overall timeout (layers are large); a stalled read still ends.
-            .read_timeout(Duration::from_secs(60))
-            // Followed by hand (`send_following`): each hop decides what
-            // it is sent.
-            .redirect(reqwest::redirect::Policy::none())
+        // Redirects are followed by hand (`send_following`): each hop
+        // decides what it is sent.
+        let http = hosts::client_builder()
             .build()
             .map_err(|e| Error::Transport {
                 registry: "-".into(),
@@ -195,20 +200,48 @@ impl RegistryClient {
             .unwrap_or(&Scheme::Https)
     }
 
-    fn url(&self, r: &Reference, path: &str) -> Result<Url> {
+    /// `path` under the repository at `ep` (the default upstream's scheme
+    /// as the loopback fallback left it).
+    fn url(&self, ep: &hosts::Endpoint, r: &Reference, path: &str) -> Result<Url> {
         let scheme = match self.scheme(r) {
             Scheme::Https => "https",
             Scheme::Http => "http",
         };
-        let url = format!("{scheme}://{}/v2/{}/{path}", r.api_host(), r.repository());
-        Url::parse(&url).map_err(|e| Error::InvalidReference {
-            reference: r.to_string(),
-            reason: format!("{url}: {e}"),
-        })
+        ep.url(scheme, r.repository(), path)
     }
 
-    fn cached_auth(&self, r: &Reference) -> Option<String> {
-        let key = (r.api_host().to_string(), Self::scope(r));
+    /// The hosts to ask for `r`'s registry, mirrors first (built once).
+    fn endpoints(&self, r: &Reference) -> Result<Arc<Vec<hosts::Endpoint>>> {
+        if let Some(e) = self.state.lock().unwrap().endpoints.get(r.registry()) {
+            return Ok(e.clone());
+        }
+        let scheme = if self.opts.plain_http {
+            "http"
+        } else {
+            "https"
+        };
+        let upstream = Url::parse(&format!("{scheme}://{}/v2/", r.api_host())).map_err(|e| {
+            Error::InvalidReference {
+                reference: r.to_string(),
+                reason: e.to_string(),
+            }
+        })?;
+        let specs = hosts::load(self.opts.hosts_dir.as_deref(), r.registry(), upstream)?;
+        let eps = specs
+            .into_iter()
+            .map(|s| hosts::endpoint(s, &self.http))
+            .collect::<Result<Vec<_>>>()?;
+        let eps = Arc::new(eps);
+        self.state
+            .lock()
+            .unwrap()
+            .endpoints
+            .insert(r.registry().to_string(), eps.clone());
+        Ok(eps)
+    }
+
+    fn cached_auth(&self, ep: &hosts::Endpoint, r: &Reference) -> Option<String> {
+        let key = (ep.host.clone(), Self::scope(r));
         match self.state.lock().unwrap().auth.get(&key)? {
             Auth::Basic(h) => Some(h.clone()),
             Auth::Bearer { token, expires, .. } if *expires > Instant::now() => {
@@ -222,10 +255,15 @@ impl RegistryClient {
     /// sent only to `start`'s origin (scheme, host and port: not after a
     /// downgrade to http, not to another port); our other headers (Accept,
     /// Range) go to every hop, as a resume from presigned blob storage needs.
+    ///
+    /// `http` is the client of the host asked; `home_headers` (a host's
+    /// configured headers) go, like `auth`, only to the start's origin.
     async fn send_following(
         &self,
+        http: &reqwest::Client,
         start: Url,
         headers: &HeaderMap,
+        home_headers: &HeaderMap,
         auth: Option<&str>,
         timeout: Option<Duration>,
     ) -> std::result::Result<Landed, SendError> {
@@ -234,7 +272,10 @@ impl RegistryClient {
         let mut hops = 0;
         loop {
             let at_home = url.origin() == home;
-            let mut req = self.http.get(url.clone()).headers(headers.clone());
+            let mut req = http.get(url.clone()).headers(headers.clone());
+            if at_home {
+                req = req.headers(home_headers.clone());
+            }
             if let (Some(a), true) = (auth, at_home) {
                 req = req.header(AUTHORIZATION, a);
             }
@@ -283,7 +324,16 @@ impl RegistryClient {
         }
     }
 
-    fn credentials(&self, r: &Reference) -> Option<Credentials> {
+    /// Credentials for `ep`: the registry's (`--creds`, else docker's
+    /// config) for the upstream; a mirror's own from docker's config only.
+    fn credentials(&self, ep: &hosts::Endpoint, r: &Reference) -> Option<Credentials> {
+        if !ep.spec.upstream {
+            return self
+                .opts
+                .docker_config
+                .then(|| auth::docker_config_credentials(&ep.host))
+                .flatten();
+        }
         self.opts.creds.clone().or_else(|| {
             if self.opts.docker_config {
                 auth::docker_config_credentials(r.registry())
@@ -293,8 +343,11 @@ impl RegistryClient {
         })
     }
 
-    /// GET `path` under the repository, with auth, retries and the loopback
-    /// HTTP fallback. Returns a response with a 2xx status.
+    /// GET `path` under the repository from the registry's hosts in order
+    /// (see `hosts`): mirrors with the capability the request needs (a
+    /// manifest by tag: resolve; by digest, and blobs: pull), then the
+    /// upstream. A mirror's failure moves on to the next host; one whose
+    /// connection failed is not asked again. Returns a 2xx response.
     pub(crate) async fn get(
         &self,
         r: &Reference,
@@ -302,17 +355,74 @@ impl RegistryClient {
         headers: HeaderMap,
         what: &str,
     ) -> Result<Response> {
-        let registry = r.registry().to_string();
+        let eps = self.endpoints(r)?;
+        let resolve = path
+            .strip_prefix("manifests/")
+            .is_some_and(|reference| !reference.contains(':'));
+        let mut last = None;
+        for ep in eps.iter() {
+            let caps = ep.spec.capabilities;
+            if !ep.spec.upstream
+                && (!(if resolve { caps.resolve } else { caps.pull })
+                    || self.state.lock().unwrap().down.contains(&ep.host))
+            {
+                continue;
+            }
+            match self.get_at(ep, r, path, headers.clone(), what).await {
+                Ok(resp) => {
+                    if !ep.spec.upstream {
+                        tracing::debug!(mirror = %ep.host, what, "from a mirror");
+                    }
+                    return Ok(resp);
+                }
+                Err(e) if !ep.spec.upstream => {
+                    tracing::warn!(registry = %r.registry(), mirror = %ep.host, what, error = %e, "mirror failed; trying the next host");
+                    if matches!(e, Error::Transport { .. }) {
+                        self.state.lock().unwrap().down.insert(ep.host.clone());
+                    }
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // Only when the hosts file gives the upstream no such capability.
+        Err(last.unwrap_or_else(|| Error::NotFound {
+            registry: r.registry().to_string(),
+            what: what.into(),
+            message: "no configured host may serve it".into(),
+        }))
+    }
+
+    /// GET `path` from one host, with auth, retries (a mirror gets one try:
+    /// the next host is the retry) and the loopback HTTP fallback.
+    async fn get_at(
+        &self,
+        ep: &hosts::Endpoint,
+        r: &Reference,
+        path: &str,
+        headers: HeaderMap,
+        what: &str,
+    ) -> Result<Response> {
+        let registry = if ep.spec.upstream {
+            r.registry().to_string()
+        } else {
+            format!("{} (mirror of {})", ep.host, r.registry())
+        };
+        let attempts = if ep.spec.upstream {
+            self.opts.attempts
+        } else {
+            1
+        };
         let mut attempt = 0u32;
         let mut authenticated = false;
         loop {
             attempt += 1;
             // Every attempt starts at the registry: a retry or a resume gets
             // a fresh redirect, never reuses a (presigned, expiring) target.
-            let url = self.url(r, path)?;
-            let auth = self.cached_auth(r);
+            let url = self.url(ep, r, path)?;
+            let auth = self.cached_auth(ep, r);
             let landed = match self
-                .send_following(url, &headers, auth.as_deref(), None)
+                .send_following(&ep.http, url, &headers, &ep.headers, auth.as_deref(), None)
                 .await
             {
                 Ok(l) => l,
@@ -330,7 +440,7 @@ impl RegistryClient {
                 }) => {
                     // Only the registry's own TLS failing means it speaks
                     // HTTP; a redirect target's says nothing about it.
-                    if at_home && self.try_plain_http(r) {
+                    if at_home && !ep.spec.explicit_scheme && self.try_plain_http(r) {
                         tracing::info!(registry = %registry, "TLS to a loopback registry failed; using plain HTTP as docker does");
                         attempt -= 1;
                         continue;
@@ -340,7 +450,7 @@ impl RegistryClient {
                     } else {
                         format!("{what} (redirected to {})", host_port(&url))
                     };
-                    if attempt < self.opts.attempts {
+                    if attempt < attempts {
                         tracing::warn!(registry = %registry, what, attempt, error = %error_chain(&error), "request failed; retrying");
                         self.pause(attempt, None).await;
                         continue;
@@ -382,13 +492,13 @@ impl RegistryClient {
             if status == StatusCode::UNAUTHORIZED && !authenticated {
                 authenticated = true;
                 let challenge = challenge();
-                self.authenticate(r, challenge.as_deref()).await?;
+                self.authenticate(ep, r, challenge.as_deref()).await?;
                 attempt -= 1;
                 continue;
             }
             let retry_after = retry_after(&resp);
             if (status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error())
-                && attempt < self.opts.attempts
+                && attempt < attempts
             {
                 tracing::warn!(registry = %registry, what, %status, attempt, "registry busy or failing; retrying");
                 self.pause(attempt, retry_after).await;
@@ -405,7 +515,7 @@ impl RegistryClient {
                 StatusCode::UNAUTHORIZED => Error::Unauthorized {
                     registry,
                     scope,
-                    message: if self.credentials(r).is_some() {
+                    message: if self.credentials(ep, r).is_some() {
                         format!("credentials were refused: {message}")
                     } else {
                         format!("no credentials given (use --creds or docker login): {message}")
@@ -461,11 +571,20 @@ impl RegistryClient {
     /// Answer a 401 challenge of the registry itself: remember Basic
     /// credentials, or fetch a bearer token for this repository's pull scope
     /// from the realm the registry named.
-    async fn authenticate(&self, r: &Reference, challenge: Option<&str>) -> Result<()> {
-        let registry = r.registry().to_string();
+    async fn authenticate(
+        &self,
+        ep: &hosts::Endpoint,
+        r: &Reference,
+        challenge: Option<&str>,
+    ) -> Result<()> {
+        let registry = if ep.spec.upstream {
+            r.registry().to_string()
+        } else {
+            ep.host.clone()
+        };
         let scope = Self::scope(r);
-        let creds = self.credentials(r);
-        let key = (r.api_host().to_string(), scope.clone());
+        let creds = self.credentials(ep, r);
+        let key = (ep.host.clone(), scope.clone());
         match challenge.and_then(auth::parse_challenge) {
             Some(Challenge::Basic) => {
                 let Some(c) = creds else {
@@ -488,7 +607,7 @@ impl RegistryClient {
                 scope: _,
             }) => {
                 let what = format!("token from {realm}");
-                let registry_url = self.url(r, "")?;
+                let registry_url = self.url(ep, r, "")?;
                 let mut url =
                     token_url(&realm, &registry_url, creds.is_some()).map_err(|reason| {
                         Error::Unauthorized {
@@ -504,7 +623,7 @@ impl RegistryClient {
                 let basic = creds.as_ref().map(|c| c.basic_header());
                 let fetched = tokio::time::timeout(
                     TOKEN_TIMEOUT,
-                    self.fetch_token(url, basic.as_deref(), &registry, &scope, &realm),
+                    self.fetch_token(&ep.http, url, basic.as_deref(), &registry, &scope, &realm),
                 )
                 .await
                 .unwrap_or_else(|_| {
@@ -558,6 +677,7 @@ impl RegistryClient {
     /// origin); the body, capped at `MAX_TOKEN_BYTES`.
     async fn fetch_token(
         &self,
+        http: &reqwest::Client,
         url: Url,
         basic: Option<&str>,
         registry: &str,
@@ -566,7 +686,14 @@ impl RegistryClient {
     ) -> Result<Vec<u8>> {
         let what = format!("token from {realm}");
         let landed = self
-            .send_following(url, &HeaderMap::new(), basic, Some(TOKEN_TIMEOUT))
+            .send_following(
+                http,
+                url,
+                &HeaderMap::new(),
+                &HeaderMap::new(),
+                basic,
+                Some(TOKEN_TIMEOUT),
+            )
             .await
             .map_err(|e| match e {
                 SendError::Transport { error, .. } => Error::Transport {

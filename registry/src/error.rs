@@ -2,6 +2,8 @@
 //! and the scope, manifest or blob it is about; each variant is a kind a
 //! caller can act on (retry, re-authenticate, give credentials, ...).
 
+use std::path::PathBuf;
+
 use cstore_os::{Classify, ErrorKind};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -103,6 +105,19 @@ pub enum Error {
     /// A ranged read reaches past the end of the blob.
     #[error("{what}: out of range: {reason}")]
     OutOfRange { what: String, reason: String },
+
+    /// The node's hosts.toml (mirrors, TLS) is unreadable or wrong: fixed
+    /// by the node's operator, not by retrying.
+    #[error("registry hosts config {}: {reason}", path.display())]
+    HostsConfig { path: PathBuf, reason: String },
+
+    /// A docker credential helper could not be run or gave no usable answer.
+    #[error("{registry}: credential helper {helper}: {reason}")]
+    CredentialHelper {
+        helper: String,
+        registry: String,
+        reason: String,
+    },
 }
 
 impl Error {
@@ -135,6 +150,8 @@ impl Error {
             }
             Error::Malformed { .. } | Error::InvalidRange { .. } => ErrorKind::InvalidArgument,
             Error::OutOfRange { .. } => ErrorKind::OutOfRange,
+            Error::HostsConfig { .. } => ErrorKind::FailedPrecondition,
+            Error::CredentialHelper { .. } => ErrorKind::Unauthenticated,
         }
     }
 }

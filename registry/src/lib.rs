@@ -9,6 +9,8 @@ pub mod auth;
 mod blob;
 mod client;
 pub mod error;
+pub mod helpers;
+pub mod hosts;
 pub mod media;
 pub mod reference;
 

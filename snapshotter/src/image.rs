@@ -166,7 +166,9 @@ pub fn unpack_image(
                 on_event(Event::Unpacking {
                     layer: l.descriptor.digest.clone(),
                 });
+                let t = std::time::Instant::now();
                 let r = unpack_one(sn, store, image, l, opts);
+                crate::metrics::layer_unpacked(t, r.is_ok());
                 if r.is_err() {
                     failed.store(true, Ordering::SeqCst);
                 }
@@ -221,7 +223,10 @@ pub fn unpack_image(
             (LABEL_DIFF_ID.to_string(), l.diff_id.clone()),
         ]);
         tracing::debug!(chain_id = %l.chain_id, "committing the snapshot");
-        match sn.commit_dir(dir, &l.chain_id, parent, labels) {
+        let t = std::time::Instant::now();
+        let committed = sn.commit_dir(dir, &l.chain_id, parent, labels);
+        crate::metrics::layer_committed(t);
+        match committed {
             Ok(()) => tracing::debug!(chain_id = %l.chain_id, "committed the snapshot"),
             // Another unpack of the same layer won the race: use theirs.
             Err(Error::AlreadyExists(_)) => {

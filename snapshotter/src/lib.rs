@@ -10,4 +10,5 @@ pub use cstore_os::mount::{self, Mount};
 pub use error::{Error, Result};
 pub use snapshots::{Info, Kind, Snapshotter, Usage};
 pub mod filter;
+pub mod metrics;
 pub mod service;

@@ -55,7 +55,7 @@ impl Service {
     }
 
     /// Run blocking snapshotter work off the async runtime.
-    async fn run<T: Send + 'static>(
+    async fn run_quiet<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Snapshotter) -> Result<T, Error> + Send + 'static,
     ) -> Result<T, Status> {
@@ -64,6 +64,20 @@ impl Service {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(status)
+    }
+
+    /// `run_quiet` as the API call `method` on snapshot `key`: timed, logged
+    /// and counted (see `metrics`).
+    async fn run<T: Send + 'static>(
+        &self,
+        method: &'static str,
+        key: &str,
+        f: impl FnOnce(&Snapshotter) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Status> {
+        let started = std::time::Instant::now();
+        let r = self.run_quiet(f).await;
+        crate::metrics::snapshot_call(method, key, started, r.as_ref().err());
+        r
     }
 }
 
@@ -199,7 +213,7 @@ impl api::snapshots_server::Snapshots for Service {
                 let name = share_name(&target, &chain, &r.key);
                 let (parent, lbls) = (parent_of(r.parent.clone()), labels.clone());
                 let shared = self
-                    .run(move |sn| match sn.stat(&chain) {
+                    .run_quiet(move |sn| match sn.stat(&chain) {
                         Ok(i) if i.kind == Kind::Committed && chain != name => {
                             match sn.alias(&chain, &name, parent.as_deref(), lbls) {
                                 Ok(()) | Err(Error::AlreadyExists(_)) => Ok(true),
@@ -226,7 +240,9 @@ impl api::snapshots_server::Snapshots for Service {
         }
         let (key, parent) = (r.key, parent_of(r.parent));
         let mounts = self
-            .run(move |sn| sn.prepare(&key, parent.as_deref(), labels))
+            .run("prepare", &key.clone(), move |sn| {
+                sn.prepare(&key, parent.as_deref(), labels)
+            })
             .await?;
         Ok(Response::new(api::PrepareSnapshotResponse {
             mounts: to_api_mounts(mounts),
@@ -240,7 +256,9 @@ impl api::snapshots_server::Snapshots for Service {
         let r = req.into_inner();
         let (key, parent, labels) = (r.key, parent_of(r.parent), labels(r.labels));
         let mounts = self
-            .run(move |sn| sn.view(&key, parent.as_deref(), labels))
+            .run("view", &key.clone(), move |sn| {
+                sn.view(&key, parent.as_deref(), labels)
+            })
             .await?;
         Ok(Response::new(api::ViewSnapshotResponse {
             mounts: to_api_mounts(mounts),
@@ -252,7 +270,9 @@ impl api::snapshots_server::Snapshots for Service {
         req: Request<api::MountsRequest>,
     ) -> Result<Response<api::MountsResponse>, Status> {
         let key = req.into_inner().key;
-        let mounts = self.run(move |sn| sn.mounts(&key)).await?;
+        let mounts = self
+            .run("mounts", &key.clone(), move |sn| sn.mounts(&key))
+            .await?;
         Ok(Response::new(api::MountsResponse {
             mounts: to_api_mounts(mounts),
         }))
@@ -264,7 +284,10 @@ impl api::snapshots_server::Snapshots for Service {
     ) -> Result<Response<()>, Status> {
         let r = req.into_inner();
         let (name, key, labels) = (r.name, r.key, labels(r.labels));
-        self.run(move |sn| sn.commit(&name, &key, labels)).await?;
+        self.run("commit", &key.clone(), move |sn| {
+            sn.commit(&name, &key, labels)
+        })
+        .await?;
         Ok(Response::new(()))
     }
 
@@ -273,7 +296,8 @@ impl api::snapshots_server::Snapshots for Service {
         req: Request<api::RemoveSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
         let key = req.into_inner().key;
-        self.run(move |sn| sn.remove(&key)).await?;
+        self.run("remove", &key.clone(), move |sn| sn.remove(&key))
+            .await?;
         Ok(Response::new(()))
     }
 
@@ -282,7 +306,9 @@ impl api::snapshots_server::Snapshots for Service {
         req: Request<api::StatSnapshotRequest>,
     ) -> Result<Response<api::StatSnapshotResponse>, Status> {
         let key = req.into_inner().key;
-        let info = self.run(move |sn| sn.stat(&key)).await?;
+        let info = self
+            .run("stat", &key.clone(), move |sn| sn.stat(&key))
+            .await?;
         Ok(Response::new(api::StatSnapshotResponse {
             info: Some(to_api_info(info)),
         }))
@@ -299,7 +325,9 @@ impl api::snapshots_server::Snapshots for Service {
         let fields = r.update_mask.map(|m| m.paths).unwrap_or_default();
         let (name, labels) = (info.name, labels(info.labels));
         let updated = self
-            .run(move |sn| sn.update(&name, labels, &fields))
+            .run("update", &name.clone(), move |sn| {
+                sn.update(&name, labels, &fields)
+            })
             .await?;
         Ok(Response::new(api::UpdateSnapshotResponse {
             info: Some(to_api_info(updated)),
@@ -316,7 +344,7 @@ impl api::snapshots_server::Snapshots for Service {
         let filters = Filters::parse(&req.into_inner().filters).map_err(status)?;
         // The listing is read whole and the database released before the
         // first message goes out, so a client may Stat inside its walk.
-        let infos = self.run(|sn| sn.list()).await?;
+        let infos = self.run("list", "", |sn| sn.list()).await?;
         let matching: Vec<api::Info> = infos
             .into_iter()
             .filter(|i| !is_cstores_own(i) && filters.matches(i))
@@ -334,7 +362,9 @@ impl api::snapshots_server::Snapshots for Service {
         req: Request<api::UsageRequest>,
     ) -> Result<Response<api::UsageResponse>, Status> {
         let key = req.into_inner().key;
-        let u = self.run(move |sn| sn.usage(&key)).await?;
+        let u = self
+            .run("usage", &key.clone(), move |sn| sn.usage(&key))
+            .await?;
         Ok(Response::new(api::UsageResponse {
             size: u.size as i64,
             inodes: u.inodes as i64,
@@ -342,7 +372,7 @@ impl api::snapshots_server::Snapshots for Service {
     }
 
     async fn cleanup(&self, _req: Request<api::CleanupRequest>) -> Result<Response<()>, Status> {
-        self.run(|sn| sn.cleanup().map(drop)).await?;
+        self.run("cleanup", "", |sn| sn.cleanup().map(drop)).await?;
         Ok(Response::new(()))
     }
 }

@@ -6,6 +6,7 @@ pub mod error;
 pub mod image_config;
 pub mod ingest;
 pub mod meta;
+pub mod metrics;
 pub mod platform;
 pub mod pull;
 pub mod store;

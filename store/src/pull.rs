@@ -121,8 +121,20 @@ pub struct PullReport {
     pub seconds: f64,
 }
 
-/// Pull `reference` into `store`.
+/// Pull `reference` into `store` (counted in `crate::metrics`).
 pub async fn pull(
+    store: &Store,
+    client: &RegistryClient,
+    reference: &Reference,
+    opts: &PullOptions,
+    observer: Arc<dyn Observer>,
+) -> Result<PullReport> {
+    let r = pull_unmetered(store, client, reference, opts, observer).await;
+    crate::metrics::pulled(reference.registry(), &r);
+    r
+}
+
+async fn pull_unmetered(
     store: &Store,
     client: &RegistryClient,
     reference: &Reference,

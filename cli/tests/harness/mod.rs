@@ -315,6 +315,11 @@ impl FaultProxy {
     /// Listening on `host` (127.0.0.2 is another host to a client than
     /// 127.0.0.1, and all of 127/8 is loopback on Linux).
     pub fn start_on(host: &str, upstream: &str) -> FaultProxy {
+        FaultProxy::start_with(host, upstream, &[])
+    }
+
+    /// With more options of fixtures/faultproxy.py (e.g. `--path-prefix P`).
+    pub fn start_with(host: &str, upstream: &str, extra: &[&str]) -> FaultProxy {
         let dir = tempfile::tempdir().unwrap();
         let portfile = dir.path().join("port");
         let child = Command::new("python3")
@@ -329,6 +334,7 @@ impl FaultProxy {
                 "--portfile",
             ])
             .arg(&portfile)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
