@@ -23,7 +23,7 @@ use super::batch::{self, Batch, Meta, Pending};
 use super::tar::{Entry, Kind, TarReader};
 use cstore_os::sys;
 
-pub const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+pub use cstore_os::tree::OPAQUE_XATTR;
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_NAME: &[u8] = b".wh..wh..opq";
 
@@ -295,9 +295,7 @@ impl Extractor {
                     let dir =
                         sys::resolve_beneath(fd.as_fd(), &name, libc::O_RDONLY | libc::O_DIRECTORY)
                             .map_err(|e| io_err(entry, "opening a parent", &e))?;
-                    let attr = CString::new(OPAQUE_XATTR).unwrap();
-                    sys::fsetxattr(dir.as_fd(), &attr, b"y")
-                        .map_err(|e| io_err(entry, "marking opaque", &e))?;
+                    mark_opaque(dir.as_fd()).map_err(|e| io_err(entry, "marking opaque", &e))?;
                     sys::resolve_beneath(fd.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY)
                         .map_err(|e| io_err(entry, "opening a parent", &e))?
                 }
@@ -429,9 +427,7 @@ impl Extractor {
                     sys::resolve_beneath(parent, c".", libc::O_RDONLY | libc::O_DIRECTORY)
                         .map_err(|x| io_err(path, "opening the opaque directory", &x))?
                 };
-                let attr = CString::new(OPAQUE_XATTR).unwrap();
-                sys::fsetxattr(dir_fd.as_fd(), &attr, b"y")
-                    .map_err(|x| io_err(path, "marking opaque", &x))?;
+                mark_opaque(dir_fd.as_fd()).map_err(|x| io_err(path, "marking opaque", &x))?;
                 self.stats.opaque_dirs += 1;
                 return Ok(());
             }
@@ -456,9 +452,7 @@ impl Extractor {
                     let dir =
                         sys::resolve_beneath(parent, &name, libc::O_RDONLY | libc::O_DIRECTORY)
                             .map_err(|x| io_err(path, "opening the directory", &x))?;
-                    let attr = CString::new(OPAQUE_XATTR).unwrap();
-                    sys::fsetxattr(dir.as_fd(), &attr, b"y")
-                        .map_err(|x| io_err(path, "marking opaque", &x))?;
+                    mark_opaque(dir.as_fd()).map_err(|x| io_err(path, "marking opaque", &x))?;
                 }
                 self.stats.whiteouts += 1;
                 return Ok(());
@@ -597,9 +591,7 @@ impl Extractor {
                         sys::fsetxattr(fd, k, v).map_err(|x| io_err(path, "setxattr", &x))?;
                     }
                     if over_whiteout {
-                        let attr = CString::new(OPAQUE_XATTR).unwrap();
-                        sys::fsetxattr(fd, &attr, b"y")
-                            .map_err(|x| io_err(path, "marking opaque", &x))?;
+                        mark_opaque(fd).map_err(|x| io_err(path, "marking opaque", &x))?;
                     }
                 }
                 // Listed: its own entry's attributes, not a lower layer's.
@@ -780,6 +772,11 @@ impl Extractor {
         }
         Ok(())
     }
+}
+
+/// Make the directory `dir` opaque to overlayfs.
+fn mark_opaque(dir: BorrowedFd<'_>) -> io::Result<()> {
+    sys::fsetxattr(dir, OPAQUE_XATTR, b"y")
 }
 
 /// Is a path no longer there as a directory (missing, or something else or
