@@ -110,7 +110,7 @@ fn current_umask() -> u32 {
 /// kilobytes (CPython's tree: about 100 KiB).
 pub const MAX_MADE_DIR_BYTES: usize = 64 << 20;
 
-fn err(entry: &[u8], reason: impl Into<String>) -> EntryError {
+pub(super) fn err(entry: &[u8], reason: impl Into<String>) -> EntryError {
     EntryError {
         entry: String::from_utf8_lossy(entry).into_owned(),
         reason: reason.into(),
@@ -119,7 +119,7 @@ fn err(entry: &[u8], reason: impl Into<String>) -> EntryError {
 }
 
 /// A system call for `entry` failed doing `op`.
-fn io_err(entry: &[u8], op: &str, e: &io::Error) -> EntryError {
+pub(super) fn io_err(entry: &[u8], op: &str, e: &io::Error) -> EntryError {
     EntryError {
         errno: e.raw_os_error(),
         ..err(entry, io_reason(op, e))
@@ -199,10 +199,7 @@ impl Extractor {
     /// Write the queued files.
     fn flush(&mut self) -> Result<(), EntryError> {
         match &mut self.batch {
-            Some(b) => b.flush().map_err(|(entry, reason, errno)| EntryError {
-                errno,
-                ..err(&entry, reason)
-            }),
+            Some(b) => b.flush(),
             None => Ok(()),
         }
     }
@@ -526,10 +523,7 @@ impl Extractor {
                         },
                     };
                     let b = self.batch.as_mut().unwrap();
-                    b.push(file).map_err(|(entry, reason, errno)| EntryError {
-                        errno,
-                        ..err(&entry, reason)
-                    })?;
+                    b.push(file)?;
                     self.stats.files += 1;
                     self.stats.batched_files += 1;
                     self.stats.file_bytes += e.size;
