@@ -49,12 +49,30 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
 /// Fields 3 and 22 of /proc/PID/stat: the state ('R', 'S', 'Z' for a
 /// zombie, ...) and the start time.
 pub fn process_state(pid: u32) -> Option<(char, u64)> {
+    process_stat(pid).map(|s| (s.state, s.start))
+}
+
+/// What /proc/PID/stat says of a process that cstore uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcStat {
+    /// Field 3: 'R', 'S', 'Z' for a zombie, ...
+    pub state: char,
+    /// Field 4: the parent's pid.
+    pub ppid: u32,
+    /// Field 22: start time in clock ticks since boot.
+    pub start: u64,
+}
+
+/// The one parser of /proc/PID/stat; None when there is no such process.
+pub fn process_stat(pid: u32) -> Option<ProcStat> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parens; fields resume after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let mut fields = rest.split_whitespace();
+    // The command name may hold spaces and parens; fields resume after the
+    // last ')', numbered from 3.
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
     let state = fields.next()?.chars().next()?;
-    Some((state, fields.nth(18)?.parse().ok()?))
+    let ppid = fields.next()?.parse().ok()?;
+    let start = fields.nth(22 - 5)?.parse().ok()?;
+    Some(ProcStat { state, ppid, start })
 }
 
 /// Seconds since the epoch.
@@ -68,6 +86,14 @@ pub fn now_unix() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stat_has_the_parent_and_the_start_time() {
+        let s = process_stat(std::process::id()).unwrap();
+        // SAFETY: getppid has no preconditions.
+        assert_eq!(s.ppid, unsafe { libc::getppid() } as u32);
+        assert_eq!(Some(s.start), process_start_time(std::process::id()));
+    }
 
     #[test]
     fn a_reused_pid_or_a_zombie_is_not_alive() {

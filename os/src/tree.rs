@@ -26,6 +26,10 @@ pub fn is_overlay_xattr(name: &[u8]) -> bool {
     name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.")
 }
 
+/// Overlay's mark of an opaque directory (value "y"): it hides the lower
+/// layers' directory of the same path.
+pub const OPAQUE_XATTR: &CStr = c"trusted.overlay.opaque";
+
 /// A directory of a tree, open for reading (so its xattrs can be read and
 /// its owner and mode changed through the fd).
 #[derive(Debug)]
@@ -115,9 +119,7 @@ impl TreeDir {
     /// Does overlayfs treat this directory as opaque (hiding the lower
     /// layers' directory of the same path)?
     pub fn is_opaque(&self) -> io::Result<bool> {
-        Ok(self
-            .xattr(c"trusted.overlay.opaque")?
-            .is_some_and(|v| v == b"y"))
+        Ok(self.xattr(OPAQUE_XATTR)?.is_some_and(|v| v == b"y"))
     }
 
     /// Give this directory the owner, mode and xattrs (but overlay's) of

@@ -50,13 +50,8 @@ fn children_of(parent: i32) -> Vec<(i32, u64)> {
     dir.flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter_map(|pid| {
-            let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // "pid (comm) state ppid ... starttime(22) ...": comm may hold
-            // spaces and ')'; the fields after it are numbered from 3.
-            let f: Vec<&str> = s[s.rfind(')')? + 1..].split_whitespace().collect();
-            let ppid: i32 = f.get(1)?.parse().ok()?;
-            let start: u64 = f.get(22 - 3)?.parse().ok()?;
-            (ppid == parent).then_some((pid, start))
+            let s = cstore_os::process::process_stat(pid as u32)?;
+            (s.ppid as i32 == parent).then_some((pid, s.start))
         })
         .collect()
 }

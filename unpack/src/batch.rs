@@ -22,7 +22,7 @@ use std::rc::Rc;
 
 use cstore_blockio::{Backend, Buf, Done, Mode, Op, Ring};
 
-use super::extract::io_reason;
+use super::extract::{err, io_err, io_reason, EntryError};
 use cstore_os::sys;
 
 /// Files larger than this are written directly from the tar stream.
@@ -54,9 +54,6 @@ pub struct Meta {
     pub chmod: Option<u32>,
     pub mtime: (i64, u32),
 }
-
-/// Why a queued file failed: its entry path, the reason and the errno.
-pub type Failure = (Vec<u8>, String, Option<i32>);
 
 /// A batch the kernel is working on.
 struct Submitted {
@@ -144,7 +141,7 @@ impl Batch {
     }
 
     /// Queue a file; a full batch goes to the kernel.
-    pub fn push(&mut self, file: Pending) -> Result<(), Failure> {
+    pub fn push(&mut self, file: Pending) -> Result<(), EntryError> {
         if self.files.len() == MAX_FILES || self.bytes + file.data.len() > MAX_BYTES {
             self.submit()?;
         }
@@ -156,7 +153,7 @@ impl Batch {
 
     /// Write every queued and in-flight file, and set what io_uring can't.
     /// Errors name the first failed file in archive order.
-    pub fn flush(&mut self) -> Result<(), Failure> {
+    pub fn flush(&mut self) -> Result<(), EntryError> {
         self.submit()?;
         while !self.in_flight.is_empty() {
             self.finish_oldest()?;
@@ -166,7 +163,7 @@ impl Batch {
 
     /// Hand the queued files to the kernel, one chain each: openat2 into a
     /// fixed slot, write from the slot, close the slot.
-    fn submit(&mut self) -> Result<(), Failure> {
+    fn submit(&mut self) -> Result<(), EntryError> {
         if self.files.is_empty() {
             return Ok(());
         }
@@ -218,29 +215,21 @@ impl Batch {
             failed,
             left: ops,
         });
-        self.ring.submit(0).map_err(|e| {
-            (
-                self.in_flight[0].files[0].entry.clone(),
-                format!("io_uring submit: {e}"),
-                e.raw_os_error(),
-            )
-        })
+        self.ring
+            .submit(0)
+            .map_err(|e| submit_failure(&self.in_flight[0].files[0].entry, &e))
     }
 
     /// Wait for the oldest batch in flight, check it, then chown, chmod and
     /// date its files (no io_uring op for those) by name.
-    fn finish_oldest(&mut self) -> Result<(), Failure> {
+    fn finish_oldest(&mut self) -> Result<(), EntryError> {
         let gen = self.in_flight[0].gen;
         while self.in_flight[0].left > 0 {
             // One wakeup for the whole batch, not one per completion.
             let left = self.in_flight[0].left;
-            self.ring.submit(left).map_err(|e| {
-                (
-                    self.in_flight[0].files[0].entry.clone(),
-                    format!("io_uring submit: {e}"),
-                    e.raw_os_error(),
-                )
-            })?;
+            self.ring
+                .submit(left)
+                .map_err(|e| submit_failure(&self.in_flight[0].files[0].entry, &e))?;
             self.ring.reap(&mut self.done);
             for d in self.done.drain(..) {
                 let b = self
@@ -282,12 +271,14 @@ impl Batch {
             // A file whose write failed is still in its slot: the next open
             // into the slot, or dropping the ring, closes it.
             let (reason, errno) = b.failed[i].take().unwrap();
-            return Err((b.files[i].entry.clone(), reason, errno));
+            return Err(EntryError {
+                errno,
+                ..err(&b.files[i].entry, reason)
+            });
         }
         for f in &b.files {
             let dir = f.parent.as_fd();
-            let fail =
-                |op: &str, e: io::Error| (f.entry.clone(), io_reason(op, &e), e.raw_os_error());
+            let fail = |op: &str, e: io::Error| io_err(&f.entry, op, &e);
             if let Some((uid, gid)) = f.meta.chown {
                 sys::lchownat(dir, &f.name, uid, gid).map_err(|e| fail("chown", e))?;
             }
@@ -320,5 +311,13 @@ impl Drop for Batch {
             self.ring.reap(&mut self.done);
             self.done.clear();
         }
+    }
+}
+
+/// io_uring refused the batch whose first file is `entry`.
+fn submit_failure(entry: &[u8], e: &io::Error) -> EntryError {
+    EntryError {
+        errno: e.raw_os_error(),
+        ..err(entry, format!("io_uring submit: {e}"))
     }
 }

@@ -23,7 +23,7 @@ use super::batch::{self, Batch, Meta, Pending};
 use super::tar::{Entry, Kind, TarReader};
 use cstore_os::sys;
 
-pub const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+pub use cstore_os::tree::OPAQUE_XATTR;
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_NAME: &[u8] = b".wh..wh..opq";
 
@@ -110,7 +110,7 @@ fn current_umask() -> u32 {
 /// kilobytes (CPython's tree: about 100 KiB).
 pub const MAX_MADE_DIR_BYTES: usize = 64 << 20;
 
-fn err(entry: &[u8], reason: impl Into<String>) -> EntryError {
+pub(super) fn err(entry: &[u8], reason: impl Into<String>) -> EntryError {
     EntryError {
         entry: String::from_utf8_lossy(entry).into_owned(),
         reason: reason.into(),
@@ -119,7 +119,7 @@ fn err(entry: &[u8], reason: impl Into<String>) -> EntryError {
 }
 
 /// A system call for `entry` failed doing `op`.
-fn io_err(entry: &[u8], op: &str, e: &io::Error) -> EntryError {
+pub(super) fn io_err(entry: &[u8], op: &str, e: &io::Error) -> EntryError {
     EntryError {
         errno: e.raw_os_error(),
         ..err(entry, io_reason(op, e))
@@ -199,10 +199,7 @@ impl Extractor {
     /// Write the queued files.
     fn flush(&mut self) -> Result<(), EntryError> {
         match &mut self.batch {
-            Some(b) => b.flush().map_err(|(entry, reason, errno)| EntryError {
-                errno,
-                ..err(&entry, reason)
-            }),
+            Some(b) => b.flush(),
             None => Ok(()),
         }
     }
@@ -295,9 +292,7 @@ impl Extractor {
                     let dir =
                         sys::resolve_beneath(fd.as_fd(), &name, libc::O_RDONLY | libc::O_DIRECTORY)
                             .map_err(|e| io_err(entry, "opening a parent", &e))?;
-                    let attr = CString::new(OPAQUE_XATTR).unwrap();
-                    sys::fsetxattr(dir.as_fd(), &attr, b"y")
-                        .map_err(|e| io_err(entry, "marking opaque", &e))?;
+                    mark_opaque(dir.as_fd()).map_err(|e| io_err(entry, "marking opaque", &e))?;
                     sys::resolve_beneath(fd.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY)
                         .map_err(|e| io_err(entry, "opening a parent", &e))?
                 }
@@ -429,9 +424,7 @@ impl Extractor {
                     sys::resolve_beneath(parent, c".", libc::O_RDONLY | libc::O_DIRECTORY)
                         .map_err(|x| io_err(path, "opening the opaque directory", &x))?
                 };
-                let attr = CString::new(OPAQUE_XATTR).unwrap();
-                sys::fsetxattr(dir_fd.as_fd(), &attr, b"y")
-                    .map_err(|x| io_err(path, "marking opaque", &x))?;
+                mark_opaque(dir_fd.as_fd()).map_err(|x| io_err(path, "marking opaque", &x))?;
                 self.stats.opaque_dirs += 1;
                 return Ok(());
             }
@@ -456,9 +449,7 @@ impl Extractor {
                     let dir =
                         sys::resolve_beneath(parent, &name, libc::O_RDONLY | libc::O_DIRECTORY)
                             .map_err(|x| io_err(path, "opening the directory", &x))?;
-                    let attr = CString::new(OPAQUE_XATTR).unwrap();
-                    sys::fsetxattr(dir.as_fd(), &attr, b"y")
-                        .map_err(|x| io_err(path, "marking opaque", &x))?;
+                    mark_opaque(dir.as_fd()).map_err(|x| io_err(path, "marking opaque", &x))?;
                 }
                 self.stats.whiteouts += 1;
                 return Ok(());
@@ -532,10 +523,7 @@ impl Extractor {
                         },
                     };
                     let b = self.batch.as_mut().unwrap();
-                    b.push(file).map_err(|(entry, reason, errno)| EntryError {
-                        errno,
-                        ..err(&entry, reason)
-                    })?;
+                    b.push(file)?;
                     self.stats.files += 1;
                     self.stats.batched_files += 1;
                     self.stats.file_bytes += e.size;
@@ -597,9 +585,7 @@ impl Extractor {
                         sys::fsetxattr(fd, k, v).map_err(|x| io_err(path, "setxattr", &x))?;
                     }
                     if over_whiteout {
-                        let attr = CString::new(OPAQUE_XATTR).unwrap();
-                        sys::fsetxattr(fd, &attr, b"y")
-                            .map_err(|x| io_err(path, "marking opaque", &x))?;
+                        mark_opaque(fd).map_err(|x| io_err(path, "marking opaque", &x))?;
                     }
                 }
                 // Listed: its own entry's attributes, not a lower layer's.
@@ -780,6 +766,11 @@ impl Extractor {
         }
         Ok(())
     }
+}
+
+/// Make the directory `dir` opaque to overlayfs.
+fn mark_opaque(dir: BorrowedFd<'_>) -> io::Result<()> {
+    sys::fsetxattr(dir, OPAQUE_XATTR, b"y")
 }
 
 /// Is a path no longer there as a directory (missing, or something else or
