@@ -320,15 +320,7 @@ impl ConnId {
     }
 
     pub fn read_ahead_kb(&self) -> Result<u32> {
-        let p = self.bdi_dir().join("read_ahead_kb");
-        let s = std::fs::read_to_string(&p).map_err(|e| IoError::new("read", &p, e))?;
-        Ok(s.trim().parse().map_err(|_| {
-            IoError::new(
-                "parse",
-                p,
-                io::Error::new(io::ErrorKind::InvalidData, s.trim().to_string()),
-            )
-        })?)
+        read_number(self.bdi_dir().join("read_ahead_kb"))
     }
 }
 
@@ -432,16 +424,22 @@ impl Fusectl {
 
     /// How many requests wait for the daemon (pending + being processed).
     pub fn waiting(&self, conn: ConnId) -> Result<u64> {
-        let p = self.conn_dir(conn).join("waiting");
-        let s = std::fs::read_to_string(&p).map_err(|e| IoError::new("read", &p, e))?;
-        Ok(s.trim().parse().map_err(|_| {
-            IoError::new(
-                "parse",
-                p,
-                io::Error::new(io::ErrorKind::InvalidData, s.trim().to_string()),
-            )
-        })?)
+        read_number(self.conn_dir(conn).join("waiting"))
     }
+}
+
+/// A number in a sysfs or fusectl file (`128\n`).
+fn read_number<T: std::str::FromStr>(p: PathBuf) -> Result<T> {
+    let s = std::fs::read_to_string(&p).map_err(|e| IoError::new("read", &p, e))?;
+    let s = s.trim();
+    s.parse().map_err(|_| {
+        IoError::new(
+            "parse",
+            p,
+            io::Error::new(io::ErrorKind::InvalidData, s.to_string()),
+        )
+        .into()
+    })
 }
 
 impl Drop for Fusectl {
