@@ -362,6 +362,9 @@ pub struct Fusectl {
     private: bool,
 }
 
+/// fusectl and sysfs (here and `ConnId::bdi_dir`) are the kernel's: nobody but root
+/// makes or replaces anything in them, and the names below them are numbers from
+/// mountinfo, so they are read and written by path.
 const FUSECTL_SYS: &str = "/sys/fs/fuse/connections";
 
 impl Fusectl {
@@ -374,6 +377,9 @@ impl Fusectl {
                 private: false,
             });
         }
+        // Ours alone: create_dir fails on any name already there (a planted symlink
+        // too), and in the sticky temp dir nobody else can rename or replace it, so the
+        // mount and the writes under it land on this directory.
         let dir = std::env::temp_dir().join(format!(
             "cstore-fusectl-{}-{}",
             std::process::id(),
@@ -383,13 +389,8 @@ impl Fusectl {
                 .unwrap_or(0)
         ));
         std::fs::create_dir(&dir).map_err(|e| IoError::new("mkdir", &dir, e))?;
-        let target = CString::new(dir.as_os_str().as_bytes()).map_err(|_| {
-            IoError::new(
-                "mount fusectl on",
-                &dir,
-                io::Error::from(io::ErrorKind::InvalidInput),
-            )
-        })?;
+        let target = sys::cstring(dir.as_os_str().as_bytes())
+            .map_err(|e| IoError::new("mount fusectl on", &dir, e))?;
         // SAFETY: NUL-terminated strings; the data argument may be null.
         let r = unsafe {
             libc::mount(

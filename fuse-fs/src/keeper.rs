@@ -333,7 +333,9 @@ pub struct Keeper {
 
 impl Keeper {
     /// Binds the socket at `path` (0600). A stale socket file is replaced; a live one
-    /// (another keeper answers on it) is an error.
+    /// (another keeper answers on it) is an error. The removal, bind and chmod go by
+    /// path, so `path` must be in a directory only root can write (cstore's run
+    /// directory; the tests' private temporary one).
     pub fn bind(path: impl Into<PathBuf>) -> Result<Keeper> {
         let path = path.into();
         let ioe = |op, e| IoError::new(op, &path, e);
