@@ -41,7 +41,7 @@ fn start(
 /// inode; a missing name is ENOENT; a binary runs from it; FLUSH was asked once.
 #[test]
 fn tree_through_fuse_is_the_source_tree() {
-    if !fuse_available() {
+    if !fuse_available("tree_through_fuse_is_the_source_tree") {
         return;
     }
     let t = tmpdir();
@@ -193,7 +193,7 @@ fn tree_through_fuse_is_the_source_tree() {
 /// rest reads through; a binary runs; a write copies up.
 #[test]
 fn overlay_on_fuse_hides_what_whiteouts_and_opaque_dirs_hide() {
-    if !fuse_available() {
+    if !fuse_available("overlay_on_fuse_hides_what_whiteouts_and_opaque_dirs_hide") {
         return;
     }
     let t = tmpdir();
@@ -273,7 +273,7 @@ fn overlay_on_fuse_hides_what_whiteouts_and_opaque_dirs_hide() {
 /// backing id per file, reused by later opens.
 #[test]
 fn passthrough_reads_never_reach_the_daemon() {
-    if !fuse_available() {
+    if !fuse_available("passthrough_reads_never_reach_the_daemon") {
         return;
     }
     let t = tmpdir();
@@ -290,7 +290,7 @@ fn passthrough_reads_never_reach_the_daemon() {
     ) {
         Ok(s) => s,
         Err(e @ Error::NoPassthrough(_)) => {
-            if passthrough_missing(&e.to_string()) {
+            if passthrough_missing("passthrough_reads_never_reach_the_daemon", &e.to_string()) {
                 return;
             }
             unreachable!()
@@ -383,7 +383,7 @@ fn passthrough_reads_never_reach_the_daemon() {
 /// meanwhile waits, and a session resumed on the fd (no INIT) answers it.
 #[test]
 fn stop_and_resume_in_process_without_init() {
-    if !fuse_available() {
+    if !fuse_available("stop_and_resume_in_process_without_init") {
         return;
     }
     let t = tmpdir();
@@ -468,7 +468,7 @@ fn stop_and_resume_in_process_without_init() {
 /// connection after K failures: readers get ENOTCONN instead of hanging.
 #[test]
 fn supervisor_aborts_the_connection_after_repeated_failures() {
-    if !fuse_available() {
+    if !fuse_available("supervisor_aborts_the_connection_after_repeated_failures") {
         return;
     }
     let t = tmpdir();
@@ -512,7 +512,7 @@ fn supervisor_aborts_the_connection_after_repeated_failures() {
 /// BACKING_OPEN fail ELOOP) is not an open error: the file is served by the daemon.
 #[test]
 fn passthrough_falls_back_to_the_daemon_when_backing_open_fails() {
-    if !fuse_available() {
+    if !fuse_available("passthrough_falls_back_to_the_daemon_when_backing_open_fails") {
         return;
     }
     let t = tmpdir();
@@ -536,7 +536,10 @@ fn passthrough_falls_back_to_the_daemon_when_backing_open_fails() {
     ) {
         Ok(s) => s,
         Err(e @ Error::NoPassthrough(_)) => {
-            if passthrough_missing(&e.to_string()) {
+            if passthrough_missing(
+                "passthrough_falls_back_to_the_daemon_when_backing_open_fails",
+                &e.to_string(),
+            ) {
                 return;
             }
             unreachable!()
@@ -563,7 +566,7 @@ fn passthrough_falls_back_to_the_daemon_when_backing_open_fails() {
 /// finds no INIT result in the state, has the kernel resend the INIT and answers it.
 #[test]
 fn resume_handshakes_when_the_first_daemon_died_before_init() {
-    if !fuse_available() {
+    if !fuse_available("resume_handshakes_when_the_first_daemon_died_before_init") {
         return;
     }
     let t = tmpdir();

@@ -192,7 +192,7 @@ fn restarts_under_reader(
 
 #[test]
 fn sigkill_and_resume_five_times_loses_no_read() {
-    if !fuse_available() {
+    if !fuse_available("sigkill_and_resume_five_times_loses_no_read") {
         return;
     }
     let mut rig = Rig::new(1 << 16);
@@ -223,7 +223,7 @@ fn sigkill_and_resume_five_times_loses_no_read() {
 
 #[test]
 fn clean_stop_and_resume_loses_no_read() {
-    if !fuse_available() {
+    if !fuse_available("clean_stop_and_resume_loses_no_read") {
         return;
     }
     let mut rig = Rig::new(1 << 16);
@@ -255,7 +255,7 @@ fn clean_stop_and_resume_loses_no_read() {
 /// connection reports POLLERR).
 #[test]
 fn unmount_ends_the_daemon_and_the_keeper_drops_the_fd() {
-    if !fuse_available() {
+    if !fuse_available("unmount_ends_the_daemon_and_the_keeper_drops_the_fd") {
         return;
     }
     let mut rig = Rig::new(1 << 12);
@@ -318,7 +318,7 @@ fn unmount_ends_the_daemon_and_the_keeper_drops_the_fd() {
 /// refused by the kernel with EIO).
 #[test]
 fn passthrough_open_across_a_restart_reuses_the_backing_id() {
-    if !fuse_available() {
+    if !fuse_available("passthrough_open_across_a_restart_reuses_the_backing_id") {
         return;
     }
     let mut rig = Rig::new(4 << 20);
@@ -340,7 +340,10 @@ fn passthrough_open_across_a_restart_reuses_the_backing_id() {
     );
     if let Err(l) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.ready())) {
         let st = d.wait_exit(Duration::from_secs(5));
-        if passthrough_missing(&format!("test daemon {st}")) {
+        if passthrough_missing(
+            "passthrough_open_across_a_restart_reuses_the_backing_id",
+            &format!("test daemon {st}"),
+        ) {
             return;
         }
         std::panic::resume_unwind(l);
