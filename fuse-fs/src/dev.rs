@@ -2,7 +2,8 @@
 //! requests and writing replies and notifications, passthrough backing ids, the
 //! connection id and what sysfs offers for it (fusectl abort/waiting, bdi readahead).
 
-use cstore_os::IoError;
+use cstore_os::mountinfo::{self, MountInfo};
+use cstore_os::{sys, IoError};
 use std::ffi::CString;
 use std::fmt;
 use std::io;
@@ -15,6 +16,8 @@ use crate::error::{Error, Result};
 
 /// The filesystem type as mountinfo shows it.
 pub const FSTYPE: &str = "fuse.cstore";
+
+const MOUNTINFO: &str = "/proc/self/mountinfo";
 
 /// An open /dev/fuse file: one FUSE connection (after mount).
 #[derive(Debug)]
@@ -274,30 +277,20 @@ pub fn mount(mountpoint: &Path, opts: &MountOptions) -> Result<FuseDev> {
     Ok(dev)
 }
 
-/// Unmounts `mountpoint`; with `lazy`, a busy mount is detached instead (MNT_DETACH):
-/// the connection then ends when its last user goes.
+/// Unmounts `mountpoint`. With `lazy`, cstore_os's unmount: a busy mount is detached
+/// (MNT_DETACH) and the connection ends when its last user goes. Without, a busy mount
+/// is an error (EBUSY) the caller can wait out.
 pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<()> {
-    let target = CString::new(mountpoint.as_os_str().as_bytes()).map_err(|_| {
-        IoError::new(
-            "umount",
-            mountpoint,
-            io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in path"),
-        )
-    })?;
+    if lazy {
+        return Ok(cstore_os::mount::unmount(mountpoint)?);
+    }
+    let target = sys::cstring(mountpoint.as_os_str().as_bytes())
+        .map_err(|e| IoError::new("umount", mountpoint, e))?;
     // SAFETY: target is a NUL-terminated path.
-    if unsafe { libc::umount2(target.as_ptr(), libc::UMOUNT_NOFOLLOW) } == 0 {
-        return Ok(());
+    if unsafe { libc::umount2(target.as_ptr(), 0) } != 0 {
+        return Err(IoError::new("umount", mountpoint, io::Error::last_os_error()).into());
     }
-    let e = io::Error::last_os_error();
-    if lazy && e.raw_os_error() == Some(libc::EBUSY) {
-        // SAFETY: as above.
-        if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) } == 0
-        {
-            return Ok(());
-        }
-        return Err(IoError::new("umount -l", mountpoint, io::Error::last_os_error()).into());
-    }
-    Err(IoError::new("umount", mountpoint, e).into())
+    Ok(())
 }
 
 /// A FUSE connection: the anonymous device number of its superblock. It names the
@@ -327,15 +320,7 @@ impl ConnId {
     }
 
     pub fn read_ahead_kb(&self) -> Result<u32> {
-        let p = self.bdi_dir().join("read_ahead_kb");
-        let s = std::fs::read_to_string(&p).map_err(|e| IoError::new("read", &p, e))?;
-        Ok(s.trim().parse().map_err(|_| {
-            IoError::new(
-                "parse",
-                p,
-                io::Error::new(io::ErrorKind::InvalidData, s.trim().to_string()),
-            )
-        })?)
+        read_number(self.bdi_dir().join("read_ahead_kb"))
     }
 }
 
@@ -349,17 +334,16 @@ impl fmt::Display for ConnId {
 /// resolving it through the mount would need the daemon), from /proc/self/mountinfo
 /// (stat(2) of the mount would need the daemon too).
 pub fn conn_of_mount(mountpoint: &Path) -> Result<ConnId> {
-    let mi = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| IoError::new("read", "/proc/self/mountinfo", e))?;
+    let mounts = mountinfo::read().map_err(|e| IoError::new("read", MOUNTINFO, e))?;
     let want =
         std::path::absolute(mountpoint).map_err(|e| IoError::new("resolve", mountpoint, e))?;
-    conn_in_mountinfo(&mi, &want).ok_or_else(|| Error::NotMounted(mountpoint.to_path_buf()))
+    conn_in_mountinfo(&mounts, &want).ok_or_else(|| Error::NotMounted(mountpoint.to_path_buf()))
 }
 
-/// Finds the last (topmost) `fuse.cstore` mount at `mountpoint` in mountinfo text.
-pub fn conn_in_mountinfo(mountinfo: &str, mountpoint: &Path) -> Option<ConnId> {
-    cstore_os::mountinfo::parse(mountinfo)
-        .into_iter()
+/// The last (topmost) `fuse.cstore` mount at `mountpoint` among `mounts`.
+pub fn conn_in_mountinfo(mounts: &[MountInfo], mountpoint: &Path) -> Option<ConnId> {
+    mounts
+        .iter()
         .rev()
         .find(|m| m.fs_type == FSTYPE && m.mount_point == mountpoint)
         .map(|m| ConnId {
@@ -378,21 +362,24 @@ pub struct Fusectl {
     private: bool,
 }
 
+/// fusectl and sysfs (here and `ConnId::bdi_dir`) are the kernel's: nobody but root
+/// makes or replaces anything in them, and the names below them are numbers from
+/// mountinfo, so they are read and written by path.
 const FUSECTL_SYS: &str = "/sys/fs/fuse/connections";
 
 impl Fusectl {
     pub fn open() -> Result<Fusectl> {
-        let mounts = cstore_os::mountinfo::read()
-            .map_err(|e| IoError::new("read", "/proc/self/mountinfo", e))?;
-        let mounted = mounts
-            .iter()
-            .any(|m| m.mount_point == Path::new(FUSECTL_SYS) && m.fs_type == "fusectl");
-        if mounted {
+        let mounts = mountinfo::read().map_err(|e| IoError::new("read", MOUNTINFO, e))?;
+        if mountinfo::find(&mounts, Path::new(FUSECTL_SYS)).is_some_and(|m| m.fs_type == "fusectl")
+        {
             return Ok(Fusectl {
                 root: FUSECTL_SYS.into(),
                 private: false,
             });
         }
+        // Ours alone: create_dir fails on any name already there (a planted symlink
+        // too), and in the sticky temp dir nobody else can rename or replace it, so the
+        // mount and the writes under it land on this directory.
         let dir = std::env::temp_dir().join(format!(
             "cstore-fusectl-{}-{}",
             std::process::id(),
@@ -402,13 +389,8 @@ impl Fusectl {
                 .unwrap_or(0)
         ));
         std::fs::create_dir(&dir).map_err(|e| IoError::new("mkdir", &dir, e))?;
-        let target = CString::new(dir.as_os_str().as_bytes()).map_err(|_| {
-            IoError::new(
-                "mount fusectl on",
-                &dir,
-                io::Error::from(io::ErrorKind::InvalidInput),
-            )
-        })?;
+        let target = sys::cstring(dir.as_os_str().as_bytes())
+            .map_err(|e| IoError::new("mount fusectl on", &dir, e))?;
         // SAFETY: NUL-terminated strings; the data argument may be null.
         let r = unsafe {
             libc::mount(
@@ -443,16 +425,22 @@ impl Fusectl {
 
     /// How many requests wait for the daemon (pending + being processed).
     pub fn waiting(&self, conn: ConnId) -> Result<u64> {
-        let p = self.conn_dir(conn).join("waiting");
-        let s = std::fs::read_to_string(&p).map_err(|e| IoError::new("read", &p, e))?;
-        Ok(s.trim().parse().map_err(|_| {
-            IoError::new(
-                "parse",
-                p,
-                io::Error::new(io::ErrorKind::InvalidData, s.trim().to_string()),
-            )
-        })?)
+        read_number(self.conn_dir(conn).join("waiting"))
     }
+}
+
+/// A number in a sysfs or fusectl file (`128\n`).
+fn read_number<T: std::str::FromStr>(p: PathBuf) -> Result<T> {
+    let s = std::fs::read_to_string(&p).map_err(|e| IoError::new("read", &p, e))?;
+    let s = s.trim();
+    s.parse().map_err(|_| {
+        IoError::new(
+            "parse",
+            p,
+            io::Error::new(io::ErrorKind::InvalidData, s.to_string()),
+        )
+        .into()
+    })
 }
 
 impl Drop for Fusectl {
@@ -477,6 +465,7 @@ mod tests {
 102 36 0:53 / /var/tmp/other ro - fuse.other x ro
 103 36 0:54 / /var/tmp/opt ro shared:5 master:2 - fuse.cstore cstore ro
 ";
+        let mi = &mountinfo::parse(mi);
         assert_eq!(
             conn_in_mountinfo(mi, Path::new("/var/tmp/a b")),
             Some(ConnId {

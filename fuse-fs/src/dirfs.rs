@@ -232,15 +232,20 @@ impl ReadOnlyFs for DirFs {
             std::thread::sleep(self.read_delay);
         }
         let f = self.file(nodeid)?;
-        out.resize(size as usize, 0);
+        // pread into the buffer's spare capacity: zero-filling up to 1 MiB first, on
+        // every READ, would only be overwritten.
+        let size = size as usize;
+        out.clear();
+        out.reserve(size);
         let mut done = 0;
-        while done < out.len() {
-            // SAFETY: out[done..] is valid for writes of its length.
+        while done < size {
+            // SAFETY: the spare capacity holds at least `size` bytes; pread writes at most
+            // `size - done` of them from offset `done`.
             let n = unsafe {
                 libc::pread(
                     f.as_raw_fd(),
-                    out[done..].as_mut_ptr().cast(),
-                    out.len() - done,
+                    out.spare_capacity_mut()[done..].as_mut_ptr().cast(),
+                    size - done,
                     (offset + done as u64) as libc::off_t,
                 )
             };
@@ -256,7 +261,8 @@ impl ReadOnlyFs for DirFs {
             }
             done += n as usize;
         }
-        out.truncate(done);
+        // SAFETY: pread initialized the first `done` bytes.
+        unsafe { out.set_len(done) };
         Ok(())
     }
 

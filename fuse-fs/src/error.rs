@@ -40,6 +40,9 @@ pub enum Error {
     /// A fd store (keeper or systemd) refused or failed a request.
     #[error("fd store {store}: {reason}")]
     FdStore { store: String, reason: String },
+    /// A cstore_os helper failed other than in a system call (its io errors are `Io`).
+    #[error(transparent)]
+    Os(cstore_os::Error),
     /// A name for the fd store that it cannot hold.
     #[error("fd store name {0:?}: must be 1-200 bytes of [A-Za-z0-9._:@+-]")]
     BadName(String),
@@ -54,10 +57,20 @@ impl Error {
     }
 }
 
+impl From<cstore_os::Error> for Error {
+    fn from(e: cstore_os::Error) -> Self {
+        match e {
+            cstore_os::Error::Io(e) => Error::Io(e),
+            e => Error::Os(e),
+        }
+    }
+}
+
 impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Io(e) => e.kind(),
+            Error::Os(e) => e.kind(),
             Error::NoFuse(_) | Error::Handshake { .. } | Error::State { .. } => {
                 ErrorKind::FailedPrecondition
             }

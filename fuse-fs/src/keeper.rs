@@ -57,9 +57,9 @@ const MAX_MSG: usize = 64 * 1024;
 /// Most clients a keeper serves at once; more wait in the listen backlog.
 const MAX_CLIENTS: usize = 64;
 
-fn socket() -> io::Result<OwnedFd> {
+fn socket(ty: i32) -> io::Result<OwnedFd> {
     // SAFETY: no pointers; result checked.
-    let s = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
+    let s = unsafe { libc::socket(libc::AF_UNIX, ty | libc::SOCK_CLOEXEC, 0) };
     if s < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -96,13 +96,7 @@ fn sockaddr(path: &[u8]) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
 }
 
 fn connect(path: &Path, ty: i32) -> io::Result<OwnedFd> {
-    // SAFETY: no pointers; result checked.
-    let s = unsafe { libc::socket(libc::AF_UNIX, ty | libc::SOCK_CLOEXEC, 0) };
-    if s < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: new fd.
-    let s = unsafe { OwnedFd::from_raw_fd(s) };
+    let s = socket(ty)?;
     let (a, l) = sockaddr(path.as_os_str().as_bytes())?;
     // SAFETY: a is a valid sockaddr_un of length l.
     if unsafe { libc::connect(s.as_raw_fd(), (&a as *const libc::sockaddr_un).cast(), l) } != 0 {
@@ -333,7 +327,9 @@ pub struct Keeper {
 
 impl Keeper {
     /// Binds the socket at `path` (0600). A stale socket file is replaced; a live one
-    /// (another keeper answers on it) is an error.
+    /// (another keeper answers on it) is an error. The removal, bind and chmod go by
+    /// path, so `path` must be in a directory only root can write (cstore's run
+    /// directory; the tests' private temporary one).
     pub fn bind(path: impl Into<PathBuf>) -> Result<Keeper> {
         let path = path.into();
         let ioe = |op, e| IoError::new(op, &path, e);
@@ -348,7 +344,7 @@ impl Keeper {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(ioe("remove stale socket", e).into()),
         }
-        let l = socket().map_err(|e| ioe("socket", e))?;
+        let l = socket(libc::SOCK_SEQPACKET).map_err(|e| ioe("socket", e))?;
         let (a, len) = sockaddr(path.as_os_str().as_bytes()).map_err(|e| ioe("bind", e))?;
         // SAFETY: valid sockaddr_un of length len.
         if unsafe { libc::bind(l.as_raw_fd(), (&a as *const libc::sockaddr_un).cast(), len) } != 0 {

@@ -1,12 +1,13 @@
 //! What a resumed session needs, on disk in a directory the caller gives (one per
 //! mount): the mountpoint, connection id and negotiated INIT settings (`session.json`,
-//! versioned, replaced atomically: written at mount and again after INIT), and the passthrough backing-id
-//! table (`backing.log`, appended before each OPEN reply that uses a new id).
+//! versioned, replaced atomically by cstore_os's `write_atomic`: written at mount and
+//! again after INIT), and the passthrough backing-id table (`backing.log`, appended
+//! before each OPEN reply that uses a new id).
 //!
-//! Nothing here is fsynced: the state only has to survive the daemon's death, which the
-//! page cache does; a reboot ends the FUSE connection and the state with it.
+//! `backing.log` is not fsynced: the state only has to survive the daemon's death,
+//! which the page cache does; a reboot ends the FUSE connection and the state with it.
 
-use cstore_os::IoError;
+use cstore_os::{layout, IoError};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -80,7 +81,8 @@ impl StateDir {
     /// Uses `dir`, creating it (0700) if needed.
     pub fn new(dir: impl Into<PathBuf>) -> Result<StateDir> {
         let dir = dir.into();
-        std::fs::create_dir_all(&dir).map_err(|e| IoError::new("mkdir", &dir, e))?;
+        layout::create_dir_all(&dir, layout::PRIVATE_DIR_MODE)
+            .map_err(|e| IoError::new("mkdir", &dir, e))?;
         Ok(StateDir { dir })
     }
 
@@ -108,13 +110,13 @@ impl StateDir {
         Ok(())
     }
 
-    /// Writes the settings atomically (temporary file + rename).
+    /// Writes the settings atomically.
     pub fn save_settings(&self, s: &Settings) -> Result<()> {
-        let p = self.dir.join(SESSION_FILE);
-        let tmp = self.dir.join(format!("{SESSION_FILE}.tmp"));
         let body = serde_json::to_vec_pretty(s).map_err(|e| self.err(e.to_string()))?;
-        std::fs::write(&tmp, body).map_err(|e| IoError::new("write", &tmp, e))?;
-        std::fs::rename(&tmp, &p).map_err(|e| IoError::new("rename", &p, e).into())
+        Ok(cstore_os::write_atomic(
+            &self.dir.join(SESSION_FILE),
+            &body,
+        )?)
     }
 
     /// Reads the settings and the backing table. A settings file of another version is

@@ -54,10 +54,10 @@ int main(void) {
 
 fn probe() -> Option<HashMap<String, u64>> {
     let fail = |why: String| {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("fuse.h probe: {why} (CI=true makes this a failure)");
-        }
-        eprintln!("skipped: fuse.h probe: {why}");
+        cstore_os::testing::skip_or_fail(
+            "layout_and_constants_match_the_kernel_header",
+            &format!("fuse.h probe: {why}"),
+        );
         None
     };
     let dir = tempfile::tempdir().unwrap();

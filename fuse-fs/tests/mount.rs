@@ -36,28 +36,57 @@ fn start(
     Session::start(fs, mnt, &StateDir::new(state).unwrap(), o)
 }
 
-/// Every entry's type, mode, owner, size, link count, device number, link target,
-/// xattrs and content, seen through the mount, equal the source's; hardlinks share an
-/// inode; a missing name is ENOENT; a binary runs from it; FLUSH was asked once.
-#[test]
-fn tree_through_fuse_is_the_source_tree() {
-    if !fuse_available() {
-        return;
-    }
-    let t = tmpdir();
-    let (src, mnt) = (t.path().join("src"), t.path().join("mnt"));
-    make_layer(&src, 1 << 20);
-    let mut mounts = Mounts::default();
+/// Serves `dir`/src at `dir`/mnt (state in `dir`/state) from the page cache, without
+/// passthrough, the mount and its connection registered in `mounts`.
+fn serve_cached(dir: &Path, mounts: &mut Mounts) -> Session<DirFs> {
+    let mnt = dir.join("mnt");
     let s = start(
-        &src,
+        &dir.join("src"),
         &mnt,
-        &t.path().join("state"),
+        &dir.join("state"),
         Open::KeepCache,
         opts(PassthroughMode::Off),
     )
     .unwrap();
     mounts.push(&mnt);
     mounts.conn(s.conn().unwrap());
+    s
+}
+
+/// Starts a session with passthrough required; None (after `passthrough_missing`) if
+/// the kernel does not grant it.
+fn start_passthrough(test: &str, src: &Path, mnt: &Path, state: &Path) -> Option<Session<DirFs>> {
+    match start(
+        src,
+        mnt,
+        state,
+        Open::Passthrough,
+        opts(PassthroughMode::Required),
+    ) {
+        Ok(s) => Some(s),
+        Err(e @ Error::NoPassthrough(_)) => {
+            if passthrough_missing(test, &e.to_string()) {
+                return None;
+            }
+            unreachable!()
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Every entry's type, mode, owner, size, link count, device number, link target,
+/// xattrs and content, seen through the mount, equal the source's; hardlinks share an
+/// inode; a missing name is ENOENT; a binary runs from it; FLUSH was asked once.
+#[test]
+fn tree_through_fuse_is_the_source_tree() {
+    if !fuse_available("tree_through_fuse_is_the_source_tree") {
+        return;
+    }
+    let t = tmpdir();
+    let (src, mnt) = (t.path().join("src"), t.path().join("mnt"));
+    make_layer(&src, 1 << 20);
+    let mut mounts = Mounts::default();
+    let s = serve_cached(t.path(), &mut mounts);
 
     let names = |d: &Path| {
         let mut v: Vec<_> = std::fs::read_dir(d)
@@ -193,7 +222,7 @@ fn tree_through_fuse_is_the_source_tree() {
 /// rest reads through; a binary runs; a write copies up.
 #[test]
 fn overlay_on_fuse_hides_what_whiteouts_and_opaque_dirs_hide() {
-    if !fuse_available() {
+    if !fuse_available("overlay_on_fuse_hides_what_whiteouts_and_opaque_dirs_hide") {
         return;
     }
     let t = tmpdir();
@@ -201,16 +230,7 @@ fn overlay_on_fuse_hides_what_whiteouts_and_opaque_dirs_hide() {
     make_layer(&p("src"), 1 << 20);
     make_lower(&p("low"));
     let mut mounts = Mounts::default();
-    let s = start(
-        &p("src"),
-        &p("mnt"),
-        &p("state"),
-        Open::KeepCache,
-        opts(PassthroughMode::Off),
-    )
-    .unwrap();
-    mounts.push(&p("mnt"));
-    mounts.conn(s.conn().unwrap());
+    let s = serve_cached(t.path(), &mut mounts);
     mount_overlay(
         &format!("{}:{}", p("mnt").display(), p("low").display()),
         &p("up"),
@@ -273,7 +293,7 @@ fn overlay_on_fuse_hides_what_whiteouts_and_opaque_dirs_hide() {
 /// backing id per file, reused by later opens.
 #[test]
 fn passthrough_reads_never_reach_the_daemon() {
-    if !fuse_available() {
+    if !fuse_available("passthrough_reads_never_reach_the_daemon") {
         return;
     }
     let t = tmpdir();
@@ -281,21 +301,13 @@ fn passthrough_reads_never_reach_the_daemon() {
     make_layer(&p("src"), 8 << 20);
     make_lower(&p("low"));
     let mut mounts = Mounts::default();
-    let pt = match start(
+    let Some(pt) = start_passthrough(
+        "passthrough_reads_never_reach_the_daemon",
         &p("src"),
         &p("pt"),
         &p("st-pt"),
-        Open::Passthrough,
-        opts(PassthroughMode::Required),
-    ) {
-        Ok(s) => s,
-        Err(e @ Error::NoPassthrough(_)) => {
-            if passthrough_missing(&e.to_string()) {
-                return;
-            }
-            unreachable!()
-        }
-        Err(e) => panic!("{e}"),
+    ) else {
+        return;
     };
     mounts.push(&p("pt"));
     mounts.conn(pt.conn().unwrap());
@@ -383,24 +395,15 @@ fn passthrough_reads_never_reach_the_daemon() {
 /// meanwhile waits, and a session resumed on the fd (no INIT) answers it.
 #[test]
 fn stop_and_resume_in_process_without_init() {
-    if !fuse_available() {
+    if !fuse_available("stop_and_resume_in_process_without_init") {
         return;
     }
     let t = tmpdir();
     let p = |s: &str| t.path().join(s);
     make_layer(&p("src"), 1 << 16);
     let mut mounts = Mounts::default();
-    let s = start(
-        &p("src"),
-        &p("mnt"),
-        &p("state"),
-        Open::KeepCache,
-        opts(PassthroughMode::Off),
-    )
-    .unwrap();
-    mounts.push(&p("mnt"));
+    let s = serve_cached(t.path(), &mut mounts);
     let conn = s.conn().unwrap();
-    mounts.conn(conn);
     let _dog = Watchdog::new(conn, Duration::from_secs(30));
     let mut f = std::fs::File::open(p("mnt/dir/f7")).unwrap();
     // Plain reads, no fstat: only the warm-up may have taught the kernel about STATX.
@@ -468,24 +471,15 @@ fn stop_and_resume_in_process_without_init() {
 /// connection after K failures: readers get ENOTCONN instead of hanging.
 #[test]
 fn supervisor_aborts_the_connection_after_repeated_failures() {
-    if !fuse_available() {
+    if !fuse_available("supervisor_aborts_the_connection_after_repeated_failures") {
         return;
     }
     let t = tmpdir();
     let p = |s: &str| t.path().join(s);
     make_layer(&p("src"), 1 << 12);
     let mut mounts = Mounts::default();
-    let s = start(
-        &p("src"),
-        &p("mnt"),
-        &p("state"),
-        Open::KeepCache,
-        opts(PassthroughMode::Off),
-    )
-    .unwrap();
-    mounts.push(&p("mnt"));
+    let s = serve_cached(t.path(), &mut mounts);
     let conn = s.conn().unwrap();
-    mounts.conn(conn);
     let (_, fd) = s.stop().unwrap();
     let mut spawned = 0;
     let r = cstore_fuse_fs::supervise(
@@ -512,7 +506,7 @@ fn supervisor_aborts_the_connection_after_repeated_failures() {
 /// BACKING_OPEN fail ELOOP) is not an open error: the file is served by the daemon.
 #[test]
 fn passthrough_falls_back_to_the_daemon_when_backing_open_fails() {
-    if !fuse_available() {
+    if !fuse_available("passthrough_falls_back_to_the_daemon_when_backing_open_fails") {
         return;
     }
     let t = tmpdir();
@@ -527,21 +521,13 @@ fn passthrough_falls_back_to_the_daemon_when_backing_open_fails() {
         &p("srcovl"),
     );
     mounts.push(&p("srcovl"));
-    let s = match start(
+    let Some(s) = start_passthrough(
+        "passthrough_falls_back_to_the_daemon_when_backing_open_fails",
         &p("srcovl"),
         &p("mnt"),
         &p("state"),
-        Open::Passthrough,
-        opts(PassthroughMode::Required),
-    ) {
-        Ok(s) => s,
-        Err(e @ Error::NoPassthrough(_)) => {
-            if passthrough_missing(&e.to_string()) {
-                return;
-            }
-            unreachable!()
-        }
-        Err(e) => panic!("{e}"),
+    ) else {
+        return;
     };
     mounts.push(&p("mnt"));
     mounts.conn(s.conn().unwrap());
@@ -563,7 +549,7 @@ fn passthrough_falls_back_to_the_daemon_when_backing_open_fails() {
 /// finds no INIT result in the state, has the kernel resend the INIT and answers it.
 #[test]
 fn resume_handshakes_when_the_first_daemon_died_before_init() {
-    if !fuse_available() {
+    if !fuse_available("resume_handshakes_when_the_first_daemon_died_before_init") {
         return;
     }
     let t = tmpdir();

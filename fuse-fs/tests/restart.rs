@@ -53,25 +53,30 @@ impl Rig {
         KeeperClient::new(self.p("keeper.sock"))
     }
 
-    /// Starts a daemon (it resumes if the keeper holds the fd) and waits until it serves.
+    /// Spawns a daemon (it resumes if the keeper holds the fd), writing its stats to
+    /// `stats.N` if given `stats`.
+    fn spawn_daemon(&self, stats: Option<usize>, args: &[&str]) -> Proc {
+        let mut cmd = testd();
+        cmd.arg("serve")
+            .arg("--src")
+            .arg(self.p("src"))
+            .arg("--mnt")
+            .arg(self.p("mnt"))
+            .arg("--state")
+            .arg(self.p("state"))
+            .arg("--keeper")
+            .arg(self.p("keeper.sock"))
+            .arg("--name")
+            .arg(&self.name);
+        if let Some(n) = stats {
+            cmd.arg("--stats").arg(self.p(&format!("stats.{n}")));
+        }
+        Proc::spawn(cmd.args(args))
+    }
+
+    /// Starts daemon `n` (its stats in `stats.n`) and waits until it serves.
     fn daemon(&self, n: usize, args: &[&str]) -> Proc {
-        let mut d = Proc::spawn(
-            testd()
-                .arg("serve")
-                .arg("--src")
-                .arg(self.p("src"))
-                .arg("--mnt")
-                .arg(self.p("mnt"))
-                .arg("--state")
-                .arg(self.p("state"))
-                .arg("--keeper")
-                .arg(self.p("keeper.sock"))
-                .arg("--name")
-                .arg(&self.name)
-                .arg("--stats")
-                .arg(self.p(&format!("stats.{n}")))
-                .args(args),
-        );
+        let mut d = self.spawn_daemon(Some(n), args);
         d.ready();
         d
     }
@@ -85,6 +90,15 @@ impl Rig {
             .unwrap()
             .conn
             .unwrap()
+    }
+
+    /// Registers the daemon's mount and its connection for cleanup; the connection.
+    fn track_mount(&mut self) -> ConnId {
+        // The mount first: it is unmounted even if reading the state fails.
+        self.mounts.push(&self.p("mnt"));
+        let conn = self.conn();
+        self.mounts.conn(conn);
+        conn
     }
 
     fn overlay(&mut self) -> PathBuf {
@@ -152,9 +166,7 @@ fn restarts_under_reader(
     mut end: impl FnMut(&mut Proc),
 ) -> (ReaderReport, Vec<(Instant, Instant)>) {
     let mut d = rig.daemon(0, args);
-    let conn = rig.conn();
-    rig.mounts.push(&rig.p("mnt"));
-    rig.mounts.conn(conn);
+    let conn = rig.track_mount();
     let dog = Watchdog::new(conn, Duration::from_secs(40));
     let ovl = rig.overlay();
     let want = expected(rig);
@@ -190,25 +202,26 @@ fn restarts_under_reader(
     (r, downs)
 }
 
+/// Direct I/O, no caching, 20 ms per READ: every read reaches the daemon, and a kill
+/// lands while one is being answered.
+const SLOW_DIRECT: [&str; 8] = [
+    "--mode",
+    "direct",
+    "--ttl",
+    "0",
+    "--delay-ms",
+    "20",
+    "--threads",
+    "2",
+];
+
 #[test]
 fn sigkill_and_resume_five_times_loses_no_read() {
-    if !fuse_available() {
+    if !fuse_available("sigkill_and_resume_five_times_loses_no_read") {
         return;
     }
     let mut rig = Rig::new(1 << 16);
-    // Direct I/O, no caching, 20 ms per READ: every read reaches the daemon, and a kill
-    // lands while one is being answered.
-    let args = [
-        "--mode",
-        "direct",
-        "--ttl",
-        "0",
-        "--delay-ms",
-        "20",
-        "--threads",
-        "2",
-    ];
-    let (r, downs) = restarts_under_reader(&mut rig, 5, &args, |d| {
+    let (r, downs) = restarts_under_reader(&mut rig, 5, &SLOW_DIRECT, |d| {
         d.signal(libc::SIGKILL);
         d.wait_exit(Duration::from_secs(5));
     });
@@ -223,21 +236,11 @@ fn sigkill_and_resume_five_times_loses_no_read() {
 
 #[test]
 fn clean_stop_and_resume_loses_no_read() {
-    if !fuse_available() {
+    if !fuse_available("clean_stop_and_resume_loses_no_read") {
         return;
     }
     let mut rig = Rig::new(1 << 16);
-    let args = [
-        "--mode",
-        "direct",
-        "--ttl",
-        "0",
-        "--delay-ms",
-        "20",
-        "--threads",
-        "2",
-    ];
-    let (r, downs) = restarts_under_reader(&mut rig, 3, &args, |d| {
+    let (r, downs) = restarts_under_reader(&mut rig, 3, &SLOW_DIRECT, |d| {
         d.signal(libc::SIGTERM);
         let st = d.wait_exit(Duration::from_secs(5));
         assert_eq!(
@@ -255,13 +258,12 @@ fn clean_stop_and_resume_loses_no_read() {
 /// connection reports POLLERR).
 #[test]
 fn unmount_ends_the_daemon_and_the_keeper_drops_the_fd() {
-    if !fuse_available() {
+    if !fuse_available("unmount_ends_the_daemon_and_the_keeper_drops_the_fd") {
         return;
     }
     let mut rig = Rig::new(1 << 12);
     let mut d = rig.daemon(0, &[]);
-    rig.mounts.push(&rig.p("mnt"));
-    rig.mounts.conn(rig.conn());
+    rig.track_mount();
     assert_eq!(rig.keeper().list().unwrap(), vec![rig.name.clone()]);
     assert_eq!(
         std::fs::read(rig.p("mnt/dir/sub/s1")).unwrap(),
@@ -299,8 +301,7 @@ fn unmount_ends_the_daemon_and_the_keeper_drops_the_fd() {
     // Unmounted while no daemon runs (nobody sends DEL): the keeper sees the connection
     // end (POLLERR) and drops the fd by itself.
     let mut d = rig.daemon(2, &[]);
-    rig.mounts.push(&mnt);
-    rig.mounts.conn(rig.conn());
+    rig.track_mount();
     assert_eq!(rig.keeper().list().unwrap(), vec![rig.name.clone()]);
     d.signal(libc::SIGKILL);
     d.wait_exit(Duration::from_secs(5));
@@ -318,36 +319,23 @@ fn unmount_ends_the_daemon_and_the_keeper_drops_the_fd() {
 /// refused by the kernel with EIO).
 #[test]
 fn passthrough_open_across_a_restart_reuses_the_backing_id() {
-    if !fuse_available() {
+    if !fuse_available("passthrough_open_across_a_restart_reuses_the_backing_id") {
         return;
     }
     let mut rig = Rig::new(4 << 20);
     let args = ["--mode", "passthrough"];
-    let mut d = Proc::spawn(
-        testd()
-            .arg("serve")
-            .arg("--src")
-            .arg(rig.p("src"))
-            .arg("--mnt")
-            .arg(rig.p("mnt"))
-            .arg("--state")
-            .arg(rig.p("state"))
-            .arg("--keeper")
-            .arg(rig.p("keeper.sock"))
-            .arg("--name")
-            .arg(&rig.name)
-            .args(args),
-    );
+    let mut d = rig.spawn_daemon(None, &args);
     if let Err(l) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.ready())) {
         let st = d.wait_exit(Duration::from_secs(5));
-        if passthrough_missing(&format!("test daemon {st}")) {
+        if passthrough_missing(
+            "passthrough_open_across_a_restart_reuses_the_backing_id",
+            &format!("test daemon {st}"),
+        ) {
             return;
         }
         std::panic::resume_unwind(l);
     }
-    rig.mounts.push(&rig.p("mnt"));
-    let conn = rig.conn();
-    rig.mounts.conn(conn);
+    let conn = rig.track_mount();
     let _dog = Watchdog::new(conn, Duration::from_secs(30));
     let want = std::fs::read(rig.p("src/big")).unwrap();
     let mut held = std::fs::File::open(rig.p("mnt/big")).unwrap();

@@ -218,14 +218,13 @@ thread_local! {
 /// error) is not judged here: only that it stayed inside.
 pub fn extract_checked(tar: &[u8]) {
     in_sandbox(tar, |blob, dest| {
-        let diff_id = format!("sha256:{}", hex::encode(Sha256::digest(tar)));
-        let layer = LayerRef {
-            image: "fuzz/image",
-            digest: "sha256:fuzz",
-            compression: Compression::None,
-            diff_id: &diff_id,
-        };
-        let _ = unpack_layer(blob, &layer, dest, &UnpackOptions::default());
+        unpack_fuzzed(
+            tar,
+            blob,
+            Compression::None,
+            dest,
+            &UnpackOptions::default(),
+        )
     });
 }
 
@@ -236,23 +235,35 @@ pub fn extract_checked_batched(tar: &[u8]) {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(tar).expect("gzip in memory");
     let blob = gz.finish().expect("gzip in memory");
-    in_sandbox(&blob, |blob, dest| {
-        let diff_id = format!("sha256:{}", hex::encode(Sha256::digest(tar)));
-        let layer = LayerRef {
-            image: "fuzz/image",
-            digest: "sha256:fuzz",
-            compression: Compression::Gzip,
-            diff_id: &diff_id,
-        };
-        let opts = UnpackOptions {
-            io: Some(cstore_blockio::StreamConfig {
-                batch_small_files: true,
-                ..Default::default()
-            }),
+    let opts = UnpackOptions {
+        io: Some(cstore_blockio::StreamConfig {
+            batch_small_files: true,
             ..Default::default()
-        };
-        let _ = unpack_layer(blob, &layer, dest, &opts);
+        }),
+        ..Default::default()
+    };
+    in_sandbox(&blob, |blob, dest| {
+        unpack_fuzzed(tar, blob, Compression::Gzip, dest, &opts)
     });
+}
+
+/// `unpack_layer` of `blob` (`tar`, compressed as `compression`) into `dest`,
+/// its outcome ignored.
+fn unpack_fuzzed(
+    tar: &[u8],
+    blob: &Path,
+    compression: Compression,
+    dest: &Path,
+    opts: &UnpackOptions,
+) {
+    let diff_id = format!("sha256:{}", hex::encode(Sha256::digest(tar)));
+    let layer = LayerRef {
+        image: "fuzz/image",
+        digest: "sha256:fuzz",
+        compression,
+        diff_id: &diff_id,
+    };
+    let _ = unpack_layer(blob, &layer, dest, opts);
 }
 
 /// Run `f(blob, layer_dir)` with `tar` written to `blob` and an empty

@@ -150,6 +150,9 @@ fn serve(args: &[String]) -> Result<Exit, Box<dyn std::error::Error>> {
     }
     if let Some(p) = stats {
         let st = session.stats();
+        // `p` is in the test's private temporary directory. Rewritten every 50 ms and
+        // read only by the test: replaced atomically, not fsynced (so not
+        // cstore_os::write_atomic).
         std::thread::spawn(move || loop {
             let tmp = p.with_extension("tmp");
             if std::fs::write(&tmp, st.render()).is_ok() {

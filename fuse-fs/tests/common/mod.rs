@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::io::{BufRead, BufReader, Read};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,30 +14,26 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cstore_fuse_fs::{ConnId, Fusectl};
+use cstore_os::mount::Mount;
+use cstore_os::sys;
+use cstore_os::testing::skip_or_fail;
 
 /// Whether the kernel tests can run here: root and /dev/fuse. Under CI=true a machine
-/// without them fails the test instead of skipping it.
-pub fn fuse_available() -> bool {
+/// without them fails `test` instead of skipping it.
+pub fn fuse_available(test: &str) -> bool {
     // SAFETY: no arguments.
     let root = unsafe { libc::geteuid() } == 0;
     let dev = Path::new("/dev/fuse").exists();
     if root && dev {
         return true;
     }
-    let why = if !root { "not root" } else { "no /dev/fuse" };
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("FUSE tests cannot run: {why} (CI=true makes this a failure)");
-    }
-    eprintln!("skipped: {why}");
+    skip_or_fail(test, if !root { "not root" } else { "no /dev/fuse" });
     false
 }
 
-/// Under CI=true, missing passthrough fails; elsewhere the test is skipped.
-pub fn passthrough_missing(why: &str) -> bool {
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("FUSE passthrough unavailable: {why} (CI=true makes this a failure)");
-    }
-    eprintln!("skipped: FUSE passthrough unavailable: {why}");
+/// Under CI=true, missing passthrough fails `test`; elsewhere it is skipped.
+pub fn passthrough_missing(test: &str, why: &str) -> bool {
+    skip_or_fail(test, &format!("FUSE passthrough unavailable: {why}"));
     true
 }
 
@@ -61,26 +58,18 @@ fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// The parent directory of `p` (opened) and `p`'s name, for the *at calls.
+fn parent_and_name(p: &Path) -> (OwnedFd, CString) {
+    let dir = sys::open_dir(p.parent().unwrap()).unwrap();
+    let name = CString::new(p.file_name().unwrap().as_bytes()).unwrap();
+    (dir, name)
+}
+
 pub fn setxattr(p: &Path, name: &str, value: &[u8]) {
-    let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+    let (dir, file) = parent_and_name(p);
     let n = CString::new(name).unwrap();
-    // SAFETY: NUL-terminated strings and a live value buffer.
-    let r = unsafe {
-        libc::lsetxattr(
-            c.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    assert_eq!(
-        r,
-        0,
-        "setxattr {name} on {}: {}",
-        p.display(),
-        std::io::Error::last_os_error()
-    );
+    sys::lsetxattrat(dir.as_fd(), &file, &n, value)
+        .unwrap_or_else(|e| panic!("setxattr {name} on {}: {e}", p.display()));
 }
 
 pub fn getxattr(p: &Path, name: &str) -> std::io::Result<Vec<u8>> {
@@ -118,16 +107,9 @@ pub fn listxattr(p: &Path) -> Vec<String> {
 }
 
 pub fn mknod_whiteout(p: &Path) {
-    let c = CString::new(p.as_os_str().as_bytes()).unwrap();
-    // SAFETY: NUL-terminated path.
-    let r = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o644, 0) };
-    assert_eq!(
-        r,
-        0,
-        "mknod {}: {}",
-        p.display(),
-        std::io::Error::last_os_error()
-    );
+    let (dir, name) = parent_and_name(p);
+    sys::mknodat(dir.as_fd(), &name, libc::S_IFCHR | 0o644, 0, 0)
+        .unwrap_or_else(|e| panic!("mknod {}: {e}", p.display()));
 }
 
 /// The layer the FUSE mount serves: files of assorted sizes, a hardlink, a symlink, an
@@ -254,34 +236,16 @@ pub fn mount_overlay(lower: &str, upper: &Path, work: &Path, at: &Path) {
     std::fs::create_dir_all(upper).unwrap();
     std::fs::create_dir_all(work).unwrap();
     std::fs::create_dir_all(at).unwrap();
-    let data = format!(
-        "lowerdir={lower},upperdir={},workdir={}",
-        upper.display(),
-        work.display()
-    );
-    let c = |s: &[u8]| CString::new(s).unwrap();
-    let (src, tgt, ty, d) = (
-        c(b"overlay"),
-        c(at.as_os_str().as_bytes()),
-        c(b"overlay"),
-        c(data.as_bytes()),
-    );
-    // SAFETY: NUL-terminated strings.
-    let r = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            tgt.as_ptr(),
-            ty.as_ptr(),
-            0,
-            d.as_ptr().cast(),
-        )
+    let m = Mount {
+        kind: "overlay".into(),
+        source: "overlay".into(),
+        options: vec![
+            format!("lowerdir={lower}"),
+            format!("upperdir={}", upper.display()),
+            format!("workdir={}", work.display()),
+        ],
     };
-    assert_eq!(
-        r,
-        0,
-        "mount overlay {data}: {}",
-        std::io::Error::last_os_error()
-    );
+    cstore_os::mount::mount(&m, at).unwrap_or_else(|e| panic!("mount overlay {m:?}: {e}"));
 }
 
 /// A child process killed (SIGKILL) and reaped when dropped.
