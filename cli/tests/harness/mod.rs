@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+pub mod containerd;
 pub mod containers;
 pub mod loopfs;
 pub mod tree;
