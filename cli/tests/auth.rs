@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use crate::harness::{fixture, http, shared_registry_addr, Cstore, FaultProxy, Registry};
+use crate::harness::{push, shared_registry_addr, Cstore, FaultProxy, Registry, TokenAuth};
 use serde_json::{json, Value};
 
 const REPO_SCOPE: &str = "repository:busybox:pull";
@@ -59,75 +59,10 @@ fn basic_auth_from_creds_or_docker_config() {
     assert_pulled(&cs2, &image);
 }
 
-/// fixtures/tokenauth.sh: a token server and a registry in token mode,
-/// stopped on drop.
-struct TokenAuth {
-    registry: String,
-    token: String,
-    dir: tempfile::TempDir,
-}
-
-impl TokenAuth {
-    fn start(users: &str) -> TokenAuth {
-        let dir = tempfile::Builder::new()
-            .prefix("cstore-tokenauth-")
-            .tempdir()
-            .unwrap();
-        let out = Command::new("bash")
-            .arg(fixture("tokenauth.sh"))
-            .arg("start")
-            .arg(dir.path())
-            .args(["--users", users])
-            .output()
-            .unwrap();
-        // Built before checking, so a half-started pair is stopped on drop.
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let mut addrs = text.split_whitespace().map(String::from);
-        let t = TokenAuth {
-            registry: addrs.next().unwrap_or_default(),
-            token: addrs.next().unwrap_or_default(),
-            dir,
-        };
-        assert!(
-            out.status.success() && !t.token.is_empty(),
-            "tokenauth.sh start: {text}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        t
-    }
-
-    fn stats(&self) -> Value {
-        serde_json::from_str(&http(&self.token, "GET", "/stats", None)).unwrap()
-    }
-
-    fn reset_stats(&self) {
-        http(&self.token, "DELETE", "/stats", None);
-    }
-}
-
-impl Drop for TokenAuth {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(fixture("tokenauth.sh"))
-            .arg("stop")
-            .arg(self.dir.path())
-            .output();
-    }
-}
-
 #[test]
 fn bearer_tokens_are_fetched_once_per_scope_and_refusals_are_named() {
     let ta = TokenAuth::start("user:pass");
-    let out = Command::new("bash")
-        .arg(fixture("push.sh"))
-        .args([&ta.registry, "--creds", "user:pass"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "push.sh: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    push(&ta.registry, Some("user:pass"));
     let image = format!("{}/busybox:latest", ta.registry);
 
     ta.reset_stats();

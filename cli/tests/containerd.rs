@@ -16,14 +16,15 @@
 //! pull` in containerd 1.6 never takes the unpacker path that shares layers.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::OpenOptions;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::harness::containerd::{
+    key_of, numbered_dirs, tail, try_dir_of, wait_until, Containerd, Snapshotter,
+};
 use crate::harness::tree::snapshots as cstore_snapshots;
 use crate::harness::{fixture, repo_root, shared_registry_addr, Cstore};
 use cstore_snapshotter::service::proto::containerd::services::snapshots::v1 as api;
@@ -59,196 +60,11 @@ fn registry(debian: bool) -> String {
     addr
 }
 
-fn send_signal(pid: u32, sig: i32) {
-    // SAFETY: kill(2) on a pid this test started.
-    unsafe { libc::kill(pid as i32, sig) };
-}
-
-fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ready() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn stdout_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// `cstore snapshotter serve` on a Cstore's root.
-struct Snapshotter {
-    child: Option<Child>,
-    sock: PathBuf,
-    log: PathBuf,
-    /// Global options before `snapshotter serve` (the log level by default).
-    global: Vec<String>,
-    /// Options after `serve --address SOCK`.
-    extra: Vec<String>,
-}
-
-impl Snapshotter {
-    fn start(cs: &Cstore, sock: &Path, log: &Path) -> Snapshotter {
-        Self::start_with(cs, sock, log, &["--log-level", "info"], &[])
-    }
-
-    fn start_with(
-        cs: &Cstore,
-        sock: &Path,
-        log: &Path,
-        global: &[&str],
-        extra: &[&str],
-    ) -> Snapshotter {
-        let mut s = Snapshotter {
-            child: None,
-            sock: sock.to_path_buf(),
-            log: log.to_path_buf(),
-            global: global.iter().map(|s| s.to_string()).collect(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
-        s.restart(cs);
-        s
-    }
-
-    fn restart(&mut self, cs: &Cstore) {
-        assert!(self.child.is_none(), "the snapshotter is still running");
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let mut child = cs
-            .cmd(&[])
-            .args(&self.global)
-            .args(["snapshotter", "serve", "--address"])
-            .arg(&self.sock)
-            .args(&self.extra)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let sock = self.sock.clone();
-        let log = self.log.clone();
-        wait_until("the snapshotter's socket", Duration::from_secs(30), || {
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!(
-                    "cstore snapshotter serve exited ({st}): {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            UnixStream::connect(&sock).is_ok()
-        });
-        self.child = Some(child);
-    }
-
-    /// SIGTERM, as a service manager stops it; it exits cleanly.
-    fn terminate(&mut self) {
-        let mut child = self.child.take().expect("running");
-        send_signal(child.id(), libc::SIGTERM);
-        let st = child.wait().unwrap();
-        assert!(st.success(), "snapshotter exit on SIGTERM: {st}");
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Snapshotter {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-/// A private containerd with `[proxy_plugins.cstore]` pointing at `plugin`.
-struct Containerd {
-    child: Option<Child>,
-    dir: PathBuf,
-    sock: PathBuf,
-    /// containerd's mount namespace (`mnt:[N]`), to find its shims.
-    mnt_ns: String,
-}
-
 impl Containerd {
-    fn start(dir: &Path, plugin: &Path) -> Containerd {
-        std::fs::create_dir_all(dir).unwrap();
-        let sock = dir.join("containerd.sock");
-        // The keys of docs/containerd.md, with everything under `dir`.
-        let config = format!(
-            r#"version = 2
-root = "{d}/root"
-state = "{d}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-
-[grpc]
-  address = "{s}"
-
-[ttrpc]
-  address = "{s}.ttrpc"
-
-[debug]
-  level = "info"
-
-# Collect after every deletion, so a removed snapshot reaches the backend
-# promptly (by default GC waits for 100 mutations).
-[plugins."io.containerd.gc.v1.scheduler"]
-  deletion_threshold = 1
-  schedule_delay = "0ms"
-
-[proxy_plugins]
-  [proxy_plugins.cstore]
-    type = "snapshot"
-    address = "{p}"
-"#,
-            d = dir.display(),
-            s = sock.display(),
-            p = plugin.display()
-        );
-        std::fs::write(dir.join("config.toml"), config).unwrap();
-        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        // unshare execs sh, which execs containerd: the child's pid is containerd's.
-        let child = Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-            .arg("mount -t tmpfs -o mode=0755 tmpfs /run && exec containerd --config \"$1\"")
-            .arg("sh")
-            .arg(dir.join("config.toml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("run unshare/containerd");
-        let mut c = Containerd {
-            child: Some(child),
-            dir: dir.to_path_buf(),
-            sock,
-            mnt_ns: String::new(),
-        };
-        let logf = dir.join("containerd.log");
-        let child = c.child.as_mut().unwrap();
-        let sock = c.sock.clone();
-        wait_until("containerd's socket", Duration::from_secs(60), || {
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!(
-                    "containerd exited ({st}): {}",
-                    std::fs::read_to_string(&logf).unwrap_or_default()
-                );
-            }
-            UnixStream::connect(&sock).is_ok()
-        });
-        c.mnt_ns = std::fs::read_link(format!("/proc/{}/ns/mnt", c.pid()))
-            .unwrap()
-            .to_string_lossy()
-            .into_owned();
-        c
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
     fn ctr_cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new("nsenter");
         c.arg(format!("--mount=/proc/{}/ns/mnt", self.pid()))
@@ -336,9 +152,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     }
 
     fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        tail(&self.log(), 20)
     }
 
     /// `ctr snapshots ls` as (name, parent, kind) rows.
@@ -365,66 +179,6 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
                 }
             })
             .collect()
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        // Containers first (their init pids), then everything else in
-        // containerd's mount namespace (shims), then containerd. When the
-        // last process of the namespace is gone, so are all its mounts.
-        let tasks = self.dir.join("state/io.containerd.runtime.v2.task");
-        for ns in std::fs::read_dir(&tasks).into_iter().flatten().flatten() {
-            for task in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
-                if let Ok(pid) = std::fs::read_to_string(task.path().join("init.pid")) {
-                    if let Ok(pid) = pid.trim().parse::<u32>() {
-                        send_signal(pid, libc::SIGKILL);
-                    }
-                }
-            }
-        }
-        let containerd = self.pid();
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            if pid != containerd
-                && std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
-                    .is_ok_and(|l| l.to_string_lossy() == self.mnt_ns)
-            {
-                send_signal(pid, libc::SIGKILL);
-            }
-        }
-        if let Some(mut child) = self.child.take() {
-            send_signal(child.id(), libc::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        unmount_under(&self.dir);
-    }
-}
-
-/// Lazily unmount anything still mounted under `dir` in this namespace
-/// (nothing should be: containerd mounts in its own).
-fn unmount_under(dir: &Path) {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let prefix = dir.to_string_lossy().into_owned();
-    let mut points: Vec<String> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|mp| mp.starts_with(&prefix))
-        .map(String::from)
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    for p in points {
-        if let Ok(c) = std::ffi::CString::new(p) {
-            // SAFETY: a valid C string.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
     }
 }
 
@@ -507,34 +261,10 @@ impl Env {
 
 // ------------------------------------------------------ store-side oracles
 
-fn key_of(v: &Value) -> String {
-    v["key"].as_str().unwrap().to_string()
-}
-
 /// ROOT/snapshots/<id> of a snapshot, through the library (the listing
 /// does not show ids).
 fn dir_of(cs: &Cstore, key: &str) -> PathBuf {
     try_dir_of(cs, key).unwrap_or_else(|| panic!("no snapshot {key}"))
-}
-
-/// None if the snapshot is gone (containerd's GC may remove one any time).
-fn try_dir_of(cs: &Cstore, key: &str) -> Option<PathBuf> {
-    let sn = cstore_snapshotter::Snapshotter::open(cs.path()).unwrap();
-    match sn.fs_dir(key) {
-        Ok(fs) => Some(fs.parent().unwrap().to_path_buf()),
-        Err(cstore_snapshotter::Error::NotFound(_)) => None,
-        Err(e) => panic!("{key}: {e}"),
-    }
-}
-
-/// The numbered snapshot directories on disk.
-fn numbered_dirs(cs: &Cstore) -> BTreeSet<PathBuf> {
-    std::fs::read_dir(cs.path().join("snapshots"))
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().parse::<u64>().is_ok())
-        .map(|e| e.path())
-        .collect()
 }
 
 /// Every listed snapshot has its directory (active ones an fs and a work

@@ -13,10 +13,10 @@
 //! layer on cstore), or pulled first with `cstore pull`, whose layers CRI's
 //! PullImage then takes without downloading or unpacking them.
 //!
-//! Isolation, as in cli/tests/containerd.rs: containerd runs in a private
-//! mount namespace with a tmpfs on /run (containerd 1.6 keeps shim sockets
-//! and runc state under /run/containerd whatever its config says), with
-//! root, state, sockets, the CRI plugin's CNI directories, registry
+//! Isolation, as in cli/tests/containerd.rs (both use harness/containerd.rs):
+//! containerd runs in a private mount namespace with a tmpfs on /run
+//! (containerd 1.6 keeps shim sockets and runc state under /run/containerd
+//! whatever its config says), with root, state, sockets, the CRI plugin's CNI directories, registry
 //! configuration and the `opt` plugin's directory under a temp dir; the
 //! pods' cgroups go under a cgroup parent of the test's own, removed at the
 //! end. Drop kills the containers, shims, containerd and the snapshotter and
@@ -26,13 +26,13 @@
 //! unshare/nsenter, skopeo and the registry fixtures.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::OpenOptions;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::harness::containerd::{
+    key_of, numbered_dirs, tail, try_dir_of, wait_until, Containerd, Snapshotter,
+};
 use crate::harness::tree::snapshots as cstore_snapshots;
 use crate::harness::{shared_registry_addr, Cstore};
 use serde_json::Value;
@@ -56,207 +56,7 @@ const K8S_NS: &str = "k8s.io";
 
 // ------------------------------------------------------------ processes
 
-fn send_signal(pid: u32, sig: i32) {
-    // SAFETY: kill(2) on a pid this test started (or found in the private
-    // mount namespace of the containerd it started).
-    unsafe { libc::kill(pid as i32, sig) };
-}
-
-fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ready() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// `cstore snapshotter serve` on a store.
-struct Snapshotter {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Snapshotter {
-    fn start(cs: &Cstore, sock: &Path, log: &Path) -> Snapshotter {
-        let logf = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        let mut child = cs
-            .cmd(&["--log-level", "info", "snapshotter", "serve", "--address"])
-            .arg(sock)
-            .stdout(Stdio::null())
-            .stderr(logf)
-            .spawn()
-            .unwrap();
-        wait_until("the snapshotter's socket", Duration::from_secs(30), || {
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!("cstore snapshotter serve exited ({st}): {}", tail(log, 50));
-            }
-            UnixStream::connect(sock).is_ok()
-        });
-        Snapshotter {
-            child: Some(child),
-            log: log.to_path_buf(),
-        }
-    }
-
-    /// SIGTERM, as a service manager stops it: it exits cleanly.
-    fn stop(&mut self) {
-        let mut child = self.child.take().expect("running");
-        send_signal(child.id(), libc::SIGTERM);
-        let st = child.wait().unwrap();
-        assert!(st.success(), "snapshotter exit on SIGTERM: {st}");
-    }
-}
-
-impl Drop for Snapshotter {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// A private containerd with the CRI plugin on, using `plugin` (cstore) as
-/// its snapshotter and `sandbox_image` as the pods' sandbox image.
-struct Containerd {
-    child: Option<Child>,
-    dir: PathBuf,
-    sock: PathBuf,
-    /// containerd's mount namespace (`mnt:[N]`), to find its shims.
-    mnt_ns: String,
-    /// The pods' cgroup parent (cgroupfs driver: a path under each hierarchy).
-    cgroup_parent: String,
-}
-
 impl Containerd {
-    fn start(dir: &Path, plugin: &Path, registry: &str, sandbox_image: &str) -> Containerd {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        std::fs::create_dir_all(dir).unwrap();
-        let sock = dir.join("containerd.sock");
-        // The registry is plain HTTP: say so in a hosts.toml, as a node
-        // configures its registries (config_path), rather than relying on
-        // containerd's default of HTTP for loopback addresses.
-        let hosts = dir.join("certs.d").join(registry);
-        std::fs::create_dir_all(&hosts).unwrap();
-        std::fs::write(
-            hosts.join("hosts.toml"),
-            format!(
-                "server = \"http://{registry}\"\n\n[host.\"http://{registry}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
-            ),
-        )
-        .unwrap();
-        let cgroup_parent = format!(
-            "/cstore-cri-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        );
-        // docs/containerd.md's node setup (proxy plugin, the CRI plugin's
-        // snapshotter and disable_snapshot_annotations, sandbox_image,
-        // config_path), plus what keeps a test instance off the host: every
-        // path under `dir`, and AppArmor off (CRI would load its default
-        // profile into the kernel when the host has AppArmor). And
-        // restrict_oom_score_adj: the sandbox's oom_score_adj of -998 needs
-        // CAP_SYS_RESOURCE, which root lacks on the test machines (runc's
-        // init then dies with "can't get final child's PID from pipe").
-        let config = format!(
-            r#"version = 2
-root = "{d}/root"
-state = "{d}/state"
-
-[grpc]
-  address = "{s}"
-
-[ttrpc]
-  address = "{s}.ttrpc"
-
-[debug]
-  level = "info"
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{d}/opt"
-
-# Collect after every deletion, so a removed image's snapshots reach the
-# backend promptly (by default GC waits for 100 mutations).
-[plugins."io.containerd.gc.v1.scheduler"]
-  deletion_threshold = 1
-  schedule_delay = "0ms"
-
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{sandbox_image}"
-  disable_apparmor = true
-  restrict_oom_score_adj = true
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "cstore"
-    disable_snapshot_annotations = false
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "{d}/cni/bin"
-    conf_dir = "{d}/cni/net.d"
-  [plugins."io.containerd.grpc.v1.cri".registry]
-    config_path = "{d}/certs.d"
-
-[proxy_plugins]
-  [proxy_plugins.cstore]
-    type = "snapshot"
-    address = "{p}"
-"#,
-            d = dir.display(),
-            s = sock.display(),
-            p = plugin.display(),
-        );
-        std::fs::write(dir.join("config.toml"), config).unwrap();
-        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        // unshare execs sh, which execs containerd: the child's pid is containerd's.
-        let child = Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-            .arg("mount -t tmpfs -o mode=0755 tmpfs /run && exec containerd --config \"$1\"")
-            .arg("sh")
-            .arg(dir.join("config.toml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("run unshare/containerd");
-        let mut c = Containerd {
-            child: Some(child),
-            dir: dir.to_path_buf(),
-            sock,
-            mnt_ns: String::new(),
-            cgroup_parent,
-        };
-        let logf = c.log();
-        let sock = c.sock.clone();
-        let child = c.child.as_mut().unwrap();
-        wait_until("containerd's socket", Duration::from_secs(60), || {
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!("containerd exited ({st}): {}", tail(&logf, 50));
-            }
-            UnixStream::connect(&sock).is_ok()
-        });
-        c.mnt_ns = std::fs::read_link(format!("/proc/{}/ns/mnt", c.pid()))
-            .unwrap()
-            .to_string_lossy()
-            .into_owned();
-        c
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().expect("containerd is running").id()
-    }
-
-    fn log(&self) -> PathBuf {
-        self.dir.join("containerd.log")
-    }
-
     /// The mounts in containerd's namespace, where its shims mount the
     /// pods' root filesystems: (mount point, fs type, super options).
     fn mounts(&self) -> Vec<(String, String, String)> {
@@ -272,127 +72,6 @@ state = "{d}/state"
                 ))
             })
             .collect()
-    }
-
-    /// Processes in containerd's mount namespace other than containerd
-    /// (its shims and the containers they run).
-    fn others_in_namespace(&self) -> Vec<u32> {
-        let me = self.child.as_ref().map(|c| c.id());
-        let mut pids = Vec::new();
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            if Some(pid) != me
-                && std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
-                    .is_ok_and(|l| l.to_string_lossy() == self.mnt_ns)
-            {
-                pids.push(pid);
-            }
-        }
-        pids
-    }
-
-    /// SIGTERM; true if containerd exited within the timeout.
-    fn stop(&mut self) -> bool {
-        let Some(mut child) = self.child.take() else {
-            return true;
-        };
-        send_signal(child.id(), libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while child.try_wait().ok().flatten().is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        true
-    }
-
-    /// The cgroup directories of the pods' parent, in every hierarchy
-    /// (cgroup v1 controllers, the v2 unified one), deepest first.
-    fn cgroup_dirs(&self) -> Vec<PathBuf> {
-        let rel = self.cgroup_parent.trim_start_matches('/');
-        let mut bases = vec![PathBuf::from("/sys/fs/cgroup")];
-        for e in std::fs::read_dir("/sys/fs/cgroup")
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                bases.push(e.path());
-            }
-        }
-        let mut dirs = Vec::new();
-        let mut todo: Vec<PathBuf> = bases
-            .iter()
-            .map(|b| b.join(rel))
-            .filter(|p| p.is_dir())
-            .collect();
-        while let Some(d) = todo.pop() {
-            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    todo.push(e.path());
-                }
-            }
-            dirs.push(d);
-        }
-        dirs.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-        dirs
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        // Containers first (their init pids), then everything else in
-        // containerd's mount namespace (shims), then containerd. When the
-        // last process of the namespace is gone, so are all its mounts.
-        let tasks = self.dir.join("state/io.containerd.runtime.v2.task");
-        for ns in std::fs::read_dir(&tasks).into_iter().flatten().flatten() {
-            for task in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
-                if let Ok(pid) = std::fs::read_to_string(task.path().join("init.pid")) {
-                    if let Ok(pid) = pid.trim().parse::<u32>() {
-                        send_signal(pid, libc::SIGKILL);
-                    }
-                }
-            }
-        }
-        if self.child.is_some() {
-            for pid in self.others_in_namespace() {
-                send_signal(pid, libc::SIGKILL);
-            }
-        }
-        self.stop();
-        // The pods' cgroups: removable once their processes are gone.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for d in self.cgroup_dirs() {
-            while std::fs::remove_dir(&d).is_err() && d.exists() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        unmount_under(&self.dir);
-    }
-}
-
-/// Lazily unmount anything still mounted under `dir` in this namespace
-/// (nothing should be: containerd mounts in its own).
-fn unmount_under(dir: &Path) {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let prefix = dir.to_string_lossy().into_owned();
-    let mut points: Vec<String> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|mp| mp.starts_with(&prefix))
-        .map(String::from)
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    for p in points {
-        if let Ok(c) = std::ffi::CString::new(p) {
-            // SAFETY: a valid C string.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
     }
 }
 
@@ -415,7 +94,7 @@ impl Env {
         let cs = Cstore::new();
         let sock = dir.path().join("cstore-snapshotter.sock");
         let sn = Snapshotter::start(&cs, &sock, &dir.path().join("snapshotter.log"));
-        let ctrd = Containerd::start(
+        let ctrd = Containerd::start_cri(
             &dir.path().join("containerd"),
             &sock,
             registry,
@@ -673,31 +352,6 @@ fn image_facts(reference: &str) -> ImageFacts {
 
 // ------------------------------------------------------ store oracles
 
-fn key_of(v: &Value) -> String {
-    v["key"].as_str().unwrap().to_string()
-}
-
-/// ROOT/snapshots/<id> of a snapshot, through the library (the listing
-/// does not show ids); None if there is no such snapshot.
-fn dir_of(cs: &Cstore, key: &str) -> Option<PathBuf> {
-    let sn = cstore_snapshotter::Snapshotter::open(cs.path()).unwrap();
-    match sn.fs_dir(key) {
-        Ok(fs) => Some(fs.parent().unwrap().to_path_buf()),
-        Err(cstore_snapshotter::Error::NotFound(_)) => None,
-        Err(e) => panic!("{key}: {e}"),
-    }
-}
-
-/// The numbered snapshot directories on disk.
-fn numbered_dirs(cs: &Cstore) -> BTreeSet<PathBuf> {
-    std::fs::read_dir(cs.path().join("snapshots"))
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().parse::<u64>().is_ok())
-        .map(|e| e.path())
-        .collect()
-}
-
 /// The store is consistent: every listed snapshot has its directory with
 /// an fs (and a work dir when active) and a listed parent, every directory
 /// belongs to a listed snapshot, and staging is empty. The listing.
@@ -707,7 +361,8 @@ fn assert_consistent(cs: &Cstore) -> Vec<Value> {
     let mut dirs = BTreeSet::new();
     for s in &list {
         let key = key_of(s);
-        let dir = dir_of(cs, &key).unwrap_or_else(|| panic!("{key} is listed but has no record"));
+        let dir =
+            try_dir_of(cs, &key).unwrap_or_else(|| panic!("{key} is listed but has no record"));
         assert!(
             dir.join("fs").is_dir(),
             "{key}: {} has no fs",
@@ -823,7 +478,7 @@ fn assert_rootfs_mounted_from(
     layers_bottom_first: &[String],
 ) {
     let dir = |k: &str| {
-        dir_of(&env.cs, k)
+        try_dir_of(&env.cs, k)
             .unwrap_or_else(|| panic!("no snapshot {k}"))
             .join("fs")
     };
@@ -950,7 +605,7 @@ impl Flow {
             ImagesFrom::CriPull => {
                 for (key, l) in keys.iter().zip(&image.layers) {
                     assert!(
-                        !self.own_dirs.contains(&dir_of(cs, key).unwrap()),
+                        !self.own_dirs.contains(&try_dir_of(cs, key).unwrap()),
                         "{key} is a new directory"
                     );
                     assert!(has_blob(ctrd, l), "containerd downloaded layer {l}");
@@ -959,8 +614,8 @@ impl Flow {
             ImagesFrom::CstorePull => {
                 for ((key, chain), l) in keys.iter().zip(&image.chain_ids).zip(&image.layers) {
                     assert_eq!(
-                        dir_of(cs, key),
-                        dir_of(cs, chain),
+                        try_dir_of(cs, key),
+                        try_dir_of(cs, chain),
                         "{key} is cstore's layer {chain}, not a copy"
                     );
                     assert!(!has_blob(ctrd, l), "containerd downloaded layer {l}");
@@ -1135,9 +790,9 @@ impl Flow {
             .difference(&dirs_before)
             .cloned()
             .collect();
-        let mut want = BTreeSet::from([dir_of(&env.cs, &key_of(&snapshot)).unwrap()]);
+        let mut want = BTreeSet::from([try_dir_of(&env.cs, &key_of(&snapshot)).unwrap()]);
         if self.from == ImagesFrom::CriPull {
-            want.insert(dir_of(&env.cs, &layers[0]).unwrap());
+            want.insert(try_dir_of(&env.cs, &layers[0]).unwrap());
         }
         assert_eq!(new, want, "new snapshot directories after RunPodSandbox");
         (pod, config)
@@ -1331,7 +986,7 @@ impl Flow {
             .collect();
         assert!(cgroups.is_empty(), "containers' cgroups left: {cgroups:?}");
         assert!(env.ctrd.stop(), "containerd stops on SIGTERM");
-        env.sn.stop();
+        env.sn.terminate();
         env.cs.assert_nothing_mounted();
     }
 }

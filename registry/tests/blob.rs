@@ -3,27 +3,17 @@
 //! (fixtures/faultproxy.py) for broken bodies and odd answers, and a
 //! token-mode registry (fixtures/tokenauth.sh) for the token cache.
 
-use std::io::{Read, Write};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cstore_os::ErrorKind;
 use cstore_registry::auth::Credentials;
 use cstore_registry::{
     parse_digest, ClientOptions, Error, Reference, RegistryClient, MAX_RANGE_BYTES,
 };
+use cstore_testkit::{http, push, FaultProxy, Registry, TokenAuth};
 use oci_spec::image::{Digest, ImageManifest};
-use serde_json::{json, Value};
+use serde_json::json;
 use sha2::{Digest as _, Sha256};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .join("fixtures")
-        .join(name)
-}
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -32,128 +22,16 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// A throwaway registry, stopped on drop.
-struct Registry {
-    addr: String,
-    state: tempfile::TempDir,
+/// The Range header of each blob GET through `proxy`, in order.
+fn blob_ranges(proxy: &FaultProxy) -> Vec<Option<String>> {
+    proxy
+        .log()
+        .iter()
+        .filter(|e| e["method"] == "GET" && e["path"].as_str().unwrap().contains("/blobs/"))
+        .map(|e| e["range"].as_str().map(String::from))
+        .collect()
 }
 
-impl Registry {
-    fn start() -> Registry {
-        let state = tempfile::Builder::new()
-            .prefix("cstore-registry-")
-            .tempdir()
-            .unwrap();
-        let out = Command::new("bash")
-            .arg(fixture("registry.sh"))
-            .arg("start")
-            .arg(state.path())
-            .output()
-            .unwrap();
-        let r = Registry {
-            addr: String::from_utf8_lossy(&out.stdout).trim().to_string(),
-            state,
-        };
-        assert!(
-            out.status.success(),
-            "registry.sh start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        r
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(fixture("registry.sh"))
-            .arg("stop")
-            .arg(self.state.path())
-            .output();
-    }
-}
-
-/// fixtures/faultproxy.py in front of `upstream`, killed on drop.
-struct FaultProxy {
-    addr: String,
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl FaultProxy {
-    fn start(upstream: &str) -> FaultProxy {
-        let dir = tempfile::tempdir().unwrap();
-        let portfile = dir.path().join("port");
-        let child = Command::new("python3")
-            .arg(fixture("faultproxy.py"))
-            .args(["--upstream", upstream, "--port", "0", "--portfile"])
-            .arg(&portfile)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let port = loop {
-            if let Ok(p) = std::fs::read_to_string(&portfile) {
-                if !p.trim().is_empty() {
-                    break p.trim().to_string();
-                }
-            }
-            assert!(Instant::now() < deadline, "fault proxy did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        FaultProxy {
-            addr: format!("127.0.0.1:{port}"),
-            child,
-            _dir: dir,
-        }
-    }
-
-    fn set(&self, rules: Value) {
-        http(&self.addr, "POST", "/__fault", Some(&rules.to_string()));
-    }
-
-    /// The Range header of each blob GET, in order.
-    fn blob_ranges(&self) -> Vec<Option<String>> {
-        let log: Value = serde_json::from_str(&http(&self.addr, "GET", "/__log", None)).unwrap();
-        log.as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["method"] == "GET" && e["path"].as_str().unwrap().contains("/blobs/"))
-            .map(|e| e["range"].as_str().map(String::from))
-            .collect()
-    }
-}
-
-impl Drop for FaultProxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Minimal HTTP/1.1 for the proxy's control endpoints.
-fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    let body = body.unwrap_or("");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-    assert!(head.starts_with("HTTP/1."), "{method} {path}: {head}");
-    assert!(
-        head.split(' ').nth(1).is_some_and(|c| c.starts_with('2')),
-        "{head}"
-    );
-    body.to_string()
-}
-
-/// Upload `data` as a blob of `repo` (the registry API's two-step upload).
 async fn upload(addr: &str, repo: &str, data: &[u8]) -> Digest {
     let digest = format!("sha256:{}", hex::encode(Sha256::digest(data)));
     let http = reqwest::Client::new();
@@ -229,7 +107,7 @@ const SIZE: usize = 3 << 20;
 
 #[test]
 fn ranged_reads_are_exactly_the_bytes_asked_for() {
-    let reg = Registry::start();
+    let reg = Registry::start(&[]);
     let rt = rt();
     let data = content(SIZE);
     let d = rt.block_on(upload(&reg.addr, "t/ranges", &data));
@@ -284,7 +162,7 @@ fn ranged_reads_are_exactly_the_bytes_asked_for() {
 
 #[test]
 fn broken_bodies_resume_with_range_where_they_broke_off() {
-    let reg = Registry::start();
+    let reg = Registry::start(&[]);
     let proxy = FaultProxy::start(&reg.addr);
     let rt = rt();
     let data = content(SIZE);
@@ -299,7 +177,7 @@ fn broken_bodies_resume_with_range_where_they_broke_off() {
     assert!(all == data, "the resumed bytes are the blob's");
     assert_eq!(retries, vec![1, 2]);
     assert_eq!(
-        proxy.blob_ranges(),
+        blob_ranges(&proxy),
         vec![
             None,
             Some("bytes=1000000-".to_string()),
@@ -315,7 +193,7 @@ fn broken_bodies_resume_with_range_where_they_broke_off() {
         .unwrap();
     assert!(got[..] == data[500_000..1_500_000]);
     assert_eq!(
-        proxy.blob_ranges(),
+        blob_ranges(&proxy),
         vec![
             Some("bytes=500000-1499999".to_string()),
             Some("bytes=800000-1499999".to_string())
@@ -330,12 +208,12 @@ fn broken_bodies_resume_with_range_where_they_broke_off() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
     assert!(e.to_string().contains("gave up after 5 attempts"), "{e}");
-    assert_eq!(proxy.blob_ranges().len(), 5);
+    assert_eq!(blob_ranges(&proxy).len(), 5);
 }
 
 #[test]
 fn odd_answers_to_range_requests() {
-    let reg = Registry::start();
+    let reg = Registry::start(&[]);
     let proxy = FaultProxy::start(&reg.addr);
     let rt = rt();
     // Text, so the proxy can serve it as a body of its own.
@@ -375,59 +253,11 @@ fn odd_answers_to_range_requests() {
     );
 }
 
-/// fixtures/tokenauth.sh: a token server and a registry in token mode.
-struct TokenAuth {
-    registry: String,
-    token: String,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for TokenAuth {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(fixture("tokenauth.sh"))
-            .arg("stop")
-            .arg(self.dir.path())
-            .output();
-    }
-}
-
 #[test]
 fn ranged_reads_share_the_token_cache() {
-    let dir = tempfile::Builder::new()
-        .prefix("cstore-tokenauth-")
-        .tempdir()
-        .unwrap();
-    let out = Command::new("bash")
-        .arg(fixture("tokenauth.sh"))
-        .arg("start")
-        .arg(dir.path())
-        .args(["--users", "user:pass"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let mut addrs = text.split_whitespace().map(String::from);
-    let ta = TokenAuth {
-        registry: addrs.next().unwrap_or_default(),
-        token: addrs.next().unwrap_or_default(),
-        dir,
-    };
-    assert!(
-        out.status.success() && !ta.token.is_empty(),
-        "tokenauth.sh start: {text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = Command::new("bash")
-        .arg(fixture("push.sh"))
-        .args([&ta.registry, "--creds", "user:pass"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "push.sh: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    http(&ta.token, "DELETE", "/stats", None);
+    let ta = TokenAuth::start("user:pass");
+    push(&ta.registry, Some("user:pass"));
+    ta.reset_stats();
 
     let c = RegistryClient::new(ClientOptions {
         plain_http: true,
@@ -452,7 +282,7 @@ fn ranged_reads_share_the_token_cache() {
         d
     });
     // One token for the manifest, the blob and every range.
-    let stats: Value = serde_json::from_str(&http(&ta.token, "GET", "/stats", None)).unwrap();
+    let stats = ta.stats();
     assert_eq!(stats["requests"], 1, "{stats}");
 
     // Without credentials a range is refused as unauthenticated.

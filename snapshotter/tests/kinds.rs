@@ -15,17 +15,10 @@ use cstore_registry::{ClientOptions, Reference, RegistryClient};
 use cstore_snapshotter::service::proto::containerd::services::snapshots::v1 as api;
 use cstore_snapshotter::service::{self, status};
 use cstore_snapshotter::{Error, Snapshotter};
+use cstore_testkit::Registry;
 use tonic::Code;
 
 use api::snapshots_client::SnapshotsClient;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .join("fixtures")
-        .join(name)
-}
 
 /// A small tmpfs, unmounted on drop (lazily, should anything still hold it).
 struct Tmpfs(PathBuf);
@@ -166,32 +159,8 @@ fn errors_reach_containerd_as_their_kinds_codes() {
 /// Unauthenticated to containerd.
 #[test]
 fn a_registry_refusing_without_credentials_is_unauthenticated() {
-    let state = tempfile::Builder::new()
-        .prefix("cstore-registry-")
-        .tempdir()
-        .unwrap();
-    let out = Command::new("bash")
-        .arg(fixture("registry.sh"))
-        .arg("start")
-        .arg(state.path())
-        .args(["--htpasswd", "user:pass"])
-        .output()
-        .unwrap();
-    let stop = || {
-        let _ = Command::new("bash")
-            .arg(fixture("registry.sh"))
-            .arg("stop")
-            .arg(state.path())
-            .output();
-    };
-    if !out.status.success() {
-        stop();
-        panic!(
-            "registry.sh start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let addr = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let reg = Registry::start(&["--htpasswd", "user:pass"]);
+    let addr = reg.addr.clone();
     let client = RegistryClient::new(ClientOptions {
         plain_http: true,
         docker_config: false,
@@ -204,7 +173,7 @@ fn a_registry_refusing_without_credentials_is_unauthenticated() {
         .build()
         .unwrap();
     let refused = rt.block_on(client.manifest(&r, "latest"));
-    stop();
+    drop(reg);
     let e = Error::Store(cstore_store::Error::from(refused.unwrap_err()));
     assert_eq!(e.kind(), ErrorKind::Unauthenticated, "{e}");
     let s = status(e);

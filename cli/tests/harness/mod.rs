@@ -1,93 +1,25 @@
 //! Test harness: real registries (fixtures/registry.sh), real images
-//! (fixtures/images.sh + push.sh), the fault proxy, and a cstore binary
-//! pointed at a temp root. Everything started here is stopped on drop, or at
-//! process exit for the shared registry.
+//! (fixtures/images.sh + push.sh), the fault proxy and the token server
+//! (from cstore-testkit, which the other crates' tests share), and a cstore
+//! binary pointed at a temp root. Everything started here is stopped on
+//! drop, or at process exit for the shared registry.
 
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+pub mod containerd;
 pub mod containers;
 pub mod loopfs;
 pub mod tree;
 
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-pub fn fixture(name: &str) -> PathBuf {
-    repo_root().join("fixtures").join(name)
-}
-
-/// Run a fixtures/ script, asserting success; its stdout.
-pub fn run_fixture(name: &str, args: &[&str]) -> String {
-    let out = Command::new("bash")
-        .arg(fixture(name))
-        .args(args)
-        .output()
-        .expect("run fixture");
-    assert!(
-        out.status.success(),
-        "fixtures/{name} {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// A throwaway CNCF distribution registry on 127.0.0.1.
-pub struct Registry {
-    pub addr: String,
-    pub state: tempfile::TempDir,
-}
-
-impl Registry {
-    /// `extra`: e.g. `["--htpasswd", "user:pass"]`.
-    pub fn start(extra: &[&str]) -> Registry {
-        let state = tempfile::Builder::new()
-            .prefix("cstore-registry-")
-            .tempdir()
-            .unwrap();
-        let mut args = vec!["start", state.path().to_str().unwrap()];
-        args.extend_from_slice(extra);
-        let addr = run_fixture("registry.sh", &args).trim().to_string();
-        Registry { addr, state }
-    }
-
-    /// Push the test images (busybox:{latest,docker,zstd,uncompressed}, multi:latest).
-    pub fn push(&self, creds: Option<&str>) {
-        let mut args = vec![self.addr.as_str()];
-        if let Some(c) = creds {
-            args.extend(["--creds", c]);
-        }
-        run_fixture("push.sh", &args);
-    }
-
-    pub fn image(&self, repo_tag: &str) -> String {
-        format!("{}/{repo_tag}", self.addr)
-    }
-
-    pub fn stop(&self) {
-        let _ = Command::new("bash")
-            .arg(fixture("registry.sh"))
-            .args(["stop", self.state.path().to_str().unwrap()])
-            .output();
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
+pub use cstore_testkit::{
+    fixture, http, push, repo_root, run, run_fixture, FaultProxy, Registry, TokenAuth,
+};
 
 static SHARED: OnceLock<Mutex<Option<Registry>>> = OnceLock::new();
 
@@ -298,110 +230,4 @@ impl Cstore {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-}
-
-/// fixtures/faultproxy.py in front of an upstream registry.
-pub struct FaultProxy {
-    pub addr: String,
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl FaultProxy {
-    pub fn start(upstream: &str) -> FaultProxy {
-        FaultProxy::start_on("127.0.0.1", upstream)
-    }
-
-    /// Listening on `host` (127.0.0.2 is another host to a client than
-    /// 127.0.0.1, and all of 127/8 is loopback on Linux).
-    pub fn start_on(host: &str, upstream: &str) -> FaultProxy {
-        FaultProxy::start_with(host, upstream, &[])
-    }
-
-    /// With more options of fixtures/faultproxy.py (e.g. `--path-prefix P`).
-    pub fn start_with(host: &str, upstream: &str, extra: &[&str]) -> FaultProxy {
-        let dir = tempfile::tempdir().unwrap();
-        let portfile = dir.path().join("port");
-        let child = Command::new("python3")
-            .arg(fixture("faultproxy.py"))
-            .args([
-                "--upstream",
-                upstream,
-                "--host",
-                host,
-                "--port",
-                "0",
-                "--portfile",
-            ])
-            .arg(&portfile)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let port = loop {
-            if let Ok(p) = std::fs::read_to_string(&portfile) {
-                if !p.trim().is_empty() {
-                    break p.trim().to_string();
-                }
-            }
-            assert!(Instant::now() < deadline, "fault proxy did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        FaultProxy {
-            addr: format!("{host}:{port}"),
-            child,
-            _dir: dir,
-        }
-    }
-
-    /// Replace the fault rules (see fixtures/faultproxy.py).
-    pub fn set(&self, rules: Value) {
-        http(&self.addr, "POST", "/__fault", Some(&rules.to_string()));
-    }
-
-    pub fn clear(&self) {
-        http(&self.addr, "DELETE", "/__fault", None);
-        http(&self.addr, "DELETE", "/__log", None);
-    }
-
-    pub fn log(&self) -> Vec<Value> {
-        let v: Value = serde_json::from_str(&http(&self.addr, "GET", "/__log", None)).unwrap();
-        match v {
-            Value::Array(a) => a,
-            Value::Object(mut o) => o
-                .remove("log")
-                .and_then(|l| l.as_array().cloned())
-                .unwrap_or_default(),
-            _ => vec![],
-        }
-    }
-}
-
-impl Drop for FaultProxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Minimal HTTP/1.1 client for the fixtures' control endpoints.
-pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    let body = body.unwrap_or("");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-    assert!(
-        head.starts_with("HTTP/1.1 2") || head.starts_with("HTTP/1.0 2"),
-        "{method} {path}: {head}"
-    );
-    body.to_string()
 }

@@ -10,19 +10,8 @@ use std::sync::{Mutex, OnceLock};
 
 use serde_json::Value;
 
+pub use super::run;
 use super::{fixture, shared_registry_addr, Cstore};
-
-/// Run `cmd`, asserting success; its stdout.
-pub fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 /// The OCI layout fixtures/images.sh builds (and umoci unpacks from).
 pub fn oci_dir() -> PathBuf {
