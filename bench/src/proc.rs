@@ -175,6 +175,25 @@ impl Cmd {
     /// Start it in a process group of its own (inside its cgroup), stdin
     /// from /dev/null, stdout/stderr as given. Registered until reaped.
     pub fn spawn(&self, stdout: Stdio, stderr: Stdio) -> Result<Running> {
+        // Register under the lock, so a signal between spawn and insert
+        // still finds the group.
+        let mut groups = GROUPS.lock().unwrap_or_else(|e| e.into_inner());
+        let child = self.start(stdout, stderr)?;
+        groups.insert(child.id() as i32);
+        drop(groups);
+        if cancelled() {
+            kill_group(child.id() as i32, libc::SIGKILL);
+        }
+        Ok(Running {
+            child,
+            cmd: self.clone(),
+            reaped: false,
+        })
+    }
+
+    /// The child, unregistered: in a process group of its own, moved into
+    /// its cgroup before exec, stdin from /dev/null.
+    fn start(&self, stdout: Stdio, stderr: Stdio) -> Result<Child> {
         check()?;
         let mut c = Command::new(&self.program);
         c.args(&self.args)
@@ -186,6 +205,7 @@ impl Cmd {
             c.env(k, v);
         }
         // Opened here, written in the child: "0" moves the writer itself.
+        // Held open until spawn returns.
         let procs = match &self.cgroup {
             Some(cg) => Some(
                 std::fs::OpenOptions::new()
@@ -207,10 +227,7 @@ impl Cmd {
                 });
             }
         }
-        // Register under the lock, so a signal between spawn and insert
-        // still finds the group.
-        let mut groups = GROUPS.lock().unwrap_or_else(|e| e.into_inner());
-        let child = c.spawn().map_err(|e| match e.kind() {
+        c.spawn().map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => Error::MissingTool {
                 tool: self.program.display().to_string(),
                 what: self.what.clone(),
@@ -221,16 +238,6 @@ impl Cmd {
                 status: format!("could not start: {e}"),
                 stderr: String::new(),
             },
-        })?;
-        groups.insert(child.id() as i32);
-        drop(groups);
-        if cancelled() {
-            kill_group(child.id() as i32, libc::SIGKILL);
-        }
-        Ok(Running {
-            child,
-            cmd: self.clone(),
-            reaped: false,
         })
     }
 
@@ -389,51 +396,8 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn spawn(cmd: &Cmd, log: File) -> Result<Daemon> {
-        check()?;
-        let mut c = Command::new(&cmd.program);
-        c.args(&cmd.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(
-                log.try_clone().map_err(|e| Error::io("dup", "log", e))?,
-            ))
-            .stderr(Stdio::from(log))
-            .process_group(0);
-        for (k, v) in &cmd.env {
-            c.env(k, v);
-        }
-        let procs = match &cmd.cgroup {
-            Some(cg) => Some(
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(cg.join("cgroup.procs"))
-                    .map_err(|e| Error::io("open", cg.join("cgroup.procs"), e))?,
-            ),
-            None => None,
-        };
-        if let Some(f) = &procs {
-            let fd = f.as_raw_fd();
-            // SAFETY: only write(2) between fork and exec.
-            unsafe {
-                c.pre_exec(move || {
-                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-        let child = c.spawn().map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::MissingTool {
-                tool: cmd.program.display().to_string(),
-                what: cmd.what.clone(),
-            },
-            _ => Error::Command {
-                what: cmd.what.clone(),
-                cmd: cmd.display(),
-                status: format!("could not start: {e}"),
-                stderr: String::new(),
-            },
-        })?;
+        let out = log.try_clone().map_err(|e| Error::io("dup", "log", e))?;
+        let child = cmd.start(Stdio::from(out), Stdio::from(log))?;
         Ok(Daemon { child: Some(child) })
     }
 

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use cstore_os::mountinfo::{self, MountInfo};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -55,27 +56,22 @@ pub fn machine() -> Machine {
 
 /// The v1 blkio hierarchy's mount point, if there is one.
 pub fn blkio_root() -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        let sep = f.iter().position(|x| *x == "-")?;
-        let fstype = f.get(sep + 1)?;
-        let opts = f.get(sep + 3)?;
-        (*fstype == "cgroup" && opts.split(',').any(|o| o == "blkio")).then(|| PathBuf::from(f[4]))
-    })
+    mountinfo::read()
+        .ok()?
+        .into_iter()
+        .find(|m| m.fs_type == "cgroup" && m.has_super_option("blkio"))
+        .map(|m| m.mount_point)
 }
 
 /// Every cgroup hierarchy's mount point, v1 and v2 (runc makes its
 /// container's cgroup in each, the hybrid layout's v2 "unified" one too):
 /// for sweeping our cgroups out of all.
 pub fn cgroup_hierarchies() -> Vec<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let sep = f.iter().position(|x| *x == "-")?;
-            matches!(*f.get(sep + 1)?, "cgroup" | "cgroup2").then(|| PathBuf::from(f[4]))
-        })
+    mountinfo::read()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| matches!(m.fs_type.as_str(), "cgroup" | "cgroup2"))
+        .map(|m| m.mount_point)
         .collect()
 }
 
@@ -90,36 +86,18 @@ pub fn drop_caches() -> Result<()> {
 
 /// Mount points at or under `dir` in this mount namespace, deepest first.
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut v: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|mp| PathBuf::from(unescape(mp)))
+    points_under(&mountinfo::read().unwrap_or_default(), dir)
+}
+
+fn points_under(mounts: &[MountInfo], dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = mounts
+        .iter()
+        .map(|m| m.mount_point.clone())
         .filter(|mp| mp.starts_with(dir))
         .collect();
     v.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
     v.dedup();
     v
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() {
-            let digits = std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("");
-            if let Ok(v) = u8::from_str_radix(digits, 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Unmount `p`; if busy, retry a few times, then detach it lazily.
@@ -188,9 +166,15 @@ mod tests {
 
     #[test]
     fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape(r"/a\040b"), "/a b");
-        assert_eq!(unescape(r"/plain"), "/plain");
-        assert_eq!(unescape(r"/x\134y"), r"/x\y");
+        let info = mountinfo::parse(concat!(
+            "40 1 0:50 / /w/a\\040b rw - tmpfs tmpfs rw\n",
+            "41 1 0:51 / /w/plain rw - tmpfs tmpfs rw\n",
+            "42 1 0:52 / /w/x\\134y rw - tmpfs tmpfs rw\n",
+        ));
+        let under = points_under(&info, Path::new("/w"));
+        assert!(under.contains(&PathBuf::from("/w/a b")), "{under:?}");
+        assert!(under.contains(&PathBuf::from("/w/plain")), "{under:?}");
+        assert!(under.contains(&PathBuf::from(r"/w/x\y")), "{under:?}");
     }
 
     #[test]

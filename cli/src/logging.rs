@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
+use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -71,14 +72,8 @@ fn stderr_is_journal() -> bool {
     let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
         return false;
     };
-    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
-    // SAFETY: fstat of fd 2 into a stat buffer.
-    if unsafe { libc::fstat(2, st.as_mut_ptr()) } != 0 {
-        return false;
-    }
-    // SAFETY: filled by a successful fstat.
-    let st = unsafe { st.assume_init() };
-    st.st_dev == dev && st.st_ino == ino
+    cstore_os::sys::fstat(std::io::stderr().as_fd())
+        .is_ok_and(|st| st.st_dev == dev && st.st_ino == ino)
 }
 
 /// Prefixes a text line with its syslog priority for journald.
@@ -162,10 +157,9 @@ impl Observer for PullLog {
             } => tracing::info!(image, blob = digest, attempt, error, "retrying"),
             Event::Done { digest } => {
                 if let Some(b) = blobs.get(digest) {
-                    let (ms, bytes) = b.started.map_or((0.0, 0), |(t, off)| {
-                        (t.elapsed().as_secs_f64() * 1e3, b.size.saturating_sub(off))
+                    let (duration_ms, bytes) = b.started.map_or((0.0, 0), |(t, off)| {
+                        (ms_since(t), b.size.saturating_sub(off))
                     });
-                    let duration_ms = (ms * 1000.0).round() / 1000.0;
                     match b.kind {
                         BlobKind::Layer => {
                             tracing::info!(image, layer = digest, bytes, duration_ms, "fetched")

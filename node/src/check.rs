@@ -5,8 +5,7 @@
 //! backport and disable things. The first thing to run on a new node, and
 //! what bug reports quote.
 
-use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -351,52 +350,19 @@ without it the same paths use plain syscalls",
     }
 }
 
-#[repr(C)]
-struct OpenHow {
-    flags: u64,
-    mode: u64,
-    resolve: u64,
-}
-
 fn openat2() -> Finding {
+    use cstore_os::sys::{self, RESOLVE_BENEATH, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS};
     // What unpack does: resolve a path beneath a directory fd, no symlinks.
-    const RESOLVE_BENEATH_NO_SYMLINKS_NO_MAGICLINKS: u64 = 0x08 | 0x04 | 0x02;
     let result = (|| {
-        let root = CString::new("/").expect("no NUL");
-        // SAFETY: NUL-terminated path.
-        let fd = unsafe {
-            libc::open(
-                root.as_ptr(),
-                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a new fd we own.
-        let dir = unsafe { OwnedFd::from_raw_fd(fd) };
-        let how = OpenHow {
-            flags: (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64,
-            mode: 0,
-            resolve: RESOLVE_BENEATH_NO_SYMLINKS_NO_MAGICLINKS,
-        };
-        let dot = CString::new(".").expect("no NUL");
-        // SAFETY: valid fd, NUL-terminated path, open_how of the right size.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                dir.as_raw_fd(),
-                dot.as_ptr(),
-                &how as *const OpenHow,
-                std::mem::size_of::<OpenHow>(),
-            )
-        };
-        if r < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a new fd we own; closed at once.
-        drop(unsafe { OwnedFd::from_raw_fd(r as i32) });
-        Ok(())
+        let root = sys::open_dir(Path::new("/"))?;
+        sys::openat2(
+            root.as_raw_fd(),
+            c".",
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+            RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
+        )
+        .map(drop)
     })();
     Finding {
         name: "openat2",
@@ -416,22 +382,18 @@ following no symlink: hostile layers cannot reach the host",
 }
 
 fn cgroup() -> Finding {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let (mut v1, mut v2) = (Vec::new(), None::<String>);
-    for line in mountinfo.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = f.iter().position(|x| *x == "-") else {
-            continue;
-        };
-        match (f.get(4), f.get(sep + 1), f.get(sep + 3)) {
-            (Some(mp), Some(&"cgroup"), Some(opts)) => {
-                let ctrls: Vec<&str> = opts
+    let (mut v1, mut v2) = (Vec::new(), None::<PathBuf>);
+    for m in cstore_os::mountinfo::read().unwrap_or_default() {
+        match m.fs_type.as_str() {
+            "cgroup" => {
+                let ctrls: Vec<&str> = m
+                    .super_options
                     .split(',')
                     .filter(|o| !matches!(*o, "rw" | "ro") && !o.contains('='))
                     .collect();
-                v1.push(json!({"mount": mp, "controllers": ctrls}));
+                v1.push(json!({"mount": m.mount_point, "controllers": ctrls}));
             }
-            (Some(mp), Some(&"cgroup2"), _) => v2 = Some(mp.to_string()),
+            "cgroup2" => v2 = Some(m.mount_point),
             _ => {}
         }
     }

@@ -204,25 +204,39 @@ pub fn drop_in(socket: &Path) -> String {
     )
 }
 
-const CREATED_CONFIG_HEAD: &str = "version = 2\n";
+/// config.toml as install makes it where there was none (uninstall removes
+/// it only while it still reads exactly so).
+fn created_config(import: &str) -> String {
+    format!("version = 2\nimports = [\"{import}\"]\n")
+}
+
+fn parse_config(path: &Path, text: &str) -> Result<toml_edit::DocumentMut> {
+    text.parse()
+        .map_err(|e: toml_edit::TomlError| Error::Invalid {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+}
+
+/// Writes the edited config.toml over the user's, keeping its mode.
+fn rewrite_config(path: &Path, doc: &toml_edit::DocumentMut) -> Result<()> {
+    let mode = std::fs::metadata(path)
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(0o644);
+    write_atomic(path, doc.to_string().as_bytes(), mode)
+}
 
 /// Adds `import` to config.toml's `imports` if absent.
 fn add_import(path: &Path, import: &str) -> Result<ConfigChange> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let body = format!("{CREATED_CONFIG_HEAD}imports = [\"{import}\"]\n");
-            write_atomic(path, body.as_bytes(), 0o644)?;
+            write_atomic(path, created_config(import).as_bytes(), 0o644)?;
             return Ok(ConfigChange::Created);
         }
         Err(e) => return Err(Error::io("read", path, e)),
     };
-    let mut doc: toml_edit::DocumentMut =
-        text.parse()
-            .map_err(|e: toml_edit::TomlError| Error::Invalid {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?;
+    let mut doc = parse_config(path, &text)?;
     let change = match doc.get_mut("imports") {
         None => {
             let mut a = toml_edit::Array::new();
@@ -246,10 +260,7 @@ fn add_import(path: &Path, import: &str) -> Result<ConfigChange> {
         }
     };
     if change != ConfigChange::Untouched {
-        let mode = std::fs::metadata(path)
-            .map(|m| m.permissions().mode() & 0o7777)
-            .unwrap_or(0o644);
-        write_atomic(path, doc.to_string().as_bytes(), mode)?;
+        rewrite_config(path, &doc)?;
     }
     Ok(change)
 }
@@ -262,9 +273,7 @@ fn remove_import(path: &Path, import: &str, change: ConfigChange) -> Result<Opti
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io("read", path, e)),
     };
-    if change == ConfigChange::Created
-        && text == format!("{CREATED_CONFIG_HEAD}imports = [\"{import}\"]\n")
-    {
+    if change == ConfigChange::Created && text == created_config(import) {
         std::fs::remove_file(path).map_err(io("remove", path))?;
         return Ok(Some("removed (cstore install made it)".into()));
     }
@@ -273,12 +282,7 @@ fn remove_import(path: &Path, import: &str, change: ConfigChange) -> Result<Opti
             "left as it was (it imported the drop-in before)".into(),
         ));
     }
-    let mut doc: toml_edit::DocumentMut =
-        text.parse()
-            .map_err(|e: toml_edit::TomlError| Error::Invalid {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?;
+    let mut doc = parse_config(path, &text)?;
     let Some(arr) = doc.get_mut("imports").and_then(|i| i.as_array_mut()) else {
         return Ok(Some("no imports any more: left as it is".into()));
     };
@@ -291,10 +295,7 @@ fn remove_import(path: &Path, import: &str, change: ConfigChange) -> Result<Opti
     if empty && matches!(change, ConfigChange::KeyAdded | ConfigChange::Created) {
         doc.remove("imports");
     }
-    let mode = std::fs::metadata(path)
-        .map(|m| m.permissions().mode() & 0o7777)
-        .unwrap_or(0o644);
-    write_atomic(path, doc.to_string().as_bytes(), mode)?;
+    rewrite_config(path, &doc)?;
     Ok(Some("the drop-in's import removed".into()))
 }
 
@@ -371,11 +372,9 @@ pub fn uninstall(destdir: &Path) -> Result<Report> {
         let cfg = destdir.join(CONTAINERD_CONFIG);
         report.containerd_config = remove_import(&cfg, &record.import, change)?;
     }
-    for rel in [BINARY, UNIT, DROP_IN, CONTAINERD_CONFIG, RECORD] {
+    // config.toml was handled above.
+    for rel in [BINARY, UNIT, DROP_IN, RECORD] {
         let p = destdir.join(rel);
-        if rel == CONTAINERD_CONFIG {
-            continue; // handled above
-        }
         if record.files.contains(rel) {
             match std::fs::remove_file(&p) {
                 Ok(()) => report.removed.push(p),
