@@ -1,0 +1,710 @@
+//! The entry table as extraction leaves the tree.
+//!
+//! `TreeBuilder` replays the tar entries of a layer the way
+//! `store::unpack::extract` applies them, over an in-memory filesystem: the
+//! same path cleaning, the same parent lookups (no symlink is ever followed;
+//! a missing parent is made 0755 and recorded as implicit; a parent that is
+//! this layer's own whiteout becomes an opaque directory), the same rules for
+//! names taken again (a directory stays if the new entry is one, anything
+//! else is replaced; hardlinks keep the old inode), the same whiteouts
+//! (`.wh.NAME` hides the lower layers' NAME unless this layer made NAME,
+//! `.wh..wh..opq` makes its directory opaque, other `.wh..wh.` names are
+//! dropped), the same attributes (overlay xattrs dropped, `user.` xattrs
+//! dropped on symlinks, directory times set last, in reverse order) and the
+//! same errors. The result is the final tree, walked breadth-first in name
+//! order: parents before children, a hardlink after the file it shares.
+//!
+//! Mirroring includes extract's quirks, because the lazy tree must equal the
+//! unpacked one: a directory listed twice keeps its first mtime; the
+//! directory-time pass, run at the end, may re-create a directory removed
+//! after it was listed, or date whatever took its name; and a directory that
+//! was implicit stays implicit when the layer lists it later. The tests run
+//! both on the same tars and compare the trees.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+use crate::encode::EntryRec;
+use crate::error::{Error, Result};
+use crate::format::Kind;
+use crate::xattr_allowed;
+
+const WHITEOUT_PREFIX: &[u8] = b".wh.";
+const OPAQUE_NAME: &[u8] = b".wh..wh..opq";
+const NAME_MAX: usize = 255;
+const SYMLINK_MAX: usize = 4095;
+
+/// A tar entry's type, as the tar reader reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TarKind {
+    File,
+    Dir,
+    Symlink,
+    Hardlink,
+    Char,
+    Block,
+    Fifo,
+}
+
+/// One tar entry, as the tar reader reports it, with the uncompressed
+/// offset of its data.
+#[derive(Clone, Copy, Debug)]
+pub struct TarEntry<'a> {
+    /// As in the archive (cleaned here as extraction cleans it).
+    pub path: &'a [u8],
+    pub kind: TarKind,
+    /// Permission bits with setuid/setgid/sticky.
+    pub mode: u32,
+    pub uid: u64,
+    pub gid: u64,
+    pub mtime: (i64, u32),
+    /// A file's logical size.
+    pub size: u64,
+    /// Offset of the file's stored data in the uncompressed stream.
+    pub data_offset: u64,
+    /// Symlink target, or hardlink target path.
+    pub link: &'a [u8],
+    pub dev: (u32, u32),
+    pub xattrs: &'a [(String, Vec<u8>)],
+    /// A sparse file's data regions (offset, length).
+    pub sparse: Option<&'a [(u64, u64)]>,
+}
+
+impl<'a> TarEntry<'a> {
+    pub fn new(path: &'a [u8], kind: TarKind) -> Self {
+        TarEntry {
+            path,
+            kind,
+            mode: 0,
+            uid: 0,
+            gid: 0,
+            mtime: (0, 0),
+            size: 0,
+            data_offset: 0,
+            link: &[],
+            dev: (0, 0),
+            xattrs: &[],
+            sparse: None,
+        }
+    }
+}
+
+/// What extraction depends on besides the archive.
+#[derive(Clone, Copy, Debug)]
+pub struct TreeOptions {
+    /// The extracting process's umask: the mode of directories it makes
+    /// itself (0755 & !umask).
+    pub umask: u32,
+    /// The extracting process's euid/egid: the owner of what it makes itself
+    /// (implicit directories, whiteouts).
+    pub owner: (u32, u32),
+}
+
+impl Default for TreeOptions {
+    fn default() -> Self {
+        TreeOptions {
+            umask: 0o022,
+            owner: (0, 0),
+        }
+    }
+}
+
+type NodeId = usize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Errno {
+    NoEnt,
+    NotDir,
+    Loop,
+    Exist,
+    Perm,
+    NameTooLong,
+}
+
+impl Errno {
+    fn text(self) -> &'static str {
+        match self {
+            Errno::NoEnt => "No such file or directory",
+            Errno::NotDir => "a parent is not a directory",
+            Errno::Loop => "the path goes through a symlink",
+            Errno::Exist => "File exists",
+            Errno::Perm => "Operation not permitted",
+            Errno::NameTooLong => "File name too long",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Node {
+    kind: Kind,
+    perm: u32,
+    uid: u32,
+    gid: u32,
+    mtime: (i64, u32),
+    size: u64,
+    data: u64,
+    link: Vec<u8>,
+    sparse: Option<Vec<(u64, u64)>>,
+    xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    opaque: bool,
+    children: BTreeMap<Vec<u8>, NodeId>,
+}
+
+impl Node {
+    fn new(kind: Kind, perm: u32, owner: (u32, u32)) -> Self {
+        Node {
+            kind,
+            perm,
+            uid: owner.0,
+            gid: owner.1,
+            mtime: (0, 0),
+            size: 0,
+            data: 0,
+            link: Vec::new(),
+            sparse: None,
+            xattrs: BTreeMap::new(),
+            opaque: false,
+            children: BTreeMap::new(),
+        }
+    }
+}
+
+/// Builds the entry table from a layer's tar entries, in archive order.
+pub struct TreeBuilder {
+    opts: TreeOptions,
+    nodes: Vec<Node>,
+    /// The last parent resolved, by key (extract keeps its fd).
+    cached: Option<(Vec<u8>, NodeId)>,
+    dir_times: Vec<(Vec<u8>, (i64, u32))>,
+    implicit_dirs: Vec<Vec<u8>>,
+    root_listed: bool,
+    created: HashSet<Vec<u8>>,
+    whiteouts: HashSet<Vec<u8>>,
+    made_dirs: HashSet<Vec<u8>>,
+    entries: u64,
+}
+
+const ROOT: NodeId = 0;
+
+fn entry_err(path: &[u8], reason: impl Into<String>) -> Error {
+    Error::Entry {
+        entry: String::from_utf8_lossy(path).into_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn os_err(path: &[u8], op: &str, e: Errno) -> Error {
+    entry_err(path, format!("{op}: {}", e.text()))
+}
+
+/// Split a tar path into clean components; refuse absolute paths and `..`
+/// (as extraction does).
+pub(crate) fn clean(path: &[u8]) -> std::result::Result<Vec<&[u8]>, String> {
+    if path.starts_with(b"/") {
+        return Err("absolute path".into());
+    }
+    let mut out = Vec::new();
+    for c in path.split(|&b| b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => return Err("path escapes the layer with '..'".into()),
+            c => out.push(c),
+        }
+    }
+    Ok(out)
+}
+
+fn no_nul(path: &[u8], s: &[u8]) -> Result<()> {
+    if s.contains(&0) {
+        Err(entry_err(path, "nul byte found in provided data"))
+    } else {
+        Ok(())
+    }
+}
+
+impl TreeBuilder {
+    pub fn new(opts: TreeOptions) -> Self {
+        let mut root = Node::new(Kind::Dir, 0o755 & !opts.umask, opts.owner);
+        root.perm = 0o755 & !opts.umask;
+        TreeBuilder {
+            opts,
+            nodes: vec![root],
+            cached: None,
+            dir_times: Vec::new(),
+            implicit_dirs: Vec::new(),
+            root_listed: false,
+            created: HashSet::new(),
+            whiteouts: HashSet::new(),
+            made_dirs: HashSet::new(),
+            entries: 0,
+        }
+    }
+
+    /// Entries applied so far.
+    pub fn entries(&self) -> u64 {
+        self.entries
+    }
+
+    fn alloc(&mut self, n: Node) -> NodeId {
+        self.nodes.push(n);
+        self.nodes.len() - 1
+    }
+
+    fn child(&self, dir: NodeId, name: &[u8]) -> Option<NodeId> {
+        self.nodes[dir].children.get(name).copied()
+    }
+
+    /// openat2(dir, name, O_PATH | O_DIRECTORY, RESOLVE_BENEATH | NO_SYMLINKS)
+    /// for one component.
+    fn step(&self, dir: NodeId, name: &[u8]) -> std::result::Result<NodeId, Errno> {
+        if name.len() > NAME_MAX {
+            return Err(Errno::NameTooLong);
+        }
+        let c = self.child(dir, name).ok_or(Errno::NoEnt)?;
+        match self.nodes[c].kind {
+            Kind::Dir => Ok(c),
+            Kind::Symlink => Err(Errno::Loop),
+            _ => Err(Errno::NotDir),
+        }
+    }
+
+    fn resolve(&self, comps: &[&[u8]]) -> std::result::Result<NodeId, Errno> {
+        let mut cur = ROOT;
+        for c in comps {
+            cur = self.step(cur, c)?;
+        }
+        Ok(cur)
+    }
+
+    fn exists(&self, key: &[u8]) -> bool {
+        self.created.contains(key) || self.whiteouts.contains(key) || self.made_dirs.contains(key)
+    }
+
+    /// Open (creating missing directories) the parent of an entry.
+    fn parent(&mut self, comps: &[&[u8]], entry: &[u8]) -> Result<NodeId> {
+        if comps.is_empty() {
+            return Ok(ROOT);
+        }
+        let key = comps.join(&b'/');
+        if let Some((k, id)) = &self.cached {
+            if *k == key {
+                return Ok(*id);
+            }
+        }
+        no_nul(entry, &key)?;
+        let id = match self.resolve(comps) {
+            Ok(id) => id,
+            Err(Errno::NoEnt) => self.make_parents(comps, entry)?,
+            Err(Errno::NotDir) if !self.whiteouts.is_empty() => self.make_parents(comps, entry)?,
+            Err(e) => return Err(os_err(entry, "opening its parent directory", e)),
+        };
+        self.cached = Some((key, id));
+        Ok(id)
+    }
+
+    fn make_parents(&mut self, comps: &[&[u8]], entry: &[u8]) -> Result<NodeId> {
+        let mut cur = ROOT;
+        for (i, c) in comps.iter().enumerate() {
+            no_nul(entry, c)?;
+            cur = match self.step(cur, c) {
+                Ok(d) => d,
+                Err(Errno::NoEnt) => {
+                    let d = self.alloc(Node::new(
+                        Kind::Dir,
+                        0o755 & !self.opts.umask,
+                        self.opts.owner,
+                    ));
+                    self.nodes[cur].children.insert(c.to_vec(), d);
+                    self.implicit_dirs.push(comps[..=i].join(&b'/'));
+                    self.made_dirs.insert(comps[..=i].join(&b'/'));
+                    d
+                }
+                // This layer's whiteout with entries below it: the directory
+                // is this layer's own and hides the lower one (opaque).
+                Err(Errno::NotDir) if self.whiteouts.remove(&comps[..=i].join(&b'/')) => {
+                    let mut n = Node::new(Kind::Dir, 0o755 & !self.opts.umask, self.opts.owner);
+                    n.opaque = true;
+                    let d = self.alloc(n);
+                    self.nodes[cur].children.insert(c.to_vec(), d);
+                    self.made_dirs.insert(comps[..=i].join(&b'/'));
+                    d
+                }
+                Err(Errno::NameTooLong) => {
+                    return Err(os_err(entry, "creating a parent", Errno::NameTooLong))
+                }
+                Err(e) => return Err(os_err(entry, "opening its parent directory", e)),
+            };
+        }
+        Ok(cur)
+    }
+
+    /// Is a directory on the way to an entry's parent something else in
+    /// this layer (a file, symlink or whiteout)?
+    fn parent_is_not_a_dir(&self, dirs: &[&[u8]]) -> bool {
+        if dirs.is_empty() || dirs.iter().any(|c| c.contains(&0)) {
+            return false;
+        }
+        matches!(self.resolve(dirs), Err(Errno::NotDir | Errno::Loop))
+    }
+
+    fn remove(&mut self, dir: NodeId, name: &[u8]) {
+        if let Some(id) = self.nodes[dir].children.remove(name) {
+            if self.nodes[id].kind == Kind::Dir {
+                // The cached parent may be what was just removed.
+                self.cached = None;
+            }
+        }
+    }
+
+    /// Make room for a new entry at parent/name: an existing directory stays
+    /// if the new entry is one too; anything else is removed first.
+    fn clear_slot(
+        &mut self,
+        dirs: &[&[u8]],
+        name: &[u8],
+        new_is_dir: bool,
+        entry: &[u8],
+    ) -> Result<bool> {
+        let parent = self.parent(dirs, entry)?;
+        if name.len() > NAME_MAX {
+            return Err(os_err(entry, "looking up the entry", Errno::NameTooLong));
+        }
+        match self.child(parent, name) {
+            None => Ok(false),
+            Some(c) => {
+                if self.nodes[c].kind == Kind::Dir && new_is_dir {
+                    return Ok(true);
+                }
+                self.remove(parent, name);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Create `name` in `dir` (fails if taken, like O_EXCL / mkdirat).
+    fn create(
+        &mut self,
+        dir: NodeId,
+        name: &[u8],
+        node: Node,
+        op: &str,
+        entry: &[u8],
+    ) -> Result<NodeId> {
+        if name.len() > NAME_MAX {
+            return Err(os_err(entry, op, Errno::NameTooLong));
+        }
+        if self.child(dir, name).is_some() {
+            return Err(os_err(entry, op, Errno::Exist));
+        }
+        let id = self.alloc(node);
+        self.nodes[dir].children.insert(name.to_vec(), id);
+        Ok(id)
+    }
+
+    /// Apply one tar entry.
+    pub fn add(&mut self, e: &TarEntry<'_>) -> Result<()> {
+        self.entries += 1;
+        let path = e.path;
+        let comps = clean(path).map_err(|r| entry_err(path, r))?;
+        let (uid, gid) = (e.uid as u32, e.gid as u32);
+        let Some((&last, dirs)) = comps.split_last() else {
+            // The layer root itself ("./"): its attributes become the root's.
+            if e.kind != TarKind::Dir {
+                return Err(entry_err(path, "the root entry is not a directory"));
+            }
+            let xattrs = self.allowed_xattrs(e, false)?;
+            let root = &mut self.nodes[ROOT];
+            root.uid = uid;
+            root.gid = gid;
+            root.perm = e.mode & 0o7777;
+            root.xattrs.extend(xattrs);
+            self.dir_times.push((Vec::new(), e.mtime));
+            self.root_listed = true;
+            return Ok(());
+        };
+
+        if let Some(hidden) = last.strip_prefix(WHITEOUT_PREFIX) {
+            return self.whiteout(last, hidden, dirs, path);
+        }
+
+        let key = comps.join(&b'/');
+        no_nul(path, last)?;
+        let is_dir = e.kind == TarKind::Dir;
+        // Taking the place of this layer's own whiteout: a directory here
+        // must still hide the lower layers' one.
+        let over_whiteout = self.whiteouts.remove(&key);
+        let fresh = !over_whiteout && !self.exists(&key);
+        let kept_dir = !fresh && self.clear_slot(dirs, last, is_dir, path)?;
+        let xattrs = self.allowed_xattrs(e, e.kind == TarKind::Symlink)?;
+        let perm = e.mode & 0o7777;
+
+        match e.kind {
+            TarKind::File => {
+                let parent = self.parent(dirs, path)?;
+                let mut n = Node::new(Kind::File, perm, (uid, gid));
+                n.size = e.size;
+                n.data = e.data_offset;
+                n.sparse = e.sparse.map(|s| s.to_vec());
+                n.xattrs.extend(xattrs);
+                n.mtime = e.mtime;
+                self.create(parent, last, n, "create", path)?;
+            }
+            TarKind::Dir => {
+                let parent = self.parent(dirs, path)?;
+                let id = if kept_dir {
+                    self.child(parent, last).expect("kept directory")
+                } else {
+                    self.create(
+                        parent,
+                        last,
+                        Node::new(Kind::Dir, 0o700, self.opts.owner),
+                        "mkdir",
+                        path,
+                    )?
+                };
+                let n = &mut self.nodes[id];
+                n.uid = uid;
+                n.gid = gid;
+                n.perm = perm;
+                n.xattrs.extend(xattrs);
+                if over_whiteout {
+                    n.opaque = true;
+                }
+                self.dir_times.push((key.clone(), e.mtime));
+            }
+            TarKind::Symlink => {
+                no_nul(path, e.link)?;
+                let parent = self.parent(dirs, path)?;
+                if e.link.is_empty() {
+                    return Err(os_err(path, "symlink", Errno::NoEnt));
+                }
+                if e.link.len() > SYMLINK_MAX {
+                    return Err(os_err(path, "symlink", Errno::NameTooLong));
+                }
+                let mut n = Node::new(Kind::Symlink, 0o777, (uid, gid));
+                n.link = e.link.to_vec();
+                n.size = e.link.len() as u64;
+                n.xattrs.extend(xattrs);
+                n.mtime = e.mtime;
+                self.create(parent, last, n, "symlink", path)?;
+            }
+            TarKind::Hardlink => {
+                let tcomps =
+                    clean(e.link).map_err(|r| entry_err(path, format!("hardlink target: {r}")))?;
+                let Some((&tlast, tdirs)) = tcomps.split_last() else {
+                    return Err(entry_err(path, "hardlink to the layer root"));
+                };
+                let tkey = tcomps.join(&b'/');
+                if !self.created.contains(&tkey) {
+                    return Err(entry_err(
+                        path,
+                        format!(
+                            "hardlink target {:?} is not in this layer (or not yet extracted)",
+                            String::from_utf8_lossy(e.link)
+                        ),
+                    ));
+                }
+                no_nul(path, &tdirs.join(&b'/'))?;
+                let tparent = self
+                    .resolve(tdirs)
+                    .map_err(|x| os_err(path, "opening the hardlink target's directory", x))?;
+                no_nul(path, tlast)?;
+                let parent = self.parent(dirs, path)?;
+                let target = match self.child(tparent, tlast) {
+                    None => return Err(os_err(path, "link", Errno::NoEnt)),
+                    Some(t) if self.nodes[t].kind == Kind::Dir => {
+                        return Err(os_err(path, "link", Errno::Perm))
+                    }
+                    Some(t) => t,
+                };
+                if last.len() > NAME_MAX {
+                    return Err(os_err(path, "link", Errno::NameTooLong));
+                }
+                if self.child(parent, last).is_some() {
+                    return Err(os_err(path, "link", Errno::Exist));
+                }
+                self.nodes[parent].children.insert(last.to_vec(), target);
+            }
+            TarKind::Char | TarKind::Block | TarKind::Fifo => {
+                let kind = match e.kind {
+                    TarKind::Char => Kind::Char,
+                    TarKind::Block => Kind::Block,
+                    _ => Kind::Fifo,
+                };
+                let parent = self.parent(dirs, path)?;
+                let mut n = Node::new(kind, perm, (uid, gid));
+                if kind != Kind::Fifo {
+                    n.data = (u64::from(e.dev.0) << 32) | u64::from(e.dev.1);
+                }
+                n.xattrs.extend(xattrs);
+                n.mtime = e.mtime;
+                self.create(parent, last, n, "mknod", path)?;
+            }
+        }
+        self.created.insert(key);
+        Ok(())
+    }
+
+    /// The xattrs extraction sets: never overlay's own; on symlinks, never
+    /// `user.` ones (the kernel refuses them there).
+    fn allowed_xattrs(&self, e: &TarEntry<'_>, symlink: bool) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for (k, v) in e.xattrs {
+            if !xattr_allowed(k.as_bytes()) {
+                continue;
+            }
+            if k.as_bytes().contains(&0) {
+                return Err(entry_err(e.path, "NUL in xattr name"));
+            }
+            if symlink && k.starts_with("user.") {
+                continue;
+            }
+            out.push((k.as_bytes().to_vec(), v.clone()));
+        }
+        Ok(out)
+    }
+
+    fn whiteout(&mut self, last: &[u8], hidden: &[u8], dirs: &[&[u8]], path: &[u8]) -> Result<()> {
+        if last == OPAQUE_NAME {
+            let dir = self.parent(dirs, path)?;
+            self.nodes[dir].opaque = true;
+            return Ok(());
+        }
+        // Other `.wh..wh.` names are aufs metadata.
+        if hidden.starts_with(WHITEOUT_PREFIX) {
+            return Ok(());
+        }
+        if hidden.is_empty() || hidden == b"." || hidden == b".." {
+            return Err(entry_err(path, "whiteout of an invalid name"));
+        }
+        let mut target: Vec<&[u8]> = dirs.to_vec();
+        target.push(hidden);
+        let key = target.join(&b'/');
+        no_nul(path, hidden)?;
+        // A whiteout only hides lower layers: what this layer itself has
+        // under that name stays, but a directory of this layer must not
+        // merge with the lower one any more (opaque).
+        if self.created.contains(&key) {
+            let parent = self.parent(dirs, path)?;
+            if hidden.len() > NAME_MAX {
+                return Err(os_err(path, "looking up the entry", Errno::NameTooLong));
+            }
+            let c = self
+                .child(parent, hidden)
+                .ok_or_else(|| os_err(path, "looking up the entry", Errno::NoEnt))?;
+            if self.nodes[c].kind == Kind::Dir {
+                self.nodes[c].opaque = true;
+            }
+            return Ok(());
+        }
+        // Under a file, symlink or whiteout of this layer nothing of the
+        // lower layers shows anyway.
+        if self.parent_is_not_a_dir(dirs) {
+            return Ok(());
+        }
+        self.clear_slot(dirs, hidden, false, path)?;
+        let parent = self.parent(dirs, path)?;
+        let n = Node::new(Kind::Whiteout, 0, self.opts.owner);
+        self.create(parent, hidden, n, "creating the whiteout", path)?;
+        self.whiteouts.insert(key);
+        Ok(())
+    }
+
+    /// Set directory times (last listed first, so a directory listed twice
+    /// keeps its first time), then walk the final tree into entries.
+    pub fn finish(mut self) -> Result<Vec<EntryRec>> {
+        self.cached = None;
+        for (key, mtime) in std::mem::take(&mut self.dir_times).into_iter().rev() {
+            if key.is_empty() {
+                self.nodes[ROOT].mtime = mtime;
+                continue;
+            }
+            let comps = clean(&key).map_err(|r| entry_err(&key, r))?;
+            let (last, dirs) = comps.split_last().expect("non-empty");
+            no_nul(&key, last)?;
+            let parent = self.parent(dirs, &key)?;
+            // Replaced or removed by a later entry: nothing to date, or
+            // whatever took the name gets the directory's time (as lutimes
+            // on the path does).
+            if let Some(c) = self.child(parent, last) {
+                self.nodes[c].mtime = mtime;
+            }
+        }
+        let mut implicit: HashSet<NodeId> = HashSet::new();
+        if !self.root_listed {
+            implicit.insert(ROOT);
+        }
+        for p in &self.implicit_dirs {
+            let comps = clean(p).unwrap_or_default();
+            if let Ok(id) = self.resolve(&comps) {
+                implicit.insert(id);
+            }
+        }
+        self.emit(&implicit)
+    }
+
+    fn emit(&self, implicit: &HashSet<NodeId>) -> Result<Vec<EntryRec>> {
+        let mut out = vec![self.rec(ROOT, 0, b"", implicit.contains(&ROOT))];
+        let mut first_seen: HashMap<NodeId, u32> = HashMap::new();
+        let mut queue = VecDeque::from([(ROOT, 0u32)]);
+        while let Some((dir, idx)) = queue.pop_front() {
+            for (name, &c) in &self.nodes[dir].children {
+                let me = u32::try_from(out.len())
+                    .map_err(|_| Error::Unsupported("more than 4G entries".into()))?;
+                let n = &self.nodes[c];
+                if n.kind != Kind::Dir {
+                    if let Some(&t) = first_seen.get(&c) {
+                        if n.kind != Kind::File {
+                            return Err(Error::Unsupported(format!(
+                                "{:?} is a hardlink to a {:?}; the index holds hardlinks to regular files only",
+                                String::from_utf8_lossy(&self.path_of(&out, me, idx, name)),
+                                n.kind
+                            )));
+                        }
+                        let mut h = EntryRec::new(idx, name, Kind::Hardlink);
+                        h.data = t as u64;
+                        out.push(h);
+                        continue;
+                    }
+                    first_seen.insert(c, me);
+                }
+                out.push(self.rec(c, idx, name, implicit.contains(&c)));
+                if n.kind == Kind::Dir {
+                    queue.push_back((c, me));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn path_of(&self, out: &[EntryRec], _me: u32, parent: u32, name: &[u8]) -> Vec<u8> {
+        let mut comps = vec![name.to_vec()];
+        let mut p = parent;
+        while p != 0 {
+            comps.push(out[p as usize].name.clone());
+            p = out[p as usize].parent;
+        }
+        comps.reverse();
+        comps.join(&b'/')
+    }
+
+    fn rec(&self, id: NodeId, parent: u32, name: &[u8], implicit: bool) -> EntryRec {
+        let n = &self.nodes[id];
+        let mut r = EntryRec::new(parent, name, n.kind);
+        r.perm = n.perm;
+        r.uid = n.uid;
+        r.gid = n.gid;
+        r.mtime = n.mtime;
+        r.size = n.size;
+        r.data = n.data;
+        r.link = n.link.clone();
+        r.sparse = n.sparse.clone();
+        r.xattrs = n
+            .xattrs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        r.opaque = n.opaque && n.kind == Kind::Dir;
+        r.implicit = implicit && n.kind == Kind::Dir;
+        r
+    }
+}
