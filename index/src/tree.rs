@@ -181,6 +181,12 @@ pub struct TreeBuilder {
     whiteouts: HashSet<Vec<u8>>,
     made_dirs: HashSet<Vec<u8>>,
     entries: u64,
+    /// In the directory-time pass.
+    finishing: bool,
+    /// Directories extraction knows are setgid (listed so; never forgotten
+    /// when replaced): a new file there is chowned even when the entry's
+    /// owner is the extracting process's.
+    setgid_dirs: HashSet<Vec<u8>>,
 }
 
 const ROOT: NodeId = 0;
@@ -223,8 +229,8 @@ fn no_nul(path: &[u8], s: &[u8]) -> Result<()> {
 
 impl TreeBuilder {
     pub fn new(opts: TreeOptions) -> Self {
-        let mut root = Node::new(Kind::Dir, 0o755 & !opts.umask, opts.owner);
-        root.perm = 0o755 & !opts.umask;
+        // The layer directory (made by the snapshotter like an implicit one).
+        let root = Node::new(Kind::Dir, 0o755 & !opts.umask, opts.owner);
         TreeBuilder {
             opts,
             nodes: vec![root],
@@ -236,6 +242,8 @@ impl TreeBuilder {
             whiteouts: HashSet::new(),
             made_dirs: HashSet::new(),
             entries: 0,
+            finishing: false,
+            setgid_dirs: HashSet::new(),
         }
     }
 
@@ -247,6 +255,34 @@ impl TreeBuilder {
     fn alloc(&mut self, n: Node) -> NodeId {
         self.nodes.push(n);
         self.nodes.len() - 1
+    }
+
+    /// A node extraction makes itself (not from an entry) in `parent`: an
+    /// implicit directory (0755 & !umask) or a whiteout (mode 0), owned by
+    /// the extracting process, or, in a setgid directory, with its group
+    /// (and directories setgid too), as the kernel makes them.
+    fn own_node(&self, parent: NodeId, kind: Kind) -> Node {
+        let mut n = if kind == Kind::Dir {
+            Node::new(Kind::Dir, 0o755 & !self.opts.umask, self.opts.owner)
+        } else {
+            Node::new(kind, 0, self.opts.owner)
+        };
+        let p = &self.nodes[parent];
+        if p.perm & 0o2000 != 0 {
+            n.gid = p.gid;
+            if kind == Kind::Dir {
+                n.perm |= 0o2000;
+            }
+        }
+        n
+    }
+
+    /// A directory changed after its time was set (only the end pass can do
+    /// that): it has the time of the change, which the index cannot know.
+    fn touch(&mut self, dir: NodeId) {
+        if self.finishing {
+            self.nodes[dir].mtime = (0, 0);
+        }
     }
 
     fn child(&self, dir: NodeId, name: &[u8]) -> Option<NodeId> {
@@ -308,11 +344,8 @@ impl TreeBuilder {
             cur = match self.step(cur, c) {
                 Ok(d) => d,
                 Err(Errno::NoEnt) => {
-                    let d = self.alloc(Node::new(
-                        Kind::Dir,
-                        0o755 & !self.opts.umask,
-                        self.opts.owner,
-                    ));
+                    let d = self.alloc(self.own_node(cur, Kind::Dir));
+                    self.touch(cur);
                     self.nodes[cur].children.insert(c.to_vec(), d);
                     self.implicit_dirs.push(comps[..=i].join(&b'/'));
                     self.made_dirs.insert(comps[..=i].join(&b'/'));
@@ -321,7 +354,8 @@ impl TreeBuilder {
                 // This layer's whiteout with entries below it: the directory
                 // is this layer's own and hides the lower one (opaque).
                 Err(Errno::NotDir) if self.whiteouts.remove(&comps[..=i].join(&b'/')) => {
-                    let mut n = Node::new(Kind::Dir, 0o755 & !self.opts.umask, self.opts.owner);
+                    let mut n = self.own_node(cur, Kind::Dir);
+                    self.touch(cur);
                     n.opaque = true;
                     let d = self.alloc(n);
                     self.nodes[cur].children.insert(c.to_vec(), d);
@@ -418,6 +452,9 @@ impl TreeBuilder {
             root.perm = e.mode & 0o7777;
             root.xattrs.extend(xattrs);
             self.dir_times.push((Vec::new(), e.mtime));
+            if e.mode & 0o2000 != 0 {
+                self.setgid_dirs.insert(Vec::new());
+            }
             self.root_listed = true;
             return Ok(());
         };
@@ -440,6 +477,20 @@ impl TreeBuilder {
         match e.kind {
             TarKind::File => {
                 let parent = self.parent(dirs, path)?;
+                // Created with the process's owner (in a setgid directory,
+                // the directory's group) and chowned only if that is not
+                // the entry's or the parent is known setgid; a directory
+                // that became setgid as an implicit child of a setgid one
+                // is not known, so its group stays (as extraction leaves it).
+                let chown = (!self.setgid_dirs.is_empty()
+                    && self.setgid_dirs.contains(&dirs.join(&b'/')))
+                    || (uid, gid) != self.opts.owner;
+                let p = &self.nodes[parent];
+                let gid = if !chown && p.perm & 0o2000 != 0 {
+                    p.gid
+                } else {
+                    gid
+                };
                 let mut n = Node::new(Kind::File, perm, (uid, gid));
                 n.size = e.size;
                 n.data = e.data_offset;
@@ -468,6 +519,11 @@ impl TreeBuilder {
                 n.xattrs.extend(xattrs);
                 if over_whiteout {
                     n.opaque = true;
+                }
+                if perm & 0o2000 != 0 {
+                    self.setgid_dirs.insert(key.clone());
+                } else {
+                    self.setgid_dirs.remove(&key);
                 }
                 self.dir_times.push((key.clone(), e.mtime));
             }
@@ -531,6 +587,11 @@ impl TreeBuilder {
                     _ => Kind::Fifo,
                 };
                 let parent = self.parent(dirs, path)?;
+                // The kernel takes user.* xattrs on files and directories
+                // only; extraction fails on a device or fifo that has one.
+                if xattrs.iter().any(|(k, _)| k.starts_with(b"user.")) {
+                    return Err(os_err(path, "setxattr", Errno::Perm));
+                }
                 let mut n = Node::new(kind, perm, (uid, gid));
                 if kind != Kind::Fifo {
                     n.data = (u64::from(e.dev.0) << 32) | u64::from(e.dev.1);
@@ -603,7 +664,7 @@ impl TreeBuilder {
         }
         self.clear_slot(dirs, hidden, false, path)?;
         let parent = self.parent(dirs, path)?;
-        let n = Node::new(Kind::Whiteout, 0, self.opts.owner);
+        let n = self.own_node(parent, Kind::Whiteout);
         self.create(parent, hidden, n, "creating the whiteout", path)?;
         self.whiteouts.insert(key);
         Ok(())
@@ -613,6 +674,7 @@ impl TreeBuilder {
     /// keeps its first time), then walk the final tree into entries.
     pub fn finish(mut self) -> Result<Vec<EntryRec>> {
         self.cached = None;
+        self.finishing = true;
         for (key, mtime) in std::mem::take(&mut self.dir_times).into_iter().rev() {
             if key.is_empty() {
                 self.nodes[ROOT].mtime = mtime;
