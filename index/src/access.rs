@@ -63,18 +63,12 @@ impl SpanReader {
         let raw = if index.header().has(flags::WINDOWS_ZSTD) {
             let mut out = vec![0u8; WINDOW_SIZE];
             let n = self
-                .zstd_bounded(stored, &mut out)
+                .zstd_bounded(stored, &mut out, true)
                 .map_err(|reason| Error::Span {
                     span: i,
                     reason: format!("window: {reason}"),
                 })?;
-            if n.1 {
-                return Err(Error::Span {
-                    span: i,
-                    reason: "window larger than 32 KiB".into(),
-                });
-            }
-            out.truncate(n.0);
+            out.truncate(n);
             out
         } else {
             stored.to_vec()
@@ -137,15 +131,12 @@ impl SpanReader {
         match h.compression {
             Compression::None => out.copy_from_slice(compressed),
             Compression::Zstd => {
-                let (n, more) = self.zstd_bounded(compressed, &mut out).map_err(fail)?;
+                let n = self
+                    .zstd_bounded(compressed, &mut out, exact)
+                    .map_err(fail)?;
                 if n < out_len {
                     return Err(fail(format!(
                         "inflates to {n} bytes, the index says {out_len}"
-                    )));
-                }
-                if more && exact {
-                    return Err(fail(format!(
-                        "inflates to more than the {out_len} bytes the index says"
                     )));
                 }
             }
@@ -176,50 +167,57 @@ impl SpanReader {
     }
 
     /// Decode zstd frames into `out`, at most `out.len()` bytes; returns
-    /// how many, and whether the input held more.
+    /// how many. With `exact`, the input must then be used up at the end of
+    /// a frame, without more output. A frame cut short is an error.
     fn zstd_bounded(
         &mut self,
         input: &[u8],
         out: &mut [u8],
-    ) -> std::result::Result<(usize, bool), String> {
+        exact: bool,
+    ) -> std::result::Result<usize, String> {
+        let name = |c| format!("zstd: {}", zstd::zstd_safe::get_error_name(c));
         self.d
             .reset(zstd::zstd_safe::ResetDirective::SessionOnly)
-            .map_err(|c| zstd::zstd_safe::get_error_name(c).to_string())?;
+            .map_err(name)?;
         let mut inb = InBuffer::around(input);
         let mut filled = 0;
-        while filled < out.len() {
+        let mut scratch = [0u8; 1];
+        // Whether the last call that did anything ended a frame.
+        let mut at_frame_end = true;
+        loop {
+            if filled == out.len() && !exact {
+                return Ok(filled);
+            }
             let before = inb.pos();
-            let mut outb = OutBuffer::around(&mut out[filled..]);
+            let target: &mut [u8] = if filled < out.len() {
+                &mut out[filled..]
+            } else {
+                &mut scratch
+            };
+            let mut outb = OutBuffer::around(target);
             let hint = self
                 .d
                 .decompress_stream(&mut outb, &mut inb)
-                .map_err(|c| format!("zstd: {}", zstd::zstd_safe::get_error_name(c)))?;
+                .map_err(name)?;
             let produced = outb.pos();
+            if filled == out.len() && produced > 0 {
+                return Err(format!(
+                    "inflates to more than the {} bytes the index says",
+                    out.len()
+                ));
+            }
             filled += produced;
-            if produced == 0 && (inb.pos() == input.len() || inb.pos() == before) {
-                if hint != 0 {
-                    return Err("zstd frame truncated".into());
+            if produced > 0 || inb.pos() > before {
+                at_frame_end = hint == 0;
+            } else {
+                // Nothing more comes out of what is left.
+                if !at_frame_end {
+                    return Err("zstd frame cut short".into());
                 }
-                return Ok((filled, false));
-            }
-        }
-        // Anything left that still decodes to bytes is too much.
-        let mut one = [0u8; 1];
-        loop {
-            let before = inb.pos();
-            let mut outb = OutBuffer::around(&mut one[..]);
-            let hint = match self.d.decompress_stream(&mut outb, &mut inb) {
-                Ok(h) => h,
-                Err(_) => return Ok((filled, true)),
-            };
-            if outb.pos() > 0 {
-                return Ok((filled, true));
-            }
-            if inb.pos() == input.len() {
-                return Ok((filled, hint != 0));
-            }
-            if inb.pos() == before {
-                return Ok((filled, true));
+                if inb.pos() < input.len() {
+                    return Err("zstd: no progress".into());
+                }
+                return Ok(filled);
             }
         }
     }
