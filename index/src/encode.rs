@@ -147,6 +147,19 @@ impl IndexBuilder {
     /// The index bytes, validated by `Index::parse` (a builder bug or input
     /// the format cannot hold is an error here, never a bad index on disk).
     pub fn encode(&self) -> Result<Vec<u8>> {
+        let b = self.encode_unvalidated()?;
+        Index::parse(&b[..]).map_err(|e| match e {
+            Error::InvalidIndex(r) => {
+                Error::Unsupported(format!("the index built is not valid: {r}"))
+            }
+            e => e,
+        })?;
+        Ok(b)
+    }
+
+    /// The bytes, without the validation (for tests and fuzz seeds: the
+    /// result may be an invalid index).
+    pub fn encode_unvalidated(&self) -> Result<Vec<u8>> {
         let mut heap = Heap {
             bytes: Vec::new(),
             seen: HashMap::new(),
@@ -256,12 +269,6 @@ impl IndexBuilder {
         b.extend_from_slice(&spans);
         b.extend_from_slice(&chunks);
         b.extend_from_slice(&heap.bytes);
-        Index::parse(&b[..]).map_err(|e| match e {
-            Error::InvalidIndex(r) => {
-                Error::Unsupported(format!("the index built is not valid: {r}"))
-            }
-            e => e,
-        })?;
         Ok(b)
     }
 }

@@ -418,6 +418,10 @@ impl<B: AsRef<[u8]>> Index<B> {
     pub fn name(&self, i: u32) -> &[u8] {
         let r = self.erec(i);
         let (off, len) = (u32_at(r, 4) as usize, u16_at(r, 8) as usize);
+        if len == 0 {
+            // The root's (validated to be empty; its offset is not used).
+            return &[];
+        }
         &self.heap()[off..off + len]
     }
 

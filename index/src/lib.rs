@@ -19,6 +19,7 @@ pub mod compare;
 pub mod encode;
 pub mod error;
 pub mod format;
+pub mod fuzz;
 pub mod reader;
 pub mod tree;
 pub mod windows;

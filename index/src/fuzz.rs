@@ -1,0 +1,45 @@
+//! Entry points for the fuzz harness (`cstore-fuzz`): each takes arbitrary
+//! bytes, must never panic, and allocates in proportion to its input (or
+//! within the caps of the format).
+
+use crate::format::Index;
+
+/// Parse `data` as an index and, if it is accepted, touch everything a
+/// reader can reach: every entry, name, link, xattr and sparse map, every
+/// directory's children and lookups, every span and chunk, span searches.
+pub fn index_parse(data: &[u8]) {
+    let Ok(idx) = Index::parse(data) else {
+        return;
+    };
+    walk(&idx);
+}
+
+pub(crate) fn walk<B: AsRef<[u8]>>(idx: &Index<B>) {
+    let n = idx.entry_count();
+    for i in 0..n {
+        let e = idx.entry(i);
+        let _ = (idx.name(i), idx.parent(i), idx.nlink(i), idx.path(i));
+        let _ = (e.data_offset(), e.hardlink_target(), e.rdev());
+        let _ = idx.link_target(i);
+        if let Some(m) = idx.sparse_map(i) {
+            m.for_each(drop);
+        }
+        idx.xattrs(i).for_each(drop);
+        for &c in idx.children(i) {
+            assert_eq!(idx.lookup(i, idx.name(c)), Some(c));
+        }
+    }
+    let h = *idx.header();
+    for i in 0..idx.span_count() {
+        let s = idx.span(i);
+        let _ = (s.window(), idx.chunks_in_span(i));
+        let r = idx.spans_for(s.uncompressed.start, s.uncompressed.end);
+        assert!(r.end <= idx.span_count());
+    }
+    for j in 0..idx.chunk_count() {
+        let c = idx.chunk(j);
+        let _ = idx.chunk_range(&c);
+    }
+    let _ = idx.spans_for(0, h.uncompressed_size);
+    let _ = idx.span_at(h.uncompressed_size / 2);
+}
