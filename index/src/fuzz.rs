@@ -43,3 +43,43 @@ pub(crate) fn walk<B: AsRef<[u8]>>(idx: &Index<B>) {
     let _ = idx.spans_for(0, h.uncompressed_size);
     let _ = idx.span_at(h.uncompressed_size / 2);
 }
+
+/// Treat `data` as an eStargz TOC (JSON) of a 1 MiB blob and import it; an
+/// accepted import is walked like `index_parse`.
+pub fn estargz_toc(data: &[u8]) {
+    use crate::estargz::{import, Footer, Toc};
+    let footer = Footer::Gzip {
+        toc_offset: 1 << 20,
+        footer_len: 51,
+    };
+    let toc = Toc {
+        json: data.to_vec(),
+        sha256: crate::sha256(data),
+        tar_entry: None,
+    };
+    if let Ok(imp) = import(
+        &footer,
+        &toc,
+        [0; 32],
+        [0; 32],
+        (1 << 20) + 4096,
+        Default::default(),
+    ) {
+        let idx = Index::parse(&imp.index[..]).expect("an import is a valid index");
+        walk(&idx);
+    }
+}
+
+/// Treat `data` as the end of an eStargz blob: find a footer in its last
+/// bytes, and read a TOC from the range it names.
+pub fn estargz_blob(data: &[u8]) {
+    use crate::estargz::{parse_footer, read_toc, FOOTER_FETCH};
+    let n = data.len() as u64;
+    let tail = &data[(n.saturating_sub(FOOTER_FETCH)) as usize..];
+    if let Ok(f) = parse_footer(tail, n) {
+        let r = f.toc_range(n);
+        if let Some(b) = data.get(r.start as usize..r.end as usize) {
+            let _ = read_toc(&f, b, None);
+        }
+    }
+}

@@ -46,6 +46,25 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// The eStargz variants of fixtures/estargz.sh (ctr-remote in a private
+/// containerd); None if ctr-remote is missing (and not under CI).
+pub fn estargz_fixtures() -> Option<PathBuf> {
+    let out = Command::new("bash")
+        .arg(repo().join("fixtures/estargz.sh"))
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        let why = format!(
+            "fixtures/estargz.sh ({})",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        if unavailable(&why) {
+            return None;
+        }
+    }
+    Some(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()))
+}
+
 /// The OCI layout of fixtures/images.sh, with the given layered-images.sh
 /// tags built too (both build once and cache).
 pub fn fixtures(layered: &[&str]) -> PathBuf {
@@ -70,6 +89,8 @@ pub struct Layer {
     pub digest: String,
     pub path: PathBuf,
     pub compression: Compression,
+    /// The eStargz TOC digest annotation, if any.
+    pub toc_digest: Option<String>,
 }
 
 fn blob_path(oci: &Path, digest: &str) -> PathBuf {
@@ -103,6 +124,9 @@ pub fn layers(oci: &Path, tag: &str) -> Option<Vec<Layer>> {
             path: blob_path(oci, &digest),
             digest,
             compression,
+            toc_digest: l["annotations"]["containerd.io/snapshot/stargz/toc.digest"]
+                .as_str()
+                .map(String::from),
         });
     }
     Some(out)
