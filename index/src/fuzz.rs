@@ -83,3 +83,12 @@ pub fn estargz_blob(data: &[u8]) {
         }
     }
 }
+
+/// Treat `data` as a SOCI zTOC and import it; an accepted import is walked
+/// like `index_parse`.
+pub fn soci_ztoc(data: &[u8]) {
+    if let Ok(imp) = crate::soci::import(data, [0; 32], [0; 32], Default::default()) {
+        let idx = Index::parse(&imp.index[..]).expect("an import is a valid index");
+        walk(&idx);
+    }
+}

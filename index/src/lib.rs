@@ -23,6 +23,7 @@ pub mod format;
 pub mod fuzz;
 pub mod reader;
 mod rfc3339;
+pub mod soci;
 pub mod tree;
 pub mod windows;
 mod zlib;

@@ -138,10 +138,20 @@ pub fn sha256(b: &[u8]) -> [u8; 32] {
 
 /// Counts (and keeps) the bytes the tar reader takes: after `next_entry`
 /// returns, the count is the entry's data offset.
-struct Counting<R> {
+pub struct Counting<R> {
     inner: R,
     n: Rc<Cell<u64>>,
     keep: Vec<u8>,
+}
+
+impl<R> Counting<R> {
+    pub fn new(inner: R, n: Rc<Cell<u64>>) -> Self {
+        Counting {
+            inner,
+            n,
+            keep: Vec::new(),
+        }
+    }
 }
 
 impl<R: Read> Read for Counting<R> {
