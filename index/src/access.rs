@@ -319,11 +319,11 @@ impl SpanReader {
     /// Uncompressed bytes `[start, end)` of a layer whose blob and windows
     /// blob are at hand (a local blob, tests), through the spans that hold
     /// them.
-    pub fn read_range<B: AsRef<[u8]>>(
+    pub fn read_range<'b, B: AsRef<[u8]>>(
         &mut self,
         index: &Index<B>,
-        blob: &[u8],
-        windows: &[u8],
+        blob: &'b [u8],
+        windows: &'b [u8],
         range: Range<u64>,
     ) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity((range.end.saturating_sub(range.start)) as usize);
@@ -332,17 +332,15 @@ impl SpanReader {
             if s.uncompressed.is_empty() {
                 continue;
             }
-            let get = |r: Range<u64>, what: &str| {
-                blob_slice(if what == "window" { windows } else { blob }, r.clone()).ok_or_else(
-                    || Error::Span {
-                        span: i,
-                        reason: format!("{what} range {r:?} is past the end of the blob"),
-                    },
-                )
+            let get = |b: &'b [u8], r: Range<u64>, what: &str| {
+                blob_slice(b, r.clone()).ok_or_else(|| Error::Span {
+                    span: i,
+                    reason: format!("{what} range {r:?} is past the end of its blob"),
+                })
             };
-            let c = get(s.compressed.clone(), "compressed")?;
+            let c = get(blob, s.compressed.clone(), "compressed")?;
             let w = match s.window() {
-                Some(r) => get(r, "window")?,
+                Some(r) => get(windows, r, "window")?,
                 None => &[][..],
             };
             let bytes = self.read_span(index, i, c, w)?;

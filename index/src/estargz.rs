@@ -618,3 +618,79 @@ pub fn import(
 fn list_member(chunks: &HashMap<usize, Vec<JChunk>>, i: usize) -> Option<u64> {
     chunks.get(&i).and_then(|l| l.first()).map(|c| c.member)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Footers as stargz-snapshotter's Go writes them (gzip.go: an empty
+    /// member with the offset in its extra field; the legacy one without the
+    /// 'SG' subfield header).
+    #[test]
+    fn footers() {
+        let gzip_member = |extra: &[u8]| {
+            let mut f = vec![0x1f, 0x8b, 8, 4, 0, 0, 0, 0, 0, 0xff];
+            f.extend_from_slice(&(extra.len() as u16).to_le_bytes());
+            f.extend_from_slice(extra);
+            f.extend_from_slice(&[1, 0, 0, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0]);
+            f
+        };
+        let mut sg = b"SG".to_vec();
+        sg.extend_from_slice(&22u16.to_le_bytes());
+        sg.extend_from_slice(format!("{:016x}STARGZ", 1234).as_bytes());
+        let f = gzip_member(&sg);
+        assert_eq!(f.len(), 51);
+        let mut blob = vec![0u8; 5000];
+        blob.extend_from_slice(&f);
+        let footer = parse_footer(&blob[blob.len() - 51..], blob.len() as u64).unwrap();
+        assert_eq!(
+            footer,
+            Footer::Gzip {
+                toc_offset: 1234,
+                footer_len: 51
+            }
+        );
+        assert_eq!(footer.toc_range(blob.len() as u64), 1234..5000);
+
+        let legacy = gzip_member(format!("{:016x}STARGZ", 999).as_bytes());
+        assert_eq!(legacy.len(), 47);
+        let mut blob = vec![0u8; 5000];
+        blob.extend_from_slice(&legacy);
+        let footer = parse_footer(&blob[blob.len() - 51..], blob.len() as u64).unwrap();
+        assert_eq!(
+            footer,
+            Footer::Gzip {
+                toc_offset: 999,
+                footer_len: 47
+            }
+        );
+
+        // zstd:chunked: a skippable frame of 40 bytes.
+        let mut z = vec![0x50, 0x2a, 0x4d, 0x18, 40, 0, 0, 0];
+        for v in [300u64, 50, 120, 1] {
+            z.extend_from_slice(&v.to_le_bytes());
+        }
+        z.extend_from_slice(b"GnUlInUx");
+        let mut blob = vec![0u8; 400];
+        blob.extend_from_slice(&z);
+        let footer = parse_footer(&blob[blob.len() - 51..], blob.len() as u64).unwrap();
+        assert_eq!(
+            footer,
+            Footer::Zstd {
+                toc_offset: 300,
+                toc_compressed: 50,
+                toc_raw: 120
+            }
+        );
+        assert_eq!(footer.toc_range(blob.len() as u64), 300..350);
+
+        // An external TOC (a TOC image of its own) is not supported.
+        let mut ext = b"SG".to_vec();
+        ext.extend_from_slice(&22u16.to_le_bytes());
+        ext.extend_from_slice(b"STARGZEXTERNALTOC\0\0\0\0\0");
+        let f = gzip_member(&ext);
+        let mut blob = vec![0u8; 100];
+        blob.extend_from_slice(&f);
+        assert!(parse_footer(&blob[blob.len() - 51..], blob.len() as u64).is_err());
+    }
+}

@@ -461,6 +461,41 @@ impl<B: AsRef<[u8]>> Index<B> {
         })
     }
 
+    /// Where bytes `range` of file entry `i` (a hardlink: its target's) are
+    /// in the uncompressed stream: (offset in the file, stream range) for
+    /// each stored piece overlapping `range`, in order. What no piece covers
+    /// in a sparse file is a hole (zeros); past the end there is nothing.
+    pub fn file_data(&self, i: u32, range: Range<u64>) -> Vec<(u64, Range<u64>)> {
+        let mut e = self.entry(i);
+        let mut i = i;
+        if let Some(t) = e.hardlink_target() {
+            i = t;
+            e = self.entry(t);
+        }
+        let Some(data) = e.data_offset() else {
+            return Vec::new();
+        };
+        let (a, b) = (range.start, range.end.min(e.size));
+        if a >= b {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        match self.sparse_map(i) {
+            None => out.push((a, data + a..data + b)),
+            Some(map) => {
+                let mut stored = data;
+                for (off, len) in map {
+                    let (s, t) = (off.max(a), (off + len).min(b));
+                    if s < t {
+                        out.push((s, stored + (s - off)..stored + (t - off)));
+                    }
+                    stored += len;
+                }
+            }
+        }
+        out
+    }
+
     /// Entry `i`'s extended attributes (name, value), sorted by name. A
     /// hardlink has its target's.
     pub fn xattrs(&self, i: u32) -> Xattrs<'_> {

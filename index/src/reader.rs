@@ -336,11 +336,6 @@ impl<R: Read, W: Write> IndexingReader<R, W> {
         }
     }
 
-    /// Uncompressed bytes produced so far.
-    pub fn position(&self) -> u64 {
-        self.total_out
-    }
-
     /// The spans, once the stream has been read to its end; or why there is
     /// no index for this layer.
     pub fn finish(mut self) -> Result<(Checkpoints, W)> {

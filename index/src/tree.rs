@@ -718,7 +718,7 @@ impl TreeBuilder {
                         if n.kind != Kind::File {
                             return Err(Error::Unsupported(format!(
                                 "{:?} is a hardlink to a {:?}; the index holds hardlinks to regular files only",
-                                String::from_utf8_lossy(&self.path_of(&out, me, idx, name)),
+                                String::from_utf8_lossy(&path_of(&out, idx, name)),
                                 n.kind
                             )));
                         }
@@ -736,17 +736,6 @@ impl TreeBuilder {
             }
         }
         Ok(out)
-    }
-
-    fn path_of(&self, out: &[EntryRec], _me: u32, parent: u32, name: &[u8]) -> Vec<u8> {
-        let mut comps = vec![name.to_vec()];
-        let mut p = parent;
-        while p != 0 {
-            comps.push(out[p as usize].name.clone());
-            p = out[p as usize].parent;
-        }
-        comps.reverse();
-        comps.join(&b'/')
     }
 
     fn rec(&self, id: NodeId, parent: u32, name: &[u8], implicit: bool) -> EntryRec {
@@ -769,4 +758,16 @@ impl TreeBuilder {
         r.implicit = implicit && n.kind == Kind::Dir;
         r
     }
+}
+
+/// The path of a new entry `name` under entry `parent` of `out`.
+fn path_of(out: &[EntryRec], parent: u32, name: &[u8]) -> Vec<u8> {
+    let mut comps = vec![name.to_vec()];
+    let mut p = parent;
+    while p != 0 {
+        comps.push(out[p as usize].name.clone());
+        p = out[p as usize].parent;
+    }
+    comps.reverse();
+    comps.join(&b'/')
 }

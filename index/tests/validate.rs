@@ -147,6 +147,15 @@ fn a_valid_index_reads_back() {
     assert_eq!(idx.spans_for(5000, 6000), 0..0);
     assert_eq!(idx.span_at(2000), Some(1));
     assert_eq!(idx.path(2), b"etc/passwd");
+    // File ranges to stream ranges (holes are not stored).
+    assert_eq!(idx.file_data(2, 10..20), [(10, 110..120)]);
+    assert_eq!(idx.file_data(4, 190..300), [(190, 290..300)]);
+    assert_eq!(
+        idx.file_data(6, 5..5010),
+        [(5, 1005..1010), (5000, 1010..1020)]
+    );
+    assert_eq!(idx.file_data(6, 20..4000), []);
+    assert_eq!(idx.file_data(1, 0..10), []);
 }
 
 #[test]
