@@ -36,7 +36,7 @@ fn roundtrip(blob: &[u8], c: Compression, span: u32, tree: bool, what: &str) -> 
     assert_eq!(h.compressed_size, blob.len() as u64, "{what}");
     assert_eq!(h.uncompressed_size, full.len() as u64, "{what}");
     assert_spans(&idx, blob, &b.windows, &full);
-    assert_random_reads(&idx, blob, &b.windows, &full, 40, blob.len() as u64);
+    assert_random_reads(&idx, blob, &b.windows, &full, 20, blob.len() as u64);
     if tree {
         let tmp = tempfile::tempdir().unwrap();
         let dir = extract(tmp.path(), &full).unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -140,12 +140,12 @@ fn fixture_layers() {
 #[test]
 fn gzip_levels_and_members() {
     let tar = synthetic_tar(1, 400_000);
-    for level in [0, 1, 6, 9] {
+    for level in [0, 1, 9] {
         roundtrip(
             &gzip(&tar, level),
             Compression::Gzip,
             32 << 10,
-            level == 6,
+            level == 9,
             &format!("gzip -{level}"),
         );
     }

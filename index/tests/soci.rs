@@ -270,7 +270,13 @@ fn imports_equal_the_layers_own_tree() {
                 .index,
         )
         .unwrap();
-        for v1 in [false, true] {
+        // zinfo v1 (no first checkpoint) on one layer is enough.
+        let variants: &[bool] = if what == "generated" {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        for &v1 in variants {
             let z = ztoc(&blob, &metas(&full), v1);
             let imp = soci::import(&z, common::sha256(&blob), [0; 32], common::tree_options())
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -281,7 +287,6 @@ fn imports_equal_the_layers_own_tree() {
             // Every span verifies against soci's digest and inflates from
             // its own checkpoint and window to the full inflate's bytes.
             common::assert_spans(&idx, &blob, &imp.windows, &full);
-            common::assert_random_reads(&idx, &blob, &imp.windows, &full, 15, 5);
             // A prefetch list appended by soci is not part of the zTOC.
             let mut with_prefetch = z.clone();
             with_prefetch.extend_from_slice(b"---SOCI-PREFETCH---[{\"path\":\"/bin/sh\"}]");
