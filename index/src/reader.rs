@@ -165,7 +165,6 @@ impl<W: Write> Recorder<W> {
     fn fail(&mut self, e: Error) {
         if self.failed.is_none() {
             self.failed = Some(e);
-            self.spans = Vec::new();
         }
     }
 

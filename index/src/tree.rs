@@ -32,6 +32,7 @@ const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_NAME: &[u8] = b".wh..wh..opq";
 const NAME_MAX: usize = 255;
 const SYMLINK_MAX: usize = 4095;
+const PATH_MAX: usize = 4096;
 
 /// A tar entry's type, as the tar reader reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -303,7 +304,18 @@ impl TreeBuilder {
         }
     }
 
+    /// openat2 of the whole relative path: a path of PATH_MAX (4096) bytes
+    /// or more is refused before any component is looked at (which also
+    /// bounds how deep a layer can make directories).
     fn resolve(&self, comps: &[&[u8]]) -> std::result::Result<NodeId, Errno> {
+        let joined = comps
+            .iter()
+            .map(|c| c.len() + 1)
+            .sum::<usize>()
+            .saturating_sub(1);
+        if joined >= PATH_MAX {
+            return Err(Errno::NameTooLong);
+        }
         let mut cur = ROOT;
         for c in comps {
             cur = self.step(cur, c)?;

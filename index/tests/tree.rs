@@ -222,6 +222,10 @@ fn crafted_layers_match_extraction() {
         ),
         ("under a file", vec![H::file("f", b""), H::file("f/g", b"")]),
         ("name too long", vec![H::file(&"n".repeat(256), b"")]),
+        (
+            "a parent path of PATH_MAX bytes",
+            vec![H::file(&format!("{}dd/f", "d/".repeat(2047)), b"")],
+        ),
         ("root entry not a directory", vec![H::file("./", b"")]),
         ("whiteout of nothing", vec![H::file(".wh.", b"")]),
         (
@@ -236,6 +240,13 @@ fn crafted_layers_match_extraction() {
             "{what}"
         );
     }
+    // 2048 directories deep, a parent path of 4095 bytes: both take it (too
+    // deep for the tree walk of the comparison, which goes by path).
+    let deep = tar(&[H::file(&format!("{}d/f", "d/".repeat(2047)), b"deep")]);
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(extract(tmp.path(), &deep).is_ok());
+    let b = build(&deep, Compression::None, Policy::default()).unwrap();
+    assert_eq!(Index::parse(b.index).unwrap().entry_count(), 2050);
     // Extraction links anything but a directory; the index holds hardlinks
     // to regular files only, and says why.
     let t = tar(&[H::symlink("s", "x"), H::hardlink("l", "s")]);
