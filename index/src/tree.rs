@@ -111,6 +111,62 @@ impl Default for TreeOptions {
 
 type NodeId = usize;
 
+/// A path, interned (parent path + one component): extraction keys its
+/// bookkeeping by path, and interning keeps that linear in the input where
+/// joined strings would cost depth² bytes per deep entry.
+type PathId = u32;
+const ROOT_PATH: PathId = 0;
+
+#[derive(Default)]
+struct Paths {
+    /// (parent, component) of each path; the root has none.
+    of: Vec<(PathId, Box<[u8]>)>,
+    /// Length of each path joined with '/'.
+    len: Vec<usize>,
+    ids: HashMap<(PathId, Box<[u8]>), PathId>,
+}
+
+impl Paths {
+    fn new() -> Self {
+        Paths {
+            of: vec![(ROOT_PATH, Box::default())],
+            len: vec![0],
+            ids: HashMap::new(),
+        }
+    }
+
+    fn child(&mut self, parent: PathId, name: &[u8]) -> PathId {
+        if let Some(&id) = self.ids.get(&(parent, Box::from(name))) {
+            return id;
+        }
+        let id = self.of.len() as PathId;
+        self.of.push((parent, name.into()));
+        let l = self.len[parent as usize];
+        self.len.push(if parent == ROOT_PATH {
+            name.len()
+        } else {
+            l + 1 + name.len()
+        });
+        self.ids.insert((parent, name.into()), id);
+        id
+    }
+
+    fn id(&mut self, comps: &[&[u8]]) -> PathId {
+        comps.iter().fold(ROOT_PATH, |p, c| self.child(p, c))
+    }
+
+    fn comps(&self, mut id: PathId) -> Vec<&[u8]> {
+        let mut out = Vec::new();
+        while id != ROOT_PATH {
+            let (p, name) = &self.of[id as usize];
+            out.push(&name[..]);
+            id = *p;
+        }
+        out.reverse();
+        out
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Errno {
     NoEnt,
@@ -173,21 +229,22 @@ impl Node {
 pub struct TreeBuilder {
     opts: TreeOptions,
     nodes: Vec<Node>,
-    /// The last parent resolved, by key (extract keeps its fd).
-    cached: Option<(Vec<u8>, NodeId)>,
-    dir_times: Vec<(Vec<u8>, (i64, u32))>,
-    implicit_dirs: Vec<Vec<u8>>,
+    paths: Paths,
+    /// The last parent resolved, by path (extract keeps its fd).
+    cached: Option<(PathId, NodeId)>,
+    dir_times: Vec<(PathId, (i64, u32))>,
+    implicit_dirs: Vec<PathId>,
     root_listed: bool,
-    created: HashSet<Vec<u8>>,
-    whiteouts: HashSet<Vec<u8>>,
-    made_dirs: HashSet<Vec<u8>>,
+    created: HashSet<PathId>,
+    whiteouts: HashSet<PathId>,
+    made_dirs: HashSet<PathId>,
     entries: u64,
     /// In the directory-time pass.
     finishing: bool,
     /// Directories extraction knows are setgid (listed so; never forgotten
     /// when replaced): a new file there is chowned even when the entry's
     /// owner is the extracting process's.
-    setgid_dirs: HashSet<Vec<u8>>,
+    setgid_dirs: HashSet<PathId>,
 }
 
 const ROOT: NodeId = 0;
@@ -235,6 +292,7 @@ impl TreeBuilder {
         TreeBuilder {
             opts,
             nodes: vec![root],
+            paths: Paths::new(),
             cached: None,
             dir_times: Vec::new(),
             implicit_dirs: Vec::new(),
@@ -323,8 +381,10 @@ impl TreeBuilder {
         Ok(cur)
     }
 
-    fn exists(&self, key: &[u8]) -> bool {
-        self.created.contains(key) || self.whiteouts.contains(key) || self.made_dirs.contains(key)
+    fn exists(&self, key: PathId) -> bool {
+        self.created.contains(&key)
+            || self.whiteouts.contains(&key)
+            || self.made_dirs.contains(&key)
     }
 
     /// Open (creating missing directories) the parent of an entry.
@@ -332,13 +392,15 @@ impl TreeBuilder {
         if comps.is_empty() {
             return Ok(ROOT);
         }
-        let key = comps.join(&b'/');
-        if let Some((k, id)) = &self.cached {
-            if *k == key {
-                return Ok(*id);
+        let key = self.paths.id(comps);
+        if let Some((k, id)) = self.cached {
+            if k == key {
+                return Ok(id);
             }
         }
-        no_nul(entry, &key)?;
+        if comps.iter().any(|c| c.contains(&0)) {
+            return Err(entry_err(entry, "nul byte found in provided data"));
+        }
         let id = match self.resolve(comps) {
             Ok(id) => id,
             Err(Errno::NoEnt) => self.make_parents(comps, entry)?,
@@ -351,27 +413,29 @@ impl TreeBuilder {
 
     fn make_parents(&mut self, comps: &[&[u8]], entry: &[u8]) -> Result<NodeId> {
         let mut cur = ROOT;
-        for (i, c) in comps.iter().enumerate() {
+        let mut pid = ROOT_PATH;
+        for c in comps {
             no_nul(entry, c)?;
+            pid = self.paths.child(pid, c);
             cur = match self.step(cur, c) {
                 Ok(d) => d,
                 Err(Errno::NoEnt) => {
                     let d = self.alloc(self.own_node(cur, Kind::Dir));
                     self.touch(cur);
                     self.nodes[cur].children.insert(c.to_vec(), d);
-                    self.implicit_dirs.push(comps[..=i].join(&b'/'));
-                    self.made_dirs.insert(comps[..=i].join(&b'/'));
+                    self.implicit_dirs.push(pid);
+                    self.made_dirs.insert(pid);
                     d
                 }
                 // This layer's whiteout with entries below it: the directory
                 // is this layer's own and hides the lower one (opaque).
-                Err(Errno::NotDir) if self.whiteouts.remove(&comps[..=i].join(&b'/')) => {
+                Err(Errno::NotDir) if self.whiteouts.remove(&pid) => {
                     let mut n = self.own_node(cur, Kind::Dir);
                     self.touch(cur);
                     n.opaque = true;
                     let d = self.alloc(n);
                     self.nodes[cur].children.insert(c.to_vec(), d);
-                    self.made_dirs.insert(comps[..=i].join(&b'/'));
+                    self.made_dirs.insert(pid);
                     d
                 }
                 Err(Errno::NameTooLong) => {
@@ -463,9 +527,9 @@ impl TreeBuilder {
             root.gid = gid;
             root.perm = e.mode & 0o7777;
             root.xattrs.extend(xattrs);
-            self.dir_times.push((Vec::new(), e.mtime));
+            self.dir_times.push((ROOT_PATH, e.mtime));
             if e.mode & 0o2000 != 0 {
-                self.setgid_dirs.insert(Vec::new());
+                self.setgid_dirs.insert(ROOT_PATH);
             }
             self.root_listed = true;
             return Ok(());
@@ -475,13 +539,13 @@ impl TreeBuilder {
             return self.whiteout(last, hidden, dirs, path);
         }
 
-        let key = comps.join(&b'/');
+        let key = self.paths.id(&comps);
         no_nul(path, last)?;
         let is_dir = e.kind == TarKind::Dir;
         // Taking the place of this layer's own whiteout: a directory here
         // must still hide the lower layers' one.
         let over_whiteout = self.whiteouts.remove(&key);
-        let fresh = !over_whiteout && !self.exists(&key);
+        let fresh = !over_whiteout && !self.exists(key);
         let kept_dir = !fresh && self.clear_slot(dirs, last, is_dir, path)?;
         let xattrs = self.allowed_xattrs(e, e.kind == TarKind::Symlink)?;
         let perm = e.mode & 0o7777;
@@ -495,7 +559,7 @@ impl TreeBuilder {
                 // that became setgid as an implicit child of a setgid one
                 // is not known, so its group stays (as extraction leaves it).
                 let chown = (!self.setgid_dirs.is_empty()
-                    && self.setgid_dirs.contains(&dirs.join(&b'/')))
+                    && self.setgid_dirs.contains(&self.paths.id(dirs)))
                     || (uid, gid) != self.opts.owner;
                 let p = &self.nodes[parent];
                 let gid = if !chown && p.perm & 0o2000 != 0 {
@@ -533,11 +597,11 @@ impl TreeBuilder {
                     n.opaque = true;
                 }
                 if perm & 0o2000 != 0 {
-                    self.setgid_dirs.insert(key.clone());
+                    self.setgid_dirs.insert(key);
                 } else {
                     self.setgid_dirs.remove(&key);
                 }
-                self.dir_times.push((key.clone(), e.mtime));
+                self.dir_times.push((key, e.mtime));
             }
             TarKind::Symlink => {
                 no_nul(path, e.link)?;
@@ -561,7 +625,7 @@ impl TreeBuilder {
                 let Some((&tlast, tdirs)) = tcomps.split_last() else {
                     return Err(entry_err(path, "hardlink to the layer root"));
                 };
-                let tkey = tcomps.join(&b'/');
+                let tkey = self.paths.id(&tcomps);
                 if !self.created.contains(&tkey) {
                     return Err(entry_err(
                         path,
@@ -571,7 +635,9 @@ impl TreeBuilder {
                         ),
                     ));
                 }
-                no_nul(path, &tdirs.join(&b'/'))?;
+                if tdirs.iter().any(|c| c.contains(&0)) {
+                    return Err(entry_err(path, "nul byte found in provided data"));
+                }
                 let tparent = self
                     .resolve(tdirs)
                     .map_err(|x| os_err(path, "opening the hardlink target's directory", x))?;
@@ -651,7 +717,7 @@ impl TreeBuilder {
         }
         let mut target: Vec<&[u8]> = dirs.to_vec();
         target.push(hidden);
-        let key = target.join(&b'/');
+        let key = self.paths.id(&target);
         no_nul(path, hidden)?;
         // A whiteout only hides lower layers: what this layer itself has
         // under that name stays, but a directory of this layer must not
@@ -688,14 +754,17 @@ impl TreeBuilder {
         self.cached = None;
         self.finishing = true;
         for (key, mtime) in std::mem::take(&mut self.dir_times).into_iter().rev() {
-            if key.is_empty() {
+            if key == ROOT_PATH {
                 self.nodes[ROOT].mtime = mtime;
                 continue;
             }
-            let comps = clean(&key).map_err(|r| entry_err(&key, r))?;
-            let (last, dirs) = comps.split_last().expect("non-empty");
-            no_nul(&key, last)?;
-            let parent = self.parent(dirs, &key)?;
+            let owned: Vec<Vec<u8>> = self.paths.comps(key).iter().map(|c| c.to_vec()).collect();
+            let comps: Vec<&[u8]> = owned.iter().map(|c| &c[..]).collect();
+            let name = comps.join(&b'/');
+            let (last, dirs) = comps
+                .split_last()
+                .expect("a listed directory is not the root");
+            let parent = self.parent(dirs, &name)?;
             // Replaced or removed by a later entry: nothing to date, or
             // whatever took the name gets the directory's time (as lutimes
             // on the path does).
@@ -707,13 +776,32 @@ impl TreeBuilder {
         if !self.root_listed {
             implicit.insert(ROOT);
         }
-        for p in &self.implicit_dirs {
-            let comps = clean(p).unwrap_or_default();
-            if let Ok(id) = self.resolve(&comps) {
+        // What is at each implicit path now, if a directory (resolved
+        // through the paths' parents, each once, not from the root each time).
+        let mut at: HashMap<PathId, Option<NodeId>> = HashMap::from([(ROOT_PATH, Some(ROOT))]);
+        for &p in &self.implicit_dirs {
+            if let Some(id) = self.resolve_memo(p, &mut at) {
                 implicit.insert(id);
             }
         }
         self.emit(&implicit)
+    }
+
+    /// The directory at path `p` (no symlink followed), memoized by path.
+    fn resolve_memo(&self, p: PathId, at: &mut HashMap<PathId, Option<NodeId>>) -> Option<NodeId> {
+        // The unresolved ancestors, nearest first.
+        let mut chain = Vec::new();
+        let mut q = p;
+        while !at.contains_key(&q) {
+            chain.push(q);
+            q = self.paths.of[q as usize].0;
+        }
+        let mut cur = at[&q];
+        for &c in chain.iter().rev() {
+            cur = cur.and_then(|d| self.step(d, &self.paths.of[c as usize].1).ok());
+            at.insert(c, cur);
+        }
+        cur
     }
 
     fn emit(&self, implicit: &HashSet<NodeId>) -> Result<Vec<EntryRec>> {

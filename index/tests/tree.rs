@@ -336,3 +336,21 @@ fn random_layers_match_extraction() {
         "{ok} accepted, {refused} refused, {unindexable} not indexable"
     );
 }
+
+/// Deep paths from a hostile layer (or TOC) cost the builder memory in
+/// proportion to the input: each of these entries makes 2047 directories;
+/// keyed by joined path strings, as extraction keeps them, the bookkeeping
+/// alone would be about 8 MB per entry (over 300 MB here).
+#[test]
+fn deep_paths_stay_linear() {
+    let mut tb = cstore_index::TreeBuilder::new(common::tree_options());
+    let deep = "d/".repeat(2046);
+    for i in 0..40 {
+        let p = format!("{i:03}/{deep}f");
+        let mut e = cstore_index::TarEntry::new(p.as_bytes(), cstore_index::TarKind::File);
+        e.mode = 0o644;
+        tb.add(&e).unwrap();
+    }
+    let entries = tb.finish().unwrap();
+    assert_eq!(entries.len(), 1 + 40 * 2048);
+}
