@@ -123,7 +123,8 @@ struct Paths {
     of: Vec<(PathId, Box<[u8]>)>,
     /// Length of each path joined with '/'.
     len: Vec<usize>,
-    ids: HashMap<(PathId, Box<[u8]>), PathId>,
+    /// Each path's children by component (looked up without allocating).
+    children: Vec<HashMap<Box<[u8]>, PathId>>,
 }
 
 impl Paths {
@@ -131,12 +132,12 @@ impl Paths {
         Paths {
             of: vec![(ROOT_PATH, Box::default())],
             len: vec![0],
-            ids: HashMap::new(),
+            children: vec![HashMap::new()],
         }
     }
 
     fn child(&mut self, parent: PathId, name: &[u8]) -> PathId {
-        if let Some(&id) = self.ids.get(&(parent, Box::from(name))) {
+        if let Some(&id) = self.children[parent as usize].get(name) {
             return id;
         }
         let id = self.of.len() as PathId;
@@ -147,7 +148,8 @@ impl Paths {
         } else {
             l + 1 + name.len()
         });
-        self.ids.insert((parent, name.into()), id);
+        self.children.push(HashMap::new());
+        self.children[parent as usize].insert(name.into(), id);
         id
     }
 
