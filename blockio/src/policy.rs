@@ -28,10 +28,25 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Policy for `info` on this machine (its CPU count).
+    /// Policy for `info` on this machine (its CPU count), or for the kind
+    /// `CSTORE_POLICY` names (see `forced_kind`).
     pub fn for_device_here(info: &DeviceInfo) -> Policy {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Self::for_device(info, cores)
+        match forced_kind() {
+            Ok(Some(kind)) if kind != info.kind => {
+                let mut as_kind = info.clone();
+                as_kind.kind = kind;
+                let mut p = Self::for_device(&as_kind, cores);
+                p.reason = format!(
+                    "CSTORE_POLICY={} (the probe says {}): {}",
+                    kind.name(),
+                    info.kind.name(),
+                    p.reason
+                );
+                p
+            }
+            _ => Self::for_device(info, cores),
+        }
     }
 
     /// Policy for `info` on a machine with `cores` CPUs.
@@ -110,6 +125,23 @@ impl Policy {
             },
         }
     }
+}
+
+/// `CSTORE_POLICY=nvme|ssd|rotational|memory` (`hdd` = rotational): derive
+/// the policy as if the store's device were of that kind, whatever the probe
+/// says. For benchmarks that compare policies on one device (`cstore bench
+/// suite` runs the rotational and the NVMe policy on its HDD class). Read
+/// once; an unknown value is an error (the CLI refuses to start with it), and
+/// is ignored by `for_device_here`.
+pub fn forced_kind() -> std::result::Result<Option<DeviceKind>, String> {
+    static ENV: std::sync::OnceLock<std::result::Result<Option<DeviceKind>, String>> =
+        std::sync::OnceLock::new();
+    ENV.get_or_init(|| match std::env::var("CSTORE_POLICY") {
+        Err(_) => Ok(None),
+        Ok(v) if v.is_empty() => Ok(None),
+        Ok(v) => v.parse().map(Some),
+    })
+    .clone()
 }
 
 /// Whether unpack should batch small files through io_uring, and why.
@@ -193,6 +225,23 @@ mod tests {
         let p = Policy::for_device(&info(DeviceKind::Rotational, 1, true), 16);
         assert_eq!((p.rings, p.queue_depth, p.sort_by_offset), (1, 4, true));
         assert!(p.io_size >= 256 << 10);
+    }
+
+    #[test]
+    fn device_kinds_parse_by_name() {
+        for k in [
+            DeviceKind::Nvme,
+            DeviceKind::Ssd,
+            DeviceKind::Rotational,
+            DeviceKind::Memory,
+        ] {
+            assert_eq!(k.name().parse::<DeviceKind>(), Ok(k));
+        }
+        assert_eq!("hdd".parse::<DeviceKind>(), Ok(DeviceKind::Rotational));
+        assert!("floppy"
+            .parse::<DeviceKind>()
+            .unwrap_err()
+            .contains("\"floppy\""));
     }
 
     #[test]

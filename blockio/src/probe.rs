@@ -82,6 +82,32 @@ pub enum DeviceKind {
     Memory,
 }
 
+impl DeviceKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Nvme => "nvme",
+            DeviceKind::Ssd => "ssd",
+            DeviceKind::Rotational => "rotational",
+            DeviceKind::Memory => "memory",
+        }
+    }
+}
+
+impl std::str::FromStr for DeviceKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<DeviceKind, String> {
+        match s {
+            "nvme" => Ok(DeviceKind::Nvme),
+            "ssd" => Ok(DeviceKind::Ssd),
+            "rotational" | "hdd" => Ok(DeviceKind::Rotational),
+            "memory" => Ok(DeviceKind::Memory),
+            _ => Err(format!(
+                "unknown device kind {s:?} (CSTORE_POLICY): nvme, ssd, rotational (hdd) or memory"
+            )),
+        }
+    }
+}
+
 fn read_trim(p: &Path) -> Option<String> {
     fs::read_to_string(p).ok().map(|s| s.trim().to_string())
 }

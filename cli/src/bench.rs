@@ -47,6 +47,81 @@ pub struct IoArgs {
     path: PathBuf,
 }
 
+#[derive(clap::Args)]
+pub struct SuiteArgs {
+    /// The image to pull and run, in a registry (e.g. 127.0.0.1:5000/bench:latest).
+    #[arg(long)]
+    image: String,
+    /// Classes to run, comma-separated: host (the device under --path as it
+    /// is), hdd, sata, nvme (emulated on loop devices).
+    #[arg(long, value_delimiter = ',', default_value = "host,hdd,sata,nvme")]
+    classes: Vec<String>,
+    /// Where the host class runs (a directory is made under it).
+    #[arg(long, default_value = "/var/tmp")]
+    path: PathBuf,
+    /// Where the run's own directory (mount points, sockets) is made.
+    #[arg(long, default_value = "/var/tmp")]
+    work_dir: PathBuf,
+    /// Where report.html, report.json and report.md are written.
+    #[arg(long, default_value = "cstore-bench-report")]
+    out: PathBuf,
+    /// A small run: 1 round, N = 1 and 4, short I/O runs.
+    #[arg(long)]
+    quick: bool,
+    /// Rounds per workload (default 3; 1 with --quick).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Containers started at once, comma-separated (default 1,4,16,64; 1,4 with --quick).
+    #[arg(long, value_delimiter = ',')]
+    density: Option<Vec<u32>>,
+    /// What each density container runs, split on spaces.
+    #[arg(long, default_value = "echo ok")]
+    density_cmd: String,
+    /// Classes where the rotational (HDD) policy runs against the NVMe policy.
+    #[arg(long, value_delimiter = ',', default_value = "hdd")]
+    policy_classes: Vec<String>,
+    /// Plain HTTP to the registry for both tools (loopback registries get it anyway).
+    #[arg(long)]
+    plain_http: bool,
+}
+
+fn classes(names: &[String]) -> Result<Vec<cstore_bench::ClassKind>> {
+    let mut v = Vec::new();
+    for n in names.iter().filter(|n| !n.is_empty()) {
+        let k: cstore_bench::ClassKind = n.parse().map_err(anyhow::Error::msg)?;
+        if !v.contains(&k) {
+            v.push(k);
+        }
+    }
+    Ok(v)
+}
+
+/// `cstore bench suite`: progress on stderr, one line per step.
+pub fn suite(a: SuiteArgs) -> Result<()> {
+    let opts = cstore_bench::Options {
+        cstore: std::env::current_exe()?,
+        image: a.image,
+        plain_http: a.plain_http,
+        classes: classes(&a.classes)?,
+        host_path: a.path,
+        work_parent: a.work_dir,
+        out: a.out,
+        quick: a.quick,
+        rounds: a.rounds,
+        density: a.density,
+        density_cmd: a.density_cmd.split_whitespace().map(String::from).collect(),
+        policy_classes: classes(&a.policy_classes)?,
+    };
+    let t0 = std::time::Instant::now();
+    let progress = |msg: &str| {
+        let s = t0.elapsed().as_secs();
+        eprintln!("[{:>2}:{:02}] {msg}", s / 60, s % 60);
+    };
+    let report = cstore_bench::run(&opts, &progress)?;
+    print!("{}", cstore_bench::report::markdown(&report));
+    Ok(())
+}
+
 pub fn io(a: IoArgs) -> Result<()> {
     let rw: Rw = a.rw.parse().map_err(anyhow::Error::msg)?;
     let bs = parse_size(&a.bs)? as usize;

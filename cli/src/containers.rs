@@ -31,6 +31,18 @@ pub fn dir(store: &Store, id: &str) -> PathBuf {
     store.root().join("containers").join(id)
 }
 
+/// Make the container's directory (0700: its rootfs is mounted in it, see
+/// cstore_store::layout) and its rootfs mount point.
+pub fn create_dir(store: &Store, id: &str) -> Result<()> {
+    use cstore_store::layout;
+    let containers = store.root().join("containers");
+    let dir = dir(store, id);
+    layout::create_dir(&containers, layout::CONTAINERS_MODE)
+        .and_then(|()| layout::create_dir(&dir, layout::PRIVATE_DIR_MODE))
+        .and_then(|()| layout::create_dir(&dir.join("rootfs"), 0o755))
+        .with_context(|| format!("creating {}", dir.display()))
+}
+
 /// libcontainer's state directory (one subdirectory per container).
 pub fn state_root(store: &Store) -> PathBuf {
     store.root().join("run-state")

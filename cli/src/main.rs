@@ -144,6 +144,10 @@ enum Command {
 enum BenchCommand {
     /// fio-style I/O on cstore's io_uring rings: IOPS, MB/s, latency percentiles.
     Io(bench::IoArgs),
+    /// Container workloads on each storage class (the device under a path,
+    /// and emulated HDD, SATA SSD and NVMe-like classes), cstore beside
+    /// containerd and fio, written up as HTML with plots, JSON and markdown.
+    Suite(bench::SuiteArgs),
 }
 
 #[derive(Subcommand)]
@@ -176,7 +180,11 @@ fn main() {
     init_logging(&cli.log_level);
     if let Err(e) = run(cli) {
         eprintln!("cstore: {e:#}");
-        std::process::exit(1);
+        // Stopped by a signal: the shell's convention (128 + SIGINT).
+        let interrupted = e
+            .downcast_ref::<cstore_bench::Error>()
+            .is_some_and(|e| matches!(e, cstore_bench::Error::Interrupted));
+        std::process::exit(if interrupted { 130 } else { 1 });
     }
 }
 
@@ -202,6 +210,8 @@ fn open_store(root: &std::path::Path) -> Result<Store> {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    // Refused up front: the store would only log it and ignore it.
+    cstore_blockio::policy::forced_kind().map_err(anyhow::Error::msg)?;
     match cli.command {
         Command::Pull {
             reference,
@@ -315,6 +325,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench {
             command: BenchCommand::Io(args),
         } => bench::io(args)?,
+        Command::Bench {
+            command: BenchCommand::Suite(args),
+        } => bench::suite(args)?,
         Command::Run(args) => {
             let code = run::open_and_run(&cli.root, args)?;
             std::process::exit(code);

@@ -159,9 +159,10 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
     if userns.is_some() && a.net == "host" {
         bail!("--userns needs a network namespace of its own: not with --net host (as docker)");
     }
+    let start_timeout = start_timeout()?;
     let img = store.image(&a.reference)?;
     let config: ImageConfig = {
-        let bytes = store.read_blob(&parse_digest(&img.config.digest)?, 32 << 20)?;
+        let bytes = store.read_config(&parse_digest(&img.config.digest)?)?;
         #[derive(serde::Deserialize)]
         struct Wrapper {
             config: Option<ImageConfig>,
@@ -189,6 +190,17 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
             img.name
         );
     }
+    // The image config is hostile input: every entry that reaches the
+    // container's init is checked here, naming where it came from (see
+    // cstore_runtime::validate), before anything is made.
+    cstore_runtime::validate::args(&args).map_err(|e| {
+        let from = if a.command.is_empty() && a.entrypoint.is_none() {
+            "its Entrypoint and Cmd"
+        } else {
+            "the command given"
+        };
+        anyhow::anyhow!("image {}: {e} (from {from})", img.name)
+    })?;
 
     // I/O limits: all on one device.
     let mut io: Option<((u32, u32), IoLimits)> = None;
@@ -251,20 +263,26 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
         .or(config.working_dir.clone())
         .filter(|w| !w.is_empty())
         .unwrap_or_else(|| "/".into());
-    if !cwd.starts_with('/') {
-        bail!("working directory {cwd:?}: must be an absolute path");
-    }
+    cstore_runtime::validate::cwd(&cwd).map_err(|e| match &a.workdir {
+        Some(w) if !w.is_empty() => anyhow::anyhow!("-w: {e}"),
+        _ => anyhow::anyhow!("image {}: {e} (its WorkingDir)", img.name),
+    })?;
     let cwd = cstore_runtime::rootfs::clean_absolute(&cwd);
     let mut env = config.env.clone().unwrap_or_else(|| {
         vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()]
     });
+    for e in &env {
+        cstore_runtime::validate::env_entry(e)
+            .map_err(|e| anyhow::anyhow!("image {}: {e} (its Env)", img.name))?;
+    }
     for e in &a.env {
-        if !e.contains('=') {
-            bail!("-e {e:?}: expected KEY=VALUE");
-        }
+        cstore_runtime::validate::env_entry(e).map_err(|e| anyhow::anyhow!("-e: {e}"))?;
         let key = e.split('=').next().unwrap_or("");
         env.retain(|x| x.split('=').next() != Some(key));
         env.push(e.clone());
+    }
+    if let Some(h) = &a.hostname {
+        cstore_runtime::validate::hostname(h).map_err(|e| anyhow::anyhow!("--hostname: {e}"))?;
     }
 
     let id = a
@@ -284,7 +302,7 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
     }
     let dir: PathBuf = containers::dir(store, &id);
     let rootfs = dir.join("rootfs");
-    std::fs::create_dir_all(&rootfs).with_context(|| format!("creating {}", rootfs.display()))?;
+    containers::create_dir(store, &id)?;
     let key = containers::snapshot_key(&id);
     let labels = BTreeMap::from([
         ("cstore.io/container".to_string(), id.clone()),
@@ -335,6 +353,10 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
     // The container's root owns what is made for it.
     let root_ids = userns.as_ref().map_or((0, 0), |u| (u.uid.host, u.gid.host));
     let user = cstore_runtime::user::resolve(&rootfs, &user)
+        .and_then(|u| match &userns {
+            Some(ns) => ns.check_user(&user, &u).map(|()| u),
+            None => Ok(u),
+        })
         .map_err(anyhow::Error::from)
         .and_then(|u| {
             cstore_runtime::rootfs::create_dir_all(&rootfs, &cwd, root_ids)
@@ -376,6 +398,7 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
         tty: a.tty,
         interactive: a.interactive,
         userns,
+        start_timeout,
     };
     // Both databases stay as they are until the container runs: a reaper
     // closing one (allocating, syncing) while libcontainer clones this
@@ -400,7 +423,15 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
         }
     }
     cleanup(a.rm);
-    Ok(result?)
+    // A container that did not start says which image it was.
+    result.map_err(|e| match e {
+        cstore_runtime::Error::Input(_)
+        | cstore_runtime::Error::NotStarted { .. }
+        | cstore_runtime::Error::StartTimeout { .. } => {
+            anyhow::Error::from(e).context(format!("image {}", img.name))
+        }
+        e => e.into(),
+    })
 }
 
 /// The rootfs for a container in user namespace `u`: the image's layers
@@ -414,16 +445,25 @@ fn mount_userns(
     rootfs: &Path,
     u: &Userns,
 ) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let owner = (u.uid.host, u.gid.host);
-    // Ours: made searchable (not listable) by others, as containerd's root is.
-    for d in [root, &root.join("containers"), dir] {
+    // The container's root walks ROOT/containers/NAME/rootfs as an
+    // unprivileged host user: ROOT and containers/ are searchable by all
+    // (0711, as containerd's root), the container's own directory by its
+    // group only: 0710, group the mapped root's gid. Other users reach no
+    // rootfs, and the layers below snapshots/ (0700) reach overlayfs
+    // through the mount cstore makes as root.
+    for d in [root, &root.join("containers")] {
         let mut p = std::fs::metadata(d)?.permissions();
         if p.mode() & 0o001 == 0 {
             p.set_mode(p.mode() | 0o001);
             std::fs::set_permissions(d, p).with_context(|| format!("chmod o+x {}", d.display()))?;
         }
     }
+    std::os::unix::fs::lchown(dir, None, Some(owner.1))
+        .with_context(|| format!("chgrp {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o710))
+        .with_context(|| format!("chmod {}", dir.display()))?;
     for d in root.ancestors().skip(1) {
         if !cstore_runtime::userns::searchable_by(d, owner)? {
             bail!(
@@ -435,7 +475,13 @@ fn mount_userns(
     }
     for m in mounts {
         if let Some(upper) = m.options.iter().find_map(|o| o.strip_prefix("upperdir=")) {
-            std::os::unix::fs::lchown(upper, Some(owner.0), Some(owner.1))
+            // The upper dir's root, through its own fd (never a symlink).
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+                .open(upper)
+                .with_context(|| format!("opening {upper}"))?;
+            std::os::unix::fs::fchown(&f, Some(owner.0), Some(owner.1))
                 .with_context(|| format!("chown {upper}"))?;
         }
     }
@@ -449,6 +495,21 @@ fn mount_userns(
         }
     }
     Ok(())
+}
+
+/// `$CSTORE_START_TIMEOUT` (seconds), else the runtime's default.
+fn start_timeout() -> Result<std::time::Duration> {
+    match std::env::var("CSTORE_START_TIMEOUT") {
+        Err(_) => Ok(cstore_runtime::START_TIMEOUT),
+        Ok(v) => v
+            .parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && *s > 0.0 && *s <= 86400.0)
+            .map(std::time::Duration::from_secs_f64)
+            .with_context(|| {
+                format!("CSTORE_START_TIMEOUT={v:?}: expected seconds (more than 0, at most 86400)")
+            }),
+    }
 }
 
 fn rand_id() -> u64 {

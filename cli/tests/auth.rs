@@ -5,8 +5,8 @@ mod common;
 
 use std::process::Command;
 
-use common::{fixture, http, Cstore, Registry};
-use serde_json::Value;
+use common::{fixture, http, shared_registry_addr, Cstore, FaultProxy, Registry};
+use serde_json::{json, Value};
 
 const REPO_SCOPE: &str = "repository:busybox:pull";
 
@@ -163,4 +163,139 @@ fn bearer_tokens_are_fetched_once_per_scope_and_refusals_are_named() {
     );
     assert!(cs.blob_names().is_empty());
     assert_eq!(ta.stats()["denied"], 1, "the wrong password was denied");
+}
+
+/// The biggest layer of busybox:latest at `addr`.
+fn big_layer(addr: &str, creds: &str) -> String {
+    let out = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false", "--creds", creds])
+        .arg(format!("docker://{addr}/busybox:latest"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m: Value = serde_json::from_slice(&out.stdout).unwrap();
+    m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .max_by_key(|l| l["size"].as_u64().unwrap())
+        .unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn credentials_go_only_to_the_registry_never_to_where_it_redirects() {
+    // A: a registry with basic auth (through a proxy that redirects blob
+    // GETs); B: another host (127.0.0.2) serving the same blobs without auth,
+    // as blob storage behind presigned URLs does.
+    let reg = Registry::start(&["--htpasswd", "alice:s3cret"]);
+    reg.push(Some("alice:s3cret"));
+    let b = FaultProxy::start_on("127.0.0.2", &shared_registry_addr());
+    let a = FaultProxy::start(&reg.addr);
+    a.set(json!({"match": "/blobs/", "action": "redirect", "to": format!("http://{}", b.addr)}));
+    let image = format!("{}/busybox:latest", a.addr);
+    let big = big_layer(&reg.addr, "alice:s3cret");
+
+    // B cuts the big layer off once: the resume asks A again (a fresh
+    // redirect) and sends its Range on to B, still without A's credentials.
+    b.set(json!({"match": big, "action": "truncate", "after": 300000, "times": 1}));
+    let cs = Cstore::new();
+    cs.ok(&["pull", "--creds", "alice:s3cret", &image]);
+    assert_pulled(&cs, &image);
+    let b_log = b.log();
+    assert!(
+        b_log.iter().all(|e| e["authorization"].is_null()),
+        "B received credentials: {b_log:?}"
+    );
+    assert!(
+        b_log
+            .iter()
+            .any(|e| e["path"].as_str().unwrap().contains(&big)
+                && e["range"] == "bytes=300000-"
+                && e["status"] == 206),
+        "{b_log:?}"
+    );
+    let a_log = a.log();
+    assert!(
+        a_log
+            .iter()
+            .filter(|e| e["status"] == 307)
+            .all(|e| e["authorization"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("Basic ")),
+        "{a_log:?}"
+    );
+
+    // B now answers with a bearer challenge of its own: it gets nothing of
+    // A's (no basic credentials to its realm, no token request at all), and
+    // the error names both hosts.
+    b.clear();
+    let challenge = format!(r#"Bearer realm="http://{}/token",service="b""#, b.addr);
+    b.set(json!([
+        {"match": "/token", "action": "body", "content_type": "application/json",
+         "body": r#"{"token":"b-token","expires_in":300}"#},
+        {"match": "/blobs/", "action": "status", "status": 401,
+         "headers": {"WWW-Authenticate": challenge}},
+    ]));
+    let cs = Cstore::new();
+    let err = cs.fail(&["pull", "--creds", "alice:s3cret", &image]);
+    let b_log = b.log();
+    assert!(
+        b_log.iter().all(|e| e["authorization"].is_null()),
+        "B received credentials: {b_log:?}"
+    );
+    assert!(
+        !b_log
+            .iter()
+            .any(|e| e["path"].as_str().unwrap().starts_with("/token")),
+        "a token was asked of B: {b_log:?}"
+    );
+    assert!(
+        err.contains(&a.addr) && err.contains(&b.addr) && err.contains("redirected"),
+        "{err}"
+    );
+    assert!(!err.contains("credentials were refused"), "{err}");
+    assert!(cs.images().is_empty());
+    cs.assert_blobs_verified();
+}
+
+#[test]
+fn a_token_that_never_expires_is_used_not_a_panic() {
+    // The registry asks for a token once; the realm (the proxy) hands out one
+    // with expires_in = u64::MAX, which once overflowed Instant and panicked.
+    let proxy = FaultProxy::start(&shared_registry_addr());
+    let challenge = format!(r#"Bearer realm="http://{}/token",service="t""#, proxy.addr);
+    proxy.set(json!([
+        {"match": "/manifests/", "action": "status", "status": 401,
+         "headers": {"WWW-Authenticate": challenge}, "times": 1},
+        {"match": "/token", "action": "body", "content_type": "application/json",
+         "body": r#"{"token":"t0k","expires_in":18446744073709551615}"#},
+    ]));
+    let image = format!("{}/busybox:latest", proxy.addr);
+    let cs = Cstore::new();
+    cs.ok(&["pull", &image]);
+    assert_pulled(&cs, &image);
+    let log = proxy.log();
+    let tokens = log
+        .iter()
+        .filter(|e| e["path"].as_str().unwrap().starts_with("/token"))
+        .count();
+    assert_eq!(tokens, 1, "{log:?}");
+    // Every request after the challenge carried the token.
+    let after: Vec<&Value> = log
+        .iter()
+        .filter(|e| e["path"].as_str().unwrap().starts_with("/v2/") && e["status"] != 401)
+        .collect();
+    assert!(after.len() >= 5, "{log:?}");
+    assert!(
+        after.iter().all(|e| e["authorization"] == "Bearer t0k"),
+        "{log:?}"
+    );
 }

@@ -86,3 +86,58 @@ fn info_tells_a_journaled_ext4_from_one_without_and_batches_small_files_only_on_
         assert!(text.contains(want), "{text}");
     }
 }
+
+/// `CSTORE_POLICY` makes the policy that of another device kind (the bench
+/// suite compares policies on one device that way); an unknown kind is
+/// refused by name before anything runs.
+#[test]
+fn cstore_policy_forces_the_policy_of_a_device_kind() {
+    let fs = LoopFs::new(64);
+    let p = fs.mnt.to_str().unwrap();
+    let mut cs = Cstore::new();
+    let probed: Value = serde_json::from_str(&cs.ok(&["device", "info", "--json", p])).unwrap();
+    assert_ne!(probed["device"]["kind"], "nvme", "{probed}");
+    assert!(!probed["policy"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("CSTORE_POLICY"));
+
+    cs.env = vec![("CSTORE_POLICY".into(), "nvme".into())];
+    let forced: Value = serde_json::from_str(&cs.ok(&["device", "info", "--json", p])).unwrap();
+    let policy = &forced["policy"];
+    assert_eq!(
+        forced["device"]["kind"], probed["device"]["kind"],
+        "the probe is unchanged"
+    );
+    assert_eq!(
+        (policy["queue_depth"].as_u64(), policy["direct"].as_bool()),
+        (Some(128), Some(true)),
+        "{forced}"
+    );
+    assert!(
+        policy["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("CSTORE_POLICY=nvme (the probe says "),
+        "{forced}"
+    );
+
+    cs.env = vec![("CSTORE_POLICY".into(), "hdd".into())];
+    let hdd: Value = serde_json::from_str(&cs.ok(&["device", "info", "--json", p])).unwrap();
+    assert_eq!(
+        (
+            hdd["policy"]["rings"].as_u64(),
+            hdd["policy"]["queue_depth"].as_u64(),
+            hdd["policy"]["sort_by_offset"].as_bool()
+        ),
+        (Some(1), Some(4), Some(true)),
+        "{hdd}"
+    );
+
+    cs.env = vec![("CSTORE_POLICY".into(), "floppy".into())];
+    let err = cs.fail(&["device", "info", p]);
+    assert!(
+        err.contains("\"floppy\"") && err.contains("CSTORE_POLICY"),
+        "{err}"
+    );
+}

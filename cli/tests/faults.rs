@@ -585,3 +585,94 @@ fn two_concurrent_pulls_fetch_each_blob_once() {
     assert_eq!(cs.images().len(), 1);
     cs.assert_skopeo_copies(&image);
 }
+
+/// Run a pull that must fail; its stderr and the peak memory it used (KiB).
+fn fail_measured(cs: &Cstore, image: &str) -> (String, u64) {
+    let (code, _, err, rss) = cs.outcome_with_peak_rss(&["pull", "--no-unpack", image]);
+    // 1: an error reported; not a panic (101) nor killed (-1).
+    assert_eq!(code, 1, "{err}");
+    (err, rss)
+}
+
+#[test]
+fn endless_bodies_are_cut_off_at_their_caps() {
+    // Each body is 256 MiB ("endless" to a client that reads it whole); a
+    // capped reader stops after KiBs or a MiB, and the process stays small.
+    const ENDLESS: u64 = 256 << 20;
+    const MAX_RSS_KIB: u64 = 96 << 10;
+    let (proxy, cs, image) = setup();
+    let endless = |status: u16, prefix: &str| {
+        json!({"action": "endless", "status": status, "bytes": ENDLESS, "prefix": prefix,
+               "content_type": "application/json"})
+    };
+    let with_match = |mut rule: Value, m: &str| {
+        rule["match"] = json!(m);
+        rule
+    };
+    let sent = |proxy: &FaultProxy, path: &str| -> u64 {
+        proxy
+            .log()
+            .iter()
+            .filter(|e| e["path"].as_str().unwrap().contains(path))
+            .filter_map(|e| e["sent"].as_u64())
+            .max()
+            .unwrap_or(0)
+    };
+
+    // A 404 whose error body never ends.
+    proxy.set(with_match(
+        endless(404, r#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":""#),
+        "/manifests/",
+    ));
+    let (err, rss) = fail_measured(&cs, &image);
+    assert!(
+        err.contains(&format!("manifest {}/busybox@latest not found", proxy.addr)),
+        "{err}"
+    );
+    assert!(rss < MAX_RSS_KIB, "peak RSS {rss} KiB reading a 404's body");
+    assert!(
+        sent(&proxy, "/manifests/") < ENDLESS,
+        "the whole body was read"
+    );
+
+    // Token responses that never end, granted (200) or refused (401).
+    let realm = format!("http://{}/token", proxy.addr);
+    let challenge = format!(r#"Bearer realm="{realm}",service="t""#);
+    for status in [200, 401] {
+        proxy.clear();
+        proxy.set(json!([
+            {"match": "/manifests/", "action": "status", "status": 401,
+             "headers": {"WWW-Authenticate": challenge}},
+            with_match(endless(status, r#"{"token":""#), "/token"),
+        ]));
+        let (err, rss) = fail_measured(&cs, &image);
+        assert!(err.contains(&realm), "{status}: {err}");
+        if status == 200 {
+            assert!(err.contains("1048576 byte limit"), "{err}");
+        }
+        assert!(
+            rss < MAX_RSS_KIB,
+            "peak RSS {rss} KiB reading a {status} token body"
+        );
+        assert!(sent(&proxy, "/token") < ENDLESS, "the whole body was read");
+    }
+
+    // A blob longer than its descriptor, chunked, never ending: cut at the
+    // descriptor's size.
+    proxy.clear();
+    let big = busybox().big();
+    proxy.set(with_match(endless(200, ""), big));
+    let (err, rss) = fail_measured(&cs, &image);
+    assert!(
+        err.contains(big) && err.contains("descriptor says"),
+        "{err}"
+    );
+    assert!(
+        rss < MAX_RSS_KIB,
+        "peak RSS {rss} KiB reading an endless blob"
+    );
+    assert!(!has_blob(&cs, big));
+    assert!(cs.images().is_empty());
+    cs.assert_blobs_verified();
+    assert_recovers(&cs, &proxy, &image);
+}

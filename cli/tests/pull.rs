@@ -299,3 +299,121 @@ fn bad_references_are_refused_by_name() {
         "{err}"
     );
 }
+
+/// The digest of `platform`'s manifest in the index `addr/multi:latest`.
+fn multi_child(addr: &str, architecture: &str) -> String {
+    let out = std::process::Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{addr}/multi:latest"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let index: Value = serde_json::from_slice(&out.stdout).unwrap();
+    index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["platform"]["architecture"] == architecture)
+        .unwrap_or_else(|| panic!("no {architecture} in {index}"))["digest"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn a_single_manifest_for_another_platform_is_refused() {
+    let addr = shared_registry_addr();
+    // The index's arm64 child, asked for by digest: a single manifest, whose
+    // config alone says what it runs on.
+    let arm = format!("{addr}/multi@{}", multi_child(&addr, "arm64"));
+    let cs = Cstore::new();
+    let err = cs.fail(&["pull", "--no-unpack", "--platform", "linux/amd64", &arm]);
+    assert!(
+        err.contains(&arm) && err.contains("linux/arm64") && err.contains("linux/amd64"),
+        "{err}"
+    );
+    assert!(cs.images().is_empty(), "recorded: {:?}", cs.images());
+    cs.assert_blobs_verified();
+    assert!(cs.partials().is_empty(), "{:?}", cs.partials());
+
+    // Asked for its own platform it is pulled, and listed as what it is.
+    let ok = pull_json(&cs, &["--no-unpack", "--platform", "linux/arm64", &arm]);
+    assert_eq!(ok["platform"]["architecture"], "arm64");
+    assert_eq!(cs.images()[0]["platform"], "linux/arm64");
+    // The amd64 one, by digest for the host's platform, is pulled too.
+    let amd = format!("{addr}/multi@{}", multi_child(&addr, "amd64"));
+    cs.ok(&["pull", "--no-unpack", "--platform", "linux/amd64", &amd]);
+    let listed: Vec<Value> = cs
+        .images()
+        .into_iter()
+        .filter(|i| i["name"] == amd.as_str())
+        .collect();
+    assert_eq!(listed[0]["platform"], "linux/amd64");
+}
+
+/// `fixtures/craft-config.py ADDR busybox latest TAG FLAGS...`: busybox with
+/// a changed config under a new tag.
+fn craft(addr: &str, tag: &str, flags: &[&str]) -> String {
+    let mut args = vec![addr, "busybox", "latest", tag];
+    args.extend_from_slice(flags);
+    let out = std::process::Command::new("python3")
+        .arg(common::fixture("craft-config.py"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    format!("{addr}/busybox:{tag}")
+}
+
+#[test]
+fn configs_that_can_never_work_are_refused_at_pull() {
+    let reg = Registry::start(&[]);
+    reg.push(None);
+    let cs = Cstore::new();
+
+    for (tag, flag, configs) in [
+        ("extra-diff-id", "--extra-diff-id", 4),
+        ("fewer-diff-ids", "--drop-diff-id", 2),
+    ] {
+        let image = craft(&reg.addr, tag, &[flag]);
+        let err = cs.fail(&["pull", &image]);
+        assert!(
+            err.contains(&image)
+                && err.contains("3 layers")
+                && err.contains(&format!("{configs} diff_ids")),
+            "{err}"
+        );
+        assert!(cs.images().is_empty(), "{tag} recorded: {:?}", cs.images());
+    }
+
+    // A 40 MiB config: refused from its descriptor, with its own limit's
+    // words (not the manifests'), before a byte of it is fetched.
+    let big = craft(&reg.addr, "big-config", &["--pad", &(40 << 20).to_string()]);
+    let err = cs.fail(&["pull", &big]);
+    assert!(
+        err.contains(&big)
+            && err.contains("config")
+            && err.contains(&format!("{} byte limit for image configs", 8 << 20))
+            && !err.contains("manifests"),
+        "{err}"
+    );
+    assert!(cs.images().is_empty(), "recorded: {:?}", cs.images());
+    let sizes: Vec<u64> = std::fs::read_dir(cs.path().join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .collect();
+    assert!(sizes.iter().all(|s| *s < 8 << 20), "{sizes:?}");
+    cs.assert_blobs_verified();
+
+    // The same store pulls the real image afterwards.
+    cs.ok(&["pull", &reg.image("busybox:latest")]);
+    assert_eq!(cs.images().len(), 1);
+}

@@ -16,10 +16,16 @@
 //!
 //! Mirroring includes extract's quirks, because the lazy tree must equal the
 //! unpacked one: a directory listed twice keeps its first mtime; the
-//! directory-time pass, run at the end, may re-create a directory removed
-//! after it was listed, or date whatever took its name; and a directory that
-//! was implicit stays implicit when the layer lists it later. The tests run
-//! both on the same tars and compare the trees.
+//! directory-time pass, run at the end, dates whatever took a listed
+//! directory's name (and skips one whose parent is gone); a new directory in
+//! a setgid directory extraction does not know as setgid keeps the group and
+//! bit the kernel gives it unless its entry needs a chown or chmod anyway.
+//! The implicit set is extraction's exactly: a directory made for a missing
+//! parent stops being implicit when an entry lists it, and goes with it when
+//! a later entry replaces or removes it or a directory above it. The paths
+//! of directories made for missing parents are capped per layer as
+//! extraction caps them ([`TreeOptions::max_made_dir_bytes`]). The tests run
+//! both on the same tars and compare the trees and the implicit sets.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
@@ -98,13 +104,22 @@ pub struct TreeOptions {
     /// The extracting process's euid/egid: the owner of what it makes itself
     /// (implicit directories, whiteouts).
     pub owner: (u32, u32),
+    /// Extraction's per-layer cap on the bytes of bookkeeping for directories
+    /// made for missing parents (`UnpackOptions::max_made_dir_bytes`): a
+    /// layer over it is refused by both.
+    pub max_made_dir_bytes: usize,
 }
+
+/// The default of `max_made_dir_bytes`, extraction's default
+/// (`cstore_store::unpack::extract::MAX_MADE_DIR_BYTES`; a test pins them equal).
+pub const MAX_MADE_DIR_BYTES: usize = 64 << 20;
 
 impl Default for TreeOptions {
     fn default() -> Self {
         TreeOptions {
             umask: 0o022,
             owner: (0, 0),
+            max_made_dir_bytes: MAX_MADE_DIR_BYTES,
         }
     }
 }
@@ -205,6 +220,9 @@ struct Node {
     sparse: Option<Vec<(u64, u64)>>,
     xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
     opaque: bool,
+    /// Made for a missing parent and not listed since (a node leaves the
+    /// tree with everything below it when a later entry replaces it).
+    implicit: bool,
     children: BTreeMap<Vec<u8>, NodeId>,
 }
 
@@ -222,6 +240,7 @@ impl Node {
             sparse: None,
             xattrs: BTreeMap::new(),
             opaque: false,
+            implicit: false,
             children: BTreeMap::new(),
         }
     }
@@ -235,14 +254,13 @@ pub struct TreeBuilder {
     /// The last parent resolved, by path (extract keeps its fd).
     cached: Option<(PathId, NodeId)>,
     dir_times: Vec<(PathId, (i64, u32))>,
-    implicit_dirs: Vec<PathId>,
     root_listed: bool,
     created: HashSet<PathId>,
     whiteouts: HashSet<PathId>,
     made_dirs: HashSet<PathId>,
     entries: u64,
-    /// In the directory-time pass.
-    finishing: bool,
+    /// Bytes extraction counts against `max_made_dir_bytes`.
+    made_dir_bytes: usize,
     /// Directories extraction knows are setgid (listed so; never forgotten
     /// when replaced): a new file there is chowned even when the entry's
     /// owner is the extracting process's.
@@ -297,13 +315,12 @@ impl TreeBuilder {
             paths: Paths::new(),
             cached: None,
             dir_times: Vec::new(),
-            implicit_dirs: Vec::new(),
             root_listed: false,
             created: HashSet::new(),
             whiteouts: HashSet::new(),
             made_dirs: HashSet::new(),
             entries: 0,
-            finishing: false,
+            made_dir_bytes: 0,
             setgid_dirs: HashSet::new(),
         }
     }
@@ -336,14 +353,6 @@ impl TreeBuilder {
             }
         }
         n
-    }
-
-    /// A directory changed after its time was set (only the end pass can do
-    /// that): it has the time of the change, which the index cannot know.
-    fn touch(&mut self, dir: NodeId) {
-        if self.finishing {
-            self.nodes[dir].mtime = (0, 0);
-        }
     }
 
     fn child(&self, dir: NodeId, name: &[u8]) -> Option<NodeId> {
@@ -422,10 +431,22 @@ impl TreeBuilder {
             cur = match self.step(cur, c) {
                 Ok(d) => d,
                 Err(Errno::NoEnt) => {
-                    let d = self.alloc(self.own_node(cur, Kind::Dir));
-                    self.touch(cur);
+                    // Extraction keeps the made directory's path twice (made
+                    // and implicit sets), each component with a separator.
+                    self.made_dir_bytes += 2 * (self.paths.len[pid as usize] + 1);
+                    if self.made_dir_bytes > self.opts.max_made_dir_bytes {
+                        return Err(entry_err(
+                            entry,
+                            format!(
+                                "the layer's implicit parent directories need more than {} bytes of paths (new deep paths entry after entry)",
+                                self.opts.max_made_dir_bytes
+                            ),
+                        ));
+                    }
+                    let mut n = self.own_node(cur, Kind::Dir);
+                    n.implicit = true;
+                    let d = self.alloc(n);
                     self.nodes[cur].children.insert(c.to_vec(), d);
-                    self.implicit_dirs.push(pid);
                     self.made_dirs.insert(pid);
                     d
                 }
@@ -433,7 +454,6 @@ impl TreeBuilder {
                 // is this layer's own and hides the lower one (opaque).
                 Err(Errno::NotDir) if self.whiteouts.remove(&pid) => {
                     let mut n = self.own_node(cur, Kind::Dir);
-                    self.touch(cur);
                     n.opaque = true;
                     let d = self.alloc(n);
                     self.nodes[cur].children.insert(c.to_vec(), d);
@@ -578,26 +598,43 @@ impl TreeBuilder {
                 self.create(parent, last, n, "create", path)?;
             }
             TarKind::Dir => {
+                // Made with the entry's permission bits, then chowned and
+                // chmodded only where that does not already give what the
+                // entry says (extraction's rule): in a setgid directory it
+                // does not know as one, a directory keeps the group and the
+                // setgid bit the kernel gave it.
+                let setgid_parent =
+                    !self.setgid_dirs.is_empty() && self.setgid_dirs.contains(&self.paths.id(dirs));
+                let create_mode = e.mode & 0o777;
+                let chown = kept_dir || setgid_parent || (uid, gid) != self.opts.owner;
+                let chmod = kept_dir || setgid_parent || perm != create_mode & !self.opts.umask;
                 let parent = self.parent(dirs, path)?;
                 let id = if kept_dir {
                     self.child(parent, last).expect("kept directory")
                 } else {
-                    self.create(
-                        parent,
-                        last,
-                        Node::new(Kind::Dir, 0o700, self.opts.owner),
-                        "mkdir",
-                        path,
-                    )?
+                    let mut n =
+                        Node::new(Kind::Dir, create_mode & !self.opts.umask, self.opts.owner);
+                    let p = &self.nodes[parent];
+                    if p.perm & 0o2000 != 0 {
+                        n.gid = p.gid;
+                        n.perm |= 0o2000;
+                    }
+                    self.create(parent, last, n, "mkdir", path)?
                 };
                 let n = &mut self.nodes[id];
-                n.uid = uid;
-                n.gid = gid;
-                n.perm = perm;
+                if chown {
+                    n.uid = uid;
+                    n.gid = gid;
+                }
+                if chmod {
+                    n.perm = perm;
+                }
                 n.xattrs.extend(xattrs);
                 if over_whiteout {
                     n.opaque = true;
                 }
+                // Listed: its own entry's attributes, not a lower layer's.
+                n.implicit = false;
                 if perm & 0o2000 != 0 {
                     self.setgid_dirs.insert(key);
                 } else {
@@ -754,43 +791,47 @@ impl TreeBuilder {
     /// keeps its first time), then walk the final tree into entries.
     pub fn finish(mut self) -> Result<Vec<EntryRec>> {
         self.cached = None;
-        self.finishing = true;
+        // The parents of listed directories, each resolved once per path
+        // (extraction keeps the last one open; nothing changes in this pass).
+        let mut at: HashMap<PathId, std::result::Result<NodeId, Errno>> =
+            HashMap::from([(ROOT_PATH, Ok(ROOT))]);
         for (key, mtime) in std::mem::take(&mut self.dir_times).into_iter().rev() {
             if key == ROOT_PATH {
                 self.nodes[ROOT].mtime = mtime;
                 continue;
             }
-            let owned: Vec<Vec<u8>> = self.paths.comps(key).iter().map(|c| c.to_vec()).collect();
-            let comps: Vec<&[u8]> = owned.iter().map(|c| &c[..]).collect();
-            let name = comps.join(&b'/');
-            let (last, dirs) = comps
-                .split_last()
-                .expect("a listed directory is not the root");
-            let parent = self.parent(dirs, &name)?;
+            let (pkey, ref last) = self.paths.of[key as usize];
+            let last = last.clone();
+            let parent = match self.resolve_memo(pkey, &mut at) {
+                Ok(p) => p,
+                // Removed or replaced by a later entry, with what was in it:
+                // looked up, never made again.
+                Err(Errno::NoEnt | Errno::NotDir | Errno::Loop) => continue,
+                Err(e) => {
+                    let name = self.paths.comps(key).join(&b'/');
+                    return Err(os_err(&name, "set mtime", e));
+                }
+            };
             // Replaced or removed by a later entry: nothing to date, or
             // whatever took the name gets the directory's time (as lutimes
-            // on the path does).
-            if let Some(c) = self.child(parent, last) {
+            // on the name does).
+            if let Some(c) = self.child(parent, &last) {
                 self.nodes[c].mtime = mtime;
             }
         }
-        let mut implicit: HashSet<NodeId> = HashSet::new();
-        if !self.root_listed {
-            implicit.insert(ROOT);
-        }
-        // What is at each implicit path now, if a directory (resolved
-        // through the paths' parents, each once, not from the root each time).
-        let mut at: HashMap<PathId, Option<NodeId>> = HashMap::from([(ROOT_PATH, Some(ROOT))]);
-        for &p in &self.implicit_dirs {
-            if let Some(id) = self.resolve_memo(p, &mut at) {
-                implicit.insert(id);
-            }
-        }
-        self.emit(&implicit)
+        self.emit()
     }
 
-    /// The directory at path `p` (no symlink followed), memoized by path.
-    fn resolve_memo(&self, p: PathId, at: &mut HashMap<PathId, Option<NodeId>>) -> Option<NodeId> {
+    /// openat2 of path `p` as a directory (no symlink followed), memoized
+    /// by path: each path is resolved from its parent's answer, once.
+    fn resolve_memo(
+        &self,
+        p: PathId,
+        at: &mut HashMap<PathId, std::result::Result<NodeId, Errno>>,
+    ) -> std::result::Result<NodeId, Errno> {
+        if self.paths.len[p as usize] >= PATH_MAX {
+            return Err(Errno::NameTooLong);
+        }
         // The unresolved ancestors, nearest first.
         let mut chain = Vec::new();
         let mut q = p;
@@ -800,14 +841,15 @@ impl TreeBuilder {
         }
         let mut cur = at[&q];
         for &c in chain.iter().rev() {
-            cur = cur.and_then(|d| self.step(d, &self.paths.of[c as usize].1).ok());
+            cur = cur.and_then(|d| self.step(d, &self.paths.of[c as usize].1));
             at.insert(c, cur);
         }
         cur
     }
 
-    fn emit(&self, implicit: &HashSet<NodeId>) -> Result<Vec<EntryRec>> {
-        let mut out = vec![self.rec(ROOT, 0, b"", implicit.contains(&ROOT))];
+    fn emit(&self) -> Result<Vec<EntryRec>> {
+        // The layer root is implicit unless the archive lists it (`./`).
+        let mut out = vec![self.rec(ROOT, 0, b"", !self.root_listed)];
         let mut first_seen: HashMap<NodeId, u32> = HashMap::new();
         let mut queue = VecDeque::from([(ROOT, 0u32)]);
         while let Some((dir, idx)) = queue.pop_front() {
@@ -831,7 +873,7 @@ impl TreeBuilder {
                     }
                     first_seen.insert(c, me);
                 }
-                out.push(self.rec(c, idx, name, implicit.contains(&c)));
+                out.push(self.rec(c, idx, name, n.implicit));
                 if n.kind == Kind::Dir {
                     queue.push_back((c, me));
                 }

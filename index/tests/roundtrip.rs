@@ -39,8 +39,8 @@ fn roundtrip(blob: &[u8], c: Compression, span: u32, tree: bool, what: &str) -> 
     assert_random_reads(&idx, blob, &b.windows, &full, 20, blob.len() as u64);
     if tree {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = extract(tmp.path(), &full).unwrap_or_else(|e| panic!("{what}: {e}"));
-        assert_same_tree(&idx, &full, &dir);
+        let x = extract(tmp.path(), &full).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_same_tree(&idx, &full, &x);
     }
     b
 }

@@ -24,9 +24,9 @@ fn check(tar: &[u8], what: &dyn Fn() -> String) -> Outcome {
     let real = extract(tmp.path(), tar);
     let ours = build(tar, Compression::None, Policy::default());
     match (real, ours) {
-        (Ok(dir), Ok(b)) => {
+        (Ok(x), Ok(b)) => {
             let idx = Index::parse(b.index).unwrap();
-            assert_same_tree(&idx, &b.tar, &dir);
+            assert_same_tree(&idx, &b.tar, &x);
             Outcome::SameTree
         }
         (Err(_), Err(_)) => Outcome::BothRefuse,
@@ -77,7 +77,8 @@ fn with<F: FnOnce(&mut H)>(mut h: H, f: F) -> H {
 #[test]
 fn crafted_layers_match_extraction() {
     let x = |k: &str, v: &[u8]| (k.to_string(), v.to_vec());
-    let cases: Vec<(&str, Vec<H>)> = vec![
+    let cases: Vec<(&str, Vec<H>)> =
+        vec![
         (
             "every kind, owners, modes, xattrs, nanosecond times",
             vec![
@@ -186,8 +187,56 @@ fn crafted_layers_match_extraction() {
             ],
         ),
         (
-            "the directory-time pass re-makes a whited-out directory (as extraction does)",
+            "the directory-time pass leaves a whited-out directory gone",
             vec![H::dir("a/b"), H::file(".wh.a", b"")],
+        ),
+        (
+            "the directory-time pass skips a directory whose parent became a file",
+            vec![H::dir("a/b"), H::file("a", b"")],
+        ),
+        (
+            "implicit parents replaced, removed, listed, made again",
+            vec![
+                H::file("p/q/r/f", b"f"),
+                H::file("p/q", b"a file takes q and r's place"),
+                H::file("s/t/f", b""),
+                H::file(".wh.s", b""),
+                H::file("u/v/f", b""),
+                H::dir("u"),
+                H::file("w/x/f", b""),
+                H::symlink("w", "elsewhere"),
+                H::file("m/n/f", b""),
+                H::dir("m/n"),
+                H::file("m/n/o/f", b""),
+                H::file("k/l/f", b""),
+                H::dir("k"),
+                H::file("k", b""),
+                H::file("k2/l/f", b""),
+                H::file(".wh.k2", b""),
+                H::file("k2/m/f", b"k2 made again over the whiteout: opaque, not implicit"),
+            ],
+        ),
+        (
+            "a new directory in a setgid directory extraction does not know as one",
+            vec![
+                with(H::dir("s"), |h| {
+                    h.mode = 0o2775;
+                    h.gid = 5;
+                }),
+                H::file("s/i/f", b"i is implicit, setgid, group 5"),
+                // The entry's owner is the process's and the mode needs no
+                // chmod: the kernel's group and setgid bit stay.
+                with(H::dir("s/i/keeps"), |h| h.mode = 0o755),
+                // These need a chown or chmod anyway: exactly the entry.
+                with(H::dir("s/i/chowned"), |h| {
+                    h.mode = 0o755;
+                    h.uid = 9;
+                }),
+                with(H::dir("s/i/sticky"), |h| h.mode = 0o1755),
+                with(H::dir("s/i/umasked"), |h| h.mode = 0o777),
+                // In a directory it knows is setgid: always the entry.
+                with(H::dir("s/known"), |h| h.mode = 0o755),
+            ],
         ),
         (
             "the directory-time pass dates what replaced a directory",
@@ -228,10 +277,6 @@ fn crafted_layers_match_extraction() {
         ),
         ("root entry not a directory", vec![H::file("./", b"")]),
         ("whiteout of nothing", vec![H::file(".wh.", b"")]),
-        (
-            "the directory-time pass finds a file where a parent was",
-            vec![H::dir("a/b"), H::file("a", b"")],
-        ),
     ];
     for (what, entries) in &refused {
         assert_eq!(
@@ -244,7 +289,8 @@ fn crafted_layers_match_extraction() {
     // deep for the tree walk of the comparison, which goes by path).
     let deep = tar(&[H::file(&format!("{}d/f", "d/".repeat(2047)), b"deep")]);
     let tmp = tempfile::tempdir().unwrap();
-    assert!(extract(tmp.path(), &deep).is_ok());
+    let x = extract(tmp.path(), &deep).unwrap();
+    assert_eq!(x.implicit.len(), 2049, "the root and 2048 made directories");
     let b = build(&deep, Compression::None, Policy::default()).unwrap();
     assert_eq!(Index::parse(b.index).unwrap().entry_count(), 2050);
     // Extraction links anything but a directory; the index holds hardlinks
@@ -340,17 +386,58 @@ fn random_layers_match_extraction() {
 /// Deep paths from a hostile layer (or TOC) cost the builder memory in
 /// proportion to the input: each of these entries makes 2047 directories;
 /// keyed by joined path strings, as extraction keeps them, the bookkeeping
-/// alone would be about 8 MB per entry (over 300 MB here).
+/// alone would be about 8 MB per entry. Extraction caps that bookkeeping
+/// (64 MiB a layer: 7 such entries fit, the 8th does not), and so does the
+/// builder, by the same count.
 #[test]
 fn deep_paths_stay_linear() {
     let mut tb = cstore_index::TreeBuilder::new(common::tree_options());
     let deep = "d/".repeat(2046);
-    for i in 0..40 {
+    for i in 0..8 {
         let p = format!("{i:03}/{deep}f");
         let mut e = cstore_index::TarEntry::new(p.as_bytes(), cstore_index::TarKind::File);
         e.mode = 0o644;
-        tb.add(&e).unwrap();
+        let r = tb.add(&e);
+        if i < 7 {
+            r.unwrap();
+        } else {
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains("implicit parent directories"), "{e}");
+        }
     }
-    let entries = tb.finish().unwrap();
-    assert_eq!(entries.len(), 1 + 40 * 2048);
+}
+
+/// The cap on made directories' paths refuses the same layers in both: one
+/// entry's parents fit a small cap, the next one's do not.
+#[test]
+fn made_directory_cap_matches_extraction() {
+    assert_eq!(
+        cstore_index::tree::MAX_MADE_DIR_BYTES,
+        cstore_store::unpack::extract::MAX_MADE_DIR_BYTES
+    );
+    let layer = |n: usize| {
+        let entries: Vec<H> = (0..n)
+            .map(|i| H::file(&format!("top{i}/{}f", "dd/".repeat(20)), b"x"))
+            .collect();
+        tar(&entries)
+    };
+    // One entry: 21 directories, 2 * sum(len + 1) = 2 * sum_{k=0..20}(5 + 3k) = 1470.
+    for (n, cap, ok) in [
+        (1, 1470, true),
+        (1, 1469, false),
+        (3, 4410, true),
+        (3, 4409, false),
+    ] {
+        let t = layer(n);
+        let tmp = tempfile::tempdir().unwrap();
+        let real = common::extract_with(tmp.path(), &t, cap);
+        let mut opts = common::tree_options();
+        opts.max_made_dir_bytes = cap;
+        let ours = common::build_with(&t, Compression::None, Policy::default(), opts);
+        assert_eq!(real.is_ok(), ok, "{n} entries, cap {cap}: extraction");
+        assert_eq!(ours.is_ok(), ok, "{n} entries, cap {cap}: index builder");
+        if let (Ok(x), Ok(b)) = (real, ours) {
+            assert_same_tree(&Index::parse(b.index).unwrap(), &b.tar, &x);
+        }
+    }
 }

@@ -4,7 +4,10 @@
 //! default capabilities, pivot_root), started as our child so its exit
 //! status and stdio pass straight through.
 
+use std::os::fd::AsFd;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::syscall::syscall::SyscallType;
@@ -17,6 +20,7 @@ use oci_spec::runtime::{
 };
 
 use crate::cgroup::IoLimits;
+use crate::start::{Children, Cut, Exec, ExecReport, Watchdog};
 use crate::Error;
 
 /// What to run, and how.
@@ -54,7 +58,14 @@ pub struct RunSpec {
     /// `--userns`: a user namespace with this mapping (the rootfs must
     /// already show the image's files under it: id-mapped layers).
     pub userns: Option<crate::userns::Userns>,
+    /// How long the init may take to be ready and then to exec the command
+    /// before it is killed and the start fails.
+    pub start_timeout: Duration,
 }
+
+/// The default [`RunSpec::start_timeout`]: a start takes tens of
+/// milliseconds; minutes on a machine too loaded to be usable.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn spec_err(e: impl std::fmt::Display) -> Error {
     Error::Spec(e.to_string())
@@ -234,22 +245,92 @@ fn cgroup_readonly_paths(mountinfo: &str) -> Vec<String> {
         .collect()
 }
 
+impl RunSpec {
+    /// Refuse what would make libcontainer's init fail obscurely, panic or
+    /// hang (`validate`), before anything is created. Callers that know
+    /// where an entry came from (image config or flag) check it first and
+    /// say so; this is the backstop.
+    pub fn validate(&self) -> Result<(), Error> {
+        crate::validate::args(&self.args).map_err(Error::Input)?;
+        for e in &self.env {
+            crate::validate::env_entry(e).map_err(Error::Input)?;
+        }
+        crate::validate::cwd(&self.cwd).map_err(Error::Input)?;
+        crate::validate::hostname(&self.hostname).map_err(Error::Input)?;
+        for (what, id) in std::iter::once(("uid", self.uid))
+            .chain(std::iter::once(("gid", self.gid)))
+            .chain(self.additional_gids.iter().map(|&g| ("gid", g)))
+        {
+            // (uid_t)-1 is "unchanged" to setresuid: the process stays root.
+            if id > i32::MAX as u32 {
+                return Err(Error::Input(format!(
+                    "{what} {id} is out of range (0-{})",
+                    i32::MAX
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Create, start, wait for and delete the container; its exit status
 /// (128 + signal when killed).
 pub fn run(r: &RunSpec) -> Result<i32, Error> {
     run_with(r, |_| {})
 }
 
-/// As [`run`], telling `on_start` the init's pid once it runs: from then on
-/// this process clones no more (callers release locks other threads hold).
+fn cut_error(id: &str, cut: Cut, stage: &'static str, after: Duration) -> Error {
+    match cut {
+        Cut::Timeout => Error::StartTimeout {
+            id: id.to_string(),
+            stage,
+            after,
+        },
+        Cut::Signal(sig) => Error::Interrupted {
+            id: id.to_string(),
+            signal: nix::sys::signal::Signal::try_from(sig)
+                .map_or_else(|_| format!("signal {sig}"), |s| s.as_str().to_string()),
+        },
+    }
+}
+
+/// SIGKILL the init (still before its command, or never to run it) and
+/// reap it; how it ended.
+fn end_init(pid: nix::unistd::Pid) -> Option<WaitStatus> {
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Ok(WaitStatus::StillAlive) => return None,
+            Ok(s) => return Some(s),
+            Err(Errno::EINTR) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+/// As [`run`], telling `on_start` the init's pid once it runs its command:
+/// from then on this process clones no more (callers release locks other
+/// threads hold).
+///
+/// The start is bounded by `r.start_timeout` (see `start`): an init that
+/// does not report ready, or does not exec its command, in that time is
+/// killed, and so is everything the create made, as when SIGINT, SIGTERM,
+/// SIGHUP or SIGQUIT reaches this process before the command runs.
 pub fn run_with(r: &RunSpec, on_start: impl FnOnce(u32)) -> Result<i32, Error> {
     let rt = |message: String| Error::Runtime {
         id: r.id.clone(),
         message,
     };
+    r.validate()?;
     std::fs::create_dir_all(&r.bundle)
         .map_err(|e| rt(format!("bundle {}: {e}", r.bundle.display())))?;
-    std::fs::create_dir_all(&r.state_root)
+    // libcontainer's state (ROOT/run-state) is root's alone (see
+    // cstore_store::layout).
+    cstore_store::layout::create_dir_all(&r.state_root, cstore_store::layout::PRIVATE_DIR_MODE)
         .map_err(|e| rt(format!("state {}: {e}", r.state_root.display())))?;
     build_spec(r)?
         .save(r.bundle.join("config.json"))
@@ -259,8 +340,11 @@ pub fn run_with(r: &RunSpec, on_start: impl FnOnce(u32)) -> Result<i32, Error> {
         .then(|| crate::tty::ConsoleSocket::bind(&r.bundle.join("console.sock")))
         .transpose()
         .map_err(|e| rt(format!("console socket: {e}")))?;
+    let mut report = ExecReport::new().map_err(|e| rt(format!("exec report pipe: {e}")))?;
     let mut builder = ContainerBuilder::new(r.id.clone(), SyscallType::default())
-        .with_executor(crate::signals::DefaultSignals)
+        .with_executor(crate::signals::Exec {
+            report: report.write_fd(),
+        })
         .with_root_path(&r.state_root)
         .map_err(|e| rt(e.to_string()))?
         .validate_id()
@@ -271,14 +355,60 @@ pub fn run_with(r: &RunSpec, on_start: impl FnOnce(u32)) -> Result<i32, Error> {
         let null = std::fs::File::open("/dev/null").map_err(|e| rt(format!("/dev/null: {e}")))?;
         builder = builder.with_stdin(null);
     }
-    let mut c = builder
+    // One budget for the whole start: create, then the exec.
+    let deadline = Instant::now() + r.start_timeout;
+    let children = Arc::new(Children::now());
+    let abort = crate::signals::abort_on().map_err(|e| rt(format!("abort pipe: {e}")))?;
+    let dog = Watchdog::arm(r.start_timeout, abort.clone(), children.clone());
+    let dog = match dog {
+        Ok(d) => d,
+        Err(e) => {
+            crate::signals::abort_off();
+            return Err(rt(format!("start watchdog: {e}")));
+        }
+    };
+    let built = builder
         .as_init(&r.bundle)
         .with_systemd(false)
         // libcontainer takes a console socket only from a "detached" caller;
         // detach gates nothing else: init is still our child, waited below.
         .with_detach(r.tty)
-        .build()
-        .map_err(|e| rt(format!("create: {e}")))?;
+        .build();
+    let cut = dog.finish();
+    // Only the init holds a write end now (the intermediate has exited).
+    report.close_ours();
+    let mut c = match (built, cut) {
+        (Ok(c), None) => c,
+        (Err(e), None) => {
+            crate::signals::abort_off();
+            children.kill_and_reap_new();
+            return Err(rt(format!("create: {e}")));
+        }
+        (built, Some(cut)) => {
+            crate::signals::abort_off();
+            if let Ok(mut c) = built {
+                // Cut just as it finished: what it made goes too.
+                let _ = c.delete(true);
+            }
+            children.kill_and_reap_new();
+            return Err(cut_error(&r.id, cut, "report ready", r.start_timeout));
+        }
+    };
+    let Some(pid) = c.pid() else {
+        crate::signals::abort_off();
+        let _ = c.delete(true);
+        children.kill_and_reap_new();
+        return Err(rt("created without a pid".into()));
+    };
+    let pid = nix::unistd::Pid::from_raw(pid.as_raw());
+    // Everything below that fails before the command runs ends the init.
+    let abandon = |c: &mut libcontainer::container::Container, e: Error| {
+        crate::signals::forward_to(0);
+        crate::signals::abort_off();
+        end_init(pid);
+        let _ = c.delete(true);
+        Err(e)
+    };
     // The pty master was sent during create; without it the container is useless.
     let session = match console
         .as_ref()
@@ -289,47 +419,69 @@ pub fn run_with(r: &RunSpec, on_start: impl FnOnce(u32)) -> Result<i32, Error> {
         .transpose()
     {
         Ok(s) => s,
-        Err(e) => {
-            let _ = c.delete(true);
-            return Err(rt(format!("terminal: {e}")));
-        }
+        Err(e) => return abandon(&mut c, rt(format!("terminal: {e}"))),
     };
     // Forwarding from before the start: once the process runs (and can say
-    // so), a signal to us is never left to its default action.
-    if let Some(pid) = c.pid() {
-        crate::signals::forward_to(pid.as_raw());
-    }
-    let started = c.start();
-    let code = match (started, c.pid()) {
-        (Ok(()), Some(pid)) => {
-            on_start(pid.as_raw() as u32);
-            let pid = nix::unistd::Pid::from_raw(pid.as_raw());
-            // Exited but not reaped (WNOWAIT): its pid cannot be anyone
-            // else's while a signal may still be forwarded to it.
-            let status = loop {
-                match waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
-                    Err(Errno::EINTR) => continue,
-                    r => break r,
-                }
-            };
-            crate::signals::forward_to(0);
-            while let Err(Errno::EINTR) = waitpid(pid, None) {}
-            let code = match status {
-                Ok(WaitStatus::Exited(_, code)) => Ok(code),
-                Ok(WaitStatus::Signaled(_, sig, _)) => Ok(128 + sig as i32),
-                Ok(s) => Err(rt(format!("wait: unexpected {s:?}"))),
-                Err(e) => Err(rt(format!("wait: {e}"))),
-            };
-            // Output still in the pty after the exit reaches stdout.
-            match session.map(crate::tty::Session::finish) {
-                Some(Err(e)) => code.and(Err(rt(format!("terminal: {e}")))),
-                _ => code,
-            }
+    // so), a signal to us is never left to its default action. (Before its
+    // exec, the init still has our handler, which writes the signal to the
+    // abort pipe: the wait below sees it.)
+    crate::signals::forward_to(pid.as_raw());
+    let exec = match c.start() {
+        Ok(()) => report.wait(deadline, abort.as_fd()),
+        Err(e) => return abandon(&mut c, rt(format!("start: {e}"))),
+    };
+    match exec {
+        Exec::Ran => crate::signals::abort_off(),
+        Exec::Failed(reason) => {
+            return abandon(
+                &mut c,
+                Error::NotStarted {
+                    id: r.id.clone(),
+                    reason,
+                },
+            )
         }
-        (Ok(()), None) => Err(rt("started without a pid".into())),
-        (Err(e), _) => Err(rt(format!("start: {e}"))),
+        Exec::DiedBefore => {
+            crate::signals::forward_to(0);
+            crate::signals::abort_off();
+            let how = match end_init(pid) {
+                Some(WaitStatus::Exited(_, code)) => format!("exited with status {code}"),
+                Some(WaitStatus::Signaled(_, sig, _)) => format!("was killed by {sig}"),
+                _ => "ended".to_string(),
+            };
+            let _ = c.delete(true);
+            return Err(Error::NotStarted {
+                id: r.id.clone(),
+                reason: format!("its init {how} before running the command"),
+            });
+        }
+        Exec::Cut(cut) => {
+            let e = cut_error(&r.id, cut, "run its command", r.start_timeout);
+            return abandon(&mut c, e);
+        }
+    }
+    on_start(pid.as_raw() as u32);
+    // Exited but not reaped (WNOWAIT): its pid cannot be anyone else's
+    // while a signal may still be forwarded to it.
+    let status = loop {
+        match waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+            Err(Errno::EINTR) => continue,
+            r => break r,
+        }
     };
     crate::signals::forward_to(0);
+    while let Err(Errno::EINTR) = waitpid(pid, None) {}
+    let code = match status {
+        Ok(WaitStatus::Exited(_, code)) => Ok(code),
+        Ok(WaitStatus::Signaled(_, sig, _)) => Ok(128 + sig as i32),
+        Ok(s) => Err(rt(format!("wait: unexpected {s:?}"))),
+        Err(e) => Err(rt(format!("wait: {e}"))),
+    };
+    // Output still in the pty after the exit reaches stdout.
+    let code = match session.map(crate::tty::Session::finish) {
+        Some(Err(e)) => code.and(Err(rt(format!("terminal: {e}")))),
+        _ => code,
+    };
     let _ = c.refresh_status();
     let deleted = c.delete(true).map_err(|e| rt(format!("delete: {e}")));
     let code = code?;
@@ -396,6 +548,7 @@ mod tests {
             tty: false,
             interactive: false,
             userns: None,
+            start_timeout: START_TIMEOUT,
         };
         let spec = build_spec(&r).unwrap();
         let bio = spec

@@ -23,6 +23,23 @@ pub enum Error {
     Spec(String),
     #[error("container {id}: {message}")]
     Runtime { id: String, message: String },
+    /// A command, environment entry, working directory, hostname or id
+    /// that no container can be started with.
+    #[error("{0}")]
+    Input(String),
+    /// The init did not `stage` in time; what the start made is gone.
+    #[error("container {id}: its init did not {stage} within {}s; it was killed, with everything the start made", after.as_secs_f64())]
+    StartTimeout {
+        id: String,
+        stage: &'static str,
+        after: std::time::Duration,
+    },
+    /// A signal to cstore stopped the start; what it made is gone.
+    #[error("container {id}: start interrupted by {signal}")]
+    Interrupted { id: String, signal: String },
+    /// The init could not run the command (exec failed, or it ended first).
+    #[error("container {id}: could not run its command: {reason}")]
+    NotStarted { id: String, reason: String },
     #[error("container record {path}: {message}")]
     Record { path: PathBuf, message: String },
     #[error("user {user:?}: {reason}")]

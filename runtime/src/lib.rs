@@ -9,12 +9,14 @@ mod error;
 pub mod record;
 pub mod rootfs;
 mod signals;
+mod start;
 pub mod teardown;
 pub mod tty;
 pub mod user;
 pub mod userns;
+pub mod validate;
 
 pub use cgroup::{Cgroup, Hierarchy, IoLimits};
-pub use container::{build_spec, run, run_with, RunSpec};
+pub use container::{build_spec, run, run_with, RunSpec, START_TIMEOUT};
 pub use error::Error;
 pub use record::{Record, State};

@@ -12,8 +12,14 @@ use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::Mode;
 
 fn open_in_root(root: &File, rel: &Path, flags: OFlag) -> Result<File, Errno> {
+    // openat2 refuses O_PATH with flags that only mean something to an open.
+    let extra = if flags.contains(OFlag::O_PATH) {
+        OFlag::O_CLOEXEC
+    } else {
+        OFlag::O_CLOEXEC | OFlag::O_NOCTTY
+    };
     let how = OpenHow::new()
-        .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOCTTY)
+        .flags(flags | extra)
         .mode(Mode::empty())
         .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
     let fd = openat2(root.as_raw_fd(), rel, how)?;
@@ -23,18 +29,26 @@ fn open_in_root(root: &File, rel: &Path, flags: OFlag) -> Result<File, Errno> {
 
 /// The regular file at `rel` in `root`, at most `max` bytes; None when there
 /// is no such file. Errors are messages naming the file.
+///
+/// Whatever `rel` names is looked at before it is opened: found with
+/// O_PATH (which opens nothing), and reopened for reading through
+/// /proc/self/fd only if it is a regular file. An image's /etc/passwd can be
+/// a device node or a FIFO, and opening a device from the host can act on
+/// it (a watchdog starts counting on open).
 pub fn read_file(root: &Path, rel: &str, max: u64) -> Result<Option<String>, String> {
     let what = |e: &dyn std::fmt::Display| format!("/{rel} in {}: {e}", root.display());
     let dir = File::open(root).map_err(|e| what(&e))?;
-    // O_NONBLOCK: a FIFO is refused below, not waited on.
-    let file = match open_in_root(&dir, Path::new(rel), OFlag::O_RDONLY | OFlag::O_NONBLOCK) {
+    let found = match open_in_root(&dir, Path::new(rel), OFlag::O_PATH) {
         Ok(f) => f,
         Err(Errno::ENOENT) => return Ok(None),
         Err(e) => return Err(what(&e)),
     };
-    if !file.metadata().map_err(|e| what(&e))?.is_file() {
+    if !found.metadata().map_err(|e| what(&e))?.is_file() {
         return Err(what(&"not a regular file"));
     }
+    // No fd variant reopens an O_PATH fd for reading: its /proc/self/fd link
+    // does, and names exactly the inode that was just checked.
+    let file = File::open(format!("/proc/self/fd/{}", found.as_raw_fd())).map_err(|e| what(&e))?;
     let mut text = String::new();
     file.take(max + 1)
         .read_to_string(&mut text)
@@ -98,7 +112,19 @@ pub fn create_dir_all(root: &Path, path: &str, owner: (u32, u32)) -> Result<(), 
                     }
                     Err(e) => return Err(what(&e)),
                 }
-                let d = open_in_root(&dir, &sofar, flags).map_err(|e| what(&e))?;
+                // The directory just made, by name from its parent's fd and
+                // never through a symlink: what is chowned is what was made.
+                let how = OpenHow::new()
+                    .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
+                    .mode(Mode::empty())
+                    .resolve(
+                        ResolveFlag::RESOLVE_BENEATH
+                            | ResolveFlag::RESOLVE_NO_SYMLINKS
+                            | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+                    );
+                let fd = openat2(parent.as_raw_fd(), name, how).map_err(|e| what(&e))?;
+                // SAFETY: openat2 returned a new descriptor that nothing else owns.
+                let d = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
                 std::os::unix::fs::fchown(&d, Some(owner.0), Some(owner.1))
                     .map_err(|e| what(&e))?;
                 d
@@ -115,7 +141,7 @@ pub fn create_dir_all(root: &Path, path: &str, owner: (u32, u32)) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 
     #[test]
     fn paths_are_cleaned_as_docker_cleans_them() {
@@ -152,8 +178,32 @@ mod tests {
         assert!(read_file(root.path(), "lib/f", 4)
             .unwrap_err()
             .contains("larger than 4 bytes"));
-        nix::unistd::mkfifo(&root.path().join("fifo"), Mode::from_bits_truncate(0o644)).unwrap();
+        // A FIFO is refused without being opened: a writer waiting for a
+        // reader is still waiting afterwards.
+        let fifo = root.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, Mode::from_bits_truncate(0o644)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let writer = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || {
+                let f = std::fs::OpenOptions::new().write(true).open(&fifo);
+                tx.send(()).unwrap();
+                f.map(drop)
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(100));
         assert!(read("fifo").unwrap_err().contains("not a regular file"));
+        let opened = rx
+            .recv_timeout(std::time::Duration::from_millis(300))
+            .is_ok();
+        // Let the writer go.
+        let _reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        writer.join().unwrap().unwrap();
+        assert!(!opened, "read_file opened the FIFO");
     }
 
     #[test]

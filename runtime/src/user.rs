@@ -40,14 +40,17 @@ pub fn resolve(rootfs: &Path, spec: &str) -> Result<ExecUser, Error> {
 
 struct PasswdEntry<'a> {
     name: &'a str,
-    uid: u32,
-    gid: u32,
+    /// The id fields as written: range-checked once an entry is chosen
+    /// (as runc's GetExecUser does), so a bad one is refused, not skipped
+    /// or taken for -1.
+    uid: &'a str,
+    gid: &'a str,
     home: &'a str,
 }
 
 struct GroupEntry<'a> {
     name: &'a str,
-    gid: u32,
+    gid: &'a str,
     members: Vec<&'a str>,
 }
 
@@ -58,8 +61,8 @@ fn passwd_entries(text: &str) -> impl Iterator<Item = PasswdEntry<'_>> {
         let f: Vec<&str> = l.trim().split(':').collect();
         Some(PasswdEntry {
             name: f.first().filter(|n| !n.is_empty())?,
-            uid: f.get(2)?.parse().ok()?,
-            gid: f.get(3)?.parse().ok()?,
+            uid: f.get(2)?,
+            gid: f.get(3)?,
             home: f.get(5).copied().unwrap_or(""),
         })
     })
@@ -71,7 +74,7 @@ fn group_entries(text: &str) -> impl Iterator<Item = GroupEntry<'_>> {
         let f: Vec<&str> = l.trim().split(':').collect();
         Some(GroupEntry {
             name: f.first().filter(|n| !n.is_empty())?,
-            gid: f.get(2)?.parse().ok()?,
+            gid: f.get(2)?,
             members: f
                 .get(3)
                 .map(|m| {
@@ -85,6 +88,14 @@ fn group_entries(text: &str) -> impl Iterator<Item = GroupEntry<'_>> {
     })
 }
 
+/// An id as written (digits only: no sign, no spaces), whatever its range.
+fn digits(s: &str) -> Option<u64> {
+    if s.is_empty() || s.len() > 19 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
 fn numeric(what: &str, s: &str) -> Result<Option<u32>, String> {
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
         return Ok(None);
@@ -92,6 +103,21 @@ fn numeric(what: &str, s: &str) -> Result<Option<u32>, String> {
     match s.parse::<u32>() {
         Ok(n) if n <= MAX_ID => Ok(Some(n)),
         _ => Err(format!("{what} {s} is out of range (0-{MAX_ID})")),
+    }
+}
+
+/// An id read from one of the image's files: the same range as a number
+/// given on the command line. Above it, the kernel takes 4294967295 for
+/// "unchanged" (setresuid(-1) keeps root) and other ABIs see negative ids.
+fn file_id(what: &str, raw: &str, owner: &str, file: &str) -> Result<u32, String> {
+    match digits(raw) {
+        Some(n) if n <= MAX_ID as u64 => Ok(n as u32),
+        Some(_) => Err(format!(
+            "{what} {raw} of {owner:?} in the image's {file} is out of range (0-{MAX_ID})"
+        )),
+        None => Err(format!(
+            "{what} {raw:?} of {owner:?} in the image's {file} is not a number"
+        )),
     }
 }
 
@@ -105,18 +131,19 @@ fn resolve_in(spec: &str, passwd: Option<&str>, group: Option<&str>) -> Result<E
         None => (spec, None),
     };
     let uid_arg = numeric("uid", user_arg)?;
-    // A number is always a uid (even if some user is named so), a name must exist.
+    // A number is always a uid (even if some user is named so), a name must
+    // exist. A line whose uid is not a number matches no number.
     let entry = passwd.and_then(|p| {
         passwd_entries(p).find(|e| match uid_arg {
-            _ if user_arg.is_empty() => e.uid == 0,
-            Some(uid) => e.uid == uid,
+            _ if user_arg.is_empty() => digits(e.uid) == Some(0),
+            Some(uid) => digits(e.uid) == Some(uid as u64),
             None => e.name == user_arg,
         })
     });
     let mut user = match (&entry, uid_arg) {
         (Some(e), _) => ExecUser {
-            uid: e.uid,
-            gid: e.gid,
+            uid: file_id("uid", e.uid, e.name, "/etc/passwd")?,
+            gid: file_id("gid", e.gid, e.name, "/etc/passwd")?,
             additional_gids: vec![],
             home: e.home.to_string(),
         },
@@ -150,10 +177,10 @@ fn resolve_in(spec: &str, passwd: Option<&str>, group: Option<&str>) -> Result<E
         Some(g) => {
             let gid_arg = numeric("gid", g)?;
             user.gid = match groups.iter().find(|e| match gid_arg {
-                Some(gid) => e.gid == gid,
+                Some(gid) => digits(e.gid) == Some(gid as u64),
                 None => e.name == g,
             }) {
-                Some(e) => e.gid,
+                Some(e) => file_id("gid", e.gid, e.name, "/etc/group")?,
                 None => gid_arg.ok_or_else(|| match group {
                     Some(_) => format!("no group {g:?} in the image's /etc/group"),
                     None => format!("group name {g:?}, and the image has no /etc/group"),
@@ -163,12 +190,9 @@ fn resolve_in(spec: &str, passwd: Option<&str>, group: Option<&str>) -> Result<E
         // Only a user found by name in passwd has groups listing it.
         None => {
             if let Some(e) = &entry {
-                sgids.extend(
-                    groups
-                        .iter()
-                        .filter(|g| g.members.contains(&e.name))
-                        .map(|g| g.gid),
-                );
+                for g in groups.iter().filter(|g| g.members.contains(&e.name)) {
+                    sgids.push(file_id("gid", g.gid, g.name, "/etc/group")?);
+                }
             }
         }
     }
@@ -244,7 +268,10 @@ nohome:x:1002:
         );
         assert_eq!(
             r("broken"),
-            Err("no such user in the image's /etc/passwd".into())
+            Err(
+                "uid \"notanumber\" of \"broken\" in the image's /etc/passwd is not a number"
+                    .into()
+            )
         );
         assert_eq!(
             r("app:nogroup"),
@@ -253,6 +280,52 @@ nohome:x:1002:
         assert!(r("a:b:c").unwrap_err().contains("USER[:GROUP]"));
         assert!(r("4294967295").unwrap_err().contains("out of range"));
         assert!(r("1:2147483648").unwrap_err().contains("out of range"));
+    }
+
+    /// Issue 12, finding 5: ids read from the files get the range check
+    /// ids given as numbers get. 4294967295 is -1 to setresuid, which then
+    /// changes nothing: the process stayed root.
+    #[test]
+    fn ids_from_the_files_are_range_checked_as_numbers_given_are() {
+        const P: &str = "root:x:0:0::/root:/bin/sh
+app:x:4294967295:1000::/home/app:/bin/sh
+big:x:2147483648:1::/:/bin/sh
+gbad:x:1001:4294967295::/:/bin/sh
+huge:x:99999999999999999999999:1::/:/bin/sh
+signed:x:+5:1::/:/bin/sh
+ok:x:1002:1002::/:/bin/sh
+";
+        const G: &str = "ok:x:1002:
+minus:x:4294967295:ok
+named:x:3000000000:
+";
+        let r = |spec: &str| resolve_in(spec, Some(P), Some(G));
+        let range = |what: &str, raw: &str, owner: &str, file: &str| {
+            Err(format!(
+                "{what} {raw} of {owner:?} in the image's {file} is out of range (0-2147483647)"
+            ))
+        };
+        assert_eq!(r("app"), range("uid", "4294967295", "app", "/etc/passwd"));
+        assert_eq!(r("big"), range("uid", "2147483648", "big", "/etc/passwd"));
+        assert_eq!(r("gbad"), range("gid", "4294967295", "gbad", "/etc/passwd"));
+        assert_eq!(
+            r("huge"),
+            Err("uid \"99999999999999999999999\" of \"huge\" in the image's /etc/passwd is not a number".into())
+        );
+        assert_eq!(
+            r("signed"),
+            Err("uid \"+5\" of \"signed\" in the image's /etc/passwd is not a number".into())
+        );
+        // A supplementary group listing the user, a group given by name.
+        assert_eq!(r("ok"), range("gid", "4294967295", "minus", "/etc/group"));
+        assert_eq!(
+            r("ok:named"),
+            range("gid", "3000000000", "named", "/etc/group")
+        );
+        // Numbers match only lines whose id is a number in range.
+        assert_eq!(r("5"), Ok(u(5, 0, &[0], "/")));
+        assert!(r("4294967295").unwrap_err().contains("out of range"));
+        assert_eq!(r("ok:1002"), Ok(u(1002, 1002, &[1002], "/")));
     }
 
     #[test]

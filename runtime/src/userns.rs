@@ -40,15 +40,33 @@ impl IdRange {
         if count == 0 {
             return Err(bad("count must be at least 1"));
         }
-        if host.checked_add(count - 1).is_none() {
-            return Err(bad("range passes the largest id, 4294967295"));
+        // 4294967295 is no id at all ((uid_t)-1: "unchanged" to setresuid,
+        // "no owner" to chown): a range may end just below it.
+        if host
+            .checked_add(count - 1)
+            .is_none_or(|last| last == u32::MAX)
+        {
+            return Err(bad("range reaches 4294967295, which is not an id"));
         }
         Ok(IdRange { host, count })
     }
 
-    /// The host id of container id `id`, if mapped.
+    /// The host id of container id `id`, if mapped (never overflows: `new`
+    /// keeps host + count - 1 below u32::MAX).
     pub fn to_host(&self, id: u32) -> Option<u32> {
         (id < self.count).then(|| self.host + id)
+    }
+}
+
+impl std::fmt::Display for IdRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "container ids 0-{} are host ids {}-{}",
+            self.count - 1,
+            self.host,
+            self.host + (self.count - 1)
+        )
     }
 }
 
@@ -93,6 +111,25 @@ impl Userns {
                 Ok(Some(Userns { uid: r, gid: r }))
             }
         }
+    }
+
+    /// Refuse a process user whose ids this namespace does not map (the
+    /// kernel would refuse them at setresuid/setgroups, deep in the
+    /// container's init; `spec` is the user as asked for, for the message).
+    pub fn check_user(&self, spec: &str, u: &crate::user::ExecUser) -> Result<(), Error> {
+        let unmapped = |what: &str, id: u32, r: &IdRange| Error::User {
+            user: spec.to_string(),
+            reason: format!("{what} {id} is not mapped in the container's user namespace ({r})"),
+        };
+        if self.uid.to_host(u.uid).is_none() {
+            return Err(unmapped("uid", u.uid, &self.uid));
+        }
+        for &g in std::iter::once(&u.gid).chain(&u.additional_gids) {
+            if self.gid.to_host(g).is_none() {
+                return Err(unmapped("gid", g, &self.gid));
+            }
+        }
+        Ok(())
     }
 
     /// A user namespace with this mapping, held by its fd (for
@@ -245,13 +282,55 @@ mod tests {
             ("100000:lots", "COUNT is not a number"),
             ("0:65536", "base 0"),
             ("100000:0", "at least 1"),
-            ("4294967295:2", "largest id"),
+            ("4294967295:2", "not an id"),
+            ("4294967294:2", "not an id"),
+            ("4294967295:1", "not an id"),
+            ("2:4294967294", "not an id"),
         ] {
             let e = Userns::parse_with(v, &u, &g).unwrap_err().to_string();
             assert!(e.contains(why) && e.contains(v), "{v}: {e}");
         }
+        // The largest range there is: up to 4294967294.
+        let r = Userns::parse_with("1:4294967294", &u, &g).unwrap().unwrap();
+        assert_eq!(r.uid.to_host(4294967293), Some(4294967294));
+        assert_eq!(r.uid.to_host(4294967294), None);
         let (_d, u, g) = files("root:abc:1\n", "");
         let e = Userns::parse_with("auto", &u, &g).unwrap_err().to_string();
         assert!(e.contains("subuid") && e.contains("root:abc:1"), "{e}");
+    }
+
+    #[test]
+    fn a_user_outside_the_mapping_is_refused_by_name() {
+        let ns = Userns {
+            uid: IdRange {
+                host: 100000,
+                count: 65536,
+            },
+            gid: IdRange {
+                host: 200000,
+                count: 1000,
+            },
+        };
+        let user = |uid, gid, gids: &[u32]| crate::user::ExecUser {
+            uid,
+            gid,
+            additional_gids: gids.to_vec(),
+            home: "/".into(),
+        };
+        ns.check_user("app", &user(65535, 999, &[999, 0])).unwrap();
+        for (u, want) in [
+            (
+                user(65536, 0, &[0]),
+                "uid 65536 is not mapped in the container's user namespace (container ids 0-65535 are host ids 100000-165535)",
+            ),
+            (
+                user(1, 1000, &[1000]),
+                "gid 1000 is not mapped in the container's user namespace (container ids 0-999 are host ids 200000-200999)",
+            ),
+            (user(1, 1, &[1, 5000]), "gid 5000 is not mapped"),
+        ] {
+            let e = ns.check_user("app", &u).unwrap_err().to_string();
+            assert!(e.starts_with("user \"app\": ") && e.contains(want), "{e}");
+        }
     }
 }

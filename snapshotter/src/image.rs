@@ -9,12 +9,13 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
+use cstore_store::confined::TreeDir;
+use cstore_store::image_config::ImageConfigHead;
 use cstore_store::media::layer_compression;
 use cstore_store::meta::{DescriptorRecord, ImageRecord};
 use cstore_store::reference::parse_digest;
@@ -58,35 +59,13 @@ pub struct Layer {
 /// The image's layers with their diff_ids (from the config) and chain IDs.
 pub fn layers_of(store: &Store, image: &ImageRecord) -> Result<Vec<Layer>> {
     let config_digest = parse_digest(&image.config.digest)?;
-    let bytes = store.read_blob(&config_digest, 32 << 20)?;
-    #[derive(serde::Deserialize)]
-    struct Config {
-        rootfs: RootFs,
-    }
-    #[derive(serde::Deserialize)]
-    struct RootFs {
-        diff_ids: Vec<String>,
-    }
-    let config: Config = serde_json::from_slice(&bytes).map_err(|e| {
-        Error::Store(cstore_store::Error::Malformed {
-            what: format!("config {} of {}", image.config.digest, image.name),
-            reason: e.to_string(),
-        })
-    })?;
+    let bytes = store.read_config(&config_digest)?;
+    // The pull checked this already; a store written before it did may hold
+    // an image whose config does not describe its layers.
+    let what = format!("config {} of {}", image.config.digest, image.name);
+    let config = ImageConfigHead::parse(&bytes, &what)?;
+    config.check_layers(image.layers.len(), &what)?;
     let diff_ids = config.rootfs.diff_ids;
-    if diff_ids.len() != image.layers.len() {
-        return Err(Error::Store(cstore_store::Error::Malformed {
-            what: format!("image {}", image.name),
-            reason: format!(
-                "{} layers but {} diff_ids in the config",
-                image.layers.len(),
-                diff_ids.len()
-            ),
-        }));
-    }
-    for d in &diff_ids {
-        parse_digest(d)?;
-    }
     let chains = chain_ids(&diff_ids);
     Ok(image
         .layers
@@ -99,6 +78,15 @@ pub fn layers_of(store: &Store, image: &ImageRecord) -> Result<Vec<Layer>> {
             chain_id,
         })
         .collect())
+}
+
+/// The `rootfs.diff_ids` of an image config (`digest` of `image`), each a
+/// valid sha256 digest: what unpack reads of a config (the fuzz target's entry).
+pub fn config_diff_ids(bytes: &[u8], digest: &str, image: &str) -> Result<Vec<String>> {
+    let what = format!("config {digest} of {image}");
+    let config = ImageConfigHead::parse(bytes, &what)?;
+    config.check_layers(config.rootfs.diff_ids.len(), &what)?;
+    Ok(config.rootfs.diff_ids)
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -213,9 +201,14 @@ pub fn unpack_image(
         let idx = present + i;
         let l = &layers[idx];
         let parent = idx.checked_sub(1).map(|p| layers[p].chain_id.as_str());
-        if let Err(e) =
-            inherit_implicit_dirs(sn, &layers[..idx], &dir.join("fs"), &stats.implicit_dirs)
-        {
+        if let Err(e) = inherit_implicit_dirs(
+            sn,
+            image,
+            l,
+            &layers[..idx],
+            &dir.join("fs"),
+            &stats.implicit_dirs,
+        ) {
             cleanup(&staged[i..]);
             return Err(e);
         }
@@ -223,8 +216,9 @@ pub fn unpack_image(
             (LABEL_LAYER_DIGEST.to_string(), l.descriptor.digest.clone()),
             (LABEL_DIFF_ID.to_string(), l.diff_id.clone()),
         ]);
+        tracing::debug!(chain_id = %l.chain_id, "committing the snapshot");
         match sn.commit_dir(dir, &l.chain_id, parent, labels) {
-            Ok(()) => {}
+            Ok(()) => tracing::debug!(chain_id = %l.chain_id, "committed the snapshot"),
             // Another unpack of the same layer won the race: use theirs.
             Err(Error::AlreadyExists(_)) => {
                 let _ = std::fs::remove_dir_all(dir);
@@ -291,35 +285,59 @@ fn unpack_one(
 /// 0755 root:root; in the merged view it would mask the lower layer's own
 /// directory's owner, mode and xattrs. Give it those of the nearest lower
 /// layer. The same for the layer root when the layer has no `./` entry.
+///
+/// Both trees are the image's: any name in them may be a symlink to a host
+/// path. So nothing is done by path: each directory, lower and upper, is
+/// opened from its tree root's fd with openat2 (no symlink followed, nothing
+/// outside the tree reached) and changed through its own fd
+/// (cstore_store::confined). `implicit` holds only directories that are
+/// still the layer's implicit ones (the extractor drops those a later entry
+/// replaced, removed or listed); one that is not a directory of the tree
+/// any more fails the unpack rather than being looked for elsewhere.
 fn inherit_implicit_dirs(
     sn: &Snapshotter,
+    image: &ImageRecord,
+    layer: &Layer,
     lower: &[Layer],
     fs: &Path,
     implicit: &[Vec<u8>],
 ) -> Result<()> {
-    if implicit.is_empty() {
+    if implicit.is_empty() || lower.is_empty() {
         return Ok(());
     }
-    let lower_dirs: Vec<PathBuf> = lower
+    let open_root = |p: &Path| TreeDir::open_root(p).map_err(|e| Error::io("open", p, e));
+    let lower_trees: Vec<(PathBuf, TreeDir)> = lower
         .iter()
         .rev()
-        .map(|l| sn.fs_dir(&l.chain_id))
+        .map(|l| {
+            let p = sn.fs_dir(&l.chain_id)?;
+            let t = open_root(&p)?;
+            Ok((p, t))
+        })
         .collect::<Result<_>>()?;
+    let tree = open_root(fs)?;
+    let fail = |rel: &[u8], reason: String| {
+        Error::Store(cstore_store::Error::Unpack {
+            image: image.name.clone(),
+            layer: layer.descriptor.digest.clone(),
+            entry: Some(String::from_utf8_lossy(rel).into_owned()),
+            reason,
+        })
+    };
     for rel in implicit {
-        let rel = Path::new(std::ffi::OsStr::from_bytes(rel));
-        for base in &lower_dirs {
-            match lower_lookup(base, rel) {
-                Lookup::Dir(m) => {
-                    let p = fs.join(rel);
-                    std::os::unix::fs::lchown(&p, Some(m.uid()), Some(m.gid()))
-                        .map_err(|e| Error::io("chown", &p, e))?;
-                    std::fs::set_permissions(
-                        &p,
-                        std::fs::Permissions::from_mode(m.mode() & 0o7777),
-                    )
-                    .map_err(|e| Error::io("chmod", &p, e))?;
-                    // The upper directory's xattrs are the merged one's too.
-                    copy_xattrs(&base.join(rel), &p)?;
+        let Some(dir) = implicit_dir(&tree, rel)
+            .map_err(|e| fail(rel, format!("implicit parent directory: {e}")))?
+        else {
+            continue;
+        };
+        for (base, lower_tree) in &lower_trees {
+            match lower_lookup(lower_tree, rel)
+                .map_err(|e| Error::io("look up", base.join(path_of(rel)), e))?
+            {
+                Lookup::Dir(from) => {
+                    dir.copy_attrs_from(&from).map_err(|e| {
+                        fail(rel, format!("giving it the lower layer's attributes: {e}"))
+                    })?;
                     break;
                 }
                 Lookup::Absent => continue,
@@ -330,102 +348,72 @@ fn inherit_implicit_dirs(
     Ok(())
 }
 
-/// Copy the extended attributes of `from` to `to` (directories, no symlinks
-/// followed), except overlay's own: a lower directory's opaque mark must not
-/// make the upper one hide what is below.
-pub(crate) fn copy_xattrs(from: &Path, to: &Path) -> Result<()> {
-    let cpath = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| {
-            Error::io(
-                "xattr",
-                p,
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"),
-            )
-        })
-    };
-    let (src, dst) = (cpath(from)?, cpath(to)?);
-    let mut names = vec![0u8; 4096];
-    let n = loop {
-        // SAFETY: a valid C string and a buffer of the given length.
-        let n = unsafe { libc::llistxattr(src.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
-        if n >= 0 {
-            break n as usize;
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::ERANGE) => names.resize(names.len() * 4, 0),
-            Some(libc::ENOTSUP) => return Ok(()),
-            _ => return Err(Error::io("list xattrs", from, e)),
-        }
-    };
-    for name in names[..n].split(|&b| b == 0).filter(|s| !s.is_empty()) {
-        if name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.") {
-            continue;
-        }
-        let cname = std::ffi::CString::new(name).expect("no NUL in an xattr name");
-        let mut value = vec![0u8; 4096];
-        let len = loop {
-            // SAFETY: valid C strings and a buffer of the given length.
-            let len = unsafe {
-                libc::lgetxattr(
-                    src.as_ptr(),
-                    cname.as_ptr(),
-                    value.as_mut_ptr().cast(),
-                    value.len(),
-                )
-            };
-            if len >= 0 {
-                break len as usize;
-            }
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ERANGE) && value.len() < (1 << 20) {
-                value.resize(value.len() * 4, 0);
-                continue;
-            }
-            return Err(Error::io("get xattr", from, e));
-        };
-        // SAFETY: valid C strings and a value of the given length.
-        let r =
-            unsafe { libc::lsetxattr(dst.as_ptr(), cname.as_ptr(), value.as_ptr().cast(), len, 0) };
-        if r < 0 {
-            return Err(Error::io("set xattr", to, std::io::Error::last_os_error()));
-        }
+fn path_of(rel: &[u8]) -> &Path {
+    Path::new(std::ffi::OsStr::from_bytes(rel))
+}
+
+/// The implicit directory `rel` of the new layer's tree, or None when a
+/// directory above it in this layer is opaque (then no lower layer shows
+/// through there, and the defaults stand).
+fn implicit_dir(tree: &TreeDir, rel: &[u8]) -> std::io::Result<Option<TreeDir>> {
+    if rel.is_empty() {
+        return tree.open_dir(b"").map(Some);
     }
-    Ok(())
+    let comps: Vec<&[u8]> = rel.split(|&b| b == b'/').collect();
+    let mut cur = tree.open_dir(b"")?;
+    for (i, c) in comps.iter().enumerate() {
+        let next = cur.open_dir(c)?;
+        if i + 1 < comps.len() && next.is_opaque()? {
+            return Ok(None);
+        }
+        cur = next;
+    }
+    Ok(Some(cur))
 }
 
 enum Lookup {
-    Dir(std::fs::Metadata),
+    Dir(TreeDir),
+    /// Not in this layer: look in the next one down.
     Absent,
-    /// Not a directory there (or whited out / behind a symlink): the
-    /// implicit directory's defaults stand.
+    /// Not a directory there (a file, a whiteout, a symlink on the way), or
+    /// below a directory this layer makes opaque: the implicit directory's
+    /// defaults stand.
     Hidden,
 }
 
-/// Look `rel` up under a lower layer without following symlinks anywhere.
-fn lower_lookup(base: &Path, rel: &Path) -> Lookup {
-    let mut p = base.to_path_buf();
-    let comps: Vec<_> = rel.components().collect();
-    if comps.is_empty() {
+/// Look `rel` up in a lower layer's tree as overlayfs would, one name at a
+/// time from the tree's root fd: no symlink is followed (a layer's own
+/// symlinks must not send the lookup to host files).
+fn lower_lookup(tree: &TreeDir, rel: &[u8]) -> std::io::Result<Lookup> {
+    if rel.is_empty() {
         // The layer root: always a directory.
-        return match std::fs::symlink_metadata(&p) {
-            Ok(m) if m.is_dir() => Lookup::Dir(m),
-            _ => Lookup::Absent,
-        };
+        return tree.open_dir(b"").map(Lookup::Dir);
     }
-    for (i, c) in comps.iter().enumerate() {
-        p.push(c);
-        match std::fs::symlink_metadata(&p) {
-            Err(_) => return Lookup::Absent,
-            Ok(m) if m.is_dir() => {
-                if i + 1 == comps.len() {
-                    return Lookup::Dir(m);
-                }
+    let comps: Vec<&[u8]> = rel.split(|&b| b == b'/').collect();
+    let (last, dirs) = comps.split_last().expect("a non-empty path");
+    let missing = |e: std::io::Error, opaque: bool| match e.raw_os_error() {
+        // Under a directory this layer makes opaque, what it lacks is not
+        // looked for further down.
+        Some(libc::ENOENT) if opaque => Ok(Lookup::Hidden),
+        Some(libc::ENOENT) => Ok(Lookup::Absent),
+        Some(libc::ENOTDIR) | Some(libc::ELOOP) => Ok(Lookup::Hidden),
+        _ => Err(e),
+    };
+    let mut cur = tree.open_dir(b"")?;
+    let mut opaque = false;
+    for c in dirs {
+        match cur.open_dir(c) {
+            Ok(d) => {
+                opaque = opaque || d.is_opaque()?;
+                cur = d;
             }
-            Ok(_) => return Lookup::Hidden,
+            Err(e) => return missing(e, opaque),
         }
     }
-    Lookup::Absent
+    match cur.open_dir(last) {
+        Ok(d) => Ok(Lookup::Dir(d)),
+        Err(e) => missing(e, opaque),
+    }
 }
 
 /// Remove layer snapshots (ones this crate unpacked) that no image in the
@@ -480,5 +468,62 @@ mod tests {
             hex::encode(Sha256::digest(format!("{} {}", d('a'), d('b'))))
         );
         assert_eq!(chains[1], want);
+    }
+
+    // A lower layer's own symlinks never send the lookup of a parent's
+    // attributes to host files; whiteouts and opaque directories hide what
+    // is below them, as overlayfs shows the merged tree.
+    #[test]
+    fn lower_lookups_stay_in_the_layer_and_follow_overlay() {
+        use std::os::unix::fs::MetadataExt;
+        let t = tempfile::tempdir().unwrap();
+        let host = t.path().join("host");
+        std::fs::create_dir_all(host.join("sub")).unwrap();
+        std::os::unix::fs::chown(host.join("sub"), Some(4321), Some(4321)).unwrap();
+        let lower = t.path().join("lower");
+        for d in ["a/b", "o/inner", "plain/inner"] {
+            std::fs::create_dir_all(lower.join(d)).unwrap();
+        }
+        std::os::unix::fs::symlink(&host, lower.join("h")).unwrap();
+        std::os::unix::fs::symlink("a", lower.join("rel")).unwrap();
+        std::fs::write(lower.join("f"), "").unwrap();
+        let o = TreeDir::open_root(&lower.join("o")).unwrap();
+        o.set_xattr(c"trusted.overlay.opaque", b"y").unwrap();
+        let tree = TreeDir::open_root(&lower).unwrap();
+        let kind = |rel: &str| match lower_lookup(&tree, rel.as_bytes()).unwrap() {
+            Lookup::Dir(d) => format!("dir {}", d.stat().unwrap().st_uid),
+            Lookup::Absent => "absent".into(),
+            Lookup::Hidden => "hidden".into(),
+        };
+        assert_eq!(kind(""), "dir 0");
+        assert_eq!(kind("a/b"), "dir 0");
+        assert_eq!(kind("h/sub"), "hidden");
+        assert_eq!(kind("h"), "hidden");
+        assert_eq!(kind("rel/b"), "hidden");
+        assert_eq!(kind("f/x"), "hidden");
+        assert_eq!(kind("missing/x"), "absent");
+        assert_eq!(kind("plain/missing"), "absent");
+        // Below an opaque directory, what it lacks is hidden, not absent.
+        assert_eq!(kind("o/missing"), "hidden");
+        assert_eq!(kind("o/inner"), "dir 0");
+        assert_eq!(kind("o"), "dir 0");
+
+        // The new layer's side: an opaque directory above hides the lower
+        // layers (None); a symlink on the way is an error, never followed.
+        let upper = t.path().join("upper");
+        std::fs::create_dir_all(upper.join("o/p")).unwrap();
+        std::fs::create_dir_all(upper.join("q/r")).unwrap();
+        std::os::unix::fs::symlink(&host, upper.join("x")).unwrap();
+        TreeDir::open_root(&upper.join("o"))
+            .unwrap()
+            .set_xattr(c"trusted.overlay.opaque", b"y")
+            .unwrap();
+        let up = TreeDir::open_root(&upper).unwrap();
+        assert!(implicit_dir(&up, b"o/p").unwrap().is_none());
+        assert!(implicit_dir(&up, b"o").unwrap().is_some());
+        assert!(implicit_dir(&up, b"q/r").unwrap().is_some());
+        let e = implicit_dir(&up, b"x/sub").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOTDIR), "{e}");
+        assert_eq!(std::fs::metadata(host.join("sub")).unwrap().uid(), 4321);
     }
 }

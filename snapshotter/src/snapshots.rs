@@ -14,9 +14,12 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use cstore_store::confined::TreeDir;
+use cstore_store::layout;
 use cstore_store::meta::{DbFile, Hold};
 use redb::{ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
@@ -121,6 +124,24 @@ fn child_key(parent: &str, child: &str) -> String {
     format!("{parent}\0{child}")
 }
 
+/// A name this API is to store or link (key, name, parent). NUL separates
+/// parent and child in the children index, so a name holding one would
+/// read as another snapshot's child there ("p" + "q\0r" is the entry of
+/// "p\0q" with child "r").
+fn check_name(what: &str, name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "snapshot {what} must not be empty"
+        )));
+    }
+    if name.contains('\0') {
+        return Err(Error::InvalidArgument(format!(
+            "snapshot {what} {name:?} contains a NUL byte"
+        )));
+    }
+    Ok(())
+}
+
 pub struct Snapshotter {
     root: PathBuf,
     db: DbFile,
@@ -129,8 +150,14 @@ pub struct Snapshotter {
 impl Snapshotter {
     /// Open (creating) the snapshot tree under `store_root/snapshots`.
     pub fn open(store_root: &Path) -> Result<Snapshotter> {
+        // Every layer tree and upper dir is below `snapshots/`, closed to
+        // other users (see cstore_store::layout), as is the store root.
+        layout::secure_root(store_root)?;
         let root = store_root.join("snapshots");
-        fs::create_dir_all(root.join("staging")).map_err(|e| Error::io("create", &root, e))?;
+        for d in [&root, &root.join("staging")] {
+            layout::create_dir(d, layout::PRIVATE_DIR_MODE)
+                .map_err(|e| Error::io("create", d, e))?;
+        }
         let sn = Snapshotter {
             db: DbFile::open(&root.join("metadata.db"))?,
             root,
@@ -267,7 +294,9 @@ impl Snapshotter {
             std::process::id(),
             rand::random::<u64>()
         ));
-        fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        // Renamed to snapshots/ID as it is: closed like its parent.
+        layout::create_dir_all(&dir, layout::PRIVATE_DIR_MODE)
+            .map_err(|e| Error::io("create", &dir, e))?;
         Ok(dir)
     }
 
@@ -275,8 +304,13 @@ impl Snapshotter {
     /// `commit_dir`). Left behind by a dead process, `cleanup` removes it.
     pub fn new_staging(&self) -> Result<PathBuf> {
         let dir = self.staging_dir()?;
-        for sub in ["fs", "work"] {
-            fs::create_dir(dir.join(sub)).map_err(|e| Error::io("create", dir.join(sub), e))?;
+        // fs gets the image's root attributes (its `./` entry, the lower
+        // layer's, or the parent's for an upper dir); work is overlay's.
+        for (sub, mode) in [("fs", 0o755), ("work", layout::PRIVATE_DIR_MODE)] {
+            fs::DirBuilder::new()
+                .mode(mode)
+                .create(dir.join(sub))
+                .map_err(|e| Error::io("create", dir.join(sub), e))?;
         }
         Ok(dir)
     }
@@ -288,10 +322,9 @@ impl Snapshotter {
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
-        if key.is_empty() {
-            return Err(Error::InvalidArgument(
-                "snapshot key must not be empty".into(),
-            ));
+        check_name("key", key)?;
+        if let Some(p) = parent {
+            check_name("parent", p)?;
         }
         let staging = self.new_staging()?;
         let res = self.transact(
@@ -410,11 +443,7 @@ impl Snapshotter {
         mut labels: BTreeMap<String, String>,
     ) -> Result<()> {
         drop_empty(&mut labels);
-        if name.is_empty() {
-            return Err(Error::InvalidArgument(
-                "snapshot name must not be empty".into(),
-            ));
-        }
+        check_name("name", name)?;
         // Measure outside the transaction: it walks the tree.
         let id = self
             .read(|txn| Ok(self.get(txn, key)?.map(|r| r.id)))?
@@ -468,6 +497,10 @@ impl Snapshotter {
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
     ) -> Result<()> {
+        check_name("name", name)?;
+        if let Some(p) = parent {
+            check_name("parent", p)?;
+        }
         let usage = dir_usage(&staging.join("fs"));
         let _ = fs::remove_dir_all(staging.join("work"));
         self.transact(
@@ -507,6 +540,10 @@ impl Snapshotter {
         mut labels: BTreeMap<String, String>,
     ) -> Result<()> {
         drop_empty(&mut labels);
+        check_name("name", name)?;
+        if let Some(p) = parent {
+            check_name("parent", p)?;
+        }
         self.transact(
             |txn| {
                 let src = self
@@ -730,14 +767,14 @@ fn drop_empty(labels: &mut BTreeMap<String, String>) {
     labels.retain(|_, v| !v.is_empty());
 }
 
+/// Give the tree root `to` (a new upper dir) the owner, mode and xattrs of
+/// the tree root `from` (its parent layer's), through fds of the two
+/// directories (cstore_store::confined).
 fn copy_root_attrs(from: &Path, to: &Path) -> Result<()> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let m = fs::symlink_metadata(from).map_err(|e| Error::io("stat", from, e))?;
-    std::os::unix::fs::lchown(to, Some(m.uid()), Some(m.gid()))
-        .map_err(|e| Error::io("chown", to, e))?;
-    fs::set_permissions(to, fs::Permissions::from_mode(m.mode() & 0o7777))
-        .map_err(|e| Error::io("chmod", to, e))?;
-    crate::image::copy_xattrs(from, to)
+    let src = TreeDir::open_root(from).map_err(|e| Error::io("open", from, e))?;
+    let dst = TreeDir::open_root(to).map_err(|e| Error::io("open", to, e))?;
+    dst.copy_attrs_from(&src)
+        .map_err(|e| Error::io("copy attributes to", to, e))
 }
 
 fn info(key: &str, r: Record) -> Info {
@@ -758,5 +795,51 @@ pub fn dir_usage(dir: &Path) -> Usage {
     Usage {
         size: u.allocated,
         inodes: u.inodes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invalid(r: Result<impl std::fmt::Debug>, want: &str) {
+        match r {
+            Err(Error::InvalidArgument(m)) => assert!(m.contains(want), "{m}"),
+            other => panic!("expected InvalidArgument ({want}), got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn nul_in_keys_names_and_parents_is_refused_and_the_children_index_holds() {
+        let root = tempfile::tempdir().unwrap();
+        let sn = Snapshotter::open(root.path()).unwrap();
+        let none = BTreeMap::new;
+        sn.prepare("p-active", None, none()).unwrap();
+        sn.commit("p", "p-active", none()).unwrap();
+        // Before the check, this child of "p" was indexed as "p\0q\0r":
+        // the entry of a child "r" of an unrelated snapshot "p\0q".
+        invalid(sn.prepare("q\0r", Some("p"), none()), "key \"q\\0r\"");
+        invalid(sn.view("q\0r", Some("p"), none()), "contains a NUL");
+        invalid(sn.prepare("k", Some("p\0q"), none()), "parent \"p\\0q\"");
+        sn.prepare("c-active", Some("p"), none()).unwrap();
+        invalid(sn.commit("c\0x", "c-active", none()), "name \"c\\0x\"");
+        invalid(sn.alias("p", "p\0alias", None, none()), "name");
+        invalid(sn.alias("p", "alias", Some("p\0q"), none()), "parent");
+        let staging = sn.new_staging().unwrap();
+        invalid(sn.commit_dir(&staging, "d\0e", None, none()), "name");
+        invalid(sn.prepare("", None, none()), "key must not be empty");
+        // Nothing was recorded or linked: the only snapshots are the two
+        // made, and each is removable exactly when it has no child.
+        let mut names: Vec<String> = sn.list().unwrap().into_iter().map(|i| i.name).collect();
+        names.sort();
+        assert_eq!(names, ["c-active", "p"]);
+        assert!(matches!(
+            sn.remove("p"),
+            Err(Error::FailedPrecondition(m)) if m.contains("has children")
+        ));
+        sn.remove("c-active").unwrap();
+        sn.remove("p").unwrap();
+        assert!(sn.list().unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(staging);
     }
 }

@@ -78,6 +78,45 @@ pub enum Error {
     #[error("{what} is larger than the {limit} byte limit for manifests and indexes")]
     ManifestTooLarge { what: String, limit: u64 },
 
+    #[error("{what} is {size} bytes, larger than the {limit} byte limit for image configs")]
+    ConfigTooLarge { what: String, size: u64, limit: u64 },
+
+    /// A registry or token server answer (not a manifest, config or blob)
+    /// over its cap.
+    #[error("{what} is larger than the {limit} byte limit for {kind}")]
+    ResponseTooLarge {
+        what: String,
+        limit: u64,
+        kind: &'static str,
+    },
+
+    /// The registry sent a request on to another host (blob storage), which
+    /// wants credentials: none of the registry's are ever sent there.
+    #[error("{registry}: {what}: redirected to {target}, which asks for authentication ({challenge}); credentials and tokens for {registry} go only to {registry} and the token realm it names")]
+    RedirectAuth {
+        registry: String,
+        what: String,
+        target: String,
+        challenge: String,
+    },
+
+    /// A redirect that cannot be followed (no usable Location, a scheme
+    /// other than http(s), too many hops).
+    #[error("{registry}: {what}: {message}")]
+    Redirect {
+        registry: String,
+        what: String,
+        message: String,
+    },
+
+    /// The image's config says it runs elsewhere than the platform asked for.
+    #[error("image {reference} is for {actual} (its config says so), not for the platform asked for, {wanted}")]
+    PlatformMismatch {
+        reference: String,
+        wanted: String,
+        actual: String,
+    },
+
     #[error("{reference}: no manifest for platform {platform} (the index has: {available})")]
     PlatformNotFound {
         reference: String,

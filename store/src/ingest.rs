@@ -292,12 +292,16 @@ impl BlobWriter {
             };
             return Err(self.discard_with(err));
         }
+        // Phase markers (CSTORE_LOG=cstore_store=debug): the kill-point test
+        // tells from them where a SIGKILL landed.
+        tracing::debug!(blob = %self.digest, "verified");
         if let Err(e) = self.file.sync_all() {
             let err = write_err(self.digest.as_ref(), &self.partial, e);
             return Err(self.discard_if_no_space(err));
         }
         fs::rename(&self.partial, &self.blob).map_err(|e| Error::io("rename", &self.blob, e))?;
         sync_dir(&self.blobs_dir)?;
+        tracing::debug!(blob = %self.digest, "renamed into blobs/");
         if let Some(lock) = self.lock.take() {
             lock.remove_and_release();
         }
@@ -345,11 +349,14 @@ impl IngestLock {
     /// path still names the file we locked, and retry if not.
     pub(crate) fn take(path: &Path) -> Result<IngestLock> {
         loop {
+            use std::os::unix::fs::OpenOptionsExt;
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
+                // Others could flock a readable one (meta.db.lock is in ROOT).
+                .mode(crate::layout::PRIVATE_FILE_MODE)
                 .open(path)
                 .map_err(|e| write_err("ingest lock", path, e))?;
             flock(&file, libc::LOCK_EX).map_err(|e| Error::io("flock", path, e))?;

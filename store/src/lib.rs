@@ -2,8 +2,11 @@
 //! redb metadata database as the source of truth, and a registry client that
 //! pulls into it.
 
+pub mod confined;
 pub mod error;
+pub mod image_config;
 pub mod ingest;
+pub mod layout;
 pub mod media;
 pub mod meta;
 pub mod platform;

@@ -632,6 +632,15 @@ pub(crate) fn create_db_whole(path: &Path) -> Result<()> {
             message: redb::Error::from(e).to_string(),
         })?;
         drop(db);
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // Only root reads the store's files (see layout).
+            fs::set_permissions(
+                &tmp,
+                fs::Permissions::from_mode(crate::layout::PRIVATE_FILE_MODE),
+            )
+            .map_err(|e| Error::io("chmod", &tmp, e))?;
+        }
         fs::File::open(&tmp)
             .and_then(|f| f.sync_all())
             .map_err(|e| Error::io("fsync", &tmp, e))?;

@@ -43,6 +43,33 @@ impl Platform {
         }
     }
 
+    /// The platform as containerd's `platforms.Normalize` writes it: OS and
+    /// architecture lowercased, aliases (`x86_64`, `aarch64`, `armhf`, ...)
+    /// to their Go names, numeric variants with a `v`. Image configs are
+    /// written by many tools, not all of which use the Go names.
+    pub fn normalized(&self) -> Platform {
+        let os = self.os.to_ascii_lowercase();
+        let arch = self.architecture.to_ascii_lowercase();
+        let variant = self.variant.as_deref().map(str::to_ascii_lowercase);
+        let (architecture, variant) = match (arch.as_str(), variant.as_deref()) {
+            ("i386", _) => ("386".to_string(), None),
+            ("x86_64" | "x86-64" | "amd64", Some("v1")) => ("amd64".to_string(), None),
+            ("x86_64" | "x86-64" | "amd64", v) => ("amd64".to_string(), v.map(String::from)),
+            ("aarch64" | "arm64", Some("8" | "v8")) => ("arm64".to_string(), Some("v8".into())),
+            ("aarch64" | "arm64", v) => ("arm64".to_string(), v.map(String::from)),
+            ("armhf", _) => ("arm".to_string(), Some("v7".into())),
+            ("armel", _) => ("arm".to_string(), Some("v6".into())),
+            ("arm", None | Some("" | "7")) => ("arm".to_string(), Some("v7".into())),
+            ("arm", Some(v @ ("5" | "6" | "8"))) => ("arm".to_string(), Some(format!("v{v}"))),
+            (a, v) => (a.to_string(), v.map(String::from)),
+        };
+        Platform {
+            os,
+            architecture,
+            variant: variant.filter(|v| !v.is_empty()),
+        }
+    }
+
     /// Does an index entry for `other` run here?
     pub fn matches(&self, other: &Platform) -> bool {
         if self.os != other.os || self.architecture != other.architecture {
@@ -122,6 +149,36 @@ mod tests {
             p("linux/arm").matches(&p("linux/arm/v6")),
             "no variant asked: any"
         );
+    }
+
+    #[test]
+    fn normalization_follows_containerd() {
+        let n = |os: &str, arch: &str, v: Option<&str>| {
+            Platform {
+                os: os.into(),
+                architecture: arch.into(),
+                variant: v.map(String::from),
+            }
+            .normalized()
+            .to_string()
+        };
+        assert_eq!(n("Linux", "x86_64", None), "linux/amd64");
+        assert_eq!(n("linux", "amd64", Some("v1")), "linux/amd64");
+        assert_eq!(n("linux", "aarch64", None), "linux/arm64");
+        assert_eq!(n("linux", "arm64", Some("8")), "linux/arm64/v8");
+        assert_eq!(n("linux", "armhf", None), "linux/arm/v7");
+        assert_eq!(n("linux", "arm", None), "linux/arm/v7");
+        assert_eq!(n("linux", "arm", Some("6")), "linux/arm/v6");
+        assert_eq!(n("linux", "i386", None), "linux/386");
+        assert_eq!(n("linux", "s390x", None), "linux/s390x");
+        assert!(p("linux/amd64").matches(
+            &Platform {
+                os: "linux".into(),
+                architecture: "x86_64".into(),
+                variant: None
+            }
+            .normalized()
+        ));
     }
 
     #[test]

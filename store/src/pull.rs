@@ -7,17 +7,19 @@
 //! ingest/ (resumed next time) and a lease whose process is gone (expired by
 //! the next `gc`).
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{stream, StreamExt, TryStreamExt};
-use oci_spec::image::{Digest, ImageIndex, ImageManifest};
+use oci_spec::image::{Descriptor, Digest, ImageIndex, ImageManifest};
 use reqwest::StatusCode;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
+use crate::image_config::{ImageConfigHead, MAX_CONFIG_BYTES};
 use crate::ingest::{Acquired, BlobWriter};
 use crate::media::{self, ManifestKind};
 use crate::meta::{BlobRecord, DescriptorRecord, ImageRecord, Lease, View};
@@ -132,7 +134,7 @@ pub async fn pull(
     // Pinned by digest and held whole: no need to ask the registry anything.
     if reference.digest().is_some() {
         if let Ok(img) = store.image(&name) {
-            if store.is_complete(&img) && img.platform == opts.platform {
+            if store.is_complete(&img) && serves(&img, &opts.platform) {
                 return Ok(up_to_date(&img, started));
             }
         }
@@ -148,6 +150,16 @@ pub async fn pull(
         let _ = store.meta().update(|t| t.remove_lease(&lease_id));
     }
     result
+}
+
+/// Does a held image answer a pull for `want`? One from an index holds the
+/// entry chosen for the platform asked then; a single manifest is recorded
+/// with its config's platform, which must run on `want`.
+fn serves(img: &ImageRecord, want: &Platform) -> bool {
+    match media::manifest_kind(&img.target.media_type) {
+        Some(ManifestKind::Index) => img.platform == *want,
+        _ => want.matches(&img.platform),
+    }
 }
 
 fn up_to_date(img: &ImageRecord, started: Instant) -> PullReport {
@@ -193,10 +205,13 @@ async fn pull_leased(
         media_type: top.media_type.clone(),
     });
     let what = format!("{name} ({})", top.digest);
-    let (manifest, platform) = match media::manifest_kind(&top.media_type) {
-        Some(ManifestKind::Manifest) => (top.clone(), opts.platform.clone()),
+    // From an index, the entry's platform; a single manifest's is known
+    // only from its config (None until that is read).
+    let (manifest, index_platform) = match media::manifest_kind(&top.media_type) {
+        Some(ManifestKind::Manifest) => (top.clone(), None),
         Some(ManifestKind::Index) => {
-            select_platform(store, client, reference, &top, &opts.platform).await?
+            let (m, p) = select_platform(store, client, reference, &top, &opts.platform).await?;
+            (m, Some(p))
         }
         Some(ManifestKind::Schema1) => return Err(Error::Schema1 { what }),
         None => {
@@ -209,52 +224,23 @@ async fn pull_leased(
 
     // Same target as the ref we hold, and all of it present: nothing to do.
     if let Ok(held) = store.image(&name) {
-        if held.target.digest == top.digest.as_ref()
-            && held.platform == platform
-            && store.is_complete(&held)
-        {
+        let same_platform = match &index_platform {
+            Some(p) => held.platform == *p,
+            None => opts.platform.matches(&held.platform),
+        };
+        if held.target.digest == top.digest.as_ref() && same_platform && store.is_complete(&held) {
             return Ok(up_to_date(&held, started));
         }
     }
 
-    let parsed: ImageManifest =
-        serde_json::from_slice(&manifest.bytes).map_err(|e| Error::Malformed {
-            what: format!("manifest {} of {name}", manifest.digest),
-            reason: e.to_string(),
-        })?;
-    let config = parsed.config();
-    let config_type = config.media_type().to_string();
-    if !media::is_config(&config_type) {
-        return Err(Error::UnsupportedMediaType {
-            what: format!(
-                "config {} of {name} (not a container image?)",
-                config.digest()
-            ),
-            media_type: config_type,
-        });
-    }
-    let config_digest = parse_digest(config.digest().as_ref())?;
-    let mut blobs: Vec<(Digest, u64, String, BlobKind)> = vec![(
-        config_digest.clone(),
-        config.size(),
-        config_type.clone(),
-        BlobKind::Config,
-    )];
-    let mut layers = Vec::new();
-    for layer in parsed.layers() {
-        let mt = layer.media_type().to_string();
-        let d = parse_digest(layer.digest().as_ref())?;
-        if media::layer_compression(&mt).is_none() {
-            return Err(Error::UnsupportedMediaType {
-                what: format!("layer {d} of {name}"),
-                media_type: mt,
-            });
-        }
-        layers.push(descriptor(&mt, &d, layer.size()));
-        if !blobs.iter().any(|(b, ..)| *b == d) {
-            blobs.push((d, layer.size(), mt, BlobKind::Layer));
-        }
-    }
+    let ImagePlan {
+        config_digest,
+        config_size,
+        config_type,
+        layers,
+        blobs,
+    } = image_plan(&manifest.bytes, &manifest.digest, &name)?;
+    let config_what = format!("config {config_digest} of {name}");
 
     // Lease everything before writing any of it.
     let mut leased: Vec<String> = vec![top.digest.to_string(), manifest.digest.to_string()];
@@ -278,15 +264,66 @@ async fn pull_leased(
         put_bytes(store, &manifest).await?;
     }
 
+    // The config is checked as soon as it is in (it is fetched first, with
+    // the layers): an image that can never work is refused then, and the
+    // layer downloads still running are dropped with the stream.
+    let config_platform: OnceLock<Platform> = OnceLock::new();
+    let refused = AtomicBool::new(false);
+    let check_config = || -> Result<()> {
+        let result = (|| {
+            let bytes = store.read_config(&config_digest).map_err(|e| match e {
+                Error::ConfigTooLarge { size, limit, .. } => Error::ConfigTooLarge {
+                    what: config_what.clone(),
+                    size,
+                    limit,
+                },
+                e => e,
+            })?;
+            let head = ImageConfigHead::parse(&bytes, &config_what)?;
+            head.check_layers(layers.len(), &config_what)?;
+            let actual = head.platform();
+            // An index chose by platform already; a single manifest has only
+            // its config to say what it runs on (containerd checks the same).
+            if index_platform.is_none() && !opts.platform.matches(&actual) {
+                return Err(Error::PlatformMismatch {
+                    reference: name.clone(),
+                    wanted: opts.platform.to_string(),
+                    actual: if actual.os.is_empty() || actual.architecture.is_empty() {
+                        format!("an unnamed platform ({actual:?})")
+                    } else {
+                        actual.to_string()
+                    },
+                });
+            }
+            let _ = config_platform.set(actual);
+            Ok(())
+        })();
+        if result.is_err() {
+            refused.store(true, Ordering::Relaxed);
+        }
+        result
+    };
     let outcomes: Vec<Option<u64>> = match stream::iter(blobs.iter().cloned())
-        .map(|(d, size, _, _)| fetch_blob(store, client, reference, d, size, observer.clone()))
+        .map(|(d, size, _, kind)| {
+            let fetched = fetch_blob(store, client, reference, d, size, observer.clone());
+            let check_config = &check_config;
+            async move {
+                let n = fetched.await?;
+                if kind == BlobKind::Config {
+                    check_config()?;
+                }
+                Ok(n)
+            }
+        })
         .buffer_unordered(opts.max_concurrent.max(1))
         .try_collect()
         .await
     {
         Ok(o) => o,
         Err(e) => {
-            if matches!(e, Error::NoSpace { .. }) {
+            // A refused image's layers will not be pulled as it is: their
+            // partials are litter, like those that a full disk cannot use.
+            if matches!(e, Error::NoSpace { .. }) || refused.load(Ordering::Relaxed) {
                 let digests = blobs.iter().map(|(d, ..)| d.clone()).collect();
                 discard_partials(store, digests).await;
             }
@@ -327,6 +364,13 @@ async fn pull_leased(
             },
         ));
     }
+    // Recorded as what it is: the index entry, or the config's own word.
+    let platform = match index_platform {
+        Some(p) => p,
+        None => config_platform
+            .into_inner()
+            .expect("the config was checked with the blobs"),
+    };
     let image = ImageRecord {
         name: name.clone(),
         target: descriptor(&top.media_type, &top.digest, top.bytes.len() as u64),
@@ -335,12 +379,14 @@ async fn pull_leased(
             &manifest.digest,
             manifest.bytes.len() as u64,
         ),
-        config: descriptor(&config_type, &config_digest, config.size()),
+        config: descriptor(&config_type, &config_digest, config_size),
         layers,
         platform: platform.clone(),
         updated: crate::meta::now_unix(),
     };
+    tracing::debug!(image = %name, "recording the image");
     store.commit_image(&image, &records, lease_id)?;
+    tracing::debug!(image = %name, "recorded the image");
 
     let fetched: Vec<u64> = outcomes.iter().flatten().copied().collect();
     Ok(PullReport {
@@ -358,20 +404,89 @@ async fn pull_leased(
     })
 }
 
-/// Choose the manifest for `want` from an index, and fetch it (or read it
-/// from the store if held).
-async fn select_platform(
-    store: &Store,
-    client: &RegistryClient,
-    reference: &Reference,
-    index: &FetchedManifest,
+/// What a platform manifest asks for: its config and layers, checked.
+#[derive(Clone, Debug)]
+pub struct ImagePlan {
+    pub config_digest: Digest,
+    pub config_size: u64,
+    pub config_type: String,
+    /// In manifest order, repeats included.
+    pub layers: Vec<DescriptorRecord>,
+    /// The config, then each distinct layer: what the pull fetches.
+    pub blobs: Vec<(Digest, u64, String, BlobKind)>,
+}
+
+/// Parse and check a platform manifest (`digest` of `name`): an image
+/// config, layer media types cstore can unpack, sha256 digests only.
+pub fn image_plan(bytes: &[u8], digest: &Digest, name: &str) -> Result<ImagePlan> {
+    let parsed: ImageManifest = serde_json::from_slice(bytes).map_err(|e| Error::Malformed {
+        what: format!("manifest {digest} of {name}"),
+        reason: e.to_string(),
+    })?;
+    let config = parsed.config();
+    let config_type = config.media_type().to_string();
+    if !media::is_config(&config_type) {
+        return Err(Error::UnsupportedMediaType {
+            what: format!(
+                "config {} of {name} (not a container image?)",
+                config.digest()
+            ),
+            media_type: config_type,
+        });
+    }
+    let config_digest = parse_digest(config.digest().as_ref())?;
+    if config.size() > MAX_CONFIG_BYTES {
+        return Err(Error::ConfigTooLarge {
+            what: format!("config {config_digest} of {name}"),
+            size: config.size(),
+            limit: MAX_CONFIG_BYTES,
+        });
+    }
+    let mut blobs: Vec<(Digest, u64, String, BlobKind)> = vec![(
+        config_digest.clone(),
+        config.size(),
+        config_type.clone(),
+        BlobKind::Config,
+    )];
+    let mut layers = Vec::new();
+    // A 4 MiB manifest can list ~27000 layers: looking each up in `blobs`
+    // took minutes.
+    let mut seen = std::collections::HashSet::from([config_digest.to_string()]);
+    for layer in parsed.layers() {
+        let mt = layer.media_type().to_string();
+        let d = parse_digest(layer.digest().as_ref())?;
+        if media::layer_compression(&mt).is_none() {
+            return Err(Error::UnsupportedMediaType {
+                what: format!("layer {d} of {name}"),
+                media_type: mt,
+            });
+        }
+        layers.push(descriptor(&mt, &d, layer.size()));
+        if seen.insert(d.to_string()) {
+            blobs.push((d, layer.size(), mt, BlobKind::Layer));
+        }
+    }
+    Ok(ImagePlan {
+        config_digest,
+        config_size: config.size(),
+        config_type,
+        layers,
+        blobs,
+    })
+}
+
+/// The entry of an index (`digest` of `reference`) for `want`, checked: a
+/// platform manifest, a sha256 digest, within the manifest size limit.
+pub fn choose_manifest(
+    bytes: &[u8],
+    digest: &Digest,
+    reference: &str,
     want: &Platform,
-) -> Result<(FetchedManifest, Platform)> {
-    let parsed: ImageIndex =
-        serde_json::from_slice(&index.bytes).map_err(|e| Error::Malformed {
-            what: format!("index {} of {reference}", index.digest),
-            reason: e.to_string(),
-        })?;
+) -> Result<(Descriptor, Digest, Platform)> {
+    let parsed: ImageIndex = serde_json::from_slice(bytes).map_err(|e| Error::Malformed {
+        what: format!("index {digest} of {reference}"),
+        reason: e.to_string(),
+    })?;
     let mut available = Vec::new();
     let mut chosen = None;
     for m in parsed.manifests() {
@@ -404,6 +519,28 @@ async fn select_platform(
             limit: MAX_MANIFEST_BYTES,
         });
     }
+    Ok((desc, digest, platform))
+}
+
+/// The first byte of a `Content-Range: bytes FIRST-LAST/SIZE` answer.
+pub fn content_range_start(value: &str) -> Option<u64> {
+    value
+        .strip_prefix("bytes ")
+        .and_then(|v| v.split('-').next())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// Choose the manifest for `want` from an index, and fetch it (or read it
+/// from the store if held).
+async fn select_platform(
+    store: &Store,
+    client: &RegistryClient,
+    reference: &Reference,
+    index: &FetchedManifest,
+    want: &Platform,
+) -> Result<(FetchedManifest, Platform)> {
+    let (desc, digest, platform) =
+        choose_manifest(&index.bytes, &index.digest, &reference.to_string(), want)?;
     if store.blob_dirs().is_present(&digest, desc.size()) {
         let bytes = store.read_blob(&digest, MAX_MANIFEST_BYTES)?;
         return Ok((
@@ -584,9 +721,7 @@ async fn download(
                 .headers()
                 .get(reqwest::header::CONTENT_RANGE)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("bytes "))
-                .and_then(|v| v.split('-').next())
-                .and_then(|v| v.parse::<u64>().ok());
+                .and_then(content_range_start);
             if start != Some(offset) {
                 return Err(Error::Malformed {
                     what: format!("blob {id} from {}", reference.registry()),

@@ -58,13 +58,22 @@ impl Reference {
             Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
             _ => self.registry.as_str(),
         };
-        matches!(host, "localhost" | "127.0.0.1" | "[::1]" | "::1") || host.starts_with("127.")
+        is_loopback_host(host)
     }
 
     /// `registry/repository`, without tag or digest.
     pub fn name(&self) -> String {
         format!("{}/{}", self.registry, self.repository)
     }
+}
+
+/// `localhost` or a loopback address (IPv6 in brackets or not). A name that
+/// only starts like one (`127.example.com`) is not: it resolves anywhere.
+pub(crate) fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost")
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl fmt::Display for Reference {
@@ -237,6 +246,24 @@ mod tests {
         let r: Reference = format!("ghcr.io/o/r:t@{d}").parse().unwrap();
         assert_eq!(r.manifest_reference(), d, "a digest wins over the tag");
         assert!(!r.is_loopback());
+    }
+
+    #[test]
+    fn only_loopback_addresses_are_loopback() {
+        for (r, want) in [
+            ("127.0.0.1:5000/a", true),
+            ("127.1.2.3/a", true),
+            ("[::1]:5000/a", true),
+            ("localhost/a", true),
+            // A name that starts like an address resolves anywhere: no plain
+            // HTTP fallback (and no cleartext credentials) for it.
+            ("127.example.com/a", false),
+            ("127.0.0.1.nip.io:5000/a", false),
+            ("10.0.0.1:5000/a", false),
+        ] {
+            let parsed: Reference = r.parse().unwrap();
+            assert_eq!(parsed.is_loopback(), want, "{r}");
+        }
     }
 
     #[test]

@@ -61,9 +61,12 @@ pub struct DiskUsage {
 impl Store {
     /// Open (creating if needed) the store at `root`.
     pub fn open(root: &Path) -> Result<Store> {
+        // Closed to other users (and an older, open store closed): see layout.
+        crate::layout::secure_root(root)?;
         let dirs = BlobDirs::new(root.join("blobs/sha256"), root.join("ingest"));
         for d in [&dirs.blobs, &dirs.ingest] {
-            fs::create_dir_all(d).map_err(|e| write_err("store directories", d, e))?;
+            crate::layout::create_dir_all(d, crate::layout::PRIVATE_DIR_MODE)
+                .map_err(|e| write_err("store directories", d, e))?;
         }
         let layout = root.join("oci-layout");
         if !layout.exists() {
@@ -102,8 +105,31 @@ impl Store {
         self.inner.dirs.blob_path(digest)
     }
 
-    /// Read a small blob (manifest, config) whole, refusing anything over `limit`.
+    /// Read a manifest or index whole, refusing anything over `limit`.
     pub fn read_blob(&self, digest: &Digest, limit: u64) -> Result<Vec<u8>> {
+        self.read_small(digest, limit, |_| Error::ManifestTooLarge {
+            what: format!("blob {digest}"),
+            limit,
+        })
+    }
+
+    /// Read an image config whole, refusing one over `MAX_CONFIG_BYTES`
+    /// (every reader of configs comes here: one limit, one wording).
+    pub fn read_config(&self, digest: &Digest) -> Result<Vec<u8>> {
+        let limit = crate::image_config::MAX_CONFIG_BYTES;
+        self.read_small(digest, limit, |size| Error::ConfigTooLarge {
+            what: format!("config {digest}"),
+            size,
+            limit,
+        })
+    }
+
+    fn read_small(
+        &self,
+        digest: &Digest,
+        limit: u64,
+        too_large: impl FnOnce(u64) -> Error,
+    ) -> Result<Vec<u8>> {
         let path = self.blob_path(digest);
         let meta = match fs::metadata(&path) {
             Ok(m) => m,
@@ -113,10 +139,7 @@ impl Store {
             Err(e) => return Err(Error::io("stat", &path, e)),
         };
         if meta.len() > limit {
-            return Err(Error::ManifestTooLarge {
-                what: format!("blob {digest}"),
-                limit,
-            });
+            return Err(too_large(meta.len()));
         }
         let mut bytes = Vec::with_capacity(meta.len() as usize);
         self.inner
@@ -378,25 +401,54 @@ pub struct TreeUsage {
     pub inodes: u64,
 }
 
-/// Walk `dir` (not following symlinks); a missing dir is empty.
+/// Walk `dir` (a missing one is empty). Its trees change under the walk (a
+/// running container's upper dir) and are the images' and containers': the
+/// walk goes by directory fd, opening each subdirectory with openat2
+/// (RESOLVE_BENEATH | NO_SYMLINKS | NO_XDEV) from its parent's fd, so a
+/// directory swapped for a symlink to `/` is skipped, not walked.
 pub fn tree_usage(dir: &Path) -> TreeUsage {
-    use std::os::unix::fs::MetadataExt;
+    use crate::unpack::sys;
+    use std::os::fd::AsFd;
     let mut u = TreeUsage::default();
-    let mut stack = vec![dir.to_path_buf()];
+    let Ok(top) = crate::confined::TreeDir::open_root(dir) else {
+        return u;
+    };
+    let Ok(top) = sys::resolve_beneath(top.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY)
+    else {
+        return u;
+    };
+    // Subdirectories are opened when their turn comes, so only the
+    // directories on the way down with subdirectories left stay open.
+    let top = std::rc::Rc::new(top);
+    let mut stack: Vec<(std::rc::Rc<std::os::fd::OwnedFd>, Option<std::ffi::CString>)> =
+        vec![(top, None)];
     let mut seen = HashSet::new();
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            // DirEntry::metadata is lstat: symlinks are not followed.
-            let Ok(m) = e.metadata() else { continue };
-            if m.is_dir() {
-                stack.push(e.path());
+    while let Some((parent, name)) = stack.pop() {
+        let d = match name {
+            None => parent,
+            Some(n) => {
+                match sys::resolve_beneath(parent.as_fd(), &n, libc::O_RDONLY | libc::O_DIRECTORY) {
+                    Ok(fd) => std::rc::Rc::new(fd),
+                    Err(_) => continue,
+                }
             }
-            if seen.insert((m.dev(), m.ino())) {
+        };
+        let Ok(names) = sys::read_names(d.as_fd()) else {
+            continue;
+        };
+        for (name, _) in names {
+            let Ok(st) = sys::lstatat(d.as_fd(), &name) else {
+                continue;
+            };
+            let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+            if is_dir {
+                stack.push((d.clone(), Some(name)));
+            }
+            if seen.insert((st.st_dev, st.st_ino)) {
                 u.inodes += 1;
-                u.allocated += m.blocks() * 512;
-                if !m.is_dir() {
-                    u.file_bytes += m.len();
+                u.allocated += st.st_blocks as u64 * 512;
+                if !is_dir {
+                    u.file_bytes += st.st_size as u64;
                 }
             }
         }
@@ -415,7 +467,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         std::process::id()
     ));
     let res = (|| {
-        let mut f = fs::File::create(&tmp)?;
+        // Only root reads the store's files (see layout).
+        let mut f = {
+            use std::os::unix::fs::OpenOptionsExt;
+            fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(crate::layout::PRIVATE_FILE_MODE)
+                .open(&tmp)?
+        };
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, path)
@@ -425,4 +486,35 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         return Err(write_err(&path.display().to_string(), path, e));
     }
     sync_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Every name is read (more than one getdents64 buffer), a hardlinked
+    // inode counts once, and a symlink to a directory outside (what a
+    // container can swap in for one of its directories) is not walked.
+    #[test]
+    fn tree_usage_counts_the_tree_and_nothing_behind_its_symlinks() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = t.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("big"), vec![1u8; 1 << 20]).unwrap();
+        let tree = t.path().join("tree");
+        fs::create_dir_all(tree.join("d/e")).unwrap();
+        let long = "n".repeat(200);
+        for i in 0..1000 {
+            fs::write(tree.join("d").join(format!("{long}{i}")), b"x").unwrap();
+        }
+        fs::write(tree.join("d/e/f"), b"12345").unwrap();
+        fs::hard_link(tree.join("d/e/f"), tree.join("link")).unwrap();
+        std::os::unix::fs::symlink(&outside, tree.join("d/e/away")).unwrap();
+        let u = tree_usage(&tree);
+        // d, d/e, 1000 files, f (link is the same inode), the symlink.
+        assert_eq!(u.inodes, 2 + 1000 + 1 + 1);
+        let away = outside.to_str().unwrap().len() as u64;
+        assert_eq!(u.file_bytes, 1000 + 5 + away);
+        assert_eq!(tree_usage(&t.path().join("missing")), TreeUsage::default());
+    }
 }

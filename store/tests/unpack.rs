@@ -458,3 +458,90 @@ fn bombs_and_wrong_diff_ids_are_refused() {
         "{e}"
     );
 }
+
+// Implicit parents (made because an entry's parent was missing) are what the
+// snapshotter later gives a lower layer's owner and mode. One that a later
+// entry replaces (here by a symlink to /tmp) or lists itself is no longer
+// implicit: a fix-up of `x/secret` by path would follow `x` out of the layer.
+// (And dating directories at the end neither fails on nor re-creates ones
+// whose parent a later entry replaced.)
+#[test]
+fn implicit_parents_replaced_or_listed_later_are_not_implicit() {
+    use std::os::unix::fs::MetadataExt;
+    let t = tempfile::tempdir().unwrap();
+    let evil = t.path().join("evil");
+    sh(&format!(
+        "python3 {} {}",
+        repo().join("fixtures/evil-tars.py").display(),
+        evil.display()
+    ));
+    let dest = t.path().join("fs");
+    let stats = unpack(
+        &evil.join("implicit_replaced.tar"),
+        Compression::None,
+        &dest,
+    )
+    .unwrap();
+    let implicit: Vec<String> = stats
+        .implicit_dirs
+        .iter()
+        .map(|d| String::from_utf8_lossy(d).into_owned())
+        .collect();
+    // The root (no `./` entry) and y/z stay implicit; x, x/secret and y don't.
+    assert_eq!(implicit, ["", "y/z"]);
+    assert_eq!(
+        std::fs::read_link(dest.join("x")).unwrap(),
+        Path::new("/tmp")
+    );
+    let y = std::fs::symlink_metadata(dest.join("y")).unwrap();
+    assert_eq!((y.uid(), y.gid(), y.mode() & 0o7777), (5, 5, 0o700));
+    assert!(dest.join("y/z/f").is_file());
+    // Listed directories whose parent became a file are simply gone.
+    assert_eq!(std::fs::read(dest.join("d")).unwrap(), b"now a file");
+}
+
+// Every directory made for a missing parent is remembered by its whole path,
+// so entries with new deep paths cost the square of their depth: capped per
+// layer (a clear error, nothing else touched), far above real layers.
+#[test]
+fn deep_new_paths_entry_after_entry_are_capped() {
+    let t = tempfile::tempdir().unwrap();
+    let blob = t.path().join("deep.tar");
+    // 8 files, each under its own chain of 300 one-letter directories.
+    sh(&format!(
+        r#"python3 - <<'PY'
+import io, tarfile
+with tarfile.open("{}", "w", format=tarfile.PAX_FORMAT) as tf:
+    for k in range(8):
+        info = tarfile.TarInfo("d%d/" % k + "a/" * 300 + "f")
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"x"))
+PY"#,
+        blob.display()
+    ));
+    let diff_id = diff_id_of(&blob, Compression::None).unwrap();
+    let layer = LayerRef {
+        image: "deep:1",
+        digest: "sha256:dee9",
+        compression: Compression::None,
+        diff_id: &diff_id,
+    };
+    let capped = UnpackOptions {
+        max_made_dir_bytes: 1 << 20,
+        ..Default::default()
+    };
+    let dest = t.path().join("capped");
+    std::fs::create_dir(&dest).unwrap();
+    let e = unpack_layer(&blob, &layer, &dest, &capped)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("implicit parent directories") && e.contains("sha256:dee9"),
+        "{e}"
+    );
+    // The default cap takes the same layer.
+    let dest = t.path().join("default");
+    std::fs::create_dir(&dest).unwrap();
+    let stats = unpack_layer(&blob, &layer, &dest, &UnpackOptions::default()).unwrap();
+    assert_eq!(stats.extract.files, 8, "{stats:?}");
+}

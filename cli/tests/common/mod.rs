@@ -180,6 +180,42 @@ impl Cstore {
         )
     }
 
+    /// Run; exit code (-1 when killed), stdout, stderr and the peak resident
+    /// memory of the cstore process in KiB (its rusage from wait4, which
+    /// the kernel keeps for a child until it is reaped).
+    // Reaped by wait4 below, which std's Child cannot see.
+    #[allow(clippy::zombie_processes)]
+    pub fn outcome_with_peak_rss(&self, args: &[&str]) -> (i32, String, String, u64) {
+        let mut child = self
+            .cmd(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run cstore");
+        let mut out = child.stdout.take().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = out.read_to_string(&mut s);
+            s
+        });
+        let mut stderr = String::new();
+        let _ = err.read_to_string(&mut stderr);
+        let stdout = reader.join().unwrap();
+        let mut status = 0;
+        // SAFETY: rusage is plain data; the pid is our own unreaped child.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        let pid = child.id() as libc::pid_t;
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        assert_eq!(r, pid, "wait4: {}", std::io::Error::last_os_error());
+        let code = if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            -1
+        };
+        (code, stdout, stderr, usage.ru_maxrss as u64)
+    }
+
     /// Nothing is mounted under the store (containers' rootfs included).
     pub fn assert_nothing_mounted(&self) {
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
@@ -273,11 +309,25 @@ pub struct FaultProxy {
 
 impl FaultProxy {
     pub fn start(upstream: &str) -> FaultProxy {
+        FaultProxy::start_on("127.0.0.1", upstream)
+    }
+
+    /// Listening on `host` (127.0.0.2 is another host to a client than
+    /// 127.0.0.1, and all of 127/8 is loopback on Linux).
+    pub fn start_on(host: &str, upstream: &str) -> FaultProxy {
         let dir = tempfile::tempdir().unwrap();
         let portfile = dir.path().join("port");
         let child = Command::new("python3")
             .arg(fixture("faultproxy.py"))
-            .args(["--upstream", upstream, "--port", "0", "--portfile"])
+            .args([
+                "--upstream",
+                upstream,
+                "--host",
+                host,
+                "--port",
+                "0",
+                "--portfile",
+            ])
             .arg(&portfile)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -294,7 +344,7 @@ impl FaultProxy {
             std::thread::sleep(Duration::from_millis(50));
         };
         FaultProxy {
-            addr: format!("127.0.0.1:{port}"),
+            addr: format!("{host}:{port}"),
             child,
             _dir: dir,
         }

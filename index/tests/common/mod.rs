@@ -187,6 +187,7 @@ pub fn tree_options() -> TreeOptions {
     TreeOptions {
         umask: umask(),
         owner,
+        ..TreeOptions::default()
     }
 }
 
@@ -205,6 +206,16 @@ pub fn tar_kind(k: StoreKind) -> TarKind {
 /// Read a layer through `IndexingReader` and the project's tar reader into
 /// an index: what unpack will do, minus the writing.
 pub fn build(blob: &[u8], compression: Compression, policy: Policy) -> cstore_index::Result<Built> {
+    build_with(blob, compression, policy, tree_options())
+}
+
+/// `build` with the tree builder's options given.
+pub fn build_with(
+    blob: &[u8],
+    compression: Compression,
+    policy: Policy,
+    opts: TreeOptions,
+) -> cstore_index::Result<Built> {
     let ir = IndexingReader::new(blob, compression, policy, Vec::new());
     let count = Rc::new(Cell::new(0u64));
     let mut tr = TarReader::new(Counting {
@@ -212,7 +223,7 @@ pub fn build(blob: &[u8], compression: Compression, policy: Policy) -> cstore_in
         n: count.clone(),
         keep: Vec::new(),
     });
-    let mut tree = TreeBuilder::new(tree_options());
+    let mut tree = TreeBuilder::new(opts);
     loop {
         let e = match tr.next_entry() {
             Ok(Some(e)) => e,
@@ -271,9 +282,29 @@ pub fn inflate_all(blob: &[u8], compression: Compression) -> Vec<u8> {
     out
 }
 
+/// What the project's extractor left: the tree, and the directories it
+/// reports as made for missing parents (the root as an empty path).
+pub struct Extracted {
+    pub dir: PathBuf,
+    pub implicit: Vec<Vec<u8>>,
+}
+
 /// Unpack `tar` (uncompressed) with the project's extractor into a new
 /// directory under `tmp`; the extractor's error text if it refuses.
-pub fn extract(tmp: &Path, tar: &[u8]) -> Result<PathBuf, String> {
+pub fn extract(tmp: &Path, tar: &[u8]) -> Result<Extracted, String> {
+    extract_with(
+        tmp,
+        tar,
+        cstore_store::unpack::UnpackOptions::default().max_made_dir_bytes,
+    )
+}
+
+/// `extract` with extraction's cap on the paths of made directories.
+pub fn extract_with(
+    tmp: &Path,
+    tar: &[u8],
+    max_made_dir_bytes: usize,
+) -> Result<Extracted, String> {
     use cstore_store::media::Compression as C;
     use cstore_store::unpack::{unpack_layer, LayerRef, UnpackOptions};
     let blob = tmp.join("layer.tar");
@@ -288,8 +319,15 @@ pub fn extract(tmp: &Path, tar: &[u8]) -> Result<PathBuf, String> {
         compression: C::None,
         diff_id: &diff_id,
     };
-    match unpack_layer(&blob, &layer, &dest, &UnpackOptions::default()) {
-        Ok(_) => Ok(dest),
+    let opts = UnpackOptions {
+        max_made_dir_bytes,
+        ..UnpackOptions::default()
+    };
+    match unpack_layer(&blob, &layer, &dest, &opts) {
+        Ok(stats) => Ok(Extracted {
+            dir: dest,
+            implicit: stats.implicit_dirs,
+        }),
         Err(e) => Err(e.to_string()),
     }
 }
@@ -350,11 +388,30 @@ fn walk(root: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// The extracted tree at `dir` and the index describe the same tree: every
-/// path, type, mode, owner, mtime, size, device, symlink target, xattr
-/// (opaque marks included), hardlink group, and every file's content (read
-/// at the index's data offset in the uncompressed stream `tar`).
-pub fn assert_same_tree(idx: &Index<Vec<u8>>, tar: &[u8], dir: &Path) {
+/// The extracted tree and the index describe the same tree: every path,
+/// type, mode, owner, mtime, size, device, symlink target, xattr (opaque
+/// marks included), hardlink group, every file's content (read at the
+/// index's data offset in the uncompressed stream `tar`), and the same
+/// directories are implicit (made for a missing parent and never listed).
+pub fn assert_same_tree(idx: &Index<Vec<u8>>, tar: &[u8], x: &Extracted) {
+    let mut want_implicit = x.implicit.clone();
+    want_implicit.sort();
+    let mut got_implicit: Vec<Vec<u8>> = (0..idx.entry_count())
+        .filter(|&i| idx.entry(i).is_implicit())
+        .map(|i| idx.path(i))
+        .collect();
+    got_implicit.sort();
+    let show = |v: &[Vec<u8>]| {
+        v.iter()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        show(&got_implicit),
+        show(&want_implicit),
+        "implicit directories: index vs extraction"
+    );
+    let dir = &x.dir;
     let paths = walk(dir);
     assert_eq!(
         paths.len() as u32,

@@ -175,7 +175,9 @@ fn parse_params(s: &str) -> HashMap<String, String> {
 pub(crate) struct TokenResponse {
     pub token: Option<String>,
     pub access_token: Option<String>,
-    pub expires_in: Option<u64>,
+    /// Any JSON: a number too big, negative or fractional must not fail the
+    /// pull (nor overflow anything); see `token_expiry`.
+    pub expires_in: Option<serde_json::Value>,
 }
 
 #[cfg(test)]

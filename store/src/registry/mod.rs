@@ -6,6 +6,13 @@
 //! caching per scope, and errors that name the registry and scope. The
 //! protocol surface for pulling is small (GET manifest, GET blob, the token
 //! dance), so owning it costs little. oci-spec supplies the document types.
+//!
+//! A registry is untrusted: every body read from it has a cap, and its
+//! credentials (and the tokens they buy) go only to its own origin and to the
+//! token realm it names. Redirects are followed here rather than by reqwest,
+//! so each hop decides what it is sent: reqwest's policy keeps Authorization
+//! on a redirect to the same host and port even from https to http, and
+//! cannot tell a 401 of the registry from one of the host it redirected to.
 
 pub mod auth;
 
@@ -16,8 +23,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use oci_spec::image::Digest;
-use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, RANGE, WWW_AUTHENTICATE};
-use reqwest::{Response, StatusCode};
+use reqwest::header::{
+    HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, LOCATION, RANGE, WWW_AUTHENTICATE,
+};
+use reqwest::{Response, StatusCode, Url};
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, Result};
@@ -27,6 +36,28 @@ use auth::{Challenge, Credentials, TokenResponse};
 
 /// Manifests and indexes above this are refused (containerd uses 4 MiB too).
 pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+
+/// Token responses above this are refused: a JWT with its certificate chain
+/// is a few KiB; 1 MiB leaves room for any real one.
+pub const MAX_TOKEN_BYTES: u64 = 1 << 20;
+
+/// Of an error response's body only this much is read: it is only a message.
+pub const MAX_ERROR_BODY_BYTES: u64 = 8 << 10;
+
+/// A whole token exchange (redirects and body included) ends within this; a
+/// realm that trickles its answer cannot hold a pull forever.
+const TOKEN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Reading an error body ends within this (it only decorates the error).
+const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Tokens are believed for at most this long whatever `expires_in` says
+/// (2^64-1 once overflowed Instant); the registry still refuses an expired
+/// one, which just fetches a new one.
+const MAX_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Hops followed per request, as reqwest's default policy.
+const MAX_REDIRECTS: usize = 10;
 
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
@@ -63,14 +94,51 @@ enum Scheme {
 #[derive(Clone)]
 enum Auth {
     Basic(String),
-    Bearer { token: String, expires: Instant },
+    /// From `realm`, the token server the registry's own challenge named.
+    Bearer {
+        token: String,
+        expires: Instant,
+        realm: String,
+    },
 }
 
 #[derive(Default)]
 struct State {
     schemes: HashMap<String, Scheme>,
-    /// Per (host, scope): bearer tokens are scoped to a repository and action.
+    /// Per (registry host, scope): bearer tokens are scoped to a repository
+    /// and action. Only a challenge of the registry itself fills an entry, so
+    /// a token is always one from the realm that registry named (a challenge
+    /// naming another realm replaces it); and it is only ever sent to the
+    /// registry's own origin.
     auth: HashMap<(String, String), Auth>,
+}
+
+/// Where a GET ended after following redirects.
+struct Landed {
+    resp: Response,
+    url: Url,
+    /// Left the origin it started at (the registry, or the token realm).
+    elsewhere: bool,
+}
+
+enum SendError {
+    /// The request failed (connect, TLS, reset); `at_home`: at the origin
+    /// it started at, not at a host a redirect led to.
+    Transport {
+        at_home: bool,
+        url: Url,
+        error: reqwest::Error,
+    },
+    /// A redirect that cannot be followed.
+    Redirect(String),
+}
+
+/// `host[:port]` of a URL, as errors name hosts.
+fn host_port(u: &Url) -> String {
+    match u.port() {
+        Some(p) => format!("{}:{p}", u.host_str().unwrap_or("")),
+        None => u.host_str().unwrap_or("").to_string(),
+    }
 }
 
 pub struct RegistryClient {
@@ -94,7 +162,9 @@ impl RegistryClient {
             .connect_timeout(Duration::from_secs(15))
             // No overall timeout (layers are large); a stalled read still ends.
             .read_timeout(Duration::from_secs(60))
-            .redirect(reqwest::redirect::Policy::limited(10))
+            // Followed by hand (`send_following`): each hop decides what
+            // it is sent.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| Error::Transport {
                 registry: "-".into(),
@@ -129,22 +199,91 @@ impl RegistryClient {
             .unwrap_or(&Scheme::Https)
     }
 
-    fn url(&self, r: &Reference, path: &str) -> String {
+    fn url(&self, r: &Reference, path: &str) -> Result<Url> {
         let scheme = match self.scheme(r) {
             Scheme::Https => "https",
             Scheme::Http => "http",
         };
-        format!("{scheme}://{}/v2/{}/{path}", r.api_host(), r.repository())
+        let url = format!("{scheme}://{}/v2/{}/{path}", r.api_host(), r.repository());
+        Url::parse(&url).map_err(|e| Error::InvalidReference {
+            reference: r.to_string(),
+            reason: format!("{url}: {e}"),
+        })
     }
 
     fn cached_auth(&self, r: &Reference) -> Option<String> {
         let key = (r.api_host().to_string(), Self::scope(r));
         match self.state.lock().unwrap().auth.get(&key)? {
             Auth::Basic(h) => Some(h.clone()),
-            Auth::Bearer { token, expires } if *expires > Instant::now() => {
+            Auth::Bearer { token, expires, .. } if *expires > Instant::now() => {
                 Some(format!("Bearer {token}"))
             }
             Auth::Bearer { .. } => None,
+        }
+    }
+
+    /// GET `start`, following redirects. `auth` (an Authorization value) is
+    /// sent only to `start`'s origin (scheme, host and port: not after a
+    /// downgrade to http, not to another port); our other headers (Accept,
+    /// Range) go to every hop, as a resume from presigned blob storage needs.
+    async fn send_following(
+        &self,
+        start: Url,
+        headers: &HeaderMap,
+        auth: Option<&str>,
+        timeout: Option<Duration>,
+    ) -> std::result::Result<Landed, SendError> {
+        let home = start.origin();
+        let mut url = start;
+        let mut hops = 0;
+        loop {
+            let at_home = url.origin() == home;
+            let mut req = self.http.get(url.clone()).headers(headers.clone());
+            if let (Some(a), true) = (auth, at_home) {
+                req = req.header(AUTHORIZATION, a);
+            }
+            if let Some(t) = timeout {
+                req = req.timeout(t);
+            }
+            let resp = req.send().await.map_err(|error| SendError::Transport {
+                at_home,
+                url: url.clone(),
+                error,
+            })?;
+            let status = resp.status();
+            let redirect = matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308);
+            let location = resp.headers().get(LOCATION).cloned();
+            let Some(location) = location.filter(|_| redirect) else {
+                return Ok(Landed {
+                    resp,
+                    elsewhere: !at_home,
+                    url,
+                });
+            };
+            let next = location
+                .to_str()
+                .ok()
+                .and_then(|l| url.join(l).ok())
+                .ok_or_else(|| {
+                    SendError::Redirect(format!(
+                        "{} redirected to an unusable Location {location:?}",
+                        host_port(&url)
+                    ))
+                })?;
+            if !matches!(next.scheme(), "http" | "https") {
+                return Err(SendError::Redirect(format!(
+                    "{} redirected to {next}: not http(s)",
+                    host_port(&url)
+                )));
+            }
+            hops += 1;
+            if hops > MAX_REDIRECTS {
+                return Err(SendError::Redirect(format!(
+                    "more than {MAX_REDIRECTS} redirects (last to {})",
+                    host_port(&next)
+                )));
+            }
+            url = next;
         }
     }
 
@@ -172,42 +311,81 @@ impl RegistryClient {
         let mut authenticated = false;
         loop {
             attempt += 1;
-            let url = self.url(r, path);
-            let mut req = self.http.get(&url).headers(headers.clone());
-            if let Some(a) = self.cached_auth(r) {
-                req = req.header(AUTHORIZATION, a);
-            }
-            let resp = match req.send().await {
-                Ok(resp) => resp,
-                Err(e) => {
-                    if self.try_plain_http(r) {
+            // Every attempt starts at the registry: a retry or a resume gets
+            // a fresh redirect, never reuses a (presigned, expiring) target.
+            let url = self.url(r, path)?;
+            let auth = self.cached_auth(r);
+            let landed = match self
+                .send_following(url, &headers, auth.as_deref(), None)
+                .await
+            {
+                Ok(l) => l,
+                Err(SendError::Redirect(message)) => {
+                    return Err(Error::Redirect {
+                        registry,
+                        what: what.into(),
+                        message,
+                    })
+                }
+                Err(SendError::Transport {
+                    at_home,
+                    url,
+                    error,
+                }) => {
+                    // Only the registry's own TLS failing means it speaks
+                    // HTTP; a redirect target's says nothing about it.
+                    if at_home && self.try_plain_http(r) {
                         tracing::info!(registry = %registry, "TLS to a loopback registry failed; using plain HTTP as docker does");
                         attempt -= 1;
                         continue;
                     }
+                    let what = if at_home {
+                        what.to_string()
+                    } else {
+                        format!("{what} (redirected to {})", host_port(&url))
+                    };
                     if attempt < self.opts.attempts {
-                        tracing::warn!(registry = %registry, what, attempt, error = %error_chain(&e), "request failed; retrying");
+                        tracing::warn!(registry = %registry, what, attempt, error = %error_chain(&error), "request failed; retrying");
                         self.pause(attempt, None).await;
                         continue;
                     }
                     return Err(Error::Transport {
                         registry,
-                        what: what.into(),
-                        message: error_chain(&e),
+                        what,
+                        message: error_chain(&error),
                     });
                 }
             };
+            let Landed {
+                resp,
+                url: landed_at,
+                elsewhere,
+            } = landed;
             let status = resp.status();
             if status.is_success() {
                 return Ok(resp);
             }
-            if status == StatusCode::UNAUTHORIZED && !authenticated {
-                authenticated = true;
-                let challenge = resp
-                    .headers()
+            let challenge = || {
+                resp.headers()
                     .get(WWW_AUTHENTICATE)
                     .and_then(|v| v.to_str().ok())
-                    .map(String::from);
+                    .map(String::from)
+            };
+            if status == StatusCode::UNAUTHORIZED && elsewhere {
+                // Blob storage that wants credentials of its own: it gets
+                // none of the registry's, and no token is fetched for it.
+                return Err(Error::RedirectAuth {
+                    registry,
+                    what: what.into(),
+                    target: host_port(&landed_at),
+                    challenge: challenge()
+                        .map(|c| c.chars().take(200).collect())
+                        .unwrap_or_else(|| "no challenge".into()),
+                });
+            }
+            if status == StatusCode::UNAUTHORIZED && !authenticated {
+                authenticated = true;
+                let challenge = challenge();
                 self.authenticate(r, challenge.as_deref()).await?;
                 attempt -= 1;
                 continue;
@@ -222,6 +400,11 @@ impl RegistryClient {
             }
             let message = error_message(resp).await;
             let scope = Self::scope(r);
+            let what = if elsewhere {
+                format!("{what} (redirected to {})", host_port(&landed_at))
+            } else {
+                what.to_string()
+            };
             return Err(match status {
                 StatusCode::UNAUTHORIZED => Error::Unauthorized {
                     registry,
@@ -239,12 +422,12 @@ impl RegistryClient {
                 },
                 StatusCode::NOT_FOUND => Error::NotFound {
                     registry,
-                    what: what.into(),
+                    what,
                     message,
                 },
                 _ => Error::Http {
                     registry,
-                    what: what.into(),
+                    what,
                     status: status.as_u16(),
                     message,
                 },
@@ -270,16 +453,18 @@ impl RegistryClient {
 
     async fn pause(&self, attempt: u32, retry_after: Option<Duration>) {
         let exp = self.opts.backoff.saturating_mul(1 << (attempt - 1).min(6));
-        let jitter =
-            Duration::from_millis(rand::random::<u64>() % (exp.as_millis() as u64 / 2 + 1));
+        let half = u64::try_from(exp.as_millis() / 2).unwrap_or(u64::MAX / 2);
+        let jitter = Duration::from_millis(rand::random::<u64>() % (half + 1));
+        // Retry-After comes from the registry: a day or 2^64 s waits 30 s.
         let wait = retry_after
-            .unwrap_or(exp + jitter)
+            .unwrap_or(exp.saturating_add(jitter))
             .min(Duration::from_secs(30));
         tokio::time::sleep(wait).await;
     }
 
-    /// Answer a 401 challenge: remember Basic credentials, or fetch a bearer
-    /// token for this repository's pull scope.
+    /// Answer a 401 challenge of the registry itself: remember Basic
+    /// credentials, or fetch a bearer token for this repository's pull scope
+    /// from the realm the registry named.
     async fn authenticate(&self, r: &Reference, challenge: Option<&str>) -> Result<()> {
         let registry = r.registry().to_string();
         let scope = Self::scope(r);
@@ -306,49 +491,35 @@ impl RegistryClient {
                 service,
                 scope: _,
             }) => {
-                let mut req = self.http.get(&realm).query(&[("scope", scope.as_str())]);
+                let what = format!("token from {realm}");
+                let registry_url = self.url(r, "")?;
+                let mut url =
+                    token_url(&realm, &registry_url, creds.is_some()).map_err(|reason| {
+                        Error::Unauthorized {
+                            registry: registry.clone(),
+                            scope: scope.clone(),
+                            message: format!("token realm {realm:?}: {reason}"),
+                        }
+                    })?;
+                url.query_pairs_mut().append_pair("scope", &scope);
                 if let Some(s) = &service {
-                    req = req.query(&[("service", s.as_str())]);
+                    url.query_pairs_mut().append_pair("service", s);
                 }
-                if let Some(c) = &creds {
-                    req = req.basic_auth(&c.username, Some(&c.password));
-                }
-                let resp = req.send().await.map_err(|e| Error::Transport {
-                    registry: registry.clone(),
-                    what: format!("token from {realm}"),
-                    message: error_chain(&e),
-                })?;
-                let status = resp.status();
-                if !status.is_success() {
-                    let message = error_message(resp).await;
-                    return Err(match status {
-                        StatusCode::UNAUTHORIZED => Error::Unauthorized {
-                            registry,
-                            scope,
-                            message: format!(
-                                "token server {realm} refused the credentials: {message}"
-                            ),
-                        },
-                        StatusCode::FORBIDDEN => Error::Denied {
-                            registry,
-                            scope,
-                            message,
-                        },
-                        _ => Error::Http {
-                            registry,
-                            what: format!("token from {realm}"),
-                            status: status.as_u16(),
-                            message,
-                        },
-                    });
-                }
-                let raw = resp.bytes().await.map_err(|e| Error::Transport {
-                    registry: registry.clone(),
-                    what: format!("token from {realm}"),
-                    message: error_chain(&e),
+                let basic = creds.as_ref().map(|c| c.basic_header());
+                let fetched = tokio::time::timeout(
+                    TOKEN_TIMEOUT,
+                    self.fetch_token(url, basic.as_deref(), &registry, &scope, &realm),
+                )
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::Transport {
+                        registry: registry.clone(),
+                        what: what.clone(),
+                        message: format!("no whole answer within {} s", TOKEN_TIMEOUT.as_secs()),
+                    })
                 })?;
                 let body: TokenResponse =
-                    serde_json::from_slice(&raw).map_err(|e| Error::Malformed {
+                    serde_json::from_slice(&fetched).map_err(|e| Error::Malformed {
                         what: format!("token response from {realm}"),
                         reason: e.to_string(),
                     })?;
@@ -360,22 +531,98 @@ impl RegistryClient {
                         what: format!("token response from {realm}"),
                         reason: "no token".into(),
                     })?;
-                // Renew a little early so a token does not expire mid-request.
-                let ttl = Duration::from_secs(body.expires_in.unwrap_or(60).max(10));
-                let expires = Instant::now() + ttl - Duration::from_secs(5);
-                self.state
-                    .lock()
-                    .unwrap()
-                    .auth
-                    .insert(key, Auth::Bearer { token, expires });
+                let expires = token_expiry(Instant::now(), body.expires_in.as_ref());
+                let old = self.state.lock().unwrap().auth.insert(
+                    key,
+                    Auth::Bearer {
+                        token,
+                        expires,
+                        realm: realm.clone(),
+                    },
+                );
+                if let Some(Auth::Bearer { realm: before, .. }) = old {
+                    if before != realm {
+                        tracing::info!(registry = %registry, scope, before, realm, "the registry names another token realm now");
+                    }
+                }
                 Ok(())
             }
             None => Err(Error::Unauthorized {
                 registry,
                 scope,
                 message: format!(
-                    "unsupported or missing WWW-Authenticate challenge: {challenge:?}"
+                    "unsupported or missing WWW-Authenticate challenge: {:?}",
+                    challenge.map(|c| c.chars().take(200).collect::<String>())
                 ),
+            }),
+        }
+    }
+
+    /// GET a token from `url` (basic credentials only to the realm's own
+    /// origin); the body, capped at `MAX_TOKEN_BYTES`.
+    async fn fetch_token(
+        &self,
+        url: Url,
+        basic: Option<&str>,
+        registry: &str,
+        scope: &str,
+        realm: &str,
+    ) -> Result<Vec<u8>> {
+        let what = format!("token from {realm}");
+        let landed = self
+            .send_following(url, &HeaderMap::new(), basic, Some(TOKEN_TIMEOUT))
+            .await
+            .map_err(|e| match e {
+                SendError::Transport { error, .. } => Error::Transport {
+                    registry: registry.into(),
+                    what: what.clone(),
+                    message: error_chain(&error),
+                },
+                SendError::Redirect(message) => Error::Redirect {
+                    registry: registry.into(),
+                    what: what.clone(),
+                    message,
+                },
+            })?;
+        let resp = landed.resp;
+        let status = resp.status();
+        if !status.is_success() {
+            let message = error_message(resp).await;
+            let server = if landed.elsewhere {
+                format!("{realm} (redirected to {})", host_port(&landed.url))
+            } else {
+                realm.to_string()
+            };
+            return Err(match status {
+                StatusCode::UNAUTHORIZED => Error::Unauthorized {
+                    registry: registry.into(),
+                    scope: scope.into(),
+                    message: format!("token server {server} refused the credentials: {message}"),
+                },
+                StatusCode::FORBIDDEN => Error::Denied {
+                    registry: registry.into(),
+                    scope: scope.into(),
+                    message,
+                },
+                _ => Error::Http {
+                    registry: registry.into(),
+                    what: format!("token from {server}"),
+                    status: status.as_u16(),
+                    message,
+                },
+            });
+        }
+        match read_capped(resp, MAX_TOKEN_BYTES).await {
+            Ok((body, true)) => Ok(body),
+            Ok((_, false)) => Err(Error::ResponseTooLarge {
+                what: format!("token response from {realm}"),
+                limit: MAX_TOKEN_BYTES,
+                kind: "token responses",
+            }),
+            Err(e) => Err(Error::Transport {
+                registry: registry.into(),
+                what,
+                message: error_chain(&e),
             }),
         }
     }
@@ -432,19 +679,17 @@ impl RegistryClient {
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
             .map(|s| s.trim().to_string());
-        let mut body = Vec::new();
-        let mut stream = resp.bytes_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| Error::Transport {
-                registry: r.registry().into(),
-                what: what.into(),
-                message: error_chain(&e),
-            })?;
-            if body.len() as u64 + chunk.len() as u64 > MAX_MANIFEST_BYTES {
-                return Err(too_large());
+        let body = match read_capped(resp, MAX_MANIFEST_BYTES).await {
+            Ok((body, true)) => body,
+            Ok((_, false)) => return Err(too_large()),
+            Err(e) => {
+                return Err(Error::Transport {
+                    registry: r.registry().into(),
+                    what: what.into(),
+                    message: error_chain(&e),
+                })
             }
-            body.extend_from_slice(&chunk);
-        }
+        };
         let actual = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
         let expected = if reference.contains(':') {
             Some(reference.to_string())
@@ -499,6 +744,73 @@ impl RegistryClient {
     }
 }
 
+/// Read a body up to `limit` bytes. `(bytes, true)` when that was all of it;
+/// `(the first limit bytes, false)` when there was more, which is then not
+/// read (the connection is dropped with the response).
+async fn read_capped(resp: Response, limit: u64) -> reqwest::Result<(Vec<u8>, bool)> {
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        let room = (limit - body.len() as u64) as usize;
+        if chunk.len() > room {
+            body.extend_from_slice(&chunk[..room]);
+            return Ok((body, false));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((body, true))
+}
+
+/// The URL to ask for a token: the realm the registry named, checked. A
+/// realm on another host than the registry is fine (Docker Hub's is), since
+/// the registry chose it; but with credentials to send, a plain-HTTP realm
+/// is refused unless it is on the loopback or the registry itself is spoken
+/// to over plain HTTP (the user chose cleartext then): basic credentials
+/// would cross the network readable.
+fn token_url(
+    realm: &str,
+    registry: &Url,
+    with_credentials: bool,
+) -> std::result::Result<Url, String> {
+    let url = Url::parse(realm).map_err(|e| format!("not a URL: {e}"))?;
+    match url.scheme() {
+        "https" => {}
+        "http" => {
+            let loopback = url
+                .host_str()
+                .is_some_and(crate::reference::is_loopback_host);
+            if with_credentials && !loopback && registry.scheme() != "http" {
+                return Err(format!(
+                    "plain HTTP to {} (not loopback) while the registry is HTTPS: credentials are not sent in clear text",
+                    host_port(&url)
+                ));
+            }
+        }
+        other => return Err(format!("scheme {other:?} is not http(s)")),
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("has user info in it".into());
+    }
+    Ok(url)
+}
+
+/// When a token given at `now` is to be renewed: `expires_in` seconds
+/// (default 60, as docker; at least 10, at most `MAX_TOKEN_TTL`) less 5 s,
+/// so it does not expire mid-request. Any number the server sends saturates;
+/// none overflows.
+fn token_expiry(now: Instant, expires_in: Option<&serde_json::Value>) -> Instant {
+    let secs = match expires_in {
+        None => 60,
+        Some(v) => v
+            .as_u64()
+            .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+            .unwrap_or(60),
+    };
+    let ttl = Duration::from_secs(secs.max(10)).min(MAX_TOKEN_TTL) - Duration::from_secs(5);
+    now.checked_add(ttl).unwrap_or(now)
+}
+
 fn retry_after(resp: &Response) -> Option<Duration> {
     let v = resp
         .headers()
@@ -521,7 +833,13 @@ async fn error_message(resp: Response) -> String {
         message: Option<String>,
     }
     let status = resp.status();
-    let body = resp.bytes().await.unwrap_or_default();
+    let (body, whole) =
+        match tokio::time::timeout(ERROR_BODY_TIMEOUT, read_capped(resp, MAX_ERROR_BODY_BYTES))
+            .await
+        {
+            Ok(Ok(read)) => read,
+            Ok(Err(_)) | Err(_) => (vec![], true),
+        };
     if let Ok(e) = serde_json::from_slice::<Errors>(&body) {
         let parts: Vec<String> = e
             .errors
@@ -542,6 +860,8 @@ async fn error_message(resp: Response) -> String {
         .to_string();
     if text.is_empty() {
         status.canonical_reason().unwrap_or("error").to_string()
+    } else if !whole {
+        format!("{text}... (an error body over {MAX_ERROR_BODY_BYTES} bytes, not read further)")
     } else {
         text
     }
@@ -560,4 +880,58 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
         src = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_lifetimes_saturate() {
+        let now = Instant::now();
+        let at = |v: serde_json::Value| token_expiry(now, Some(&v)) - now;
+        // 2^64-1 s once overflowed Instant (a panic): capped at a day.
+        assert_eq!(
+            at(serde_json::json!(18446744073709551615u64)),
+            MAX_TOKEN_TTL - Duration::from_secs(5)
+        );
+        assert_eq!(
+            at(serde_json::json!(1e300)),
+            MAX_TOKEN_TTL - Duration::from_secs(5)
+        );
+        assert_eq!(at(serde_json::json!(300)), Duration::from_secs(295));
+        // At least 10 s; nonsense means docker's default of 60.
+        assert_eq!(at(serde_json::json!(0)), Duration::from_secs(5));
+        assert_eq!(at(serde_json::json!(-5)), Duration::from_secs(55));
+        assert_eq!(at(serde_json::json!("soon")), Duration::from_secs(55));
+        assert_eq!(token_expiry(now, None) - now, Duration::from_secs(55));
+    }
+
+    #[test]
+    fn token_realms_get_credentials_only_safely() {
+        let https = Url::parse("https://registry.example/v2/a/").unwrap();
+        let http = Url::parse("http://registry.example/v2/a/").unwrap();
+        // Another host is fine (the registry named it), over TLS.
+        assert!(token_url("https://auth.example/token", &https, true).is_ok());
+        // Cleartext with credentials: only on the loopback, or when the
+        // registry itself is spoken to in cleartext.
+        let e = token_url("http://auth.example/token", &https, true).unwrap_err();
+        assert!(
+            e.contains("auth.example") && e.contains("clear text"),
+            "{e}"
+        );
+        assert!(token_url("http://auth.example/token", &https, false).is_ok());
+        assert!(token_url("http://auth.example/token", &http, true).is_ok());
+        assert!(token_url("http://127.0.0.1:5001/token", &https, true).is_ok());
+        assert!(token_url("http://[::1]:5001/token", &https, true).is_ok());
+        assert!(token_url("http://127.evil.example/token", &https, true).is_err());
+        for bad in [
+            "file:///etc/passwd",
+            "ftp://auth.example/",
+            "/token",
+            "https://u:p@auth.example/token",
+        ] {
+            assert!(token_url(bad, &https, false).is_err(), "{bad}");
+        }
+    }
 }

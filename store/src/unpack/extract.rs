@@ -10,7 +10,7 @@
 //! With `CSTORE_IO=uring`, small regular files go through `batch` (io_uring);
 //! see there for how the batches keep the same tree and errors.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ffi::CString;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -55,8 +55,11 @@ pub struct Extractor {
     cached: Option<(Vec<u8>, Rc<OwnedFd>)>,
     /// Directories whose mtime is set at the end (their children change it).
     dir_times: Vec<(Vec<u8>, (i64, u32))>,
-    /// Directories created because an entry's parent was missing.
-    pub implicit_dirs: Vec<Vec<u8>>,
+    /// Directories created because an entry's parent was missing, as long
+    /// as they are that: a later entry that replaces or removes one (or one
+    /// above it), or lists it, takes it out. Sorted, so a directory and
+    /// everything below it are one range.
+    pub implicit_dirs: BTreeSet<Vec<u8>>,
     /// Whether the archive had an entry for the layer root (`./`).
     pub root_listed: bool,
     pub stats: ExtractStats,
@@ -71,6 +74,12 @@ pub struct Extractor {
     /// with `created` and `whiteouts`, everything in the layer directory, so
     /// a name in none of them needs no lookup before it is created.
     made_dirs: HashSet<Vec<u8>>,
+    /// Bytes of paths in `made_dirs` and `implicit_dirs`, and their cap:
+    /// each holds every made directory's whole path, so an archive of
+    /// entries with new deep paths (2048 one-letter components each) would
+    /// cost megabytes per 4 KiB header without it.
+    made_dir_bytes: usize,
+    pub max_made_dir_bytes: usize,
     /// Directories with the setgid bit: files in them get its group.
     setgid_dirs: HashSet<Vec<u8>>,
     /// Who new files belong to and the umask applied to their mode: chown
@@ -93,6 +102,10 @@ fn current_umask() -> u32 {
         // Unknown: assume it strips everything, so chmod always runs.
         .unwrap_or(0o777)
 }
+
+/// The default cap of `Extractor::max_made_dir_bytes`: real layers use
+/// kilobytes (CPython's tree: about 100 KiB).
+pub const MAX_MADE_DIR_BYTES: usize = 64 << 20;
 
 fn err(entry: &[u8], reason: impl Into<String>) -> EntryError {
     EntryError {
@@ -129,7 +142,7 @@ fn clean(path: &[u8]) -> Result<Vec<&[u8]>, String> {
 fn xattr_allowed(name: &str) -> bool {
     // Overlay's own attributes (redirects, metacopy, opaque) would let a
     // layer rewire the merged tree; never take them from an archive.
-    !(name.starts_with("trusted.overlay.") || name.starts_with("user.overlay."))
+    !crate::confined::is_overlay_xattr(name.as_bytes())
 }
 
 impl Extractor {
@@ -155,13 +168,15 @@ impl Extractor {
             root: Rc::new(root),
             cached: None,
             dir_times: Vec::new(),
-            implicit_dirs: Vec::new(),
+            implicit_dirs: BTreeSet::new(),
             root_listed: false,
             stats: ExtractStats::default(),
             buf: vec![0u8; 1 << 20],
             created: HashMap::new(),
             whiteouts: HashSet::new(),
             made_dirs: HashSet::new(),
+            made_dir_bytes: 0,
+            max_made_dir_bytes: MAX_MADE_DIR_BYTES,
             setgid_dirs: HashSet::new(),
             owner,
             umask: current_umask(),
@@ -224,46 +239,55 @@ impl Extractor {
                 .map_err(|e| err(entry, io_reason("opening the layer root", &e)))?;
         for (i, c) in comps.iter().enumerate() {
             let name = sys::cstring(c).map_err(|e| err(entry, e.to_string()))?;
-            let next =
-                match sys::resolve_beneath(fd.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY) {
-                    Ok(f) => f,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                        sys::mkdirat(fd.as_fd(), &name, 0o755)
-                            .map_err(|e| err(entry, io_reason("creating a parent", &e)))?;
-                        self.implicit_dirs.push(comps[..=i].join(&b'/'));
-                        self.made_dirs.insert(comps[..=i].join(&b'/'));
-                        sys::resolve_beneath(fd.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY)
-                            .map_err(|e| err(entry, io_reason("opening a parent", &e)))?
+            let next = match sys::resolve_beneath(
+                fd.as_fd(),
+                &name,
+                libc::O_PATH | libc::O_DIRECTORY,
+            ) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    self.made_dir_bytes +=
+                        2 * comps[..=i].iter().map(|c| c.len() + 1).sum::<usize>();
+                    if self.made_dir_bytes > self.max_made_dir_bytes {
+                        return Err(err(
+                                entry,
+                                format!(
+                                    "the layer's implicit parent directories need more than {} bytes of paths (new deep paths entry after entry)",
+                                    self.max_made_dir_bytes
+                                ),
+                            ));
                     }
-                    // A whiteout of this layer, then entries below it with no
-                    // directory entry: the directory is this layer's own, and
-                    // still hides the lower one (opaque). Not inherited: the
-                    // lower directory was deleted.
-                    Err(e)
-                        if e.raw_os_error() == Some(libc::ENOTDIR)
-                            && self.whiteouts.remove(&comps[..=i].join(&b'/')) =>
-                    {
-                        sys::unlinkat(fd.as_fd(), &name, false)
-                            .map_err(|e| err(entry, io_reason("replacing a whiteout", &e)))?;
-                        sys::mkdirat(fd.as_fd(), &name, 0o755)
-                            .map_err(|e| err(entry, io_reason("creating a parent", &e)))?;
-                        self.made_dirs.insert(comps[..=i].join(&b'/'));
-                        let dir = sys::resolve_beneath(
-                            fd.as_fd(),
-                            &name,
-                            libc::O_RDONLY | libc::O_DIRECTORY,
-                        )
-                        .map_err(|e| err(entry, io_reason("opening a parent", &e)))?;
-                        let attr = CString::new(OPAQUE_XATTR).unwrap();
-                        sys::fsetxattr(dir.as_fd(), &attr, b"y")
-                            .map_err(|e| err(entry, io_reason("marking opaque", &e)))?;
-                        sys::resolve_beneath(fd.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY)
-                            .map_err(|e| err(entry, io_reason("opening a parent", &e)))?
-                    }
-                    Err(e) => {
-                        return Err(err(entry, io_reason("opening its parent directory", &e)))
-                    }
-                };
+                    sys::mkdirat(fd.as_fd(), &name, 0o755)
+                        .map_err(|e| err(entry, io_reason("creating a parent", &e)))?;
+                    self.implicit_dirs.insert(comps[..=i].join(&b'/'));
+                    self.made_dirs.insert(comps[..=i].join(&b'/'));
+                    sys::resolve_beneath(fd.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY)
+                        .map_err(|e| err(entry, io_reason("opening a parent", &e)))?
+                }
+                // A whiteout of this layer, then entries below it with no
+                // directory entry: the directory is this layer's own, and
+                // still hides the lower one (opaque). Not inherited: the
+                // lower directory was deleted.
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ENOTDIR)
+                        && self.whiteouts.remove(&comps[..=i].join(&b'/')) =>
+                {
+                    sys::unlinkat(fd.as_fd(), &name, false)
+                        .map_err(|e| err(entry, io_reason("replacing a whiteout", &e)))?;
+                    sys::mkdirat(fd.as_fd(), &name, 0o755)
+                        .map_err(|e| err(entry, io_reason("creating a parent", &e)))?;
+                    self.made_dirs.insert(comps[..=i].join(&b'/'));
+                    let dir =
+                        sys::resolve_beneath(fd.as_fd(), &name, libc::O_RDONLY | libc::O_DIRECTORY)
+                            .map_err(|e| err(entry, io_reason("opening a parent", &e)))?;
+                    let attr = CString::new(OPAQUE_XATTR).unwrap();
+                    sys::fsetxattr(dir.as_fd(), &attr, b"y")
+                        .map_err(|e| err(entry, io_reason("marking opaque", &e)))?;
+                    sys::resolve_beneath(fd.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY)
+                        .map_err(|e| err(entry, io_reason("opening a parent", &e)))?
+                }
+                Err(e) => return Err(err(entry, io_reason("opening its parent directory", &e))),
+            };
             fd = next;
         }
         Ok(fd)
@@ -311,9 +335,34 @@ impl Extractor {
                 if is_dir {
                     // Cached fds may point into what was just removed.
                     self.cached = None;
+                    let mut key = comps.join(&b'/');
+                    if !key.is_empty() {
+                        key.push(b'/');
+                    }
+                    key.extend_from_slice(name.to_bytes());
+                    self.not_implicit(&key);
                 }
                 Ok(false)
             }
+        }
+    }
+
+    /// `key` (a cleaned path) and everything below it are no longer
+    /// directories this layer made for lack of an entry: removed, replaced,
+    /// or listed by an entry of their own.
+    fn not_implicit(&mut self, key: &[u8]) {
+        if self.implicit_dirs.is_empty() {
+            return;
+        }
+        self.implicit_dirs.remove(key);
+        // Below `key`: from "key/" up to "key0" ('0' follows '/').
+        let mut lo = key.to_vec();
+        lo.push(b'/');
+        let mut hi = key.to_vec();
+        hi.push(b'/' + 1);
+        let below: Vec<Vec<u8>> = self.implicit_dirs.range(lo..hi).cloned().collect();
+        for k in below {
+            self.implicit_dirs.remove(&k);
         }
     }
 
@@ -499,25 +548,48 @@ impl Extractor {
                 self.stats.file_bytes += e.size;
             }
             Kind::Dir => {
+                // As a file: made with the entry's permission bits, then
+                // chown and chmod only where that does not give what the
+                // entry says (a directory the layer had already, a setgid
+                // parent, whose group and bit a new directory takes, another
+                // owner, bits the umask strips, setuid/setgid/sticky).
+                let setgid_parent =
+                    !self.setgid_dirs.is_empty() && self.setgid_dirs.contains(&dirs.join(&b'/'));
+                let create_mode = e.mode & 0o777;
+                let chown = kept_dir || setgid_parent || (uid, gid) != self.owner;
+                let chmod =
+                    kept_dir || setgid_parent || e.mode & 0o7777 != create_mode & !self.umask;
                 let parent = self.parent(dirs, path)?;
                 if !kept_dir {
-                    sys::mkdirat(parent, &name, 0o700)
+                    sys::mkdirat(parent, &name, create_mode)
                         .map_err(|x| err(path, io_reason("mkdir", &x)))?;
                 }
-                let parent = self.parent(dirs, path)?;
-                sys::lchownat(parent, &name, uid, gid)
-                    .map_err(|x| err(path, io_reason("chown", &x)))?;
-                sys::chmodat(parent, &name, e.mode)
-                    .map_err(|x| err(path, io_reason("chmod", &x)))?;
-                for (k, v) in &xattrs {
-                    sys::lsetxattrat(parent, &name, k, v)
-                        .map_err(|x| err(path, io_reason("setxattr", &x)))?;
+                if chown || chmod || !xattrs.is_empty() || over_whiteout {
+                    // Through the directory's own fd: nothing that takes
+                    // the name can be followed anywhere else.
+                    let parent = self.parent(dirs, path)?;
+                    let dir =
+                        sys::resolve_beneath(parent, &name, libc::O_RDONLY | libc::O_DIRECTORY)
+                            .map_err(|x| err(path, io_reason("opening the directory", &x)))?;
+                    let fd = dir.as_fd();
+                    if chown {
+                        sys::fchown(fd, uid, gid).map_err(|x| err(path, io_reason("chown", &x)))?;
+                    }
+                    if chmod {
+                        sys::fchmod(fd, e.mode).map_err(|x| err(path, io_reason("chmod", &x)))?;
+                    }
+                    for (k, v) in &xattrs {
+                        sys::fsetxattr(fd, k, v)
+                            .map_err(|x| err(path, io_reason("setxattr", &x)))?;
+                    }
+                    if over_whiteout {
+                        let attr = CString::new(OPAQUE_XATTR).unwrap();
+                        sys::fsetxattr(fd, &attr, b"y")
+                            .map_err(|x| err(path, io_reason("marking opaque", &x)))?;
+                    }
                 }
-                if over_whiteout {
-                    let attr = CString::new(OPAQUE_XATTR).unwrap();
-                    sys::lsetxattrat(parent, &name, &attr, b"y")
-                        .map_err(|x| err(path, io_reason("marking opaque", &x)))?;
-                }
+                // Listed: its own entry's attributes, not a lower layer's.
+                self.implicit_dirs.remove(&key);
                 if e.mode & libc::S_ISGID != 0 {
                     self.setgid_dirs.insert(key.clone());
                 } else {
@@ -669,6 +741,9 @@ impl Extractor {
     pub fn finish(&mut self) -> Result<(), EntryError> {
         self.flush()?;
         self.cached = None;
+        // The last parent opened, by its key (entries of a directory are
+        // mostly together).
+        let mut last_parent: Option<(Vec<u8>, OwnedFd)> = None;
         for (key, mtime) in std::mem::take(&mut self.dir_times).into_iter().rev() {
             if key.is_empty() {
                 sys::futimens(self.root.as_fd(), mtime)
@@ -678,7 +753,20 @@ impl Extractor {
             let comps = clean(&key).map_err(|r| err(&key, r))?;
             let (last, dirs) = comps.split_last().expect("non-empty");
             let name = sys::cstring(last).map_err(|x| err(&key, x.to_string()))?;
-            let parent = self.parent(dirs, &key)?;
+            let pkey = dirs.join(&b'/');
+            if last_parent.as_ref().is_none_or(|(k, _)| *k != pkey) {
+                let c = sys::cstring(if pkey.is_empty() { b"." } else { &pkey })
+                    .map_err(|x| err(&key, x.to_string()))?;
+                // Looked up, never made again: a parent a later entry
+                // removed or replaced took the directory with it.
+                match sys::resolve_beneath(self.root.as_fd(), &c, libc::O_PATH | libc::O_DIRECTORY)
+                {
+                    Ok(fd) => last_parent = Some((pkey, fd)),
+                    Err(x) if gone(&x) => continue,
+                    Err(x) => return Err(err(&key, io_reason("set mtime", &x))),
+                }
+            }
+            let parent = last_parent.as_ref().expect("opened").1.as_fd();
             match sys::lutimesat(parent, &name, mtime) {
                 // Replaced or removed by a later entry: nothing to date.
                 Err(x) if x.kind() == io::ErrorKind::NotFound => {}
@@ -687,6 +775,15 @@ impl Extractor {
         }
         Ok(())
     }
+}
+
+/// Is a path no longer there as a directory (missing, or something else or
+/// a symlink on the way)?
+fn gone(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOENT) | Some(libc::ENOTDIR) | Some(libc::ELOOP)
+    )
 }
 
 /// The data of a small file, whole.

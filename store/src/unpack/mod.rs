@@ -5,7 +5,7 @@
 
 mod batch;
 pub mod extract;
-mod sys;
+pub(crate) mod sys;
 pub mod tar;
 
 use std::fs::File;
@@ -30,6 +30,10 @@ pub struct UnpackOptions {
     /// How the blob is read (readahead, O_DIRECT): the store's
     /// `stream_config()`; None reads with the defaults.
     pub io: Option<StreamConfig>,
+    /// Refuse a layer whose directories made for missing parents need more
+    /// than this many bytes of bookkeeping (every such directory's path is
+    /// kept: a deep new path per entry grows it with the square of the depth).
+    pub max_made_dir_bytes: usize,
 }
 
 impl Default for UnpackOptions {
@@ -38,6 +42,7 @@ impl Default for UnpackOptions {
             max_ratio: 1100,
             min_limit: 256 << 20,
             io: None,
+            max_made_dir_bytes: extract::MAX_MADE_DIR_BYTES,
         }
     }
 }
@@ -48,8 +53,10 @@ pub struct LayerStats {
     /// Bytes of the uncompressed tar stream.
     pub tar_bytes: u64,
     pub extract: ExtractStats,
-    /// Directories created for entries whose parent the layer did not list;
-    /// the layer root (an empty path) first when the layer has no `./` entry.
+    /// Directories created for entries whose parent the layer did not list,
+    /// and still directories the layer did not list when it ended (one a
+    /// later entry replaced, removed or listed is not here), sorted; the
+    /// layer root (an empty path) first when the layer has no `./` entry.
     #[serde(skip)]
     pub implicit_dirs: Vec<Vec<u8>>,
 }
@@ -138,6 +145,7 @@ pub fn unpack_layer(
     let batch = opts.io.as_ref().is_some_and(|c| c.batch_small_files)
         && layer.compression != Compression::None;
     let mut x = extract::Extractor::new(root, batch).map_err(|r| fail(None, r))?;
+    x.max_made_dir_bytes = opts.max_made_dir_bytes;
 
     let read_fail = |e: tar::TarError| match e {
         tar::TarError::Io(io) => fail(None, format!("reading the layer: {io}")),
@@ -171,9 +179,10 @@ pub fn unpack_layer(
         implicit_dirs: {
             let mut dirs = std::mem::take(&mut x.implicit_dirs);
             if !x.root_listed {
-                dirs.insert(0, Vec::new());
+                dirs.insert(Vec::new());
             }
-            dirs
+            // Sorted: the root (empty) first, each directory before those in it.
+            dirs.into_iter().collect()
         },
     })
 }

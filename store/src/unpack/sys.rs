@@ -172,10 +172,139 @@ pub fn lchownat(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) -> io::Res
     .map(drop)
 }
 
-/// chmod of a name known not to be a symlink (Linux can't chmod symlinks).
+/// chmod of `name` under `dir`, never through a symlink: fchmodat2 with
+/// AT_SYMLINK_NOFOLLOW (Linux 6.6+) fails on one. Callers pass a name they
+/// just created as a file, directory or device; on an older kernel the
+/// plain fchmodat stands, which follows only what is no longer that.
 pub fn chmodat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
     // SAFETY: valid fd and NUL-terminated name.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_fchmodat2,
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            mode,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::ENOSYS) {
+        return Err(e);
+    }
+    // SAFETY: valid fd and NUL-terminated name.
     cvt(unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode, 0) }).map(drop)
+}
+
+pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: st is written by the kernel on success.
+    cvt(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: initialized on success.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// The value of xattr `name` of the file open as `fd`; None if it has none.
+/// At most 64 KiB (the kernel's own limit for a value).
+pub fn fgetxattr(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<Option<Vec<u8>>> {
+    let mut buf = vec![0u8; 256];
+    loop {
+        // SAFETY: valid fd, NUL-terminated name, buffer pointer/len pair.
+        let n = unsafe {
+            libc::fgetxattr(
+                fd.as_raw_fd(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n >= 0 {
+            buf.truncate(n as usize);
+            return Ok(Some(buf));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENODATA) | Some(libc::ENOTSUP) => return Ok(None),
+            Some(libc::ERANGE) if buf.len() < XATTR_MAX => buf.resize(XATTR_MAX, 0),
+            _ => return Err(e),
+        }
+    }
+}
+
+/// The kernel's limits for an xattr value and for a file's list of names.
+const XATTR_MAX: usize = 64 << 10;
+
+/// The names of the xattrs of the file open as `fd` (none where the
+/// filesystem has no xattrs).
+pub fn flistxattr(fd: BorrowedFd<'_>) -> io::Result<Vec<CString>> {
+    let mut buf = vec![0u8; 1024];
+    let n = loop {
+        // SAFETY: valid fd, buffer pointer/len pair.
+        let n = unsafe { libc::flistxattr(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENOTSUP) => return Ok(Vec::new()),
+            Some(libc::ERANGE) if buf.len() < XATTR_MAX => buf.resize(XATTR_MAX, 0),
+            _ => return Err(e),
+        }
+    };
+    Ok(buf[..n]
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| CString::new(s).expect("split at NUL"))
+        .collect())
+}
+
+/// The names in the directory open as `dir` (not `.` and `..`), each with
+/// its d_type (DT_UNKNOWN where the filesystem does not say), read from the
+/// fd's offset (callers pass a directory they just opened) with getdents64
+/// on the fd itself: no DIR stream, so no dup of the fd.
+pub fn read_names(dir: BorrowedFd<'_>) -> io::Result<Vec<(CString, u8)>> {
+    // struct linux_dirent64: d_ino u64, d_off i64, d_reclen u16, d_type u8,
+    // d_name (NUL-terminated, padded to the record's length).
+    const NAME_AT: usize = 19;
+    let mut buf = vec![0u8; 32 << 10];
+    let mut names = Vec::new();
+    loop {
+        // SAFETY: valid fd and a buffer of the given length.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_getdents64,
+                dir.as_raw_fd(),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Ok(names);
+        }
+        let mut at = 0usize;
+        while at + NAME_AT <= n as usize {
+            let reclen = u16::from_ne_bytes([buf[at + 16], buf[at + 17]]) as usize;
+            if reclen < NAME_AT || at + reclen > n as usize {
+                return Err(io::Error::other("getdents64: malformed record"));
+            }
+            let d_type = buf[at + 18];
+            let name = CStr::from_bytes_until_nul(&buf[at + NAME_AT..at + reclen])
+                .map_err(|_| io::Error::other("getdents64: name without NUL"))?;
+            if name.to_bytes() != b"." && name.to_bytes() != b".." {
+                names.push((name.to_owned(), d_type));
+            }
+            at += reclen;
+        }
+    }
 }
 
 pub fn fchown(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
@@ -272,34 +401,8 @@ pub fn remove_all_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
         return unlinkat(dir, name, false);
     }
     let sub = resolve_beneath(dir, name, libc::O_RDONLY | libc::O_DIRECTORY)?;
-    let names: Vec<CString> = {
-        // SAFETY: dup gives readdir its own fd to own and close.
-        let dup = cvt(unsafe { libc::fcntl(sub.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) })?;
-        // SAFETY: dup is a valid directory fd that the DIR stream now owns.
-        let dirp = unsafe { libc::fdopendir(dup) };
-        if dirp.is_null() {
-            // SAFETY: fdopendir failed, so we still own dup.
-            unsafe { libc::close(dup) };
-            return Err(io::Error::last_os_error());
-        }
-        let mut names = Vec::new();
-        loop {
-            // SAFETY: dirp is a valid DIR stream.
-            let ent = unsafe { libc::readdir(dirp) };
-            if ent.is_null() {
-                break;
-            }
-            // SAFETY: d_name is NUL-terminated within the dirent.
-            let n = unsafe { CStr::from_ptr((*ent).d_name.as_ptr()) };
-            if n.to_bytes() != b"." && n.to_bytes() != b".." {
-                names.push(n.to_owned());
-            }
-        }
-        // SAFETY: closes the stream and dup.
-        unsafe { libc::closedir(dirp) };
-        names
-    };
-    for n in names {
+    let names = read_names(sub.as_fd())?;
+    for (n, _) in names {
         remove_all_at(sub.as_fd(), &n)?;
     }
     unlinkat(dir, name, true)

@@ -10,7 +10,9 @@ use std::io::{self, Read};
 
 const BLOCK: u64 = 512;
 /// PAX records and GNU long names larger than this are refused: no real
-/// archive needs them, and they are read into memory.
+/// archive needs them, and they are read into memory. The same cap holds for
+/// all the records before one entry together: each record's keys and
+/// xattrs are kept until the entry they describe.
 pub const MAX_META_BYTES: u64 = 1 << 20;
 const MAX_SPARSE_REGIONS: usize = 1 << 16;
 
@@ -179,6 +181,7 @@ impl<R: Read> TarReader<R> {
         let mut xattrs: Vec<(String, Vec<u8>)> = Vec::new();
         let mut long_name: Option<Vec<u8>> = None;
         let mut long_link: Option<Vec<u8>> = None;
+        let mut meta_bytes = 0u64;
         loop {
             let Some(h) = self.read_block()? else {
                 self.done = true;
@@ -193,6 +196,16 @@ impl<R: Read> TarReader<R> {
             verify_checksum(&h)?;
             let typeflag = h[156];
             let size = num(&h[124..136]).ok_or_else(|| bad("bad size field"))?;
+            // (One record past the cap is refused by read_meta, by its kind.)
+            if matches!(typeflag, b'x' | b'L' | b'K') && size <= MAX_META_BYTES {
+                meta_bytes = meta_bytes.saturating_add(size);
+                if meta_bytes > MAX_META_BYTES {
+                    return Err(TarError::TooLarge {
+                        kind: "metadata records of one entry",
+                        size: meta_bytes,
+                    });
+                }
+            }
             match typeflag {
                 b'x' => {
                     let data = self.read_meta(size, "PAX header")?;
@@ -279,10 +292,20 @@ impl<R: Read> TarReader<R> {
             } else {
                 stored
             };
-            self.padding = pad(stored) + skip_data;
+            self.padding = pad(stored)
+                .checked_add(skip_data)
+                .ok_or_else(|| bad(format!("entry size {stored} too large")))?;
             let mut size = stored;
             let mut sparse = None;
 
+            let sparse_keys = pax.contains_key("GNU.sparse.major")
+                || pax.contains_key("GNU.sparse.map")
+                || pax.contains_key("GNU.sparse.realsize")
+                || pax.contains_key("GNU.sparse.size");
+            if sparse_keys && kind != Kind::File {
+                // The map would be read from data a non-file does not have.
+                return Err(bad(format!("sparse map on a {kind:?} entry")));
+            }
             if typeflag == b'S' {
                 if !gnu {
                     return Err(bad("GNU sparse entry without a GNU header"));
@@ -594,6 +617,92 @@ mod tests {
         let sum: u32 = h.iter().map(|&b| b as u32).sum();
         h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
         h
+    }
+
+    fn pax_header(records: &[u8]) -> Vec<u8> {
+        let mut t = header("pax", records.len() as u64);
+        t[156] = b'x';
+        t[148..156].copy_from_slice(b"        ");
+        let sum: u32 = t.iter().map(|&b| b as u32).sum();
+        t[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        t.extend_from_slice(records);
+        t.resize(t.len().div_ceil(512) * 512, 0);
+        t
+    }
+
+    /// Found by fuzzing (a seed of tests/fuzz.rs): PAX headers of xattrs in
+    /// a row, each under the cap, piled up in memory until the entry came
+    /// (80 of them: 187 MB for an 84 MB archive; a gzip layer of a few MB
+    /// could make that gigabytes).
+    #[test]
+    fn the_records_before_one_entry_are_capped_together() {
+        let mut recs = Vec::new();
+        let mut i = 0;
+        while recs.len() < 600 << 10 {
+            let rec = format!("SCHILY.xattr.user.k{i}={}\n", "v".repeat(200));
+            let len = rec.len() + 4;
+            recs.extend_from_slice(format!("{len} {rec}").as_bytes());
+            i += 1;
+        }
+        let mut t = Vec::new();
+        for _ in 0..2 {
+            t.extend(pax_header(&recs));
+        }
+        t.extend(header("a", 0));
+        t.extend([0u8; 1024]);
+        match TarReader::new(&t[..]).next_entry() {
+            Err(TarError::TooLarge { kind, size }) => {
+                assert_eq!(kind, "metadata records of one entry");
+                assert!(size > MAX_META_BYTES);
+            }
+            other => panic!("two 600 KiB PAX headers before one entry: {other:?}"),
+        }
+        // One of them is fine.
+        let mut t = pax_header(&recs);
+        t.extend(header("a", 0));
+        let e = TarReader::new(&t[..]).next_entry().unwrap().unwrap();
+        assert_eq!(e.xattrs.len(), i);
+    }
+
+    fn with_type(mut h: Vec<u8>, flag: u8) -> Vec<u8> {
+        h[156] = flag;
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|&b| b as u32).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        h
+    }
+
+    /// Found by fuzzing: a directory whose PAX size is 2^64-1 overflowed
+    /// the padding sum (a panic in debug builds, a misread archive in
+    /// release ones).
+    #[test]
+    fn a_huge_size_on_a_non_file_is_an_error() {
+        let mut t = pax_header(b"29 size=18446744073709551615\n");
+        t.extend(with_type(header("d/", 0), b'5'));
+        t.extend([0u8; 1024]);
+        match TarReader::new(&t[..]).next_entry() {
+            Err(TarError::Malformed(m)) => assert!(m.contains("too large"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Found by fuzzing: sparse PAX keys on a directory made the reader take
+    /// a sparse map out of data a directory does not have.
+    #[test]
+    fn a_sparse_map_on_a_non_file_is_an_error() {
+        for recs in [
+            &b"22 GNU.sparse.map=0,0\n21 GNU.sparse.size=0\n"[..],
+            &b"22 GNU.sparse.major=1\n22 GNU.sparse.minor=0\n25 GNU.sparse.realsize=9\n"[..],
+        ] {
+            let mut t = pax_header(recs);
+            t.extend(with_type(header("d", 512), b'5'));
+            t.extend(b"1\n0\n1\n");
+            t.resize(t.len().div_ceil(512) * 512 + 1024, 0);
+            match TarReader::new(&t[..]).next_entry() {
+                Err(TarError::Malformed(m)) => assert!(m.contains("sparse map on a Dir"), "{m}"),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,66 @@
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// fuse-fs's error type: what was being done, on what, and why it failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A system call on a path failed (mount, open, the state directory, fusectl).
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// /dev/fuse is missing or cannot be opened: no FUSE on this machine (or no
+    /// permission to use it).
+    #[error("/dev/fuse: {0} (is the fuse module loaded and are we root?)")]
+    NoFuse(#[source] std::io::Error),
+    /// The /dev/fuse connection failed (read, write or ioctl).
+    #[error("FUSE connection {conn}: {op}: {source}")]
+    Device {
+        op: &'static str,
+        conn: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The connection is gone: the filesystem was unmounted or aborted.
+    #[error("FUSE connection {0}: unmounted or aborted")]
+    Disconnected(String),
+    /// The INIT handshake could not be completed.
+    #[error("FUSE INIT on {mountpoint}: {reason}")]
+    Handshake { mountpoint: PathBuf, reason: String },
+    /// Passthrough was required but the kernel did not grant it.
+    #[error("FUSE passthrough on {0}: the kernel did not offer it (needs Linux 6.9+ with CONFIG_FUSE_PASSTHROUGH)")]
+    NoPassthrough(PathBuf),
+    /// Saved session state cannot be used (missing, unreadable, other version).
+    #[error("FUSE session state in {dir}: {reason}")]
+    State { dir: PathBuf, reason: String },
+    /// No FUSE mount was found where one was expected.
+    #[error("no FUSE mount of ours at {0}")]
+    NotMounted(PathBuf),
+    /// A fd store (keeper or systemd) refused or failed a request.
+    #[error("fd store {store}: {reason}")]
+    FdStore { store: String, reason: String },
+    /// A name for the fd store that it cannot hold.
+    #[error("fd store name {0:?}: must be 1-200 bytes of [A-Za-z0-9._:@+-]")]
+    BadName(String),
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn store(store: impl std::fmt::Display, reason: impl Into<String>) -> Self {
+        Error::FdStore {
+            store: store.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
