@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use common::*;
 use cstore_fuse_fs::abi::op;
 use cstore_fuse_fs::layer::{build_index, FileSource, LayerFs, LayerOptions, SpanSource};
-use cstore_fuse_fs::{PassthroughMode, Session, SessionOptions, StateDir};
+use cstore_fuse_fs::{FdStore, PassthroughMode, Session, SessionOptions, StateDir};
 use cstore_index::{Compression, Index, Kind, Policy};
 
 fn repo() -> PathBuf {
@@ -331,9 +331,12 @@ fn lazy_overlay_equals_umoci_unpack() {
 
 /// The content of every file of the layer, from a full inflate of its blob.
 fn expected_files(l: &Lazy) -> Vec<(PathBuf, Vec<u8>)> {
-    let idx = l.fs.index();
-    let blob = std::fs::read(&l.blob).unwrap();
-    let windows = std::fs::read(&l.windows).unwrap();
+    files_from(l.fs.index(), &l.blob, &l.windows)
+}
+
+fn files_from(idx: &Index<Vec<u8>>, blob: &Path, windows: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let blob = std::fs::read(blob).unwrap();
+    let windows = std::fs::read(windows).unwrap();
     let mut r = cstore_index::SpanReader::new();
     let full = r
         .read_range(idx, &blob, &windows, 0..idx.header().uncompressed_size)
@@ -560,4 +563,148 @@ fn unpack(blob: &Path, c: Compression, dest: &Path) {
         diff_id: &diff_id,
     };
     unpack_layer(blob, &layer, dest, &UnpackOptions::default()).unwrap();
+}
+
+fn stat_of(file: &Path, key: &str) -> Option<u64> {
+    std::fs::read_to_string(file).ok()?.lines().find_map(|l| {
+        l.strip_prefix(key)
+            .and_then(|v| v.strip_prefix(' '))
+            .and_then(|v| v.parse().ok())
+    })
+}
+
+/// The serving daemon (`cstore-fuse-testd serve-layer`, its fd in a keeper) is
+/// killed with SIGKILL three times while a reader loops over every file of a cold
+/// layer whose fetches are slow: the reader sees no error and no wrong byte, and
+/// each new daemon starts from the spans the bitmap on disk says are local (at least
+/// what the previous one had reported), fetching none of them again. Then the layer
+/// completes in the background, and the tree equals extraction's.
+#[test]
+fn sigkill_under_readers_resumes_from_the_bitmap() {
+    if !fuse_available() {
+        return;
+    }
+    let t = tmpdir();
+    let p = |s: &str| t.path().join(s);
+    let (blob, c) = layers("debian").remove(0);
+    let sock = p("keeper.sock");
+    let mut mounts = Mounts::default();
+    let keeper = Proc::spawn(testd().arg("keeper").arg(&sock));
+    let t0 = std::time::Instant::now();
+    while cstore_fuse_fs::KeeperClient::new(&sock).list().is_err() {
+        assert!(t0.elapsed().as_secs() < 10, "keeper did not come up");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for d in ["tree", "mnt", "cache"] {
+        std::fs::create_dir_all(p(d)).unwrap();
+    }
+    let daemon = |n: usize, extra: &[&str]| {
+        let mut d = Proc::spawn(
+            testd()
+                .arg("serve-layer")
+                .arg("--blob")
+                .arg(&blob)
+                .args(["--compression", "gzip", "--span-kib", "64"])
+                .args(["--fetch-delay-ms", "15"])
+                .arg("--cache")
+                .arg(p("cache"))
+                .arg("--tree")
+                .arg(p("tree"))
+                .arg("--mnt")
+                .arg(p("mnt"))
+                .arg("--state")
+                .arg(p("state"))
+                .arg("--keeper")
+                .arg(&sock)
+                .args(["--name", "lazy"])
+                .arg("--stats")
+                .arg(p(&format!("stats.{n}")))
+                .args(extra),
+        );
+        d.ready();
+        d
+    };
+    assert_eq!(c, Compression::Gzip);
+    // The index as the daemon would build it, made here (a debug build takes longer
+    // than a daemon may to get ready).
+    let policy = Policy {
+        span_target: 64 << 10,
+        ..Policy::default()
+    };
+    let (index, windows) = build_index(&blob, c, policy, LayerOptions::default().tree).unwrap();
+    std::fs::write(p("cache/windows"), windows).unwrap();
+    std::fs::write(p("cache/index"), index).unwrap();
+    let mut d = daemon(0, &[]);
+    let conn = StateDir::new(p("state"))
+        .unwrap()
+        .load()
+        .unwrap()
+        .settings
+        .unwrap()
+        .conn
+        .unwrap();
+    mounts.push(&p("mnt"));
+    mounts.conn(conn);
+    let idx = Index::parse(std::fs::read(p("cache/index")).unwrap()).unwrap();
+    let want: std::collections::BTreeMap<PathBuf, Vec<u8>> =
+        files_from(&idx, &blob, &p("cache/windows"))
+            .into_iter()
+            .collect();
+    let reader = Reader::start(&p("mnt"), want);
+    for n in 1..=3 {
+        let before = reader.reads();
+        let t1 = std::time::Instant::now();
+        while reader.reads() < before + 200 {
+            assert!(t1.elapsed().as_secs() < 60, "reader made no progress");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let reported = stat_of(&p(&format!("stats.{}", n - 1)), "local").unwrap_or(0);
+        d.signal(libc::SIGKILL);
+        d.wait_exit(std::time::Duration::from_secs(10));
+        d = daemon(n, if n == 3 { &["--complete"] } else { &[] });
+        let start = stat_of(&p(&format!("stats.{n}")), "start_local");
+        let t2 = std::time::Instant::now();
+        let start = loop {
+            if let Some(s) = stat_of(&p(&format!("stats.{n}")), "start_local").or(start) {
+                break s;
+            }
+            assert!(t2.elapsed().as_secs() < 10, "no stats from daemon {n}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert!(
+            start >= reported && start > 0,
+            "daemon {n} started with {start} spans local, the one before had {reported}"
+        );
+    }
+    let r = reader
+        .finish(std::time::Duration::from_secs(60))
+        .expect("reader stuck on the mount");
+    assert!(
+        r.errors.is_empty(),
+        "reader errors: {:?}",
+        &r.errors[..r.errors.len().min(10)]
+    );
+    assert!(
+        r.loops >= 1,
+        "the reader read the whole layer at least once"
+    );
+    // Background completion in the last daemon.
+    let t3 = std::time::Instant::now();
+    while stat_of(&p("stats.3"), "complete") != Some(1) {
+        assert!(t3.elapsed().as_secs() < 120, "completion did not finish");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    d.signal(libc::SIGTERM);
+    d.wait_exit(std::time::Duration::from_secs(10));
+    mounts.umount(&p("mnt"));
+    drop(keeper);
+    let x = p("extracted");
+    std::fs::create_dir_all(&x).unwrap();
+    unpack(&blob, c, &x);
+    let (want, got) = (treesnap(&x), treesnap(&p("tree")));
+    assert!(
+        want == got,
+        "completed tree vs extraction:\n{}",
+        tree_diff(&want, &got)
+    );
 }
