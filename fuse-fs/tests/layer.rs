@@ -708,3 +708,53 @@ fn sigkill_under_readers_resumes_from_the_bitmap() {
         tree_diff(&want, &got)
     );
 }
+
+/// An index that lies about metadata (an owner changed; every span still verifies):
+/// reads work, but completion rebuilds the entry table from the verified tar, finds
+/// the difference, reports the layer and path, and discards the tree and the cache.
+/// The spans read on demand were recorded in the access trace, in order.
+#[test]
+fn completion_refuses_a_lying_index_and_discards_the_tree() {
+    if !fuse_available() {
+        return;
+    }
+    let t = tmpdir();
+    let (blob, c) = layers("busybox").remove(0);
+    let opts = LayerOptions::default();
+    let (mut index, windows) = build_index(&blob, c, Policy::default(), opts.tree).unwrap();
+    let wpath = t.path().join("windows");
+    std::fs::write(&wpath, windows).unwrap();
+    let idx = Index::parse(index.clone()).unwrap();
+    let victim = (1..idx.entry_count())
+        .find(|&i| idx.entry(i).kind == Kind::File && idx.entry(i).size > 0)
+        .unwrap();
+    let victim_path = String::from_utf8(idx.path(victim)).unwrap();
+    // The entry record's uid (at 16 in the record).
+    let at =
+        cstore_index::format::HEADER_LEN + victim as usize * cstore_index::format::ENTRY_LEN + 16;
+    index[at..at + 4].copy_from_slice(&4242u32.to_le_bytes());
+    let tree = t.path().join("fs");
+    std::fs::create_dir_all(&tree).unwrap();
+    let src = Arc::new(FileSource::open(&blob, Some(&wpath)).unwrap());
+    let fs = LayerFs::open(index, src, &t.path().join("cache"), &tree, opts).unwrap();
+    let mut out = Vec::new();
+    cstore_fuse_fs::ReadOnlyFs::read(&fs, u64::from(victim) + 1, 0, 4096, &mut out).unwrap();
+    assert!(!out.is_empty());
+    let trace = cstore_fuse_fs::layer::read_trace(&t.path().join("cache")).unwrap();
+    let first = idx.file_data(victim, 0..4096)[0].1.start;
+    assert_eq!(trace.first().copied(), idx.span_at(first).map(|s| s as u32));
+    match fs.complete() {
+        Err(cstore_fuse_fs::Error::Completion { layer, reason }) => {
+            assert_eq!(layer, idx.header().layer_digest_str());
+            assert!(reason.contains(&victim_path), "{reason}");
+        }
+        other => panic!("completion of a lying index: {other:?}"),
+    }
+    assert!(!fs.is_complete());
+    assert_eq!(
+        std::fs::read_dir(&tree).unwrap().count(),
+        0,
+        "tree not discarded"
+    );
+    assert_eq!(fs.stats().local, 0, "cache not discarded");
+}
