@@ -3,6 +3,7 @@
 //! file or a block device), for a fixed time; latencies are measured per
 //! I/O, from submission to completion, as fio's clat+slat.
 
+use cstore_os::IoError;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::buf::{AlignedBuf, Buf};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ring::{Backend, Done, Mode, Op, Ring};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -78,8 +79,10 @@ fn open(b: &IoBench) -> Result<(File, u64)> {
     if b.direct {
         o.custom_flags(libc::O_DIRECT);
     }
-    let f = o.open(&b.path).map_err(|e| Error::io("open", &b.path, e))?;
-    let meta = f.metadata().map_err(|e| Error::io("stat", &b.path, e))?;
+    let f = o
+        .open(&b.path)
+        .map_err(|e| IoError::new("open", &b.path, e))?;
+    let meta = f.metadata().map_err(|e| IoError::new("stat", &b.path, e))?;
     let size = if meta.file_type().is_block_device() {
         let mut sz = 0u64;
         // SAFETY: BLKGETSIZE64 writes a u64.
@@ -102,16 +105,17 @@ fn lay_out(path: &PathBuf, size: u64) -> Result<()> {
         .create(true)
         .truncate(false)
         .open(path)
-        .map_err(|e| Error::io("open", path, e))?;
+        .map_err(|e| IoError::new("open", path, e))?;
     let chunk = vec![0xa5u8; 1 << 20];
     let mut left = size;
     while left > 0 {
         let n = left.min(chunk.len() as u64) as usize;
         f.write_all(&chunk[..n])
-            .map_err(|e| Error::io("write", path, e))?;
+            .map_err(|e| IoError::new("write", path, e))?;
         left -= n as u64;
     }
-    f.sync_all().map_err(|e| Error::io("fsync", path, e))
+    f.sync_all()
+        .map_err(|e| IoError::new("fsync", path, e).into())
 }
 
 struct Job {
@@ -158,9 +162,9 @@ fn job(b: &IoBench, fd: i32, size: u64, seed: u64) -> Result<Job> {
         // SAFETY: the buffers live in `bufs` (or in ops in flight) until
         // the ring is dropped at the end of this function.
         unsafe { ring.register_buffers(&mut owned) }
-            .map_err(|e| Error::io("io_uring register buffers", &b.path, e))?;
+            .map_err(|e| IoError::new("io_uring register buffers", &b.path, e))?;
         ring.register_files(&[fd])
-            .map_err(|e| Error::io("io_uring register files", &b.path, e))?;
+            .map_err(|e| IoError::new("io_uring register files", &b.path, e))?;
     }
     let mut bufs: Vec<Option<Buf>> = owned.into_iter().map(Some).collect();
     let make = |buf: Buf, tag: u64, offset: u64| {
@@ -213,17 +217,18 @@ fn job(b: &IoBench, fd: i32, size: u64, seed: u64) -> Result<Job> {
             break;
         }
         ring.submit(1)
-            .map_err(|e| Error::io("io_uring_enter", &b.path, e))?;
+            .map_err(|e| IoError::new("io_uring_enter", &b.path, e))?;
         ring.reap(&mut done);
         let now = Instant::now();
         for d in done.drain(..) {
-            let n = d.result.map_err(|e| Error::io("I/O", &b.path, e))?;
+            let n = d.result.map_err(|e| IoError::new("I/O", &b.path, e))?;
             if n as usize != b.bs {
-                return Err(Error::io(
+                return Err(IoError::new(
                     "I/O",
                     &b.path,
                     std::io::Error::other(format!("short I/O: {n} of {} bytes", b.bs)),
-                ));
+                )
+                .into());
             }
             lat_ns.push(
                 (now - started[d.user_data as usize])

@@ -5,13 +5,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// blockio's error type: what was being probed or done, and why it failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] cstore_os::IoError),
     #[error("{path}: {reason}")]
     NotBlock { path: PathBuf, reason: String },
     #[error("NVMe identify on {path} failed: {source}")]
@@ -20,14 +15,4 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-}
-
-impl Error {
-    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            op,
-            path: path.into(),
-            source,
-        }
-    }
 }

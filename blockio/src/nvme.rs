@@ -2,6 +2,7 @@
 //! namespace (CNS 00h) data structures, parsed at the byte offsets the NVMe
 //! Base Specification gives them (2.0, figures 275 and 280).
 
+use cstore_os::IoError;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
@@ -178,7 +179,7 @@ fn identify(
 pub fn identify_namespace_device(
     dev_path: &Path,
 ) -> Result<(IdentifyController, IdentifyNamespace)> {
-    let f = std::fs::File::open(dev_path).map_err(|e| Error::io("open", dev_path, e))?;
+    let f = std::fs::File::open(dev_path).map_err(|e| IoError::new("open", dev_path, e))?;
     // SAFETY: NVME_IOCTL_ID takes no argument.
     let nsid = unsafe { nvme_ioctl_id(f.as_raw_fd()) }.map_err(|e| Error::Identify {
         path: dev_path.to_path_buf(),

@@ -2,13 +2,14 @@
 //! st_dev → /sys/dev/block/MAJ:MIN → the whole disk (through partitions),
 //! and through loop devices to the device of their backing file.
 
+use cstore_os::IoError;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::nvme::{self, IdentifyController, IdentifyNamespace};
 
 #[derive(Clone, Debug, Serialize)]
@@ -121,19 +122,9 @@ fn read_u32(p: &Path) -> u32 {
 /// The filesystem type holding `path`, from /proc/self/mountinfo (the
 /// longest mount point that is a prefix of the path).
 fn fs_type_of(path: &Path) -> Option<String> {
-    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mounts = cstore_os::mountinfo::read().ok()?;
     let path = path.canonicalize().ok()?;
-    let mut best: Option<(usize, String)> = None;
-    for line in info.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let mp = *fields.get(4)?;
-        let sep = fields.iter().position(|f| *f == "-")?;
-        let fstype = fields.get(sep + 1)?.to_string();
-        if path.starts_with(mp) && best.as_ref().is_none_or(|(l, _)| mp.len() >= *l) {
-            best = Some((mp.len(), fstype));
-        }
-    }
-    best.map(|(_, t)| t)
+    cstore_os::mountinfo::containing(&mounts, &path).map(|m| m.fs_type.clone())
 }
 
 /// jbd2 lists each journal it runs as /proc/fs/jbd2/<device>-<journal inode>.
@@ -162,7 +153,7 @@ pub fn probe(path: &Path) -> Result<DeviceInfo> {
 
 /// `identify`: also read NVMe identify pages (needs root and a real device).
 pub fn probe_opts(path: &Path, identify: bool) -> Result<DeviceInfo> {
-    let meta = fs::metadata(path).map_err(|e| Error::io("stat", path, e))?;
+    let meta = fs::metadata(path).map_err(|e| IoError::new("stat", path, e))?;
     // A block device node describes itself; anything else, its filesystem's device.
     let is_block_node = {
         use std::os::unix::fs::FileTypeExt;

@@ -823,31 +823,22 @@ fn run_sync(f: &mut InFlight, fixed: &mut [RawFd]) -> io::Result<u32> {
                 resolve,
                 slot,
             } => {
-                let mut how: libc::open_how = std::mem::zeroed();
-                how.flags = (*flags | libc::O_CLOEXEC) as u64;
-                how.mode = *mode as u64;
-                how.resolve = *resolve;
                 let target = match slot {
                     Some(s) => Some(fixed.get_mut(*s as usize).ok_or_else(ebadf)?),
                     None => None,
                 };
-                let fd = cvt(libc::syscall(
-                    libc::SYS_openat2,
-                    *dirfd,
-                    path.as_ptr(),
-                    &how as *const libc::open_how,
-                    std::mem::size_of::<libc::open_how>(),
-                ) as isize)?;
+                let fd = cstore_os::sys::openat2(*dirfd, path, *flags, *mode, *resolve)
+                    .map(std::os::fd::IntoRawFd::into_raw_fd)?;
                 match target {
                     Some(t) => {
                         // As io_uring does: installing replaces what was there.
                         if *t >= 0 {
                             libc::close(*t);
                         }
-                        *t = fd as RawFd;
+                        *t = fd;
                         Ok(0)
                     }
-                    None => Ok(fd),
+                    None => Ok(fd as u32),
                 }
             }
             Op::WriteSlot { slot, buf, offset } => {

@@ -4,6 +4,7 @@
 //! says so; ops submitted in batches, one open file per ring so every ring
 //! works), fsynced through the rings, read back and verified word by word.
 
+use cstore_os::IoError;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -125,13 +126,13 @@ pub fn run(c: &SelfCheck) -> Result<SelfCheckReport> {
     let mut files = Vec::with_capacity(rings);
     let mut direct = p.direct;
     for _ in 0..rings {
-        let (f, d) = open(&c.path, p.direct).map_err(|e| Error::io("open", &c.path, e))?;
+        let (f, d) = open(&c.path, p.direct).map_err(|e| IoError::new("open", &c.path, e))?;
         direct &= d;
         files.push(f);
     }
     let meta = files[0]
         .metadata()
-        .map_err(|e| Error::io("stat", &c.path, e))?;
+        .map_err(|e| IoError::new("stat", &c.path, e))?;
     if meta.file_type().is_block_device() {
         let mut dev_size = 0u64;
         // SAFETY: BLKGETSIZE64 writes one u64.
@@ -159,7 +160,7 @@ pub fn run(c: &SelfCheck) -> Result<SelfCheckReport> {
             .unwrap_or_default();
         t.as_nanos() as u64 ^ u64::from(std::process::id())
     };
-    let io_err = |what: &'static str, e: std::io::Error| Error::io(what, &c.path, e);
+    let io_err = |what: &'static str, e: std::io::Error| IoError::new(what, &c.path, e);
 
     // Blocks go round-robin over the files (so over the rings); each round
     // submits `batch` ops per ring at once and waits for all of them.
@@ -218,7 +219,8 @@ pub fn run(c: &SelfCheck) -> Result<SelfCheckReport> {
                                     "short {}: {n} of {io_size} bytes at {at}",
                                     if write { "write" } else { "read" }
                                 )),
-                            ));
+                            )
+                            .into());
                         }
                         if !write {
                             if let Some(o) = first_mismatch(buf.as_slice(), seed, at) {

@@ -12,10 +12,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use cstore_os::now_unix;
 use cstore_runtime::record::{Record, State};
 use cstore_runtime::teardown;
 use cstore_snapshotter::{mount, Snapshotter};
-use cstore_store::meta::now_unix;
 use cstore_store::Store;
 
 use crate::snap;
@@ -34,7 +34,7 @@ pub fn dir(store: &Store, id: &str) -> PathBuf {
 /// Make the container's directory (0700: its rootfs is mounted in it, see
 /// cstore_store::layout) and its rootfs mount point.
 pub fn create_dir(store: &Store, id: &str) -> Result<()> {
-    use cstore_store::layout;
+    use cstore_os::layout;
     let containers = store.root().join("containers");
     let dir = dir(store, id);
     layout::create_dir(&containers, layout::CONTAINERS_MODE)

@@ -11,9 +11,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use cstore_store::registry::auth::Credentials;
-use cstore_store::registry::{ClientOptions, RegistryClient};
-use cstore_store::{Platform, PullOptions, Reference, Store};
+use cstore_registry::auth::Credentials;
+use cstore_registry::{ClientOptions, Reference, RegistryClient};
+use cstore_store::{Platform, PullOptions, Store};
 
 #[derive(Parser)]
 #[command(

@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use cstore_registry::parse_digest;
 use cstore_runtime::cgroup::parse_rate;
 use cstore_runtime::userns::Userns;
 use cstore_runtime::{Hierarchy, IoLimits, Record, RunSpec};
 use cstore_snapshotter::{image, mount, Kind, Snapshotter};
-use cstore_store::reference::parse_digest;
 use cstore_store::Store;
 
 use crate::{containers, snap};

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use cstore_snapshotter::image::{self, Event};
 use cstore_snapshotter::{mount, Kind, Snapshotter};
-use cstore_store::unpack::UnpackOptions;
 use cstore_store::Store;
+use cstore_unpack::UnpackOptions;
 
 use crate::progress::human_bytes;
 

@@ -2,6 +2,7 @@
 //! requests and writing replies and notifications, passthrough backing ids, the
 //! connection id and what sysfs offers for it (fusectl abort/waiting, bdi readahead).
 
+use cstore_os::IoError;
 use std::ffi::CString;
 use std::fmt;
 use std::io;
@@ -223,7 +224,7 @@ pub fn mount(mountpoint: &Path, opts: &MountOptions) -> Result<FuseDev> {
     // Resolved now: afterwards, resolving a path through the mount needs the daemon, and
     // mountinfo names the mount by its resolved path.
     let resolved =
-        std::fs::canonicalize(mountpoint).map_err(|e| Error::io("resolve", mountpoint, e))?;
+        std::fs::canonicalize(mountpoint).map_err(|e| IoError::new("resolve", mountpoint, e))?;
     let mountpoint = resolved.as_path();
     let mut dev = FuseDev::open()?;
     // default_permissions: the kernel checks modes and owners; the daemon checks nothing.
@@ -234,7 +235,7 @@ pub fn mount(mountpoint: &Path, opts: &MountOptions) -> Result<FuseDev> {
     );
     let cstr = |s: &[u8]| {
         CString::new(s).map_err(|_| {
-            Error::io(
+            IoError::new(
                 "mount",
                 mountpoint,
                 io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in mount argument"),
@@ -256,11 +257,12 @@ pub fn mount(mountpoint: &Path, opts: &MountOptions) -> Result<FuseDev> {
         )
     };
     if r != 0 {
-        return Err(Error::io(
+        return Err(IoError::new(
             "mount fuse.cstore on",
             mountpoint,
             io::Error::last_os_error(),
-        ));
+        )
+        .into());
     }
     match conn_of_mount(mountpoint) {
         Ok(c) => dev.set_conn(c),
@@ -276,7 +278,7 @@ pub fn mount(mountpoint: &Path, opts: &MountOptions) -> Result<FuseDev> {
 /// the connection then ends when its last user goes.
 pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<()> {
     let target = CString::new(mountpoint.as_os_str().as_bytes()).map_err(|_| {
-        Error::io(
+        IoError::new(
             "umount",
             mountpoint,
             io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in path"),
@@ -293,13 +295,9 @@ pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<()> {
         {
             return Ok(());
         }
-        return Err(Error::io(
-            "umount -l",
-            mountpoint,
-            io::Error::last_os_error(),
-        ));
+        return Err(IoError::new("umount -l", mountpoint, io::Error::last_os_error()).into());
     }
-    Err(Error::io("umount", mountpoint, e))
+    Err(IoError::new("umount", mountpoint, e).into())
 }
 
 /// A FUSE connection: the anonymous device number of its superblock. It names the
@@ -325,19 +323,19 @@ impl ConnId {
     /// max_pages): 128 KiB gives 256 KiB READs, 1024 KiB gives 1 MiB READs.
     pub fn set_read_ahead_kb(&self, kb: u32) -> Result<()> {
         let p = self.bdi_dir().join("read_ahead_kb");
-        std::fs::write(&p, format!("{kb}\n")).map_err(|e| Error::io("write", p, e))
+        std::fs::write(&p, format!("{kb}\n")).map_err(|e| IoError::new("write", p, e).into())
     }
 
     pub fn read_ahead_kb(&self) -> Result<u32> {
         let p = self.bdi_dir().join("read_ahead_kb");
-        let s = std::fs::read_to_string(&p).map_err(|e| Error::io("read", &p, e))?;
-        s.trim().parse().map_err(|_| {
-            Error::io(
+        let s = std::fs::read_to_string(&p).map_err(|e| IoError::new("read", &p, e))?;
+        Ok(s.trim().parse().map_err(|_| {
+            IoError::new(
                 "parse",
                 p,
                 io::Error::new(io::ErrorKind::InvalidData, s.trim().to_string()),
             )
-        })
+        })?)
     }
 }
 
@@ -352,47 +350,22 @@ impl fmt::Display for ConnId {
 /// (stat(2) of the mount would need the daemon too).
 pub fn conn_of_mount(mountpoint: &Path) -> Result<ConnId> {
     let mi = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| Error::io("read", "/proc/self/mountinfo", e))?;
-    let want = std::path::absolute(mountpoint).map_err(|e| Error::io("resolve", mountpoint, e))?;
+        .map_err(|e| IoError::new("read", "/proc/self/mountinfo", e))?;
+    let want =
+        std::path::absolute(mountpoint).map_err(|e| IoError::new("resolve", mountpoint, e))?;
     conn_in_mountinfo(&mi, &want).ok_or_else(|| Error::NotMounted(mountpoint.to_path_buf()))
 }
 
 /// Finds the last (topmost) `fuse.cstore` mount at `mountpoint` in mountinfo text.
 pub fn conn_in_mountinfo(mountinfo: &str, mountpoint: &Path) -> Option<ConnId> {
-    let want = mountpoint.as_os_str().as_bytes();
-    mountinfo.lines().rev().find_map(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        let dash = f.iter().position(|&x| x == "-")?;
-        let fstype = f.get(dash + 1)?;
-        if *fstype != FSTYPE || unescape_mountinfo(f.get(4)?) != want {
-            return None;
-        }
-        let (ma, mi) = f.get(2)?.split_once(':')?;
-        Some(ConnId {
-            major: ma.parse().ok()?,
-            minor: mi.parse().ok()?,
+    cstore_os::mountinfo::parse(mountinfo)
+        .into_iter()
+        .rev()
+        .find(|m| m.fs_type == FSTYPE && m.mount_point == mountpoint)
+        .map(|m| ConnId {
+            major: m.major,
+            minor: m.minor,
         })
-    })
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    out
 }
 
 /// The FUSE control filesystem (`fusectl`): per connection `abort` and `waiting`.
@@ -409,13 +382,11 @@ const FUSECTL_SYS: &str = "/sys/fs/fuse/connections";
 
 impl Fusectl {
     pub fn open() -> Result<Fusectl> {
-        let mi = std::fs::read_to_string("/proc/self/mountinfo")
-            .map_err(|e| Error::io("read", "/proc/self/mountinfo", e))?;
-        let mounted = mi.lines().any(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            f.get(4) == Some(&FUSECTL_SYS)
-                && f.iter().position(|&x| x == "-").and_then(|d| f.get(d + 1)) == Some(&"fusectl")
-        });
+        let mounts = cstore_os::mountinfo::read()
+            .map_err(|e| IoError::new("read", "/proc/self/mountinfo", e))?;
+        let mounted = mounts
+            .iter()
+            .any(|m| m.mount_point == Path::new(FUSECTL_SYS) && m.fs_type == "fusectl");
         if mounted {
             return Ok(Fusectl {
                 root: FUSECTL_SYS.into(),
@@ -430,9 +401,9 @@ impl Fusectl {
                 .map(|d| d.as_nanos())
                 .unwrap_or(0)
         ));
-        std::fs::create_dir(&dir).map_err(|e| Error::io("mkdir", &dir, e))?;
+        std::fs::create_dir(&dir).map_err(|e| IoError::new("mkdir", &dir, e))?;
         let target = CString::new(dir.as_os_str().as_bytes()).map_err(|_| {
-            Error::io(
+            IoError::new(
                 "mount fusectl on",
                 &dir,
                 io::Error::from(io::ErrorKind::InvalidInput),
@@ -451,7 +422,7 @@ impl Fusectl {
         if r != 0 {
             let e = io::Error::last_os_error();
             let _ = std::fs::remove_dir(&dir);
-            return Err(Error::io("mount fusectl on", dir, e));
+            return Err(IoError::new("mount fusectl on", dir, e).into());
         }
         Ok(Fusectl {
             root: dir,
@@ -467,20 +438,20 @@ impl Fusectl {
     /// the daemon's reads ENODEV. Bounded damage when no daemon can serve it.
     pub fn abort(&self, conn: ConnId) -> Result<()> {
         let p = self.conn_dir(conn).join("abort");
-        std::fs::write(&p, b"1").map_err(|e| Error::io("write", p, e))
+        std::fs::write(&p, b"1").map_err(|e| IoError::new("write", p, e).into())
     }
 
     /// How many requests wait for the daemon (pending + being processed).
     pub fn waiting(&self, conn: ConnId) -> Result<u64> {
         let p = self.conn_dir(conn).join("waiting");
-        let s = std::fs::read_to_string(&p).map_err(|e| Error::io("read", &p, e))?;
-        s.trim().parse().map_err(|_| {
-            Error::io(
+        let s = std::fs::read_to_string(&p).map_err(|e| IoError::new("read", &p, e))?;
+        Ok(s.trim().parse().map_err(|_| {
+            IoError::new(
                 "parse",
                 p,
                 io::Error::new(io::ErrorKind::InvalidData, s.trim().to_string()),
             )
-        })
+        })?)
     }
 }
 

@@ -11,6 +11,7 @@
 //! Hardlinked files share one node. Extended attributes of symlinks are not read (no
 //! fd-based call reads them before Linux 6.13's getxattrat).
 
+use cstore_os::IoError;
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -20,7 +21,7 @@ use std::sync::RwLock;
 use std::time::Duration;
 
 use crate::abi::{Attr, Statfs, ROOT_ID};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::fs::{DirSink, Errno, Open, ReadOnlyFs};
 use crate::util::{list_dir, open_beneath};
 
@@ -52,8 +53,8 @@ pub struct DirFs {
 impl DirFs {
     /// Loads the tree under `root`. Regular files are opened as `open_mode` says.
     pub fn load(root: &Path, open_mode: Open) -> Result<DirFs> {
-        let rootfd =
-            open_beneath(None, root, libc::O_DIRECTORY).map_err(|e| Error::io("open", root, e))?;
+        let rootfd = open_beneath(None, root, libc::O_DIRECTORY)
+            .map_err(|e| IoError::new("open", root, e))?;
         let mut fs = DirFs {
             root: rootfd,
             nodes: Vec::new(),
@@ -61,13 +62,14 @@ impl DirFs {
             read_delay: Duration::ZERO,
             files: RwLock::new(HashMap::new()),
         };
-        let st = fstat(fs.root.as_fd()).map_err(|e| Error::io("stat", root, e))?;
+        let st = fstat(fs.root.as_fd()).map_err(|e| IoError::new("stat", root, e))?;
         fs.nodes.push(Node {
             attr: attr_of(&st, ROOT_ID),
             parent: ROOT_ID,
             rel: PathBuf::new(),
             children: Vec::new(),
-            xattrs: xattrs_of(fs.root.as_fd()).map_err(|e| Error::io("read xattrs of", root, e))?,
+            xattrs: xattrs_of(fs.root.as_fd())
+                .map_err(|e| IoError::new("read xattrs of", root, e))?,
             link: None,
         });
         let mut by_inode: HashMap<(u64, u64), u64> = HashMap::new();
@@ -83,14 +85,14 @@ impl DirFs {
             let dir = if rel.as_os_str().is_empty() {
                 fs.root
                     .try_clone()
-                    .map_err(|e| Error::io("dup", &here, e))?
+                    .map_err(|e| IoError::new("dup", &here, e))?
             } else {
                 open_beneath(Some(&fs.root), &rel, libc::O_DIRECTORY)
-                    .map_err(|e| Error::io("open", &here, e))?
+                    .map_err(|e| IoError::new("open", &here, e))?
             };
-            let dup = dir.try_clone().map_err(|e| Error::io("dup", &here, e))?;
+            let dup = dir.try_clone().map_err(|e| IoError::new("dup", &here, e))?;
             let mut names: Vec<Vec<u8>> = list_dir(dup)
-                .map_err(|e| Error::io("list", &here, e))?
+                .map_err(|e| IoError::new("list", &here, e))?
                 .into_iter()
                 .map(|(n, _)| n)
                 .collect();
@@ -99,8 +101,8 @@ impl DirFs {
             for name in names {
                 let crel = rel.join(std::ffi::OsStr::from_bytes(&name));
                 let p = root.join(&crel);
-                let f = openat_path(&dir, &name).map_err(|e| Error::io("open", &p, e))?;
-                let st = fstat(f.as_fd()).map_err(|e| Error::io("stat", &p, e))?;
+                let f = openat_path(&dir, &name).map_err(|e| IoError::new("open", &p, e))?;
+                let st = fstat(f.as_fd()).map_err(|e| IoError::new("stat", &p, e))?;
                 let key = (st.st_dev, st.st_ino);
                 let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
                 if !is_dir && st.st_nlink > 1 {
@@ -112,14 +114,14 @@ impl DirFs {
                 let cid = fs.nodes.len() as u64 + 1;
                 let is_link = st.st_mode & libc::S_IFMT == libc::S_IFLNK;
                 let link = if is_link {
-                    Some(readlink_fd(&f).map_err(|e| Error::io("readlink", &p, e))?)
+                    Some(readlink_fd(&f).map_err(|e| IoError::new("readlink", &p, e))?)
                 } else {
                     None
                 };
                 let xattrs = if is_link {
                     Vec::new()
                 } else {
-                    xattrs_of(f.as_fd()).map_err(|e| Error::io("read xattrs of", &p, e))?
+                    xattrs_of(f.as_fd()).map_err(|e| IoError::new("read xattrs of", &p, e))?
                 };
                 if !is_dir && st.st_nlink > 1 {
                     by_inode.insert(key, cid);

@@ -6,13 +6,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A system call on a path failed (mount, open, the state directory, fusectl).
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] cstore_os::IoError),
     /// /dev/fuse is missing or cannot be opened: no FUSE on this machine (or no
     /// permission to use it).
     #[error("/dev/fuse: {0} (is the fuse module loaded and are we root?)")]
@@ -74,11 +69,7 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            op,
-            path: path.into(),
-            source,
-        }
+        Error::Io(cstore_os::IoError::new(op, path, source))
     }
 
     pub(crate) fn store(store: impl std::fmt::Display, reason: impl Into<String>) -> Self {

@@ -14,6 +14,7 @@
 //!   back in `LISTEN_FDS`/`LISTEN_FDNAMES` when the service starts again; needs
 //!   `FileDescriptorStoreMax=` and `FileDescriptorStorePreserve=yes` in the unit).
 
+use cstore_os::IoError;
 use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -335,7 +336,7 @@ impl Keeper {
     /// (another keeper answers on it) is an error.
     pub fn bind(path: impl Into<PathBuf>) -> Result<Keeper> {
         let path = path.into();
-        let ioe = |op, e| Error::io(op, &path, e);
+        let ioe = |op, e| IoError::new(op, &path, e);
         if connect(&path, libc::SOCK_SEQPACKET).is_ok() {
             return Err(Error::store(
                 path.display(),
@@ -345,20 +346,20 @@ impl Keeper {
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(ioe("remove stale socket", e)),
+            Err(e) => return Err(ioe("remove stale socket", e).into()),
         }
         let l = socket().map_err(|e| ioe("socket", e))?;
         let (a, len) = sockaddr(path.as_os_str().as_bytes()).map_err(|e| ioe("bind", e))?;
         // SAFETY: valid sockaddr_un of length len.
         if unsafe { libc::bind(l.as_raw_fd(), (&a as *const libc::sockaddr_un).cast(), len) } != 0 {
-            return Err(ioe("bind", io::Error::last_os_error()));
+            return Err(ioe("bind", io::Error::last_os_error()).into());
         }
         // The peer check below is the real gate; 0600 keeps others from even connecting.
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .map_err(|e| ioe("chmod 0600", e))?;
         // SAFETY: no pointers.
         if unsafe { libc::listen(l.as_raw_fd(), 64) } != 0 {
-            return Err(ioe("listen", io::Error::last_os_error()));
+            return Err(ioe("listen", io::Error::last_os_error()).into());
         }
         set_nonblocking(l.as_raw_fd()).map_err(|e| ioe("listen", e))?;
         Ok(Keeper {
@@ -402,7 +403,7 @@ impl Keeper {
                 if e.raw_os_error() == Some(libc::EINTR) {
                     continue;
                 }
-                return Err(Error::io("poll", &self.path, e));
+                return Err(IoError::new("poll", &self.path, e).into());
             }
             let nc = clients.len();
             for (i, (name, fd)) in held.iter().enumerate() {

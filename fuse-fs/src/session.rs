@@ -6,6 +6,7 @@
 //! closing it (the daemon dying) fails the requests in flight on it with ECONNABORTED
 //! unless every clone is also kept; one fd kept by the keeper turns a crash into a stall.
 
+use cstore_os::IoError;
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -166,7 +167,7 @@ impl Stopper {
         // SAFETY: eventfd takes no pointers; result checked.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if fd < 0 {
-            return Err(Error::io("eventfd", "", io::Error::last_os_error()));
+            return Err(IoError::new("eventfd", "", io::Error::last_os_error()).into());
         }
         // SAFETY: fd is new and ours.
         Ok(Stopper(Arc::new(unsafe { OwnedFd::from_raw_fd(fd) })))
@@ -232,8 +233,8 @@ impl<F: ReadOnlyFs> Session<F> {
         opts: SessionOptions,
     ) -> Result<Self> {
         // Resolved before the mount: resolving through it would need the daemon.
-        let mountpoint =
-            std::fs::canonicalize(mountpoint).map_err(|e| Error::io("resolve", mountpoint, e))?;
+        let mountpoint = std::fs::canonicalize(mountpoint)
+            .map_err(|e| IoError::new("resolve", mountpoint, e))?;
         state.reset()?;
         let dev = dev::mount(&mountpoint, &opts.mount)?;
         // From here on a failure must not leave a mount nobody serves.
@@ -382,7 +383,7 @@ impl<F: ReadOnlyFs> Session<F> {
             let h = std::thread::Builder::new()
                 .name(format!("fuse-{i}"))
                 .spawn(move || inner.work())
-                .map_err(|e| Error::io("spawn FUSE worker", "", e))?;
+                .map_err(|e| IoError::new("spawn FUSE worker", "", e))?;
             // On an error above, dropping the session stops and joins those started.
             session.workers.push(h);
         }

@@ -6,6 +6,7 @@
 //! Nothing here is fsynced: the state only has to survive the daemon's death, which the
 //! page cache does; a reboot ends the FUSE connection and the state with it.
 
+use cstore_os::IoError;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -79,7 +80,7 @@ impl StateDir {
     /// Uses `dir`, creating it (0700) if needed.
     pub fn new(dir: impl Into<PathBuf>) -> Result<StateDir> {
         let dir = dir.into();
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io("mkdir", &dir, e))?;
+        std::fs::create_dir_all(&dir).map_err(|e| IoError::new("mkdir", &dir, e))?;
         Ok(StateDir { dir })
     }
 
@@ -101,7 +102,7 @@ impl StateDir {
             match std::fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io("remove", p, e)),
+                Err(e) => return Err(IoError::new("remove", p, e).into()),
             }
         }
         Ok(())
@@ -112,8 +113,8 @@ impl StateDir {
         let p = self.dir.join(SESSION_FILE);
         let tmp = self.dir.join(format!("{SESSION_FILE}.tmp"));
         let body = serde_json::to_vec_pretty(s).map_err(|e| self.err(e.to_string()))?;
-        std::fs::write(&tmp, body).map_err(|e| Error::io("write", &tmp, e))?;
-        std::fs::rename(&tmp, &p).map_err(|e| Error::io("rename", &p, e))
+        std::fs::write(&tmp, body).map_err(|e| IoError::new("write", &tmp, e))?;
+        std::fs::rename(&tmp, &p).map_err(|e| IoError::new("rename", &p, e).into())
     }
 
     /// Reads the settings and the backing table. A settings file of another version is
@@ -136,7 +137,7 @@ impl StateDir {
                 )
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(Error::io("read", p, e)),
+            Err(e) => return Err(IoError::new("read", p, e).into()),
         };
         let backing = self.load_backing()?;
         Ok(Saved { settings, backing })
@@ -147,7 +148,7 @@ impl StateDir {
         let text = match std::fs::read(&p) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(HashMap::new()),
-            Err(e) => return Err(Error::io("read", p, e)),
+            Err(e) => return Err(IoError::new("read", p, e).into()),
         };
         parse_backing(&text)
             .map_err(|line| self.err(format!("{BACKING_FILE} line {line} is malformed")))
@@ -160,7 +161,7 @@ impl StateDir {
             .create(true)
             .append(true)
             .open(&p)
-            .map_err(|e| Error::io("open", &p, e))?;
+            .map_err(|e| IoError::new("open", &p, e))?;
         Ok(BackingLog {
             path: p,
             file: Mutex::new(f),
@@ -202,7 +203,7 @@ impl BackingLog {
         let line = format!("{nodeid} {id}\n");
         let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
         f.write_all(line.as_bytes())
-            .map_err(|e| Error::io("append", &self.path, e))
+            .map_err(|e| IoError::new("append", &self.path, e).into())
     }
 }
 

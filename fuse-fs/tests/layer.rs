@@ -546,8 +546,8 @@ fn completion_makes_the_extracted_tree_and_passthrough_serves_it() {
 }
 
 fn unpack(blob: &Path, c: Compression, dest: &Path) {
-    use cstore_store::media::Compression as C;
-    use cstore_store::unpack::{unpack_layer, LayerRef, UnpackOptions};
+    use cstore_unpack::Compression as C;
+    use cstore_unpack::{unpack_layer, LayerRef, UnpackOptions};
     let digest = format!("sha256:{}", blob.file_name().unwrap().to_str().unwrap());
     // The diff_id as the index computed it.
     let (index, _) = build_index(blob, c, Policy::default(), LayerOptions::default().tree).unwrap();

@@ -13,12 +13,13 @@ pub mod sandbox;
 use std::str::FromStr;
 
 use arbitrary::{Arbitrary, Unstructured};
-use cstore_store::media;
-use cstore_store::pull::{choose_manifest, content_range_start, image_plan};
-use cstore_store::reference::parse_digest;
-use cstore_store::registry::auth::{parse_challenge, Challenge, Credentials};
-use cstore_store::unpack::tar::{Kind, TarReader, MAX_META_BYTES};
-use cstore_store::{Platform, Reference};
+use cstore_registry::auth::{parse_challenge, Challenge, Credentials};
+use cstore_registry::media;
+use cstore_registry::{content_range_start, parse_digest, Reference};
+use cstore_store::pull::{choose_manifest, image_plan};
+use cstore_store::Platform;
+use cstore_unpack::layer_compression;
+use cstore_unpack::tar::{Kind, TarReader, MAX_META_BYTES};
 use oci_spec::image::Digest;
 use sha2::{Digest as _, Sha256};
 
@@ -203,7 +204,7 @@ pub fn manifest(data: &[u8]) {
         assert_eq!(plan.blobs[0].0, plan.config_digest);
         assert!(plan.blobs.len() <= plan.layers.len() + 1);
         for l in &plan.layers {
-            assert!(media::layer_compression(&l.media_type).is_some());
+            assert!(layer_compression(&l.media_type).is_some());
         }
     }
     let want = ["linux/amd64", "linux/arm64", "linux/arm/v7"][data.len() % 3];

@@ -12,8 +12,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use cstore_store::media::Compression;
-use cstore_store::unpack::{unpack_layer, LayerRef, UnpackOptions};
+use cstore_unpack::Compression;
+use cstore_unpack::{unpack_layer, LayerRef, UnpackOptions};
 use sha2::{Digest as _, Sha256};
 
 use crate::gen::VICTIM;

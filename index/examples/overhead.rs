@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use cstore_index::windows::compact_windows;
 use cstore_index::{Compression, Index, IndexingReader, Policy, TarEntry, TarKind, TreeBuilder};
-use cstore_store::unpack::tar::{Kind, TarReader};
+use cstore_unpack::tar::{Kind, TarReader};
 
 fn cpu() -> Duration {
     let mut ts = libc::timespec {

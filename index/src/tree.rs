@@ -111,7 +111,7 @@ pub struct TreeOptions {
 }
 
 /// The default of `max_made_dir_bytes`, extraction's default
-/// (`cstore_store::unpack::extract::MAX_MADE_DIR_BYTES`; a test pins them equal).
+/// (`cstore_unpack::extract::MAX_MADE_DIR_BYTES`; a test pins them equal).
 pub const MAX_MADE_DIR_BYTES: usize = 64 << 20;
 
 impl Default for TreeOptions {

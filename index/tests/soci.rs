@@ -12,7 +12,7 @@ use common::{build, fixtures, inflate_all, layers, unavailable, Counting};
 use cstore_index::compare::{compare, CompareOptions};
 use cstore_index::format::WINDOW_SIZE;
 use cstore_index::{soci, Compression, Error, Index, Policy};
-use cstore_store::unpack::tar::{Kind as K, TarReader};
+use cstore_unpack::tar::{Kind as K, TarReader};
 use flatbuffers::{FlatBufferBuilder, WIPOffset};
 
 /// What soci's TocBuilder records per tar entry.

@@ -1,5 +1,5 @@
 //! The entry table is the tree extraction leaves: the project's own
-//! extractor (`cstore_store::unpack`) unpacks the same tar, and every path,
+//! extractor (`cstore_unpack`) unpacks the same tar, and every path,
 //! attribute, hardlink group and file content must match the index (and
 //! both must refuse the same archives).
 
@@ -413,7 +413,7 @@ fn deep_paths_stay_linear() {
 fn made_directory_cap_matches_extraction() {
     assert_eq!(
         cstore_index::tree::MAX_MADE_DIR_BYTES,
-        cstore_store::unpack::extract::MAX_MADE_DIR_BYTES
+        cstore_unpack::extract::MAX_MADE_DIR_BYTES
     );
     let layer = |n: usize| {
         let entries: Vec<H> = (0..n)

@@ -6,14 +6,12 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use cstore_os::{mountinfo, IoError};
+
 pub use crate::Error;
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
-    move |source| Error::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| IoError::new(op, path, source).into()
 }
 
 /// Where the io controller lives.
@@ -30,21 +28,12 @@ impl Hierarchy {
     /// for v2, the controllers file under its mount point).
     pub fn from_mountinfo(mountinfo: &str) -> Result<Hierarchy, Error> {
         let mut v2 = None;
-        for line in mountinfo.lines() {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let Some(sep) = fields.iter().position(|f| *f == "-") else {
-                continue;
-            };
-            let (Some(mp), Some(fstype), Some(opts)) =
-                (fields.get(4), fields.get(sep + 1), fields.get(sep + 3))
-            else {
-                continue;
-            };
-            match *fstype {
-                "cgroup" if opts.split(',').any(|o| o == "blkio") => {
-                    return Ok(Hierarchy::V1Blkio(PathBuf::from(mp)))
+        for m in mountinfo::parse(mountinfo) {
+            match m.fs_type.as_str() {
+                "cgroup" if m.has_super_option("blkio") => {
+                    return Ok(Hierarchy::V1Blkio(m.mount_point))
                 }
-                "cgroup2" => v2 = Some(PathBuf::from(mp)),
+                "cgroup2" => v2 = Some(m.mount_point),
                 _ => {}
             }
         }
@@ -179,14 +168,10 @@ impl Cgroup {
 
 /// Mount points of every cgroup hierarchy (v1 and v2) in a mountinfo text.
 pub fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
-    mountinfo
-        .lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let sep = fields.iter().position(|f| *f == "-")?;
-            let (mp, fstype) = (fields.get(4)?, *fields.get(sep + 1)?);
-            (fstype == "cgroup" || fstype == "cgroup2").then(|| PathBuf::from(mp))
-        })
+    mountinfo::parse(mountinfo)
+        .into_iter()
+        .filter(|m| m.fs_type == "cgroup" || m.fs_type == "cgroup2")
+        .map(|m| m.mount_point)
         .collect()
 }
 

@@ -329,8 +329,8 @@ pub fn run_with(r: &RunSpec, on_start: impl FnOnce(u32)) -> Result<i32, Error> {
     std::fs::create_dir_all(&r.bundle)
         .map_err(|e| rt(format!("bundle {}: {e}", r.bundle.display())))?;
     // libcontainer's state (ROOT/run-state) is root's alone (see
-    // cstore_store::layout).
-    cstore_store::layout::create_dir_all(&r.state_root, cstore_store::layout::PRIVATE_DIR_MODE)
+    // cstore_os::layout).
+    cstore_os::layout::create_dir_all(&r.state_root, cstore_os::layout::PRIVATE_DIR_MODE)
         .map_err(|e| rt(format!("state {}: {e}", r.state_root.display())))?;
     build_spec(r)?
         .save(r.bundle.join("config.json"))

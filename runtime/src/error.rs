@@ -11,13 +11,8 @@ pub enum Error {
     NoIoController,
     #[error("invalid rate {value:?}: {reason}")]
     InvalidRate { value: String, reason: String },
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] cstore_os::IoError),
     // The container.
     #[error("container spec: {0}")]
     Spec(String),

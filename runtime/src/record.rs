@@ -9,43 +9,14 @@
 
 use std::path::{Path, PathBuf};
 
-use cstore_store::meta::{now_unix, process_start_time, process_state};
+pub use cstore_os::Proc;
+use cstore_os::{now_unix, write_atomic};
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
 
 /// The record's file name in the container's directory.
 pub const RECORD_FILE: &str = "container.json";
-
-/// A process, told apart from a later one reusing its pid by its start time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Proc {
-    pub pid: u32,
-    /// Clock ticks since boot (field 22 of /proc/PID/stat).
-    pub start: u64,
-}
-
-impl Proc {
-    pub fn of(pid: u32) -> Option<Proc> {
-        process_start_time(pid).map(|start| Proc { pid, start })
-    }
-
-    pub fn current() -> Proc {
-        let pid = std::process::id();
-        Proc {
-            pid,
-            start: process_start_time(pid).unwrap_or(0),
-        }
-    }
-
-    /// Still the process that was recorded, and not a zombie (an exited
-    /// process whose parent has not reaped it yet, which can take a while
-    /// when the parent is the system's init).
-    pub fn is_alive(&self) -> bool {
-        matches!(process_state(self.pid), Some((state, start))
-            if start == self.start && state != 'Z' && state != 'X')
-    }
-}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Record {
@@ -132,7 +103,7 @@ impl Record {
     pub fn save(&self, dir: &Path) -> Result<(), Error> {
         let path = Self::path(dir);
         let bytes = serde_json::to_vec_pretty(self).map_err(|e| record_err(&path, e))?;
-        cstore_store::write_atomic(&path, &bytes).map_err(|e| record_err(&path, e))
+        write_atomic(&path, &bytes).map_err(|e| record_err(&path, e))
     }
 
     /// The init is running as `pid`.
@@ -179,28 +150,6 @@ fn record_err(path: &Path, e: impl std::fmt::Display) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_reused_pid_or_a_zombie_is_not_alive() {
-        let me = Proc::current();
-        assert!(me.is_alive());
-        let reused = Proc {
-            start: me.start + 1,
-            ..me
-        };
-        assert!(!reused.is_alive());
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let p = Proc::of(child.id()).unwrap();
-        // Not reaped yet: a zombie until wait().
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while process_state(p.pid).is_some_and(|(s, _)| s != 'Z') {
-            assert!(std::time::Instant::now() < deadline, "child never exited");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        assert!(!p.is_alive(), "a zombie is not alive");
-        child.wait().unwrap();
-        assert!(!p.is_alive());
-    }
 
     #[test]
     fn state_follows_the_record_and_the_processes() {

@@ -3,28 +3,22 @@
 //! an image's symlinks (absolute, or climbing with `..`) stay inside it.
 
 use std::fs::File;
-use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::io::{self, Read};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
-use nix::errno::Errno;
-use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
-use nix::sys::stat::Mode;
+use cstore_os::sys;
 
-fn open_in_root(root: &File, rel: &Path, flags: OFlag) -> Result<File, Errno> {
+fn open_in_root(root: &File, rel: &Path, flags: libc::c_int) -> io::Result<File> {
     // openat2 refuses O_PATH with flags that only mean something to an open.
-    let extra = if flags.contains(OFlag::O_PATH) {
-        OFlag::O_CLOEXEC
+    let extra = if flags & libc::O_PATH != 0 {
+        0
     } else {
-        OFlag::O_CLOEXEC | OFlag::O_NOCTTY
+        libc::O_NOCTTY
     };
-    let how = OpenHow::new()
-        .flags(flags | extra)
-        .mode(Mode::empty())
-        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    let fd = openat2(root.as_raw_fd(), rel, how)?;
-    // SAFETY: openat2 returned a new descriptor that nothing else owns.
-    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+    let rel = sys::cstring(rel.as_os_str().as_bytes())?;
+    sys::resolve_in_root(root.as_fd(), &rel, flags | extra).map(File::from)
 }
 
 /// The regular file at `rel` in `root`, at most `max` bytes; None when there
@@ -38,9 +32,9 @@ fn open_in_root(root: &File, rel: &Path, flags: OFlag) -> Result<File, Errno> {
 pub fn read_file(root: &Path, rel: &str, max: u64) -> Result<Option<String>, String> {
     let what = |e: &dyn std::fmt::Display| format!("/{rel} in {}: {e}", root.display());
     let dir = File::open(root).map_err(|e| what(&e))?;
-    let found = match open_in_root(&dir, Path::new(rel), OFlag::O_PATH) {
+    let found = match open_in_root(&dir, Path::new(rel), libc::O_PATH) {
         Ok(f) => f,
-        Err(Errno::ENOENT) => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
         Err(e) => return Err(what(&e)),
     };
     if !found.metadata().map_err(|e| what(&e))?.is_file() {
@@ -89,22 +83,18 @@ pub fn create_dir_all(root: &Path, path: &str, owner: (u32, u32)) -> Result<(), 
     let what = |e: &dyn std::fmt::Display| format!("{path} in {}: {e}", root.display());
     let dir = File::open(root).map_err(|e| what(&e))?;
     let mut sofar = PathBuf::new();
-    let mut parent = open_in_root(&dir, Path::new("."), OFlag::O_RDONLY | OFlag::O_DIRECTORY)
-        .map_err(|e| what(&e))?;
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY;
+    let mut parent = open_in_root(&dir, Path::new("."), flags).map_err(|e| what(&e))?;
     for name in clean(path).iter() {
         sofar.push(name);
-        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY;
         parent = match open_in_root(&dir, &sofar, flags) {
             Ok(d) => d,
-            Err(Errno::ENOENT) => {
-                match nix::sys::stat::mkdirat(
-                    Some(parent.as_raw_fd()),
-                    name,
-                    Mode::from_bits_truncate(0o755),
-                ) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                let cname = sys::cstring(name.as_bytes()).map_err(|e| what(&e))?;
+                match sys::mkdirat(parent.as_fd(), &cname, 0o755) {
                     Ok(()) => {}
                     // Not there to open, yet there: a symlink to nowhere.
-                    Err(Errno::EEXIST) => {
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
                         return Err(what(&format!(
                             "/{} is a symlink to a missing path",
                             sofar.display()
@@ -114,22 +104,14 @@ pub fn create_dir_all(root: &Path, path: &str, owner: (u32, u32)) -> Result<(), 
                 }
                 // The directory just made, by name from its parent's fd and
                 // never through a symlink: what is chowned is what was made.
-                let how = OpenHow::new()
-                    .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
-                    .mode(Mode::empty())
-                    .resolve(
-                        ResolveFlag::RESOLVE_BENEATH
-                            | ResolveFlag::RESOLVE_NO_SYMLINKS
-                            | ResolveFlag::RESOLVE_NO_MAGICLINKS,
-                    );
-                let fd = openat2(parent.as_raw_fd(), name, how).map_err(|e| what(&e))?;
-                // SAFETY: openat2 returned a new descriptor that nothing else owns.
-                let d = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+                let d = sys::resolve_beneath(parent.as_fd(), &cname, flags | libc::O_NOFOLLOW)
+                    .map(File::from)
+                    .map_err(|e| what(&e))?;
                 std::os::unix::fs::fchown(&d, Some(owner.0), Some(owner.1))
                     .map_err(|e| what(&e))?;
                 d
             }
-            Err(Errno::ENOTDIR) => {
+            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
                 return Err(what(&format!("/{} is not a directory", sofar.display())))
             }
             Err(e) => return Err(what(&e)),
@@ -181,7 +163,7 @@ mod tests {
         // A FIFO is refused without being opened: a writer waiting for a
         // reader is still waiting afterwards.
         let fifo = root.path().join("fifo");
-        nix::unistd::mkfifo(&fifo, Mode::from_bits_truncate(0o644)).unwrap();
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let writer = {
             let fifo = fifo.clone();

@@ -2,8 +2,6 @@
 //! service maps them one to one (NotFound, AlreadyExists, FailedPrecondition,
 //! InvalidArgument), plus the failures of the layers below.
 
-use std::path::PathBuf;
-
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
@@ -16,25 +14,14 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     InvalidArgument(String),
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("snapshot database {path}: {message}")]
-    Db { path: PathBuf, message: String },
+    #[error(transparent)]
+    Io(#[from] cstore_os::IoError),
+    /// The snapshot database, a mount, the store's layout.
+    #[error(transparent)]
+    Os(#[from] cstore_os::Error),
     #[error(transparent)]
     Store(#[from] cstore_store::Error),
-}
-
-impl Error {
-    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            op,
-            path: path.into(),
-            source,
-        }
-    }
+    /// A layer that could not be unpacked into its snapshot.
+    #[error(transparent)]
+    Unpack(#[from] cstore_unpack::Error),
 }

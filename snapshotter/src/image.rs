@@ -14,13 +14,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use cstore_store::confined::TreeDir;
+use cstore_os::tree::TreeDir;
+use cstore_os::IoError;
+use cstore_registry::parse_digest;
 use cstore_store::image_config::ImageConfigHead;
-use cstore_store::media::layer_compression;
 use cstore_store::meta::{DescriptorRecord, ImageRecord};
-use cstore_store::reference::parse_digest;
-use cstore_store::unpack::{unpack_layer, LayerRef, LayerStats, UnpackOptions};
 use cstore_store::Store;
+use cstore_unpack::{layer_compression, unpack_layer, LayerRef, LayerStats, UnpackOptions};
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
@@ -58,7 +58,7 @@ pub struct Layer {
 
 /// The image's layers with their diff_ids (from the config) and chain IDs.
 pub fn layers_of(store: &Store, image: &ImageRecord) -> Result<Vec<Layer>> {
-    let config_digest = parse_digest(&image.config.digest)?;
+    let config_digest = parse_digest(&image.config.digest).map_err(cstore_store::Error::from)?;
     let bytes = store.read_config(&config_digest)?;
     // The pull checked this already; a store written before it did may hold
     // an image whose config does not describe its layers.
@@ -245,7 +245,7 @@ fn unpack_one(
     l: &Layer,
     opts: &UnpackOptions,
 ) -> Result<(PathBuf, LayerStats)> {
-    let digest = parse_digest(&l.descriptor.digest)?;
+    let digest = parse_digest(&l.descriptor.digest).map_err(cstore_store::Error::from)?;
     let compression = layer_compression(&l.descriptor.media_type).ok_or_else(|| {
         Error::Store(cstore_store::Error::UnsupportedMediaType {
             what: format!("layer {} of {}", l.descriptor.digest, image.name),
@@ -290,7 +290,7 @@ fn unpack_one(
 /// path. So nothing is done by path: each directory, lower and upper, is
 /// opened from its tree root's fd with openat2 (no symlink followed, nothing
 /// outside the tree reached) and changed through its own fd
-/// (cstore_store::confined). `implicit` holds only directories that are
+/// (cstore_os::tree). `implicit` holds only directories that are
 /// still the layer's implicit ones (the extractor drops those a later entry
 /// replaced, removed or listed); one that is not a directory of the tree
 /// any more fails the unpack rather than being looked for elsewhere.
@@ -305,7 +305,7 @@ fn inherit_implicit_dirs(
     if implicit.is_empty() || lower.is_empty() {
         return Ok(());
     }
-    let open_root = |p: &Path| TreeDir::open_root(p).map_err(|e| Error::io("open", p, e));
+    let open_root = |p: &Path| TreeDir::open_root(p).map_err(|e| IoError::new("open", p, e));
     let lower_trees: Vec<(PathBuf, TreeDir)> = lower
         .iter()
         .rev()
@@ -317,7 +317,7 @@ fn inherit_implicit_dirs(
         .collect::<Result<_>>()?;
     let tree = open_root(fs)?;
     let fail = |rel: &[u8], reason: String| {
-        Error::Store(cstore_store::Error::Unpack {
+        Error::Unpack(cstore_unpack::Error::Layer {
             image: image.name.clone(),
             layer: layer.descriptor.digest.clone(),
             entry: Some(String::from_utf8_lossy(rel).into_owned()),
@@ -332,7 +332,7 @@ fn inherit_implicit_dirs(
         };
         for (base, lower_tree) in &lower_trees {
             match lower_lookup(lower_tree, rel)
-                .map_err(|e| Error::io("look up", base.join(path_of(rel)), e))?
+                .map_err(|e| IoError::new("look up", base.join(path_of(rel)), e))?
             {
                 Lookup::Dir(from) => {
                     dir.copy_attrs_from(&from).map_err(|e| {

@@ -4,11 +4,10 @@
 
 pub mod error;
 pub mod image;
-pub mod mount;
 pub mod snapshots;
 
+pub use cstore_os::mount::{self, Mount};
 pub use error::{Error, Result};
-pub use mount::Mount;
 pub use snapshots::{Info, Kind, Snapshotter, Usage};
 pub mod filter;
 pub mod service;

@@ -12,6 +12,8 @@ use std::time::Duration;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use cstore_os::IoError;
+
 use crate::error::Error;
 use crate::filter::Filters;
 use crate::snapshots::{Info, Kind, Snapshotter};
@@ -333,15 +335,15 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     if let Some(dir) = address.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
+        std::fs::create_dir_all(dir).map_err(|e| IoError::new("create", dir, e))?;
     }
     match std::fs::remove_file(address) {
         Ok(()) => tracing::info!(socket = %address.display(), "removed a stale socket"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io("remove", address, e)),
+        Err(e) => return Err(IoError::new("remove", address, e).into()),
     }
     let listener =
-        tokio::net::UnixListener::bind(address).map_err(|e| Error::io("listen", address, e))?;
+        tokio::net::UnixListener::bind(address).map_err(|e| IoError::new("listen", address, e))?;
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     tracing::info!(socket = %address.display(), root = %sn.root().display(), "serving containerd snapshots API");
     let res = tonic::transport::Server::builder()
@@ -349,5 +351,5 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     let _ = std::fs::remove_file(address);
-    res.map_err(|e| Error::io("serve", address, std::io::Error::other(e)))
+    res.map_err(|e| IoError::new("serve", address, std::io::Error::other(e)).into())
 }

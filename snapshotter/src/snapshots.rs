@@ -18,14 +18,16 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use cstore_store::confined::TreeDir;
-use cstore_store::layout;
-use cstore_store::meta::{DbFile, Hold};
+use cstore_os::db::{DbFile, Hold};
+use cstore_os::layout;
+use cstore_os::tree::TreeDir;
+use cstore_os::IoError;
 use redb::{ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::mount::Mount;
+use cstore_os::mount::Mount;
+use cstore_os::Proc;
 
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
 /// `parent \0 child` → (): who has children, without a scan.
@@ -151,15 +153,15 @@ impl Snapshotter {
     /// Open (creating) the snapshot tree under `store_root/snapshots`.
     pub fn open(store_root: &Path) -> Result<Snapshotter> {
         // Every layer tree and upper dir is below `snapshots/`, closed to
-        // other users (see cstore_store::layout), as is the store root.
+        // other users (see cstore_os::layout), as is the store root.
         layout::secure_root(store_root)?;
         let root = store_root.join("snapshots");
         for d in [&root, &root.join("staging")] {
             layout::create_dir(d, layout::PRIVATE_DIR_MODE)
-                .map_err(|e| Error::io("create", d, e))?;
+                .map_err(|e| IoError::new("create", d, e))?;
         }
         let sn = Snapshotter {
-            db: DbFile::open(&root.join("metadata.db"))?,
+            db: DbFile::open(&root.join("metadata.db"), "snapshot database")?,
             root,
         };
         sn.db.ensure_tables(
@@ -202,10 +204,9 @@ impl Snapshotter {
     fn get<L: Lookup>(&self, txn: &L, key: &str) -> Result<Option<Record>> {
         match txn.raw(key).map_err(|e| self.dberr(*e))? {
             None => Ok(None),
-            Some(v) => serde_json::from_slice(&v).map(Some).map_err(|e| Error::Db {
-                path: self.db.path().into(),
-                message: format!("record {key:?}: {e}"),
-            }),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| self.db.corrupt(format!("record {key:?}: {e}")).into()),
         }
     }
 
@@ -288,7 +289,7 @@ impl Snapshotter {
     }
 
     fn staging_dir(&self) -> Result<PathBuf> {
-        let start = cstore_store::meta::process_start_time(std::process::id()).unwrap_or(0);
+        let start = Proc::current().start;
         let dir = self.root.join("staging").join(format!(
             "{}-{start}-{:016x}",
             std::process::id(),
@@ -296,7 +297,7 @@ impl Snapshotter {
         ));
         // Renamed to snapshots/ID as it is: closed like its parent.
         layout::create_dir_all(&dir, layout::PRIVATE_DIR_MODE)
-            .map_err(|e| Error::io("create", &dir, e))?;
+            .map_err(|e| IoError::new("create", &dir, e))?;
         Ok(dir)
     }
 
@@ -310,7 +311,7 @@ impl Snapshotter {
             fs::DirBuilder::new()
                 .mode(mode)
                 .create(dir.join(sub))
-                .map_err(|e| Error::io("create", dir.join(sub), e))?;
+                .map_err(|e| IoError::new("create", dir.join(sub), e))?;
         }
         Ok(dir)
     }
@@ -357,7 +358,7 @@ impl Snapshotter {
                 // In the transaction: if the commit fails, the directory is an
                 // orphan for cleanup; a record never lacks its directory.
                 fs::rename(&staging, self.dir(id))
-                    .map_err(|e| Error::io("rename", self.dir(id), e))?;
+                    .map_err(|e| IoError::new("rename", self.dir(id), e))?;
                 let chain = self.chain_ids(txn, rec.parent.clone())?;
                 Ok(self.mounts_for(&rec, &chain))
             },
@@ -523,7 +524,8 @@ impl Snapshotter {
                     usage: Some(usage),
                 };
                 self.put(txn, name, &rec)?;
-                fs::rename(staging, self.dir(id)).map_err(|e| Error::io("rename", self.dir(id), e))
+                fs::rename(staging, self.dir(id))
+                    .map_err(|e| IoError::new("rename", self.dir(id), e).into())
             },
             Ok,
         )
@@ -609,7 +611,7 @@ impl Snapshotter {
                 match fs::rename(&dir, &gone) {
                     Ok(()) => Ok(Some(gone)),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                    Err(e) => Err(Error::io("rename", &dir, e)),
+                    Err(e) => Err(IoError::new("rename", &dir, e).into()),
                 }
             },
         )?;
@@ -673,10 +675,8 @@ impl Snapshotter {
             let mut out = Vec::new();
             for item in t.iter().map_err(|e| self.dberr(e))? {
                 let (k, v) = item.map_err(|e| self.dberr(e))?;
-                let rec: Record = serde_json::from_slice(v.value()).map_err(|e| Error::Db {
-                    path: self.db.path().into(),
-                    message: format!("record {:?}: {e}", k.value()),
-                })?;
+                let rec: Record = serde_json::from_slice(v.value())
+                    .map_err(|e| self.db.corrupt(format!("record {:?}: {e}", k.value())))?;
                 out.push(info(k.value(), rec));
             }
             Ok(out)
@@ -724,7 +724,7 @@ impl Snapshotter {
             |ids| {
                 let mut removed = 0;
                 for entry in fs::read_dir(&self.root)
-                    .map_err(|e| Error::io("read dir", &self.root, e))?
+                    .map_err(|e| IoError::new("read dir", &self.root, e))?
                     .flatten()
                 {
                     let name = entry.file_name().to_string_lossy().to_string();
@@ -739,7 +739,7 @@ impl Snapshotter {
         )?;
         let staging = self.root.join("staging");
         for entry in fs::read_dir(&staging)
-            .map_err(|e| Error::io("read dir", &staging, e))?
+            .map_err(|e| IoError::new("read dir", &staging, e))?
             .flatten()
         {
             let name = entry.file_name().to_string_lossy().to_string();
@@ -749,7 +749,7 @@ impl Snapshotter {
                         pid.parse::<u32>().unwrap_or(0),
                         start.parse::<u64>().unwrap_or(0),
                     );
-                    cstore_store::meta::process_start_time(pid) != Some(start)
+                    !Proc { pid, start }.exists()
                 }
                 ["removed", _] => true,
                 _ => false,
@@ -769,12 +769,12 @@ fn drop_empty(labels: &mut BTreeMap<String, String>) {
 
 /// Give the tree root `to` (a new upper dir) the owner, mode and xattrs of
 /// the tree root `from` (its parent layer's), through fds of the two
-/// directories (cstore_store::confined).
+/// directories (cstore_os::tree).
 fn copy_root_attrs(from: &Path, to: &Path) -> Result<()> {
-    let src = TreeDir::open_root(from).map_err(|e| Error::io("open", from, e))?;
-    let dst = TreeDir::open_root(to).map_err(|e| Error::io("open", to, e))?;
+    let src = TreeDir::open_root(from).map_err(|e| IoError::new("open", from, e))?;
+    let dst = TreeDir::open_root(to).map_err(|e| IoError::new("open", to, e))?;
     dst.copy_attrs_from(&src)
-        .map_err(|e| Error::io("copy attributes to", to, e))
+        .map_err(|e| IoError::new("copy attributes to", to, e).into())
 }
 
 fn info(key: &str, r: Record) -> Info {
@@ -791,7 +791,7 @@ fn info(key: &str, r: Record) -> Info {
 /// Bytes (allocated) and inodes of a tree, each hardlinked inode once, as
 /// containerd's fs.DiskUsage counts.
 pub fn dir_usage(dir: &Path) -> Usage {
-    let u = cstore_store::tree_usage(dir);
+    let u = cstore_os::tree::tree_usage(dir);
     Usage {
         size: u.allocated,
         inodes: u.inodes,

@@ -62,7 +62,7 @@ impl ImageConfigHead {
             });
         }
         for d in ids {
-            crate::reference::parse_digest(d).map_err(|e| Error::Malformed {
+            cstore_registry::parse_digest(d).map_err(|e| Error::Malformed {
                 what: what.to_string(),
                 reason: format!("diff_id: {e}"),
             })?;

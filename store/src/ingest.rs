@@ -9,10 +9,8 @@
 //! partial left by a killed writer is picked up by the next one: its bytes are
 //! hashed again and the download resumes from its end (an HTTP Range request).
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -21,6 +19,8 @@ use bytes::Bytes;
 use cstore_blockio::{Mode, Policy, SeqReader, SeqWriter, StreamConfig};
 use oci_spec::image::Digest;
 use sha2::{Digest as _, Sha256};
+
+use cstore_os::{sync_dir, FileLock, IoError};
 
 use crate::error::{write_err, Error, Result};
 
@@ -85,7 +85,7 @@ impl BlobDirs {
             return Ok(Acquired::Present);
         }
         let hex = digest.digest();
-        let lock = IngestLock::take(&self.ingest.join(format!("{hex}.lock")))?;
+        let lock = FileLock::take(&self.ingest.join(format!("{hex}.lock")))?;
         if self.is_present(digest, size) {
             lock.release();
             return Ok(Acquired::Present);
@@ -101,23 +101,23 @@ impl BlobDirs {
         let mut hasher = Sha256::new();
         let mut have = file
             .metadata()
-            .map_err(|e| Error::io("stat", &partial, e))?
+            .map_err(|e| IoError::new("stat", &partial, e))?
             .len();
         if have > size {
             // Not a prefix of this blob: start over.
             file.set_len(0)
-                .map_err(|e| Error::io("truncate", &partial, e))?;
+                .map_err(|e| IoError::new("truncate", &partial, e))?;
             have = 0;
         }
         if have > 0 {
             // Resume: the hash state is not saved, so re-read what is there.
             let clone = file
                 .try_clone()
-                .map_err(|e| Error::io("open", &partial, e))?;
+                .map_err(|e| IoError::new("open", &partial, e))?;
             let reader = SeqReader::new(clone, 0, self.stream_config())
-                .map_err(|e| Error::io("read", &partial, e))?;
+                .map_err(|e| IoError::new("read", &partial, e))?;
             let n = std::io::copy(&mut reader.take(have), &mut hasher)
-                .map_err(|e| Error::io("read", &partial, e))?;
+                .map_err(|e| IoError::new("read", &partial, e))?;
             have = n;
         }
         Ok(Acquired::Writer(Box::new(BlobWriter {
@@ -147,7 +147,7 @@ impl BlobDirs {
             if !partial.exists() {
                 return Ok(false);
             }
-            if let Some(lock) = IngestLock::try_take(&lock_path)? {
+            if let Some(lock) = FileLock::try_take(&lock_path)? {
                 let removed = fs::remove_file(&partial).is_ok();
                 lock.remove_and_release();
                 return Ok(removed);
@@ -192,7 +192,7 @@ pub struct BlobWriter {
     partial: PathBuf,
     blob: PathBuf,
     blobs_dir: PathBuf,
-    lock: Option<IngestLock>,
+    lock: Option<FileLock>,
 }
 
 impl BlobWriter {
@@ -218,10 +218,10 @@ impl BlobWriter {
         self.file
             .get_ref()
             .set_len(0)
-            .map_err(|e| Error::io("truncate", &self.partial, e))?;
+            .map_err(|e| IoError::new("truncate", &self.partial, e))?;
         self.file
             .seek_to(0)
-            .map_err(|e| Error::io("seek", &self.partial, e))?;
+            .map_err(|e| IoError::new("seek", &self.partial, e))?;
         self.hasher = Sha256::new();
         self.written = 0;
         Ok(())
@@ -299,7 +299,7 @@ impl BlobWriter {
             let err = write_err(self.digest.as_ref(), &self.partial, e);
             return Err(self.discard_if_no_space(err));
         }
-        fs::rename(&self.partial, &self.blob).map_err(|e| Error::io("rename", &self.blob, e))?;
+        fs::rename(&self.partial, &self.blob).map_err(|e| IoError::new("rename", &self.blob, e))?;
         sync_dir(&self.blobs_dir)?;
         tracing::debug!(blob = %self.digest, "renamed into blobs/");
         if let Some(lock) = self.lock.take() {
@@ -331,96 +331,10 @@ impl Drop for BlobWriter {
     }
 }
 
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io("fsync", dir, e))
-}
-
-/// An exclusive flock on a lock file, held for the life of the value.
-pub(crate) struct IngestLock {
-    file: File,
-    path: PathBuf,
-}
-
-impl IngestLock {
-    /// Blocks until the lock is ours. The file may be removed by a holder as
-    /// it finishes; a lock on a removed file guards nothing, so check that the
-    /// path still names the file we locked, and retry if not.
-    pub(crate) fn take(path: &Path) -> Result<IngestLock> {
-        loop {
-            use std::os::unix::fs::OpenOptionsExt;
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                // Others could flock a readable one (meta.db.lock is in ROOT).
-                .mode(crate::layout::PRIVATE_FILE_MODE)
-                .open(path)
-                .map_err(|e| write_err("ingest lock", path, e))?;
-            flock(&file, libc::LOCK_EX).map_err(|e| Error::io("flock", path, e))?;
-            if same_file(&file, path) {
-                return Ok(IngestLock {
-                    file,
-                    path: path.to_path_buf(),
-                });
-            }
-        }
-    }
-
-    /// Non-blocking: None if someone holds it.
-    pub(crate) fn try_take(path: &Path) -> Result<Option<IngestLock>> {
-        let file = match OpenOptions::new().read(true).write(true).open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io("open", path, e)),
-        };
-        match flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
-            Ok(()) if same_file(&file, path) => Ok(Some(IngestLock {
-                file,
-                path: path.to_path_buf(),
-            })),
-            Ok(()) => Ok(None),
-            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
-            Err(e) => Err(Error::io("flock", path, e)),
-        }
-    }
-
-    pub(crate) fn release(self) {}
-
-    /// Unlink while still holding, so a waiter that then gets this lock sees
-    /// a removed file and takes a fresh one.
-    pub(crate) fn remove_and_release(self) {
-        let _ = fs::remove_file(&self.path);
-        drop(self.file);
-    }
-}
-
-fn same_file(file: &File, path: &Path) -> bool {
-    match (file.metadata(), fs::metadata(path)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
-    }
-}
-
-fn flock(file: &File, op: libc::c_int) -> std::io::Result<()> {
-    loop {
-        // SAFETY: flock on a valid, owned fd.
-        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reference::parse_digest;
+    use cstore_registry::parse_digest;
 
     fn dirs() -> (tempfile::TempDir, BlobDirs) {
         let t = tempfile::tempdir().unwrap();

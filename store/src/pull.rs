@@ -12,21 +12,22 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use cstore_registry::media::{self, ManifestKind};
+use cstore_registry::{
+    parse_digest, FetchedManifest, Reference, RegistryClient, MAX_MANIFEST_BYTES,
+};
 use futures_util::{stream, StreamExt, TryStreamExt};
 use oci_spec::image::{Descriptor, Digest, ImageIndex, ImageManifest};
-use reqwest::StatusCode;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
 use crate::image_config::{ImageConfigHead, MAX_CONFIG_BYTES};
 use crate::ingest::{Acquired, BlobWriter};
-use crate::media::{self, ManifestKind};
 use crate::meta::{BlobRecord, DescriptorRecord, ImageRecord, Lease, View};
 use crate::platform::Platform;
-use crate::reference::{parse_digest, Reference};
-use crate::registry::{error_chain, FetchedManifest, RegistryClient, MAX_MANIFEST_BYTES};
 use crate::store::Store;
+use cstore_unpack::layer_compression;
 
 #[derive(Clone, Debug)]
 pub struct PullOptions {
@@ -382,7 +383,7 @@ async fn pull_leased(
         config: descriptor(&config_type, &config_digest, config_size),
         layers,
         platform: platform.clone(),
-        updated: crate::meta::now_unix(),
+        updated: cstore_os::now_unix(),
     };
     tracing::debug!(image = %name, "recording the image");
     store.commit_image(&image, &records, lease_id)?;
@@ -455,7 +456,7 @@ pub fn image_plan(bytes: &[u8], digest: &Digest, name: &str) -> Result<ImagePlan
     for layer in parsed.layers() {
         let mt = layer.media_type().to_string();
         let d = parse_digest(layer.digest().as_ref())?;
-        if media::layer_compression(&mt).is_none() {
+        if layer_compression(&mt).is_none() {
             return Err(Error::UnsupportedMediaType {
                 what: format!("layer {d} of {name}"),
                 media_type: mt,
@@ -522,14 +523,6 @@ pub fn choose_manifest(
     Ok((desc, digest, platform))
 }
 
-/// The first byte of a `Content-Range: bytes FIRST-LAST/SIZE` answer.
-pub fn content_range_start(value: &str) -> Option<u64> {
-    value
-        .strip_prefix("bytes ")
-        .and_then(|v| v.split('-').next())
-        .and_then(|v| v.parse::<u64>().ok())
-}
-
 /// Choose the manifest for `want` from an index, and fetch it (or read it
 /// from the store if held).
 async fn select_platform(
@@ -587,11 +580,6 @@ async fn discard_partials(store: &Store, digests: Vec<Digest>) {
         }
     })
     .await;
-}
-
-enum Chunk {
-    Data(Bytes),
-    Restart,
 }
 
 /// Fetch one blob into the store unless it is there. Returns the bytes
@@ -658,9 +646,10 @@ async fn fetch_blob(
     }
 }
 
-/// Stream the blob into `writer`, resuming with Range after a dropped
-/// connection. Hashing and writing run on a blocking thread fed by a bounded
-/// channel, so the network and the disk overlap.
+/// Stream the blob into `writer` (the registry's reader resumes with Range
+/// after a dropped connection by itself). Hashing and writing run on a
+/// blocking thread fed by a bounded channel, so the network and the disk
+/// overlap.
 async fn download(
     client: &RegistryClient,
     reference: &Reference,
@@ -670,16 +659,12 @@ async fn download(
 ) -> Result<u64> {
     let digest = writer.digest().clone();
     let id = digest.to_string();
-    let mut offset = writer.offset();
-    let start_offset = offset;
-    let (tx, mut rx) = mpsc::channel::<Chunk>(64);
+    let start_offset = writer.offset();
+    let (tx, mut rx) = mpsc::channel::<Bytes>(64);
     let sink = tokio::task::spawn_blocking(move || -> Result<BlobWriter> {
         let mut w = writer;
         while let Some(chunk) = rx.blocking_recv() {
-            match chunk {
-                Chunk::Data(b) => w.write_bytes(b)?,
-                Chunk::Restart => w.reset()?,
-            }
+            w.write_bytes(chunk)?;
             // Caught up with the network: write out the buffer (up to 1 MiB),
             // else a pull killed now loses it and cannot resume from it. When
             // the disk is the bottleneck the channel stays full and writes
@@ -703,85 +688,41 @@ async fn download(
 
     observer.event(&Event::Started {
         digest: id.clone(),
-        offset,
+        offset: start_offset,
     });
-    let attempts = client.options().attempts;
-    let mut failures = 0u32;
-    while offset < size {
-        let resp = client.blob(reference, &digest, offset).await?;
-        let status = resp.status();
-        if offset > 0 && status != StatusCode::PARTIAL_CONTENT {
-            // The server sent the whole blob instead of the range.
-            if tx.send(Chunk::Restart).await.is_err() {
-                return Err(sink_error(sink).await);
+    let mut blob = client
+        .blob(reference, &digest, start_offset, size)
+        .on_retry({
+            let (observer, id) = (observer.clone(), id.clone());
+            move |attempt, why| {
+                observer.event(&Event::Retrying {
+                    digest: id.clone(),
+                    attempt,
+                    error: why.to_string(),
+                })
             }
-            offset = 0;
-        } else if status == StatusCode::PARTIAL_CONTENT {
-            let start = resp
-                .headers()
-                .get(reqwest::header::CONTENT_RANGE)
-                .and_then(|v| v.to_str().ok())
-                .and_then(content_range_start);
-            if start != Some(offset) {
-                return Err(Error::Malformed {
-                    what: format!("blob {id} from {}", reference.registry()),
-                    reason: format!(
-                        "asked for bytes from {offset}, got Content-Range starting at {start:?}"
-                    ),
+        });
+    loop {
+        let chunk = match blob.chunk().await {
+            Ok(Some(c)) => c,
+            Ok(None) => break,
+            Err(e) => {
+                // The writer's own error (a full disk) says more than the
+                // body's length once it has failed.
+                drop(tx);
+                return Err(match sink.await.expect("ingest task panicked") {
+                    Err(w) => w,
+                    Ok(_) => e.into(),
                 });
             }
+        };
+        if tx.send(chunk).await.is_err() {
+            return Err(sink_error(sink).await);
         }
-        let mut body = resp.bytes_stream();
-        let mut broke = None;
-        while let Some(chunk) = body.next().await {
-            match chunk {
-                Ok(b) => {
-                    offset += b.len() as u64;
-                    if offset > size {
-                        drop(tx);
-                        return Err(match sink.await.expect("ingest task panicked") {
-                            Err(e) => e,
-                            Ok(_) => Error::SizeMismatch {
-                                digest: id,
-                                expected: size,
-                                actual: offset,
-                            },
-                        });
-                    }
-                    if tx.send(Chunk::Data(b)).await.is_err() {
-                        return Err(sink_error(sink).await);
-                    }
-                    observer.event(&Event::Progress {
-                        digest: id.clone(),
-                        bytes: offset,
-                    });
-                }
-                Err(e) => {
-                    broke = Some(error_chain(&e));
-                    break;
-                }
-            }
-        }
-        if offset >= size {
-            break;
-        }
-        // The body ended early: a reset or a truncated response. Resume.
-        failures += 1;
-        let why = broke.unwrap_or_else(|| format!("body ended after {offset} of {size} bytes"));
-        if failures >= attempts {
-            return Err(Error::Transport {
-                registry: reference.registry().into(),
-                what: format!("blob {id}"),
-                message: format!("{why} (gave up after {failures} attempts)"),
-            });
-        }
-        observer.event(&Event::Retrying {
+        observer.event(&Event::Progress {
             digest: id.clone(),
-            attempt: failures,
-            error: why.clone(),
+            bytes: blob.offset(),
         });
-        tracing::warn!(blob = %id, offset, error = %why, "download interrupted; resuming");
-        client.backoff(failures).await;
     }
     drop(tx);
     let writer = sink.await.expect("ingest task panicked")?;

@@ -13,16 +13,20 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use oci_spec::image::Digest;
 
 use crate::error::{write_err, Error, Result};
-use crate::ingest::{sync_dir, BlobDirs, IngestLock};
+use cstore_os::layout;
+use cstore_os::tree::tree_usage;
+use cstore_os::{sync_dir, write_atomic, FileLock, IoError};
+
+use crate::ingest::BlobDirs;
 use crate::meta::{ImageRecord, Meta, View};
-use crate::reference::{parse_digest, Reference};
+use cstore_registry::{parse_digest, Reference};
 
 pub const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
 
@@ -62,10 +66,10 @@ impl Store {
     /// Open (creating if needed) the store at `root`.
     pub fn open(root: &Path) -> Result<Store> {
         // Closed to other users (and an older, open store closed): see layout.
-        crate::layout::secure_root(root)?;
+        layout::secure_root(root)?;
         let dirs = BlobDirs::new(root.join("blobs/sha256"), root.join("ingest"));
         for d in [&dirs.blobs, &dirs.ingest] {
-            crate::layout::create_dir_all(d, crate::layout::PRIVATE_DIR_MODE)
+            layout::create_dir_all(d, layout::PRIVATE_DIR_MODE)
                 .map_err(|e| write_err("store directories", d, e))?;
         }
         let layout = root.join("oci-layout");
@@ -136,7 +140,7 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::BlobNotFound(digest.to_string()))
             }
-            Err(e) => return Err(Error::io("stat", &path, e)),
+            Err(e) => return Err(IoError::new("stat", &path, e).into()),
         };
         if meta.len() > limit {
             return Err(too_large(meta.len()));
@@ -146,7 +150,7 @@ impl Store {
             .dirs
             .open_reader(&path)
             .and_then(|r| r.take(limit).read_to_end(&mut bytes))
-            .map_err(|e| Error::io("read", &path, e))?;
+            .map_err(|e| IoError::new("read", &path, e))?;
         Ok(bytes)
     }
 
@@ -251,10 +255,10 @@ impl Store {
                 // Blob files: those swept from the DB, and files no record names
                 // (a pull killed between rename and record) unless a live pull holds them.
                 let mut files: HashMap<String, u64> = HashMap::new();
-                for entry in
-                    fs::read_dir(&dirs.blobs).map_err(|e| Error::io("read dir", &dirs.blobs, e))?
+                for entry in fs::read_dir(&dirs.blobs)
+                    .map_err(|e| IoError::new("read dir", &dirs.blobs, e))?
                 {
-                    let entry = entry.map_err(|e| Error::io("read dir", &dirs.blobs, e))?;
+                    let entry = entry.map_err(|e| IoError::new("read dir", &dirs.blobs, e))?;
                     let name = entry.file_name().to_string_lossy().to_string();
                     files.insert(
                         format!("sha256:{name}"),
@@ -273,7 +277,7 @@ impl Store {
                             report.removed_bytes += size;
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(Error::io("remove", &path, e)),
+                        Err(e) => return Err(IoError::new("remove", &path, e).into()),
                     }
                 }
                 report.removed_partials = self.sweep_ingest()?;
@@ -287,13 +291,15 @@ impl Store {
     fn sweep_ingest(&self) -> Result<usize> {
         let ingest = &self.inner.dirs.ingest;
         let mut removed = 0;
-        for entry in fs::read_dir(ingest).map_err(|e| Error::io("read dir", ingest, e))? {
-            let path = entry.map_err(|e| Error::io("read dir", ingest, e))?.path();
+        for entry in fs::read_dir(ingest).map_err(|e| IoError::new("read dir", ingest, e))? {
+            let path = entry
+                .map_err(|e| IoError::new("read dir", ingest, e))?
+                .path();
             if path.extension().is_some_and(|x| x == "partial") {
                 let lock_path = path.with_extension("lock");
                 // No lock file: its writer finished or never began; else take it.
                 let lock = if lock_path.exists() {
-                    IngestLock::try_take(&lock_path)?
+                    FileLock::try_take(&lock_path)?
                 } else {
                     None
                 };
@@ -308,7 +314,7 @@ impl Store {
             } else if path.extension().is_some_and(|x| x == "lock")
                 && !path.with_extension("partial").exists()
             {
-                if let Some(l) = IngestLock::try_take(&path)? {
+                if let Some(l) = FileLock::try_take(&path)? {
                     l.remove_and_release();
                 }
             }
@@ -360,11 +366,11 @@ impl Store {
             .collect();
         let index = serde_json::json!({
             "schemaVersion": 2,
-            "mediaType": crate::media::OCI_INDEX,
+            "mediaType": cstore_registry::media::OCI_INDEX,
             "manifests": manifests,
         });
         let bytes = serde_json::to_vec_pretty(&index).expect("json");
-        write_atomic(&self.inner.root.join("index.json"), &bytes)
+        Ok(write_atomic(&self.inner.root.join("index.json"), &bytes)?)
     }
 }
 
@@ -389,132 +395,4 @@ fn mark(t: &impl View) -> Result<HashSet<String>> {
         }
     }
     Ok(marked)
-}
-
-/// What a directory tree holds, each inode counted once (hardlinks).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TreeUsage {
-    /// Apparent bytes of everything but directories.
-    pub file_bytes: u64,
-    /// Bytes allocated on disk, directories included (containerd's usage).
-    pub allocated: u64,
-    pub inodes: u64,
-}
-
-/// Walk `dir` (a missing one is empty). Its trees change under the walk (a
-/// running container's upper dir) and are the images' and containers': the
-/// walk goes by directory fd, opening each subdirectory with openat2
-/// (RESOLVE_BENEATH | NO_SYMLINKS | NO_XDEV) from its parent's fd, so a
-/// directory swapped for a symlink to `/` is skipped, not walked.
-pub fn tree_usage(dir: &Path) -> TreeUsage {
-    use crate::unpack::sys;
-    use std::os::fd::AsFd;
-    let mut u = TreeUsage::default();
-    let Ok(top) = crate::confined::TreeDir::open_root(dir) else {
-        return u;
-    };
-    let Ok(top) = sys::resolve_beneath(top.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY)
-    else {
-        return u;
-    };
-    // Subdirectories are opened when their turn comes, so only the
-    // directories on the way down with subdirectories left stay open.
-    let top = std::rc::Rc::new(top);
-    let mut stack: Vec<(std::rc::Rc<std::os::fd::OwnedFd>, Option<std::ffi::CString>)> =
-        vec![(top, None)];
-    let mut seen = HashSet::new();
-    while let Some((parent, name)) = stack.pop() {
-        let d = match name {
-            None => parent,
-            Some(n) => {
-                match sys::resolve_beneath(parent.as_fd(), &n, libc::O_RDONLY | libc::O_DIRECTORY) {
-                    Ok(fd) => std::rc::Rc::new(fd),
-                    Err(_) => continue,
-                }
-            }
-        };
-        let Ok(names) = sys::read_names(d.as_fd()) else {
-            continue;
-        };
-        for (name, _) in names {
-            let Ok(st) = sys::lstatat(d.as_fd(), &name) else {
-                continue;
-            };
-            let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
-            if is_dir {
-                stack.push((d.clone(), Some(name)));
-            }
-            if seen.insert((st.st_dev, st.st_ino)) {
-                u.inodes += 1;
-                u.allocated += st.st_blocks as u64 * 512;
-                if !is_dir {
-                    u.file_bytes += st.st_size as u64;
-                }
-            }
-        }
-    }
-    u
-}
-
-/// Write a file so readers see the old or the new content, never a mix.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let res = (|| {
-        // Only root reads the store's files (see layout).
-        let mut f = {
-            use std::os::unix::fs::OpenOptionsExt;
-            fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(crate::layout::PRIVATE_FILE_MODE)
-                .open(&tmp)?
-        };
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if let Err(e) = res {
-        let _ = fs::remove_file(&tmp);
-        return Err(write_err(&path.display().to_string(), path, e));
-    }
-    sync_dir(dir)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    // Every name is read (more than one getdents64 buffer), a hardlinked
-    // inode counts once, and a symlink to a directory outside (what a
-    // container can swap in for one of its directories) is not walked.
-    #[test]
-    fn tree_usage_counts_the_tree_and_nothing_behind_its_symlinks() {
-        let t = tempfile::tempdir().unwrap();
-        let outside = t.path().join("outside");
-        fs::create_dir(&outside).unwrap();
-        fs::write(outside.join("big"), vec![1u8; 1 << 20]).unwrap();
-        let tree = t.path().join("tree");
-        fs::create_dir_all(tree.join("d/e")).unwrap();
-        let long = "n".repeat(200);
-        for i in 0..1000 {
-            fs::write(tree.join("d").join(format!("{long}{i}")), b"x").unwrap();
-        }
-        fs::write(tree.join("d/e/f"), b"12345").unwrap();
-        fs::hard_link(tree.join("d/e/f"), tree.join("link")).unwrap();
-        std::os::unix::fs::symlink(&outside, tree.join("d/e/away")).unwrap();
-        let u = tree_usage(&tree);
-        // d, d/e, 1000 files, f (link is the same inode), the symlink.
-        assert_eq!(u.inodes, 2 + 1000 + 1 + 1);
-        let away = outside.to_str().unwrap().len() as u64;
-        assert_eq!(u.file_bytes, 1000 + 5 + away);
-        assert_eq!(tree_usage(&t.path().join("missing")), TreeUsage::default());
-    }
 }

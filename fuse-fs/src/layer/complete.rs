@@ -11,7 +11,7 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use cstore_index::compare::{compare, CompareOptions};
 use cstore_index::{Index, IndexingReader, Kind, Policy, Source, TarEntry, TarKind, TreeBuilder};
-use cstore_store::unpack::tar::{Kind as TK, TarReader};
+use cstore_unpack::tar::{Kind as TK, TarReader};
 use sha2::{Digest, Sha256};
 
 use super::cache::{Layer, COMPLETE};

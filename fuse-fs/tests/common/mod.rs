@@ -222,8 +222,8 @@ impl Mounts {
         loop {
             match cstore_fuse_fs::dev::unmount(p, false) {
                 Ok(()) => break,
-                Err(cstore_fuse_fs::Error::Io { source, .. })
-                    if source.raw_os_error() == Some(libc::EBUSY)
+                Err(cstore_fuse_fs::Error::Io(e))
+                    if e.raw_os_error() == Some(libc::EBUSY)
                         && t.elapsed() < Duration::from_secs(5) =>
                 {
                     std::thread::sleep(Duration::from_millis(20))

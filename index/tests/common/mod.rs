@@ -1,5 +1,5 @@
 //! Shared by the index tests: the real tar reader and extractor of
-//! `cstore-store` as the oracle, the test image fixtures, a small tar writer.
+//! `cstore-unpack` as the oracle, the test image fixtures, a small tar writer.
 #![allow(dead_code)]
 
 pub mod tarw;
@@ -16,7 +16,7 @@ use cstore_index::format::{libc_s, Index, Kind};
 use cstore_index::{
     Compression, IndexingReader, Policy, TarEntry, TarKind, TreeBuilder, TreeOptions,
 };
-use cstore_store::unpack::tar::{Kind as StoreKind, TarReader};
+use cstore_unpack::tar::{Kind as StoreKind, TarReader};
 use sha2::{Digest, Sha256};
 
 pub fn repo() -> PathBuf {
@@ -295,7 +295,7 @@ pub fn extract(tmp: &Path, tar: &[u8]) -> Result<Extracted, String> {
     extract_with(
         tmp,
         tar,
-        cstore_store::unpack::UnpackOptions::default().max_made_dir_bytes,
+        cstore_unpack::UnpackOptions::default().max_made_dir_bytes,
     )
 }
 
@@ -305,8 +305,8 @@ pub fn extract_with(
     tar: &[u8],
     max_made_dir_bytes: usize,
 ) -> Result<Extracted, String> {
-    use cstore_store::media::Compression as C;
-    use cstore_store::unpack::{unpack_layer, LayerRef, UnpackOptions};
+    use cstore_unpack::Compression as C;
+    use cstore_unpack::{unpack_layer, LayerRef, UnpackOptions};
     let blob = tmp.join("layer.tar");
     std::fs::write(&blob, tar).unwrap();
     let dest = tmp.join("fs");

@@ -1,4 +1,4 @@
-//! An OCI distribution client: just what pulling needs, written by hand over
+//! The OCI distribution client: just what pulling needs, written by hand over
 //! reqwest. oci-client was the first choice, but cstore needs things it keeps
 //! inside: a size cap enforced while a manifest streams in, Range requests that
 //! resume into our own ingest files, retries with backoff that honour
@@ -14,8 +14,6 @@
 //! on a redirect to the same host and port even from https to http, and
 //! cannot tell a 401 of the registry from one of the host it redirected to.
 
-pub mod auth;
-
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -23,16 +21,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use oci_spec::image::Digest;
-use reqwest::header::{
-    HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, LOCATION, RANGE, WWW_AUTHENTICATE,
-};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, LOCATION, WWW_AUTHENTICATE};
 use reqwest::{Response, StatusCode, Url};
 use sha2::{Digest as _, Sha256};
 
+use crate::auth::{self, Challenge, Credentials, TokenResponse};
 use crate::error::{Error, Result};
 use crate::media;
 use crate::reference::Reference;
-use auth::{Challenge, Credentials, TokenResponse};
 
 /// Manifests and indexes above this are refused (containerd uses 4 MiB too).
 pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
@@ -299,7 +295,7 @@ impl RegistryClient {
 
     /// GET `path` under the repository, with auth, retries and the loopback
     /// HTTP fallback. Returns a response with a 2xx status.
-    async fn get(
+    pub(crate) async fn get(
         &self,
         r: &Reference,
         path: &str,
@@ -451,7 +447,7 @@ impl RegistryClient {
         }
     }
 
-    async fn pause(&self, attempt: u32, retry_after: Option<Duration>) {
+    pub(crate) async fn pause(&self, attempt: u32, retry_after: Option<Duration>) {
         let exp = self.opts.backoff.saturating_mul(1 << (attempt - 1).min(6));
         let half = u64::try_from(exp.as_millis() / 2).unwrap_or(u64::MAX / 2);
         let jitter = Duration::from_millis(rand::random::<u64>() % (half + 1));
@@ -719,26 +715,7 @@ impl RegistryClient {
         })
     }
 
-    /// Start fetching a blob from byte `offset` (a Range request when > 0).
-    /// The caller checks the status: 206 resumes, 200 means the server sent
-    /// the whole blob.
-    pub async fn blob(&self, r: &Reference, digest: &Digest, offset: u64) -> Result<Response> {
-        let mut headers = HeaderMap::new();
-        if offset > 0 {
-            headers.insert(
-                RANGE,
-                HeaderValue::from_str(&format!("bytes={offset}-")).expect("ascii"),
-            );
-        }
-        self.get(
-            r,
-            &format!("blobs/{digest}"),
-            headers,
-            &format!("blob {digest}"),
-        )
-        .await
-    }
-
+    /// Wait before attempt `attempt + 1` (exponential backoff with jitter).
     pub async fn backoff(&self, attempt: u32) {
         self.pause(attempt, None).await
     }

@@ -1,7 +1,9 @@
-//! Thin wrappers over the *at syscalls extraction uses, on raw fds. Every
-//! path argument here is a single name relative to a directory fd, except
-//! `resolve_beneath`, which resolves a relative path with openat2 and refuses
-//! to leave the directory or follow any symlink.
+//! Thin wrappers over the *at syscalls cstore uses on trees it does not
+//! control (layers, upper dirs, rootfs), on raw fds. Every path argument here
+//! is a single name relative to a directory fd, except the openat2 family
+//! (`openat2`, `resolve_beneath`, `resolve_in_root`), which resolves a
+//! relative path and refuses to leave the directory or follow any symlink:
+//! the one confined open of every crate.
 
 use std::ffi::{CStr, CString};
 use std::io;
@@ -19,17 +21,54 @@ pub fn cstring(b: &[u8]) -> io::Result<CString> {
     CString::new(b).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
 }
 
-#[repr(C)]
-struct OpenHow {
-    flags: u64,
-    mode: u64,
-    resolve: u64,
-}
+/// RESOLVE_* flags of openat2(2).
+pub const RESOLVE_NO_XDEV: u64 = libc::RESOLVE_NO_XDEV;
+pub const RESOLVE_NO_MAGICLINKS: u64 = libc::RESOLVE_NO_MAGICLINKS;
+pub const RESOLVE_NO_SYMLINKS: u64 = libc::RESOLVE_NO_SYMLINKS;
+pub const RESOLVE_BENEATH: u64 = libc::RESOLVE_BENEATH;
+pub const RESOLVE_IN_ROOT: u64 = libc::RESOLVE_IN_ROOT;
 
-pub const RESOLVE_NO_XDEV: u64 = 0x01;
-pub const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
-pub const RESOLVE_NO_SYMLINKS: u64 = 0x04;
-pub const RESOLVE_BENEATH: u64 = 0x08;
+/// What [`resolve_beneath`] resolves with: inside the directory, no symlink
+/// followed, no magic link, no other filesystem.
+pub const RESOLVE_CONFINED: u64 =
+    RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV;
+
+/// openat2(dirfd, path, {flags | O_CLOEXEC, mode, resolve}): the one
+/// confined open every crate uses (`dirfd` may be AT_FDCWD). A lookup that a
+/// concurrent rename raced (EAGAIN) is tried again.
+pub fn openat2(
+    dirfd: RawFd,
+    path: &CStr,
+    flags: libc::c_int,
+    mode: u32,
+    resolve: u64,
+) -> io::Result<OwnedFd> {
+    // SAFETY: open_how is plain data; zeroed is its documented initial state.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
+    how.mode = mode as u64;
+    how.resolve = resolve;
+    loop {
+        // SAFETY: NUL-terminated path, open_how of the right size.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dirfd,
+                path.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        if r >= 0 {
+            // SAFETY: the kernel returned a new fd that we now own.
+            return Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) });
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EAGAIN) && e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
 
 /// openat2(dir, path, flags, RESOLVE_BENEATH | NO_SYMLINKS | NO_MAGICLINKS |
 /// NO_XDEV): the kernel guarantees the result lies under `dir` and that no
@@ -39,32 +78,24 @@ pub fn resolve_beneath(
     path: &CStr,
     flags: libc::c_int,
 ) -> io::Result<OwnedFd> {
-    let how = OpenHow {
-        flags: (flags | libc::O_CLOEXEC) as u64,
-        mode: 0,
-        resolve: RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV,
-    };
-    loop {
-        // SAFETY: valid fd, NUL-terminated path, open_how of the right size.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                dir.as_raw_fd(),
-                path.as_ptr(),
-                &how as *const OpenHow,
-                std::mem::size_of::<OpenHow>(),
-            )
-        };
-        if r >= 0 {
-            // SAFETY: the kernel returned a new fd that we now own.
-            return Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) });
-        }
-        let e = io::Error::last_os_error();
-        // EAGAIN: a concurrent rename raced the lookup; try again.
-        if e.raw_os_error() != Some(libc::EAGAIN) && e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+    openat2(dir.as_raw_fd(), path, flags, 0, RESOLVE_CONFINED)
+}
+
+/// openat2(dir, path, flags, RESOLVE_IN_ROOT | NO_MAGICLINKS): `path`
+/// resolved as if `dir` were `/`, so symlinks (absolute, or climbing with
+/// `..`) stay inside it, as a container will see its rootfs.
+pub fn resolve_in_root(
+    dir: BorrowedFd<'_>,
+    path: &CStr,
+    flags: libc::c_int,
+) -> io::Result<OwnedFd> {
+    openat2(
+        dir.as_raw_fd(),
+        path,
+        flags,
+        0,
+        RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS,
+    )
 }
 
 pub fn open_dir(path: &std::path::Path) -> io::Result<OwnedFd> {

@@ -23,7 +23,7 @@ use std::rc::Rc;
 use cstore_blockio::{Backend, Buf, Done, Mode, Op, Ring};
 
 use super::extract::io_reason;
-use super::sys;
+use cstore_os::sys;
 
 /// Files larger than this are written directly from the tar stream.
 pub const MAX_FILE: u64 = 64 << 10;

@@ -1,4 +1,5 @@
-//! Who may enter the store: root only. The store holds layer trees with
+//! Who may enter the store: root only (the rules the store, the snapshot
+//! tree and the runtime's container directories all follow). The store holds layer trees with
 //! setuid-root binaries and world-writable directories, containers' upper
 //! dirs (whatever a container made setuid), private images and the records of
 //! containers; any local user who can reach them can run those binaries as
@@ -28,7 +29,7 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use crate::error::{Error, Result};
+use crate::error::{IoError, IoResultExt};
 
 pub const ROOT_MODE: u32 = 0o711;
 /// `containers/`: searchable for a --userns container's root, as ROOT.
@@ -61,7 +62,7 @@ pub fn create_dir_all(path: &Path, mode: u32) -> io::Result<()> {
 /// Take the bits in `strip` off `path` if it has any (a directory or file
 /// the store made: a symlink in its place is left alone, unless `follow`,
 /// for ROOT, which the admin may give as a symlink). Whether it changed.
-fn strip_bits(path: &Path, strip: u32, follow: bool) -> Result<bool> {
+fn strip_bits(path: &Path, strip: u32, follow: bool) -> Result<bool, IoError> {
     let m = match if follow {
         fs::metadata(path)
     } else {
@@ -69,7 +70,7 @@ fn strip_bits(path: &Path, strip: u32, follow: bool) -> Result<bool> {
     } {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(Error::io("stat", path, e)),
+        Err(e) => return Err(IoError::new("stat", path, e)),
     };
     if m.file_type().is_symlink() || m.mode() & strip == 0 {
         return Ok(false);
@@ -81,18 +82,18 @@ fn strip_bits(path: &Path, strip: u32, follow: bool) -> Result<bool> {
             tracing::warn!(path = %path.display(), "read-only: cannot close it to other users");
             Ok(false)
         }
-        Err(e) => Err(Error::io("chmod", path, e)),
+        Err(e) => Err(IoError::new("chmod", path, e)),
     }
 }
 
 /// Create ROOT if missing (0711; its parents as the umask makes them), and
 /// close what an older cstore left open in it (see the module doc).
-pub fn secure_root(root: &Path) -> Result<()> {
+pub fn secure_root(root: &Path) -> Result<(), IoError> {
     if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
-        fs::create_dir_all(parent).map_err(|e| Error::io("create", parent, e))?;
+        fs::create_dir_all(parent).op("create", parent)?;
     }
-    create_dir(root, ROOT_MODE).map_err(|e| Error::io("create", root, e))?;
-    let m = fs::metadata(root).map_err(|e| Error::io("stat", root, e))?;
+    create_dir(root, ROOT_MODE).op("create", root)?;
+    let m = fs::metadata(root).op("stat", root)?;
     // Read or write for others: a store from before it was closed (or
     // loosened since), whose container directories are open too.
     let was_open = m.mode() & 0o066 != 0;
@@ -112,7 +113,7 @@ pub fn secure_root(root: &Path) -> Result<()> {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("read dir", &containers, e)),
+            Err(e) => return Err(IoError::new("read dir", &containers, e)),
         }
         let snapshots = root.join("snapshots");
         match fs::read_dir(&snapshots) {
@@ -124,7 +125,7 @@ pub fn secure_root(root: &Path) -> Result<()> {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("read dir", &snapshots, e)),
+            Err(e) => return Err(IoError::new("read dir", &snapshots, e)),
         }
     }
     // Last: ROOT closed says everything below was closed.

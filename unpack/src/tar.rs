@@ -60,10 +60,28 @@ pub struct Entry {
     /// For sparse files: (offset, length) of each data region, in order; the
     /// stored data is these regions back to back.
     pub sparse: Option<Vec<(u64, u64)>>,
+    /// Where the entry's stored data starts in the uncompressed stream
+    /// (after its header and any PAX / GNU records and sparse map): a
+    /// seekable index of the layer points readers here.
+    pub data_offset: u64,
+}
+
+/// A reader that counts what it hands out.
+struct Counted<R> {
+    inner: R,
+    n: u64,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let k = self.inner.read(buf)?;
+        self.n += k as u64;
+        Ok(k)
+    }
 }
 
 pub struct TarReader<R> {
-    r: R,
+    r: Counted<R>,
     /// Stored bytes of the current entry not yet read, and its padding.
     remaining: u64,
     padding: u64,
@@ -73,7 +91,7 @@ pub struct TarReader<R> {
 impl<R: Read> TarReader<R> {
     pub fn new(r: R) -> Self {
         TarReader {
-            r,
+            r: Counted { inner: r, n: 0 },
             remaining: 0,
             padding: 0,
             done: false,
@@ -81,7 +99,12 @@ impl<R: Read> TarReader<R> {
     }
 
     pub fn into_inner(self) -> R {
-        self.r
+        self.r.inner
+    }
+
+    /// Bytes of the uncompressed stream read so far.
+    pub fn position(&self) -> u64 {
+        self.r.n
     }
 
     /// The current entry's stored data (for sparse files, the regions back
@@ -399,6 +422,7 @@ impl<R: Read> TarReader<R> {
                 dev_minor,
                 xattrs,
                 sparse,
+                data_offset: self.r.n,
             }));
         }
     }
@@ -628,6 +652,30 @@ mod tests {
         t.extend_from_slice(records);
         t.resize(t.len().div_ceil(512) * 512, 0);
         t
+    }
+
+    #[test]
+    fn entries_say_where_their_data_starts() {
+        let mut t = header("a", 5);
+        t.extend_from_slice(b"hello");
+        t.resize(1024, 0);
+        // A PAX record (a long name) before the second entry.
+        let long = "d/".repeat(60) + "b";
+        let rec = format!("{} path={long}\n", long.len() + 10);
+        assert_eq!(rec.len(), long.len() + 10);
+        t.extend_from_slice(&pax_header(rec.as_bytes()));
+        t.extend_from_slice(&header("b", 3));
+        let b_at = t.len() as u64;
+        t.extend_from_slice(b"xyz");
+        t.resize(t.len().div_ceil(512) * 512 + 1024, 0);
+        let mut r = TarReader::new(&t[..]);
+        let a = r.next_entry().unwrap().unwrap();
+        assert_eq!((a.data_offset, r.position()), (512, 512));
+        let b = r.next_entry().unwrap().unwrap();
+        assert_eq!(b.path, long.as_bytes());
+        assert_eq!(b.data_offset, b_at);
+        assert_eq!(&t[b_at as usize..b_at as usize + 3], b"xyz");
+        assert!(r.next_entry().unwrap().is_none());
     }
 
     /// Found by fuzzing (a seed of tests/fuzz.rs): PAX headers of xattrs in

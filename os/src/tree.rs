@@ -8,13 +8,16 @@
 //! (RESOLVE_BENEATH | NO_SYMLINKS | NO_MAGICLINKS | NO_XDEV) from a directory
 //! fd, and owner, mode and xattrs are changed through the fd that was opened
 //! (fchown, fchmod, fsetxattr), which O_DIRECTORY guarantees is a directory.
+//! `tree_usage` walks a tree the same way.
 
 use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
-use crate::unpack::sys;
+use std::collections::HashSet;
+
+use crate::sys;
 
 /// Overlay's marks on a directory: never copied from one directory to
 /// another (a lower directory's opaque mark would make the upper one hide
@@ -132,6 +135,69 @@ impl TreeDir {
     }
 }
 
+/// What a directory tree holds, each inode counted once (hardlinks).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TreeUsage {
+    /// Apparent bytes of everything but directories.
+    pub file_bytes: u64,
+    /// Bytes allocated on disk, directories included (containerd's usage).
+    pub allocated: u64,
+    pub inodes: u64,
+}
+
+/// Walk `dir` (a missing one is empty). Its trees change under the walk (a
+/// running container's upper dir) and are the images' and containers': the
+/// walk goes by directory fd, opening each subdirectory with openat2
+/// (RESOLVE_BENEATH | NO_SYMLINKS | NO_XDEV) from its parent's fd, so a
+/// directory swapped for a symlink to `/` is skipped, not walked.
+pub fn tree_usage(dir: &Path) -> TreeUsage {
+    let mut u = TreeUsage::default();
+    let Ok(top) = TreeDir::open_root(dir) else {
+        return u;
+    };
+    let Ok(top) = sys::resolve_beneath(top.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY)
+    else {
+        return u;
+    };
+    // Subdirectories are opened when their turn comes, so only the
+    // directories on the way down with subdirectories left stay open.
+    let top = std::rc::Rc::new(top);
+    let mut stack: Vec<(std::rc::Rc<std::os::fd::OwnedFd>, Option<std::ffi::CString>)> =
+        vec![(top, None)];
+    let mut seen = HashSet::new();
+    while let Some((parent, name)) = stack.pop() {
+        let d = match name {
+            None => parent,
+            Some(n) => {
+                match sys::resolve_beneath(parent.as_fd(), &n, libc::O_RDONLY | libc::O_DIRECTORY) {
+                    Ok(fd) => std::rc::Rc::new(fd),
+                    Err(_) => continue,
+                }
+            }
+        };
+        let Ok(names) = sys::read_names(d.as_fd()) else {
+            continue;
+        };
+        for (name, _) in names {
+            let Ok(st) = sys::lstatat(d.as_fd(), &name) else {
+                continue;
+            };
+            let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+            if is_dir {
+                stack.push((d.clone(), Some(name)));
+            }
+            if seen.insert((st.st_dev, st.st_ino)) {
+                u.inodes += 1;
+                u.allocated += st.st_blocks as u64 * 512;
+                if !is_dir {
+                    u.file_bytes += st.st_size as u64;
+                }
+            }
+        }
+    }
+    u
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,5 +244,31 @@ mod tests {
         assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (7, 8, 0o2750));
         assert_eq!(b.xattr(c"user.cstore").unwrap().as_deref(), Some(&b"v"[..]));
         assert!(!b.is_opaque().unwrap(), "overlay's marks are not copied");
+    }
+
+    // Every name is read (more than one getdents64 buffer), a hardlinked
+    // inode counts once, and a symlink to a directory outside (what a
+    // container can swap in for one of its directories) is not walked.
+    #[test]
+    fn tree_usage_counts_the_tree_and_nothing_behind_its_symlinks() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = t.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("big"), vec![1u8; 1 << 20]).unwrap();
+        let tree = t.path().join("tree");
+        std::fs::create_dir_all(tree.join("d/e")).unwrap();
+        let long = "n".repeat(200);
+        for i in 0..1000 {
+            std::fs::write(tree.join("d").join(format!("{long}{i}")), b"x").unwrap();
+        }
+        std::fs::write(tree.join("d/e/f"), b"12345").unwrap();
+        std::fs::hard_link(tree.join("d/e/f"), tree.join("link")).unwrap();
+        std::os::unix::fs::symlink(&outside, tree.join("d/e/away")).unwrap();
+        let u = tree_usage(&tree);
+        // d, d/e, 1000 files, f (link is the same inode), the symlink.
+        assert_eq!(u.inodes, 2 + 1000 + 1 + 1);
+        let away = outside.to_str().unwrap().len() as u64;
+        assert_eq!(u.file_bytes, 1000 + 5 + away);
+        assert_eq!(tree_usage(&t.path().join("missing")), TreeUsage::default());
     }
 }

@@ -1,24 +1,56 @@
-//! Unpacking a layer blob into a directory in one streaming pass: read the
-//! blob, decompress (gzip, zstd or none), hash the tar stream for the
-//! config's diff_id, and extract entries as they go by. Nothing uncompressed
-//! is ever stored except the extracted tree.
+//! Unpacking a layer into a directory in one streaming pass: decompress
+//! (gzip, zstd or none), hash the tar stream for the config's diff_id, stop
+//! a decompression bomb, and extract entries as they go by, every syscall on
+//! an fd beneath the layer's root. Nothing uncompressed is ever stored
+//! except the extracted tree. Knows nothing of the store or the registry:
+//! [`unpack_reader`] takes any buffered reader of a compressed layer and a
+//! directory fd; [`unpack_layer`] is that for a blob file and a path. The
+//! tar reader ([`tar::TarReader`]) stands alone too, and says where each
+//! entry's data starts in the uncompressed stream.
 
 mod batch;
+pub mod error;
 pub mod extract;
-pub(crate) mod sys;
 pub mod tar;
 
 use std::fs::File;
-use std::io::{self, BufReader, Read};
-
+use std::io::{self, BufRead, BufReader, Read};
+use std::os::fd::OwnedFd;
 use std::path::Path;
 
 use cstore_blockio::{SeqReader, StreamConfig};
 use sha2::{Digest as _, Sha256};
 
-use crate::error::{Error, Result};
-use crate::media::Compression;
-pub use extract::{ExtractStats, OPAQUE_XATTR};
+use cstore_os::{sys, IoError};
+
+pub use error::{Error, Result};
+pub use extract::{ExtractStats, MAX_MADE_DIR_BYTES, OPAQUE_XATTR};
+
+/// How a layer blob is compressed (from its media type).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+/// The compression of a layer blob, or None if this is not a layer type we
+/// can unpack (foreign layers, artifacts, encrypted layers...).
+pub fn layer_compression(media_type: &str) -> Option<Compression> {
+    match media_type {
+        "application/vnd.oci.image.layer.v1.tar"
+        | "application/vnd.oci.image.layer.nondistributable.v1.tar"
+        | "application/vnd.docker.image.rootfs.diff.tar" => Some(Compression::None),
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+        | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+        | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Some(Compression::Gzip),
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+        | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
+        | "application/vnd.docker.image.rootfs.diff.tar.zstd" => Some(Compression::Zstd),
+        _ => None,
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct UnpackOptions {
@@ -110,22 +142,38 @@ pub fn unpack_layer(
     dest: &Path,
     opts: &UnpackOptions,
 ) -> Result<LayerStats> {
-    let fail = |entry: Option<String>, reason: String| Error::Unpack {
+    // Reads of the compressed blob run ahead of the decompressor.
+    let raw = SeqReader::open(blob, opts.io.as_ref().unwrap_or(&StreamConfig::default()))
+        .map_err(|e| IoError::new("open", blob, e))?;
+    let blob_size = raw
+        .get_ref()
+        .metadata()
+        .map_err(|e| IoError::new("stat", blob, e))?
+        .len();
+    let root = sys::open_dir(dest).map_err(|e| IoError::new("open", dest, e))?;
+    unpack_reader(raw, blob_size, layer, root, opts)
+}
+
+/// Unpack the compressed layer `raw` (`compressed_size` bytes: the bomb cap
+/// is a multiple of it) into the empty directory `root`. Nothing outside
+/// `root` is touched; on error the caller removes what is in it.
+pub fn unpack_reader<R: BufRead>(
+    raw: R,
+    compressed_size: u64,
+    layer: &LayerRef<'_>,
+    root: OwnedFd,
+    opts: &UnpackOptions,
+) -> Result<LayerStats> {
+    let fail = |entry: Option<String>, reason: String| Error::Layer {
         image: layer.image.to_string(),
         layer: layer.digest.to_string(),
         entry,
         reason,
     };
-    // Reads of the compressed blob run ahead of the decompressor.
-    let raw = SeqReader::open(blob, opts.io.as_ref().unwrap_or(&StreamConfig::default()))
-        .map_err(|e| Error::io("open", blob, e))?;
-    let blob_size = raw
-        .get_ref()
-        .metadata()
-        .map_err(|e| Error::io("stat", blob, e))?
-        .len();
-    let limit = blob_size.saturating_mul(opts.max_ratio).max(opts.min_limit);
-    let decoder: Box<dyn Read> = match layer.compression {
+    let limit = compressed_size
+        .saturating_mul(opts.max_ratio)
+        .max(opts.min_limit);
+    let decoder: Box<dyn Read + '_> = match layer.compression {
         Compression::None => Box::new(raw),
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(raw)),
         Compression::Zstd => Box::new(
@@ -140,7 +188,6 @@ pub fn unpack_layer(
         limit,
     };
     let mut tar = tar::TarReader::new(BufReader::with_capacity(1 << 20, diff));
-    let root = sys::open_dir(dest).map_err(|e| Error::io("open", dest, e))?;
     // Batches pay off only beside the decompressor's own work (see the policy).
     let batch = opts.io.as_ref().is_some_and(|c| c.batch_small_files)
         && layer.compression != Compression::None;
@@ -171,7 +218,7 @@ pub fn unpack_layer(
         });
     }
     // Durable before anyone calls it committed.
-    sys::syncfs(x.root()).map_err(|e| Error::io("syncfs", dest, e))?;
+    sys::syncfs(x.root()).map_err(|e| fail(None, format!("syncfs of the layer: {e}")))?;
     Ok(LayerStats {
         diff_id: actual,
         tar_bytes: diff.count,
@@ -189,16 +236,16 @@ pub fn unpack_layer(
 
 /// Hash an uncompressed layer stream without extracting (for tests and checks).
 pub fn diff_id_of(blob: &Path, compression: Compression) -> Result<String> {
-    let file = BufReader::new(File::open(blob).map_err(|e| Error::io("open", blob, e))?);
+    let file = BufReader::new(File::open(blob).map_err(|e| IoError::new("open", blob, e))?);
     let mut r: Box<dyn Read> = match compression {
         Compression::None => Box::new(file),
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(file)),
         Compression::Zstd => Box::new(
             zstd::stream::read::Decoder::with_buffer(file)
-                .map_err(|e| Error::io("zstd", blob, e))?,
+                .map_err(|e| IoError::new("zstd", blob, e))?,
         ),
     };
     let mut h = Sha256::new();
-    io::copy(&mut r, &mut h).map_err(|e| Error::io("read", blob, e))?;
+    io::copy(&mut r, &mut h).map_err(|e| IoError::new("read", blob, e))?;
     Ok(format!("sha256:{}", hex::encode(h.finalize())))
 }

@@ -7,9 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use cstore_store::media::Compression;
-use cstore_store::unpack::{diff_id_of, unpack_layer, LayerRef, UnpackOptions};
-use cstore_store::Error;
+use cstore_unpack::{diff_id_of, unpack_layer, Compression, Error, LayerRef, UnpackOptions};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -70,7 +68,7 @@ fn unpack(
     blob: &Path,
     compression: Compression,
     dest: &Path,
-) -> cstore_store::Result<cstore_store::unpack::LayerStats> {
+) -> cstore_unpack::Result<cstore_unpack::LayerStats> {
     let diff_id = diff_id_of(blob, compression).unwrap();
     std::fs::create_dir_all(dest).unwrap();
     let layer = LayerRef {
@@ -123,6 +121,60 @@ fn gnu_tar_archives_unpack_exactly() {
         assert!(
             used < 1 << 20,
             "{format} {comp:?}: sparse file takes {used} bytes"
+        );
+    }
+}
+
+/// The offset the tar reader gives each entry is where GNU tar put its
+/// data: reading there gives the file's bytes (a sparse file's regions back
+/// to back), in both formats, past long names, PAX records and sparse maps.
+#[test]
+fn the_tar_reader_says_where_each_entrys_data_is() {
+    use cstore_unpack::tar::{Kind, TarReader};
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    make_source(&src);
+    for format in ["gnu", "posix"] {
+        let blob = t.path().join(format!("layer-{format}"));
+        sh(&format!(
+            "tar --format={format} --xattrs --xattrs-include='*' --sparse --numeric-owner -C {} -cf {} .",
+            src.display(),
+            blob.display()
+        ));
+        let raw = std::fs::read(&blob).unwrap();
+        let mut tar = TarReader::new(&raw[..]);
+        let (mut files, mut sparse) = (0, 0);
+        while let Some(e) = tar.next_entry().unwrap() {
+            if e.kind != Kind::File {
+                continue;
+            }
+            let rel = String::from_utf8(e.path.clone()).unwrap();
+            let content = std::fs::read(src.join(rel.trim_start_matches("./"))).unwrap();
+            let at = e.data_offset as usize;
+            match &e.sparse {
+                None => {
+                    assert_eq!(content.len() as u64, e.size, "{format} {rel}");
+                    assert!(raw[at..at + content.len()] == content[..], "{format} {rel}");
+                    files += 1;
+                }
+                Some(regions) => {
+                    let mut stored = at;
+                    for &(off, len) in regions {
+                        let (off, len) = (off as usize, len as usize);
+                        assert!(
+                            raw[stored..stored + len] == content[off..off + len],
+                            "{format} {rel}: region at {off}"
+                        );
+                        stored += len;
+                    }
+                    sparse += 1;
+                }
+            }
+        }
+        assert!(
+            files >= 3 && sparse == 1,
+            "{format}: {files} files, {sparse} sparse"
         );
     }
 }
@@ -372,7 +424,7 @@ fn hostile_archives_are_refused_and_touch_nothing_outside() {
         )
         .unwrap_err();
         let msg = e.to_string();
-        assert!(matches!(e, Error::Unpack { .. }), "{case}: {msg}");
+        assert!(matches!(e, Error::Layer { .. }), "{case}: {msg}");
         assert!(
             msg.contains("test/image:latest") && msg.contains("sha256:feed"),
             "{case}: names image and layer: {msg}"

@@ -20,8 +20,8 @@ use std::rc::Rc;
 use cstore_blockio::ring::{io_env, IoEnv};
 
 use super::batch::{self, Batch, Meta, Pending};
-use super::sys;
 use super::tar::{Entry, Kind, TarReader};
+use cstore_os::sys;
 
 pub const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
@@ -142,7 +142,7 @@ fn clean(path: &[u8]) -> Result<Vec<&[u8]>, String> {
 fn xattr_allowed(name: &str) -> bool {
     // Overlay's own attributes (redirects, metacopy, opaque) would let a
     // layer rewire the merged tree; never take them from an archive.
-    !crate::confined::is_overlay_xattr(name.as_bytes())
+    !cstore_os::tree::is_overlay_xattr(name.as_bytes())
 }
 
 impl Extractor {

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, IoError, Result};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Mount {
@@ -54,7 +54,7 @@ fn check(r: libc::c_long) -> io::Result<libc::c_long> {
 
 /// Mount `m` at `target`.
 pub fn mount(m: &Mount, target: &Path) -> Result<()> {
-    let fail = |e: io::Error| Error::io("mount", target, e);
+    let fail = |e: io::Error| IoError::new("mount", target, e);
     match m.kind.as_str() {
         "bind" => {
             let src = cpath(Path::new(&m.source)).map_err(fail)?;
@@ -90,7 +90,7 @@ pub fn mount(m: &Mount, target: &Path) -> Result<()> {
                 } as _)
                 {
                     let _ = unmount(target);
-                    return Err(fail(e));
+                    return Err(fail(e).into());
                 }
             }
             Ok(())
@@ -110,10 +110,10 @@ pub fn mount(m: &Mount, target: &Path) -> Result<()> {
                         d.as_ptr().cast(),
                     )
                 } as _)
-                .map_err(fail)
                 .map(drop)
+                .map_err(|e| fail(e).into())
             } else {
-                mount_overlay_fsconfig(&m.options, target, None).map_err(fail)
+                mount_overlay_fsconfig(&m.options, target, None).map_err(|e| fail(e).into())
             }
         }
         other => Err(Error::InvalidArgument(format!(
@@ -212,9 +212,11 @@ fn idmapped_tree(path: &Path, userns: BorrowedFd) -> io::Result<OwnedFd> {
 /// to temporary directories instead). Needs an overlayfs that takes layers
 /// by fd from detached mounts (Linux 6.13-6.15 added it; checked on 6.18).
 pub fn mount_idmapped(m: &Mount, target: &Path, userns: BorrowedFd) -> Result<()> {
-    let fail = |e: io::Error| Error::io("mount (id-mapped)", target, e);
+    let fail = |e: io::Error| IoError::new("mount (id-mapped)", target, e);
     match m.kind.as_str() {
-        "overlay" => mount_overlay_fsconfig(&m.options, target, Some(userns)).map_err(fail),
+        "overlay" => {
+            mount_overlay_fsconfig(&m.options, target, Some(userns)).map_err(|e| fail(e).into())
+        }
         other => Err(Error::InvalidArgument(format!(
             "id-mapped {other:?} mounts are not supported (overlay only)"
         ))),
@@ -319,7 +321,7 @@ pub fn mount_all(mounts: &[Mount], target: &Path) -> Result<()> {
 
 /// Unmount `target`; if busy, detach it (it goes once the last user leaves).
 pub fn unmount(target: &Path) -> Result<()> {
-    let dst = cpath(target).map_err(|e| Error::io("umount", target, e))?;
+    let dst = cpath(target).map_err(|e| IoError::new("umount", target, e))?;
     // SAFETY: valid C string.
     match check(unsafe { libc::umount2(dst.as_ptr(), 0) } as _) {
         Ok(_) => Ok(()),
@@ -328,41 +330,13 @@ pub fn unmount(target: &Path) -> Result<()> {
             // SAFETY: valid C string.
             check(unsafe { libc::umount2(dst.as_ptr(), libc::MNT_DETACH) } as _)
                 .map(drop)
-                .map_err(|e| Error::io("umount", target, e))
+                .map_err(|e| IoError::new("umount", target, e).into())
         }
-        Err(e) => Err(Error::io("umount", target, e)),
+        Err(e) => Err(IoError::new("umount", target, e).into()),
     }
 }
 
 /// Is `path` a mount point (per /proc/self/mountinfo)?
 pub fn is_mountpoint(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = path.to_string_lossy();
-    info.lines()
-        .any(|l| l.split(' ').nth(4).is_some_and(|mp| unescape(mp) == want))
-}
-
-fn unescape(s: &str) -> String {
-    // mountinfo escapes space, tab, newline and backslash as \ooo.
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push(
-                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("0"), 8)
-                    .unwrap_or(b'?'),
-            );
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    crate::mountinfo::read().is_ok_and(|m| crate::mountinfo::find(&m, path).is_some())
 }
