@@ -3,6 +3,7 @@
 mod bench;
 mod containers;
 mod device;
+mod lazy;
 mod progress;
 mod run;
 mod snap;
@@ -135,6 +136,22 @@ enum Command {
     },
     /// Show disk usage of the store.
     Df {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The seekable layer indexes behind lazy pull.
+    Index {
+        #[command(subcommand)]
+        command: IndexCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum IndexCommand {
+    /// The stored index of each layer of REF (made when its layers were
+    /// unpacked, built, or found in the registry).
+    Ls {
+        reference: String,
         #[arg(long)]
         json: bool,
     },
@@ -403,6 +420,12 @@ fn run(cli: Cli) -> Result<()> {
                     r.expired_leases
                 );
             }
+        }
+        Command::Index {
+            command: IndexCommand::Ls { reference, json },
+        } => {
+            let store = open_store(&cli.root)?;
+            lazy::ls(&store, &reference, json)?;
         }
         Command::Df { json } => {
             let store = open_store(&cli.root)?;

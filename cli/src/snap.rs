@@ -47,6 +47,20 @@ pub fn unpack(store: &Store, reference: &str, json: bool) -> Result<image::Unpac
                 stats.extract.entries,
                 human_bytes(stats.extract.file_bytes)
             ),
+            Event::Indexed {
+                layer,
+                spans,
+                index_bytes,
+                windows_bytes,
+            } => println!(
+                "{}: indexed ({spans} spans; index {}, windows {})",
+                short(&layer),
+                human_bytes(index_bytes),
+                human_bytes(windows_bytes)
+            ),
+            Event::NotIndexed { layer, reason } => {
+                println!("{}: no lazy index: {reason}", short(&layer))
+            }
         }
     })?;
     if json {

@@ -35,6 +35,14 @@ pub use format::{Compression, Entry, Header, Index, Kind, Source, Span};
 pub use reader::{Checkpoints, IndexingReader, Policy};
 pub use tree::{TarEntry, TarKind, TreeBuilder, TreeOptions};
 
+/// Media type of an index blob in a store or registry.
+pub const MEDIA_TYPE: &str = "application/vnd.cstore.layer-index.v1";
+/// Media type of an index's windows blob.
+pub const WINDOWS_MEDIA_TYPE: &str = "application/vnd.cstore.layer-index.windows.v1";
+/// `artifactType` of the OCI artifact `cstore index push` publishes (its
+/// subject is the image manifest).
+pub const ARTIFACT_TYPE: &str = "application/vnd.cstore.layer-index.v1";
+
 /// Overlay's own attributes (redirects, metacopy, opaque) would let a layer
 /// rewire the merged tree: never taken from an archive, never in an index.
 pub fn xattr_allowed(name: &[u8]) -> bool {

@@ -1,0 +1,137 @@
+//! Lazy pull (#14) through the CLI, against the real registry on 127.0.0.1:
+//! indexes recorded in the unpack pass and kept by `gc` while their layer is.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{shared_registry_addr, Cstore};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+fn blob(cs: &Cstore, digest: &str) -> PathBuf {
+    cs.path()
+        .join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"))
+}
+
+fn index_ls(cs: &Cstore, image: &str) -> Vec<Value> {
+    serde_json::from_str(&cs.ok(&["index", "ls", "--json", image])).expect("index ls --json")
+}
+
+/// The config's diff_ids of a pulled image.
+fn diff_ids(cs: &Cstore, image: &str) -> Vec<String> {
+    let images = cs.images();
+    let img = images
+        .iter()
+        .find(|i| i["name"] == image)
+        .unwrap_or_else(|| panic!("{image} not in {images:?}"));
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(blob(cs, img["config"].as_str().unwrap())).unwrap())
+            .unwrap();
+    config["rootfs"]["diff_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Reads every span of the stored index `ix` of `layer` from the local blob
+/// and windows, each verified by the index crate, and returns the sha256 of
+/// the whole uncompressed stream they make.
+fn stream_through_index(cs: &Cstore, layer: &str, ix: &Value) -> String {
+    let bytes = std::fs::read(blob(cs, ix["digest"].as_str().unwrap())).unwrap();
+    let idx = cstore_index::Index::parse(bytes.as_slice()).expect("a stored index parses");
+    let h = idx.header();
+    assert_eq!(h.layer_digest_str(), layer, "the index is of its layer");
+    let data = std::fs::read(blob(cs, layer)).unwrap();
+    let windows = match ix["windows"].as_str() {
+        Some(w) => std::fs::read(blob(cs, w)).unwrap(),
+        None => Vec::new(),
+    };
+    let mut reader = cstore_index::SpanReader::new();
+    let mut sha = Sha256::new();
+    for i in 0..idx.span_count() {
+        let s = idx.span(i);
+        let c = &data[s.compressed.start as usize..s.compressed.end as usize];
+        let w = s
+            .window()
+            .map_or(&[][..], |r| &windows[r.start as usize..r.end as usize]);
+        sha.update(reader.read_span(&idx, i, c, w).expect("span verifies"));
+    }
+    format!("sha256:{}", hex::encode(sha.finalize()))
+}
+
+fn assert_gone(p: &Path) {
+    assert!(!p.exists(), "{} should be gone", p.display());
+}
+
+/// `cstore pull` records each gzip or uncompressed layer's index in the unpack
+/// pass and stores it with its windows; every span read back through it from
+/// the local blob (checked against its digest) makes the layer's diff_id. A
+/// single-frame zstd layer gets no index and the pull says so for that layer.
+/// `gc` keeps indexes while their layer is referenced; `rmi` frees them.
+#[test]
+fn unpack_records_each_layers_index_and_gc_keeps_it_with_its_layer() {
+    let addr = shared_registry_addr();
+    // The uncompressed image has the same diff_ids (so the same snapshots):
+    // in one store its layer would be "already unpacked" and not indexed.
+    let plain = Cstore::new();
+    let cs = Cstore::new();
+    let mut kept = Vec::new();
+    for (cs, tag) in [(&plain, "busybox:uncompressed"), (&cs, "busybox:latest")] {
+        let image = format!("{addr}/{tag}");
+        let out = cs.ok(&["pull", &image]);
+        assert!(out.contains("indexed ("), "{tag}: pull says so:\n{out}");
+        let diffs = diff_ids(cs, &image);
+        let rows = index_ls(cs, &image);
+        assert_eq!(rows.len(), diffs.len());
+        for (row, diff) in rows.iter().zip(&diffs) {
+            let layer = row["layer"].as_str().unwrap();
+            let ix = &row["index"];
+            assert!(ix.is_object(), "{tag}: layer {layer} has an index: {row}");
+            assert_eq!(ix["origin"], "unpack");
+            assert!(ix["spans"].as_u64().unwrap() >= 1);
+            assert!(ix["entries"].as_u64().unwrap() > 3, "{tag}: {row}");
+            assert_eq!(&stream_through_index(cs, layer, ix), diff, "{tag}");
+            kept.push(blob(cs, ix["digest"].as_str().unwrap()));
+            if let Some(w) = ix["windows"].as_str() {
+                kept.push(blob(cs, w));
+            }
+        }
+    }
+    // zstd as skopeo writes it: one frame, which cannot be entered mid-way.
+    let zstd = format!("{addr}/busybox:zstd");
+    let z = Cstore::new();
+    let out = z.ok(&["pull", &zstd]);
+    assert!(
+        out.contains("no lazy index: a single zstd frame"),
+        "the zstd layer is named as not indexable:\n{out}"
+    );
+    // Its large layer has none (small ones are one frame no larger than a span).
+    let rows = index_ls(&z, &zstd);
+    let big = rows
+        .iter()
+        .max_by_key(|r| r["size"].as_u64().unwrap())
+        .unwrap();
+    assert!(big["index"].is_null(), "{rows:?}");
+    let short = &big["layer"].as_str().unwrap()[7..19];
+    assert!(out.contains(&format!("{short}: no lazy index: a single zstd frame")));
+
+    cs.ok(&["gc"]);
+    for p in kept.iter().filter(|p| p.starts_with(cs.path())) {
+        assert!(p.exists(), "gc kept {} while its layer is", p.display());
+    }
+    cs.ok(&["rmi", &format!("{addr}/busybox:latest")]);
+    plain.ok(&["gc"]);
+    assert!(kept
+        .iter()
+        .all(|p| !p.starts_with(plain.path()) || p.exists()));
+    plain.ok(&["rmi", &format!("{addr}/busybox:uncompressed")]);
+    for p in &kept {
+        assert_gone(p);
+    }
+    cs.assert_blobs_verified();
+    plain.assert_blobs_verified();
+}
