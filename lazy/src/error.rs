@@ -1,0 +1,26 @@
+//! The crate's one error type.
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Registry(#[from] cstore_registry::Error),
+    #[error(transparent)]
+    Store(#[from] cstore_store::Error),
+    #[error(transparent)]
+    Index(#[from] cstore_index::Error),
+    #[error(transparent)]
+    Fuse(#[from] cstore_fuse_fs::Error),
+    /// Something the registry holds about an image or layer is not what it
+    /// must be (an index artifact, a TOC); names the thing.
+    #[error("{what}: {reason}")]
+    Invalid { what: String, reason: String },
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

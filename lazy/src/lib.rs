@@ -1,0 +1,13 @@
+//! `cstore-lazy`: lazy layers, where the pieces meet (docs/lazy.md).
+//!
+//! The registry client knows nothing of indexes, the index crate nothing of
+//! the network, fuse-fs nothing of registries, and the store and snapshotter
+//! nothing of FUSE: this crate joins them.
+//! - [`source::RegistrySource`]: a `SpanSource` reading a layer's compressed
+//!   bytes by range from its registry (auth, token cache, retries, size caps
+//!   of the client), and the windows from the store or the registry.
+
+pub mod error;
+pub mod source;
+
+pub use error::{Error, Result};
