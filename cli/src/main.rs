@@ -146,12 +146,76 @@ enum Command {
     },
 }
 
+/// How to reach a registry (for `index build|push` and lazy pulls).
+#[derive(clap::Args, Clone)]
+struct RegistryArgs {
+    /// Platform to use from a multi-platform image (default: this host's).
+    #[arg(long)]
+    platform: Option<String>,
+    /// Talk plain HTTP to the registry.
+    #[arg(long)]
+    plain_http: bool,
+    /// Registry credentials USER:PASS (else ~/.docker/config.json).
+    #[arg(long, env = "CSTORE_CREDS", hide_env_values = true)]
+    creds: Option<String>,
+}
+
+impl RegistryArgs {
+    fn client(&self) -> Result<RegistryClient> {
+        let creds = match &self.creds {
+            Some(c) => Some(Credentials::parse(c).context("--creds takes USER:PASS")?),
+            None => None,
+        };
+        let mut opts = ClientOptions {
+            plain_http: self.plain_http,
+            creds,
+            ..Default::default()
+        };
+        if let Some(ms) = retry_backoff_ms()? {
+            opts.backoff = std::time::Duration::from_millis(ms);
+        }
+        Ok(RegistryClient::new(opts)?)
+    }
+
+    fn platform(&self) -> Result<Platform> {
+        Ok(match &self.platform {
+            Some(p) => p.parse::<Platform>()?,
+            None => Platform::host(),
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum IndexCommand {
+    /// Build the index of each layer of REF from the registry: each blob is
+    /// streamed through the indexer, never stored; the indexes are.
+    Build {
+        reference: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish the stored indexes of REF's layers as an OCI artifact whose
+    /// subject is the image manifest (referrers API, or the referrers tag
+    /// schema where the registry has none).
+    Push {
+        reference: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[arg(long)]
+        json: bool,
+    },
     /// The stored index of each layer of REF (made when its layers were
     /// unpacked, built, or found in the registry).
     Ls {
         reference: String,
+        /// The indexes published in the registry for REF (referrers API or
+        /// tag schema), each checked, instead of the stored ones.
+        #[arg(long)]
+        remote: bool,
+        #[command(flatten)]
+        registry: RegistryArgs,
         #[arg(long)]
         json: bool,
     },
@@ -422,10 +486,59 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Index {
-            command: IndexCommand::Ls { reference, json },
+            command:
+                IndexCommand::Ls {
+                    reference,
+                    remote,
+                    registry,
+                    json,
+                },
+        } => {
+            if remote {
+                lazy::ls_remote(
+                    &reference.parse()?,
+                    registry.client()?,
+                    &registry.platform()?,
+                    json,
+                )?;
+            } else {
+                let store = open_store(&cli.root)?;
+                lazy::ls(&store, &reference, json)?;
+            }
+        }
+        Command::Index {
+            command:
+                IndexCommand::Build {
+                    reference,
+                    registry,
+                    json,
+                },
         } => {
             let store = open_store(&cli.root)?;
-            lazy::ls(&store, &reference, json)?;
+            lazy::build(
+                &store,
+                &reference.parse()?,
+                registry.client()?,
+                &registry.platform()?,
+                json,
+            )?;
+        }
+        Command::Index {
+            command:
+                IndexCommand::Push {
+                    reference,
+                    registry,
+                    json,
+                },
+        } => {
+            let store = open_store(&cli.root)?;
+            lazy::push(
+                &store,
+                &reference.parse()?,
+                registry.client()?,
+                &registry.platform()?,
+                json,
+            )?;
         }
         Command::Df { json } => {
             let store = open_store(&cli.root)?;

@@ -135,3 +135,53 @@ fn unpack_records_each_layers_index_and_gc_keeps_it_with_its_layer() {
     cs.assert_blobs_verified();
     plain.assert_blobs_verified();
 }
+
+/// `cstore index build` streams each layer from the registry through the
+/// indexer without storing it; `index push` publishes the indexes as an
+/// artifact whose subject is the image manifest, through the referrers tag
+/// schema (CNCF distribution 2.8 has no referrers API); another store finds
+/// them there (`index ls --remote`), each checked against its layer.
+#[test]
+fn index_build_and_push_from_one_store_are_found_from_another() {
+    let reg = common::Registry::start(&[]);
+    reg.push(None);
+    let image = reg.image("busybox:latest");
+    let a = Cstore::new();
+    let out = a.ok(&["index", "build", &image]);
+    assert!(out.contains("3 of 3 layers indexed"), "{out}");
+    let rows = index_ls(&a, &image);
+    for r in &rows {
+        assert_eq!(r["index"]["origin"], "build", "{r}");
+        let layer = r["layer"].as_str().unwrap();
+        assert!(!blob(&a, layer).exists(), "layer {layer} was not stored");
+    }
+    // The image is recorded (manifest, config, layers), so gc keeps them.
+    a.ok(&["gc"]);
+    assert_eq!(index_ls(&a, &image), rows, "gc kept the built indexes");
+
+    let out = a.ok(&["index", "push", &image]);
+    assert!(out.contains("referrers tag schema"), "{out}");
+    let tags = common::http(&reg.addr, "GET", "/v2/busybox/tags/list", None);
+    assert!(tags.contains("\"sha256-"), "the referrers tag: {tags}");
+
+    let b = Cstore::new();
+    let remote: Vec<Value> =
+        serde_json::from_str(&b.ok(&["index", "ls", "--remote", "--json", &image])).unwrap();
+    assert_eq!(remote.len(), rows.len());
+    for (r, local) in remote.iter().zip(&rows) {
+        assert_eq!(r["layer"], local["layer"]);
+        assert!(r["artifact"].is_string(), "{r}");
+        assert_eq!(r["entries"], local["index"]["entries"], "{r}");
+        assert_eq!(r["spans"], local["index"]["spans"], "{r}");
+    }
+    // Nothing was published for another image of the same repository.
+    let z: Vec<Value> = serde_json::from_str(&b.ok(&[
+        "index",
+        "ls",
+        "--remote",
+        "--json",
+        &reg.image("busybox:zstd"),
+    ]))
+    .unwrap();
+    assert!(z.iter().all(|r| r["artifact"].is_null()), "{z:?}");
+}

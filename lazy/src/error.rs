@@ -9,6 +9,8 @@ pub enum Error {
     #[error(transparent)]
     Index(#[from] cstore_index::Error),
     #[error(transparent)]
+    Unpack(#[from] cstore_unpack::Error),
+    #[error(transparent)]
     Fuse(#[from] cstore_fuse_fs::Error),
     /// Something the registry holds about an image or layer is not what it
     /// must be (an index artifact, a TOC); names the thing.

@@ -6,7 +6,11 @@
 //! - [`source::RegistrySource`]: a `SpanSource` reading a layer's compressed
 //!   bytes by range from its registry (auth, token cache, retries, size caps
 //!   of the client), and the windows from the store or the registry.
+//! - [`artifact`]: `index build` (from the registry, blobs never stored),
+//!   `index push` (an OCI artifact whose subject is the image manifest) and
+//!   finding it again (referrers API, or the referrers tag schema).
 
+pub mod artifact;
 pub mod error;
 pub mod source;
 

@@ -138,7 +138,7 @@ fn host_port(u: &Url) -> String {
 }
 
 pub struct RegistryClient {
-    http: reqwest::Client,
+    pub(crate) http: reqwest::Client,
     opts: ClientOptions,
     state: Mutex<State>,
 }
@@ -195,7 +195,7 @@ impl RegistryClient {
             .unwrap_or(&Scheme::Https)
     }
 
-    fn url(&self, r: &Reference, path: &str) -> Result<Url> {
+    pub(crate) fn url(&self, r: &Reference, path: &str) -> Result<Url> {
         let scheme = match self.scheme(r) {
             Scheme::Https => "https",
             Scheme::Http => "http",
@@ -207,8 +207,17 @@ impl RegistryClient {
         })
     }
 
+    /// The scope a push needs (the same cache, another key).
+    pub(crate) fn push_scope(r: &Reference) -> String {
+        format!("repository:{}:pull,push", r.repository())
+    }
+
     fn cached_auth(&self, r: &Reference) -> Option<String> {
-        let key = (r.api_host().to_string(), Self::scope(r));
+        self.cached_auth_scope(r, &Self::scope(r))
+    }
+
+    pub(crate) fn cached_auth_scope(&self, r: &Reference, scope: &str) -> Option<String> {
+        let key = (r.api_host().to_string(), scope.to_string());
         match self.state.lock().unwrap().auth.get(&key)? {
             Auth::Basic(h) => Some(h.clone()),
             Auth::Bearer { token, expires, .. } if *expires > Instant::now() => {
@@ -433,7 +442,7 @@ impl RegistryClient {
 
     /// Docker talks plain HTTP to loopback registries when TLS fails. Returns
     /// true if this request should be tried again over HTTP.
-    fn try_plain_http(&self, r: &Reference) -> bool {
+    pub(crate) fn try_plain_http(&self, r: &Reference) -> bool {
         if self.opts.plain_http || !r.is_loopback() {
             return false;
         }
@@ -462,8 +471,17 @@ impl RegistryClient {
     /// credentials, or fetch a bearer token for this repository's pull scope
     /// from the realm the registry named.
     async fn authenticate(&self, r: &Reference, challenge: Option<&str>) -> Result<()> {
+        self.authenticate_scope(r, challenge, Self::scope(r)).await
+    }
+
+    /// [`Self::authenticate`] for `scope` (a push's).
+    pub(crate) async fn authenticate_scope(
+        &self,
+        r: &Reference,
+        challenge: Option<&str>,
+        scope: String,
+    ) -> Result<()> {
         let registry = r.registry().to_string();
-        let scope = Self::scope(r);
         let creds = self.credentials(r);
         let key = (r.api_host().to_string(), scope.clone());
         match challenge.and_then(auth::parse_challenge) {
@@ -724,7 +742,7 @@ impl RegistryClient {
 /// Read a body up to `limit` bytes. `(bytes, true)` when that was all of it;
 /// `(the first limit bytes, false)` when there was more, which is then not
 /// read (the connection is dropped with the response).
-async fn read_capped(resp: Response, limit: u64) -> reqwest::Result<(Vec<u8>, bool)> {
+pub(crate) async fn read_capped(resp: Response, limit: u64) -> reqwest::Result<(Vec<u8>, bool)> {
     let mut body = Vec::new();
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {
@@ -799,7 +817,7 @@ fn retry_after(resp: &Response) -> Option<Duration> {
 
 /// The registry's own error text (`{"errors":[{"code","message"}]}`), or the
 /// start of the body.
-async fn error_message(resp: Response) -> String {
+pub(crate) async fn error_message(resp: Response) -> String {
     #[derive(serde::Deserialize)]
     struct Errors {
         errors: Vec<ErrorItem>,

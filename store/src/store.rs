@@ -299,6 +299,77 @@ impl Store {
         result.map(|()| rec)
     }
 
+    /// Record an image whose layers are not here (a lazy pull, `index build`):
+    /// its platform manifest (also its target) and config are stored, verified,
+    /// and the image record names its layers as the manifest does. `gc` keeps
+    /// the layers' indexes (and blobs, once present) through it; a later plain
+    /// `pull` finds it incomplete and fetches the layers.
+    pub fn record_image_metadata(
+        &self,
+        name: &str,
+        manifest: (&[u8], &str),
+        config: (&[u8], &str),
+        layers: &[crate::meta::DescriptorRecord],
+        platform: crate::Platform,
+    ) -> Result<ImageRecord> {
+        use crate::meta::DescriptorRecord;
+        use sha2::{Digest as _, Sha256};
+        let desc = |b: &[u8], mt: &str| DescriptorRecord {
+            media_type: mt.to_string(),
+            digest: format!("sha256:{}", hex::encode(Sha256::digest(b))),
+            size: b.len() as u64,
+        };
+        let m = desc(manifest.0, manifest.1);
+        let c = desc(config.0, config.1);
+        let image = ImageRecord {
+            name: name.to_string(),
+            target: m.clone(),
+            manifest: m.clone(),
+            config: c.clone(),
+            layers: layers.to_vec(),
+            platform,
+            updated: cstore_os::now_unix(),
+        };
+        let lease_id = format!("meta-{}-{:016x}", std::process::id(), rand::random::<u64>());
+        let mut lease = Lease::for_this_process();
+        lease.blobs = vec![m.digest.clone(), c.digest.clone()];
+        let meta = &self.inner.meta;
+        meta.update(|t| t.put_lease(&lease_id, &lease))?;
+        let result = (|| {
+            self.inner
+                .dirs
+                .put_bytes(&parse_digest(&m.digest)?, manifest.0)?;
+            self.inner
+                .dirs
+                .put_bytes(&parse_digest(&c.digest)?, config.0)?;
+            let mut children = vec![c.digest.clone()];
+            children.extend(layers.iter().map(|l| l.digest.clone()));
+            let blobs = vec![
+                (
+                    m.digest.clone(),
+                    BlobRecord {
+                        size: m.size,
+                        media_type: m.media_type.clone(),
+                        children,
+                    },
+                ),
+                (
+                    c.digest.clone(),
+                    BlobRecord {
+                        size: c.size,
+                        media_type: c.media_type.clone(),
+                        children: Vec::new(),
+                    },
+                ),
+            ];
+            self.commit_image(&image, &blobs, &lease_id)
+        })();
+        if result.is_err() {
+            let _ = meta.update(|t| t.remove_lease(&lease_id));
+        }
+        result.map(|()| image)
+    }
+
     /// Mark and sweep from image refs and live leases, under the database's
     /// write transaction.
     pub fn gc(&self) -> Result<GcReport> {

@@ -345,6 +345,90 @@ pub fn unpack_reader<R: BufRead>(
     })
 }
 
+/// The index of a compressed layer read from `raw`, without extracting it
+/// (`cstore index build`: a blob streamed from the registry, never stored):
+/// the unpack pass minus the tree, with the same bomb cap, and the diff_id
+/// checked against `layer.diff_id`. What cannot be indexed is
+/// `LayerIndex::Unavailable`; an unreadable or wrong layer is an error.
+pub fn index_layer<R: BufRead>(
+    raw: R,
+    compressed_size: u64,
+    layer: &LayerRef<'_>,
+    opts: &UnpackOptions,
+) -> Result<LayerIndex> {
+    let fail = |entry: Option<String>, reason: String| Error::Layer {
+        image: layer.image.to_string(),
+        layer: layer.digest.to_string(),
+        entry,
+        reason,
+    };
+    let limit = compressed_size
+        .saturating_mul(opts.max_ratio)
+        .max(opts.min_limit);
+    let ir = cstore_index::IndexingReader::new(
+        raw,
+        match layer.compression {
+            Compression::None => cstore_index::Compression::None,
+            Compression::Gzip => cstore_index::Compression::Gzip,
+            Compression::Zstd => cstore_index::Compression::Zstd,
+        },
+        cstore_index::Policy::default(),
+        Vec::new(),
+    );
+    let diff = DiffReader {
+        inner: ir,
+        hasher: Sha256::new(),
+        count: 0,
+        limit,
+    };
+    let mut tar = tar::TarReader::new(BufReader::with_capacity(1 << 20, diff));
+    let mut tree = Some(cstore_index::TreeBuilder::new(tree_options(
+        opts.max_made_dir_bytes,
+    )));
+    let mut tree_failed = None;
+    // next_entry skips each entry's data: it goes by read by the hashes only.
+    loop {
+        let entry = match tar.next_entry() {
+            Ok(Some(e)) => e,
+            Ok(None) => break,
+            Err(tar::TarError::Io(io)) => {
+                return Err(fail(None, format!("reading the layer: {io}")))
+            }
+            Err(other) => return Err(fail(None, other.to_string())),
+        };
+        if let Some(tb) = &mut tree {
+            if let Err(e) = tb.add(&index_entry(&entry)) {
+                tree_failed = Some(format!(
+                    "entry {}: {e}",
+                    String::from_utf8_lossy(&entry.path)
+                ));
+                tree = None;
+            }
+        }
+    }
+    let mut rest = tar.into_inner();
+    io::copy(&mut rest, &mut io::sink())
+        .map_err(|e| fail(None, format!("reading the layer: {e}")))?;
+    let diff = rest.into_inner();
+    let diff_sha: [u8; 32] = diff.hasher.finalize().into();
+    let actual = format!("sha256:{}", hex::encode(diff_sha));
+    if actual != layer.diff_id {
+        return Err(Error::DiffIdMismatch {
+            image: layer.image.to_string(),
+            layer: layer.digest.to_string(),
+            expected: layer.diff_id.to_string(),
+            actual,
+        });
+    }
+    Ok(finish_index(
+        diff.inner,
+        tree,
+        tree_failed,
+        layer.digest,
+        diff_sha,
+    ))
+}
+
 /// The index of a layer whose stream was read to its end (and whose
 /// diff_id matched), or why there is none.
 fn finish_index<R: BufRead>(
