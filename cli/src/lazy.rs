@@ -189,3 +189,162 @@ pub fn ls_remote(
     }
     Ok(())
 }
+
+/// `cstore pull --lazy REF`.
+pub fn pull(store: &Store, r: &Reference, args: &crate::RegistryArgs, json: bool) -> Result<()> {
+    let rt = runtime()?;
+    let client = args.client()?;
+    let img = artifact::resolve(rt.handle(), &client, r, &args.platform()?)?;
+    let sn = crate::snap::open(store)?;
+    sn.cleanup()?;
+    let events = cstore_lazy::pull::pull_lazy(rt.handle(), &client, store, &sn, &img, &|e| {
+        if json {
+            println!("{}", serde_json::to_string(e).unwrap_or_default());
+            return;
+        }
+        use cstore_lazy::pull::Event;
+        match e {
+            Event::Present { layer } => println!("{}: already a snapshot", short(layer)),
+            Event::Lazy { layer, origin } => {
+                println!("{}: lazy, index from {origin}", short(layer))
+            }
+            Event::Whole { layer, reason } => {
+                println!("{}: pulled whole: {reason}", short(layer))
+            }
+        }
+    })?;
+    let lazy = events
+        .iter()
+        .filter(|e| matches!(e, cstore_lazy::pull::Event::Lazy { .. }))
+        .count();
+    if !json {
+        println!(
+            "pulled {r} lazily ({}): {lazy} of {} layers lazy",
+            img.manifest_digest,
+            events.len()
+        );
+    }
+    Ok(())
+}
+
+fn mount_spec(target: &std::path::Path, image: &str) -> cstore_lazy::serve::MountSpec {
+    cstore_lazy::serve::MountSpec {
+        target: target.to_path_buf(),
+        key: format!("cstore-mount:{}", target.display()),
+        labels: std::collections::BTreeMap::from([
+            (
+                "cstore.io/mountpoint".to_string(),
+                target.display().to_string(),
+            ),
+            ("cstore.io/image".to_string(), image.to_string()),
+        ]),
+    }
+}
+
+/// `cstore mount --lazy REF DIR`: pull lazily if needed, then start the
+/// daemon (detached, its log in ROOT/lazy/daemon.log) and wait for its mount.
+pub fn mount(
+    store: &Store,
+    root: &std::path::Path,
+    reference: &str,
+    dir: &std::path::Path,
+    args: &crate::RegistryArgs,
+) -> Result<()> {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let target = dir
+        .canonicalize()
+        .with_context(|| format!("mount point {}", dir.display()))?;
+    if cstore_snapshotter::mount::is_mountpoint(&target) {
+        anyhow::bail!("{} is already a mount point", target.display());
+    }
+    let r: Reference = reference.parse()?;
+    let needs_pull = match store.image(&r.to_string()) {
+        Ok(img) => {
+            let sn = crate::snap::open(store)?;
+            let layers = cstore_snapshotter::image::layers_of(store, &img)?;
+            layers.iter().any(|l| sn.stat(&l.chain_id).is_err())
+        }
+        Err(_) => true,
+    };
+    if needs_pull {
+        pull(store, &r, args, false)?;
+    }
+    let logdir = root.join("lazy");
+    std::fs::create_dir_all(&logdir)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(logdir.join("daemon.log"))?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("--root").arg(root).arg("lazy-serve");
+    if args.plain_http {
+        cmd.arg("--plain-http");
+    }
+    if let Some(p) = &args.platform {
+        cmd.args(["--platform", p]);
+    }
+    if let Some(c) = &args.creds {
+        cmd.env("CSTORE_CREDS", c);
+    }
+    cmd.arg(r.to_string()).arg(&target);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe; the daemon outlives this command.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the lazy daemon")?;
+    let mut line = String::new();
+    let stdout = child.stdout.take().context("daemon stdout")?;
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    match line.trim().strip_prefix("ready ") {
+        Some(msg) => {
+            println!("{msg}");
+            Ok(())
+        }
+        None => {
+            let _ = child.wait();
+            let text = std::fs::read_to_string(logdir.join("daemon.log")).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(5).collect();
+            anyhow::bail!(
+                "the lazy daemon for {r} did not mount {}: {}",
+                target.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        }
+    }
+}
+
+/// The daemon itself (`cstore lazy-serve`).
+pub fn serve(
+    store: &Store,
+    reference: &str,
+    dir: &std::path::Path,
+    args: &crate::RegistryArgs,
+) -> Result<()> {
+    let rt = runtime()?;
+    let client = Arc::new(args.client()?);
+    let sn = crate::snap::open(store)?;
+    let r: Reference = reference.parse()?;
+    let img = store.image(&r.to_string())?;
+    let mk = mount_spec(dir, &img.name);
+    cstore_lazy::serve::serve_mount(rt.handle(), client, store, &sn, &r.to_string(), mk, |msg| {
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "ready {msg}");
+        let _ = out.flush();
+        // The command that started us is gone from here on.
+        if let Ok(null) = std::fs::File::open("/dev/null") {
+            use std::os::fd::AsRawFd;
+            // SAFETY: replacing fd 1 with /dev/null.
+            unsafe { libc::dup2(null.as_raw_fd(), 1) };
+        }
+    })
+    .with_context(|| format!("serving {r} at {}", dir.display()))?;
+    Ok(())
+}

@@ -64,6 +64,11 @@ enum Command {
         /// Only fetch; do not unpack the layers into snapshots.
         #[arg(long)]
         no_unpack: bool,
+        /// Fetch the manifest, config and each layer's index only: layers are
+        /// served on demand (`mount --lazy`); a layer without an index is
+        /// pulled whole, and said so.
+        #[arg(long, conflicts_with = "no_unpack")]
+        lazy: bool,
     },
     /// Unpack a pulled image's layers into snapshots (each layer once).
     Unpack {
@@ -74,8 +79,22 @@ enum Command {
     /// Mount an image's root filesystem at DIR (read-only unless --rw).
     Mount {
         /// An active snapshot with its own upper and work dirs: writes land there.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "lazy")]
         rw: bool,
+        /// Serve lazy layers from the registry (pulling with --lazy first if
+        /// needed), through a daemon that stays until DIR is unmounted.
+        #[arg(long)]
+        lazy: bool,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        reference: String,
+        dir: PathBuf,
+    },
+    /// The lazy layers' daemon behind `mount --lazy` (not for direct use).
+    #[command(hide = true)]
+    LazyServe {
+        #[command(flatten)]
+        registry: RegistryArgs,
         reference: String,
         dir: PathBuf,
     },
@@ -148,7 +167,7 @@ enum Command {
 
 /// How to reach a registry (for `index build|push` and lazy pulls).
 #[derive(clap::Args, Clone)]
-struct RegistryArgs {
+pub(crate) struct RegistryArgs {
     /// Platform to use from a multi-platform image (default: this host's).
     #[arg(long)]
     platform: Option<String>,
@@ -161,7 +180,7 @@ struct RegistryArgs {
 }
 
 impl RegistryArgs {
-    fn client(&self) -> Result<RegistryClient> {
+    pub(crate) fn client(&self) -> Result<RegistryClient> {
         let creds = match &self.creds {
             Some(c) => Some(Credentials::parse(c).context("--creds takes USER:PASS")?),
             None => None,
@@ -177,7 +196,7 @@ impl RegistryArgs {
         Ok(RegistryClient::new(opts)?)
     }
 
-    fn platform(&self) -> Result<Platform> {
+    pub(crate) fn platform(&self) -> Result<Platform> {
         Ok(match &self.platform {
             Some(p) => p.parse::<Platform>()?,
             None => Platform::host(),
@@ -302,7 +321,18 @@ fn run(cli: Cli) -> Result<()> {
             jobs,
             json,
             no_unpack,
+            lazy,
         } => {
+            if lazy {
+                let store = open_store(&cli.root)?;
+                let args = RegistryArgs {
+                    platform,
+                    plain_http,
+                    creds,
+                };
+                lazy::pull(&store, &reference.parse()?, &args, json)?;
+                return Ok(());
+            }
             let reference: Reference = reference.parse()?;
             let platform = match platform {
                 Some(p) => p.parse::<Platform>()?,
@@ -368,9 +398,27 @@ fn run(cli: Cli) -> Result<()> {
             let store = open_store(&cli.root)?;
             snap::unpack(&store, &reference, json)?;
         }
-        Command::Mount { rw, reference, dir } => {
+        Command::Mount {
+            rw,
+            lazy,
+            registry,
+            reference,
+            dir,
+        } => {
             let store = open_store(&cli.root)?;
-            snap::mount_image(&store, &reference, &dir, rw)?;
+            if lazy {
+                lazy::mount(&store, &cli.root, &reference, &dir, &registry)?;
+            } else {
+                snap::mount_image(&store, &reference, &dir, rw)?;
+            }
+        }
+        Command::LazyServe {
+            registry,
+            reference,
+            dir,
+        } => {
+            let store = open_store(&cli.root)?;
+            lazy::serve(&store, &reference, &dir, &registry)?;
         }
         Command::Umount { keep, dir } => {
             let store = open_store(&cli.root)?;

@@ -100,6 +100,18 @@ pub fn mount_image(store: &Store, reference: &str, dir: &Path, rw: bool) -> Resu
     let img = store.image(reference)?;
     let layers = image::layers_of(store, &img)?;
     let top = layers.last().context("image has no layers")?;
+    for l in &layers {
+        if sn
+            .stat(&l.chain_id)
+            .is_ok_and(|i| i.labels.contains_key(image::LABEL_LAZY))
+        {
+            bail!(
+                "layer {} of {} is lazy and not complete yet: mount it with `cstore mount --lazy`",
+                l.descriptor.digest,
+                img.name
+            );
+        }
+    }
     if !sn
         .stat(&top.chain_id)
         .is_ok_and(|i| i.kind == Kind::Committed)

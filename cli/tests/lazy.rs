@@ -185,3 +185,222 @@ fn index_build_and_push_from_one_store_are_found_from_another() {
     .unwrap();
     assert!(z.iter().all(|r| r["artifact"].is_null()), "{z:?}");
 }
+
+/// A fresh registry with the test images (and Debian), stopped on drop.
+fn registry_with_debian() -> common::Registry {
+    let reg = common::Registry::start(&[]);
+    common::run_fixture("push.sh", &[&reg.addr, "--debian"]);
+    reg
+}
+
+/// The snapshots of `cs` still labelled lazy.
+fn lazy_snapshots(cs: &Cstore) -> usize {
+    let rows: Vec<Value> = serde_json::from_str(&cs.ok(&["snapshots", "--json"])).unwrap();
+    rows.iter()
+        .filter(|r| r["labels"]["cstore.io/lazy"].is_string())
+        .count()
+}
+
+/// Bytes of `digest` the client asked the proxy for (every read of a lazy
+/// layer is a Range GET).
+fn ranged_for(proxy: &common::FaultProxy, digest: &str) -> u64 {
+    proxy
+        .log()
+        .iter()
+        .filter(|e| e["path"].as_str().is_some_and(|p| p.contains(digest)))
+        .map(|e| {
+            let r = e["range"].as_str().unwrap_or("");
+            let (a, b) = r
+                .trim_start_matches("bytes=")
+                .split_once('-')
+                .unwrap_or_else(|| panic!("a whole-blob GET of {digest}: {e}"));
+            b.parse::<u64>().unwrap() + 1 - a.parse::<u64>().unwrap()
+        })
+        .sum()
+}
+
+fn chroot(dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("chroot")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "chroot {args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Index pushed from one store, `pull --lazy` + `mount --lazy` from another
+/// through a slow, counting proxy: a program runs and prints the right output
+/// while the layer is still lazy, having fetched a fraction of it; the tree
+/// through the lazy mount equals umoci's unpack; background completion turns
+/// the layers into ordinary snapshots (a plain mount then works and shows the
+/// same tree, and the blobs are in the store, verified).
+#[test]
+fn pull_lazy_runs_before_the_layers_are_local_and_completes_into_a_normal_pull() {
+    let reg = registry_with_debian();
+    let direct = reg.image("debian:bookworm");
+    let a = Cstore::new();
+    a.ok(&["index", "build", &direct]);
+    a.ok(&["index", "push", &direct]);
+
+    let proxy = common::FaultProxy::start(&reg.addr);
+    let image = format!("{}/debian:bookworm", proxy.addr);
+    let b = Cstore::new();
+    let out = b.ok(&["pull", "--lazy", &image]);
+    assert!(out.contains("lazy, index from the registry"), "{out}");
+    let layers: Vec<Value> = index_ls(&b, &image);
+    let (layer, size) = layers
+        .iter()
+        .map(|l| {
+            (
+                l["layer"].as_str().unwrap().to_string(),
+                l["size"].as_u64().unwrap(),
+            )
+        })
+        .max_by_key(|l| l.1)
+        .unwrap();
+    // Slow: background completion cannot finish before the program has run.
+    proxy.set(serde_json::json!([{"match": layer.as_str(), "action": "slow", "bps": 1_000_000}]));
+    let mnt = common::tree::MountDir::new();
+    let out = b.ok(&["mount", "--lazy", &image, mnt.s()]);
+    assert!(out.contains("layers lazy"), "{out}");
+    let version = chroot(mnt.path(), &["/bin/cat", "/etc/debian_version"]);
+    assert!(version.starts_with("12"), "{version}");
+    let listing = chroot(mnt.path(), &["/bin/ls", "/usr/bin"]);
+    assert!(listing.contains("dpkg"), "{listing}");
+    let fetched = ranged_for(&proxy, &layer);
+    assert!(
+        fetched > 0 && fetched < size / 2,
+        "fetched {fetched} of {size} bytes to run cat and ls"
+    );
+    eprintln!("cat + ls on the lazy mount fetched {fetched} of {size} bytes of the layer");
+    assert!(lazy_snapshots(&b) > 0, "the layer is not complete yet");
+
+    proxy.clear();
+    let got = common::tree::treesnap(mnt.path());
+    let want = common::tree::umoci_tree("debian");
+    assert!(
+        got == want,
+        "the lazy mount differs from umoci unpack:\n{}",
+        common::tree::tree_diff(&want, &got, "umoci: ", "lazy:  ")
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    while lazy_snapshots(&b) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "completion did not end"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    b.ok(&["umount", mnt.s()]);
+    // An ordinary committed snapshot now: a plain mount, the same tree.
+    b.ok(&["mount", &image, mnt.s()]);
+    let plain = common::tree::treesnap(mnt.path());
+    b.ok(&["umount", mnt.s()]);
+    assert!(
+        plain == want,
+        "{}",
+        common::tree::tree_diff(&want, &plain, "umoci: ", "plain: ")
+    );
+    assert!(
+        blob(&b, &layer).exists(),
+        "the completed layer's blob joined the store"
+    );
+    b.ok(&["gc"]);
+    assert!(blob(&b, &layer).exists());
+    b.assert_blobs_verified();
+    b.assert_nothing_mounted();
+}
+
+/// A layer without any index (zstd as skopeo writes it, nothing pushed) is
+/// pulled whole, and `pull --lazy` says so for that layer.
+#[test]
+fn a_layer_without_an_index_is_pulled_whole_and_said_so() {
+    let addr = shared_registry_addr();
+    let image = format!("{addr}/busybox:zstd");
+    let cs = Cstore::new();
+    let out = cs.ok(&["pull", "--lazy", &image]);
+    let whole = out
+        .lines()
+        .filter(|l| l.contains(": pulled whole: no index"))
+        .count();
+    assert_eq!(whole, 3, "each layer named:\n{out}");
+    assert!(out.contains("0 of 3 layers lazy"), "{out}");
+    assert_eq!(lazy_snapshots(&cs), 0);
+    // Ordinary snapshots: a plain mount works.
+    let mnt = common::tree::MountDir::new();
+    cs.ok(&["mount", &image, mnt.s()]);
+    assert!(mnt.path().join("bin/busybox").exists());
+    cs.ok(&["umount", mnt.s()]);
+}
+
+/// An eStargz image (ctr-remote's conversion) goes lazy from its TOC alone,
+/// without any cstore index, and its lazy tree equals a plain pull's.
+#[test]
+fn an_estargz_image_goes_lazy_without_a_cstore_index() {
+    let dir = common::run_fixture("estargz.sh", &[]).trim().to_string();
+    let addr = shared_registry_addr();
+    let image = format!("{addr}/esgz:latest");
+    let out = std::process::Command::new("skopeo")
+        .args(["copy", "--dest-tls-verify=false"])
+        .arg(format!("oci:{dir}/esgz:esgz"))
+        .arg(format!("docker://{image}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let lazy = Cstore::new();
+    let out = lazy.ok(&["pull", "--lazy", &image]);
+    assert!(out.contains("lazy, index from its eStargz TOC"), "{out}");
+    let mnt = common::tree::MountDir::new();
+    lazy.ok(&["mount", "--lazy", &image, mnt.s()]);
+    let got = common::tree::treesnap(mnt.path());
+    lazy.ok(&["umount", mnt.s()]);
+    let plain = Cstore::new();
+    plain.ok(&["pull", &image]);
+    plain.ok(&["mount", &image, mnt.s()]);
+    let want = common::tree::treesnap(mnt.path());
+    plain.ok(&["umount", mnt.s()]);
+    assert!(
+        got == want,
+        "{}",
+        common::tree::tree_diff(&want, &got, "pull: ", "lazy: ")
+    );
+}
+
+/// An index artifact whose span digests do not match the blob: readers get
+/// EIO, and nothing of the layer is committed (the snapshot stays lazy, a
+/// plain mount is refused).
+#[test]
+fn an_index_lying_about_its_spans_gives_eio_and_commits_nothing() {
+    let reg = common::Registry::start(&[]);
+    reg.push(None);
+    let image = reg.image("busybox:uncompressed");
+    let a = Cstore::new();
+    a.ok(&["index", "build", &image]);
+    for row in index_ls(&a, &image) {
+        let p = blob(&a, row["index"]["digest"].as_str().unwrap());
+        let mut bytes = std::fs::read(&p).unwrap();
+        let (entries, spans) = {
+            let idx = cstore_index::Index::parse(bytes.as_slice()).unwrap();
+            (idx.entry_count() as usize, idx.span_count())
+        };
+        for i in 0..spans {
+            bytes[128 + entries * 64 + i * 96 + 16] ^= 0xff;
+        }
+        std::fs::write(&p, bytes).unwrap();
+    }
+    a.ok(&["index", "push", &image]);
+
+    let b = Cstore::new();
+    b.ok(&["pull", "--lazy", &image]);
+    let mnt = common::tree::MountDir::new();
+    b.ok(&["mount", "--lazy", &image, mnt.s()]);
+    let e = std::fs::read(mnt.path().join("bin/busybox")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(lazy_snapshots(&b) > 0, "nothing unverified was committed");
+    b.ok(&["umount", mnt.s()]);
+    let err = b.fail(&["mount", &image, mnt.s()]);
+    assert!(err.contains("is lazy"), "{err}");
+    b.assert_nothing_mounted();
+}

@@ -234,7 +234,7 @@ fn build_one(
     Ok(match built {
         LayerIndex::Built { index, windows } => {
             let w = (!windows.is_empty()).then_some(windows.as_slice());
-            let rec = store.put_layer_index(&l.digest, &index, w, "build")?;
+            let rec = store.put_layer_index(&l.digest, &index, w, None, "build")?;
             LayerOutcome {
                 layer: l.digest.clone(),
                 index: Some(rec.index),

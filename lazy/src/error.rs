@@ -9,6 +9,8 @@ pub enum Error {
     #[error(transparent)]
     Index(#[from] cstore_index::Error),
     #[error(transparent)]
+    Snapshotter(#[from] cstore_snapshotter::Error),
+    #[error(transparent)]
     Unpack(#[from] cstore_unpack::Error),
     #[error(transparent)]
     Fuse(#[from] cstore_fuse_fs::Error),

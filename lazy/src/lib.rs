@@ -12,6 +12,8 @@
 
 pub mod artifact;
 pub mod error;
+pub mod pull;
+pub mod serve;
 pub mod source;
 
 pub use error::{Error, Result};

@@ -34,6 +34,10 @@ type Staged = Option<Result<(PathBuf, LayerStats)>>;
 
 pub const LABEL_LAYER_DIGEST: &str = "cstore.io/layer.digest";
 pub const LABEL_DIFF_ID: &str = "cstore.io/layer.diff-id";
+/// On a committed layer snapshot whose tree a lazy layer daemon is still
+/// filling in place (docs/lazy.md): it is mounted only through its FUSE
+/// mount until completion removes the label.
+pub const LABEL_LAZY: &str = "cstore.io/lazy";
 
 /// chain[0] = diff[0]; chain[i] = sha256(chain[i-1] + " " + diff[i]).
 pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
@@ -308,6 +312,79 @@ fn unpack_one(
     }
 }
 
+/// Unpack layer `idx` of `layers` (its blob in the store, the layers below
+/// committed) into its committed snapshot, as [`unpack_image`] does for each
+/// layer: for a lazy pull, whose other layers are served lazily.
+pub fn unpack_single(
+    sn: &Snapshotter,
+    store: &Store,
+    image: &ImageRecord,
+    layers: &[Layer],
+    idx: usize,
+    on_event: &(dyn Fn(Event) + Sync),
+) -> Result<()> {
+    let l = &layers[idx];
+    on_event(Event::Unpacking {
+        layer: l.descriptor.digest.clone(),
+    });
+    let (dir, stats) = unpack_one(sn, store, image, l, &UnpackOptions::default(), on_event)?;
+    if let Err(e) = inherit_implicit_dirs(
+        sn,
+        image,
+        l,
+        &layers[..idx],
+        &dir.join("fs"),
+        &stats.implicit_dirs,
+    ) {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(e);
+    }
+    let parent = idx.checked_sub(1).map(|p| layers[p].chain_id.as_str());
+    let labels = BTreeMap::from([
+        (LABEL_LAYER_DIGEST.to_string(), l.descriptor.digest.clone()),
+        (LABEL_DIFF_ID.to_string(), l.diff_id.clone()),
+    ]);
+    on_event(Event::Unpacked {
+        layer: l.descriptor.digest.clone(),
+        stats,
+    });
+    match sn.commit_dir(&dir, &l.chain_id, parent, labels) {
+        Ok(()) => Ok(()),
+        Err(Error::AlreadyExists(_)) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            Err(e)
+        }
+    }
+}
+
+/// Commit an empty snapshot for lazy layer `idx` of `layers` (labelled
+/// [`LABEL_LAZY`]): its tree is filled in place by the layer's daemon.
+pub fn commit_lazy(sn: &Snapshotter, layers: &[Layer], idx: usize) -> Result<()> {
+    let l = &layers[idx];
+    let dir = sn.new_staging()?;
+    let parent = idx.checked_sub(1).map(|p| layers[p].chain_id.as_str());
+    let labels = BTreeMap::from([
+        (LABEL_LAYER_DIGEST.to_string(), l.descriptor.digest.clone()),
+        (LABEL_DIFF_ID.to_string(), l.diff_id.clone()),
+        (LABEL_LAZY.to_string(), "1".to_string()),
+    ]);
+    match sn.commit_dir(&dir, &l.chain_id, parent, labels) {
+        Ok(()) => Ok(()),
+        Err(Error::AlreadyExists(_)) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            Err(e)
+        }
+    }
+}
+
 /// Keep the index the unpack pass recorded. Failing to store it fails
 /// nothing: the layer is unpacked, it just cannot be served lazily from here.
 fn store_index(store: &Store, layer: &str, ix: LayerIndex, on_event: &(dyn Fn(Event) + Sync)) {
@@ -322,7 +399,7 @@ fn store_index(store: &Store, layer: &str, ix: LayerIndex, on_event: &(dyn Fn(Ev
                 .map(|i| i.span_count() as u32)
                 .unwrap_or(0);
             let w = (!windows.is_empty()).then_some(windows.as_slice());
-            match store.put_layer_index(layer, &index, w, "unpack") {
+            match store.put_layer_index(layer, &index, w, None, "unpack") {
                 Ok(rec) => on_event(Event::Indexed {
                     layer: layer.to_string(),
                     spans,

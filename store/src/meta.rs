@@ -73,6 +73,10 @@ pub struct LayerIndexRecord {
     pub windows: Option<String>,
     #[serde(default)]
     pub windows_size: u64,
+    /// The windows blob's digest in the registry, for an index found there
+    /// (its windows are fetched by range with the spans that need them).
+    #[serde(default)]
+    pub remote_windows: Option<String>,
     /// Where it came from: "unpack", "build", "referrers", "estargz", "soci".
     pub origin: String,
 }

@@ -239,6 +239,7 @@ impl Store {
         layer: &str,
         index: &[u8],
         windows: Option<&[u8]>,
+        remote_windows: Option<&str>,
         origin: &str,
     ) -> Result<LayerIndexRecord> {
         use sha2::{Digest as _, Sha256};
@@ -248,6 +249,7 @@ impl Store {
             index_size: index.len() as u64,
             windows: windows.map(digest_of),
             windows_size: windows.map_or(0, |w| w.len() as u64),
+            remote_windows: remote_windows.map(String::from),
             origin: origin.to_string(),
         };
         let lease_id = format!(
