@@ -10,7 +10,8 @@
 #   (d) unpack alone: cstore unpack on a store with the blobs but no snapshots,
 #       vs umoci unpack of an OCI layout with the same blobs
 # Prints the median of RUNS runs of each, the ratios, and cstore's peak RSS
-# (from /usr/bin/time -v).
+# (from /usr/bin/time -v). CSTORE_BASE=PATH runs another cstore binary (e.g. a
+# build of main) through (a) and (d) as well, in the same runs: before and after.
 #
 #   sudo benches/unpack.sh            (RUNS=3 by default)
 set -euo pipefail
@@ -41,6 +42,11 @@ for i in $(seq "$RUNS"); do
   files=$(find "$work/cs/snapshots" -xdev | wc -l)
   unpacked=$(du -sm "$work/cs/snapshots" | cut -f1)
   rm -rf "$work/cs"
+  if [ -n "${CSTORE_BASE:-}" ]; then
+    drop_caches
+    t "base-pull.$i" "$CSTORE_BASE" --root "$work/cs" pull "$ref"
+    rm -rf "$work/cs"
+  fi
 
   # (b)
   rm -rf "$work/sk" "$work/bundle"; drop_caches
@@ -59,6 +65,10 @@ for i in $(seq "$RUNS"); do
   # (d) the layout from (b) stays for umoci; cstore gets a copy of its store
   rm -rf "$work/cu"; cp -a "$work/pulled" "$work/cu"; drop_caches
   t "cstore-unpack.$i" "$cstore" --root "$work/cu" unpack "$ref"
+  if [ -n "${CSTORE_BASE:-}" ]; then
+    rm -rf "$work/cu"; cp -a "$work/pulled" "$work/cu"; drop_caches
+    t "base-unpack.$i" "$CSTORE_BASE" --root "$work/cu" unpack "$ref"
+  fi
   rm -rf "$work/cu" "$work/bundle"; drop_caches
   t "umoci-alone.$i" umoci unpack --image "$work/sk:bench" "$work/bundle"
   # cstore makes each layer durable (syncfs) before committing it; umoci
@@ -86,3 +96,9 @@ echo "unpack alone (blobs already local):"
 printf '  %-34s %8.2f s   peak RSS %6.1f MiB\n' "(d) cstore unpack" "$cu" "$(mib "$curss")"
 printf '  %-34s %8.2f s   (+ sync afterwards %.2f s)\n' "(d) umoci unpack" "$ua" "$us"
 printf '  ratio cstore / umoci           %.2f\n' "$(echo "$cu/$ua" | bc -l)"
+if [ -n "${CSTORE_BASE:-}" ]; then
+  bp=$(col base-pull 1); bu=$(col base-unpack 1)
+  echo "base $CSTORE_BASE, same runs:"
+  printf '  %-34s %8.2f s   ratio cstore / base %.2f\n' "(a) base pull" "$bp" "$(echo "$cs/$bp" | bc -l)"
+  printf '  %-34s %8.2f s   ratio cstore / base %.2f\n' "(d) base unpack" "$bu" "$(echo "$cu/$bu" | bc -l)"
+fi

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use cstore_os::{Classify, ErrorKind};
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// SIGINT/SIGTERM/SIGHUP arrived; everything made so far was cleaned up.
@@ -51,3 +53,24 @@ impl Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Interrupted => ErrorKind::Canceled,
+            Error::MissingTool { .. } => ErrorKind::FailedPrecondition,
+            Error::Io { source, .. } => ErrorKind::of_io(source),
+            Error::Invalid(_) => ErrorKind::InvalidArgument,
+            Error::Command { .. }
+            | Error::Output { .. }
+            | Error::LeftBehind(_)
+            | Error::Class { .. } => ErrorKind::Unknown,
+        }
+    }
+}
+
+impl Classify for Error {
+    fn kind(&self) -> ErrorKind {
+        Error::kind(self)
+    }
+}

@@ -3,6 +3,7 @@
 mod bench;
 mod containers;
 mod device;
+mod exit;
 mod lazy;
 mod progress;
 mod run;
@@ -280,11 +281,7 @@ fn main() {
     init_logging(&cli.log_level);
     if let Err(e) = run(cli) {
         eprintln!("cstore: {e:#}");
-        // Stopped by a signal: the shell's convention (128 + SIGINT).
-        let interrupted = e
-            .downcast_ref::<cstore_bench::Error>()
-            .is_some_and(|e| matches!(e, cstore_bench::Error::Interrupted));
-        std::process::exit(if interrupted { 130 } else { 1 });
+        std::process::exit(exit::code(exit::kind_of(&e)));
     }
 }
 

@@ -350,7 +350,7 @@ fn an_init_that_never_reports_ready_is_killed_after_the_timeout() {
             Duration::from_secs(60),
         );
         let took = t.elapsed();
-        assert_eq!(e.code, 1, "{}", e.stderr);
+        assert_eq!(e.code, 73, /* deadline exceeded */ "{}", e.stderr);
         assert!(
             e.stderr.contains(&format!(
                 "image {image}: container {name}: its init did not report ready within 3s; it was killed, with everything the start made"
@@ -435,7 +435,7 @@ fn sigterm_during_a_stuck_start_removes_everything() {
         std::thread::sleep(Duration::from_millis(20));
     };
     let stderr = std::fs::read_to_string(&err).unwrap();
-    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(status.code(), Some(130), /* canceled */ "{stderr}");
     assert!(
         stderr.contains(&format!("container {name}: start interrupted by SIGTERM")),
         "{stderr}"
@@ -495,7 +495,7 @@ fn an_init_that_never_runs_its_command_is_killed_after_the_timeout() {
         under_strace(&cs, &inject, "10", &args),
         Duration::from_secs(60),
     );
-    assert_eq!(e.code, 1, "{}", e.stderr);
+    assert_eq!(e.code, 73, /* deadline exceeded */ "{}", e.stderr);
     assert!(
         e.stderr.contains(&format!(
             "image {image}: container {name}: its init did not run its command within 10s"
@@ -516,7 +516,7 @@ fn an_e2big_says_how_big_the_command_was_not_what_it_was() {
     for rm in [true, false] {
         let name = unique("e2big");
         let e = run(&cs, rm, &name, &[&image]);
-        assert_eq!(e.code, 1, "{}", e.stderr);
+        assert_eq!(e.code, 67, /* failed precondition */ "{}", e.stderr);
         assert!(
             e.stderr.contains(&format!(
                 "image {image}: container {name}: could not run its command: exec \"echo\": argument list too long (E2BIG): 4 arguments of 140019 bytes (the longest 140000)"

@@ -1,5 +1,7 @@
 use std::path::PathBuf;
 
+use cstore_os::{Classify, ErrorKind};
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// fuse-fs's error type: what was being done, on what, and why it failed.
@@ -77,5 +79,33 @@ impl Error {
             store: store.to_string(),
             reason: reason.into(),
         }
+    }
+}
+
+impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io(e) => e.kind(),
+            Error::NoFuse(_) | Error::Handshake { .. } | Error::State { .. } => {
+                ErrorKind::FailedPrecondition
+            }
+            Error::Device { source, .. } => ErrorKind::of_io(source),
+            Error::Disconnected(_) | Error::FdStore { .. } => ErrorKind::Unavailable,
+            Error::NoPassthrough(_) => ErrorKind::NotImplemented,
+            Error::NotMounted(_) => ErrorKind::NotFound,
+            Error::BadName(_) => ErrorKind::InvalidArgument,
+            // A hostile or malformed index: the image's fault.
+            Error::Index { .. } => ErrorKind::InvalidArgument,
+            // The source failed or sent bytes that are not the layer's: try again.
+            Error::Span { .. } => ErrorKind::Unavailable,
+            Error::Completion { .. } => ErrorKind::DataLoss,
+            Error::Layer { .. } => ErrorKind::FailedPrecondition,
+        }
+    }
+}
+
+impl Classify for Error {
+    fn kind(&self) -> ErrorKind {
+        Error::kind(self)
     }
 }

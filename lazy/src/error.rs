@@ -28,3 +28,18 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl cstore_os::Classify for Error {
+    fn kind(&self) -> cstore_os::ErrorKind {
+        use cstore_os::ErrorKind;
+        match self {
+            Error::Registry(e) => e.kind(),
+            Error::Store(e) => e.kind(),
+            Error::Snapshotter(e) => e.kind(),
+            Error::Unpack(e) => e.kind(),
+            Error::Fuse(e) => e.kind(),
+            Error::Index(_) | Error::Invalid { .. } => ErrorKind::InvalidArgument,
+            Error::Io { source, .. } => ErrorKind::of_io(source),
+        }
+    }
+}

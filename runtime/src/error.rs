@@ -2,6 +2,8 @@
 //! writer, the id mapping or the container records can act on.
 
 use std::io;
+
+use cstore_os::{Classify, ErrorKind};
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
@@ -46,4 +48,32 @@ pub enum Error {
     SubIds { path: String, message: String },
     #[error("user namespace for id-mapped mounts: {0}")]
     UsernsCreate(#[source] io::Error),
+}
+
+impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            // The host lacks what was asked of it.
+            Error::NoIoController | Error::SubIds { .. } => ErrorKind::FailedPrecondition,
+            Error::InvalidRate { .. }
+            | Error::Spec(_)
+            | Error::Input(_)
+            | Error::User { .. }
+            | Error::InvalidUserns { .. } => ErrorKind::InvalidArgument,
+            Error::Io(e) => e.kind(),
+            Error::Runtime { .. } => ErrorKind::Unknown,
+            Error::StartTimeout { .. } => ErrorKind::DeadlineExceeded,
+            Error::Interrupted { .. } => ErrorKind::Canceled,
+            Error::NotStarted { .. } => ErrorKind::FailedPrecondition,
+            // A record we cannot read back is a record lost.
+            Error::Record { .. } => ErrorKind::DataLoss,
+            Error::UsernsCreate(e) => ErrorKind::of_io(e),
+        }
+    }
+}
+
+impl Classify for Error {
+    fn kind(&self) -> ErrorKind {
+        Error::kind(self)
+    }
 }

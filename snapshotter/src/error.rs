@@ -2,6 +2,8 @@
 //! service maps them one to one (NotFound, AlreadyExists, FailedPrecondition,
 //! InvalidArgument), plus the failures of the layers below.
 
+use cstore_os::{Classify, ErrorKind};
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
@@ -24,4 +26,25 @@ pub enum Error {
     /// A layer that could not be unpacked into its snapshot.
     #[error(transparent)]
     Unpack(#[from] cstore_unpack::Error),
+}
+
+impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::NotFound(_) => ErrorKind::NotFound,
+            Error::AlreadyExists(_) => ErrorKind::AlreadyExists,
+            Error::FailedPrecondition(_) => ErrorKind::FailedPrecondition,
+            Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            Error::Io(e) => e.kind(),
+            Error::Os(e) => e.kind(),
+            Error::Store(e) => e.kind(),
+            Error::Unpack(e) => e.kind(),
+        }
+    }
+}
+
+impl Classify for Error {
+    fn kind(&self) -> ErrorKind {
+        Error::kind(self)
+    }
 }

@@ -447,17 +447,18 @@ fn inherit_implicit_dirs(
         })
         .collect::<Result<_>>()?;
     let tree = open_root(fs)?;
-    let fail = |rel: &[u8], reason: String| {
+    let fail = |rel: &[u8], reason: String, e: &std::io::Error| {
         Error::Unpack(cstore_unpack::Error::Layer {
             image: image.name.clone(),
             layer: layer.descriptor.digest.clone(),
             entry: Some(String::from_utf8_lossy(rel).into_owned()),
             reason,
+            errno: e.raw_os_error(),
         })
     };
     for rel in implicit {
         let Some(dir) = implicit_dir(&tree, rel)
-            .map_err(|e| fail(rel, format!("implicit parent directory: {e}")))?
+            .map_err(|e| fail(rel, format!("implicit parent directory: {e}"), &e))?
         else {
             continue;
         };
@@ -467,7 +468,11 @@ fn inherit_implicit_dirs(
             {
                 Lookup::Dir(from) => {
                     dir.copy_attrs_from(&from).map_err(|e| {
-                        fail(rel, format!("giving it the lower layer's attributes: {e}"))
+                        fail(
+                            rel,
+                            format!("giving it the lower layer's attributes: {e}"),
+                            &e,
+                        )
                     })?;
                     break;
                 }

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_stream::Stream;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
-use cstore_os::IoError;
+use cstore_os::{ErrorKind, IoError};
 
 use crate::error::Error;
 use crate::filter::Filters;
@@ -67,15 +67,34 @@ impl Service {
     }
 }
 
-/// The gRPC codes containerd's errdefs turns back into its error kinds.
+/// An error as the gRPC status containerd's errgrpc turns back into the
+/// same errdefs kind: by the error's kind, whatever crate it came from.
 pub fn status(e: Error) -> Status {
-    let msg = e.to_string();
-    match e {
-        Error::NotFound(_) => Status::not_found(msg),
-        Error::AlreadyExists(_) => Status::already_exists(msg),
-        Error::FailedPrecondition(_) => Status::failed_precondition(msg),
-        Error::InvalidArgument(_) => Status::invalid_argument(msg),
-        _ => Status::unknown(msg),
+    Status::new(code(e.kind()), e.to_string())
+}
+
+/// containerd's errgrpc.ToGRPC: each kind's gRPC code (a conflict and "not
+/// modified" are failed preconditions there).
+pub fn code(kind: ErrorKind) -> Code {
+    match kind {
+        ErrorKind::Unknown => Code::Unknown,
+        ErrorKind::InvalidArgument => Code::InvalidArgument,
+        ErrorKind::NotFound => Code::NotFound,
+        ErrorKind::AlreadyExists => Code::AlreadyExists,
+        ErrorKind::PermissionDenied => Code::PermissionDenied,
+        ErrorKind::ResourceExhausted => Code::ResourceExhausted,
+        ErrorKind::FailedPrecondition | ErrorKind::Conflict | ErrorKind::NotModified => {
+            Code::FailedPrecondition
+        }
+        ErrorKind::Aborted => Code::Aborted,
+        ErrorKind::OutOfRange => Code::OutOfRange,
+        ErrorKind::NotImplemented => Code::Unimplemented,
+        ErrorKind::Internal => Code::Internal,
+        ErrorKind::Unavailable => Code::Unavailable,
+        ErrorKind::DataLoss => Code::DataLoss,
+        ErrorKind::Unauthenticated => Code::Unauthenticated,
+        ErrorKind::Canceled => Code::Cancelled,
+        ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
     }
 }
 

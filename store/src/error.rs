@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use cstore_os::IoError;
+use cstore_os::{Classify, ErrorKind, IoError};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -75,6 +75,35 @@ pub enum Error {
     /// The metadata database, a lock file, the store's layout.
     #[error(transparent)]
     Os(#[from] cstore_os::Error),
+}
+
+impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::InvalidPlatform { .. } | Error::Malformed { .. } => ErrorKind::InvalidArgument,
+            Error::Registry(e) => e.kind(),
+            Error::ImageNotFound(_) | Error::BlobNotFound(_) => ErrorKind::NotFound,
+            // As containerd's content writer: content that is not what its
+            // descriptor says fails its precondition.
+            Error::DigestMismatch { .. } | Error::SizeMismatch { .. } => {
+                ErrorKind::FailedPrecondition
+            }
+            Error::UnsupportedMediaType { .. } | Error::Schema1 { .. } => ErrorKind::NotImplemented,
+            Error::ManifestTooLarge { .. }
+            | Error::ConfigTooLarge { .. }
+            | Error::NoSpace { .. } => ErrorKind::ResourceExhausted,
+            // containerd: "no match for platform in manifest: not found".
+            Error::PlatformMismatch { .. } | Error::PlatformNotFound { .. } => ErrorKind::NotFound,
+            Error::Io(e) => e.kind(),
+            Error::Os(e) => e.kind(),
+        }
+    }
+}
+
+impl Classify for Error {
+    fn kind(&self) -> ErrorKind {
+        Error::kind(self)
+    }
 }
 
 /// Map a write error: ENOSPC becomes `NoSpace`, so callers can say "free disk".

@@ -55,15 +55,15 @@ pub struct Meta {
     pub mtime: (i64, u32),
 }
 
-/// Why a queued file failed: its entry path and the reason.
-pub type Failure = (Vec<u8>, String);
+/// Why a queued file failed: its entry path, the reason and the errno.
+pub type Failure = (Vec<u8>, String, Option<i32>);
 
 /// A batch the kernel is working on.
 struct Submitted {
     gen: u64,
     files: Vec<Pending>,
     lens: Vec<usize>,
-    failed: Vec<Option<String>>,
+    failed: Vec<Option<(String, Option<i32>)>>,
     /// Completions still to come.
     left: usize,
 }
@@ -222,6 +222,7 @@ impl Batch {
             (
                 self.in_flight[0].files[0].entry.clone(),
                 format!("io_uring submit: {e}"),
+                e.raw_os_error(),
             )
         })
     }
@@ -237,6 +238,7 @@ impl Batch {
                 (
                     self.in_flight[0].files[0].entry.clone(),
                     format!("io_uring submit: {e}"),
+                    e.raw_os_error(),
                 )
             })?;
             self.ring.reap(&mut self.done);
@@ -252,14 +254,18 @@ impl Batch {
                 let reason = match d.result {
                     // A failure earlier in the chain cancels the rest.
                     Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => None,
-                    Err(e) => Some(match what {
-                        OPEN => io_reason("create", &e),
-                        WRITE => io_reason("write", &e),
-                        _ => io_reason("close", &e),
-                    }),
-                    Ok(n) if what == WRITE && n as usize != b.lens[i] => {
-                        Some(format!("write: short write ({n} of {} bytes)", b.lens[i]))
-                    }
+                    Err(e) => Some((
+                        match what {
+                            OPEN => io_reason("create", &e),
+                            WRITE => io_reason("write", &e),
+                            _ => io_reason("close", &e),
+                        },
+                        e.raw_os_error(),
+                    )),
+                    Ok(n) if what == WRITE && n as usize != b.lens[i] => Some((
+                        format!("write: short write ({n} of {} bytes)", b.lens[i]),
+                        None,
+                    )),
                     Ok(_) => None,
                 };
                 if let Some(r) = reason {
@@ -275,11 +281,13 @@ impl Batch {
         if let Some(i) = b.failed.iter().position(Option::is_some) {
             // A file whose write failed is still in its slot: the next open
             // into the slot, or dropping the ring, closes it.
-            return Err((b.files[i].entry.clone(), b.failed[i].take().unwrap()));
+            let (reason, errno) = b.failed[i].take().unwrap();
+            return Err((b.files[i].entry.clone(), reason, errno));
         }
         for f in &b.files {
             let dir = f.parent.as_fd();
-            let fail = |op: &str, e: io::Error| (f.entry.clone(), io_reason(op, &e));
+            let fail =
+                |op: &str, e: io::Error| (f.entry.clone(), io_reason(op, &e), e.raw_os_error());
             if let Some((uid, gid)) = f.meta.chown {
                 sys::lchownat(dir, &f.name, uid, gid).map_err(|e| fail("chown", e))?;
             }

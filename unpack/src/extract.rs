@@ -46,6 +46,9 @@ pub struct ExtractStats {
 pub struct EntryError {
     pub entry: String,
     pub reason: String,
+    /// The errno of the system call that failed, if one did (a full disk
+    /// is not a bad layer).
+    pub errno: Option<i32>,
 }
 
 pub struct Extractor {
@@ -111,6 +114,15 @@ fn err(entry: &[u8], reason: impl Into<String>) -> EntryError {
     EntryError {
         entry: String::from_utf8_lossy(entry).into_owned(),
         reason: reason.into(),
+        errno: None,
+    }
+}
+
+/// A system call for `entry` failed doing `op`.
+fn io_err(entry: &[u8], op: &str, e: &io::Error) -> EntryError {
+    EntryError {
+        errno: e.raw_os_error(),
+        ..err(entry, io_reason(op, e))
     }
 }
 
@@ -187,7 +199,10 @@ impl Extractor {
     /// Write the queued files.
     fn flush(&mut self) -> Result<(), EntryError> {
         match &mut self.batch {
-            Some(b) => b.flush().map_err(|(entry, reason)| err(&entry, reason)),
+            Some(b) => b.flush().map_err(|(entry, reason, errno)| EntryError {
+                errno,
+                ..err(&entry, reason)
+            }),
             None => Ok(()),
         }
     }
@@ -227,7 +242,7 @@ impl Extractor {
             {
                 self.make_parents(comps, entry)?
             }
-            Err(e) => return Err(err(entry, io_reason("opening its parent directory", &e))),
+            Err(e) => return Err(io_err(entry, "opening its parent directory", &e)),
         };
         self.cached = Some((key, Rc::new(fd)));
         Ok(self.cached.as_ref().unwrap().1.as_fd())
@@ -236,7 +251,7 @@ impl Extractor {
     fn make_parents(&mut self, comps: &[&[u8]], entry: &[u8]) -> Result<OwnedFd, EntryError> {
         let mut fd =
             sys::resolve_beneath(self.root.as_fd(), c".", libc::O_PATH | libc::O_DIRECTORY)
-                .map_err(|e| err(entry, io_reason("opening the layer root", &e)))?;
+                .map_err(|e| io_err(entry, "opening the layer root", &e))?;
         for (i, c) in comps.iter().enumerate() {
             let name = sys::cstring(c).map_err(|e| err(entry, e.to_string()))?;
             let next = match sys::resolve_beneath(
@@ -258,11 +273,11 @@ impl Extractor {
                             ));
                     }
                     sys::mkdirat(fd.as_fd(), &name, 0o755)
-                        .map_err(|e| err(entry, io_reason("creating a parent", &e)))?;
+                        .map_err(|e| io_err(entry, "creating a parent", &e))?;
                     self.implicit_dirs.insert(comps[..=i].join(&b'/'));
                     self.made_dirs.insert(comps[..=i].join(&b'/'));
                     sys::resolve_beneath(fd.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY)
-                        .map_err(|e| err(entry, io_reason("opening a parent", &e)))?
+                        .map_err(|e| io_err(entry, "opening a parent", &e))?
                 }
                 // A whiteout of this layer, then entries below it with no
                 // directory entry: the directory is this layer's own, and
@@ -273,20 +288,20 @@ impl Extractor {
                         && self.whiteouts.remove(&comps[..=i].join(&b'/')) =>
                 {
                     sys::unlinkat(fd.as_fd(), &name, false)
-                        .map_err(|e| err(entry, io_reason("replacing a whiteout", &e)))?;
+                        .map_err(|e| io_err(entry, "replacing a whiteout", &e))?;
                     sys::mkdirat(fd.as_fd(), &name, 0o755)
-                        .map_err(|e| err(entry, io_reason("creating a parent", &e)))?;
+                        .map_err(|e| io_err(entry, "creating a parent", &e))?;
                     self.made_dirs.insert(comps[..=i].join(&b'/'));
                     let dir =
                         sys::resolve_beneath(fd.as_fd(), &name, libc::O_RDONLY | libc::O_DIRECTORY)
-                            .map_err(|e| err(entry, io_reason("opening a parent", &e)))?;
+                            .map_err(|e| io_err(entry, "opening a parent", &e))?;
                     let attr = CString::new(OPAQUE_XATTR).unwrap();
                     sys::fsetxattr(dir.as_fd(), &attr, b"y")
-                        .map_err(|e| err(entry, io_reason("marking opaque", &e)))?;
+                        .map_err(|e| io_err(entry, "marking opaque", &e))?;
                     sys::resolve_beneath(fd.as_fd(), &name, libc::O_PATH | libc::O_DIRECTORY)
-                        .map_err(|e| err(entry, io_reason("opening a parent", &e)))?
+                        .map_err(|e| io_err(entry, "opening a parent", &e))?
                 }
-                Err(e) => return Err(err(entry, io_reason("opening its parent directory", &e))),
+                Err(e) => return Err(io_err(entry, "opening its parent directory", &e)),
             };
             fd = next;
         }
@@ -320,7 +335,7 @@ impl Extractor {
         let parent = self.parent(comps, entry)?;
         match sys::lstatat(parent, name) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(err(entry, io_reason("looking up the entry", &e))),
+            Err(e) => Err(io_err(entry, "looking up the entry", &e)),
             Ok(st) => {
                 let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
                 if is_dir && new_is_dir {
@@ -331,7 +346,7 @@ impl Extractor {
                 } else {
                     sys::unlinkat(parent, name, false)
                 };
-                r.map_err(|e| err(entry, io_reason("replacing an earlier entry", &e)))?;
+                r.map_err(|e| io_err(entry, "replacing an earlier entry", &e))?;
                 if is_dir {
                     // Cached fds may point into what was just removed.
                     self.cached = None;
@@ -391,12 +406,11 @@ impl Extractor {
                 return Err(err(path, "the root entry is not a directory"));
             }
             let root = self.root.as_fd();
-            sys::fchown(root, e.uid as u32, e.gid as u32)
-                .map_err(|x| err(path, io_reason("chown", &x)))?;
-            sys::fchmod(root, e.mode).map_err(|x| err(path, io_reason("chmod", &x)))?;
+            sys::fchown(root, e.uid as u32, e.gid as u32).map_err(|x| io_err(path, "chown", &x))?;
+            sys::fchmod(root, e.mode).map_err(|x| io_err(path, "chmod", &x))?;
             for (k, v) in e.xattrs.iter().filter(|(k, _)| xattr_allowed(k)) {
                 let k = CString::new(k.as_bytes()).map_err(|_| err(path, "NUL in xattr name"))?;
-                sys::fsetxattr(root, &k, v).map_err(|x| err(path, io_reason("setxattr", &x)))?;
+                sys::fsetxattr(root, &k, v).map_err(|x| io_err(path, "setxattr", &x))?;
             }
             self.dir_times.push((Vec::new(), e.mtime));
             if e.mode & libc::S_ISGID != 0 {
@@ -413,11 +427,11 @@ impl Extractor {
                 let dir_fd = {
                     let parent = self.parent(dirs, path)?;
                     sys::resolve_beneath(parent, c".", libc::O_RDONLY | libc::O_DIRECTORY)
-                        .map_err(|x| err(path, io_reason("opening the opaque directory", &x)))?
+                        .map_err(|x| io_err(path, "opening the opaque directory", &x))?
                 };
                 let attr = CString::new(OPAQUE_XATTR).unwrap();
                 sys::fsetxattr(dir_fd.as_fd(), &attr, b"y")
-                    .map_err(|x| err(path, io_reason("marking opaque", &x)))?;
+                    .map_err(|x| io_err(path, "marking opaque", &x))?;
                 self.stats.opaque_dirs += 1;
                 return Ok(());
             }
@@ -437,14 +451,14 @@ impl Extractor {
             if self.created.contains_key(&key) {
                 let parent = self.parent(dirs, path)?;
                 let st = sys::lstatat(parent, &name)
-                    .map_err(|x| err(path, io_reason("looking up the entry", &x)))?;
+                    .map_err(|x| io_err(path, "looking up the entry", &x))?;
                 if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
                     let dir =
                         sys::resolve_beneath(parent, &name, libc::O_RDONLY | libc::O_DIRECTORY)
-                            .map_err(|x| err(path, io_reason("opening the directory", &x)))?;
+                            .map_err(|x| io_err(path, "opening the directory", &x))?;
                     let attr = CString::new(OPAQUE_XATTR).unwrap();
                     sys::fsetxattr(dir.as_fd(), &attr, b"y")
-                        .map_err(|x| err(path, io_reason("marking opaque", &x)))?;
+                        .map_err(|x| io_err(path, "marking opaque", &x))?;
                 }
                 self.stats.whiteouts += 1;
                 return Ok(());
@@ -459,7 +473,7 @@ impl Extractor {
             self.clear_slot(dirs, &name, false, path)?;
             let parent = self.parent(dirs, path)?;
             sys::mknodat(parent, &name, libc::S_IFCHR, 0, 0)
-                .map_err(|x| err(path, io_reason("creating the whiteout", &x)))?;
+                .map_err(|x| io_err(path, "creating the whiteout", &x))?;
             self.whiteouts.insert(key);
             self.stats.whiteouts += 1;
             return Ok(());
@@ -502,8 +516,7 @@ impl Extractor {
                     && e.sparse.is_none()
                     && e.size <= batch::MAX_FILE
                 {
-                    let data =
-                        read_small(tar, e.size).map_err(|x| err(path, io_reason("write", &x)))?;
+                    let data = read_small(tar, e.size).map_err(|x| io_err(path, "write", &x))?;
                     let parent = self.parent_rc(dirs, path)?;
                     let file = Pending {
                         entry: path.to_vec(),
@@ -519,8 +532,10 @@ impl Extractor {
                         },
                     };
                     let b = self.batch.as_mut().unwrap();
-                    b.push(file)
-                        .map_err(|(entry, reason)| err(&entry, reason))?;
+                    b.push(file).map_err(|(entry, reason, errno)| EntryError {
+                        errno,
+                        ..err(&entry, reason)
+                    })?;
                     self.stats.files += 1;
                     self.stats.batched_files += 1;
                     self.stats.file_bytes += e.size;
@@ -529,21 +544,21 @@ impl Extractor {
                 }
                 let parent = self.parent(dirs, path)?;
                 let mut f = sys::create_file(parent, &name, create_mode)
-                    .map_err(|x| err(path, io_reason("create", &x)))?;
+                    .map_err(|x| io_err(path, "create", &x))?;
                 self.write_data(tar, e, &mut f)
-                    .map_err(|x| err(path, io_reason("write", &x)))?;
+                    .map_err(|x| io_err(path, "write", &x))?;
                 let fd = f.as_fd();
                 if let Some((uid, gid)) = chown {
-                    sys::fchown(fd, uid, gid).map_err(|x| err(path, io_reason("chown", &x)))?;
+                    sys::fchown(fd, uid, gid).map_err(|x| io_err(path, "chown", &x))?;
                 }
                 // After chown, which clears setuid/setgid and file capabilities.
                 if let Some(mode) = chmod {
-                    sys::fchmod(fd, mode).map_err(|x| err(path, io_reason("chmod", &x)))?;
+                    sys::fchmod(fd, mode).map_err(|x| io_err(path, "chmod", &x))?;
                 }
                 for (k, v) in &xattrs {
-                    sys::fsetxattr(fd, k, v).map_err(|x| err(path, io_reason("setxattr", &x)))?;
+                    sys::fsetxattr(fd, k, v).map_err(|x| io_err(path, "setxattr", &x))?;
                 }
-                sys::futimens(fd, e.mtime).map_err(|x| err(path, io_reason("set mtime", &x)))?;
+                sys::futimens(fd, e.mtime).map_err(|x| io_err(path, "set mtime", &x))?;
                 self.stats.files += 1;
                 self.stats.file_bytes += e.size;
             }
@@ -562,7 +577,7 @@ impl Extractor {
                 let parent = self.parent(dirs, path)?;
                 if !kept_dir {
                     sys::mkdirat(parent, &name, create_mode)
-                        .map_err(|x| err(path, io_reason("mkdir", &x)))?;
+                        .map_err(|x| io_err(path, "mkdir", &x))?;
                 }
                 if chown || chmod || !xattrs.is_empty() || over_whiteout {
                     // Through the directory's own fd: nothing that takes
@@ -570,22 +585,21 @@ impl Extractor {
                     let parent = self.parent(dirs, path)?;
                     let dir =
                         sys::resolve_beneath(parent, &name, libc::O_RDONLY | libc::O_DIRECTORY)
-                            .map_err(|x| err(path, io_reason("opening the directory", &x)))?;
+                            .map_err(|x| io_err(path, "opening the directory", &x))?;
                     let fd = dir.as_fd();
                     if chown {
-                        sys::fchown(fd, uid, gid).map_err(|x| err(path, io_reason("chown", &x)))?;
+                        sys::fchown(fd, uid, gid).map_err(|x| io_err(path, "chown", &x))?;
                     }
                     if chmod {
-                        sys::fchmod(fd, e.mode).map_err(|x| err(path, io_reason("chmod", &x)))?;
+                        sys::fchmod(fd, e.mode).map_err(|x| io_err(path, "chmod", &x))?;
                     }
                     for (k, v) in &xattrs {
-                        sys::fsetxattr(fd, k, v)
-                            .map_err(|x| err(path, io_reason("setxattr", &x)))?;
+                        sys::fsetxattr(fd, k, v).map_err(|x| io_err(path, "setxattr", &x))?;
                     }
                     if over_whiteout {
                         let attr = CString::new(OPAQUE_XATTR).unwrap();
                         sys::fsetxattr(fd, &attr, b"y")
-                            .map_err(|x| err(path, io_reason("marking opaque", &x)))?;
+                            .map_err(|x| io_err(path, "marking opaque", &x))?;
                     }
                 }
                 // Listed: its own entry's attributes, not a lower layer's.
@@ -601,21 +615,19 @@ impl Extractor {
             Kind::Symlink => {
                 let target = sys::cstring(&e.link).map_err(|x| err(path, x.to_string()))?;
                 let parent = self.parent(dirs, path)?;
-                sys::symlinkat(&target, parent, &name)
-                    .map_err(|x| err(path, io_reason("symlink", &x)))?;
-                sys::lchownat(parent, &name, uid, gid)
-                    .map_err(|x| err(path, io_reason("chown", &x)))?;
+                sys::symlinkat(&target, parent, &name).map_err(|x| io_err(path, "symlink", &x))?;
+                sys::lchownat(parent, &name, uid, gid).map_err(|x| io_err(path, "chown", &x))?;
                 for (k, v) in &xattrs {
                     // user.* xattrs are not allowed on symlinks; skip those.
                     match sys::lsetxattrat(parent, &name, k, v) {
                         Err(x)
                             if x.raw_os_error() == Some(libc::EPERM)
                                 && k.to_bytes().starts_with(b"user.") => {}
-                        r => r.map_err(|x| err(path, io_reason("setxattr", &x)))?,
+                        r => r.map_err(|x| io_err(path, "setxattr", &x))?,
                     }
                 }
                 sys::lutimesat(parent, &name, e.mtime)
-                    .map_err(|x| err(path, io_reason("set mtime", &x)))?;
+                    .map_err(|x| io_err(path, "set mtime", &x))?;
                 self.stats.symlinks += 1;
             }
             Kind::Hardlink => {
@@ -642,16 +654,11 @@ impl Extractor {
                     tdir_path,
                     libc::O_PATH | libc::O_DIRECTORY,
                 )
-                .map_err(|x| {
-                    err(
-                        path,
-                        io_reason("opening the hardlink target's directory", &x),
-                    )
-                })?;
+                .map_err(|x| io_err(path, "opening the hardlink target's directory", &x))?;
                 let tname = sys::cstring(tlast).map_err(|x| err(path, x.to_string()))?;
                 let parent = self.parent(dirs, path)?;
                 sys::linkat(tparent.as_fd(), &tname, parent, &name)
-                    .map_err(|x| err(path, io_reason("link", &x)))?;
+                    .map_err(|x| io_err(path, "link", &x))?;
                 self.stats.hardlinks += 1;
             }
             Kind::Char | Kind::Block | Kind::Fifo => {
@@ -668,17 +675,15 @@ impl Extractor {
                     e.dev_major,
                     e.dev_minor,
                 )
-                .map_err(|x| err(path, io_reason("mknod", &x)))?;
-                sys::lchownat(parent, &name, uid, gid)
-                    .map_err(|x| err(path, io_reason("chown", &x)))?;
-                sys::chmodat(parent, &name, e.mode)
-                    .map_err(|x| err(path, io_reason("chmod", &x)))?;
+                .map_err(|x| io_err(path, "mknod", &x))?;
+                sys::lchownat(parent, &name, uid, gid).map_err(|x| io_err(path, "chown", &x))?;
+                sys::chmodat(parent, &name, e.mode).map_err(|x| io_err(path, "chmod", &x))?;
                 for (k, v) in &xattrs {
                     sys::lsetxattrat(parent, &name, k, v)
-                        .map_err(|x| err(path, io_reason("setxattr", &x)))?;
+                        .map_err(|x| io_err(path, "setxattr", &x))?;
                 }
                 sys::lutimesat(parent, &name, e.mtime)
-                    .map_err(|x| err(path, io_reason("set mtime", &x)))?;
+                    .map_err(|x| io_err(path, "set mtime", &x))?;
                 self.stats.devices += 1;
             }
         }
@@ -747,7 +752,7 @@ impl Extractor {
         for (key, mtime) in std::mem::take(&mut self.dir_times).into_iter().rev() {
             if key.is_empty() {
                 sys::futimens(self.root.as_fd(), mtime)
-                    .map_err(|x| err(b".", io_reason("set mtime", &x)))?;
+                    .map_err(|x| io_err(b".", "set mtime", &x))?;
                 continue;
             }
             let comps = clean(&key).map_err(|r| err(&key, r))?;
@@ -763,14 +768,14 @@ impl Extractor {
                 {
                     Ok(fd) => last_parent = Some((pkey, fd)),
                     Err(x) if gone(&x) => continue,
-                    Err(x) => return Err(err(&key, io_reason("set mtime", &x))),
+                    Err(x) => return Err(io_err(&key, "set mtime", &x)),
                 }
             }
             let parent = last_parent.as_ref().expect("opened").1.as_fd();
             match sys::lutimesat(parent, &name, mtime) {
                 // Replaced or removed by a later entry: nothing to date.
                 Err(x) if x.kind() == io::ErrorKind::NotFound => {}
-                r => r.map_err(|x| err(&key, io_reason("set mtime", &x)))?,
+                r => r.map_err(|x| io_err(&key, "set mtime", &x))?,
             }
         }
         Ok(())

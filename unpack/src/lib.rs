@@ -245,12 +245,14 @@ pub fn unpack_reader<R: BufRead>(
     root: OwnedFd,
     opts: &UnpackOptions,
 ) -> Result<LayerStats> {
-    let fail = |entry: Option<String>, reason: String| Error::Layer {
+    let fail_errno = |entry: Option<String>, reason: String, errno: Option<i32>| Error::Layer {
         image: layer.image.to_string(),
         layer: layer.digest.to_string(),
         entry,
         reason,
+        errno,
     };
+    let fail = |entry: Option<String>, reason: String| fail_errno(entry, reason, None);
     let limit = compressed_size
         .saturating_mul(opts.max_ratio)
         .max(opts.min_limit);
@@ -286,7 +288,9 @@ pub fn unpack_reader<R: BufRead>(
     x.max_made_dir_bytes = opts.max_made_dir_bytes;
 
     let read_fail = |e: tar::TarError| match e {
-        tar::TarError::Io(io) => fail(None, format!("reading the layer: {io}")),
+        tar::TarError::Io(io) => {
+            fail_errno(None, format!("reading the layer: {io}"), io.raw_os_error())
+        }
         other => fail(None, other.to_string()),
     };
     // The index's entry table: a tree it cannot describe ends it, not the unpack.
@@ -305,13 +309,14 @@ pub fn unpack_reader<R: BufRead>(
             }
         }
         x.apply(&mut tar, &entry)
-            .map_err(|e| fail(Some(e.entry), e.reason))?;
+            .map_err(|e| fail_errno(Some(e.entry), e.reason, e.errno))?;
     }
-    x.finish().map_err(|e| fail(Some(e.entry), e.reason))?;
+    x.finish()
+        .map_err(|e| fail_errno(Some(e.entry), e.reason, e.errno))?;
     // The diff_id covers the whole stream, end-of-archive blocks included.
     let mut rest = tar.into_inner();
     io::copy(&mut rest, &mut io::sink())
-        .map_err(|e| fail(None, format!("reading the layer: {e}")))?;
+        .map_err(|e| fail_errno(None, format!("reading the layer: {e}"), e.raw_os_error()))?;
     let diff = rest.into_inner();
     let diff_sha: [u8; 32] = diff.hasher.finalize().into();
     let actual = format!("sha256:{}", hex::encode(diff_sha));
@@ -328,7 +333,8 @@ pub fn unpack_reader<R: BufRead>(
         _ => None,
     };
     // Durable before anyone calls it committed.
-    sys::syncfs(x.root()).map_err(|e| fail(None, format!("syncfs of the layer: {e}")))?;
+    sys::syncfs(x.root())
+        .map_err(|e| fail_errno(None, format!("syncfs of the layer: {e}"), e.raw_os_error()))?;
     Ok(LayerStats {
         diff_id: actual,
         tar_bytes: diff.count,
@@ -361,6 +367,7 @@ pub fn index_layer<R: BufRead>(
         layer: layer.digest.to_string(),
         entry,
         reason,
+        errno: None,
     };
     let limit = compressed_size
         .saturating_mul(opts.max_ratio)
