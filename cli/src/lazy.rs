@@ -227,48 +227,30 @@ pub fn pull(store: &Store, r: &Reference, args: &crate::RegistryArgs, json: bool
     Ok(())
 }
 
-fn mount_spec(target: &std::path::Path, image: &str) -> cstore_lazy::serve::MountSpec {
-    cstore_lazy::serve::MountSpec {
-        target: target.to_path_buf(),
-        key: format!("cstore-mount:{}", target.display()),
-        labels: std::collections::BTreeMap::from([
-            (
-                "cstore.io/mountpoint".to_string(),
-                target.display().to_string(),
-            ),
-            ("cstore.io/image".to_string(), image.to_string()),
-        ]),
-    }
-}
-
-/// `cstore mount --lazy REF DIR`: pull lazily if needed, then start the
-/// daemon (detached, its log in ROOT/lazy/daemon.log) and wait for its mount.
-pub fn mount(
+/// Make sure `reference` is pulled (lazily if needed) and that the store's
+/// lazy daemon serves its lazy layers: started detached if none runs (its log
+/// in ROOT/lazy/daemon.log), waited for otherwise.
+pub fn ensure_served(
     store: &Store,
     root: &std::path::Path,
     reference: &str,
-    dir: &std::path::Path,
     args: &crate::RegistryArgs,
 ) -> Result<()> {
     use std::io::BufRead;
     use std::os::unix::process::CommandExt;
-    let target = dir
-        .canonicalize()
-        .with_context(|| format!("mount point {}", dir.display()))?;
-    if cstore_snapshotter::mount::is_mountpoint(&target) {
-        anyhow::bail!("{} is already a mount point", target.display());
-    }
     let r: Reference = reference.parse()?;
+    let sn = crate::snap::open(store)?;
     let needs_pull = match store.image(&r.to_string()) {
-        Ok(img) => {
-            let sn = crate::snap::open(store)?;
-            let layers = cstore_snapshotter::image::layers_of(store, &img)?;
-            layers.iter().any(|l| sn.stat(&l.chain_id).is_err())
-        }
+        Ok(img) => cstore_snapshotter::image::layers_of(store, &img)?
+            .iter()
+            .any(|l| sn.stat(&l.chain_id).is_err()),
         Err(_) => true,
     };
     if needs_pull {
         pull(store, &r, args, false)?;
+    }
+    if cstore_lazy::serve::all_served(store, &sn)? {
+        return Ok(());
     }
     let logdir = root.join("lazy");
     std::fs::create_dir_all(&logdir)?;
@@ -281,13 +263,9 @@ pub fn mount(
     if args.plain_http {
         cmd.arg("--plain-http");
     }
-    if let Some(p) = &args.platform {
-        cmd.args(["--platform", p]);
-    }
     if let Some(c) = &args.creds {
         cmd.env("CSTORE_CREDS", c);
     }
-    cmd.arg(r.to_string()).arg(&target);
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(log);
@@ -302,41 +280,34 @@ pub fn mount(
     let mut line = String::new();
     let stdout = child.stdout.take().context("daemon stdout")?;
     std::io::BufReader::new(stdout).read_line(&mut line)?;
-    match line.trim().strip_prefix("ready ") {
-        Some(msg) => {
-            println!("{msg}");
-            Ok(())
-        }
-        None => {
-            let _ = child.wait();
+    if line.trim() != "ready" {
+        let _ = child.wait();
+    }
+    // A daemon already running picks new layers up within a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !cstore_lazy::serve::all_served(store, &sn)? {
+        if std::time::Instant::now() > deadline {
             let text = std::fs::read_to_string(logdir.join("daemon.log")).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(5).collect();
             anyhow::bail!(
-                "the lazy daemon for {r} did not mount {}: {}",
-                target.display(),
+                "the lazy daemon does not serve the lazy layers of {r}: {}",
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            )
+            );
         }
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    Ok(())
 }
 
 /// The daemon itself (`cstore lazy-serve`).
-pub fn serve(
-    store: &Store,
-    reference: &str,
-    dir: &std::path::Path,
-    args: &crate::RegistryArgs,
-) -> Result<()> {
+pub fn serve(store: &Store, args: &crate::RegistryArgs) -> Result<()> {
     let rt = runtime()?;
     let client = Arc::new(args.client()?);
     let sn = crate::snap::open(store)?;
-    let r: Reference = reference.parse()?;
-    let img = store.image(&r.to_string())?;
-    let mk = mount_spec(dir, &img.name);
-    cstore_lazy::serve::serve_mount(rt.handle(), client, store, &sn, &r.to_string(), mk, |msg| {
+    cstore_lazy::serve::serve_store(rt.handle(), client, store, &sn, || {
         use std::io::Write;
         let mut out = std::io::stdout();
-        let _ = writeln!(out, "ready {msg}");
+        let _ = writeln!(out, "ready");
         let _ = out.flush();
         // The command that started us is gone from here on.
         if let Ok(null) = std::fs::File::open("/dev/null") {
@@ -345,6 +316,6 @@ pub fn serve(
             unsafe { libc::dup2(null.as_raw_fd(), 1) };
         }
     })
-    .with_context(|| format!("serving {r} at {}", dir.display()))?;
+    .context("serving the store's lazy layers")?;
     Ok(())
 }

@@ -96,8 +96,6 @@ enum Command {
     LazyServe {
         #[command(flatten)]
         registry: RegistryArgs,
-        reference: String,
-        dir: PathBuf,
     },
     /// Unmount DIR and remove its snapshot (unless --keep).
     Umount {
@@ -404,18 +402,15 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let store = open_store(&cli.root)?;
             if lazy {
-                lazy::mount(&store, &cli.root, &reference, &dir, &registry)?;
+                lazy::ensure_served(&store, &cli.root, &reference, &registry)?;
+                snap::mount_image(&store, &reference, &dir, false)?;
             } else {
                 snap::mount_image(&store, &reference, &dir, rw)?;
             }
         }
-        Command::LazyServe {
-            registry,
-            reference,
-            dir,
-        } => {
+        Command::LazyServe { registry } => {
             let store = open_store(&cli.root)?;
-            lazy::serve(&store, &reference, &dir, &registry)?;
+            lazy::serve(&store, &registry)?;
         }
         Command::Umount { keep, dir } => {
             let store = open_store(&cli.root)?;
@@ -515,14 +510,16 @@ fn run(cli: Cli) -> Result<()> {
             let store = open_store(&cli.root)?;
             let r = store.gc()?;
             let (layers, dirs) = snap::gc(&store)?;
+            let lazy_dirs = cstore_lazy::serve::gc(&store, &snap::open(&store)?)?;
             if json {
                 let mut v = serde_json::to_value(&r)?;
                 v["removed_layer_snapshots"] = layers.into();
                 v["removed_orphan_dirs"] = dirs.into();
+                v["removed_lazy_caches"] = lazy_dirs.into();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!(
-                    "removed {} blobs ({}), {} abandoned downloads, {} expired leases, {layers} unused layer snapshots, {dirs} orphaned directories",
+                    "removed {} blobs ({}), {} abandoned downloads, {} expired leases, {layers} unused layer snapshots, {dirs} orphaned directories, {lazy_dirs} lazy caches",
                     r.removed_blobs,
                     progress::human_bytes(r.removed_bytes),
                     r.removed_partials,

@@ -20,6 +20,10 @@ pub struct RunArgs {
     /// Remove the container's snapshot when it exits.
     #[arg(long)]
     pub rm: bool,
+    /// Start before the image is local: pull it lazily if needed; its lazy
+    /// layers are served by the store's lazy daemon (docs/lazy.md).
+    #[arg(long)]
+    pub lazy: bool,
     #[arg(long)]
     pub name: Option<String>,
     /// Environment KEY=VALUE (repeatable).
@@ -160,6 +164,14 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
         bail!("--userns needs a network namespace of its own: not with --net host (as docker)");
     }
     let start_timeout = start_timeout()?;
+    if a.lazy {
+        let args = crate::RegistryArgs {
+            platform: None,
+            plain_http: false,
+            creds: None,
+        };
+        crate::lazy::ensure_served(store, store.root(), &a.reference, &args)?;
+    }
     let img = store.image(&a.reference)?;
     let config: ImageConfig = {
         let bytes = store.read_config(&parse_digest(&img.config.digest)?)?;
@@ -320,6 +332,13 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
             }
             e => e.into(),
         })?;
+    // Lazy layers are their daemon's FUSE mounts (refused if none serves them).
+    let chains: Vec<String> = layers.iter().map(|l| l.chain_id.clone()).collect();
+    if let Err(e) = cstore_lazy::serve::use_lazy_mounts(store, sn, &chains, &mut mounts) {
+        let _ = sn.remove(&key);
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(e.into());
+    }
     if a.rm {
         // The upper dir of a --rm container is thrown away at exit. Without
         // `volatile`, unmounting the overlay syncs the whole filesystem under

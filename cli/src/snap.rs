@@ -100,18 +100,6 @@ pub fn mount_image(store: &Store, reference: &str, dir: &Path, rw: bool) -> Resu
     let img = store.image(reference)?;
     let layers = image::layers_of(store, &img)?;
     let top = layers.last().context("image has no layers")?;
-    for l in &layers {
-        if sn
-            .stat(&l.chain_id)
-            .is_ok_and(|i| i.labels.contains_key(image::LABEL_LAZY))
-        {
-            bail!(
-                "layer {} of {} is lazy and not complete yet: mount it with `cstore mount --lazy`",
-                l.descriptor.digest,
-                img.name
-            );
-        }
-    }
     if !sn
         .stat(&top.chain_id)
         .is_ok_and(|i| i.kind == Kind::Committed)
@@ -123,7 +111,7 @@ pub fn mount_image(store: &Store, reference: &str, dir: &Path, rw: bool) -> Resu
         (LABEL_MOUNTPOINT.to_string(), target.display().to_string()),
         (LABEL_IMAGE.to_string(), img.name.clone()),
     ]);
-    let mounts = if rw {
+    let mut mounts = if rw {
         sn.prepare(&key, Some(&top.chain_id), labels)
     } else {
         sn.view(&key, Some(&top.chain_id), labels)
@@ -138,6 +126,12 @@ pub fn mount_image(store: &Store, reference: &str, dir: &Path, rw: bool) -> Resu
         }
         e => e.into(),
     })?;
+    // Lazy layers are their daemon's FUSE mounts (refused if none serves them).
+    let chains: Vec<String> = layers.iter().map(|l| l.chain_id.clone()).collect();
+    if let Err(e) = cstore_lazy::serve::use_lazy_mounts(store, &sn, &chains, &mut mounts) {
+        let _ = sn.remove(&key);
+        return Err(e.into());
+    }
     if let Err(e) = mount::mount_all(&mounts, &target) {
         let _ = sn.remove(&key);
         return Err(e.into());

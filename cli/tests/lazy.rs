@@ -219,6 +219,23 @@ fn ranged_for(proxy: &common::FaultProxy, digest: &str) -> u64 {
         .sum()
 }
 
+/// The store's lazy daemon lets go of its FUSE mounts once its layers are
+/// done and unused (after a few seconds); wait for that.
+fn wait_unmounted(cs: &Cstore) {
+    let root = cs.path().display().to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .contains(&root)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lazy daemon kept its mounts"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 fn chroot(dir: &Path, args: &[&str]) -> String {
     let out = std::process::Command::new("chroot")
         .arg(dir)
@@ -262,8 +279,7 @@ fn pull_lazy_runs_before_the_layers_are_local_and_completes_into_a_normal_pull()
     // Slow: background completion cannot finish before the program has run.
     proxy.set(serde_json::json!([{"match": layer.as_str(), "action": "slow", "bps": 1_000_000}]));
     let mnt = common::tree::MountDir::new();
-    let out = b.ok(&["mount", "--lazy", &image, mnt.s()]);
-    assert!(out.contains("layers lazy"), "{out}");
+    b.ok(&["mount", "--lazy", &image, mnt.s()]);
     let version = chroot(mnt.path(), &["/bin/cat", "/etc/debian_version"]);
     assert!(version.starts_with("12"), "{version}");
     let listing = chroot(mnt.path(), &["/bin/ls", "/usr/bin"]);
@@ -306,8 +322,13 @@ fn pull_lazy_runs_before_the_layers_are_local_and_completes_into_a_normal_pull()
         blob(&b, &layer).exists(),
         "the completed layer's blob joined the store"
     );
+    wait_unmounted(&b);
     b.ok(&["gc"]);
     assert!(blob(&b, &layer).exists());
+    assert!(
+        !b.path().join("lazy").join(&layer[7..]).exists(),
+        "gc removed the completed layer's lazy cache"
+    );
     b.assert_blobs_verified();
     b.assert_nothing_mounted();
 }
@@ -368,8 +389,8 @@ fn an_estargz_image_goes_lazy_without_a_cstore_index() {
 }
 
 /// An index artifact whose span digests do not match the blob: readers get
-/// EIO, and nothing of the layer is committed (the snapshot stays lazy, a
-/// plain mount is refused).
+/// EIO, and nothing of the layer is committed (the snapshot stays lazy; once
+/// the daemon lets it go, a plain mount is refused).
 #[test]
 fn an_index_lying_about_its_spans_gives_eio_and_commits_nothing() {
     let reg = common::Registry::start(&[]);
@@ -400,7 +421,47 @@ fn an_index_lying_about_its_spans_gives_eio_and_commits_nothing() {
     std::thread::sleep(std::time::Duration::from_secs(2));
     assert!(lazy_snapshots(&b) > 0, "nothing unverified was committed");
     b.ok(&["umount", mnt.s()]);
+    // The daemon lets the failed layer go; it stays lazy, and a plain mount
+    // (no daemon serving it) is refused rather than showing a partial tree.
+    wait_unmounted(&b);
+    assert!(lazy_snapshots(&b) > 0);
     let err = b.fail(&["mount", &image, mnt.s()]);
-    assert!(err.contains("is lazy"), "{err}");
+    assert!(err.contains("no daemon serves it"), "{err}");
+    b.assert_nothing_mounted();
+}
+
+/// `cstore run --lazy` pulls lazily, the store's daemon serves the layers, the
+/// container prints its output; the daemon completes the layers and exits,
+/// and `ps`, `df` and `gc` see an ordinary image afterwards.
+#[test]
+fn run_lazy_starts_a_container_from_lazy_layers() {
+    let reg = common::Registry::start(&[]);
+    reg.push(None);
+    let image = reg.image("busybox:latest");
+    let a = Cstore::new();
+    a.ok(&["index", "build", &image]);
+    a.ok(&["index", "push", &image]);
+    let b = Cstore::new();
+    let out = b.ok(&[
+        "run",
+        "--rm",
+        "--lazy",
+        &image,
+        "echo",
+        "hello from a lazy image",
+    ]);
+    assert!(out.contains("hello from a lazy image"), "{out}");
+    assert!(out.contains("3 of 3 layers lazy"), "{out}");
+    wait_unmounted(&b);
+    assert_eq!(lazy_snapshots(&b), 0, "completed by the daemon");
+    let ps = b.ok(&["ps", "-a", "--json"]);
+    assert_eq!(
+        serde_json::from_str::<Value>(&ps).unwrap(),
+        serde_json::json!([])
+    );
+    let df: Value = serde_json::from_str(&b.ok(&["df", "--json"])).unwrap();
+    assert_eq!(df["reclaimable_bytes"], 0, "{df}");
+    b.ok(&["gc"]);
+    b.assert_blobs_verified();
     b.assert_nothing_mounted();
 }

@@ -125,7 +125,7 @@ pub fn pull_lazy(
         } else {
             match find_index(rt, client, store, img, l, ann.get(i), &mut remote)? {
                 Ok(origin) => {
-                    image::commit_lazy(sn, &layers, i)?;
+                    image::commit_lazy(sn, &layers, i, &name)?;
                     Event::Lazy {
                         layer: digest.clone(),
                         origin,

@@ -38,6 +38,8 @@ pub const LABEL_DIFF_ID: &str = "cstore.io/layer.diff-id";
 /// filling in place (docs/lazy.md): it is mounted only through its FUSE
 /// mount until completion removes the label.
 pub const LABEL_LAZY: &str = "cstore.io/lazy";
+/// On a lazy snapshot: the image reference its bytes are fetched through.
+pub const LABEL_LAZY_SOURCE: &str = "cstore.io/lazy.source";
 
 /// chain[0] = diff[0]; chain[i] = sha256(chain[i-1] + " " + diff[i]).
 pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
@@ -363,7 +365,7 @@ pub fn unpack_single(
 
 /// Commit an empty snapshot for lazy layer `idx` of `layers` (labelled
 /// [`LABEL_LAZY`]): its tree is filled in place by the layer's daemon.
-pub fn commit_lazy(sn: &Snapshotter, layers: &[Layer], idx: usize) -> Result<()> {
+pub fn commit_lazy(sn: &Snapshotter, layers: &[Layer], idx: usize, source: &str) -> Result<()> {
     let l = &layers[idx];
     let dir = sn.new_staging()?;
     let parent = idx.checked_sub(1).map(|p| layers[p].chain_id.as_str());
@@ -371,6 +373,7 @@ pub fn commit_lazy(sn: &Snapshotter, layers: &[Layer], idx: usize) -> Result<()>
         (LABEL_LAYER_DIGEST.to_string(), l.descriptor.digest.clone()),
         (LABEL_DIFF_ID.to_string(), l.diff_id.clone()),
         (LABEL_LAZY.to_string(), "1".to_string()),
+        (LABEL_LAZY_SOURCE.to_string(), source.to_string()),
     ]);
     match sn.commit_dir(&dir, &l.chain_id, parent, labels) {
         Ok(()) => Ok(()),
