@@ -14,8 +14,9 @@ use cstore_store::Store;
 
 use crate::snap;
 
-/// The snapshot tree as the runtime's containers use it.
-pub struct SnapshotTree<'a>(pub &'a Snapshotter);
+/// The snapshot tree as the runtime's containers use it (the store for
+/// lazy layers, whose FUSE mounts stand in for their directories).
+pub struct SnapshotTree<'a>(pub &'a Snapshotter, pub &'a Store);
 
 impl Snapshots for SnapshotTree<'_> {
     fn prepare(
@@ -25,7 +26,22 @@ impl Snapshots for SnapshotTree<'_> {
         labels: BTreeMap<String, String>,
     ) -> Result<Option<Vec<Mount>>, BoxError> {
         match self.0.prepare(key, Some(parent), labels) {
-            Ok(m) => Ok(Some(m)),
+            Ok(mut m) => {
+                // Lazy layers are their daemon's FUSE mounts (refused if
+                // none serves them): the chain from `parent` down.
+                let mut chains = Vec::new();
+                let mut next = Some(parent.to_string());
+                while let Some(c) = next {
+                    next = self.0.stat(&c)?.parent;
+                    chains.push(c);
+                }
+                if let Err(e) = cstore_lazy::serve::use_lazy_mounts(self.1, self.0, &chains, &mut m)
+                {
+                    let _ = self.0.remove(key);
+                    return Err(e.into());
+                }
+                Ok(Some(m))
+            }
             Err(cstore_snapshotter::Error::AlreadyExists(_)) => Ok(None),
             Err(e) => Err(e.into()),
         }
@@ -101,7 +117,7 @@ pub fn ps(store: &Store, all: bool, json: bool) -> Result<()> {
     let sn = snap::open(store)?;
     let now = now_unix();
     let shown: Vec<Container> = Containers::new(store.root())
-        .list(&SnapshotTree(&sn))?
+        .list(&SnapshotTree(&sn, store))?
         .into_iter()
         .filter(|c| all || !matches!(c.state(), State::Exited { .. }))
         .collect();
@@ -163,7 +179,7 @@ pub fn rm(store: &Store, names: &[String], force: bool) -> Result<()> {
     let containers = Containers::new(store.root());
     let mut errors = Vec::new();
     for name in names {
-        match containers.remove(&SnapshotTree(&sn), name, force) {
+        match containers.remove(&SnapshotTree(&sn, store), name, force) {
             Ok(()) => println!("{name}"),
             Err(e) => errors.push(format!("{:#}", anyhow::Error::from(e))),
         }

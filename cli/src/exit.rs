@@ -14,7 +14,8 @@ pub fn kind_of(e: &anyhow::Error) -> ErrorKind {
     }
     e.chain()
         .find_map(|c| {
-            kind::<cstore_store::Error>(c)
+            kind::<cstore_lazy::Error>(c)
+                .or_else(|| kind::<cstore_store::Error>(c))
                 .or_else(|| kind::<cstore_registry::Error>(c))
                 .or_else(|| kind::<cstore_unpack::Error>(c))
                 .or_else(|| kind::<cstore_snapshotter::Error>(c))

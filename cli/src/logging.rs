@@ -209,5 +209,15 @@ pub fn unpack_event(
                 "unpacked"
             )
         }
+        U::Indexed {
+            layer,
+            spans,
+            index_bytes,
+            windows_bytes,
+        } => tracing::debug!(image, layer, spans, index_bytes, windows_bytes, "indexed"),
+        // Said per layer: such a layer can only ever be pulled whole.
+        U::NotIndexed { layer, reason } => {
+            tracing::info!(image, layer, reason = %reason, "not indexed")
+        }
     }
 }

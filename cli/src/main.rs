@@ -6,6 +6,7 @@ mod containers;
 mod device;
 mod exit;
 mod install;
+mod lazy;
 mod logging;
 mod progress;
 mod run;
@@ -82,6 +83,11 @@ enum Command {
         /// Only fetch; do not unpack the layers into snapshots.
         #[arg(long)]
         no_unpack: bool,
+        /// Fetch the manifest, config and each layer's index only: layers are
+        /// served on demand (`mount --lazy`); a layer without an index is
+        /// pulled whole, and said so.
+        #[arg(long, conflicts_with = "no_unpack")]
+        lazy: bool,
     },
     /// Unpack a pulled image's layers into snapshots (each layer once).
     Unpack {
@@ -92,10 +98,22 @@ enum Command {
     /// Mount an image's root filesystem at DIR (read-only unless --rw).
     Mount {
         /// An active snapshot with its own upper and work dirs: writes land there.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "lazy")]
         rw: bool,
+        /// Serve lazy layers from the registry (pulling with --lazy first if
+        /// needed), through a daemon that stays until DIR is unmounted.
+        #[arg(long)]
+        lazy: bool,
+        #[command(flatten)]
+        registry: RegistryArgs,
         reference: String,
         dir: PathBuf,
+    },
+    /// The lazy layers' daemon behind `mount --lazy` (not for direct use).
+    #[command(hide = true)]
+    LazyServe {
+        #[command(flatten)]
+        registry: RegistryArgs,
     },
     /// Unmount DIR and remove its snapshot (unless --keep).
     Umount {
@@ -168,6 +186,93 @@ enum Command {
     /// systemd unit and containerd's proxy-plugin config (a drop-in the
     /// user's config.toml imports); --uninstall takes them off again.
     Install(install::InstallArgs),
+    /// The seekable layer indexes behind lazy pull.
+    Index {
+        #[command(subcommand)]
+        command: IndexCommand,
+    },
+}
+
+/// How to reach a registry (for `index build|push` and lazy pulls).
+#[derive(clap::Args, Clone)]
+pub(crate) struct RegistryArgs {
+    /// Platform to use from a multi-platform image (default: this host's).
+    #[arg(long)]
+    platform: Option<String>,
+    /// Talk plain HTTP to the registry.
+    #[arg(long)]
+    plain_http: bool,
+    /// Registry credentials USER:PASS (else ~/.docker/config.json).
+    #[arg(long, env = "CSTORE_CREDS", hide_env_values = true)]
+    creds: Option<String>,
+    /// Mirrors and TLS per registry (containerd's hosts.toml layout).
+    #[arg(long, env = "CSTORE_HOSTS_DIR")]
+    hosts_dir: Option<PathBuf>,
+}
+
+impl RegistryArgs {
+    pub(crate) fn client(&self) -> Result<RegistryClient> {
+        let creds = match &self.creds {
+            Some(c) => Some(Credentials::parse(c).context("--creds takes USER:PASS")?),
+            None => None,
+        };
+        let mut opts = ClientOptions {
+            plain_http: self.plain_http,
+            creds,
+            hosts_dir: self
+                .hosts_dir
+                .clone()
+                .or_else(cstore_registry::hosts::default_dir),
+            ..Default::default()
+        };
+        if let Some(ms) = retry_backoff_ms()? {
+            opts.backoff = std::time::Duration::from_millis(ms);
+        }
+        Ok(RegistryClient::new(opts)?)
+    }
+
+    pub(crate) fn platform(&self) -> Result<Platform> {
+        Ok(match &self.platform {
+            Some(p) => p.parse::<Platform>()?,
+            None => Platform::host(),
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum IndexCommand {
+    /// Build the index of each layer of REF from the registry: each blob is
+    /// streamed through the indexer, never stored; the indexes are.
+    Build {
+        reference: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish the stored indexes of REF's layers as an OCI artifact whose
+    /// subject is the image manifest (referrers API, or the referrers tag
+    /// schema where the registry has none).
+    Push {
+        reference: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The stored index of each layer of REF (made when its layers were
+    /// unpacked, built, or found in the registry).
+    Ls {
+        reference: String,
+        /// The indexes published in the registry for REF (referrers API or
+        /// tag schema), each checked, instead of the stored ones.
+        #[arg(long)]
+        remote: bool,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -234,7 +339,19 @@ fn run(cli: Cli) -> Result<()> {
             hosts_dir,
             json,
             no_unpack,
+            lazy,
         } => {
+            if lazy {
+                let store = open_store(&cli.root)?;
+                let args = RegistryArgs {
+                    platform,
+                    plain_http,
+                    creds,
+                    hosts_dir,
+                };
+                lazy::pull(&store, &reference.parse()?, &args, json)?;
+                return Ok(());
+            }
             let reference: Reference = reference.parse()?;
             let platform = match platform {
                 Some(p) => p.parse::<Platform>()?,
@@ -308,9 +425,24 @@ fn run(cli: Cli) -> Result<()> {
             let store = open_store(&cli.root)?;
             snap::unpack(&store, &reference, json)?;
         }
-        Command::Mount { rw, reference, dir } => {
+        Command::Mount {
+            rw,
+            lazy,
+            registry,
+            reference,
+            dir,
+        } => {
             let store = open_store(&cli.root)?;
-            snap::mount_image(&store, &reference, &dir, rw)?;
+            if lazy {
+                lazy::ensure_served(&store, &cli.root, &reference, &registry)?;
+                snap::mount_image(&store, &reference, &dir, false)?;
+            } else {
+                snap::mount_image(&store, &reference, &dir, rw)?;
+            }
+        }
+        Command::LazyServe { registry } => {
+            let store = open_store(&cli.root)?;
+            lazy::serve(&store, &registry)?;
         }
         Command::Umount { keep, dir } => {
             let store = open_store(&cli.root)?;
@@ -439,14 +571,16 @@ fn run(cli: Cli) -> Result<()> {
             let store = open_store(&cli.root)?;
             let r = store.gc()?;
             let (layers, dirs) = snap::gc(&store)?;
+            let lazy_dirs = cstore_lazy::serve::gc(&store, &snap::open(&store)?)?;
             if json {
                 let mut v = serde_json::to_value(&r)?;
                 v["removed_layer_snapshots"] = layers.into();
                 v["removed_orphan_dirs"] = dirs.into();
+                v["removed_lazy_caches"] = lazy_dirs.into();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!(
-                    "removed {} blobs ({}), {} abandoned downloads, {} expired leases, {layers} unused layer snapshots, {dirs} orphaned directories",
+                    "removed {} blobs ({}), {} abandoned downloads, {} expired leases, {layers} unused layer snapshots, {dirs} orphaned directories, {lazy_dirs} lazy caches",
                     r.removed_blobs,
                     progress::human_bytes(r.removed_bytes),
                     r.removed_partials,
@@ -459,6 +593,61 @@ fn run(cli: Cli) -> Result<()> {
             if !check::check(&cli.root, json)? {
                 std::process::exit(1);
             }
+        }
+        Command::Index {
+            command:
+                IndexCommand::Ls {
+                    reference,
+                    remote,
+                    registry,
+                    json,
+                },
+        } => {
+            if remote {
+                lazy::ls_remote(
+                    &reference.parse()?,
+                    registry.client()?,
+                    &registry.platform()?,
+                    json,
+                )?;
+            } else {
+                let store = open_store(&cli.root)?;
+                lazy::ls(&store, &reference, json)?;
+            }
+        }
+        Command::Index {
+            command:
+                IndexCommand::Build {
+                    reference,
+                    registry,
+                    json,
+                },
+        } => {
+            let store = open_store(&cli.root)?;
+            lazy::build(
+                &store,
+                &reference.parse()?,
+                registry.client()?,
+                &registry.platform()?,
+                json,
+            )?;
+        }
+        Command::Index {
+            command:
+                IndexCommand::Push {
+                    reference,
+                    registry,
+                    json,
+                },
+        } => {
+            let store = open_store(&cli.root)?;
+            lazy::push(
+                &store,
+                &reference.parse()?,
+                registry.client()?,
+                &registry.platform()?,
+                json,
+            )?;
         }
         Command::Df { json } => {
             let store = open_store(&cli.root)?;

@@ -22,6 +22,10 @@ pub struct RunArgs {
     /// Remove the container's snapshot when it exits.
     #[arg(long)]
     pub rm: bool,
+    /// Start before the image is local: pull it lazily if needed; its lazy
+    /// layers are served by the store's lazy daemon (docs/lazy.md).
+    #[arg(long)]
+    pub lazy: bool,
     #[arg(long)]
     pub name: Option<String>,
     /// Environment KEY=VALUE (repeatable).
@@ -142,6 +146,16 @@ pub fn open_and_run(root: &Path, a: RunArgs) -> Result<i32> {
 /// container's life (prepare, launch, teardown) in cstore-runtime.
 pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
     let flags = Flags::parse(&a, store.root())?;
+    if a.lazy {
+        // Lazy layers need their daemon before the image is mounted.
+        let args = crate::RegistryArgs {
+            platform: None,
+            plain_http: false,
+            creds: None,
+            hosts_dir: None,
+        };
+        crate::lazy::ensure_served(store, store.root(), &a.reference, &args)?;
+    }
     let image = resolve(store, sn, &a)?;
     let req = RunRequest {
         id: image.id,
@@ -160,7 +174,7 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
         start_timeout: flags.start_timeout,
     };
     let hold = || (store.meta().hold(), sn.hold());
-    Ok(Containers::new(store.root()).run(&SnapshotTree(sn), req, hold)?)
+    Ok(Containers::new(store.root()).run(&SnapshotTree(sn, store), req, hold)?)
 }
 
 /// What the flags say that needs no image.

@@ -47,6 +47,20 @@ pub fn unpack(store: &Store, reference: &str, json: bool) -> Result<image::Unpac
                 stats.extract.entries,
                 human_bytes(stats.extract.file_bytes)
             ),
+            Event::Indexed {
+                layer,
+                spans,
+                index_bytes,
+                windows_bytes,
+            } => println!(
+                "{}: indexed ({spans} spans; index {}, windows {})",
+                short(&layer),
+                human_bytes(index_bytes),
+                human_bytes(windows_bytes)
+            ),
+            Event::NotIndexed { layer, reason } => {
+                println!("{}: no lazy index: {reason}", short(&layer))
+            }
         }
     })?;
     tracing::info!(
@@ -105,7 +119,7 @@ pub fn mount_image(store: &Store, reference: &str, dir: &Path, rw: bool) -> Resu
         (LABEL_MOUNTPOINT.to_string(), target.display().to_string()),
         (LABEL_IMAGE.to_string(), img.name.clone()),
     ]);
-    let mounts = if rw {
+    let mut mounts = if rw {
         sn.prepare(&key, Some(&top.chain_id), labels)
     } else {
         sn.view(&key, Some(&top.chain_id), labels)
@@ -120,6 +134,12 @@ pub fn mount_image(store: &Store, reference: &str, dir: &Path, rw: bool) -> Resu
         }
         e => e.into(),
     })?;
+    // Lazy layers are their daemon's FUSE mounts (refused if none serves them).
+    let chains: Vec<String> = layers.iter().map(|l| l.chain_id.clone()).collect();
+    if let Err(e) = cstore_lazy::serve::use_lazy_mounts(store, &sn, &chains, &mut mounts) {
+        let _ = sn.remove(&key);
+        return Err(e.into());
+    }
     if let Err(e) = mount::mount_all(&mounts, &target) {
         let _ = sn.remove(&key);
         return Err(e.into());

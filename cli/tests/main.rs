@@ -18,6 +18,7 @@ mod device;
 mod faults;
 mod install;
 mod killpoints;
+mod lazy;
 mod logs;
 mod mirrors;
 mod mount;

@@ -43,12 +43,40 @@ pub enum Error {
     /// A cstore_os helper failed other than in a system call (its io errors are `Io`).
     #[error(transparent)]
     Os(cstore_os::Error),
+    /// A lazy layer's index was refused (malformed, or past a limit).
+    #[error("layer {layer}: index: {source}")]
+    Index {
+        layer: String,
+        #[source]
+        source: cstore_index::Error,
+    },
+    /// A span of a lazy layer could not be made local: the source failed (try again
+    /// later) or what it returned did not match the index's digest (nothing of it
+    /// was used). Readers of it got EIO.
+    #[error("layer {layer}: span {span}: {reason}")]
+    Span {
+        layer: String,
+        span: usize,
+        reason: String,
+    },
+    /// A lazy layer's completion failed verification (blob digest, diff_id, or the
+    /// entry table rebuilt from the tar differs from the index): its tree and cache
+    /// were discarded.
+    #[error("layer {layer}: verification failed, the layer was discarded: {reason}")]
+    Completion { layer: String, reason: String },
+    /// A lazy layer cannot go on (shutting down, or its tree cannot be made).
+    #[error("layer {layer}: {reason}")]
+    Layer { layer: String, reason: String },
     /// A name for the fd store that it cannot hold.
     #[error("fd store name {0:?}: must be 1-200 bytes of [A-Za-z0-9._:@+-]")]
     BadName(String),
 }
 
 impl Error {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io(cstore_os::IoError::new(op, path, source))
+    }
+
     pub(crate) fn store(store: impl std::fmt::Display, reason: impl Into<String>) -> Self {
         Error::FdStore {
             store: store.to_string(),
@@ -79,6 +107,12 @@ impl Error {
             Error::NoPassthrough(_) => ErrorKind::NotImplemented,
             Error::NotMounted(_) => ErrorKind::NotFound,
             Error::BadName(_) => ErrorKind::InvalidArgument,
+            // A hostile or malformed index: the image's fault.
+            Error::Index { .. } => ErrorKind::InvalidArgument,
+            // The source failed or sent bytes that are not the layer's: try again.
+            Error::Span { .. } => ErrorKind::Unavailable,
+            Error::Completion { .. } => ErrorKind::DataLoss,
+            Error::Layer { .. } => ErrorKind::FailedPrecondition,
         }
     }
 }

@@ -17,6 +17,8 @@
 //!   between daemons.
 //! - [`supervisor`]: restart in time, or abort the connection after repeated failures.
 //! - [`dirfs`]: a [`ReadOnlyFs`] over a directory tree (tests, reference).
+//! - [`layer`]: [`LayerFs`], a lazy layer served from its index (`cstore-index`), its
+//!   data fetched by span through a [`SpanSource`] into the layer's own tree.
 
 pub mod abi;
 pub mod dev;
@@ -24,6 +26,7 @@ pub mod dirfs;
 mod error;
 pub mod fs;
 pub mod keeper;
+pub mod layer;
 pub mod session;
 pub mod state;
 pub mod supervisor;
@@ -35,6 +38,7 @@ pub use dirfs::DirFs;
 pub use error::{Error, Result};
 pub use fs::{DirSink, Errno, Open, ReadOnlyFs, ROOT_ID};
 pub use keeper::{FdStore, Keeper, KeeperClient, SystemdFdStore};
+pub use layer::{FileSource, LayerFs, LayerOptions, SpanSource};
 pub use session::{Exit, PassthroughMode, Session, SessionOptions, Stats, Stopper};
 pub use state::{Negotiated, Saved, Settings, StateDir};
 pub use supervisor::{supervise, RestartPolicy, Supervised, EXIT_STOPPED};

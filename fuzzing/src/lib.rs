@@ -71,6 +71,26 @@ pub const TARGETS: &[Target] = &[
         run: content_range,
         tar: false,
     },
+    Target {
+        name: "index_parse",
+        run: index_parse,
+        tar: false,
+    },
+    Target {
+        name: "estargz_toc",
+        run: estargz_toc,
+        tar: false,
+    },
+    Target {
+        name: "estargz_blob",
+        run: estargz_blob,
+        tar: false,
+    },
+    Target {
+        name: "soci_ztoc",
+        run: soci_ztoc,
+        tar: false,
+    },
 ];
 
 pub fn target(name: &str) -> Option<&'static Target> {
@@ -255,4 +275,26 @@ pub fn content_range(data: &[u8]) {
         let digits = s["bytes ".len()..].split('-').next().unwrap_or("");
         assert_eq!(digits.parse::<u64>().ok(), Some(n));
     }
+}
+
+/// A layer index as fetched from a registry (referrers): parsed and, if
+/// accepted, every entry, span and chunk a reader can reach touched
+/// (`cstore_index::fuzz`).
+pub fn index_parse(data: &[u8]) {
+    cstore_index::fuzz::index_parse(data);
+}
+
+/// An eStargz TOC (JSON), imported as an index.
+pub fn estargz_toc(data: &[u8]) {
+    cstore_index::fuzz::estargz_toc(data);
+}
+
+/// The end of an eStargz blob: its footer, and the TOC it points at.
+pub fn estargz_blob(data: &[u8]) {
+    cstore_index::fuzz::estargz_blob(data);
+}
+
+/// A SOCI zTOC, imported as an index.
+pub fn soci_ztoc(data: &[u8]) {
+    cstore_index::fuzz::soci_ztoc(data);
 }

@@ -90,6 +90,10 @@ const WEIGHTS: &[(&str, u64)] = &[
     ("reference", 3),
     ("www_authenticate", 3),
     ("content_range", 2),
+    ("index_parse", 3),
+    ("estargz_toc", 3),
+    ("estargz_blob", 2),
+    ("soci_ztoc", 3),
 ];
 
 fn budget(name: &str) -> Duration {
@@ -470,6 +474,26 @@ fn www_authenticate() {
 #[test]
 fn content_range() {
     drive("content_range");
+}
+
+#[test]
+fn index_parse() {
+    drive("index_parse");
+}
+
+#[test]
+fn estargz_toc() {
+    drive("estargz_toc");
+}
+
+#[test]
+fn estargz_blob() {
+    drive("estargz_blob");
+}
+
+#[test]
+fn soci_ztoc() {
+    drive("soci_ztoc");
 }
 
 /// The harness itself: a broken confinement, a panic, a slow input and an

@@ -148,7 +148,7 @@ fn host_port(u: &Url) -> String {
 }
 
 pub struct RegistryClient {
-    http: reqwest::Client,
+    pub(crate) http: reqwest::Client,
     opts: ClientOptions,
     state: Mutex<State>,
 }
@@ -202,7 +202,7 @@ impl RegistryClient {
 
     /// `path` under the repository at `ep` (the default upstream's scheme
     /// as the loopback fallback left it).
-    fn url(&self, ep: &hosts::Endpoint, r: &Reference, path: &str) -> Result<Url> {
+    pub(crate) fn url(&self, ep: &hosts::Endpoint, r: &Reference, path: &str) -> Result<Url> {
         let scheme = match self.scheme(r) {
             Scheme::Https => "https",
             Scheme::Http => "http",
@@ -240,8 +240,27 @@ impl RegistryClient {
         Ok(eps)
     }
 
+    /// The registry itself (the last host: mirrors come first), where pushes go.
+    pub(crate) fn upstream(&self, r: &Reference) -> Result<hosts::Endpoint> {
+        let eps = self.endpoints(r)?;
+        Ok(eps
+            .iter()
+            .find(|e| e.spec.upstream)
+            .unwrap_or_else(|| eps.last().expect("hosts::load returns the upstream"))
+            .clone())
+    }
+
+    /// The scope a push needs (the same cache, another key).
+    pub(crate) fn push_scope(r: &Reference) -> String {
+        format!("repository:{}:pull,push", r.repository())
+    }
+
     fn cached_auth(&self, ep: &hosts::Endpoint, r: &Reference) -> Option<String> {
-        let key = (ep.host.clone(), Self::scope(r));
+        self.cached_auth_scope(ep, &Self::scope(r))
+    }
+
+    pub(crate) fn cached_auth_scope(&self, ep: &hosts::Endpoint, scope: &str) -> Option<String> {
+        let key = (ep.host.clone(), scope.to_string());
         match self.state.lock().unwrap().auth.get(&key)? {
             Auth::Basic(h) => Some(h.clone()),
             Auth::Bearer { token, expires, .. } if *expires > Instant::now() => {
@@ -543,7 +562,7 @@ impl RegistryClient {
 
     /// Docker talks plain HTTP to loopback registries when TLS fails. Returns
     /// true if this request should be tried again over HTTP.
-    fn try_plain_http(&self, r: &Reference) -> bool {
+    pub(crate) fn try_plain_http(&self, r: &Reference) -> bool {
         if self.opts.plain_http || !r.is_loopback() {
             return false;
         }
@@ -577,12 +596,23 @@ impl RegistryClient {
         r: &Reference,
         challenge: Option<&str>,
     ) -> Result<()> {
+        self.authenticate_scope(ep, r, challenge, Self::scope(r))
+            .await
+    }
+
+    /// [`Self::authenticate`] for `scope` (a push's).
+    pub(crate) async fn authenticate_scope(
+        &self,
+        ep: &hosts::Endpoint,
+        r: &Reference,
+        challenge: Option<&str>,
+        scope: String,
+    ) -> Result<()> {
         let registry = if ep.spec.upstream {
             r.registry().to_string()
         } else {
             ep.host.clone()
         };
-        let scope = Self::scope(r);
         let creds = self.credentials(ep, r);
         let key = (ep.host.clone(), scope.clone());
         match challenge.and_then(auth::parse_challenge) {
@@ -851,7 +881,7 @@ impl RegistryClient {
 /// Read a body up to `limit` bytes. `(bytes, true)` when that was all of it;
 /// `(the first limit bytes, false)` when there was more, which is then not
 /// read (the connection is dropped with the response).
-async fn read_capped(resp: Response, limit: u64) -> reqwest::Result<(Vec<u8>, bool)> {
+pub(crate) async fn read_capped(resp: Response, limit: u64) -> reqwest::Result<(Vec<u8>, bool)> {
     let mut body = Vec::new();
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {
@@ -926,7 +956,7 @@ fn retry_after(resp: &Response) -> Option<Duration> {
 
 /// The registry's own error text (`{"errors":[{"code","message"}]}`), or the
 /// start of the body.
-async fn error_message(resp: Response) -> String {
+pub(crate) async fn error_message(resp: Response) -> String {
     #[derive(serde::Deserialize)]
     struct Errors {
         errors: Vec<ErrorItem>,

@@ -85,6 +85,7 @@ pub struct HostSpec {
 }
 
 /// A host with its HTTP client.
+#[derive(Clone)]
 pub struct Endpoint {
     pub spec: HostSpec,
     /// `host[:port]` of the root: what errors name, the key for tokens, and

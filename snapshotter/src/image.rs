@@ -20,7 +20,9 @@ use cstore_registry::parse_digest;
 use cstore_store::image_config::ImageConfigHead;
 use cstore_store::meta::{DescriptorRecord, ImageRecord};
 use cstore_store::Store;
-use cstore_unpack::{layer_compression, unpack_layer, LayerRef, LayerStats, UnpackOptions};
+use cstore_unpack::{
+    layer_compression, unpack_layer, LayerIndex, LayerRef, LayerStats, UnpackOptions,
+};
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
@@ -32,6 +34,12 @@ type Staged = Option<Result<(PathBuf, LayerStats)>>;
 
 pub const LABEL_LAYER_DIGEST: &str = "cstore.io/layer.digest";
 pub const LABEL_DIFF_ID: &str = "cstore.io/layer.diff-id";
+/// On a committed layer snapshot whose tree a lazy layer daemon is still
+/// filling in place (docs/lazy.md): it is mounted only through its FUSE
+/// mount until completion removes the label.
+pub const LABEL_LAZY: &str = "cstore.io/lazy";
+/// On a lazy snapshot: the image reference its bytes are fetched through.
+pub const LABEL_LAZY_SOURCE: &str = "cstore.io/lazy.source";
 
 /// chain[0] = diff[0]; chain[i] = sha256(chain[i-1] + " " + diff[i]).
 pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
@@ -107,6 +115,18 @@ pub enum Event {
         layer: String,
         stats: LayerStats,
     },
+    /// The layer's seekable index was recorded in the unpack pass and stored.
+    Indexed {
+        layer: String,
+        spans: u32,
+        index_bytes: u64,
+        windows_bytes: u64,
+    },
+    /// No index for this layer (it can still be unpacked, not served lazily).
+    NotIndexed {
+        layer: String,
+        reason: String,
+    },
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -167,7 +187,7 @@ pub fn unpack_image(
                     layer: l.descriptor.digest.clone(),
                 });
                 let t = std::time::Instant::now();
-                let r = unpack_one(sn, store, image, l, opts);
+                let r = unpack_one(sn, store, image, l, opts, on_event);
                 crate::metrics::layer_unpacked(t, r.is_ok());
                 if r.is_err() {
                     failed.store(true, Ordering::SeqCst);
@@ -247,12 +267,19 @@ pub fn unpack_image(
     })
 }
 
+/// Whether unpack records each layer's index (`CSTORE_LAYER_INDEX=0` turns it
+/// off, for measuring what it costs).
+fn index_in_unpack() -> bool {
+    std::env::var("CSTORE_LAYER_INDEX").map_or(true, |v| v != "0")
+}
+
 fn unpack_one(
     sn: &Snapshotter,
     store: &Store,
     image: &ImageRecord,
     l: &Layer,
     opts: &UnpackOptions,
+    on_event: &(dyn Fn(Event) + Sync),
 ) -> Result<(PathBuf, LayerStats)> {
     let digest = parse_digest(&l.descriptor.digest).map_err(cstore_store::Error::from)?;
     let compression = layer_compression(&l.descriptor.media_type).ok_or_else(|| {
@@ -269,23 +296,130 @@ fn unpack_one(
         compression,
         diff_id: &l.diff_id,
     };
-    let with_io;
-    let opts = if opts.io.is_none() {
-        // Read layer blobs as the store's device wants.
-        with_io = UnpackOptions {
-            io: Some(store.stream_config().clone()),
-            ..opts.clone()
-        };
-        &with_io
-    } else {
-        opts
+    // Read layer blobs as the store's device wants; record the index in the
+    // same pass unless the layer has one already.
+    let build_index = opts.build_index
+        || (index_in_unpack() && store.layer_index(&l.descriptor.digest)?.is_none());
+    let opts = UnpackOptions {
+        io: opts
+            .io
+            .clone()
+            .or_else(|| Some(store.stream_config().clone())),
+        build_index,
+        ..opts.clone()
     };
-    match unpack_layer(&blob, &layer, &dir.join("fs"), opts) {
-        Ok(stats) => Ok((dir, stats)),
+    match unpack_layer(&blob, &layer, &dir.join("fs"), &opts) {
+        Ok(mut stats) => {
+            if let Some(ix) = stats.index.take() {
+                store_index(store, &l.descriptor.digest, ix, on_event);
+            }
+            Ok((dir, stats))
+        }
         Err(e) => {
             // The half-written layer goes; nothing else was touched.
             let _ = std::fs::remove_dir_all(&dir);
             Err(e.into())
+        }
+    }
+}
+
+/// Unpack layer `idx` of `layers` (its blob in the store, the layers below
+/// committed) into its committed snapshot, as [`unpack_image`] does for each
+/// layer: for a lazy pull, whose other layers are served lazily.
+pub fn unpack_single(
+    sn: &Snapshotter,
+    store: &Store,
+    image: &ImageRecord,
+    layers: &[Layer],
+    idx: usize,
+    on_event: &(dyn Fn(Event) + Sync),
+) -> Result<()> {
+    let l = &layers[idx];
+    on_event(Event::Unpacking {
+        layer: l.descriptor.digest.clone(),
+    });
+    let (dir, stats) = unpack_one(sn, store, image, l, &UnpackOptions::default(), on_event)?;
+    if let Err(e) = inherit_implicit_dirs(
+        sn,
+        image,
+        l,
+        &layers[..idx],
+        &dir.join("fs"),
+        &stats.implicit_dirs,
+    ) {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(e);
+    }
+    let parent = idx.checked_sub(1).map(|p| layers[p].chain_id.as_str());
+    let labels = BTreeMap::from([
+        (LABEL_LAYER_DIGEST.to_string(), l.descriptor.digest.clone()),
+        (LABEL_DIFF_ID.to_string(), l.diff_id.clone()),
+    ]);
+    on_event(Event::Unpacked {
+        layer: l.descriptor.digest.clone(),
+        stats,
+    });
+    match sn.commit_dir(&dir, &l.chain_id, parent, labels) {
+        Ok(()) => Ok(()),
+        Err(Error::AlreadyExists(_)) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            Err(e)
+        }
+    }
+}
+
+/// Commit an empty snapshot for lazy layer `idx` of `layers` (labelled
+/// [`LABEL_LAZY`]): its tree is filled in place by the layer's daemon.
+pub fn commit_lazy(sn: &Snapshotter, layers: &[Layer], idx: usize, source: &str) -> Result<()> {
+    let l = &layers[idx];
+    let dir = sn.new_staging()?;
+    let parent = idx.checked_sub(1).map(|p| layers[p].chain_id.as_str());
+    let labels = BTreeMap::from([
+        (LABEL_LAYER_DIGEST.to_string(), l.descriptor.digest.clone()),
+        (LABEL_DIFF_ID.to_string(), l.diff_id.clone()),
+        (LABEL_LAZY.to_string(), "1".to_string()),
+        (LABEL_LAZY_SOURCE.to_string(), source.to_string()),
+    ]);
+    match sn.commit_dir(&dir, &l.chain_id, parent, labels) {
+        Ok(()) => Ok(()),
+        Err(Error::AlreadyExists(_)) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            Err(e)
+        }
+    }
+}
+
+/// Keep the index the unpack pass recorded. Failing to store it fails
+/// nothing: the layer is unpacked, it just cannot be served lazily from here.
+fn store_index(store: &Store, layer: &str, ix: LayerIndex, on_event: &(dyn Fn(Event) + Sync)) {
+    let not = |reason: String| Event::NotIndexed {
+        layer: layer.to_string(),
+        reason,
+    };
+    match ix {
+        LayerIndex::Unavailable(reason) => on_event(not(reason)),
+        LayerIndex::Built { index, windows } => {
+            let spans = cstore_index::Index::parse(index.as_slice())
+                .map(|i| i.span_count() as u32)
+                .unwrap_or(0);
+            let w = (!windows.is_empty()).then_some(windows.as_slice());
+            match store.put_layer_index(layer, &index, w, None, "unpack") {
+                Ok(rec) => on_event(Event::Indexed {
+                    layer: layer.to_string(),
+                    spans,
+                    index_bytes: rec.index_size,
+                    windows_bytes: rec.windows_size,
+                }),
+                Err(e) => on_event(not(format!("storing the index: {e}"))),
+            }
         }
     }
 }

@@ -20,6 +20,7 @@ const WHAT: &str = "metadata database";
 const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
 const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
 const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
+const LAYER_INDEXES: TableDefinition<&str, &[u8]> = TableDefinition::new("layer_indexes");
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DescriptorRecord {
@@ -58,6 +59,26 @@ pub struct BlobRecord {
     /// and layers): the edges `gc` marks along.
     #[serde(default)]
     pub children: Vec<String>,
+}
+
+/// A layer's seekable index (docs/lazy.md), kept while the layer is: `gc`
+/// marks `index` and `windows` from every marked layer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerIndexRecord {
+    /// Digest of the index blob (`application/vnd.cstore.layer-index.v1`).
+    pub index: String,
+    pub index_size: u64,
+    /// Digest of its windows blob, if its spans need windows.
+    #[serde(default)]
+    pub windows: Option<String>,
+    #[serde(default)]
+    pub windows_size: u64,
+    /// The windows blob's digest in the registry, for an index found there
+    /// (its windows are fetched by range with the spans that need them).
+    #[serde(default)]
+    pub remote_windows: Option<String>,
+    /// Where it came from: "unpack", "build", "referrers", "estargz", "soci".
+    pub origin: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -100,6 +121,7 @@ pub struct Tables<'t> {
     images: Table<'t, &'static str, &'static [u8]>,
     blobs: Table<'t, &'static str, &'static [u8]>,
     leases: Table<'t, &'static str, &'static [u8]>,
+    layer_indexes: Table<'t, &'static str, &'static [u8]>,
     path: &'t Path,
 }
 
@@ -110,8 +132,14 @@ impl Meta {
         };
         // Create the tables once so readers never meet a missing table.
         let db = &meta.db;
-        db.ensure_tables::<Error>(&[IMAGES.name(), BLOBS.name(), LEASES.name()], |txn| {
-            for t in [IMAGES, BLOBS, LEASES] {
+        let names = [
+            IMAGES.name(),
+            BLOBS.name(),
+            LEASES.name(),
+            LAYER_INDEXES.name(),
+        ];
+        db.ensure_tables::<Error>(&names, |txn| {
+            for t in [IMAGES, BLOBS, LEASES, LAYER_INDEXES] {
                 txn.open_table(t).map_err(|e| db.err(e))?;
             }
             Ok(())
@@ -132,6 +160,7 @@ impl Meta {
                 images: txn.open_table(IMAGES).map_err(|e| db.err(e))?,
                 blobs: txn.open_table(BLOBS).map_err(|e| db.err(e))?,
                 leases: txn.open_table(LEASES).map_err(|e| db.err(e))?,
+                layer_indexes: txn.open_table(LAYER_INDEXES).map_err(|e| db.err(e))?,
                 path: db.path(),
             };
             f(&tables)
@@ -158,6 +187,7 @@ impl Meta {
                     images: txn.open_table(IMAGES).map_err(|e| db.err(e))?,
                     blobs: txn.open_table(BLOBS).map_err(|e| db.err(e))?,
                     leases: txn.open_table(LEASES).map_err(|e| db.err(e))?,
+                    layer_indexes: txn.open_table(LAYER_INDEXES).map_err(|e| db.err(e))?,
                     path: db.path(),
                 };
                 f(&mut tables)
@@ -173,6 +203,7 @@ pub struct ReadTables<'p> {
     images: ReadOnlyTable<&'static str, &'static [u8]>,
     blobs: ReadOnlyTable<&'static str, &'static [u8]>,
     leases: ReadOnlyTable<&'static str, &'static [u8]>,
+    layer_indexes: ReadOnlyTable<&'static str, &'static [u8]>,
     path: &'p Path,
 }
 
@@ -232,6 +263,13 @@ pub trait View {
     fn leases(&self) -> Result<Vec<(String, Lease)>> {
         self.all(Which::Leases)
     }
+    /// The index of the layer blob `digest`, if one is stored.
+    fn layer_index(&self, digest: &str) -> Result<Option<LayerIndexRecord>> {
+        self.get(Which::LayerIndexes, digest)
+    }
+    fn layer_indexes(&self) -> Result<Vec<(String, LayerIndexRecord)>> {
+        self.all(Which::LayerIndexes)
+    }
 }
 
 fn raw_get_in(
@@ -286,6 +324,7 @@ impl ReadTables<'_> {
             Which::Images => &self.images,
             Which::Blobs => &self.blobs,
             Which::Leases => &self.leases,
+            Which::LayerIndexes => &self.layer_indexes,
         }
     }
 }
@@ -298,6 +337,7 @@ impl Tables<'_> {
             Which::Images => &mut self.images,
             Which::Blobs => &mut self.blobs,
             Which::Leases => &mut self.leases,
+            Which::LayerIndexes => &mut self.layer_indexes,
         };
         table
             .insert(key, bytes.as_slice())
@@ -311,6 +351,7 @@ impl Tables<'_> {
             Which::Images => &mut self.images,
             Which::Blobs => &mut self.blobs,
             Which::Leases => &mut self.leases,
+            Which::LayerIndexes => &mut self.layer_indexes,
         };
         let old = table
             .remove(key)
@@ -323,6 +364,7 @@ impl Tables<'_> {
             Which::Images => &self.images,
             Which::Blobs => &self.blobs,
             Which::Leases => &self.leases,
+            Which::LayerIndexes => &self.layer_indexes,
         }
     }
 
@@ -344,6 +386,12 @@ impl Tables<'_> {
     pub fn remove_lease(&mut self, id: &str) -> Result<bool> {
         self.remove(Which::Leases, id)
     }
+    pub fn put_layer_index(&mut self, layer: &str, rec: &LayerIndexRecord) -> Result<()> {
+        self.put(Which::LayerIndexes, layer, rec)
+    }
+    pub fn remove_layer_index(&mut self, layer: &str) -> Result<bool> {
+        self.remove(Which::LayerIndexes, layer)
+    }
 }
 
 #[doc(hidden)]
@@ -352,6 +400,7 @@ pub enum Which {
     Images,
     Blobs,
     Leases,
+    LayerIndexes,
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use cstore_os::tree::tree_usage;
 use cstore_os::{sync_dir, write_atomic, FileLock, IoError};
 
 use crate::ingest::BlobDirs;
-use crate::meta::{ImageRecord, Meta, View};
+use crate::meta::{BlobRecord, ImageRecord, LayerIndexRecord, Lease, Meta, View};
 use cstore_registry::{parse_digest, Reference};
 
 pub const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
@@ -225,6 +225,153 @@ impl Store {
         )
     }
 
+    /// The stored index of the layer blob `layer` (a digest), if any.
+    pub fn layer_index(&self, layer: &str) -> Result<Option<LayerIndexRecord>> {
+        self.inner.meta.read(|t| t.layer_index(layer))
+    }
+
+    /// Store a layer's index and windows blobs (each written atomically and
+    /// verified like any blob) and record them as the index of the layer blob
+    /// `layer`, replacing an older one. `gc` keeps them while the layer is
+    /// kept. A lease protects the new blobs from a `gc` until they are recorded.
+    pub fn put_layer_index(
+        &self,
+        layer: &str,
+        index: &[u8],
+        windows: Option<&[u8]>,
+        remote_windows: Option<&str>,
+        origin: &str,
+    ) -> Result<LayerIndexRecord> {
+        use sha2::{Digest as _, Sha256};
+        let digest_of = |b: &[u8]| format!("sha256:{}", hex::encode(Sha256::digest(b)));
+        let rec = LayerIndexRecord {
+            index: digest_of(index),
+            index_size: index.len() as u64,
+            windows: windows.map(digest_of),
+            windows_size: windows.map_or(0, |w| w.len() as u64),
+            remote_windows: remote_windows.map(String::from),
+            origin: origin.to_string(),
+        };
+        let lease_id = format!(
+            "index-{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        );
+        let mut lease = Lease::for_this_process();
+        lease.blobs = std::iter::once(rec.index.clone())
+            .chain(rec.windows.clone())
+            .collect();
+        let meta = &self.inner.meta;
+        meta.update(|t| t.put_lease(&lease_id, &lease))?;
+        let result = (|| {
+            let put = |d: &str, b: &[u8]| -> Result<()> {
+                self.inner.dirs.put_bytes(&parse_digest(d)?, b)
+            };
+            put(&rec.index, index)?;
+            if let (Some(d), Some(w)) = (&rec.windows, windows) {
+                put(d, w)?;
+            }
+            meta.update(|t| {
+                t.put_blob(
+                    &rec.index,
+                    &BlobRecord {
+                        size: rec.index_size,
+                        media_type: cstore_index::MEDIA_TYPE.into(),
+                        children: rec.windows.iter().cloned().collect(),
+                    },
+                )?;
+                if let Some(w) = &rec.windows {
+                    t.put_blob(
+                        w,
+                        &BlobRecord {
+                            size: rec.windows_size,
+                            media_type: cstore_index::WINDOWS_MEDIA_TYPE.into(),
+                            children: Vec::new(),
+                        },
+                    )?;
+                }
+                t.put_layer_index(layer, &rec)?;
+                t.remove_lease(&lease_id)?;
+                Ok(())
+            })
+        })();
+        if result.is_err() {
+            let _ = meta.update(|t| t.remove_lease(&lease_id));
+        }
+        result.map(|()| rec)
+    }
+
+    /// Record an image whose layers are not here (a lazy pull, `index build`):
+    /// its platform manifest (also its target) and config are stored, verified,
+    /// and the image record names its layers as the manifest does. `gc` keeps
+    /// the layers' indexes (and blobs, once present) through it; a later plain
+    /// `pull` finds it incomplete and fetches the layers.
+    pub fn record_image_metadata(
+        &self,
+        name: &str,
+        manifest: (&[u8], &str),
+        config: (&[u8], &str),
+        layers: &[crate::meta::DescriptorRecord],
+        platform: crate::Platform,
+    ) -> Result<ImageRecord> {
+        use crate::meta::DescriptorRecord;
+        use sha2::{Digest as _, Sha256};
+        let desc = |b: &[u8], mt: &str| DescriptorRecord {
+            media_type: mt.to_string(),
+            digest: format!("sha256:{}", hex::encode(Sha256::digest(b))),
+            size: b.len() as u64,
+        };
+        let m = desc(manifest.0, manifest.1);
+        let c = desc(config.0, config.1);
+        let image = ImageRecord {
+            name: name.to_string(),
+            target: m.clone(),
+            manifest: m.clone(),
+            config: c.clone(),
+            layers: layers.to_vec(),
+            platform,
+            updated: cstore_os::now_unix(),
+        };
+        let lease_id = format!("meta-{}-{:016x}", std::process::id(), rand::random::<u64>());
+        let mut lease = Lease::for_this_process();
+        lease.blobs = vec![m.digest.clone(), c.digest.clone()];
+        let meta = &self.inner.meta;
+        meta.update(|t| t.put_lease(&lease_id, &lease))?;
+        let result = (|| {
+            self.inner
+                .dirs
+                .put_bytes(&parse_digest(&m.digest)?, manifest.0)?;
+            self.inner
+                .dirs
+                .put_bytes(&parse_digest(&c.digest)?, config.0)?;
+            let mut children = vec![c.digest.clone()];
+            children.extend(layers.iter().map(|l| l.digest.clone()));
+            let blobs = vec![
+                (
+                    m.digest.clone(),
+                    BlobRecord {
+                        size: m.size,
+                        media_type: m.media_type.clone(),
+                        children,
+                    },
+                ),
+                (
+                    c.digest.clone(),
+                    BlobRecord {
+                        size: c.size,
+                        media_type: c.media_type.clone(),
+                        children: Vec::new(),
+                    },
+                ),
+            ];
+            self.commit_image(&image, &blobs, &lease_id)
+        })();
+        if result.is_err() {
+            let _ = meta.update(|t| t.remove_lease(&lease_id));
+        }
+        result.map(|()| image)
+    }
+
     /// Mark and sweep from image refs and live leases, under the database's
     /// write transaction.
     pub fn gc(&self) -> Result<GcReport> {
@@ -239,6 +386,12 @@ impl Store {
                     }
                 }
                 let marked = mark(t)?;
+                // An index goes with its layer.
+                for (layer, _) in t.layer_indexes()? {
+                    if !marked.contains(&layer) {
+                        t.remove_layer_index(&layer)?;
+                    }
+                }
                 let mut doomed = Vec::new();
                 for (digest, rec) in t.blobs()? {
                     if !marked.contains(&digest) {
@@ -391,6 +544,10 @@ fn mark(t: &impl View) -> Result<HashSet<String>> {
         if marked.insert(d.clone()) {
             if let Some(rec) = t.blob(&d)? {
                 stack.extend(rec.children);
+            }
+            // A layer's index (and through its record's children, its windows).
+            if let Some(ix) = t.layer_index(&d)? {
+                stack.push(ix.index);
             }
         }
     }

@@ -66,6 +66,11 @@ pub struct UnpackOptions {
     /// than this many bytes of bookkeeping (every such directory's path is
     /// kept: a deep new path per entry grows it with the square of the depth).
     pub max_made_dir_bytes: usize,
+    /// Record the layer's seekable index (docs/lazy.md) in the same pass:
+    /// checkpoints, span digests, windows and the entry table, returned in
+    /// [`LayerStats::index`]. An index that cannot be made never fails the
+    /// unpack.
+    pub build_index: bool,
 }
 
 impl Default for UnpackOptions {
@@ -75,8 +80,19 @@ impl Default for UnpackOptions {
             min_limit: 256 << 20,
             io: None,
             max_made_dir_bytes: extract::MAX_MADE_DIR_BYTES,
+            build_index: false,
         }
     }
+}
+
+/// The index recorded in the unpack pass, or why there is none.
+#[derive(Debug, Clone)]
+pub enum LayerIndex {
+    /// The encoded index (validated) and its windows blob (raw windows).
+    Built { index: Vec<u8>, windows: Vec<u8> },
+    /// This layer cannot be entered in the middle, or its tree is one the
+    /// index cannot describe: the reason, for a per-layer message.
+    Unavailable(String),
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -91,6 +107,71 @@ pub struct LayerStats {
     /// layer root (an empty path) first when the layer has no `./` entry.
     #[serde(skip)]
     pub implicit_dirs: Vec<Vec<u8>>,
+    /// With [`UnpackOptions::build_index`].
+    #[serde(skip)]
+    pub index: Option<LayerIndex>,
+}
+
+/// The decompressor under the tar stream: an enum, not a box, so the
+/// indexing reader can be finished once the stream is read.
+enum Decoder<R: BufRead> {
+    Plain(R),
+    Gzip(flate2::bufread::MultiGzDecoder<R>),
+    Zstd(zstd::stream::read::Decoder<'static, R>),
+    Indexing(cstore_index::IndexingReader<R, Vec<u8>>),
+}
+
+impl<R: BufRead> Read for Decoder<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Decoder::Plain(r) => r.read(buf),
+            Decoder::Gzip(r) => r.read(buf),
+            Decoder::Zstd(r) => r.read(buf),
+            Decoder::Indexing(r) => r.read(buf),
+        }
+    }
+}
+
+/// The tar reader's entry as the index's tree builder takes it.
+pub fn index_entry(e: &tar::Entry) -> cstore_index::TarEntry<'_> {
+    use cstore_index::TarKind as K;
+    let kind = match e.kind {
+        tar::Kind::File => K::File,
+        tar::Kind::Dir => K::Dir,
+        tar::Kind::Symlink => K::Symlink,
+        tar::Kind::Hardlink => K::Hardlink,
+        tar::Kind::Char => K::Char,
+        tar::Kind::Block => K::Block,
+        tar::Kind::Fifo => K::Fifo,
+    };
+    let mut t = cstore_index::TarEntry::new(&e.path, kind);
+    t.mode = e.mode;
+    t.uid = e.uid;
+    t.gid = e.gid;
+    t.mtime = e.mtime;
+    t.size = e.size;
+    t.data_offset = e.data_offset;
+    t.link = &e.link;
+    t.dev = (e.dev_major, e.dev_minor);
+    t.xattrs = &e.xattrs;
+    t.sparse = e.sparse.as_deref();
+    t
+}
+
+/// The extracting process's owner and umask: what the index's tree builder
+/// must assume to describe the tree extraction leaves.
+pub fn tree_options(max_made_dir_bytes: usize) -> cstore_index::TreeOptions {
+    // SAFETY: plain getters; the umask is set back at once.
+    let (owner, umask) = unsafe {
+        let m = libc::umask(0o022);
+        libc::umask(m);
+        ((libc::geteuid(), libc::getegid()), m)
+    };
+    cstore_index::TreeOptions {
+        umask,
+        owner,
+        max_made_dir_bytes,
+    }
 }
 
 /// Counts and hashes what the decompressor produces, and stops a bomb.
@@ -175,10 +256,20 @@ pub fn unpack_reader<R: BufRead>(
     let limit = compressed_size
         .saturating_mul(opts.max_ratio)
         .max(opts.min_limit);
-    let decoder: Box<dyn Read + '_> = match layer.compression {
-        Compression::None => Box::new(raw),
-        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(raw)),
-        Compression::Zstd => Box::new(
+    let decoder = match (layer.compression, opts.build_index) {
+        (c, true) => Decoder::Indexing(cstore_index::IndexingReader::new(
+            raw,
+            match c {
+                Compression::None => cstore_index::Compression::None,
+                Compression::Gzip => cstore_index::Compression::Gzip,
+                Compression::Zstd => cstore_index::Compression::Zstd,
+            },
+            cstore_index::Policy::default(),
+            Vec::new(),
+        )),
+        (Compression::None, false) => Decoder::Plain(raw),
+        (Compression::Gzip, false) => Decoder::Gzip(flate2::bufread::MultiGzDecoder::new(raw)),
+        (Compression::Zstd, false) => Decoder::Zstd(
             zstd::stream::read::Decoder::with_buffer(raw)
                 .map_err(|e| fail(None, format!("zstd: {e}")))?,
         ),
@@ -202,7 +293,21 @@ pub fn unpack_reader<R: BufRead>(
         }
         other => fail(None, other.to_string()),
     };
+    // The index's entry table: a tree it cannot describe ends it, not the unpack.
+    let mut tree = opts
+        .build_index
+        .then(|| cstore_index::TreeBuilder::new(tree_options(opts.max_made_dir_bytes)));
+    let mut tree_failed: Option<String> = None;
     while let Some(entry) = tar.next_entry().map_err(read_fail)? {
+        if let Some(tb) = &mut tree {
+            if let Err(e) = tb.add(&index_entry(&entry)) {
+                tree_failed = Some(format!(
+                    "entry {}: {e}",
+                    String::from_utf8_lossy(&entry.path)
+                ));
+                tree = None;
+            }
+        }
         x.apply(&mut tar, &entry)
             .map_err(|e| fail_errno(Some(e.entry), e.reason, e.errno))?;
     }
@@ -213,7 +318,8 @@ pub fn unpack_reader<R: BufRead>(
     io::copy(&mut rest, &mut io::sink())
         .map_err(|e| fail_errno(None, format!("reading the layer: {e}"), e.raw_os_error()))?;
     let diff = rest.into_inner();
-    let actual = format!("sha256:{}", hex::encode(diff.hasher.finalize()));
+    let diff_sha: [u8; 32] = diff.hasher.finalize().into();
+    let actual = format!("sha256:{}", hex::encode(diff_sha));
     if actual != layer.diff_id {
         return Err(Error::DiffIdMismatch {
             image: layer.image.to_string(),
@@ -222,6 +328,10 @@ pub fn unpack_reader<R: BufRead>(
             actual,
         });
     }
+    let index = match diff.inner {
+        Decoder::Indexing(ir) => Some(finish_index(ir, tree, tree_failed, layer.digest, diff_sha)),
+        _ => None,
+    };
     // Durable before anyone calls it committed.
     sys::syncfs(x.root())
         .map_err(|e| fail_errno(None, format!("syncfs of the layer: {e}"), e.raw_os_error()))?;
@@ -237,7 +347,119 @@ pub fn unpack_reader<R: BufRead>(
             // Sorted: the root (empty) first, each directory before those in it.
             dirs.into_iter().collect()
         },
+        index,
     })
+}
+
+/// The index of a compressed layer read from `raw`, without extracting it
+/// (`cstore index build`: a blob streamed from the registry, never stored):
+/// the unpack pass minus the tree, with the same bomb cap, and the diff_id
+/// checked against `layer.diff_id`. What cannot be indexed is
+/// `LayerIndex::Unavailable`; an unreadable or wrong layer is an error.
+pub fn index_layer<R: BufRead>(
+    raw: R,
+    compressed_size: u64,
+    layer: &LayerRef<'_>,
+    opts: &UnpackOptions,
+) -> Result<LayerIndex> {
+    let fail = |entry: Option<String>, reason: String| Error::Layer {
+        image: layer.image.to_string(),
+        layer: layer.digest.to_string(),
+        entry,
+        reason,
+        errno: None,
+    };
+    let limit = compressed_size
+        .saturating_mul(opts.max_ratio)
+        .max(opts.min_limit);
+    let ir = cstore_index::IndexingReader::new(
+        raw,
+        match layer.compression {
+            Compression::None => cstore_index::Compression::None,
+            Compression::Gzip => cstore_index::Compression::Gzip,
+            Compression::Zstd => cstore_index::Compression::Zstd,
+        },
+        cstore_index::Policy::default(),
+        Vec::new(),
+    );
+    let diff = DiffReader {
+        inner: ir,
+        hasher: Sha256::new(),
+        count: 0,
+        limit,
+    };
+    let mut tar = tar::TarReader::new(BufReader::with_capacity(1 << 20, diff));
+    let mut tree = Some(cstore_index::TreeBuilder::new(tree_options(
+        opts.max_made_dir_bytes,
+    )));
+    let mut tree_failed = None;
+    // next_entry skips each entry's data: it goes by read by the hashes only.
+    loop {
+        let entry = match tar.next_entry() {
+            Ok(Some(e)) => e,
+            Ok(None) => break,
+            Err(tar::TarError::Io(io)) => {
+                return Err(fail(None, format!("reading the layer: {io}")))
+            }
+            Err(other) => return Err(fail(None, other.to_string())),
+        };
+        if let Some(tb) = &mut tree {
+            if let Err(e) = tb.add(&index_entry(&entry)) {
+                tree_failed = Some(format!(
+                    "entry {}: {e}",
+                    String::from_utf8_lossy(&entry.path)
+                ));
+                tree = None;
+            }
+        }
+    }
+    let mut rest = tar.into_inner();
+    io::copy(&mut rest, &mut io::sink())
+        .map_err(|e| fail(None, format!("reading the layer: {e}")))?;
+    let diff = rest.into_inner();
+    let diff_sha: [u8; 32] = diff.hasher.finalize().into();
+    let actual = format!("sha256:{}", hex::encode(diff_sha));
+    if actual != layer.diff_id {
+        return Err(Error::DiffIdMismatch {
+            image: layer.image.to_string(),
+            layer: layer.digest.to_string(),
+            expected: layer.diff_id.to_string(),
+            actual,
+        });
+    }
+    Ok(finish_index(
+        diff.inner,
+        tree,
+        tree_failed,
+        layer.digest,
+        diff_sha,
+    ))
+}
+
+/// The index of a layer whose stream was read to its end (and whose
+/// diff_id matched), or why there is none.
+fn finish_index<R: BufRead>(
+    ir: cstore_index::IndexingReader<R, Vec<u8>>,
+    tree: Option<cstore_index::TreeBuilder>,
+    tree_failed: Option<String>,
+    layer_digest: &str,
+    diff_id: [u8; 32],
+) -> LayerIndex {
+    let build = || -> std::result::Result<LayerIndex, String> {
+        let (cp, windows) = ir.finish().map_err(|e| e.to_string())?;
+        let entries = match (tree, tree_failed) {
+            (_, Some(why)) => return Err(why),
+            (Some(tb), None) => tb.finish().map_err(|e| e.to_string())?,
+            (None, None) => return Err("no entry table".into()),
+        };
+        let digest = cstore_index::parse_digest(layer_digest).map_err(|e| e.to_string())?;
+        let index = cp
+            .into_builder(entries, digest, diff_id)
+            .encode()
+            .map_err(|e| format!("encoding the index: {e}"))?;
+        Ok(LayerIndex::Built { index, windows })
+    };
+    build().unwrap_or_else(LayerIndex::Unavailable)
 }
 
 /// Hash an uncompressed layer stream without extracting (for tests and checks).

@@ -1,0 +1,467 @@
+//! Lazy pull (#14) through the CLI, against the real registry on 127.0.0.1:
+//! indexes recorded in the unpack pass and kept by `gc` while their layer is.
+
+use std::path::{Path, PathBuf};
+
+use crate::harness::{shared_registry_addr, Cstore};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+fn blob(cs: &Cstore, digest: &str) -> PathBuf {
+    cs.path()
+        .join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"))
+}
+
+fn index_ls(cs: &Cstore, image: &str) -> Vec<Value> {
+    serde_json::from_str(&cs.ok(&["index", "ls", "--json", image])).expect("index ls --json")
+}
+
+/// The config's diff_ids of a pulled image.
+fn diff_ids(cs: &Cstore, image: &str) -> Vec<String> {
+    let images = cs.images();
+    let img = images
+        .iter()
+        .find(|i| i["name"] == image)
+        .unwrap_or_else(|| panic!("{image} not in {images:?}"));
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(blob(cs, img["config"].as_str().unwrap())).unwrap())
+            .unwrap();
+    config["rootfs"]["diff_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Reads every span of the stored index `ix` of `layer` from the local blob
+/// and windows, each verified by the index crate, and returns the sha256 of
+/// the whole uncompressed stream they make.
+fn stream_through_index(cs: &Cstore, layer: &str, ix: &Value) -> String {
+    let bytes = std::fs::read(blob(cs, ix["digest"].as_str().unwrap())).unwrap();
+    let idx = cstore_index::Index::parse(bytes.as_slice()).expect("a stored index parses");
+    let h = idx.header();
+    assert_eq!(h.layer_digest_str(), layer, "the index is of its layer");
+    let data = std::fs::read(blob(cs, layer)).unwrap();
+    let windows = match ix["windows"].as_str() {
+        Some(w) => std::fs::read(blob(cs, w)).unwrap(),
+        None => Vec::new(),
+    };
+    let mut reader = cstore_index::SpanReader::new();
+    let mut sha = Sha256::new();
+    for i in 0..idx.span_count() {
+        let s = idx.span(i);
+        let c = &data[s.compressed.start as usize..s.compressed.end as usize];
+        let w = s
+            .window()
+            .map_or(&[][..], |r| &windows[r.start as usize..r.end as usize]);
+        sha.update(reader.read_span(&idx, i, c, w).expect("span verifies"));
+    }
+    format!("sha256:{}", hex::encode(sha.finalize()))
+}
+
+fn assert_gone(p: &Path) {
+    assert!(!p.exists(), "{} should be gone", p.display());
+}
+
+/// `cstore pull` records each gzip or uncompressed layer's index in the unpack
+/// pass and stores it with its windows; every span read back through it from
+/// the local blob (checked against its digest) makes the layer's diff_id. A
+/// single-frame zstd layer gets no index and the pull says so for that layer.
+/// `gc` keeps indexes while their layer is referenced; `rmi` frees them.
+#[test]
+fn unpack_records_each_layers_index_and_gc_keeps_it_with_its_layer() {
+    let addr = shared_registry_addr();
+    // The uncompressed image has the same diff_ids (so the same snapshots):
+    // in one store its layer would be "already unpacked" and not indexed.
+    let plain = Cstore::new();
+    let cs = Cstore::new();
+    let mut kept = Vec::new();
+    for (cs, tag) in [(&plain, "busybox:uncompressed"), (&cs, "busybox:latest")] {
+        let image = format!("{addr}/{tag}");
+        let out = cs.ok(&["pull", &image]);
+        assert!(out.contains("indexed ("), "{tag}: pull says so:\n{out}");
+        let diffs = diff_ids(cs, &image);
+        let rows = index_ls(cs, &image);
+        assert_eq!(rows.len(), diffs.len());
+        for (row, diff) in rows.iter().zip(&diffs) {
+            let layer = row["layer"].as_str().unwrap();
+            let ix = &row["index"];
+            assert!(ix.is_object(), "{tag}: layer {layer} has an index: {row}");
+            assert_eq!(ix["origin"], "unpack");
+            assert!(ix["spans"].as_u64().unwrap() >= 1);
+            assert!(ix["entries"].as_u64().unwrap() > 3, "{tag}: {row}");
+            assert_eq!(&stream_through_index(cs, layer, ix), diff, "{tag}");
+            kept.push(blob(cs, ix["digest"].as_str().unwrap()));
+            if let Some(w) = ix["windows"].as_str() {
+                kept.push(blob(cs, w));
+            }
+        }
+    }
+    // zstd as skopeo writes it: one frame, which cannot be entered mid-way.
+    let zstd = format!("{addr}/busybox:zstd");
+    let z = Cstore::new();
+    let out = z.ok(&["pull", &zstd]);
+    assert!(
+        out.contains("no lazy index: a single zstd frame"),
+        "the zstd layer is named as not indexable:\n{out}"
+    );
+    // Its large layer has none (small ones are one frame no larger than a span).
+    let rows = index_ls(&z, &zstd);
+    let big = rows
+        .iter()
+        .max_by_key(|r| r["size"].as_u64().unwrap())
+        .unwrap();
+    assert!(big["index"].is_null(), "{rows:?}");
+    let short = &big["layer"].as_str().unwrap()[7..19];
+    assert!(out.contains(&format!("{short}: no lazy index: a single zstd frame")));
+
+    cs.ok(&["gc"]);
+    for p in kept.iter().filter(|p| p.starts_with(cs.path())) {
+        assert!(p.exists(), "gc kept {} while its layer is", p.display());
+    }
+    cs.ok(&["rmi", &format!("{addr}/busybox:latest")]);
+    plain.ok(&["gc"]);
+    assert!(kept
+        .iter()
+        .all(|p| !p.starts_with(plain.path()) || p.exists()));
+    plain.ok(&["rmi", &format!("{addr}/busybox:uncompressed")]);
+    for p in &kept {
+        assert_gone(p);
+    }
+    cs.assert_blobs_verified();
+    plain.assert_blobs_verified();
+}
+
+/// `cstore index build` streams each layer from the registry through the
+/// indexer without storing it; `index push` publishes the indexes as an
+/// artifact whose subject is the image manifest, through the referrers tag
+/// schema (CNCF distribution 2.8 has no referrers API); another store finds
+/// them there (`index ls --remote`), each checked against its layer.
+#[test]
+fn index_build_and_push_from_one_store_are_found_from_another() {
+    let reg = crate::harness::Registry::start(&[]);
+    reg.push(None);
+    let image = reg.image("busybox:latest");
+    let a = Cstore::new();
+    let out = a.ok(&["index", "build", &image]);
+    assert!(out.contains("3 of 3 layers indexed"), "{out}");
+    let rows = index_ls(&a, &image);
+    for r in &rows {
+        assert_eq!(r["index"]["origin"], "build", "{r}");
+        let layer = r["layer"].as_str().unwrap();
+        assert!(!blob(&a, layer).exists(), "layer {layer} was not stored");
+    }
+    // The image is recorded (manifest, config, layers), so gc keeps them.
+    a.ok(&["gc"]);
+    assert_eq!(index_ls(&a, &image), rows, "gc kept the built indexes");
+
+    let out = a.ok(&["index", "push", &image]);
+    assert!(out.contains("referrers tag schema"), "{out}");
+    let tags = crate::harness::http(&reg.addr, "GET", "/v2/busybox/tags/list", None);
+    assert!(tags.contains("\"sha256-"), "the referrers tag: {tags}");
+
+    let b = Cstore::new();
+    let remote: Vec<Value> =
+        serde_json::from_str(&b.ok(&["index", "ls", "--remote", "--json", &image])).unwrap();
+    assert_eq!(remote.len(), rows.len());
+    for (r, local) in remote.iter().zip(&rows) {
+        assert_eq!(r["layer"], local["layer"]);
+        assert!(r["artifact"].is_string(), "{r}");
+        assert_eq!(r["entries"], local["index"]["entries"], "{r}");
+        assert_eq!(r["spans"], local["index"]["spans"], "{r}");
+    }
+    // Nothing was published for another image of the same repository.
+    let z: Vec<Value> = serde_json::from_str(&b.ok(&[
+        "index",
+        "ls",
+        "--remote",
+        "--json",
+        &reg.image("busybox:zstd"),
+    ]))
+    .unwrap();
+    assert!(z.iter().all(|r| r["artifact"].is_null()), "{z:?}");
+}
+
+/// A fresh registry with the test images (and Debian), stopped on drop.
+fn registry_with_debian() -> crate::harness::Registry {
+    let reg = crate::harness::Registry::start(&[]);
+    crate::harness::run_fixture("push.sh", &[&reg.addr, "--debian"]);
+    reg
+}
+
+/// The snapshots of `cs` still labelled lazy.
+fn lazy_snapshots(cs: &Cstore) -> usize {
+    let rows: Vec<Value> = serde_json::from_str(&cs.ok(&["snapshots", "--json"])).unwrap();
+    rows.iter()
+        .filter(|r| r["labels"]["cstore.io/lazy"].is_string())
+        .count()
+}
+
+/// Bytes of `digest` the client asked the proxy for (every read of a lazy
+/// layer is a Range GET).
+fn ranged_for(proxy: &crate::harness::FaultProxy, digest: &str) -> u64 {
+    proxy
+        .log()
+        .iter()
+        .filter(|e| e["path"].as_str().is_some_and(|p| p.contains(digest)))
+        .map(|e| {
+            let r = e["range"].as_str().unwrap_or("");
+            let (a, b) = r
+                .trim_start_matches("bytes=")
+                .split_once('-')
+                .unwrap_or_else(|| panic!("a whole-blob GET of {digest}: {e}"));
+            b.parse::<u64>().unwrap() + 1 - a.parse::<u64>().unwrap()
+        })
+        .sum()
+}
+
+/// The store's lazy daemon lets go of its FUSE mounts once its layers are
+/// done and unused (after a few seconds); wait for that.
+fn wait_unmounted(cs: &Cstore) {
+    let root = cs.path().display().to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .contains(&root)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lazy daemon kept its mounts"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+fn chroot(dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("chroot")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "chroot {args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Index pushed from one store, `pull --lazy` + `mount --lazy` from another
+/// through a slow, counting proxy: a program runs and prints the right output
+/// while the layer is still lazy, having fetched a fraction of it; the tree
+/// through the lazy mount equals umoci's unpack; background completion turns
+/// the layers into ordinary snapshots (a plain mount then works and shows the
+/// same tree, and the blobs are in the store, verified).
+#[test]
+fn pull_lazy_runs_before_the_layers_are_local_and_completes_into_a_normal_pull() {
+    let reg = registry_with_debian();
+    let direct = reg.image("debian:bookworm");
+    let a = Cstore::new();
+    a.ok(&["index", "build", &direct]);
+    a.ok(&["index", "push", &direct]);
+
+    let proxy = crate::harness::FaultProxy::start(&reg.addr);
+    let image = format!("{}/debian:bookworm", proxy.addr);
+    let b = Cstore::new();
+    let out = b.ok(&["pull", "--lazy", &image]);
+    assert!(out.contains("lazy, index from the registry"), "{out}");
+    let layers: Vec<Value> = index_ls(&b, &image);
+    let (layer, size) = layers
+        .iter()
+        .map(|l| {
+            (
+                l["layer"].as_str().unwrap().to_string(),
+                l["size"].as_u64().unwrap(),
+            )
+        })
+        .max_by_key(|l| l.1)
+        .unwrap();
+    // Slow: background completion cannot finish before the program has run.
+    proxy.set(serde_json::json!([{"match": layer.as_str(), "action": "slow", "bps": 1_000_000}]));
+    let mnt = crate::harness::tree::MountDir::new();
+    b.ok(&["mount", "--lazy", &image, mnt.s()]);
+    let version = chroot(mnt.path(), &["/bin/cat", "/etc/debian_version"]);
+    assert!(version.starts_with("12"), "{version}");
+    let listing = chroot(mnt.path(), &["/bin/ls", "/usr/bin"]);
+    assert!(listing.contains("dpkg"), "{listing}");
+    let fetched = ranged_for(&proxy, &layer);
+    assert!(
+        fetched > 0 && fetched < size / 2,
+        "fetched {fetched} of {size} bytes to run cat and ls"
+    );
+    eprintln!("cat + ls on the lazy mount fetched {fetched} of {size} bytes of the layer");
+    assert!(lazy_snapshots(&b) > 0, "the layer is not complete yet");
+
+    proxy.clear();
+    let got = crate::harness::tree::treesnap(mnt.path());
+    let want = crate::harness::tree::umoci_tree("debian");
+    assert!(
+        got == want,
+        "the lazy mount differs from umoci unpack:\n{}",
+        crate::harness::tree::tree_diff(&want, &got, "umoci: ", "lazy:  ")
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    while lazy_snapshots(&b) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "completion did not end"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    b.ok(&["umount", mnt.s()]);
+    // An ordinary committed snapshot now: a plain mount, the same tree.
+    b.ok(&["mount", &image, mnt.s()]);
+    let plain = crate::harness::tree::treesnap(mnt.path());
+    b.ok(&["umount", mnt.s()]);
+    assert!(
+        plain == want,
+        "{}",
+        crate::harness::tree::tree_diff(&want, &plain, "umoci: ", "plain: ")
+    );
+    assert!(
+        blob(&b, &layer).exists(),
+        "the completed layer's blob joined the store"
+    );
+    wait_unmounted(&b);
+    b.ok(&["gc"]);
+    assert!(blob(&b, &layer).exists());
+    assert!(
+        !b.path().join("lazy").join(&layer[7..]).exists(),
+        "gc removed the completed layer's lazy cache"
+    );
+    b.assert_blobs_verified();
+    b.assert_nothing_mounted();
+}
+
+/// A layer without any index (zstd as skopeo writes it, nothing pushed) is
+/// pulled whole, and `pull --lazy` says so for that layer.
+#[test]
+fn a_layer_without_an_index_is_pulled_whole_and_said_so() {
+    let addr = shared_registry_addr();
+    let image = format!("{addr}/busybox:zstd");
+    let cs = Cstore::new();
+    let out = cs.ok(&["pull", "--lazy", &image]);
+    let whole = out
+        .lines()
+        .filter(|l| l.contains(": pulled whole: no index"))
+        .count();
+    assert_eq!(whole, 3, "each layer named:\n{out}");
+    assert!(out.contains("0 of 3 layers lazy"), "{out}");
+    assert_eq!(lazy_snapshots(&cs), 0);
+    // Ordinary snapshots: a plain mount works.
+    let mnt = crate::harness::tree::MountDir::new();
+    cs.ok(&["mount", &image, mnt.s()]);
+    assert!(mnt.path().join("bin/busybox").exists());
+    cs.ok(&["umount", mnt.s()]);
+}
+
+/// An eStargz image (ctr-remote's conversion) goes lazy from its TOC alone,
+/// without any cstore index, and its lazy tree equals a plain pull's.
+#[test]
+fn an_estargz_image_goes_lazy_without_a_cstore_index() {
+    let dir = crate::harness::run_fixture("estargz.sh", &[])
+        .trim()
+        .to_string();
+    let addr = shared_registry_addr();
+    let image = format!("{addr}/esgz:latest");
+    let out = std::process::Command::new("skopeo")
+        .args(["copy", "--dest-tls-verify=false"])
+        .arg(format!("oci:{dir}/esgz:esgz"))
+        .arg(format!("docker://{image}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let lazy = Cstore::new();
+    let out = lazy.ok(&["pull", "--lazy", &image]);
+    assert!(out.contains("lazy, index from its eStargz TOC"), "{out}");
+    let mnt = crate::harness::tree::MountDir::new();
+    lazy.ok(&["mount", "--lazy", &image, mnt.s()]);
+    let got = crate::harness::tree::treesnap(mnt.path());
+    lazy.ok(&["umount", mnt.s()]);
+    let plain = Cstore::new();
+    plain.ok(&["pull", &image]);
+    plain.ok(&["mount", &image, mnt.s()]);
+    let want = crate::harness::tree::treesnap(mnt.path());
+    plain.ok(&["umount", mnt.s()]);
+    assert!(
+        got == want,
+        "{}",
+        crate::harness::tree::tree_diff(&want, &got, "pull: ", "lazy: ")
+    );
+}
+
+/// An index artifact whose span digests do not match the blob: readers get
+/// EIO, and nothing of the layer is committed (the snapshot stays lazy; once
+/// the daemon lets it go, a plain mount is refused).
+#[test]
+fn an_index_lying_about_its_spans_gives_eio_and_commits_nothing() {
+    let reg = crate::harness::Registry::start(&[]);
+    reg.push(None);
+    let image = reg.image("busybox:uncompressed");
+    let a = Cstore::new();
+    a.ok(&["index", "build", &image]);
+    for row in index_ls(&a, &image) {
+        let p = blob(&a, row["index"]["digest"].as_str().unwrap());
+        let mut bytes = std::fs::read(&p).unwrap();
+        let (entries, spans) = {
+            let idx = cstore_index::Index::parse(bytes.as_slice()).unwrap();
+            (idx.entry_count() as usize, idx.span_count())
+        };
+        for i in 0..spans {
+            bytes[128 + entries * 64 + i * 96 + 16] ^= 0xff;
+        }
+        std::fs::write(&p, bytes).unwrap();
+    }
+    a.ok(&["index", "push", &image]);
+
+    let b = Cstore::new();
+    b.ok(&["pull", "--lazy", &image]);
+    let mnt = crate::harness::tree::MountDir::new();
+    b.ok(&["mount", "--lazy", &image, mnt.s()]);
+    let e = std::fs::read(mnt.path().join("bin/busybox")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(lazy_snapshots(&b) > 0, "nothing unverified was committed");
+    b.ok(&["umount", mnt.s()]);
+    // The daemon lets the failed layer go; it stays lazy, and a plain mount
+    // (no daemon serving it) is refused rather than showing a partial tree.
+    wait_unmounted(&b);
+    assert!(lazy_snapshots(&b) > 0);
+    let err = b.fail(&["mount", &image, mnt.s()]);
+    assert!(err.contains("no daemon serves it"), "{err}");
+    b.assert_nothing_mounted();
+}
+
+/// `cstore run --lazy` pulls lazily, the store's daemon serves the layers, the
+/// container prints its output; the daemon completes the layers and exits,
+/// and `ps`, `df` and `gc` see an ordinary image afterwards.
+#[test]
+fn run_lazy_starts_a_container_from_lazy_layers() {
+    let reg = crate::harness::Registry::start(&[]);
+    reg.push(None);
+    let image = reg.image("busybox:latest");
+    let a = Cstore::new();
+    a.ok(&["index", "build", &image]);
+    a.ok(&["index", "push", &image]);
+    let b = Cstore::new();
+    let out = b.ok(&[
+        "run",
+        "--rm",
+        "--lazy",
+        &image,
+        "echo",
+        "hello from a lazy image",
+    ]);
+    assert!(out.contains("hello from a lazy image"), "{out}");
+    assert!(out.contains("3 of 3 layers lazy"), "{out}");
+    wait_unmounted(&b);
+    assert_eq!(lazy_snapshots(&b), 0, "completed by the daemon");
+    let ps = b.ok(&["ps", "-a", "--json"]);
+    assert_eq!(
+        serde_json::from_str::<Value>(&ps).unwrap(),
+        serde_json::json!([])
+    );
+    let df: Value = serde_json::from_str(&b.ok(&["df", "--json"])).unwrap();
+    assert_eq!(df["reclaimable_bytes"], 0, "{df}");
+    b.ok(&["gc"]);
+    b.assert_blobs_verified();
+    b.assert_nothing_mounted();
+}

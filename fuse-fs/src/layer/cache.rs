@@ -1,0 +1,758 @@
+//! A lazy layer's span cache and fetcher.
+//!
+//! On disk, in the layer's cache directory:
+//! - `blob`: a sparse copy of the compressed blob; each fetched span's bytes at their
+//!   offsets (completion hashes it whole);
+//! - `spans`: one bit per span, set only after the span's bytes are in `blob` and in
+//!   the tree files and both were fdatasynced; the bitmap is fdatasynced too, so a
+//!   restarted daemon trusts what it says and fetches nothing it has;
+//! - `trace`: the spans read on demand, in first-read order (u32 little-endian), for
+//!   prefetch on later mounts of the same layer;
+//! - `complete`: present once completion verified and finished the tree.
+//!
+//! In memory each span is missing, queued (with a priority), in flight, local or
+//! failed. Readers queue what they need and wait on a condition variable; fetcher
+//! threads take the most urgent queued span and the queued spans right after it
+//! (coalesced into one source request, up to `max_request` bytes), so each span is
+//! fetched once however many readers wait. A span that fails (source error, digest
+//! mismatch, write error) fails its waiters with EIO and is fetched again by the next
+//! reader that needs it; nothing of a span that fails verification is written.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::ops::Range;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use cstore_index::{Index, Kind, SpanReader, TreeOptions};
+
+use super::source::SpanSource;
+use super::tree;
+use crate::error::{Error, Result};
+
+const BLOB: &str = "blob";
+const BITMAP: &str = "spans";
+const TRACE: &str = "trace";
+pub(crate) const COMPLETE: &str = "complete";
+
+/// Tree files kept open at once (reads and span writes); past this the table is
+/// emptied (open files stay valid in their users' hands).
+const MAX_OPEN_FILES: usize = 1024;
+
+/// Who wants a span: on-demand misses first, then spans from a recorded trace, then
+/// background completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Priority {
+    OnDemand = 0,
+    Trace = 1,
+    Background = 2,
+}
+
+/// How a lazy layer is served.
+#[derive(Debug, Clone)]
+pub struct LayerOptions {
+    /// Fetcher threads (source requests in flight at once).
+    pub fetchers: usize,
+    /// Largest coalesced request, in compressed bytes (a single span may exceed it).
+    pub max_request: u64,
+    /// Extraction's settings, for the tree completion rebuilds and compares.
+    pub tree: TreeOptions,
+}
+
+impl Default for LayerOptions {
+    fn default() -> Self {
+        // The extracting process's owner and umask, as extraction uses them.
+        // SAFETY: plain getters; umask is set back at once.
+        let (owner, umask) = unsafe {
+            let m = libc::umask(0o022);
+            libc::umask(m);
+            ((libc::geteuid(), libc::getegid()), m)
+        };
+        LayerOptions {
+            fetchers: 2,
+            max_request: 4 << 20,
+            tree: TreeOptions {
+                umask,
+                owner,
+                ..TreeOptions::default()
+            },
+        }
+    }
+}
+
+/// Counters of a layer's cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Requests made to the source for blob bytes (each a coalesced run of spans).
+    pub requests: u64,
+    /// Spans fetched (a span fetched twice counts twice).
+    pub spans_fetched: u64,
+    /// Compressed bytes fetched.
+    pub bytes_fetched: u64,
+    /// Spans that failed (source error, digest mismatch, write error).
+    pub failures: u64,
+    /// Spans local now, of `spans`.
+    pub local: u64,
+    pub spans: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SpanState {
+    Missing,
+    Queued(Priority),
+    InFlight,
+    Local,
+    Failed(Arc<str>),
+}
+
+struct State {
+    spans: Vec<SpanState>,
+    queue: BTreeSet<(Priority, usize)>,
+    bitmap: Vec<u8>,
+    /// Spans already in the trace.
+    traced: Vec<bool>,
+    local: u64,
+    stopping: bool,
+}
+
+/// What an implicit directory takes from the nearest lower layer that has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Inherited {
+    pub uid: u32,
+    pub gid: u32,
+    /// Permission bits with set-id and sticky.
+    pub perm: u32,
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// A piece of a file's stored data: where it is in the uncompressed stream and in
+/// the file.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    stream: u64,
+    len: u64,
+    entry: u32,
+    file_off: u64,
+}
+
+pub(crate) struct Layer {
+    pub(crate) idx: Index<Vec<u8>>,
+    /// The layer digest, for messages.
+    pub(crate) name: String,
+    source: Arc<dyn SpanSource>,
+    pub(crate) dir: PathBuf,
+    pub(crate) blob: File,
+    bitmap_file: Mutex<File>,
+    trace_file: Mutex<File>,
+    pub(crate) tree: OwnedFd,
+    pub(crate) opts: LayerOptions,
+    /// Every file's stored data, sorted by stream offset.
+    pieces: Vec<Piece>,
+    /// Per entry, the spans its data lies in (empty for entries without data).
+    file_spans: Vec<Range<u32>>,
+    st: Mutex<State>,
+    cv: Condvar,
+    files: Mutex<HashMap<u32, Arc<File>>>,
+    /// Attributes implicit directories take from the lower layers.
+    pub(crate) inherited: std::sync::RwLock<HashMap<u32, Inherited>>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+    complete: AtomicBool,
+    requests: AtomicU64,
+    spans_fetched: AtomicU64,
+    bytes_fetched: AtomicU64,
+    failures: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn io<'a>(op: &'static str, p: &'a Path) -> impl FnOnce(io::Error) -> Error + 'a {
+    move |e| Error::io(op, p, e)
+}
+
+fn open_rw(p: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(p)
+}
+
+impl Layer {
+    pub(crate) fn open(
+        index: Vec<u8>,
+        source: Arc<dyn SpanSource>,
+        cache_dir: &Path,
+        tree_dir: &Path,
+        opts: LayerOptions,
+    ) -> Result<Arc<Layer>> {
+        let idx = Index::parse(index).map_err(|e| Error::Index {
+            layer: "(unparsed)".into(),
+            source: e,
+        })?;
+        let name = idx.header().layer_digest_str();
+        std::fs::create_dir_all(cache_dir).map_err(|e| Error::io("create", cache_dir, e))?;
+        let blob_p = cache_dir.join(BLOB);
+        let blob = open_rw(&blob_p).map_err(io("open", &blob_p))?;
+        let bitmap_p = cache_dir.join(BITMAP);
+        let bitmap_file = open_rw(&bitmap_p).map_err(io("open", &bitmap_p))?;
+        let trace_p = cache_dir.join(TRACE);
+        let trace_file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&trace_p)
+            .map_err(io("open", &trace_p))?;
+        let tree = super::open_root(tree_dir).map_err(io("open", tree_dir))?;
+
+        let n = idx.span_count();
+        let mut bitmap = vec![0u8; n.div_ceil(8)];
+        let got = bitmap_file
+            .read_at(&mut bitmap, 0)
+            .map_err(io("read", &bitmap_p))?;
+        if got < bitmap.len() {
+            // A new cache (or one cut short: what is missing was never set).
+            bitmap[got..].fill(0);
+        }
+        let complete = cache_dir.join(COMPLETE).exists();
+        let mut spans = Vec::with_capacity(n);
+        let mut local = 0;
+        for i in 0..n {
+            if bitmap[i / 8] & (1 << (i % 8)) != 0 {
+                spans.push(SpanState::Local);
+                local += 1;
+            } else {
+                spans.push(SpanState::Missing);
+            }
+        }
+        let (pieces, file_spans) = pieces_of(&idx);
+        let layer = Arc::new(Layer {
+            name,
+            source,
+            dir: cache_dir.to_path_buf(),
+            blob,
+            bitmap_file: Mutex::new(bitmap_file),
+            trace_file: Mutex::new(trace_file),
+            tree,
+            pieces,
+            file_spans,
+            st: Mutex::new(State {
+                spans,
+                queue: BTreeSet::new(),
+                bitmap,
+                traced: vec![false; n],
+                local,
+                stopping: false,
+            }),
+            cv: Condvar::new(),
+            files: Mutex::new(HashMap::new()),
+            inherited: Default::default(),
+            workers: Mutex::new(Vec::new()),
+            complete: AtomicBool::new(complete),
+            requests: AtomicU64::new(0),
+            spans_fetched: AtomicU64::new(0),
+            bytes_fetched: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            idx,
+            opts,
+        });
+        let mut workers = lock(&layer.workers);
+        for k in 0..layer.opts.fetchers.max(1) {
+            let l = layer.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("lazy-fetch-{k}"))
+                .spawn(move || l.fetcher())
+                .map_err(|e| Error::io("spawn a fetcher", cache_dir, e))?;
+            workers.push(h);
+        }
+        drop(workers);
+        Ok(layer)
+    }
+
+    pub(crate) fn stats(&self) -> CacheStats {
+        let st = lock(&self.st);
+        CacheStats {
+            requests: self.requests.load(Ordering::Relaxed),
+            spans_fetched: self.spans_fetched.load(Ordering::Relaxed),
+            bytes_fetched: self.bytes_fetched.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+            local: st.local,
+            spans: st.spans.len() as u64,
+        }
+    }
+
+    pub(crate) fn is_complete(&self) -> bool {
+        self.complete.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_complete(&self, v: bool) {
+        self.complete.store(v, Ordering::SeqCst);
+    }
+
+    pub(crate) fn shutdown(&self) {
+        lock(&self.st).stopping = true;
+        self.cv.notify_all();
+        let me = std::thread::current().id();
+        let handles: Vec<_> = lock(&self.workers).drain(..).collect();
+        for h in handles {
+            // A fetcher holding the last reference drops the layer itself.
+            if h.thread().id() != me {
+                let _ = h.join();
+            }
+        }
+    }
+
+    /// Whether every span of file entry `i`'s data is local.
+    pub(crate) fn file_complete(&self, i: u32) -> bool {
+        if self.is_complete() {
+            return true;
+        }
+        let r = self.file_spans[i as usize].clone();
+        if r.is_empty() {
+            return true;
+        }
+        let st = lock(&self.st);
+        (r.start..r.end).all(|s| st.spans[s as usize] == SpanState::Local)
+    }
+
+    /// Waits until the spans holding bytes `range` of file entry `i` are local.
+    pub(crate) fn ensure_file_range(&self, i: u32, range: Range<u64>) -> Result<()> {
+        if self.is_complete() {
+            return Ok(());
+        }
+        let mut need = Vec::new();
+        for (_, stream) in self.idx.file_data(i, range) {
+            for s in self.idx.spans_for(stream.start, stream.end) {
+                if !self.idx.span(s).uncompressed.is_empty() && need.last() != Some(&s) {
+                    need.push(s);
+                }
+            }
+        }
+        self.trace(&need);
+        self.wait_for(&need, Priority::OnDemand)
+    }
+
+    /// Appends spans read on demand for the first time to the trace.
+    fn trace(&self, spans: &[usize]) {
+        let mut new = Vec::new();
+        {
+            let mut st = lock(&self.st);
+            for &s in spans {
+                if !st.traced[s] {
+                    st.traced[s] = true;
+                    new.extend_from_slice(&(s as u32).to_le_bytes());
+                }
+            }
+        }
+        if !new.is_empty() {
+            // Advisory: a trace cut short by a crash only prefetches less.
+            if let Err(e) = lock(&self.trace_file).write_all(&new) {
+                tracing::warn!("{}: access trace: {e}", self.name);
+            }
+        }
+    }
+
+    /// Queues `spans` at `prio` (raising a queued span's priority) without waiting.
+    pub(crate) fn queue(&self, spans: Vec<usize>, prio: Priority) {
+        let mut st = lock(&self.st);
+        for s in spans {
+            if s < st.spans.len() {
+                Self::enqueue(&mut st, s, prio);
+            }
+        }
+        drop(st);
+        self.cv.notify_all();
+    }
+
+    fn enqueue(st: &mut State, s: usize, prio: Priority) {
+        match st.spans[s].clone() {
+            SpanState::Missing | SpanState::Failed(_) => {
+                st.spans[s] = SpanState::Queued(prio);
+                st.queue.insert((prio, s));
+            }
+            SpanState::Queued(p) if prio < p => {
+                st.queue.remove(&(p, s));
+                st.spans[s] = SpanState::Queued(prio);
+                st.queue.insert((prio, s));
+            }
+            _ => {}
+        }
+    }
+
+    /// Queues what of `spans` is not local and waits for all of it; the first
+    /// failure among them is the error.
+    pub(crate) fn wait_for(&self, spans: &[usize], prio: Priority) -> Result<()> {
+        let mut st = lock(&self.st);
+        let mut queued = false;
+        for &s in spans {
+            if st.spans[s] != SpanState::Local {
+                Self::enqueue(&mut st, s, prio);
+                queued = true;
+            }
+        }
+        if !queued {
+            return Ok(());
+        }
+        self.cv.notify_all();
+        loop {
+            if st.stopping {
+                return Err(Error::Layer {
+                    layer: self.name.clone(),
+                    reason: "the layer is shutting down".into(),
+                });
+            }
+            let mut done = true;
+            for &s in spans {
+                match &st.spans[s] {
+                    SpanState::Local => {}
+                    SpanState::Failed(why) => {
+                        return Err(Error::Span {
+                            layer: self.name.clone(),
+                            span: s,
+                            reason: why.to_string(),
+                        })
+                    }
+                    _ => done = false,
+                }
+            }
+            if done {
+                return Ok(());
+            }
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Every span not local, queued for background completion; waits for all.
+    pub(crate) fn fetch_all(&self) -> Result<()> {
+        let all: Vec<usize> = (0..self.idx.span_count()).collect();
+        self.wait_for(&all, Priority::Background)
+    }
+
+    fn fetcher(self: Arc<Self>) {
+        let mut reader = SpanReader::new();
+        loop {
+            let batch = {
+                let mut st = lock(&self.st);
+                loop {
+                    if st.stopping {
+                        return;
+                    }
+                    if !st.queue.is_empty() {
+                        break;
+                    }
+                    st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+                }
+                let (_, first) = st.queue.pop_first().expect("not empty");
+                st.spans[first] = SpanState::InFlight;
+                let mut batch = vec![first];
+                let start = self.idx.span(first).compressed.start;
+                let mut j = first + 1;
+                while j < st.spans.len() {
+                    let SpanState::Queued(p) = st.spans[j] else {
+                        break;
+                    };
+                    if self.idx.span(j).compressed.end - start > self.opts.max_request {
+                        break;
+                    }
+                    st.queue.remove(&(p, j));
+                    st.spans[j] = SpanState::InFlight;
+                    batch.push(j);
+                    j += 1;
+                }
+                batch
+            };
+            let results = self.fetch_batch(&batch, &mut reader);
+            let mut st = lock(&self.st);
+            for (s, r) in batch.iter().zip(results) {
+                match r {
+                    Ok(()) => {
+                        st.spans[*s] = SpanState::Local;
+                        st.local += 1;
+                    }
+                    Err(e) => {
+                        self.failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!("{}: span {s}: {e}", self.name);
+                        st.spans[*s] = SpanState::Failed(e.to_string().into());
+                    }
+                }
+            }
+            drop(st);
+            self.cv.notify_all();
+        }
+    }
+
+    /// Fetches, verifies, inflates and writes a run of adjacent spans; one result
+    /// per span. A span is written only once verified, and marked in the bitmap
+    /// only once its bytes are synced.
+    fn fetch_batch(&self, batch: &[usize], reader: &mut SpanReader) -> Vec<Result<(), String>> {
+        let fail_all = |why: String| batch.iter().map(|_| Err(why.clone())).collect();
+        let first = self.idx.span(batch[0]);
+        let last = self.idx.span(*batch.last().expect("a span"));
+        let range = first.compressed.start..last.compressed.end;
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let bytes = match self.source.fetch(range.clone()) {
+            Ok(b) => b,
+            Err(e) => return fail_all(format!("fetching bytes {range:?}: {e}")),
+        };
+        if bytes.len() as u64 != range.end - range.start {
+            return fail_all(format!(
+                "the source returned {} bytes for {range:?}",
+                bytes.len()
+            ));
+        }
+        self.bytes_fetched
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        // The windows of the run, in one request (they lie in span order).
+        let wins: Vec<(usize, Range<u64>)> = batch
+            .iter()
+            .filter_map(|&s| self.idx.span(s).window().map(|w| (s, w)))
+            .collect();
+        let wrange = match (
+            wins.iter().map(|w| w.1.start).min(),
+            wins.iter().map(|w| w.1.end).max(),
+        ) {
+            (Some(a), Some(b)) => a..b,
+            _ => 0..0,
+        };
+        let wbytes = if wrange.is_empty() {
+            Vec::new()
+        } else {
+            match self.source.fetch_windows(wrange.clone()) {
+                Ok(b) if b.len() as u64 == wrange.end - wrange.start => b,
+                Ok(b) => {
+                    return fail_all(format!(
+                        "the source returned {} window bytes for {wrange:?}",
+                        b.len()
+                    ))
+                }
+                Err(e) => return fail_all(format!("fetching windows {wrange:?}: {e}")),
+            }
+        };
+        let mut results = Vec::with_capacity(batch.len());
+        let mut touched: Vec<Arc<File>> = Vec::new();
+        let mut written = Vec::new();
+        for &s in batch {
+            let sp = self.idx.span(s);
+            let c = &bytes[(sp.compressed.start - range.start) as usize
+                ..(sp.compressed.end - range.start) as usize];
+            let w = match sp.window() {
+                Some(r) => {
+                    &wbytes[(r.start - wrange.start) as usize..(r.end - wrange.start) as usize]
+                }
+                None => &[][..],
+            };
+            self.spans_fetched.fetch_add(1, Ordering::Relaxed);
+            let r = reader
+                .read_span(&self.idx, s, c, w)
+                .map_err(|e| e.to_string())
+                .and_then(|out| {
+                    self.blob
+                        .write_all_at(c, sp.compressed.start)
+                        .map_err(|e| format!("writing the blob copy: {e}"))?;
+                    self.write_tree(sp.uncompressed.start, &out, &mut touched)
+                });
+            if r.is_ok() {
+                written.push(s);
+            }
+            results.push(r);
+        }
+        if written.is_empty() {
+            return results;
+        }
+        // Durable before the bitmap says so.
+        let synced = tree::fdatasync(self.blob.as_fd())
+            .and_then(|_| touched.iter().try_for_each(|f| tree::fdatasync(f.as_fd())))
+            .map_err(|e| format!("fdatasync: {e}"))
+            .and_then(|_| self.mark(&written));
+        if let Err(e) = synced {
+            for (s, r) in batch.iter().zip(results.iter_mut()) {
+                if written.contains(s) {
+                    *r = Err(e.clone());
+                }
+            }
+        }
+        results
+    }
+
+    /// Sets `spans` in the bitmap and syncs it.
+    fn mark(&self, spans: &[usize]) -> Result<(), String> {
+        let f = lock(&self.bitmap_file);
+        let mut st = lock(&self.st);
+        let mut bytes: Vec<usize> = spans.iter().map(|s| s / 8).collect();
+        bytes.dedup();
+        for &s in spans {
+            st.bitmap[s / 8] |= 1 << (s % 8);
+        }
+        let vals: Vec<(usize, u8)> = bytes.iter().map(|&b| (b, st.bitmap[b])).collect();
+        drop(st);
+        for (b, v) in vals {
+            f.write_all_at(&[v], b as u64)
+                .map_err(|e| format!("writing the span bitmap: {e}"))?;
+        }
+        tree::fdatasync(f.as_fd()).map_err(|e| format!("fdatasync of the span bitmap: {e}"))
+    }
+
+    /// Writes the uncompressed bytes `out` (from stream offset `at`) into the files
+    /// they belong to.
+    fn write_tree(&self, at: u64, out: &[u8], touched: &mut Vec<Arc<File>>) -> Result<(), String> {
+        let end = at + out.len() as u64;
+        // The first piece that ends after `at`.
+        let mut k = self.pieces.partition_point(|p| p.stream + p.len <= at);
+        while k < self.pieces.len() && self.pieces[k].stream < end {
+            let p = self.pieces[k];
+            let a = p.stream.max(at);
+            let b = (p.stream + p.len).min(end);
+            let f = self
+                .tree_file(p.entry)
+                .map_err(|e| format!("tree file of entry {}: {e}", p.entry))?;
+            f.write_all_at(
+                &out[(a - at) as usize..(b - at) as usize],
+                p.file_off + (a - p.stream),
+            )
+            .map_err(|e| format!("writing entry {}: {e}", p.entry))?;
+            if !touched.iter().any(|t| Arc::ptr_eq(t, &f)) {
+                touched.push(f);
+            }
+            k += 1;
+        }
+        Ok(())
+    }
+
+    /// The directory holding entry `i` in the tree, made (0700) as needed.
+    pub(crate) fn parent_dir(&self, i: u32, make: bool) -> io::Result<OwnedFd> {
+        let mut chain = Vec::new();
+        let mut p = self.idx.parent(i);
+        while p != 0 {
+            chain.push(p);
+            p = self.idx.parent(p);
+        }
+        let mut cur = tree::open_at(
+            self.tree.as_fd(),
+            b".",
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0,
+        )?;
+        for &d in chain.iter().rev() {
+            let name = self.idx.name(d);
+            cur = if make {
+                tree::mkdir_open(cur.as_fd(), name)?
+            } else {
+                tree::open_at(cur.as_fd(), name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?
+            };
+        }
+        Ok(cur)
+    }
+
+    /// File entry `i` in the tree, open read-write: made (0600, sparse, at its
+    /// final size) on first use. Owner, mode and xattrs come at completion: a write
+    /// drops set-id bits and security.capability.
+    pub(crate) fn tree_file(&self, i: u32) -> io::Result<Arc<File>> {
+        let mut files = lock(&self.files);
+        if let Some(f) = files.get(&i) {
+            return Ok(f.clone());
+        }
+        let dir = self.parent_dir(i, true)?;
+        let fd = tree::open_at(
+            dir.as_fd(),
+            self.idx.name(i),
+            libc::O_RDWR | libc::O_CREAT,
+            0o600,
+        )?;
+        let st = tree::fstat(fd.as_fd())?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(io::Error::other("not a regular file in the tree"));
+        }
+        let f = File::from(fd);
+        let size = self.idx.entry(i).size;
+        if st.st_size as u64 != size {
+            f.set_len(size)?;
+        }
+        if files.len() >= MAX_OPEN_FILES {
+            files.clear();
+        }
+        let f = Arc::new(f);
+        files.insert(i, f.clone());
+        Ok(f)
+    }
+
+    /// A read-only fd of file entry `i` in the tree (the passthrough backing file).
+    pub(crate) fn open_tree_file_ro(&self, i: u32) -> io::Result<OwnedFd> {
+        // Made if no span ever touched it (empty or all holes).
+        drop(self.tree_file(i)?);
+        let dir = self.parent_dir(i, false)?;
+        tree::open_at(dir.as_fd(), self.idx.name(i), libc::O_RDONLY, 0)
+    }
+
+    /// Forgets every local span and open file (completion failed and the tree and
+    /// cache were discarded).
+    pub(crate) fn reset(&self) -> io::Result<()> {
+        lock(&self.files).clear();
+        let f = lock(&self.bitmap_file);
+        let mut st = lock(&self.st);
+        for s in st.spans.iter_mut() {
+            if *s == SpanState::Local {
+                *s = SpanState::Missing;
+            }
+        }
+        st.bitmap.fill(0);
+        st.local = 0;
+        drop(st);
+        f.set_len(0)?;
+        tree::fdatasync(f.as_fd())?;
+        self.blob.set_len(0)?;
+        Ok(())
+    }
+}
+
+/// Every file's stored data as pieces sorted by stream offset, and each entry's
+/// span range.
+fn pieces_of(idx: &Index<Vec<u8>>) -> (Vec<Piece>, Vec<Range<u32>>) {
+    let n = idx.entry_count();
+    let mut pieces = Vec::new();
+    let mut spans = vec![0..0; n as usize];
+    for i in 0..n {
+        let e = idx.entry(i);
+        if e.kind != Kind::File {
+            continue;
+        }
+        let data = idx.file_data(i, 0..e.size);
+        let (Some(first), Some(last)) = (data.first(), data.last()) else {
+            continue;
+        };
+        let r = idx.spans_for(first.1.start, last.1.end);
+        spans[i as usize] = r.start as u32..r.end as u32;
+        for (off, stream) in data {
+            pieces.push(Piece {
+                stream: stream.start,
+                len: stream.end - stream.start,
+                entry: i,
+                file_off: off,
+            });
+        }
+    }
+    pieces.sort_by_key(|p| p.stream);
+    (pieces, spans)
+}
+
+/// The spans a layer's earlier mounts read on demand, in first-read order, from its
+/// cache directory (empty if none was recorded).
+pub fn read_trace(cache_dir: &Path) -> io::Result<Vec<u32>> {
+    match std::fs::read(cache_dir.join(TRACE)) {
+        Ok(b) => Ok(b
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}

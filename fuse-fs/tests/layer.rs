@@ -1,0 +1,765 @@
+//! LayerFs on the real kernel: fixture image layers (fixtures/images.sh,
+//! layered-images.sh) served lazily from their local blobs, stacked under overlayfs
+//! and compared with `umoci unpack` of the same image; concurrent read misses; a
+//! tampered span; completion against a normal unpack; passthrough once complete.
+//! Needs root, /dev/fuse and the fixture images (a failure under CI=true).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use common::*;
+use cstore_fuse_fs::abi::op;
+use cstore_fuse_fs::layer::{build_index, FileSource, LayerFs, LayerOptions, SpanSource};
+use cstore_fuse_fs::{FdStore, PassthroughMode, Session, SessionOptions, StateDir};
+use cstore_index::{Compression, Index, Kind, Policy};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The fixture OCI layout, with the images these tests use built (once).
+fn oci() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        run(Command::new("bash")
+            .arg(repo().join("fixtures/images.sh"))
+            .arg("--debian"));
+        run(Command::new("bash")
+            .arg(repo().join("fixtures/layered-images.sh"))
+            .args([
+                "layered-delete",
+                "layered-opaque",
+                "layered-replace",
+                "layered-hardlink",
+            ]));
+        PathBuf::from(
+            run(Command::new("bash")
+                .arg(repo().join("fixtures/images.sh"))
+                .arg("--print-dir"))
+            .trim(),
+        )
+    })
+    .clone()
+}
+
+fn json(p: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+}
+
+fn blob_path(oci: &Path, digest: &str) -> PathBuf {
+    oci.join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"))
+}
+
+/// The layers of image `tag` (linux/amd64), bottom first.
+fn layers(tag: &str) -> Vec<(PathBuf, Compression)> {
+    let oci = oci();
+    let idx = json(&oci.join("index.json"));
+    let m = idx["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(tag))
+        .unwrap_or_else(|| panic!("no image {tag} in {}", oci.display()));
+    let man = json(&blob_path(&oci, m["digest"].as_str().unwrap()));
+    man["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let mt = l["mediaType"].as_str().unwrap();
+            let c = if mt.ends_with("gzip") {
+                Compression::Gzip
+            } else if mt.ends_with("zstd") {
+                Compression::Zstd
+            } else {
+                Compression::None
+            };
+            (blob_path(&oci, l["digest"].as_str().unwrap()), c)
+        })
+        .collect()
+}
+
+fn treesnap(dir: &Path) -> String {
+    run(Command::new("python3")
+        .arg(repo().join("fixtures/treesnap.py"))
+        .arg(dir)
+        .args(["--no-mtime-dirs", "--ignore-xattr", "trusted.overlay."])
+        .args(["--ignore-xattr", "user.rootlesscontainers"]))
+}
+
+fn root_attrs(dir: &Path) -> String {
+    run(Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import os, sys; st = os.lstat(sys.argv[1]); \
+         xs = {k: os.getxattr(sys.argv[1], k).hex() for k in sorted(os.listxattr(sys.argv[1])) \
+               if not k.startswith(('trusted.overlay.', 'user.rootlesscontainers'))}; \
+         print(oct(st.st_mode), st.st_uid, st.st_gid, xs)",
+        )
+        .arg(dir))
+}
+
+fn tree_diff(want: &str, got: &str) -> String {
+    let w: BTreeSet<&str> = want.lines().collect();
+    let g: BTreeSet<&str> = got.lines().collect();
+    let mut out = String::new();
+    for l in w.difference(&g).take(20) {
+        out += &format!("- want {l}\n");
+    }
+    for l in g.difference(&w).take(20) {
+        out += &format!("+ got  {l}\n");
+    }
+    out
+}
+
+/// `umoci unpack` of image `tag`: treesnap of its rootfs and the root's attributes.
+fn umoci_tree(tag: &str) -> (String, String) {
+    let t = tmpdir();
+    let bundle = t.path().join("bundle");
+    run(Command::new("umoci")
+        .arg("unpack")
+        .arg("--image")
+        .arg(format!("{}:{tag}", oci().display()))
+        .arg(&bundle));
+    let rootfs = bundle.join("rootfs");
+    (treesnap(&rootfs), root_attrs(&rootfs))
+}
+
+/// A source that counts its calls and the spans' bytes asked for, and can flip a
+/// byte at one offset of what it returns.
+struct Counted {
+    inner: FileSource,
+    calls: AtomicU64,
+    ranges: Mutex<Vec<Range<u64>>>,
+    flip_at: Option<u64>,
+}
+
+impl SpanSource for Counted {
+    fn fetch(&self, range: Range<u64>) -> std::io::Result<Vec<u8>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.ranges.lock().unwrap().push(range.clone());
+        let mut v = self.inner.fetch(range.clone())?;
+        if let Some(at) = self.flip_at {
+            if range.contains(&at) {
+                v[(at - range.start) as usize] ^= 0x40;
+            }
+        }
+        Ok(v)
+    }
+    fn fetch_windows(&self, range: Range<u64>) -> std::io::Result<Vec<u8>> {
+        self.inner.fetch_windows(range)
+    }
+}
+
+/// One layer served lazily from its local blob.
+struct Lazy {
+    fs: Arc<LayerFs>,
+    src: Arc<Counted>,
+    session: Option<Session<LayerFs>>,
+    mnt: PathBuf,
+    tree: PathBuf,
+    blob: PathBuf,
+    windows: PathBuf,
+}
+
+impl Lazy {
+    fn stop(&mut self) {
+        drop(self.session.take());
+    }
+}
+
+/// Indexes `blob` (128 KiB spans, or `span_target`), and mounts it under `dir` with
+/// passthrough if the kernel has it.
+fn serve(
+    dir: &Path,
+    blob: &Path,
+    c: Compression,
+    span_target: u32,
+    flip_at: Option<u64>,
+    mounts: &mut Mounts,
+) -> Lazy {
+    serve_over(dir, blob, c, span_target, flip_at, &[], mounts)
+}
+
+/// `serve`, the layer's implicit directories taking their attributes from the
+/// layers `below` (nearest first) before the mount.
+fn serve_over(
+    dir: &Path,
+    blob: &Path,
+    c: Compression,
+    span_target: u32,
+    flip_at: Option<u64>,
+    below: &[&Index<Vec<u8>>],
+    mounts: &mut Mounts,
+) -> Lazy {
+    std::fs::create_dir_all(dir).unwrap();
+    let opts = LayerOptions::default();
+    let policy = Policy {
+        span_target,
+        ..Policy::default()
+    };
+    let (index, windows) = build_index(blob, c, policy, opts.tree).unwrap();
+    let wpath = dir.join("windows");
+    std::fs::write(&wpath, &windows).unwrap();
+    let src = Arc::new(Counted {
+        inner: FileSource::open(blob, Some(&wpath)).unwrap(),
+        calls: AtomicU64::new(0),
+        ranges: Mutex::new(Vec::new()),
+        flip_at,
+    });
+    let (tree, mnt) = (dir.join("fs"), dir.join("mnt"));
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::create_dir_all(&mnt).unwrap();
+    let fs = Arc::new(
+        LayerFs::open(
+            index,
+            src.clone() as Arc<dyn SpanSource>,
+            &dir.join("cache"),
+            &tree,
+            opts,
+        )
+        .unwrap(),
+    );
+    fs.inherit_implicit(below);
+    let session = Session::start(
+        fs.clone(),
+        &mnt,
+        &StateDir::new(dir.join("state")).unwrap(),
+        SessionOptions {
+            passthrough: PassthroughMode::IfAvailable,
+            ..SessionOptions::default()
+        },
+    )
+    .unwrap();
+    mounts.push(&mnt);
+    mounts.conn(session.conn().unwrap());
+    Lazy {
+        fs,
+        src,
+        session: Some(session),
+        mnt,
+        tree,
+        blob: blob.to_path_buf(),
+        windows: wpath,
+    }
+}
+
+/// Every layer of each image served lazily, overlayfs stacked over them: the merged
+/// tree (every file read through FUSE) equals `umoci unpack` of the image.
+#[test]
+fn lazy_overlay_equals_umoci_unpack() {
+    if !fuse_available("lazy_overlay_equals_umoci_unpack") {
+        return;
+    }
+    for tag in [
+        "busybox",
+        "layered-delete",
+        "layered-opaque",
+        "layered-replace",
+        "layered-hardlink",
+        "debian",
+    ] {
+        let t = tmpdir();
+        let mut mounts = Mounts::default();
+        let mut lowers = Vec::new();
+        let mut served = Vec::new();
+        for (k, (blob, c)) in layers(tag).into_iter().enumerate() {
+            let below: Vec<_> = served.iter().rev().map(|l: &Lazy| l.fs.index()).collect();
+            let l = serve_over(
+                &t.path().join(format!("l{k}")),
+                &blob,
+                c,
+                128 << 10,
+                None,
+                &below,
+                &mut mounts,
+            );
+            lowers.push(l.mnt.display().to_string());
+            served.push(l);
+        }
+        lowers.reverse();
+        let merged = t.path().join("merged");
+        mount_overlay(
+            &lowers.join(":"),
+            &t.path().join("upper"),
+            &t.path().join("work"),
+            &merged,
+        );
+        mounts.push(&merged);
+        let (want, want_root) = umoci_tree(tag);
+        let got = treesnap(&merged);
+        assert!(
+            want == got,
+            "{tag}: lazy overlay vs umoci unpack:\n{}",
+            tree_diff(&want, &got)
+        );
+        assert_eq!(root_attrs(&merged), want_root, "{tag}: root");
+        let mut fetched = 0;
+        for l in &served {
+            let s = l.fs.stats();
+            assert_eq!(s.failures, 0, "{tag}");
+            fetched += s.spans_fetched;
+        }
+        assert!(
+            fetched > 0,
+            "{tag}: the files were not read through the layers"
+        );
+    }
+}
+
+/// The content of every file of the layer, from a full inflate of its blob.
+fn expected_files(l: &Lazy) -> Vec<(PathBuf, Vec<u8>)> {
+    files_from(l.fs.index(), &l.blob, &l.windows)
+}
+
+fn files_from(idx: &Index<Vec<u8>>, blob: &Path, windows: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let blob = std::fs::read(blob).unwrap();
+    let windows = std::fs::read(windows).unwrap();
+    let mut r = cstore_index::SpanReader::new();
+    let full = r
+        .read_range(idx, &blob, &windows, 0..idx.header().uncompressed_size)
+        .unwrap();
+    let mut out = Vec::new();
+    for i in 0..idx.entry_count() {
+        let e = idx.entry(i);
+        if e.kind != Kind::File {
+            continue;
+        }
+        let mut v = vec![0u8; e.size as usize];
+        for (off, s) in idx.file_data(i, 0..e.size) {
+            v[off as usize..(off + s.end - s.start) as usize]
+                .copy_from_slice(&full[s.start as usize..s.end as usize]);
+        }
+        out.push((PathBuf::from(String::from_utf8(idx.path(i)).unwrap()), v));
+    }
+    out
+}
+
+/// Many threads reading the same and different files of a cold layer at once: every
+/// byte is right, each span is fetched from the source once (however many readers
+/// waited on it), and adjacent misses share requests.
+#[test]
+fn concurrent_read_misses_fetch_each_span_once() {
+    if !fuse_available("concurrent_read_misses_fetch_each_span_once") {
+        return;
+    }
+    let t = tmpdir();
+    let mut mounts = Mounts::default();
+    let (blob, c) = layers("debian").remove(0);
+    let l = serve(&t.path().join("l"), &blob, c, 64 << 10, None, &mut mounts);
+    let files = Arc::new(expected_files(&l));
+    let mnt = l.mnt.clone();
+    let threads: Vec<_> = (0..8)
+        .map(|k| {
+            let (files, mnt) = (files.clone(), mnt.clone());
+            std::thread::spawn(move || {
+                // Half the threads read in order, half in reverse; each a stride.
+                let n = files.len();
+                for j in 0..n {
+                    let i = if k % 2 == 0 { j } else { n - 1 - j };
+                    if i % 4 != k / 2 {
+                        continue;
+                    }
+                    let (rel, want) = &files[i];
+                    let mut got = Vec::new();
+                    std::fs::File::open(mnt.join(rel))
+                        .and_then(|mut f| f.read_to_end(&mut got))
+                        .unwrap_or_else(|e| panic!("{}: {e}", rel.display()));
+                    assert!(got == *want, "{}: content differs", rel.display());
+                }
+            })
+        })
+        .collect();
+    for h in threads {
+        h.join().unwrap();
+    }
+    let s = l.fs.stats();
+    assert_eq!(s.failures, 0);
+    assert_eq!(s.spans_fetched, s.local, "each span fetched once: {s:?}");
+    assert!(s.local > 100, "a big layer in many spans: {s:?}");
+    assert!(
+        s.requests < s.spans_fetched,
+        "adjacent misses coalesced: {s:?}"
+    );
+    assert_eq!(l.src.calls.load(Ordering::SeqCst), s.requests);
+    // No two requests asked for the same span.
+    let idx = l.fs.index();
+    let mut seen = vec![false; idx.span_count()];
+    for r in l.src.ranges.lock().unwrap().iter() {
+        for (sp, seen) in seen.iter_mut().enumerate() {
+            let c = idx.span(sp).compressed;
+            if c.start >= r.start && c.end <= r.end {
+                assert!(!*seen, "span {sp} fetched twice");
+                *seen = true;
+            }
+        }
+    }
+}
+
+/// A source whose bytes for one span are altered: the reader of a file in that span
+/// gets EIO, nothing of it reaches the tree or the bitmap, and files elsewhere read.
+#[test]
+fn a_tampered_span_is_eio_and_never_written() {
+    if !fuse_available("a_tampered_span_is_eio_and_never_written") {
+        return;
+    }
+    let t = tmpdir();
+    let mut mounts = Mounts::default();
+    let (blob, c) = layers("debian").remove(0);
+    // Find a file whose data lies in one span, and flip a byte of that span.
+    let policy = Policy {
+        span_target: 32 << 10,
+        ..Policy::default()
+    };
+    let (index, _) = build_index(&blob, c, policy, LayerOptions::default().tree).unwrap();
+    let idx = Index::parse(index).unwrap();
+    let (victim, span) = (0..idx.entry_count())
+        .filter(|&i| idx.entry(i).kind == Kind::File && idx.entry(i).size > 4096)
+        .find_map(|i| {
+            let d = idx.file_data(i, 0..idx.entry(i).size);
+            let r = idx.spans_for(d[0].1.start, d.last().unwrap().1.end);
+            (r.len() == 1 && r.start > 0).then_some((i, r.start))
+        })
+        .expect("a file within one span");
+    let path = PathBuf::from(String::from_utf8(idx.path(victim)).unwrap());
+    let sp = idx.span(span);
+    let flip = (sp.compressed.start + sp.compressed.end) / 2;
+    let other = (0..idx.entry_count())
+        .find(|&i| {
+            let e = idx.entry(i);
+            e.kind == Kind::File && e.size > 0 && {
+                let d = idx.file_data(i, 0..e.size);
+                let r = idx.spans_for(d[0].1.start, d.last().unwrap().1.end);
+                !r.contains(&span) && !r.contains(&(span - 1)) && !r.contains(&(span + 1))
+            }
+        })
+        .expect("a file elsewhere");
+    let other = PathBuf::from(String::from_utf8(idx.path(other)).unwrap());
+
+    let l = serve(
+        &t.path().join("l"),
+        &blob,
+        c,
+        32 << 10,
+        Some(flip),
+        &mut mounts,
+    );
+    let err = std::fs::read(l.mnt.join(&path)).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{}", path.display());
+    // Asked again: fetched again, refused again (never cached as good).
+    let err = std::fs::read(l.mnt.join(&path)).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    let s = l.fs.stats();
+    assert!(s.failures >= 2, "{s:?}");
+    // Nothing of the span in the tree: the file is absent or all zeros.
+    if let Ok(b) = std::fs::read(l.tree.join(&path)) {
+        assert!(b.iter().all(|&x| x == 0), "tampered bytes reached the tree");
+    }
+    let bitmap = std::fs::read(t.path().join("l/cache/spans")).unwrap_or_default();
+    assert!(
+        bitmap
+            .get(span / 8)
+            .is_none_or(|b| b & (1 << (span % 8)) == 0),
+        "span {span} marked local"
+    );
+    std::fs::read(l.mnt.join(&other)).unwrap();
+}
+
+/// Completion: the tree becomes exactly what extraction makes of the layer (compared
+/// with a normal unpack by the project's extractor), and files opened afterwards are
+/// served in passthrough: their reads never reach the daemon.
+#[test]
+fn completion_makes_the_extracted_tree_and_passthrough_serves_it() {
+    if !fuse_available("completion_makes_the_extracted_tree_and_passthrough_serves_it") {
+        return;
+    }
+    for tag in [
+        "busybox",
+        "layered-hardlink",
+        "layered-opaque",
+        "layered-delete",
+    ] {
+        let t = tmpdir();
+        let mut mounts = Mounts::default();
+        for (k, (blob, c)) in layers(tag).into_iter().enumerate() {
+            let dir = t.path().join(format!("l{k}"));
+            let mut l = serve(&dir, &blob, c, 64 << 10, None, &mut mounts);
+            // Some files read on demand first.
+            let files = expected_files(&l);
+            for (rel, want) in files.iter().take(3) {
+                assert_eq!(&std::fs::read(l.mnt.join(rel)).unwrap(), want);
+            }
+            l.fs.complete().unwrap();
+            assert!(l.fs.is_complete());
+            let stats = l.session.as_ref().unwrap().stats();
+            let passthrough = l.session.as_ref().unwrap().passthrough();
+            let reads_before = stats.count(op::READ);
+            for (rel, want) in files.iter().skip(3) {
+                assert_eq!(&std::fs::read(l.mnt.join(rel)).unwrap(), want);
+            }
+            if passthrough && files.len() > 3 {
+                assert_eq!(
+                    stats.count(op::READ),
+                    reads_before,
+                    "{tag}: reads of complete files reached the daemon"
+                );
+            } else if !passthrough
+                && passthrough_missing(
+                    "completion_makes_the_extracted_tree_and_passthrough_serves_it",
+                    "the kernel did not grant it",
+                )
+            {
+                return;
+            }
+            l.stop();
+            mounts.umount(&l.mnt);
+            // The same layer unpacked by the project's extractor.
+            let x = dir.join("extracted");
+            std::fs::create_dir_all(&x).unwrap();
+            unpack(&blob, c, &x);
+            let (want, got) = (treesnap(&x), treesnap(&l.tree));
+            assert!(
+                want == got,
+                "{tag} layer {k}: completed tree vs extraction:\n{}",
+                tree_diff(&want, &got)
+            );
+            assert_eq!(root_attrs(&l.tree), root_attrs(&x), "{tag} layer {k}");
+        }
+    }
+}
+
+fn unpack(blob: &Path, c: Compression, dest: &Path) {
+    use cstore_unpack::Compression as C;
+    use cstore_unpack::{unpack_layer, LayerRef, UnpackOptions};
+    let digest = format!("sha256:{}", blob.file_name().unwrap().to_str().unwrap());
+    // The diff_id as the index computed it.
+    let (index, _) = build_index(blob, c, Policy::default(), LayerOptions::default().tree).unwrap();
+    let diff_id = Index::parse(index).unwrap().header().diff_id_str();
+    let layer = LayerRef {
+        image: "test",
+        digest: &digest,
+        compression: match c {
+            Compression::Gzip => C::Gzip,
+            Compression::Zstd => C::Zstd,
+            Compression::None => C::None,
+        },
+        diff_id: &diff_id,
+    };
+    unpack_layer(blob, &layer, dest, &UnpackOptions::default()).unwrap();
+}
+
+fn stat_of(file: &Path, key: &str) -> Option<u64> {
+    std::fs::read_to_string(file).ok()?.lines().find_map(|l| {
+        l.strip_prefix(key)
+            .and_then(|v| v.strip_prefix(' '))
+            .and_then(|v| v.parse().ok())
+    })
+}
+
+/// The serving daemon (`cstore-fuse-testd serve-layer`, its fd in a keeper) is
+/// killed with SIGKILL three times while a reader loops over every file of a cold
+/// layer whose fetches are slow: the reader sees no error and no wrong byte, and
+/// each new daemon starts from the spans the bitmap on disk says are local (at least
+/// what the previous one had reported), fetching none of them again. Then the layer
+/// completes in the background, and the tree equals extraction's.
+#[test]
+fn sigkill_under_readers_resumes_from_the_bitmap() {
+    if !fuse_available("sigkill_under_readers_resumes_from_the_bitmap") {
+        return;
+    }
+    let t = tmpdir();
+    let p = |s: &str| t.path().join(s);
+    let (blob, c) = layers("debian").remove(0);
+    let sock = p("keeper.sock");
+    let mut mounts = Mounts::default();
+    let keeper = Proc::spawn(testd().arg("keeper").arg(&sock));
+    let t0 = std::time::Instant::now();
+    while cstore_fuse_fs::KeeperClient::new(&sock).list().is_err() {
+        assert!(t0.elapsed().as_secs() < 10, "keeper did not come up");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for d in ["tree", "mnt", "cache"] {
+        std::fs::create_dir_all(p(d)).unwrap();
+    }
+    let daemon = |n: usize, extra: &[&str]| {
+        let mut d = Proc::spawn(
+            testd()
+                .arg("serve-layer")
+                .arg("--blob")
+                .arg(&blob)
+                .args(["--compression", "gzip", "--span-kib", "64"])
+                .args(["--fetch-delay-ms", "15"])
+                .arg("--cache")
+                .arg(p("cache"))
+                .arg("--tree")
+                .arg(p("tree"))
+                .arg("--mnt")
+                .arg(p("mnt"))
+                .arg("--state")
+                .arg(p("state"))
+                .arg("--keeper")
+                .arg(&sock)
+                .args(["--name", "lazy"])
+                .arg("--stats")
+                .arg(p(&format!("stats.{n}")))
+                .args(extra),
+        );
+        d.ready();
+        d
+    };
+    assert_eq!(c, Compression::Gzip);
+    // The index as the daemon would build it, made here (a debug build takes longer
+    // than a daemon may to get ready).
+    let policy = Policy {
+        span_target: 64 << 10,
+        ..Policy::default()
+    };
+    let (index, windows) = build_index(&blob, c, policy, LayerOptions::default().tree).unwrap();
+    std::fs::write(p("cache/windows"), windows).unwrap();
+    std::fs::write(p("cache/index"), index).unwrap();
+    let mut d = daemon(0, &[]);
+    let conn = StateDir::new(p("state"))
+        .unwrap()
+        .load()
+        .unwrap()
+        .settings
+        .unwrap()
+        .conn
+        .unwrap();
+    mounts.push(&p("mnt"));
+    mounts.conn(conn);
+    let idx = Index::parse(std::fs::read(p("cache/index")).unwrap()).unwrap();
+    let want: std::collections::BTreeMap<PathBuf, Vec<u8>> =
+        files_from(&idx, &blob, &p("cache/windows"))
+            .into_iter()
+            .collect();
+    let reader = Reader::start(&p("mnt"), want);
+    for n in 1..=3 {
+        let before = reader.reads();
+        let t1 = std::time::Instant::now();
+        while reader.reads() < before + 200 {
+            assert!(t1.elapsed().as_secs() < 60, "reader made no progress");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let reported = stat_of(&p(&format!("stats.{}", n - 1)), "local").unwrap_or(0);
+        d.signal(libc::SIGKILL);
+        d.wait_exit(std::time::Duration::from_secs(10));
+        d = daemon(n, if n == 3 { &["--complete"] } else { &[] });
+        let start = stat_of(&p(&format!("stats.{n}")), "start_local");
+        let t2 = std::time::Instant::now();
+        let start = loop {
+            if let Some(s) = stat_of(&p(&format!("stats.{n}")), "start_local").or(start) {
+                break s;
+            }
+            assert!(t2.elapsed().as_secs() < 10, "no stats from daemon {n}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert!(
+            start >= reported && start > 0,
+            "daemon {n} started with {start} spans local, the one before had {reported}"
+        );
+    }
+    let r = reader
+        .finish(std::time::Duration::from_secs(60))
+        .expect("reader stuck on the mount");
+    assert!(
+        r.errors.is_empty(),
+        "reader errors: {:?}",
+        &r.errors[..r.errors.len().min(10)]
+    );
+    assert!(
+        r.loops >= 1,
+        "the reader read the whole layer at least once"
+    );
+    // Background completion in the last daemon.
+    let t3 = std::time::Instant::now();
+    while stat_of(&p("stats.3"), "complete") != Some(1) {
+        assert!(t3.elapsed().as_secs() < 120, "completion did not finish");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    d.signal(libc::SIGTERM);
+    d.wait_exit(std::time::Duration::from_secs(10));
+    mounts.umount(&p("mnt"));
+    drop(keeper);
+    let x = p("extracted");
+    std::fs::create_dir_all(&x).unwrap();
+    unpack(&blob, c, &x);
+    let (want, got) = (treesnap(&x), treesnap(&p("tree")));
+    assert!(
+        want == got,
+        "completed tree vs extraction:\n{}",
+        tree_diff(&want, &got)
+    );
+}
+
+/// An index that lies about metadata (an owner changed; every span still verifies):
+/// reads work, but completion rebuilds the entry table from the verified tar, finds
+/// the difference, reports the layer and path, and discards the tree and the cache.
+/// The spans read on demand were recorded in the access trace, in order.
+#[test]
+fn completion_refuses_a_lying_index_and_discards_the_tree() {
+    if !fuse_available("completion_refuses_a_lying_index_and_discards_the_tree") {
+        return;
+    }
+    let t = tmpdir();
+    let (blob, c) = layers("busybox").remove(0);
+    let opts = LayerOptions::default();
+    let (mut index, windows) = build_index(&blob, c, Policy::default(), opts.tree).unwrap();
+    let wpath = t.path().join("windows");
+    std::fs::write(&wpath, windows).unwrap();
+    let idx = Index::parse(index.clone()).unwrap();
+    let victim = (1..idx.entry_count())
+        .find(|&i| idx.entry(i).kind == Kind::File && idx.entry(i).size > 0)
+        .unwrap();
+    let victim_path = String::from_utf8(idx.path(victim)).unwrap();
+    // The entry record's uid (at 16 in the record).
+    let at =
+        cstore_index::format::HEADER_LEN + victim as usize * cstore_index::format::ENTRY_LEN + 16;
+    index[at..at + 4].copy_from_slice(&4242u32.to_le_bytes());
+    let tree = t.path().join("fs");
+    std::fs::create_dir_all(&tree).unwrap();
+    let src = Arc::new(FileSource::open(&blob, Some(&wpath)).unwrap());
+    let fs = LayerFs::open(index, src, &t.path().join("cache"), &tree, opts).unwrap();
+    let mut out = Vec::new();
+    cstore_fuse_fs::ReadOnlyFs::read(&fs, u64::from(victim) + 1, 0, 4096, &mut out).unwrap();
+    assert!(!out.is_empty());
+    let trace = cstore_fuse_fs::layer::read_trace(&t.path().join("cache")).unwrap();
+    let first = idx.file_data(victim, 0..4096)[0].1.start;
+    assert_eq!(trace.first().copied(), idx.span_at(first).map(|s| s as u32));
+    match fs.complete() {
+        Err(cstore_fuse_fs::Error::Completion { layer, reason }) => {
+            assert_eq!(layer, idx.header().layer_digest_str());
+            assert!(reason.contains(&victim_path), "{reason}");
+        }
+        other => panic!("completion of a lying index: {other:?}"),
+    }
+    assert!(!fs.is_complete());
+    assert_eq!(
+        std::fs::read_dir(&tree).unwrap().count(),
+        0,
+        "tree not discarded"
+    );
+    assert_eq!(fs.stats().local, 0, "cache not discarded");
+}
