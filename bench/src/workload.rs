@@ -38,6 +38,9 @@ pub struct Ctx<'a> {
     pub run_id: &'a str,
     pub plan: &'a Plan,
     pub density_cmd: &'a [String],
+    /// Why the lazy-start workload cannot run (its index could not be
+    /// published), or None.
+    pub lazy_unavailable: Option<&'a str>,
     pub progress: &'a dyn Fn(&str),
 }
 
@@ -144,6 +147,14 @@ pub fn run_class(ctx: &Ctx, class: &Class) -> Result<ClassReport> {
     remove_tree(&class.dir.join("ctrd"))?;
     fresh(class, &cs_root)?;
 
+    match ctx.lazy_unavailable {
+        None => report.results.extend(lazy_start(ctx, class)?),
+        Some(why) => report.skipped.push(Skipped {
+            workload: "lazy-start".into(),
+            why: why.into(),
+        }),
+    }
+
     report.results.extend(io(ctx, class)?);
 
     if ctx.plan.policy_classes.contains(&class.info.kind) {
@@ -156,26 +167,7 @@ pub fn run_class(ctx: &Ctx, class: &Class) -> Result<ClassReport> {
             why: "the HDD policy is compared with the NVMe policy on the HDD class only".into(),
         });
     }
-    report.skipped.push(lazy_start(ctx)?);
     Ok(report)
-}
-
-/// Lazy start (`cstore run --lazy`, issue #14) is the hook for a workload
-/// that does not exist yet: until cstore has the flag, the suite says so
-/// rather than measuring something else under that name.
-fn lazy_start(ctx: &Ctx) -> Result<Skipped> {
-    let help = Cmd::new(ctx.cstore, "reading cstore run --help")
-        .args(["run", "--help"])
-        .output()?;
-    let why = if help.contains("--lazy") {
-        "cstore run --lazy exists, but the suite does not measure it yet (add it in bench/src/workload.rs, lazy_start)"
-    } else {
-        "cstore run --lazy does not exist yet (issue #14)"
-    };
-    Ok(Skipped {
-        workload: "lazy-start".into(),
-        why: why.into(),
-    })
 }
 
 // ---------------------------------------------------------------- fio
@@ -383,7 +375,11 @@ struct Started {
 }
 
 fn start_all(cmds: &[Cmd]) -> Result<Started> {
-    let t0 = Instant::now();
+    start_all_since(Instant::now(), cmds)
+}
+
+/// As [`start_all`], the times counted from `t0` (before a pull, say).
+fn start_all_since(t0: Instant, cmds: &[Cmd]) -> Result<Started> {
     let mut running = Vec::with_capacity(cmds.len());
     for c in cmds {
         let err = tempfile()?;
@@ -548,6 +544,175 @@ fn density(
     }
     Ok(out)
 }
+
+// ---------------------------------------------------------------- lazy start
+
+/// Publish the image's lazy index (`cstore index build` + `index push`,
+/// from a scratch store under `dir`, removed after), so that `run --lazy`
+/// finds it in the registry as any other store would. Not measured. Err is
+/// why the lazy-start workload cannot run.
+pub fn publish_index(ctx: &Ctx, dir: &Path) -> Result<std::result::Result<(), String>> {
+    if ctx.cstore_plain_http {
+        // run --lazy reaches the registry as a plain pull would, but has no
+        // --plain-http of its own (loopback registries need none).
+        return Ok(Err(
+            "cstore run --lazy has no --plain-http (the image's registry needs it)".into(),
+        ));
+    }
+    let root = dir.join("lazy-index");
+    let mut out = Ok(());
+    for what in ["build", "push"] {
+        let cmd = Cmd::new(ctx.cstore, format!("cstore index {what}"))
+            .arg("--root")
+            .arg(&root)
+            .args(["index", what, ctx.image]);
+        match cmd.output() {
+            Ok(_) => {}
+            Err(Error::Command { stderr, .. }) => {
+                out = Err(format!(
+                    "cstore index {what} {} failed: {}",
+                    ctx.image,
+                    stderr.trim()
+                ));
+                break;
+            }
+            Err(e) => {
+                remove_tree(&root)?;
+                return Err(e);
+            }
+        }
+    }
+    remove_tree(&root)?;
+    Ok(out)
+}
+
+/// A store's lazy daemon (`cstore --root ROOT lazy-serve`, started by
+/// `run --lazy` in a session of its own, so the suite's process groups do
+/// not reach it) is killed when this is dropped: after the measurement, or
+/// when the suite fails or is stopped midway. Completing the layers in the
+/// background is not what the workload measures, and the store goes next.
+struct LazyDaemons<'a> {
+    root: &'a Path,
+}
+
+impl LazyDaemons<'_> {
+    fn pids(&self) -> Vec<u32> {
+        let root = self.root.to_string_lossy();
+        let me = std::process::id();
+        proc::all_pids()
+            .into_iter()
+            .filter(|&p| p != me)
+            .filter(|&p| {
+                let c = proc::cmdline(p);
+                c.contains(&*root) && c.contains("lazy-serve")
+            })
+            .collect()
+    }
+}
+
+impl Drop for LazyDaemons<'_> {
+    fn drop(&mut self) {
+        for _ in 0..100 {
+            let pids = self.pids();
+            if pids.is_empty() {
+                return;
+            }
+            for p in pids {
+                proc::kill(p, libc::SIGKILL);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        eprintln!(
+            "cstore bench suite: cleanup: the lazy daemon of {} did not die",
+            self.root.display()
+        );
+    }
+}
+
+/// Lazy start: a fresh store, cold cache, the time from the command to the
+/// container's first output and to its exit, `cstore run --lazy` (the index
+/// published beforehand) against the full path, `cstore pull` + `cstore
+/// run`, alternating within each round.
+fn lazy_start(ctx: &Ctx, class: &Class) -> Result<Vec<Measurement>> {
+    let root = class.dir.join("lazy");
+    let mut s: [(Vec<f64>, Vec<f64>); 2] = Default::default();
+    for r in 0..ctx.plan.rounds {
+        for (t, tool) in LAZY_TOOLS.into_iter().enumerate() {
+            fresh(class, &root)?;
+            let daemons = LazyDaemons { root: &root };
+            let name = format!("{}-lazy-{r}-{t}", ctx.run_id);
+            let run = ctx
+                .cstore(class, &root, "cstore run")
+                .args(["run", "--rm", "--name", &name]);
+            let run = if t == 0 { run.arg("--lazy") } else { run };
+            let run = run.arg(ctx.image).args(ctx.density_cmd);
+            cold(ctx)?;
+            let t0 = Instant::now();
+            if t == 1 {
+                let mut pull = ctx.cstore(class, &root, "cstore pull").arg("pull");
+                if ctx.cstore_plain_http {
+                    pull = pull.arg("--plain-http");
+                }
+                pull.arg(ctx.image).output()?;
+            }
+            let st = start_all_since(t0, std::slice::from_ref(&run))?;
+            drop(daemons);
+            // run --lazy starts the store's daemon only for layers it pulled
+            // lazily: without one, the image came whole and the figure
+            // would be a full pull's under the lazy name.
+            if t == 0 && !root.join("lazy/daemon.log").exists() {
+                return Err(Error::Output {
+                    what: format!("lazy start of {}", ctx.image),
+                    detail: "cstore run --lazy started no lazy daemon: no layer was pulled lazily (was the index not found in the registry?)".into(),
+                });
+            }
+            if st.lost > 0 {
+                return Err(Error::Output {
+                    what: format!("lazy start with {tool}"),
+                    detail: "the container exited 0 without output".into(),
+                });
+            }
+            ctx.say(
+                class,
+                &format!(
+                    "lazy start round {}/{}: {tool} first output {:.3} s, exited {:.3} s",
+                    r + 1,
+                    ctx.plan.rounds,
+                    st.first,
+                    st.exit
+                ),
+            );
+            s[t].0.push(st.first);
+            s[t].1.push(st.exit);
+        }
+    }
+    fresh(class, &root)?;
+    let mut out = Vec::new();
+    for (t, tool) in LAZY_TOOLS.into_iter().enumerate() {
+        out.push(measurement(
+            "lazy-start",
+            tool,
+            "first-output",
+            None,
+            "s",
+            true,
+            &s[t].0,
+        ));
+        out.push(measurement(
+            "lazy-start",
+            tool,
+            "exited",
+            None,
+            "s",
+            true,
+            &s[t].1,
+        ));
+    }
+    Ok(out)
+}
+
+/// The lazy-start workload's two sides: ours, then its peer (the full path).
+pub const LAZY_TOOLS: [&str; 2] = ["run --lazy", "pull + run"];
 
 // ---------------------------------------------------------------- policy
 

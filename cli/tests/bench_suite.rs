@@ -5,6 +5,8 @@
 //! (fio lands near its throttle), nothing is left behind (loop devices,
 //! mounts, cgroups, processes), the HTML report renders its plots in a real
 //! headless chromium, and a SIGINT in the middle of a run cleans up too.
+//! Lazy start (`run --lazy` against `pull` + `run`) has its figures on
+//! every class, measured from lazily pulled layers.
 //!
 //! Needs root, fio, containerd, ctr, runc and chromium (fixtures/deps.sh).
 
@@ -189,6 +191,11 @@ fn quick_suite_produces_every_workloads_figures_as_valid_json() {
             ("io-1m-read", "cstore", "mb/s", None),
             ("io-1m-read", "fio", "mb/s", None),
         ];
+        for tool in ["run --lazy", "pull + run"] {
+            for metric in ["first-output", "exited"] {
+                expected.push(("lazy-start", tool, metric, None));
+            }
+        }
         for n in [1, 4] {
             for tool in ["cstore", "ctr"] {
                 for metric in ["first-output", "all-exited"] {
@@ -226,11 +233,30 @@ fn quick_suite_produces_every_workloads_figures_as_valid_json() {
                 assert!(first.stat.median <= exit.stat.median, "{name} {tool} N={n}");
             }
         }
-        assert!(c.comparisons().len() >= 7, "{name}");
+        for tool in ["run --lazy", "pull + run"] {
+            let first = c.find("lazy-start", tool, "first-output", None).unwrap();
+            let exit = c.find("lazy-start", tool, "exited", None).unwrap();
+            assert!(first.stat.median <= exit.stat.median, "{name} {tool}");
+        }
+        let lazy: Vec<_> = c
+            .comparisons()
+            .into_iter()
+            .filter(|cmp| cmp.workload == "lazy-start")
+            .collect();
+        assert_eq!(lazy.len(), 2, "{name}: {lazy:?}");
+        for cmp in &lazy {
+            assert_eq!(
+                (cmp.ours_name.as_str(), cmp.peer_name.as_str()),
+                ("run --lazy", "pull + run")
+            );
+            assert!(
+                cmp.advantage.is_finite() && cmp.advantage > 0.0,
+                "{name}: {cmp:?}"
+            );
+        }
+        assert!(c.comparisons().len() >= 9, "{name}");
         assert!(
-            c.skipped
-                .iter()
-                .any(|s| s.workload == "lazy-start" && s.why.contains("#14")),
+            c.skipped.iter().all(|s| s.workload != "lazy-start"),
             "{name}: {:?}",
             c.skipped
         );
@@ -239,6 +265,8 @@ fn quick_suite_produces_every_workloads_figures_as_valid_json() {
     for want in [
         "| pull | seconds |",
         "| density | first-output | 4 |",
+        "| lazy-start | first-output |  | run --lazy ",
+        "| lazy-start | exited |  | run --lazy ",
         "HDD (emulated)",
     ] {
         assert!(md.contains(want), "report.md lacks {want:?}:\n{md}");
@@ -355,16 +383,18 @@ fn html_report_renders_its_plots_in_chromium() {
         "Density — SATA SSD (emulated)",
         "Density — NVMe-like (emulated)",
         "Pull + unpack — per class",
+        "Lazy start: first output — per class",
+        "Lazy start: exit — per class",
         "4K random read — per class",
         "1M sequential read — per class",
         "Policy — HDD (emulated)",
     ] {
         assert!(dom.contains(title), "the rendered page lacks {title:?}");
     }
-    assert!(dom.matches("<svg").count() >= 7, "charts in the page");
+    assert!(dom.matches("<svg").count() >= 9, "charts in the page");
     assert!(!dom.contains("<script"), "no scripts");
     // Every chart names the machine's kernel and each class's device.
-    assert!(dom.matches(&run.report.machine.kernel).count() >= 7);
+    assert!(dom.matches(&run.report.machine.kernel).count() >= 9);
 
     let png = scratch.path().join("shot.png");
     let shot = chromium(

@@ -67,8 +67,8 @@ fn per_class(r: &Report, workload: &str, metric: &str, limit_of: LimitOf) -> Vec
                 .filter(|m| m.workload == workload && m.metric == metric && m.n.is_none())
                 .map(|m| (m.tool.clone(), m.stat.clone()))
                 .collect();
-            // cstore first: the same colour in every chart.
-            bars.sort_by_key(|b| b.0 != "cstore");
+            // Ours first: the same colour in every chart.
+            bars.sort_by_key(|b| b.0 != super::ours_of(workload));
             (!bars.is_empty()).then(|| Group {
                 label: c.class.title.clone(),
                 bars,
@@ -190,8 +190,24 @@ pub fn html(r: &Report) -> Result<String> {
     }
 
     let foot = foot_all(r);
-    let sections: [(&str, &str, &str, &str, bool, LimitOf); 3] = [
+    let sections: [(&str, &str, &str, &str, bool, LimitOf); 5] = [
         ("Pull + unpack", "pull", "seconds", "seconds", false, None),
+        (
+            "Lazy start: first output",
+            "lazy-start",
+            "first-output",
+            "seconds",
+            false,
+            None,
+        ),
+        (
+            "Lazy start: exit",
+            "lazy-start",
+            "exited",
+            "seconds",
+            false,
+            None,
+        ),
         (
             "4K random read",
             "io-4k-randread",

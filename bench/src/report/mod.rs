@@ -76,11 +76,14 @@ pub struct Skipped {
 /// One workload's figure for one tool: a statistic over rounds.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Measurement {
-    /// pull, density, io-4k-randread, io-1m-read, policy-pull, policy-unpack.
+    /// pull, density, lazy-start, io-4k-randread, io-1m-read, policy-pull,
+    /// policy-unpack.
     pub workload: String,
-    /// cstore, ctr, fio, or a policy ("rotational", "nvme").
+    /// cstore, ctr, fio, a policy ("rotational", "nvme"), or for lazy-start
+    /// "run --lazy" and "pull + run" (both cstore).
     pub tool: String,
-    /// What was measured: "seconds", "first-output", "all-exited", "iops", "mb/s".
+    /// What was measured: "seconds", "first-output", "all-exited", "exited",
+    /// "iops", "mb/s".
     pub metric: String,
     /// Containers started at once (density).
     pub n: Option<u32>,
@@ -124,6 +127,7 @@ impl Stat {
 pub fn peer_of(workload: &str) -> &'static str {
     match workload {
         "pull" | "density" => "ctr",
+        "lazy-start" => crate::workload::LAZY_TOOLS[1],
         w if w.starts_with("io-") => "fio",
         w if w.starts_with("policy-") => "nvme",
         _ => "",
@@ -134,6 +138,8 @@ pub fn peer_of(workload: &str) -> &'static str {
 pub fn ours_of(workload: &str) -> &'static str {
     if workload.starts_with("policy-") {
         "rotational"
+    } else if workload == "lazy-start" {
+        crate::workload::LAZY_TOOLS[0]
     } else {
         "cstore"
     }
@@ -215,7 +221,7 @@ pub fn goals(r: &Report) -> Vec<Goal> {
         for cmp in c
             .comparisons()
             .iter()
-            .filter(|c| !c.workload.starts_with("policy-"))
+            .filter(|c| !c.workload.starts_with("policy-") && c.workload != "lazy-start")
         {
             total += 1;
             if cmp.advantage < 1.0 {
@@ -316,6 +322,7 @@ pub fn workload_title(w: &str) -> &'static str {
     match w {
         "pull" => "pull + unpack (vs ctr image pull)",
         "density" => "density: N containers at once, cold cache (vs ctr run)",
+        "lazy-start" => "lazy start: one container from a fresh store, cold cache, its index published beforehand: cstore run --lazy vs cstore pull + cstore run",
         "io-4k-randread" => "4K random read, QD32 per ring, as many rings (fio: jobs) as cstore's policy gives the class, O_DIRECT (cstore bench io vs fio)",
         "io-1m-read" => "1M sequential read, QD8 per ring, the policy's rings, O_DIRECT (cstore bench io vs fio)",
         "policy-pull" => "pull + unpack: rotational (HDD) policy vs NVMe policy",
