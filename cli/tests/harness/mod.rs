@@ -4,7 +4,6 @@
 //! binary pointed at a temp root. Everything started here is stopped on
 //! drop, or at process exit for the shared registry.
 
-use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
@@ -113,39 +112,51 @@ impl Cstore {
     }
 
     /// Run; exit code (-1 when killed), stdout, stderr and the peak resident
-    /// memory of the cstore process in KiB (its rusage from wait4, which
-    /// the kernel keeps for a child until it is reaped).
-    // Reaped by wait4 below, which std's Child cannot see.
-    #[allow(clippy::zombie_processes)]
+    /// memory of the cstore process in KiB, as GNU time reports it.
+    ///
+    /// Not the rusage of a child of this process: Linux carries the old mm's
+    /// high-water mark across exec into the new program's maxrss, so a child
+    /// spawned from here reports at least this test process's own peak
+    /// (about 100 MiB in a full parallel run, whatever cstore used). GNU
+    /// time is small, and cstore is its child, so its figure is cstore's.
     pub fn outcome_with_peak_rss(&self, args: &[&str]) -> (i32, String, String, u64) {
-        let mut child = self
-            .cmd(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run cstore");
-        let mut out = child.stdout.take().unwrap();
-        let mut err = child.stderr.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = out.read_to_string(&mut s);
-            s
-        });
-        let mut stderr = String::new();
-        let _ = err.read_to_string(&mut stderr);
-        let stdout = reader.join().unwrap();
-        let mut status = 0;
-        // SAFETY: rusage is plain data; the pid is our own unreaped child.
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        let pid = child.id() as libc::pid_t;
-        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-        assert_eq!(r, pid, "wait4: {}", std::io::Error::last_os_error());
-        let code = if libc::WIFEXITED(status) {
-            libc::WEXITSTATUS(status)
-        } else {
-            -1
+        let inner = self.cmd(args);
+        let report = tempfile::NamedTempFile::new().unwrap();
+        let mut timed = Command::new("/usr/bin/time");
+        timed
+            .args(["--format", "%M", "--output"])
+            .arg(report.path())
+            .arg(inner.get_program())
+            .args(inner.get_args())
+            .stdin(Stdio::null());
+        for (k, v) in inner.get_envs() {
+            match v {
+                Some(v) => timed.env(k, v),
+                None => timed.env_remove(k),
+            };
+        }
+        let out = timed
+            .output()
+            .expect("GNU time (Debian's time package; fixtures/deps.sh installs it)");
+        // GNU time exits with the command's status; killed by a signal,
+        // with 128 + the signal.
+        let code = match out.status.code() {
+            Some(c) if c < 128 => c,
+            _ => -1,
         };
-        (code, stdout, stderr, usage.ru_maxrss as u64)
+        let text = std::fs::read_to_string(report.path()).unwrap();
+        // A failed command's status is noted on a line before the figure.
+        let rss = text
+            .lines()
+            .rev()
+            .find_map(|l| l.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no peak RSS in GNU time's report: {text:?}"));
+        (
+            code,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            rss,
+        )
     }
 
     /// Nothing is mounted under the store (containers' rootfs included).
