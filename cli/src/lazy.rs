@@ -319,3 +319,60 @@ pub fn serve(store: &Store, args: &crate::RegistryArgs) -> Result<()> {
     .context("serving the store's lazy layers")?;
     Ok(())
 }
+
+/// How much of an image is local, layer by layer: a lazy layer by the spans
+/// its cache holds, any other by whether the store has it (unpacked or as a
+/// blob; `index build` records an image whose layers are nowhere local).
+pub struct ImageLocal {
+    /// Compressed bytes of the image's layers that are local.
+    pub bytes: u64,
+    /// Compressed bytes of all its layers.
+    pub total_bytes: u64,
+    pub lazy_layers: usize,
+}
+
+pub fn image_local(
+    store: &Store,
+    sn: &cstore_snapshotter::Snapshotter,
+    img: &cstore_store::meta::ImageRecord,
+) -> Result<ImageLocal> {
+    use cstore_snapshotter::image::{layers_of, LABEL_LAZY};
+    let mut out = ImageLocal {
+        bytes: 0,
+        total_bytes: 0,
+        lazy_layers: 0,
+    };
+    for l in layers_of(store, img)? {
+        let size = l.descriptor.size;
+        out.total_bytes += size;
+        let lazy = sn
+            .stat(&l.chain_id)
+            .ok()
+            .map(|i| i.labels.contains_key(LABEL_LAZY));
+        out.bytes += match lazy {
+            Some(true) => {
+                out.lazy_layers += 1;
+                cstore_lazy::serve::local_of(store, &l.descriptor.digest)?
+                    .map_or(0, |loc| loc.bytes)
+            }
+            Some(false) => size,
+            None if store
+                .blob_path(&parse_digest(&l.descriptor.digest)?)
+                .exists() =>
+            {
+                size
+            }
+            None => 0,
+        };
+    }
+    Ok(out)
+}
+
+/// "37%" of `total` (100% of nothing).
+pub fn percent(part: u64, total: u64) -> String {
+    if total == 0 {
+        return "100%".into();
+    }
+    // Floor: 100% only once everything is local.
+    format!("{}%", part.saturating_mul(100) / total)
+}

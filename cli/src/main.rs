@@ -529,26 +529,51 @@ fn run(cli: Cli) -> Result<()> {
         Command::Images { json } => {
             let store = open_store(&cli.root)?;
             let images = store.images()?;
+            let sn = snap::open(&store)?;
+            // How much of each is local (lazy layers fill in as they are read).
+            // One image that cannot tell does not hide the others.
+            let locals: Vec<Option<lazy::ImageLocal>> = images
+                .iter()
+                .map(|i| {
+                    lazy::image_local(&store, &sn, i)
+                        .map_err(|e| eprintln!("{}: cannot tell how much is local: {e:#}", i.name))
+                        .ok()
+                })
+                .collect();
             if json {
                 let rows: Vec<_> = images
                     .iter()
-                    .map(|i| {
+                    .zip(&locals)
+                    .map(|(i, l)| {
                         serde_json::json!({
                             "name": i.name, "digest": i.target.digest, "manifest": i.manifest.digest,
                             "config": i.config.digest, "platform": i.platform.to_string(),
                             "layers": i.layers.len(), "size": i.size(), "updated": i.updated,
+                            "lazy_layers": l.as_ref().map(|l| l.lazy_layers),
+                            "local_bytes": l.as_ref().map(|l| l.bytes),
+                            "layer_bytes": l.as_ref().map(|l| l.total_bytes),
                         })
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 println!(
-                    "{:<50} {:<19} {:<14} {:>10}",
+                    "{:<50} {:<19} {:<14} {:>10}  LOCAL",
                     "REFERENCE", "DIGEST", "PLATFORM", "SIZE"
                 );
-                for i in images {
+                for (i, l) in images.iter().zip(&locals) {
+                    let local = match l {
+                        None => "?".to_string(),
+                        Some(l) if l.lazy_layers == 0 => lazy::percent(l.bytes, l.total_bytes),
+                        Some(l) => format!(
+                            "{} ({} lazy layer{})",
+                            lazy::percent(l.bytes, l.total_bytes),
+                            l.lazy_layers,
+                            if l.lazy_layers == 1 { "" } else { "s" }
+                        ),
+                    };
                     println!(
-                        "{:<50} {:<19} {:<14} {:>10}",
+                        "{:<50} {:<19} {:<14} {:>10}  {local}",
                         i.name,
                         short(&i.target.digest),
                         i.platform.to_string(),

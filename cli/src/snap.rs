@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use cstore_runtime::containers::{LABEL_CONTAINER, LABEL_IMAGE, LABEL_MOUNTPOINT};
-use cstore_snapshotter::image::{self, Event};
+use cstore_snapshotter::image::{self, Event, LABEL_LAYER_DIGEST, LABEL_LAZY};
 use cstore_snapshotter::{mount, Kind, Snapshotter};
 use cstore_store::Store;
 use cstore_unpack::UnpackOptions;
@@ -197,11 +197,28 @@ pub fn list(store: &Store, json: bool) -> Result<()> {
                     (false, None) => "stale (not mounted)",
                 }
             });
+            // A lazy layer: how much of it is local so far.
+            let local = match (i.labels.get(LABEL_LAZY), i.labels.get(LABEL_LAYER_DIGEST)) {
+                (Some(_), Some(layer)) => match cstore_lazy::serve::local_of(store, layer) {
+                    Ok(l) => l.map(|l| {
+                        serde_json::json!({
+                            "bytes": l.bytes, "total_bytes": l.total_bytes,
+                            "spans": l.spans, "total_spans": l.total_spans,
+                        })
+                    }),
+                    Err(e) => {
+                        // One layer that cannot tell does not hide the others.
+                        eprintln!("lazy layer {layer}: cannot tell how much is local: {e}");
+                        None
+                    }
+                },
+                _ => None,
+            };
             serde_json::json!({
                 "key": i.name, "kind": i.kind, "parent": i.parent, "labels": i.labels,
                 "size": usage.size, "inodes": usage.inodes, "created": i.created,
                 "mountpoint": i.labels.get(LABEL_MOUNTPOINT), "mount_state": mount,
-                "container": container,
+                "container": container, "lazy_local": local,
             })
         })
         .collect();
@@ -210,8 +227,8 @@ pub fn list(store: &Store, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<24} {:<10} {:<20} {:>10}  MOUNT",
-        "KEY", "KIND", "PARENT", "SIZE"
+        "{:<24} {:<10} {:<20} {:>10}  {:<26}  MOUNT",
+        "KEY", "KIND", "PARENT", "SIZE", "LAZY: LOCAL"
     );
     for r in rows {
         let key = r["key"].as_str().unwrap_or("");
@@ -225,12 +242,25 @@ pub fn list(store: &Store, json: bool) -> Result<()> {
             (Some(mp), Some(st)) => format!("{mp} [{st}]"),
             _ => String::new(),
         };
+        let local = match (
+            r["lazy_local"]["bytes"].as_u64(),
+            r["lazy_local"]["total_bytes"].as_u64(),
+        ) {
+            (Some(b), Some(t)) => format!(
+                "{} ({} of {})",
+                crate::lazy::percent(b, t),
+                human_bytes(b),
+                human_bytes(t)
+            ),
+            _ => String::new(),
+        };
         println!(
-            "{:<24} {:<10} {:<20} {:>10}  {}",
+            "{:<24} {:<10} {:<20} {:>10}  {:<26}  {}",
             shown,
             r["kind"].as_str().unwrap_or(""),
             parent,
             human_bytes(r["size"].as_u64().unwrap_or(0)),
+            local,
             mount
         );
     }

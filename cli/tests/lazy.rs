@@ -465,3 +465,118 @@ fn run_lazy_starts_a_container_from_lazy_layers() {
     b.assert_blobs_verified();
     b.assert_nothing_mounted();
 }
+
+/// The lazy rows of `snapshots --json`: (layer digest, lazy_local).
+fn lazy_local(cs: &Cstore) -> Vec<(String, Value)> {
+    let rows: Vec<Value> = serde_json::from_str(&cs.ok(&["snapshots", "--json"])).unwrap();
+    rows.iter()
+        .filter(|r| r["labels"]["cstore.io/lazy"].is_string())
+        .map(|r| {
+            (
+                r["labels"]["cstore.io/layer.digest"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                r["lazy_local"].clone(),
+            )
+        })
+        .collect()
+}
+
+fn image_row(cs: &Cstore) -> Value {
+    let rows: Vec<Value> = serde_json::from_str(&cs.ok(&["images", "--json"])).unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    rows[0].clone()
+}
+
+/// `cstore images` and `cstore snapshots` say how much of each lazy layer is
+/// local, from the spans the daemon has written: nothing after `pull --lazy`,
+/// part of it while the daemon fills the layer in (through a slow proxy),
+/// all of it once completed, when the layer is no longer lazy.
+#[test]
+fn images_and_snapshots_show_how_much_of_each_lazy_layer_is_local() {
+    let reg = registry_with_debian();
+    let direct = reg.image("debian:bookworm");
+    let a = Cstore::new();
+    a.ok(&["index", "build", &direct]);
+    a.ok(&["index", "push", &direct]);
+
+    let proxy = crate::harness::FaultProxy::start(&reg.addr);
+    let image = format!("{}/debian:bookworm", proxy.addr);
+    let b = Cstore::new();
+    b.ok(&["pull", "--lazy", &image]);
+    let layers = index_ls(&b, &image);
+    let total: u64 = layers.iter().map(|l| l["size"].as_u64().unwrap()).sum();
+    let img = image_row(&b);
+    assert_eq!(img["lazy_layers"], layers.len(), "{img}");
+    assert_eq!(img["local_bytes"], 0, "{img}");
+    assert_eq!(img["layer_bytes"], total, "{img}");
+    let text = b.ok(&["images"]);
+    assert!(
+        text.contains("LOCAL") && text.contains("0% (1 lazy layer)"),
+        "{text}"
+    );
+    let rows = lazy_local(&b);
+    assert_eq!(rows.len(), layers.len(), "{rows:?}");
+    let (layer, size) = layers
+        .iter()
+        .map(|l| (l["layer"].as_str().unwrap(), l["size"].as_u64().unwrap()))
+        .max_by_key(|l| l.1)
+        .unwrap();
+    for (_, local) in &rows {
+        assert_eq!(local["bytes"], 0, "{local}");
+        assert_eq!(local["spans"], 0, "{local}");
+        assert!(local["total_spans"].as_u64().unwrap() > 1, "{local}");
+    }
+    let text = b.ok(&["snapshots"]);
+    assert!(
+        text.contains("LAZY: LOCAL") && text.contains("0% (0 B of "),
+        "{text}"
+    );
+
+    // Slow: the daemon fills the layer in batches of spans, seconds apart.
+    proxy.set(serde_json::json!([{"match": layer, "action": "slow", "bps": 1_000_000}]));
+    let mnt = crate::harness::tree::MountDir::new();
+    b.ok(&["mount", "--lazy", &image, mnt.s()]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let partial = loop {
+        let rows = lazy_local(&b);
+        let big = rows.iter().map(|r| &r.1).find(|l| l["total_bytes"] == size);
+        if let Some(l) = big {
+            let got = l["bytes"].as_u64().unwrap();
+            if got > 0 && got < size {
+                break got;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never partly local: {rows:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let img = image_row(&b);
+    let now = img["local_bytes"].as_u64().unwrap();
+    assert!(now >= partial && now < total, "{img} (partial {partial})");
+    assert_eq!(img["lazy_layers"], 1, "{img}");
+
+    proxy.clear();
+    b.ok(&["umount", mnt.s()]);
+    // Completion verifies the whole layer (a debug build, a busy machine).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while lazy_snapshots(&b) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not completed: {:?}\ndaemon log:\n{}",
+            lazy_local(&b),
+            std::fs::read_to_string(b.path().join("lazy/daemon.log")).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    wait_unmounted(&b);
+    let img = image_row(&b);
+    assert_eq!(img["lazy_layers"], 0, "{img}");
+    assert_eq!(img["local_bytes"], total, "{img}");
+    let text = b.ok(&["images"]);
+    assert!(text.contains("100%"), "{text}");
+    b.assert_nothing_mounted();
+}

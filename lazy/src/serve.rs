@@ -100,6 +100,19 @@ pub fn use_lazy_mounts(
     Ok(n)
 }
 
+/// How much of lazy layer `layer` is local (from its cache directory; nothing
+/// if no daemon ever served it). None: the store has no index for it.
+pub fn local_of(store: &Store, layer: &str) -> Result<Option<cstore_fuse_fs::layer::Local>> {
+    let Some(rec) = store.layer_index(layer)? else {
+        return Ok(None);
+    };
+    let index = store.read_blob(&parse_digest(&rec.index)?, 256 << 20)?;
+    let idx = cstore_index::Index::parse(index)?;
+    let cache = layer_dir(store, layer).join("cache");
+    let local = cstore_fuse_fs::layer::local_of(&idx, &cache).map_err(|e| io("read", &cache, e))?;
+    Ok(Some(local))
+}
+
 /// The lazy snapshots of the store: (chain, layer digest, source reference).
 fn lazy_snapshots(sn: &Snapshotter) -> Result<Vec<(String, String, String)>> {
     Ok(sn

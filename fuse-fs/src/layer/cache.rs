@@ -756,3 +756,61 @@ pub fn read_trace(cache_dir: &Path) -> io::Result<Vec<u32>> {
         Err(e) => Err(e),
     }
 }
+
+/// How much of a lazy layer is local: its spans whose bit is set in the cache
+/// directory's bitmap, and their compressed bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Local {
+    pub spans: usize,
+    pub total_spans: usize,
+    /// Compressed bytes of the local spans (at most `total_bytes`).
+    pub bytes: u64,
+    /// The compressed blob's size.
+    pub total_bytes: u64,
+}
+
+/// [`Local`] of the layer `idx` describes, read from its cache directory as a
+/// daemon left it or is filling it, for whoever reports progress without serving
+/// the layer. A bit is set only after its span is fdatasynced, so the figure is
+/// never ahead of the disk; no bitmap yet is nothing local; a completed layer is
+/// all local.
+pub fn local_of<B: AsRef<[u8]>>(idx: &Index<B>, cache_dir: &Path) -> io::Result<Local> {
+    let n = idx.span_count();
+    let total_bytes = idx.header().compressed_size;
+    if cache_dir.join(COMPLETE).exists() {
+        return Ok(Local {
+            spans: n,
+            total_spans: n,
+            bytes: total_bytes,
+            total_bytes,
+        });
+    }
+    let mut bitmap = Vec::new();
+    match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(cache_dir.join(BITMAP))
+    {
+        Ok(f) => {
+            use std::io::Read;
+            f.take(n.div_ceil(8) as u64).read_to_end(&mut bitmap)?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let (mut spans, mut bytes) = (0, 0u64);
+    for i in 0..n {
+        if bitmap.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0) {
+            spans += 1;
+            let c = idx.span(i).compressed;
+            bytes += c.end.saturating_sub(c.start);
+        }
+    }
+    Ok(Local {
+        spans,
+        total_spans: n,
+        // Spans that start mid-byte share that byte with the one before.
+        bytes: bytes.min(total_bytes),
+        total_bytes,
+    })
+}

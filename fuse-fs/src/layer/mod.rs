@@ -34,7 +34,7 @@ use crate::abi::{Attr, Statfs};
 use crate::error::Result;
 use crate::fs::{DirSink, Errno, Open, ReadOnlyFs};
 
-pub use cache::{read_trace, CacheStats, LayerOptions, Priority};
+pub use cache::{local_of, read_trace, CacheStats, LayerOptions, Local, Priority};
 pub use complete::build_index;
 pub use source::{FileSource, SpanSource};
 
