@@ -541,7 +541,7 @@ fn two_concurrent_pulls_fetch_each_blob_once() {
         .map(|d| hex_of(d).to_string())
         .collect();
     want.sort();
-    assert_eq!(cs.blob_names(), want);
+    assert_eq!(cs.pulled_blob_names(), want);
     cs.assert_blobs_verified();
     assert!(cs.partials().is_empty());
     let full: Vec<Value> = blob_gets(&proxy, big)

@@ -43,7 +43,7 @@ fn blobs_of(cs: &crate::harness::Cstore) -> Vec<String> {
     let imgs = cs.images();
     assert_eq!(imgs.len(), 1);
     let manifest = imgs[0]["manifest"].as_str().unwrap().to_string();
-    cs.blob_names()
+    cs.pulled_blob_names()
         .into_iter()
         .map(|h| format!("sha256:{h}"))
         .filter(|d| *d != manifest)

@@ -194,6 +194,29 @@ impl Cstore {
             .clone()
     }
 
+    /// The blobs pulled from a registry: all but the layer indexes (and
+    /// their windows) that unpack records beside them (docs/lazy.md), as
+    /// `index ls` names them for each image.
+    pub fn pulled_blob_names(&self) -> Vec<String> {
+        let mut local = std::collections::BTreeSet::new();
+        for img in self.images() {
+            let name = img["name"].as_str().unwrap();
+            let rows: Value =
+                serde_json::from_str(&self.ok(&["index", "ls", "--json", name])).unwrap();
+            for r in rows.as_array().unwrap() {
+                for k in ["digest", "windows"] {
+                    if let Some(d) = r["index"][k].as_str() {
+                        local.insert(d.trim_start_matches("sha256:").to_string());
+                    }
+                }
+            }
+        }
+        self.blob_names()
+            .into_iter()
+            .filter(|b| !local.contains(b))
+            .collect()
+    }
+
     pub fn blob_names(&self) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(self.path().join("blobs/sha256"))
             .unwrap()
