@@ -202,6 +202,14 @@ struct Inner<F: ReadOnlyFs> {
     passthrough: bool,
     backing: Mutex<HashMap<u64, u32>>,
     backing_log: BackingLog,
+    /// Handles the kernel holds in caching io mode, per node. The kernel fails an open
+    /// with EIO when one inode would mix caching and passthrough handles (fs/fuse/
+    /// iomode.c): a file opened while incomplete (page cache: a shell's mapped libc)
+    /// keeps its later opens in caching mode until the last such handle is released.
+    cached_opens: Mutex<HashMap<u64, u32>>,
+    /// Resumed from a previous daemon, which may have left caching handles open that
+    /// this one never saw: nodes without a backing id stay in caching mode.
+    inherited_opens: bool,
     stats: Arc<Stats>,
     stop: Stopper,
     /// Set by the worker that saw the connection end (or DESTROY).
@@ -215,6 +223,9 @@ pub struct Session<F: ReadOnlyFs> {
     settings: Settings,
     fd_store: Option<(Arc<dyn FdStore>, String)>,
 }
+
+/// Marks a file handle opened in caching io mode (node ids stay far below it).
+const CACHED_FH: u64 = 1 << 63;
 
 /// Requests are small for a read-only fs (no WRITE): names, xattr names, BATCH_FORGET.
 /// The kernel wants at least 8 KiB and room for max_write (4 KiB) plus headers.
@@ -280,7 +291,7 @@ impl<F: ReadOnlyFs> Session<F> {
                 tracing::warn!("{e}");
             }
         }
-        let session = match Self::serve(fs, dev, settings, state, HashMap::new(), &opts) {
+        let session = match Self::serve(fs, dev, settings, state, HashMap::new(), false, &opts) {
             Ok(s) => s,
             Err(e) => return Err(undo(None, e)),
         };
@@ -331,7 +342,7 @@ impl<F: ReadOnlyFs> Session<F> {
             return Err(Error::NoPassthrough(settings.mountpoint.clone()));
         }
         let mountpoint = settings.mountpoint.clone();
-        let session = Self::serve(fs, dev, settings, state, saved.backing, &opts)?;
+        let session = Self::serve(fs, dev, settings, state, saved.backing, !fresh, &opts)?;
         // INIT was answered here: the kernel has not learned about FLUSH and STATX yet.
         if fresh && opts.warmup {
             if let Err(e) = warmup(&mountpoint) {
@@ -347,6 +358,7 @@ impl<F: ReadOnlyFs> Session<F> {
         settings: Settings,
         state: &StateDir,
         backing: HashMap<u64, u32>,
+        inherited_opens: bool,
         opts: &SessionOptions,
     ) -> Result<Self> {
         let Some(neg) = settings.init else {
@@ -368,6 +380,8 @@ impl<F: ReadOnlyFs> Session<F> {
             passthrough: neg.passthrough && opts.passthrough != PassthroughMode::Off,
             backing: Mutex::new(backing),
             backing_log,
+            cached_opens: Mutex::default(),
+            inherited_opens,
             stats: Arc::new(Stats::default()),
             stop,
             gone: Default::default(),
@@ -419,6 +433,15 @@ impl<F: ReadOnlyFs> Session<F> {
     /// The backing ids registered so far (node id → id).
     pub fn backing_ids(&self) -> HashMap<u64, u32> {
         lock(&self.inner.backing).clone()
+    }
+
+    /// File handles open in caching io mode (opened while their file was incomplete),
+    /// as far as the daemon has seen their RELEASE.
+    pub fn caching_handles(&self) -> u64 {
+        lock(&self.inner.cached_opens)
+            .values()
+            .map(|&n| u64::from(n))
+            .sum()
     }
 
     fn join(&mut self) -> Result<Exit> {
@@ -780,10 +803,19 @@ impl<F: ReadOnlyFs> Inner<F> {
                 if flags & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32 {
                     return self.reply(h.unique, Err(Errno::EROFS)).map(|_| true);
                 }
+                // Held until the reply is written: the kernel must see the io modes
+                // of one node's opens in the order they were decided.
+                let mut cached = lock(&self.cached_opens);
                 match fs.open(node) {
                     Ok(mode) => {
-                        let (fl, id) = self.open_flags(node, mode);
-                        abi::encode_open_out(w, node, fl, id);
+                        let (fl, id) = self.open_flags(node, mode, &mut cached);
+                        let fh = if fl & abi::fopen::PASSTHROUGH == 0 && mode != Open::Direct {
+                            *cached.entry(node).or_default() += 1;
+                            node | CACHED_FH
+                        } else {
+                            node
+                        };
+                        abi::encode_open_out(w, fh, fl, id);
                         self.reply(h.unique, Ok(&w.0))?;
                     }
                     Err(e) => self.reply(h.unique, Err(e))?,
@@ -800,7 +832,16 @@ impl<F: ReadOnlyFs> Inner<F> {
                     Err(e) => self.reply(h.unique, Err(e))?,
                 }
             }
-            Op::Release { .. } => {
+            Op::Release { fh } => {
+                if fh & CACHED_FH != 0 {
+                    let mut cached = lock(&self.cached_opens);
+                    if let Some(n) = cached.get_mut(&node) {
+                        *n -= 1;
+                        if *n == 0 {
+                            cached.remove(&node);
+                        }
+                    }
+                }
                 fs.release(node);
                 self.reply(h.unique, Ok(&[]))?;
             }
@@ -884,11 +925,17 @@ impl<F: ReadOnlyFs> Inner<F> {
     }
 
     /// The OPEN reply's flags and backing id for `mode`.
-    fn open_flags(&self, node: u64, mode: Open) -> (u32, u32) {
+    fn open_flags(&self, node: u64, mode: Open, cached: &mut HashMap<u64, u32>) -> (u32, u32) {
         match mode {
             Open::Direct => (abi::fopen::DIRECT_IO, 0),
             Open::KeepCache => (abi::fopen::KEEP_CACHE, 0),
             Open::Passthrough if !self.passthrough => (abi::fopen::KEEP_CACHE, 0),
+            Open::Passthrough
+                if cached.contains_key(&node)
+                    || (self.inherited_opens && !lock(&self.backing).contains_key(&node)) =>
+            {
+                (abi::fopen::KEEP_CACHE, 0)
+            }
             Open::Passthrough => match self.backing_id(node) {
                 Ok(id) => (abi::fopen::PASSTHROUGH, id),
                 Err(e) => {

@@ -513,6 +513,9 @@ fn completion_makes_the_extracted_tree_and_passthrough_serves_it() {
             }
             l.fs.complete().unwrap();
             assert!(l.fs.is_complete());
+            // Files read before completion were opened in caching mode; until their
+            // RELEASE (asynchronous to close) arrives, a hardlink of one stays cached.
+            wait_no_caching_handles(l.session.as_ref().unwrap());
             let stats = l.session.as_ref().unwrap().stats();
             let passthrough = l.session.as_ref().unwrap().passthrough();
             let reads_before = stats.count(op::READ);
@@ -547,6 +550,17 @@ fn completion_makes_the_extracted_tree_and_passthrough_serves_it() {
             );
             assert_eq!(root_attrs(&l.tree), root_attrs(&x), "{tag} layer {k}");
         }
+    }
+}
+
+fn wait_no_caching_handles(s: &Session<LayerFs>) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while s.caching_handles() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "caching handles never released"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 
@@ -762,4 +776,55 @@ fn completion_refuses_a_lying_index_and_discards_the_tree() {
         "tree not discarded"
     );
     assert_eq!(fs.stats().local, 0, "cache not discarded");
+}
+
+/// A file opened while incomplete (caching io mode: a shell's mapped libc) and still
+/// open when its spans are all local: later opens must not ask for passthrough, which
+/// the kernel refuses with EIO for an inode with caching handles; once the last such
+/// handle is released, opens go to passthrough again.
+#[test]
+fn a_file_open_before_completion_keeps_later_opens_working() {
+    let test = "a_file_open_before_completion_keeps_later_opens_working";
+    if !fuse_available(test) {
+        return;
+    }
+    let t = tmpdir();
+    let mut mounts = Mounts::default();
+    let (blob, c) = layers("busybox").into_iter().next().unwrap();
+    let l = serve(&t.path().join("l"), &blob, c, 64 << 10, None, &mut mounts);
+    let session = l.session.as_ref().unwrap();
+    if !session.passthrough() && passthrough_missing(test, "the kernel did not grant it") {
+        return;
+    }
+    let files = expected_files(&l);
+    let (rel, want) = files.iter().max_by_key(|(_, d)| d.len()).unwrap();
+    let path = l.mnt.join(rel);
+    let mut early = std::fs::File::open(&path).unwrap();
+    l.fs.complete().unwrap();
+    let before = session.backing_ids().len();
+    for _ in 0..3 {
+        let got = std::fs::read(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: open after completion with an early handle open: {e}",
+                rel.display()
+            )
+        });
+        assert_eq!(&got, want, "{}", rel.display());
+    }
+    assert_eq!(
+        session.backing_ids().len(),
+        before,
+        "passthrough granted while a caching handle was open"
+    );
+    let mut buf = Vec::new();
+    std::io::Read::read_to_end(&mut early, &mut buf).unwrap();
+    assert_eq!(&buf, want, "{}: through the early handle", rel.display());
+    drop(early);
+    wait_no_caching_handles(session);
+    assert_eq!(&std::fs::read(&path).unwrap(), want, "{}", rel.display());
+    assert!(
+        session.backing_ids().len() > before,
+        "{}: no passthrough after the early handle was released",
+        rel.display()
+    );
 }
