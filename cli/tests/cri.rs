@@ -1198,9 +1198,9 @@ fn cri_pod_runs_on_lazy_layers_before_they_are_complete() {
         );
         let reader_log = log_dir.join("reader/0.log");
         let deadline = Instant::now() + Duration::from_secs(120);
-        while !read_cri_log(&reader_log)
+        while read_cri_log(&reader_log)
             .get("stdout")
-            .is_some_and(|l| !l.is_empty())
+            .is_none_or(|l| l.is_empty())
         {
             if Instant::now() > deadline {
                 let st = container_status(&mut cri, &reader).await;
