@@ -1175,9 +1175,9 @@ fn cri_pod_runs_on_lazy_layers_before_they_are_complete() {
             rt.create_container(cri::CreateContainerRequest {
                 pod_sandbox_id: pod.clone(),
                 // One program, reading a file of the layer and running on:
-                // a second exec from inside a container on a lazy layer
-                // fails with EIO today (#14's FUSE layer, `cstore run
-                // --lazy` the same; see the report).
+                // a program exec'd from inside a container on a lazy layer
+                // can fail with EIO today (FUSE passthrough under overlay,
+                // `cstore run --lazy` the same: docs/containerd.md).
                 config: Some(cri::ContainerConfig {
                     command: vec![
                         "/usr/bin/tail".into(),
