@@ -1223,16 +1223,17 @@ fn metrics_and_json_logs_of_a_containerd_run() {
     );
 }
 
-/// `cstore pull --lazy`, then containerd (#15): `ctr-remote image rpull`
-/// (containerd's unpacker with the layer labels, as CRI pulls; plain `ctr
-/// image pull` downloads every blob first) gets each lazy layer shared
-/// without a download, and `ctr run` starts a container on it while it is
-/// still lazy: the snapshotter hands containerd overlays whose lower dir is
-/// the layer's FUSE mount, starting the store's lazy daemon. Through a
+/// Lazy layers through `ctr` (#15): `ctr-remote image rpull` (containerd's
+/// unpacker with the layer labels, as CRI pulls; plain `ctr image pull`
+/// downloads every blob first) gets AlreadyExists for the layer, which
+/// containerd never downloads, and `ctr run` starts a container on it while
+/// it is still lazy: the snapshotter hands containerd overlays whose lower
+/// dir is the layer's FUSE mount, starting the store's lazy daemon. Through a
 /// slow, counting proxy only a fraction of the layer is read (Range GETs
-/// only) before the container's output.
-#[test]
-fn ctr_runs_an_image_cstore_pulled_lazily_before_its_layers_are_complete() {
+/// only) before the container's output. The layer is lazy because `cstore
+/// pull --lazy` pulled the image first (`pre_pulled`), or, with `snapshotter
+/// serve --lazy`, from the labels ctr-remote puts on the Prepare.
+fn ctr_runs_lazily(pre_pulled: bool) {
     let reg = crate::harness::Registry::start(&[]);
     crate::harness::run_fixture("push.sh", &[&reg.addr, "--debian"]);
     let direct = reg.image("debian:bookworm");
@@ -1243,10 +1244,12 @@ fn ctr_runs_an_image_cstore_pulled_lazily_before_its_layers_are_complete() {
     let image = format!("{}/debian:bookworm", proxy.addr);
 
     let cs = Cstore::new();
-    let out = cs.ok(&["pull", "--lazy", &image]);
-    assert!(out.contains("1 of 1 layers lazy"), "{out}");
+    if pre_pulled {
+        let out = cs.ok(&["pull", "--lazy", &image]);
+        assert!(out.contains("1 of 1 layers lazy"), "{out}");
+    }
     let rows: Vec<Value> =
-        serde_json::from_str(&cs.ok(&["index", "ls", "--json", &image])).unwrap();
+        serde_json::from_str(&indexer.ok(&["index", "ls", "--json", &direct])).unwrap();
     let layer = rows[0]["layer"].as_str().unwrap().to_string();
     let size = rows[0]["size"].as_u64().unwrap();
     proxy.set(serde_json::json!([{"match": layer.as_str(), "action": "slow", "bps": 1_000_000}]));
@@ -1265,7 +1268,7 @@ fn ctr_runs_an_image_cstore_pulled_lazily_before_its_layers_are_complete() {
         &sock,
         &dir.path().join("snapshotter.log"),
         &["--log-level", "info"],
-        &[],
+        if pre_pulled { &[] } else { &["--lazy"] },
     );
     let env = Env {
         ctrd,
@@ -1306,12 +1309,12 @@ fn ctr_runs_an_image_cstore_pulled_lazily_before_its_layers_are_complete() {
         .join(layer.trim_start_matches("sha256:"));
     assert!(!blob.exists(), "containerd downloaded the lazy layer");
     let log = std::fs::read_to_string(&env.sn.log).unwrap();
-    assert_eq!(
-        log.matches("layer unpacked by cstore; shared with containerd")
-            .count(),
-        1,
-        "{log}"
-    );
+    let said = if pre_pulled {
+        "layer unpacked by cstore; shared with containerd"
+    } else {
+        "layer served lazily, index from the registry"
+    };
+    assert_eq!(log.matches(said).count(), 1, "{log}");
 
     let out = env.ctrd.ctr_run(&[
         "run",
@@ -1350,4 +1353,14 @@ fn ctr_runs_an_image_cstore_pulled_lazily_before_its_layers_are_complete() {
     assert_eq!(lazy, 1, "the layer is not complete yet");
     assert!(!blob.exists());
     drop(env);
+}
+
+#[test]
+fn ctr_runs_an_image_cstore_pulled_lazily_before_its_layers_are_complete() {
+    ctr_runs_lazily(true);
+}
+
+#[test]
+fn ctr_remote_rpull_makes_layers_lazy_from_their_labels() {
+    ctr_runs_lazily(false);
 }
