@@ -236,8 +236,6 @@ pub fn ensure_served(
     reference: &str,
     args: &crate::RegistryArgs,
 ) -> Result<()> {
-    use std::io::BufRead;
-    use std::os::unix::process::CommandExt;
     let r: Reference = reference.parse()?;
     let sn = crate::snap::open(store)?;
     let needs_pull = match store.image(&r.to_string()) {
@@ -252,6 +250,33 @@ pub fn ensure_served(
     if cstore_lazy::serve::all_served(store, &sn)? {
         return Ok(());
     }
+    start_daemon(root, args)?;
+    // A daemon already running picks new layers up within a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !cstore_lazy::serve::all_served(store, &sn)? {
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "the lazy daemon does not serve the lazy layers of {r}: {}",
+                daemon_log_tail(root)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+fn daemon_log_tail(root: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(root.join("lazy/daemon.log")).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(5).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
+/// Start the store's lazy daemon detached (its log in ROOT/lazy/daemon.log)
+/// and wait until it is ready; it returns at once if one runs already (that
+/// one picks new layers up). The child is reaped by a thread of ours.
+fn start_daemon(root: &std::path::Path, args: &crate::RegistryArgs) -> Result<()> {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
     let logdir = root.join("lazy");
     std::fs::create_dir_all(&logdir)?;
     let log = std::fs::OpenOptions::new()
@@ -262,6 +287,12 @@ pub fn ensure_served(
     cmd.arg("--root").arg(root).arg("lazy-serve");
     if args.plain_http {
         cmd.arg("--plain-http");
+    }
+    if let Some(h) = &args.hosts_dir {
+        cmd.arg("--hosts-dir").arg(h);
+    }
+    if let Some(p) = &args.platform {
+        cmd.arg("--platform").arg(p);
     }
     if let Some(c) = &args.creds {
         cmd.env("CSTORE_CREDS", c);
@@ -280,23 +311,138 @@ pub fn ensure_served(
     let mut line = String::new();
     let stdout = child.stdout.take().context("daemon stdout")?;
     std::io::BufReader::new(stdout).read_line(&mut line)?;
-    if line.trim() != "ready" {
-        let _ = child.wait();
-    }
-    // A daemon already running picks new layers up within a moment.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !cstore_lazy::serve::all_served(store, &sn)? {
-        if std::time::Instant::now() > deadline {
-            let text = std::fs::read_to_string(logdir.join("daemon.log")).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(5).collect();
-            anyhow::bail!(
-                "the lazy daemon does not serve the lazy layers of {r}: {}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    // Whoever started it may live long (the snapshotter): no zombie left.
+    std::thread::spawn(move || child.wait());
     Ok(())
+}
+
+/// Lazy layers for `cstore snapshotter serve` (docs/containerd.md): mounts
+/// over lazy layers use their FUSE mounts, with the store's daemon started
+/// when needed; with `--lazy`, containerd's Prepare of a layer whose image
+/// it names makes it lazy when an index is found.
+pub struct SnapshotterLazy {
+    store: Store,
+    root: std::path::PathBuf,
+    args: crate::RegistryArgs,
+    resolver: Option<cstore_lazy::remote::Resolver>,
+    /// The resolver's runtime (its own: the gRPC runtime's threads must not
+    /// block on it).
+    _rt: Option<tokio::runtime::Runtime>,
+    /// One daemon start at a time.
+    starting: std::sync::Mutex<()>,
+}
+
+impl SnapshotterLazy {
+    pub fn new(
+        store: &Store,
+        root: &std::path::Path,
+        args: crate::RegistryArgs,
+        lazy: bool,
+    ) -> Result<SnapshotterLazy> {
+        let (resolver, rt) = if lazy {
+            let rt = runtime()?;
+            let r = cstore_lazy::remote::Resolver::new(
+                rt.handle().clone(),
+                Arc::new(args.client()?),
+                store.clone(),
+                args.platform()?,
+            );
+            (Some(r), Some(rt))
+        } else {
+            (None, None)
+        };
+        Ok(SnapshotterLazy {
+            store: store.clone(),
+            root: root.to_path_buf(),
+            args,
+            resolver,
+            _rt: rt,
+            starting: std::sync::Mutex::new(()),
+        })
+    }
+
+    /// Start the daemon unless `dirs` are all served; wait until they are.
+    fn serve(&self, dirs: &[cstore_lazy::remote::LazyDir]) -> Result<()> {
+        if dirs.iter().all(|d| d.served()) {
+            return Ok(());
+        }
+        let _one = self.starting.lock().unwrap_or_else(|e| e.into_inner());
+        if dirs.iter().all(|d| d.served()) {
+            return Ok(());
+        }
+        start_daemon(&self.root, &self.args)?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !dirs.iter().all(|d| d.served()) {
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "the lazy daemon does not serve the layers: {}",
+                    daemon_log_tail(&self.root)
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Ok(())
+    }
+}
+
+impl cstore_snapshotter::service::Remote for SnapshotterLazy {
+    fn prepare_lazy(
+        &self,
+        sn: &cstore_snapshotter::Snapshotter,
+        chain: &str,
+        parent: Option<&str>,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> bool {
+        let Some(resolver) = &self.resolver else {
+            return false;
+        };
+        use cstore_lazy::remote::Resolution;
+        match resolver.prepare(sn, chain, parent, labels) {
+            Ok(Resolution::Lazy {
+                layer,
+                image,
+                origin,
+            }) => {
+                tracing::info!(%layer, %image, %chain, "layer served lazily, index from {origin}");
+                // Start serving (and completing) at once, not at the first mount.
+                if let Err(e) = start_daemon(&self.root, &self.args) {
+                    tracing::warn!(%layer, "starting the lazy daemon: {e:#}");
+                }
+                true
+            }
+            Ok(Resolution::Whole { layer, reason }) => {
+                tracing::info!(%layer, %chain, "layer not lazy, containerd fetches and unpacks it: {reason}");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(%chain, "layer not lazy, containerd fetches and unpacks it: {e}");
+                false
+            }
+        }
+    }
+
+    fn lazy_mounts(
+        &self,
+        sn: &cstore_snapshotter::Snapshotter,
+        mounts: &mut [cstore_snapshotter::Mount],
+    ) -> std::result::Result<(), cstore_snapshotter::Error> {
+        let refuse = |what: String| cstore_snapshotter::Error::FailedPrecondition(what);
+        let dirs = cstore_lazy::remote::lazy_dirs_in(&self.store, sn, mounts)
+            .map_err(|e| refuse(format!("finding the lazy layers of a mount: {e}")))?;
+        if dirs.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.serve(&dirs) {
+            let layers: Vec<&str> = dirs.iter().map(|d| d.layer.as_str()).collect();
+            return Err(refuse(format!(
+                "lazy layers {layers:?} are not complete and cannot be served: {e:#}"
+            )));
+        }
+        for d in &dirs {
+            d.substitute(mounts);
+        }
+        Ok(())
+    }
 }
 
 /// The daemon itself (`cstore lazy-serve`).

@@ -310,6 +310,15 @@ enum SnapshotterCommand {
         /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9311).
         #[arg(long)]
         metrics_address: Option<std::net::SocketAddr>,
+        /// Serve layers lazily when containerd's Prepare names their image
+        /// (CRI's snapshot labels) and an index is found: the store's, the
+        /// registry's index artifact, an eStargz TOC (docs/containerd.md).
+        #[arg(long)]
+        lazy: bool,
+        /// How the lazy layers' registries are reached (hosts.toml, as for
+        /// `pull`).
+        #[command(flatten)]
+        registry: RegistryArgs,
     },
 }
 
@@ -453,10 +462,18 @@ fn run(cli: Cli) -> Result<()> {
                 SnapshotterCommand::Serve {
                     address,
                     metrics_address,
+                    lazy,
+                    registry,
                 },
         } => {
             let store = open_store(&cli.root)?;
             let sn = std::sync::Arc::new(snap::open(&store)?);
+            // Lazy layers' mounts always go through their FUSE mounts (a
+            // layer `pull --lazy` made may be handed to containerd); --lazy
+            // also makes layers lazy from containerd's Prepare.
+            let remote = std::sync::Arc::new(lazy::SnapshotterLazy::new(
+                &store, &cli.root, registry, lazy,
+            )?);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
@@ -490,7 +507,7 @@ fn run(cli: Cli) -> Result<()> {
                         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
                     }
                 };
-                cstore_snapshotter::service::serve(sn, &address, shutdown).await
+                cstore_snapshotter::service::serve_remote(sn, remote, &address, shutdown).await
             });
             if let (Some(tx), Some(server)) = (stop_metrics, metrics) {
                 let _ = tx.send(());

@@ -1222,3 +1222,145 @@ fn metrics_and_json_logs_of_a_containerd_run() {
         "{log}"
     );
 }
+
+/// Lazy layers through `ctr` (#15): `ctr-remote image rpull` (containerd's
+/// unpacker with the layer labels, as CRI pulls; plain `ctr image pull`
+/// downloads every blob first) gets AlreadyExists for the layer, which
+/// containerd never downloads, and `ctr run` starts a container on it while
+/// it is still lazy: the snapshotter hands containerd overlays whose lower
+/// dir is the layer's FUSE mount, starting the store's lazy daemon. Through a
+/// slow, counting proxy only a fraction of the layer is read (Range GETs
+/// only) before the container's output. The layer is lazy because `cstore
+/// pull --lazy` pulled the image first (`pre_pulled`), or, with `snapshotter
+/// serve --lazy`, from the labels ctr-remote puts on the Prepare.
+fn ctr_runs_lazily(pre_pulled: bool) {
+    let reg = crate::harness::Registry::start(&[]);
+    crate::harness::run_fixture("push.sh", &[&reg.addr, "--debian"]);
+    let direct = reg.image("debian:bookworm");
+    let indexer = Cstore::new();
+    indexer.ok(&["index", "build", &direct]);
+    indexer.ok(&["index", "push", &direct]);
+    let proxy = crate::harness::FaultProxy::start(&reg.addr);
+    let image = format!("{}/debian:bookworm", proxy.addr);
+
+    let cs = Cstore::new();
+    if pre_pulled {
+        let out = cs.ok(&["pull", "--lazy", &image]);
+        assert!(out.contains("1 of 1 layers lazy"), "{out}");
+    }
+    let rows: Vec<Value> =
+        serde_json::from_str(&indexer.ok(&["index", "ls", "--json", &direct])).unwrap();
+    let layer = rows[0]["layer"].as_str().unwrap().to_string();
+    let size = rows[0]["size"].as_u64().unwrap();
+    proxy.set(serde_json::json!([{"match": layer.as_str(), "action": "slow", "bps": 1_000_000}]));
+
+    // containerd, then the snapshotter in its mount namespace (where the
+    // shims must see the lazy daemon's FUSE mounts).
+    let dir = tempfile::Builder::new()
+        .prefix("cstore-containerd-lazy-")
+        .tempdir()
+        .unwrap();
+    let sock = dir.path().join("cstore-snapshotter.sock");
+    let ctrd = Containerd::start(&dir.path().join("containerd"), &sock);
+    let sn = Snapshotter::start_in_namespace_of(
+        ctrd.pid(),
+        &cs,
+        &sock,
+        &dir.path().join("snapshotter.log"),
+        &["--log-level", "info"],
+        if pre_pulled { &[] } else { &["--lazy"] },
+    );
+    let env = Env {
+        ctrd,
+        sn,
+        cs,
+        _dir: dir,
+    };
+    let rpull = || {
+        Command::new("ctr-remote")
+            .arg("--address")
+            .arg(&env.ctrd.sock)
+            .args(["image", "rpull", "--plain-http", "--snapshotter", "cstore"])
+            .arg(&image)
+            .stdin(Stdio::null())
+            .output()
+            .expect("ctr-remote (stargz-snapshotter's ctr)")
+    };
+    // containerd may have dialled the plugin before it listened: retried
+    // while its connection backs off.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = rpull();
+        if out.status.success() {
+            break;
+        }
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            err.contains("snapshotter.sock") && Instant::now() < deadline,
+            "ctr-remote image rpull: {err}\n{}",
+            env.ctrd.log_tail()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let blob = env
+        .ctrd
+        .dir
+        .join("root/io.containerd.content.v1.content/blobs/sha256")
+        .join(layer.trim_start_matches("sha256:"));
+    assert!(!blob.exists(), "containerd downloaded the lazy layer");
+    let log = std::fs::read_to_string(&env.sn.log).unwrap();
+    let said = if pre_pulled {
+        "layer unpacked by cstore; shared with containerd"
+    } else {
+        "layer served lazily, index from the registry"
+    };
+    assert_eq!(log.matches(said).count(), 1, "{log}");
+
+    let out = env.ctrd.ctr_run(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "cstore",
+        &image,
+        "lazy-1",
+        "/usr/bin/tail",
+        "-n1",
+        "/etc/debian_version",
+    ]);
+    assert!(out.trim().starts_with("12."), "{out}");
+    let fetched: u64 = proxy
+        .log()
+        .iter()
+        .filter(|e| e["path"].as_str().is_some_and(|p| p.contains(&layer)))
+        .map(|e| {
+            let r = e["range"].as_str().unwrap_or("");
+            let (a, b) = r
+                .trim_start_matches("bytes=")
+                .split_once('-')
+                .unwrap_or_else(|| panic!("a whole-blob GET of {layer}: {e}"));
+            b.parse::<u64>().unwrap() + 1 - a.parse::<u64>().unwrap()
+        })
+        .sum();
+    assert!(
+        fetched > 0 && fetched < size / 2,
+        "fetched {fetched} of {size} bytes of {layer} to run the container"
+    );
+    eprintln!("ctr run printed having fetched {fetched} of {size} bytes of {layer}");
+    let lazy = cstore_snapshots(&env.cs)
+        .iter()
+        .filter(|v| v["labels"]["cstore.io/lazy"].is_string())
+        .count();
+    assert_eq!(lazy, 1, "the layer is not complete yet");
+    assert!(!blob.exists());
+    drop(env);
+}
+
+#[test]
+fn ctr_runs_an_image_cstore_pulled_lazily_before_its_layers_are_complete() {
+    ctr_runs_lazily(true);
+}
+
+#[test]
+fn ctr_remote_rpull_makes_layers_lazy_from_their_labels() {
+    ctr_runs_lazily(false);
+}

@@ -1019,3 +1019,321 @@ fn cri_pod_on_cstore_with_full_pulls() {
 fn cri_pod_on_layers_cstore_pulled() {
     cri_flow(ImagesFrom::CstorePull);
 }
+
+// ------------------------------------------------------------ lazily
+
+/// Bytes of `digest` asked of the proxy; every request for it must be a
+/// Range GET (nothing fetched it whole).
+fn ranged_for(proxy: &crate::harness::FaultProxy, digest: &str) -> u64 {
+    proxy
+        .log()
+        .iter()
+        .filter(|e| e["path"].as_str().is_some_and(|p| p.contains(digest)))
+        .map(|e| {
+            let r = e["range"].as_str().unwrap_or("");
+            let (a, b) = r
+                .trim_start_matches("bytes=")
+                .split_once('-')
+                .unwrap_or_else(|| panic!("a whole-blob GET of {digest}: {e}"));
+            b.parse::<u64>().unwrap() + 1 - a.parse::<u64>().unwrap()
+        })
+        .sum()
+}
+
+/// cstore's own snapshots still labelled lazy.
+fn lazy_layers(cs: &Cstore) -> Vec<String> {
+    cstore_snapshots(cs)
+        .iter()
+        .filter(|v| v["labels"]["cstore.io/lazy"].is_string())
+        .map(|v| {
+            v["labels"]["cstore.io/layer.digest"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+/// The kubelet's flow lazily (#15), with `cstore snapshotter serve --lazy`
+/// and nothing pulled by cstore: CRI's PullImage of debian (whose index
+/// artifact is in the registry) gets AlreadyExists for its layer, made lazy
+/// from CRI's labels; containerd never downloads it. The sandbox image has
+/// no index: containerd fetches and unpacks it, and the snapshotter says so
+/// for that layer. The container runs and prints while the layer is still
+/// lazy, having fetched a fraction of it (Range GETs only) through a slow,
+/// counting proxy; its root filesystem's lower dir is the layer's FUSE
+/// mount. Background completion then makes the layer an ordinary snapshot
+/// without containerd seeing any change, and RemoveImage gives containerd's
+/// snapshots back.
+#[test]
+fn cri_pod_runs_on_lazy_layers_before_they_are_complete() {
+    // A registry of its own: the index artifact pushed here must not make
+    // other tests' pulls lazy.
+    let reg = crate::harness::Registry::start(&[]);
+    crate::harness::run_fixture("push.sh", &[&reg.addr, "--debian"]);
+    let direct = reg.image("debian:bookworm");
+    let indexer = Cstore::new();
+    indexer.ok(&["index", "build", &direct]);
+    indexer.ok(&["index", "push", &direct]);
+
+    let proxy = crate::harness::FaultProxy::start(&reg.addr);
+    let debian = image_facts(&format!("{}/debian:bookworm", proxy.addr));
+    let pause = image_facts(&format!("{}/pause:latest", proxy.addr));
+    let sizes: Vec<u64> = skopeo_json(&["--raw"], &debian.reference)["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["size"].as_u64().unwrap())
+        .collect();
+    let (big, size) = debian
+        .layers
+        .iter()
+        .zip(&sizes)
+        .max_by_key(|l| *l.1)
+        .map(|(l, s)| (l.clone(), *s))
+        .unwrap();
+    // Slow: background completion cannot finish before the container ran.
+    proxy.set(serde_json::json!([{"match": big.as_str(), "action": "slow", "bps": 1_000_000}]));
+
+    // containerd first, then the snapshotter in its mount namespace (the
+    // lazy daemon's FUSE mounts must be where the shims mount rootfses).
+    let dir = tempfile::Builder::new()
+        .prefix("cstore-cri-lazy-")
+        .tempdir()
+        .unwrap();
+    let cs = Cstore::new();
+    let sock = dir.path().join("cstore-snapshotter.sock");
+    let ctrd_dir = dir.path().join("containerd");
+    let ctrd = Containerd::start_cri(&ctrd_dir, &sock, &proxy.addr, &pause.reference);
+    let hosts = ctrd_dir.join("certs.d");
+    let sn = Snapshotter::start_in_namespace_of(
+        ctrd.pid(),
+        &cs,
+        &sock,
+        &dir.path().join("snapshotter.log"),
+        &["--log-level", "info"],
+        &["--lazy", "--hosts-dir", hosts.to_str().unwrap()],
+    );
+    let env = Env { ctrd, sn, cs, dir };
+    let log_dir = env.dir.path().join("pods/default_cri-lazy_uid");
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut cri = Cri::connect(&env.ctrd.sock, &env.ctrd.log()).await;
+        // containerd dialled the plugin's socket before the snapshotter
+        // listened (it started after containerd): retried, as the kubelet
+        // retries a pull, while containerd's connection backs off.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let image_ref = loop {
+            let r = cri
+                .img
+                .pull_image(cri::PullImageRequest {
+                    image: image_spec(&debian.reference),
+                    ..Default::default()
+                })
+                .await;
+            match r {
+                Ok(r) => break r.into_inner().image_ref,
+                Err(e) if e.message().contains("snapshotter.sock") && Instant::now() < deadline => {
+                    eprintln!("PullImage: {}; again", e.message());
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => panic!("CRI pull_image: {e:?}\n{}", tail(&cri.log, 30)),
+            }
+        };
+        assert_eq!(image_ref, debian.config_digest);
+        let layers = assert_layers_with_cri_labels(&env.cs, &debian);
+        for l in &debian.layers {
+            assert!(!has_blob(&env.ctrd, l), "containerd downloaded layer {l}");
+        }
+        assert!(
+            lazy_layers(&env.cs).contains(&big),
+            "layer {big} is lazy: {:#?}",
+            cstore_snapshots(&env.cs)
+        );
+
+        let config = sandbox_config("cri-lazy", &log_dir, &env.ctrd.cgroup_parent);
+        let pod = call!(
+            cri,
+            rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: String::new(),
+            })
+        )
+        .pod_sandbox_id;
+        assert_layers_with_cri_labels(&env.cs, &pause);
+        assert!(
+            has_blob(&env.ctrd, &pause.layers[0]),
+            "the sandbox image has no index: containerd fetched it"
+        );
+
+        let reader = call!(
+            cri,
+            rt.create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                // One program, reading a file of the layer and running on:
+                // a program exec'd from inside a container on a lazy layer
+                // can fail with EIO today (FUSE passthrough under overlay,
+                // `cstore run --lazy` the same: docs/containerd.md).
+                config: Some(cri::ContainerConfig {
+                    command: vec![
+                        "/usr/bin/tail".into(),
+                        "-f".into(),
+                        "/etc/debian_version".into(),
+                    ],
+                    ..container_config("reader", &debian.reference, "")
+                }),
+                sandbox_config: Some(config.clone()),
+            })
+        )
+        .container_id;
+        call!(
+            cri,
+            rt.start_container(cri::StartContainerRequest {
+                container_id: reader.clone(),
+            })
+        );
+        let reader_log = log_dir.join("reader/0.log");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while read_cri_log(&reader_log)
+            .get("stdout")
+            .is_none_or(|l| l.is_empty())
+        {
+            if Instant::now() > deadline {
+                let st = container_status(&mut cri, &reader).await;
+                panic!(
+                    "no output from the reader: {st:?}\nlog: {:?}\nsnapshotter: {}\nlazy daemon: {}",
+                    std::fs::read_to_string(&reader_log),
+                    tail(&env.sn.log, 30),
+                    tail(&env.cs.path().join("lazy/daemon.log"), 30),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let out = &read_cri_log(&reader_log)["stdout"];
+        assert!(out[0].starts_with("12."), "{out:?}");
+        let fetched = ranged_for(&proxy, &big);
+        assert!(
+            fetched > 0 && fetched < size / 2,
+            "fetched {fetched} of {size} bytes of {big} to start the container"
+        );
+        eprintln!("the container started having fetched {fetched} of {size} bytes of {big}");
+        assert!(
+            lazy_layers(&env.cs).contains(&big),
+            "the layer is not complete yet"
+        );
+        assert!(!has_blob(&env.ctrd, &big));
+        // Its root filesystem: the lazy layer through its FUSE mount.
+        let snapshot = snapshot_of_container(&env.cs, &reader);
+        assert_eq!(snapshot["parent"].as_str(), layers.last().map(String::as_str));
+        let mnt = env
+            .cs
+            .path()
+            .join("lazy")
+            .join(big.trim_start_matches("sha256:"))
+            .join("mnt")
+            .display()
+            .to_string();
+        let rootfs = env
+            .ctrd
+            .mounts()
+            .into_iter()
+            .find(|(mp, ty, _)| ty == "overlay" && mp.contains(&reader))
+            .unwrap_or_else(|| panic!("no rootfs mount for {reader}: {:#?}", env.ctrd.mounts()));
+        assert!(
+            rootfs.2.split(',').any(|o| o
+                .strip_prefix("lowerdir=")
+                .is_some_and(|l| l.split(':').any(|d| d == mnt))),
+            "the lower dir is the FUSE mount {mnt}: {rootfs:?}"
+        );
+
+        // Background completion: an ordinary snapshot, containerd's names,
+        // parents and labels unchanged.
+        proxy.clear();
+        let before = cstore_snapshots(&env.cs);
+        wait_until("completion", Duration::from_secs(240), || {
+            lazy_layers(&env.cs).is_empty()
+        });
+        let ctrd_view = |l: &[Value]| -> Vec<Value> {
+            l.iter()
+                .filter(|v| key_of(v).starts_with(&format!("{K8S_NS}/")))
+                .map(|v| serde_json::json!([v["key"], v["parent"], v["kind"], v["labels"]]))
+                .collect()
+        };
+        assert_eq!(
+            ctrd_view(&before),
+            ctrd_view(&cstore_snapshots(&env.cs)),
+            "containerd's snapshots are as they were"
+        );
+        assert!(
+            env.cs
+                .path()
+                .join("blobs/sha256")
+                .join(big.trim_start_matches("sha256:"))
+                .exists(),
+            "the completed layer's blob joined cstore's store"
+        );
+        let st = container_status(&mut cri, &reader).await;
+        assert_eq!(st.state, cri::ContainerState::ContainerRunning as i32, "{st:?}");
+
+        call!(
+            cri,
+            rt.stop_container(cri::StopContainerRequest {
+                container_id: reader.clone(),
+                timeout: 30,
+            })
+        );
+        call!(
+            cri,
+            rt.remove_container(cri::RemoveContainerRequest {
+                container_id: reader.clone(),
+            })
+        );
+        call!(
+            cri,
+            rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+        );
+        call!(
+            cri,
+            rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+        );
+        for image in [&debian, &pause] {
+            call!(
+                cri,
+                img.remove_image(cri::RemoveImageRequest {
+                    image: image_spec(&image.reference),
+                })
+            );
+        }
+    });
+    drop(rt);
+    wait_until(
+        "containerd's GC to remove its snapshots",
+        Duration::from_secs(60),
+        || {
+            cstore_snapshots(&env.cs)
+                .iter()
+                .all(|v| !key_of(v).starts_with(&format!("{K8S_NS}/")))
+        },
+    );
+    // cstore keeps its own (now ordinary) layer of the image it recorded.
+    let own = assert_consistent(&env.cs);
+    assert_eq!(own.len(), debian.layers.len(), "{own:#?}");
+    let log = std::fs::read_to_string(&env.sn.log).unwrap();
+    let lazy = log.matches("layer served lazily, index from").count();
+    assert_eq!(lazy, debian.layers.len(), "{log}");
+    assert!(
+        log.lines().any(|l| l
+            .contains("layer not lazy, containerd fetches and unpacks it: no index")
+            && l.contains(&pause.layers[0])),
+        "the sandbox image's layer is named as not lazy:\n{log}"
+    );
+    drop(env);
+}

@@ -9,10 +9,13 @@
 //! - [`artifact`]: `index build` (from the registry, blobs never stored),
 //!   `index push` (an OCI artifact whose subject is the image manifest) and
 //!   finding it again (referrers API, or the referrers tag schema).
+//! - [`remote`]: lazy layers for containerd's snapshotter (a Prepare with
+//!   `containerd.io/snapshot.ref` and CRI's labels; mounts over them).
 
 pub mod artifact;
 pub mod error;
 pub mod pull;
+pub mod remote;
 pub mod serve;
 pub mod source;
 

@@ -32,7 +32,7 @@ pub enum Event {
 }
 
 /// The manifest's layer annotations, by position.
-fn annotations(img: &Resolved) -> Vec<Value> {
+pub fn annotations(img: &Resolved) -> Vec<Value> {
     serde_json::from_slice::<Value>(&img.manifest)
         .ok()
         .and_then(|v| v["layers"].as_array().cloned())
@@ -149,8 +149,8 @@ pub fn pull_lazy(
 }
 
 /// Where layer `l`'s index comes from (stored in the store on the way), or
-/// why it has none.
-fn find_index(
+/// why it has none. `remote` caches the registry's artifact of `img`.
+pub fn find_index(
     rt: &tokio::runtime::Handle,
     client: &RegistryClient,
     store: &Store,

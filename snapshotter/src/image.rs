@@ -375,9 +375,19 @@ pub fn unpack_single(
 /// Commit an empty snapshot for lazy layer `idx` of `layers` (labelled
 /// [`LABEL_LAZY`]): its tree is filled in place by the layer's daemon.
 pub fn commit_lazy(sn: &Snapshotter, layers: &[Layer], idx: usize, source: &str) -> Result<()> {
-    let l = &layers[idx];
-    let dir = sn.new_staging()?;
     let parent = idx.checked_sub(1).map(|p| layers[p].chain_id.as_str());
+    commit_lazy_on(sn, &layers[idx], parent, source)
+}
+
+/// [`commit_lazy`] on the snapshot `parent`, whatever its name: for a layer
+/// containerd asks for, whose parent may be a layer containerd unpacked.
+pub fn commit_lazy_on(
+    sn: &Snapshotter,
+    l: &Layer,
+    parent: Option<&str>,
+    source: &str,
+) -> Result<()> {
+    let dir = sn.new_staging()?;
     let labels = BTreeMap::from([
         (LABEL_LAYER_DIGEST.to_string(), l.descriptor.digest.clone()),
         (LABEL_DIFF_ID.to_string(), l.diff_id.clone()),

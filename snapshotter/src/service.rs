@@ -41,13 +41,65 @@ use proto::containerd::types::Mount as ApiMount;
 /// remote snapshotter for a layer it may already have.
 pub const LABEL_SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
 
+/// Lazy layers for containerd (docs/containerd.md, "Lazy pulls"). The
+/// snapshotter knows neither registries nor FUSE: whoever serves it (the
+/// CLI) provides this.
+pub trait Remote: Send + Sync + 'static {
+    /// containerd's Prepare asks for the layer `chain` (the target of
+    /// `containerd.io/snapshot.ref`) on the backend snapshot `parent`, with
+    /// the Prepare's `labels`. If the layer can be served lazily, make it
+    /// cstore's own committed snapshot `chain` and return true; false (and
+    /// say why in the log) lets containerd fetch and unpack it.
+    fn prepare_lazy(
+        &self,
+        sn: &Snapshotter,
+        chain: &str,
+        parent: Option<&str>,
+        labels: &BTreeMap<String, String>,
+    ) -> bool;
+
+    /// Put each lazy layer's FUSE mount in place of its directory in
+    /// `mounts` (what `cstore mount` does), starting what serves them if
+    /// needed. An error if a lazy layer in `mounts` cannot be served: its
+    /// directory is not complete and must never be mounted as if it were.
+    fn lazy_mounts(
+        &self,
+        sn: &Snapshotter,
+        mounts: &mut [crate::mount::Mount],
+    ) -> Result<(), Error>;
+}
+
 pub struct Service {
     sn: Arc<Snapshotter>,
+    remote: Option<Arc<dyn Remote>>,
 }
 
 impl Service {
     pub fn new(sn: Arc<Snapshotter>) -> Self {
-        Service { sn }
+        Service { sn, remote: None }
+    }
+
+    /// With lazy layers (see [`Remote`]).
+    pub fn with_remote(sn: Arc<Snapshotter>, remote: Arc<dyn Remote>) -> Self {
+        Service {
+            sn,
+            remote: Some(remote),
+        }
+    }
+
+    /// Mounts as handed to containerd: lazy layers through their FUSE mounts.
+    fn lazy_mounts(
+        &self,
+    ) -> impl Fn(&Snapshotter, Vec<crate::mount::Mount>) -> Result<Vec<crate::mount::Mount>, Error>
+           + Send
+           + 'static {
+        let remote = self.remote.clone();
+        move |sn, mut m| {
+            if let Some(r) = &remote {
+                r.lazy_mounts(sn, &mut m)?;
+            }
+            Ok(m)
+        }
     }
 
     pub fn server(self) -> api::snapshots_server::SnapshotsServer<Service> {
@@ -212,24 +264,39 @@ impl api::snapshots_server::Snapshots for Service {
             if let Some(chain) = chain_id_of(&target).map(String::from) {
                 let name = share_name(&target, &chain, &r.key);
                 let (parent, lbls) = (parent_of(r.parent.clone()), labels.clone());
+                let remote = self.remote.clone();
                 let shared = self
-                    .run_quiet(move |sn| match sn.stat(&chain) {
-                        Ok(i) if i.kind == Kind::Committed && chain != name => {
-                            match sn.alias(&chain, &name, parent.as_deref(), lbls) {
-                                Ok(()) | Err(Error::AlreadyExists(_)) => Ok(true),
-                                Err(e) => {
-                                    tracing::warn!(name, error = %e, "could not share an unpacked layer; containerd will unpack it");
-                                    Ok(false)
-                                }
+                    .run_quiet(move |sn| {
+                        let how = match sn.stat(&chain) {
+                            Ok(i) if i.kind == Kind::Committed => "unpacked by cstore",
+                            // A layer cstore does not have: made lazy if it can be.
+                            Err(Error::NotFound(_))
+                                if chain != name
+                                    && remote.as_ref().is_some_and(|r| {
+                                        r.prepare_lazy(sn, &chain, parent.as_deref(), &lbls)
+                                    }) =>
+                            {
+                                "served lazily by cstore"
+                            }
+                            _ => return Ok(None),
+                        };
+                        if chain == name {
+                            return Ok(None);
+                        }
+                        match sn.alias(&chain, &name, parent.as_deref(), lbls) {
+                            Ok(()) | Err(Error::AlreadyExists(_)) => Ok(Some(how)),
+                            Err(e) => {
+                                tracing::warn!(name, error = %e, "could not share a layer cstore has; containerd will unpack it");
+                                Ok(None)
                             }
                         }
-                        _ => Ok(false),
                     })
                     .await?;
-                if shared {
+                if let Some(how) = shared {
                     tracing::info!(
                         key = r.key,
-                        "layer already unpacked by cstore; shared with containerd"
+                        target = labels[LABEL_SNAPSHOT_REF],
+                        "layer {how}; shared with containerd"
                     );
                     return Err(Status::already_exists(format!(
                         "target snapshot {:?}: already exists",
@@ -239,9 +306,14 @@ impl api::snapshots_server::Snapshots for Service {
             }
         }
         let (key, parent) = (r.key, parent_of(r.parent));
+        let lazy = self.lazy_mounts();
         let mounts = self
             .run("prepare", &key.clone(), move |sn| {
-                sn.prepare(&key, parent.as_deref(), labels)
+                let m = sn.prepare(&key, parent.as_deref(), labels)?;
+                lazy(sn, m).inspect_err(|_| {
+                    // Nothing half-made: the snapshot goes with the refusal.
+                    let _ = sn.remove(&key);
+                })
             })
             .await?;
         Ok(Response::new(api::PrepareSnapshotResponse {
@@ -255,9 +327,13 @@ impl api::snapshots_server::Snapshots for Service {
     ) -> Result<Response<api::ViewSnapshotResponse>, Status> {
         let r = req.into_inner();
         let (key, parent, labels) = (r.key, parent_of(r.parent), labels(r.labels));
+        let lazy = self.lazy_mounts();
         let mounts = self
             .run("view", &key.clone(), move |sn| {
-                sn.view(&key, parent.as_deref(), labels)
+                let m = sn.view(&key, parent.as_deref(), labels)?;
+                lazy(sn, m).inspect_err(|_| {
+                    let _ = sn.remove(&key);
+                })
             })
             .await?;
         Ok(Response::new(api::ViewSnapshotResponse {
@@ -270,8 +346,9 @@ impl api::snapshots_server::Snapshots for Service {
         req: Request<api::MountsRequest>,
     ) -> Result<Response<api::MountsResponse>, Status> {
         let key = req.into_inner().key;
+        let lazy = self.lazy_mounts();
         let mounts = self
-            .run("mounts", &key.clone(), move |sn| sn.mounts(&key))
+            .run("mounts", &key.clone(), move |sn| lazy(sn, sn.mounts(&key)?))
             .await?;
         Ok(Response::new(api::MountsResponse {
             mounts: to_api_mounts(mounts),
@@ -383,6 +460,24 @@ pub async fn serve(
     address: &Path,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Error> {
+    serve_service(Service::new(sn), address, shutdown).await
+}
+
+/// [`serve`] with lazy layers.
+pub async fn serve_remote(
+    sn: Arc<Snapshotter>,
+    remote: Arc<dyn Remote>,
+    address: &Path,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    serve_service(Service::with_remote(sn, remote), address, shutdown).await
+}
+
+async fn serve_service(
+    service: Service,
+    address: &Path,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), Error> {
     if let Some(dir) = address.parent() {
         std::fs::create_dir_all(dir).map_err(|e| IoError::new("create", dir, e))?;
     }
@@ -394,9 +489,9 @@ pub async fn serve(
     let listener =
         tokio::net::UnixListener::bind(address).map_err(|e| IoError::new("listen", address, e))?;
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-    tracing::info!(socket = %address.display(), root = %sn.root().display(), "serving containerd snapshots API");
+    tracing::info!(socket = %address.display(), root = %service.sn.root().display(), "serving containerd snapshots API");
     let res = tonic::transport::Server::builder()
-        .add_service(Service::new(sn).server())
+        .add_service(service.server())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     let _ = std::fs::remove_file(address);

@@ -48,6 +48,11 @@ pub struct Snapshotter {
     global: Vec<String>,
     /// Options after `serve --address SOCK`.
     extra: Vec<String>,
+    /// Run in the mount namespace of this process (containerd's): lazy
+    /// layers are FUSE mounts the snapshotter's daemon makes, and
+    /// containerd's shims must see them (on a node they share one
+    /// namespace; here containerd has a private one).
+    ns_of: Option<u32>,
 }
 
 impl Snapshotter {
@@ -68,6 +73,28 @@ impl Snapshotter {
             log: log.to_path_buf(),
             global: global.iter().map(|s| s.to_string()).collect(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            ns_of: None,
+        };
+        s.restart(cs);
+        s
+    }
+
+    /// `start_with`, in the mount namespace of process `pid`.
+    pub fn start_in_namespace_of(
+        pid: u32,
+        cs: &Cstore,
+        sock: &Path,
+        log: &Path,
+        global: &[&str],
+        extra: &[&str],
+    ) -> Snapshotter {
+        let mut s = Snapshotter {
+            child: None,
+            sock: sock.to_path_buf(),
+            log: log.to_path_buf(),
+            global: global.iter().map(|s| s.to_string()).collect(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            ns_of: Some(pid),
         };
         s.restart(cs);
         s
@@ -80,16 +107,27 @@ impl Snapshotter {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let mut child = cs
-            .cmd(&[])
-            .args(&self.global)
+        let mut cmd = cs.cmd(&[]);
+        cmd.args(&self.global)
             .args(["snapshotter", "serve", "--address"])
             .arg(&self.sock)
-            .args(&self.extra)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+            .args(&self.extra);
+        if let Some(pid) = self.ns_of {
+            // nsenter execs the same command line, environment kept.
+            let mut ns = Command::new("nsenter");
+            ns.arg(format!("--mount=/proc/{pid}/ns/mnt"))
+                .arg("--")
+                .arg(cmd.get_program())
+                .args(cmd.get_args());
+            for (k, v) in cmd.get_envs() {
+                match v {
+                    Some(v) => ns.env(k, v),
+                    None => ns.env_remove(k),
+                };
+            }
+            cmd = ns;
+        }
+        let mut child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap();
         wait_until("the snapshotter's socket", Duration::from_secs(30), || {
             if let Ok(Some(st)) = child.try_wait() {
                 panic!(
