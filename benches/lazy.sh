@@ -13,7 +13,8 @@
 #   ctr+cs-lazy   cstore pull --lazy + ctr-remote image rpull   } `cstore pull
 #                 --snapshotter cstore + ctr run (lazy)         } --help` has --lazy
 # Each run starts from nothing: a fresh store, containerd and snapshotter, the
-# page cache dropped. The workloads are `true` and a python import workload
+# page cache dropped (then the tools' binaries read back in: cold is the image's data,
+# not ctr's or cstore's code). The workloads are `true` and a python import workload
 # (the peers README's: CPython at /opt/python) that prints a line when the
 # interpreter is up and one when its imports are done. Timed from the spawn of
 # each command (benches/runlat.py --once): the pull, then the run to its first
@@ -114,7 +115,7 @@ stop_all() {
     kill "$snap_pid" 2>/dev/null || true; wait "$snap_pid" 2>/dev/null || true
     snap_pid=
   fi
-  umount_under "$work/state"
+  umount_under "$work/ctrd"; umount_under "$work/state"
   rm -rf "$work/ctrd" "$work/state"
 }
 
@@ -187,7 +188,7 @@ extra() {
   if [ "$1" = stargz ] && [ -f "$work/state/sgz.port" ]; then
     curl -sf "127.0.0.1:$(cat "$work/state/sgz.port")/metrics" > "$work/state/sgz.metrics" || true
     awk '/^stargz_fs_bytes_served\{.*operation_type="on_demand_bytes_fetched"/ {s += $NF; k = 1}
-         END {print (k ? s : "-")}' "$work/state/sgz.metrics"
+         END {if (k) printf "%d\n", s; else print "-"}' "$work/state/sgz.metrics"
   else
     echo -
   fi
@@ -201,6 +202,10 @@ measure() { # measure LINK CASE WORKLOAD ROUND
   n=$((n + 1)); id=lz$n
   "prep_$c"
   drop_caches
+  # The tools' own binaries back in the page cache: a node that starts
+  # containers has them there; cold is the image's data.
+  cat "$cstore" "$(command -v ctr)" "$(command -v ctr-remote)" "$(command -v runc)" \
+    "$(command -v containerd-shim-runc-v2)" > /dev/null
   proxy POST reset >/dev/null
   eval "pull=($(pull_"$c"))"
   p=$(python3 benches/runlat.py --once -- "${pull[@]}" 2>"$work/err") ||

@@ -53,6 +53,12 @@ bench_esgz_image() {
     ctr "${c[@]}" image export --skip-manifest-json "$tmp/esgz.tar" bench-estargz:bench
     rm -rf "$layout.tmp" && mkdir -p "$layout.tmp"
     tar -xf "$tmp/esgz.tar" -C "$layout.tmp"
+    # the export names its one manifest after containerd's image name: tag it `bench`
+    jq -e '.manifests | length == 1' "$layout.tmp/index.json" >/dev/null
+    jq -c '.manifests[0].annotations["org.opencontainers.image.ref.name"] = "bench"' \
+      "$layout.tmp/index.json" > "$tmp/index.json"
+    echo "index.json of the export: $(jq -c .manifests[0].annotations "$layout.tmp/index.json")" >&2
+    mv "$tmp/index.json" "$layout.tmp/index.json"
     want=$(ctr "${c[@]}" image ls | awk '$1 == "bench-estargz:bench" {print $3}')
     got=$(skopeo inspect --raw "oci:$layout.tmp:bench" | sha256sum | cut -d' ' -f1)
     [ "sha256:$got" = "$want" ] || { echo "bench_esgz_image: exported manifest $got, containerd has $want" >&2; exit 1; }
