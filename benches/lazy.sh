@@ -123,7 +123,8 @@ stop_all() {
 
 # stop_lazy_daemon ROOT: end the lazy daemon `run --lazy` / `mount --lazy`
 # started for the store at ROOT (found by its exact argv; it runs detached),
-# keeping its log in $work/logs when LOGS=1.
+# keeping its log as LOGS/<link>-<case>-<workload>-<round>.daemon.log when LOGS
+# names a directory.
 stop_lazy_daemon() {
   local root=$1 p want
   want="$cstore"$'\n'"--root"$'\n'"$root"$'\n'"lazy-serve"
@@ -133,8 +134,8 @@ stop_lazy_daemon() {
     for _ in $(seq 50); do kill -0 "${p#/proc/}" 2>/dev/null || break; sleep 0.1; done
     kill -9 "${p#/proc/}" 2>/dev/null || true
   done
-  if [ "${LOGS:-0}" = 1 ] && [ -f "$root/lazy/daemon.log" ]; then
-    mkdir -p "$work/logs"; cp "$root/lazy/daemon.log" "$work/logs/${cur_id:-x}.daemon.log"
+  if [ -n "${LOGS:-}" ] && [ -f "$root/lazy/daemon.log" ]; then
+    mkdir -p "$LOGS"; cp "$root/lazy/daemon.log" "$LOGS/${cur_id:-x}.daemon.log"
   fi
 }
 

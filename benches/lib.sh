@@ -144,8 +144,13 @@ bench_setup() {
   local tag=${1:-bench}
   bash fixtures/deps.sh --bench
   if [ "$tag" = bench ]; then bench_image; else bash fixtures/images.sh >/dev/null; fi
-  cargo build --release --locked -q -p cstore
-  cstore=$CARGO_TARGET_DIR/release/cstore
+  # CSTORE_BIN=PATH: measure that binary (e.g. a copy of an older build) as is
+  if [ -n "${CSTORE_BIN:-}" ]; then
+    cstore=$CSTORE_BIN
+  else
+    cargo build --release --locked -q -p cstore
+    cstore=$CARGO_TARGET_DIR/release/cstore
+  fi
   work=$(mktemp -d /var/tmp/cstore-bench.XXXXXX)
   trap bench_cleanup EXIT
   addr=$(bash fixtures/registry.sh start "$work/reg")
