@@ -129,7 +129,7 @@ stop_lazy_daemon() {
   local root=$1 p want
   want="$cstore"$'\n'"--root"$'\n'"$root"$'\n'"lazy-serve"
   for p in /proc/[0-9]*; do
-    [ "$(tr '\0' '\n' < "$p/cmdline" 2>/dev/null | head -4)" = "$want" ] || continue
+    [ "$({ tr '\0' '\n' < "$p/cmdline"; } 2>/dev/null | head -4)" = "$want" ] || continue
     kill "${p#/proc/}" 2>/dev/null || true
     for _ in $(seq 50); do kill -0 "${p#/proc/}" 2>/dev/null || break; sleep 0.1; done
     kill -9 "${p#/proc/}" 2>/dev/null || true

@@ -25,9 +25,10 @@ use std::ops::Range;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use cstore_index::{Index, Kind, SpanReader, TreeOptions};
 
@@ -53,13 +54,77 @@ pub enum Priority {
     Background = 2,
 }
 
+/// Read misses and background requests of the layers one daemon serves: a
+/// container starting on lazy layers is waiting on its misses, and background
+/// completion (every span of every layer, in order) would otherwise take the link
+/// and the CPU from them, in every layer at once.
+#[derive(Debug, Default)]
+pub struct Activity {
+    /// Read misses being waited for now.
+    misses: AtomicUsize,
+    /// When the last miss ended.
+    last_miss: Mutex<Option<Instant>>,
+    /// Background requests in flight.
+    background: AtomicUsize,
+}
+
+impl Activity {
+    fn miss_begin(&self) {
+        self.misses.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn miss_end(&self) {
+        *lock(&self.last_miss) = Some(Instant::now());
+        self.misses.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// How long background work must still wait for reads to go quiet (zero: go).
+    fn quiet_for(&self, quiet: Duration) -> Duration {
+        if self.misses.load(Ordering::SeqCst) > 0 {
+            return quiet;
+        }
+        match *lock(&self.last_miss) {
+            Some(t) => quiet.saturating_sub(t.elapsed()),
+            None => Duration::ZERO,
+        }
+    }
+
+    /// Takes a background slot if fewer than `max` are in flight.
+    fn background_begin(&self, max: usize) -> bool {
+        self.background
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max.max(1)).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn background_end(&self) {
+        self.background.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// How a lazy layer is served.
 #[derive(Debug, Clone)]
 pub struct LayerOptions {
-    /// Fetcher threads (source requests in flight at once).
+    /// Fetcher threads (source requests in flight at once). With two or more, the
+    /// first never takes background work, so a miss never queues behind it.
     pub fetchers: usize,
-    /// Largest coalesced request, in compressed bytes (a single span may exceed it).
+    /// Largest coalesced request for reads and prefetch, in compressed bytes (a
+    /// single span may exceed it).
     pub max_request: u64,
+    /// Largest coalesced background-completion request: small, so that a miss
+    /// arriving while it is on the wire waits little for the link.
+    pub background_request: u64,
+    /// Background completion starts a request only once no read has missed for
+    /// this long, in any layer sharing `activity`...
+    pub background_quiet: Duration,
+    /// ...and not before this long after the layer was opened (a container
+    /// starting on it has not read yet: the daemon sets it).
+    pub background_delay: Duration,
+    /// Background requests in flight at once, over the layers sharing `activity`.
+    pub background_inflight: usize,
+    /// Shared by the layers one daemon serves (see [`Activity`]).
+    pub activity: Arc<Activity>,
     /// Extraction's settings, for the tree completion rebuilds and compares.
     pub tree: TreeOptions,
 }
@@ -76,6 +141,11 @@ impl Default for LayerOptions {
         LayerOptions {
             fetchers: 2,
             max_request: 4 << 20,
+            background_request: 1 << 20,
+            background_quiet: Duration::from_millis(500),
+            background_delay: Duration::ZERO,
+            background_inflight: 2,
+            activity: Arc::new(Activity::default()),
             tree: TreeOptions {
                 umask,
                 owner,
@@ -166,6 +236,24 @@ pub(crate) struct Layer {
     spans_fetched: AtomicU64,
     bytes_fetched: AtomicU64,
     failures: AtomicU64,
+    /// When the layer was opened (background work waits `background_delay` after).
+    opened: Instant,
+}
+
+/// A read miss being waited for, counted in the daemon's [`Activity`].
+struct MissGuard<'a>(&'a Activity);
+
+impl<'a> MissGuard<'a> {
+    fn new(a: &'a Activity) -> Self {
+        a.miss_begin();
+        MissGuard(a)
+    }
+}
+
+impl Drop for MissGuard<'_> {
+    fn drop(&mut self) {
+        self.0.miss_end();
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -263,6 +351,7 @@ impl Layer {
             spans_fetched: AtomicU64::new(0),
             bytes_fetched: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            opened: Instant::now(),
             idx,
             opts,
         });
@@ -271,7 +360,7 @@ impl Layer {
             let l = layer.clone();
             let h = std::thread::Builder::new()
                 .name(format!("lazy-fetch-{k}"))
-                .spawn(move || l.fetcher())
+                .spawn(move || l.fetcher(k))
                 .map_err(|e| Error::io("spawn a fetcher", cache_dir, e))?;
             workers.push(h);
         }
@@ -404,6 +493,7 @@ impl Layer {
             return Ok(());
         }
         self.cv.notify_all();
+        let _miss = (prio == Priority::OnDemand).then(|| MissGuard::new(&self.opts.activity));
         loop {
             if st.stopping {
                 return Err(Error::Layer {
@@ -438,30 +528,67 @@ impl Layer {
         self.wait_for(&all, Priority::Background)
     }
 
-    fn fetcher(self: Arc<Self>) {
+    fn fetcher(self: Arc<Self>, k: usize) {
+        // With two fetchers or more, the first is kept for reads and prefetch.
+        let reads_only = k == 0 && self.opts.fetchers > 1;
+        let activity = self.opts.activity.clone();
         let mut reader = SpanReader::new();
         loop {
-            let batch = {
+            let (batch, background) = {
                 let mut st = lock(&self.st);
                 loop {
                     if st.stopping {
                         return;
                     }
-                    if !st.queue.is_empty() {
+                    let Some(&(prio, _)) = st.queue.first() else {
+                        st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+                        continue;
+                    };
+                    if prio != Priority::Background {
                         break;
                     }
-                    st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+                    if reads_only {
+                        st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+                        continue;
+                    }
+                    // Background work waits for reads to go quiet in every layer
+                    // (misses elsewhere do not wake this layer's condvar: poll).
+                    let wait = activity.quiet_for(self.opts.background_quiet).max(
+                        self.opts
+                            .background_delay
+                            .saturating_sub(self.opened.elapsed()),
+                    );
+                    if wait.is_zero() && activity.background_begin(self.opts.background_inflight) {
+                        break;
+                    }
+                    let wait = if wait.is_zero() {
+                        Duration::from_millis(50)
+                    } else {
+                        wait.min(Duration::from_millis(100))
+                    };
+                    st = self
+                        .cv
+                        .wait_timeout(st, wait)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
                 }
-                let (_, first) = st.queue.pop_first().expect("not empty");
+                let (prio, first) = st.queue.pop_first().expect("not empty");
+                let max = if prio == Priority::Background {
+                    self.opts.background_request
+                } else {
+                    self.opts.max_request
+                };
                 st.spans[first] = SpanState::InFlight;
                 let mut batch = vec![first];
                 let start = self.idx.span(first).compressed.start;
                 let mut j = first + 1;
+                // Only spans at least as urgent join: a miss must not carry the
+                // background spans after it.
                 while j < st.spans.len() {
                     let SpanState::Queued(p) = st.spans[j] else {
                         break;
                     };
-                    if self.idx.span(j).compressed.end - start > self.opts.max_request {
+                    if p > prio || self.idx.span(j).compressed.end - start > max {
                         break;
                     }
                     st.queue.remove(&(p, j));
@@ -469,9 +596,21 @@ impl Layer {
                     batch.push(j);
                     j += 1;
                 }
-                batch
+                (batch, prio == Priority::Background)
             };
+            let t0 = Instant::now();
             let results = self.fetch_batch(&batch, &mut reader);
+            if background {
+                activity.background_end();
+            }
+            tracing::debug!(
+                "{}: fetched spans {}..={} ({}) in {:?}",
+                self.name,
+                batch[0],
+                batch[batch.len() - 1],
+                if background { "background" } else { "read" },
+                t0.elapsed()
+            );
             let mut st = lock(&self.st);
             for (s, r) in batch.iter().zip(results) {
                 match r {

@@ -34,7 +34,7 @@ use crate::abi::{Attr, Statfs};
 use crate::error::Result;
 use crate::fs::{DirSink, Errno, Open, ReadOnlyFs};
 
-pub use cache::{read_trace, CacheStats, LayerOptions, Priority};
+pub use cache::{read_trace, Activity, CacheStats, LayerOptions, Priority};
 pub use complete::build_index;
 pub use source::{FileSource, SpanSource};
 
