@@ -198,6 +198,10 @@ fn serve_layer(
         parse_digest(layer)?,
         windows,
     ));
+    {
+        let src = src.clone();
+        std::thread::spawn(move || src.warm_up());
+    }
     let fs = Arc::new(LayerFs::open(
         index,
         src,
