@@ -676,18 +676,6 @@ impl Layer {
         let last = self.idx.span(*batch.last().expect("a span"));
         let range = first.compressed.start..last.compressed.end;
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let bytes = match self.source.fetch(range.clone()) {
-            Ok(b) => b,
-            Err(e) => return fail_all(format!("fetching bytes {range:?}: {e}")),
-        };
-        if bytes.len() as u64 != range.end - range.start {
-            return fail_all(format!(
-                "the source returned {} bytes for {range:?}",
-                bytes.len()
-            ));
-        }
-        self.bytes_fetched
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         // The windows of the run, in one request (they lie in span order).
         let wins: Vec<(usize, Range<u64>)> = batch
             .iter()
@@ -700,19 +688,41 @@ impl Layer {
             (Some(a), Some(b)) => a..b,
             _ => 0..0,
         };
-        let wbytes = if wrange.is_empty() {
-            Vec::new()
-        } else {
-            match self.source.fetch_windows(wrange.clone()) {
-                Ok(b) if b.len() as u64 == wrange.end - wrange.start => b,
-                Ok(b) => {
-                    return fail_all(format!(
-                        "the source returned {} window bytes for {wrange:?}",
-                        b.len()
-                    ))
-                }
-                Err(e) => return fail_all(format!("fetching windows {wrange:?}: {e}")),
+        // Both requests at once: from a registry each is a round trip, and a
+        // reader waits for both.
+        let (bytes, wbytes) = std::thread::scope(|sc| {
+            let w = (!wrange.is_empty())
+                .then(|| sc.spawn(|| self.source.fetch_windows(wrange.clone())));
+            let b = self.source.fetch(range.clone());
+            let w = match w {
+                Some(h) => h
+                    .join()
+                    .unwrap_or_else(|_| Err(io::Error::other("the windows fetch panicked"))),
+                None => Ok(Vec::new()),
+            };
+            (b, w)
+        });
+        let bytes = match bytes {
+            Ok(b) => b,
+            Err(e) => return fail_all(format!("fetching bytes {range:?}: {e}")),
+        };
+        if bytes.len() as u64 != range.end - range.start {
+            return fail_all(format!(
+                "the source returned {} bytes for {range:?}",
+                bytes.len()
+            ));
+        }
+        self.bytes_fetched
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        let wbytes = match wbytes {
+            Ok(b) if b.len() as u64 == wrange.end - wrange.start => b,
+            Ok(b) => {
+                return fail_all(format!(
+                    "the source returned {} window bytes for {wrange:?}",
+                    b.len()
+                ))
             }
+            Err(e) => return fail_all(format!("fetching windows {wrange:?}: {e}")),
         };
         let mut results = Vec::with_capacity(batch.len());
         let mut touched: Vec<Arc<File>> = Vec::new();
