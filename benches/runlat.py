@@ -15,6 +15,14 @@ differs from the first run's (ctr run sometimes loses a short-lived
 container's output) counts for exit but not for first byte, and is reported.
 Prints median and p90 in ms per tool and the ratio of the first tool's median
 to each other tool's.
+
+    runlat.py --once [--expect TEXT] -- COMMAND...
+
+runs COMMAND once (benches/lazy.sh times its steps so) and prints
+"FIRST EXIT OK": seconds from the spawn to the first byte on its stdout ("-"
+if it printed nothing) and to its exit, and OK = 1 if its stdout contains
+TEXT (always 1 without --expect), else 0. A command that fails exits 1 with
+its stderr.
 """
 
 import argparse
@@ -54,7 +62,22 @@ def p90(xs):
     return s[math.ceil(0.9 * len(s)) - 1]
 
 
+def main_once(args):
+    expect = None
+    if args[:1] == ["--expect"]:
+        expect, args = args[1].encode(), args[2:]
+    if args[:1] == ["--"]:
+        args = args[1:]
+    if not args:
+        sys.exit("runlat: --once [--expect TEXT] -- COMMAND...")
+    f, d, out = once(args)
+    ok = expect is None or expect in out
+    print(f"{'-' if f is None else f'{f:.4f}'} {d:.4f} {int(ok)}")
+
+
 def main():
+    if sys.argv[1:2] == ["--once"]:
+        return main_once(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")

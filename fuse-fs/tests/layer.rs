@@ -154,12 +154,15 @@ struct Counted {
     calls: AtomicU64,
     ranges: Mutex<Vec<Range<u64>>>,
     flip_at: Option<u64>,
+    /// Each fetch takes this long (a slow link).
+    delay: std::time::Duration,
 }
 
 impl SpanSource for Counted {
     fn fetch(&self, range: Range<u64>) -> std::io::Result<Vec<u8>> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.ranges.lock().unwrap().push(range.clone());
+        std::thread::sleep(self.delay);
         let mut v = self.inner.fetch(range.clone())?;
         if let Some(at) = self.flip_at {
             if range.contains(&at) {
@@ -214,8 +217,36 @@ fn serve_over(
     below: &[&Index<Vec<u8>>],
     mounts: &mut Mounts,
 ) -> Lazy {
+    let src = Source {
+        span_target,
+        flip_at,
+        delay: std::time::Duration::ZERO,
+    };
+    serve_with(dir, blob, c, src, LayerOptions::default(), below, mounts)
+}
+
+/// How the tests' layer source behaves.
+struct Source {
+    span_target: u32,
+    flip_at: Option<u64>,
+    delay: std::time::Duration,
+}
+
+fn serve_with(
+    dir: &Path,
+    blob: &Path,
+    c: Compression,
+    source: Source,
+    opts: LayerOptions,
+    below: &[&Index<Vec<u8>>],
+    mounts: &mut Mounts,
+) -> Lazy {
+    let Source {
+        span_target,
+        flip_at,
+        delay,
+    } = source;
     std::fs::create_dir_all(dir).unwrap();
-    let opts = LayerOptions::default();
     let policy = Policy {
         span_target,
         ..Policy::default()
@@ -228,6 +259,7 @@ fn serve_over(
         calls: AtomicU64::new(0),
         ranges: Mutex::new(Vec::new()),
         flip_at,
+        delay,
     });
     let (tree, mnt) = (dir.join("fs"), dir.join("mnt"));
     std::fs::create_dir_all(&tree).unwrap();
@@ -416,6 +448,156 @@ fn concurrent_read_misses_fetch_each_span_once() {
             }
         }
     }
+}
+
+/// The file of `l` whose data starts nearest `frac` of the layer's compressed size
+/// and is at least 64 KiB: (path, content, compressed range of its spans).
+fn file_at(l: &Lazy, frac: f64) -> (PathBuf, Vec<u8>, Range<u64>) {
+    let idx = l.fs.index();
+    let total = std::fs::metadata(&l.blob).unwrap().len();
+    let want = (total as f64 * frac) as u64;
+    let files = expected_files(l);
+    let mut best: Option<(u64, PathBuf, Vec<u8>, Range<u64>)> = None;
+    for i in 0..idx.entry_count() {
+        let e = idx.entry(i);
+        if e.kind != Kind::File || e.size < 64 << 10 || e.hardlink_target().is_some() {
+            continue;
+        }
+        let data: Vec<Range<u64>> = idx
+            .file_data(i, 0..e.size)
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect();
+        let (Some(a), Some(b)) = (data.first(), data.last()) else {
+            continue;
+        };
+        let spans: Vec<usize> = idx.spans_for(a.start, b.end).collect();
+        let c =
+            idx.span(spans[0]).compressed.start..idx.span(*spans.last().unwrap()).compressed.end;
+        let d = c.start.abs_diff(want);
+        if best.as_ref().is_none_or(|b| d < b.0) {
+            let rel = PathBuf::from(String::from_utf8(idx.path(i)).unwrap());
+            let content = files.iter().find(|f| f.0 == rel).unwrap().1.clone();
+            best = Some((d, rel, content, c));
+        }
+    }
+    let (_, rel, content, c) = best.expect("a file of 64 KiB or more");
+    (rel, content, c)
+}
+
+/// While background completion works through a layer over a slow source, a read
+/// of a file far ahead of it is fetched on its own: its request holds the file's
+/// spans and none of the background-queued spans after them (which would make the
+/// reader wait for megabytes it did not ask for).
+#[test]
+fn a_read_miss_does_not_carry_background_spans() {
+    if !fuse_available("a_read_miss_does_not_carry_background_spans") {
+        return;
+    }
+    let t = tmpdir();
+    let mut mounts = Mounts::default();
+    let (blob, c) = layers("debian").remove(0);
+    let src = Source {
+        span_target: 64 << 10,
+        flip_at: None,
+        delay: std::time::Duration::from_millis(150),
+    };
+    let l = serve_with(
+        &t.path().join("l"),
+        &blob,
+        c,
+        src,
+        LayerOptions::default(),
+        &[],
+        &mut mounts,
+    );
+    let (rel, want, span_bytes) = file_at(&l, 0.8);
+    let fs = l.fs.clone();
+    let bg = std::thread::spawn(move || fs.complete());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        std::fs::read(l.mnt.join(&rel)).unwrap(),
+        want,
+        "{}",
+        rel.display()
+    );
+    let ranges = l.src.ranges.lock().unwrap().clone();
+    let first = ranges
+        .iter()
+        .find(|r| r.contains(&span_bytes.start))
+        .unwrap_or_else(|| {
+            panic!(
+                "no request for {} ({span_bytes:?}): {ranges:?}",
+                rel.display()
+            )
+        });
+    assert!(
+        first.end <= span_bytes.end,
+        "the read of {} ({span_bytes:?}) was fetched as {first:?}: background spans rode along",
+        rel.display()
+    );
+    bg.join().unwrap().unwrap();
+    assert!(l.fs.is_complete());
+}
+
+/// Background completion yields to reads in every layer of the daemon: while a
+/// layer's reads keep missing (and for `background_quiet` after), another layer
+/// sharing the same `Activity` starts no background request; then it completes.
+#[test]
+fn background_completion_waits_for_reads_in_any_layer() {
+    if !fuse_available("background_completion_waits_for_reads_in_any_layer") {
+        return;
+    }
+    let t = tmpdir();
+    let mut mounts = Mounts::default();
+    let (blob, c) = layers("debian").remove(0);
+    let activity = Arc::new(cstore_fuse_fs::layer::Activity::default());
+    let opts = LayerOptions {
+        background_quiet: std::time::Duration::from_millis(1500),
+        activity: activity.clone(),
+        ..LayerOptions::default()
+    };
+    let slow = |span_target| Source {
+        span_target,
+        flip_at: None,
+        delay: std::time::Duration::from_millis(20),
+    };
+    let a = serve_with(
+        &t.path().join("a"),
+        &blob,
+        c,
+        slow(64 << 10),
+        opts.clone(),
+        &[],
+        &mut mounts,
+    );
+    let b = serve_with(
+        &t.path().join("b"),
+        &blob,
+        c,
+        slow(128 << 10),
+        opts,
+        &[],
+        &mut mounts,
+    );
+    let (rel, want, _) = file_at(&a, 0.5);
+    let (rel2, want2, _) = file_at(&a, 0.2);
+    // A read in layer a, then b's completion asked for at once.
+    assert_eq!(std::fs::read(a.mnt.join(&rel)).unwrap(), want);
+    let fs = b.fs.clone();
+    let bg = std::thread::spawn(move || fs.complete());
+    // More misses in a during the quiet window.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(std::fs::read(a.mnt.join(&rel2)).unwrap(), want2);
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    assert_eq!(
+        b.src.calls.load(Ordering::SeqCst),
+        0,
+        "layer b fetched in the background while layer a's reads were missing"
+    );
+    bg.join().unwrap().unwrap();
+    assert!(b.fs.is_complete());
+    assert!(b.src.calls.load(Ordering::SeqCst) > 0);
 }
 
 /// A source whose bytes for one span are altered: the reader of a file in that span

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cstore_fuse_fs::layer::{LayerFs, LayerOptions};
+use cstore_fuse_fs::layer::{Activity, LayerFs, LayerOptions};
 use cstore_fuse_fs::{PassthroughMode, Session, SessionOptions, StateDir};
 use cstore_registry::{parse_digest, Reference, RegistryClient};
 use cstore_snapshotter::image::{LABEL_LAYER_DIGEST, LABEL_LAZY, LABEL_LAZY_SOURCE};
@@ -29,6 +29,11 @@ use crate::source::{RegistrySource, Windows};
 /// How long a completed, unused layer stays mounted before the daemon lets
 /// go (a mount that read the lazy label just before completion still finds it).
 const LINGER: Duration = Duration::from_secs(5);
+
+/// Background completion of a newly served layer waits this long (and then for
+/// reads to go quiet in every layer): a container is about to start on it, and
+/// its first misses should not queue behind megabytes of background requests.
+const BACKGROUND_DELAY: Duration = Duration::from_secs(2);
 
 /// Where a layer's lazy state lives in the store.
 pub fn layer_dir(store: &Store, layer: &str) -> PathBuf {
@@ -173,9 +178,8 @@ fn serve_layer(
     client: &Arc<RegistryClient>,
     store: &Store,
     sn: &Snapshotter,
-    chain: &str,
-    layer: &str,
-    source: &str,
+    (chain, layer, source): (&str, &str, &str),
+    activity: &Arc<Activity>,
 ) -> Result<Served> {
     let rec = store.layer_index(layer)?.ok_or_else(|| Error::Invalid {
         what: format!("lazy layer {layer}"),
@@ -207,12 +211,20 @@ fn serve_layer(
         parse_digest(layer)?,
         windows,
     ));
+    {
+        let src = src.clone();
+        std::thread::spawn(move || src.warm_up());
+    }
     let fs = Arc::new(LayerFs::open(
         index,
         src,
         &cache,
         &sn.fs_dir(chain)?,
-        LayerOptions::default(),
+        LayerOptions {
+            background_delay: BACKGROUND_DELAY,
+            activity: activity.clone(),
+            ..LayerOptions::default()
+        },
     )?);
     let lowers = lower_indexes(store, sn, chain)?;
     fs.inherit_implicit(&lowers.iter().collect::<Vec<_>>());
@@ -300,12 +312,14 @@ pub fn serve_store(
     // Layers this daemon served and let go: not served again by it.
     let mut finished = std::collections::HashSet::new();
     let mut ready = Some(ready);
+    // One for all the layers served: background work yields to reads in any.
+    let activity = Arc::new(Activity::default());
     loop {
         for (chain, layer, source) in lazy_snapshots(sn)? {
             if served.contains_key(&layer) || finished.contains(&layer) {
                 continue;
             }
-            match serve_layer(rt, &client, store, sn, &chain, &layer, &source) {
+            match serve_layer(rt, &client, store, sn, (&chain, &layer, &source), &activity) {
                 Ok(s) => {
                     served.insert(layer, s);
                 }

@@ -71,6 +71,20 @@ impl RegistrySource {
         self.fetched.load(Ordering::Relaxed)
     }
 
+    /// Fetches one byte of the blob ahead of the first read: it settles what the
+    /// first request to a registry settles (TLS or plain HTTP for a loopback
+    /// registry, the token for the blob's scope) while the container is still
+    /// starting, so the first miss does not pay for it. Warm-ups run one at a
+    /// time: concurrent first requests to a loopback registry race its switch
+    /// to plain HTTP, and the losers pay a retry's backoff.
+    pub fn warm_up(&self) {
+        static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = self.ranged(&self.layer, 0..1) {
+            tracing::debug!("layer {}: warm-up request: {e}", self.layer);
+        }
+    }
+
     fn ranged(&self, digest: &Digest, range: Range<u64>) -> io::Result<Vec<u8>> {
         let len = range
             .end

@@ -12,11 +12,14 @@
 //!
 //! In memory each span is missing, queued (with a priority), in flight, local or
 //! failed. Readers queue what they need and wait on a condition variable; fetcher
-//! threads take the most urgent queued span and the queued spans right after it
-//! (coalesced into one source request, up to `max_request` bytes), so each span is
-//! fetched once however many readers wait. A span that fails (source error, digest
-//! mismatch, write error) fails its waiters with EIO and is fetched again by the next
-//! reader that needs it; nothing of a span that fails verification is written.
+//! threads take the most urgent queued span and the queued spans right after it as
+//! urgent (coalesced into one source request, up to `max_request` bytes), so each
+//! span is fetched once however many readers wait. A span is local (its readers go
+//! on) once verified and written; it is set in the bitmap once synced, and a failed
+//! sync makes it missing again. Background completion yields to reads (see
+//! [`Activity`]). A span that fails (source error, digest mismatch, write error)
+//! fails its waiters with EIO and is fetched again by the next reader that needs it;
+//! nothing of a span that fails verification is written.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
@@ -25,9 +28,10 @@ use std::ops::Range;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use cstore_index::{Index, Kind, SpanReader, TreeOptions};
 
@@ -53,13 +57,77 @@ pub enum Priority {
     Background = 2,
 }
 
+/// Read misses and background requests of the layers one daemon serves: a
+/// container starting on lazy layers is waiting on its misses, and background
+/// completion (every span of every layer, in order) would otherwise take the link
+/// and the CPU from them, in every layer at once.
+#[derive(Debug, Default)]
+pub struct Activity {
+    /// Read misses being waited for now.
+    misses: AtomicUsize,
+    /// When the last miss ended.
+    last_miss: Mutex<Option<Instant>>,
+    /// Background requests in flight.
+    background: AtomicUsize,
+}
+
+impl Activity {
+    fn miss_begin(&self) {
+        self.misses.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn miss_end(&self) {
+        *lock(&self.last_miss) = Some(Instant::now());
+        self.misses.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// How long background work must still wait for reads to go quiet (zero: go).
+    fn quiet_for(&self, quiet: Duration) -> Duration {
+        if self.misses.load(Ordering::SeqCst) > 0 {
+            return quiet;
+        }
+        match *lock(&self.last_miss) {
+            Some(t) => quiet.saturating_sub(t.elapsed()),
+            None => Duration::ZERO,
+        }
+    }
+
+    /// Takes a background slot if fewer than `max` are in flight.
+    fn background_begin(&self, max: usize) -> bool {
+        self.background
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max.max(1)).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn background_end(&self) {
+        self.background.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// How a lazy layer is served.
 #[derive(Debug, Clone)]
 pub struct LayerOptions {
-    /// Fetcher threads (source requests in flight at once).
+    /// Fetcher threads (source requests in flight at once). With two or more, the
+    /// first never takes background work, so a miss never queues behind it.
     pub fetchers: usize,
-    /// Largest coalesced request, in compressed bytes (a single span may exceed it).
+    /// Largest coalesced request for reads and prefetch, in compressed bytes (a
+    /// single span may exceed it).
     pub max_request: u64,
+    /// Largest coalesced background-completion request: small, so that a miss
+    /// arriving while it is on the wire waits little for the link.
+    pub background_request: u64,
+    /// Background completion starts a request only once no read has missed for
+    /// this long, in any layer sharing `activity`...
+    pub background_quiet: Duration,
+    /// ...and not before this long after the layer was opened (a container
+    /// starting on it has not read yet: the daemon sets it).
+    pub background_delay: Duration,
+    /// Background requests in flight at once, over the layers sharing `activity`.
+    pub background_inflight: usize,
+    /// Shared by the layers one daemon serves (see [`Activity`]).
+    pub activity: Arc<Activity>,
     /// Extraction's settings, for the tree completion rebuilds and compares.
     pub tree: TreeOptions,
 }
@@ -76,6 +144,11 @@ impl Default for LayerOptions {
         LayerOptions {
             fetchers: 2,
             max_request: 4 << 20,
+            background_request: 1 << 20,
+            background_quiet: Duration::from_millis(500),
+            background_delay: Duration::ZERO,
+            background_inflight: 2,
+            activity: Arc::new(Activity::default()),
             tree: TreeOptions {
                 umask,
                 owner,
@@ -166,6 +239,24 @@ pub(crate) struct Layer {
     spans_fetched: AtomicU64,
     bytes_fetched: AtomicU64,
     failures: AtomicU64,
+    /// When the layer was opened (background work waits `background_delay` after).
+    opened: Instant,
+}
+
+/// A read miss being waited for, counted in the daemon's [`Activity`].
+struct MissGuard<'a>(&'a Activity);
+
+impl<'a> MissGuard<'a> {
+    fn new(a: &'a Activity) -> Self {
+        a.miss_begin();
+        MissGuard(a)
+    }
+}
+
+impl Drop for MissGuard<'_> {
+    fn drop(&mut self) {
+        self.0.miss_end();
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -263,6 +354,7 @@ impl Layer {
             spans_fetched: AtomicU64::new(0),
             bytes_fetched: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            opened: Instant::now(),
             idx,
             opts,
         });
@@ -271,7 +363,7 @@ impl Layer {
             let l = layer.clone();
             let h = std::thread::Builder::new()
                 .name(format!("lazy-fetch-{k}"))
-                .spawn(move || l.fetcher())
+                .spawn(move || l.fetcher(k))
                 .map_err(|e| Error::io("spawn a fetcher", cache_dir, e))?;
             workers.push(h);
         }
@@ -404,6 +496,7 @@ impl Layer {
             return Ok(());
         }
         self.cv.notify_all();
+        let _miss = (prio == Priority::OnDemand).then(|| MissGuard::new(&self.opts.activity));
         loop {
             if st.stopping {
                 return Err(Error::Layer {
@@ -438,30 +531,67 @@ impl Layer {
         self.wait_for(&all, Priority::Background)
     }
 
-    fn fetcher(self: Arc<Self>) {
+    fn fetcher(self: Arc<Self>, k: usize) {
+        // With two fetchers or more, the first is kept for reads and prefetch.
+        let reads_only = k == 0 && self.opts.fetchers > 1;
+        let activity = self.opts.activity.clone();
         let mut reader = SpanReader::new();
         loop {
-            let batch = {
+            let (batch, background) = {
                 let mut st = lock(&self.st);
                 loop {
                     if st.stopping {
                         return;
                     }
-                    if !st.queue.is_empty() {
+                    let Some(&(prio, _)) = st.queue.first() else {
+                        st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+                        continue;
+                    };
+                    if prio != Priority::Background {
                         break;
                     }
-                    st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+                    if reads_only {
+                        st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+                        continue;
+                    }
+                    // Background work waits for reads to go quiet in every layer
+                    // (misses elsewhere do not wake this layer's condvar: poll).
+                    let wait = activity.quiet_for(self.opts.background_quiet).max(
+                        self.opts
+                            .background_delay
+                            .saturating_sub(self.opened.elapsed()),
+                    );
+                    if wait.is_zero() && activity.background_begin(self.opts.background_inflight) {
+                        break;
+                    }
+                    let wait = if wait.is_zero() {
+                        Duration::from_millis(50)
+                    } else {
+                        wait.min(Duration::from_millis(100))
+                    };
+                    st = self
+                        .cv
+                        .wait_timeout(st, wait)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
                 }
-                let (_, first) = st.queue.pop_first().expect("not empty");
+                let (prio, first) = st.queue.pop_first().expect("not empty");
+                let max = if prio == Priority::Background {
+                    self.opts.background_request
+                } else {
+                    self.opts.max_request
+                };
                 st.spans[first] = SpanState::InFlight;
                 let mut batch = vec![first];
                 let start = self.idx.span(first).compressed.start;
                 let mut j = first + 1;
+                // Only spans at least as urgent join: a miss must not carry the
+                // background spans after it.
                 while j < st.spans.len() {
                     let SpanState::Queued(p) = st.spans[j] else {
                         break;
                     };
-                    if self.idx.span(j).compressed.end - start > self.opts.max_request {
+                    if p > prio || self.idx.span(j).compressed.end - start > max {
                         break;
                     }
                     st.queue.remove(&(p, j));
@@ -469,15 +599,22 @@ impl Layer {
                     batch.push(j);
                     j += 1;
                 }
-                batch
+                (batch, prio == Priority::Background)
             };
-            let results = self.fetch_batch(&batch, &mut reader);
+            let t0 = Instant::now();
+            let (results, touched) = self.fetch_batch(&batch, &mut reader);
+            if background {
+                activity.background_end();
+            }
+            let fetched = t0.elapsed();
+            let mut written = Vec::new();
             let mut st = lock(&self.st);
             for (s, r) in batch.iter().zip(results) {
                 match r {
                     Ok(()) => {
                         st.spans[*s] = SpanState::Local;
                         st.local += 1;
+                        written.push(*s);
                     }
                     Err(e) => {
                         self.failures.fetch_add(1, Ordering::Relaxed);
@@ -487,31 +624,58 @@ impl Layer {
                 }
             }
             drop(st);
+            // Readers go on now: the verified bytes are in the tree files, and the
+            // page cache serves them. Syncing first cost a reader three
+            // fdatasyncs per miss (tens of ms each on a busy disk).
             self.cv.notify_all();
+            if let Err(e) = self.persist(&written, &touched) {
+                // Not durable: the next reader fetches them again.
+                tracing::warn!("{}: spans {written:?}: {e}", self.name);
+                let mut st = lock(&self.st);
+                for &s in &written {
+                    if st.spans[s] == SpanState::Local {
+                        st.spans[s] = SpanState::Failed(e.clone().into());
+                        st.local -= 1;
+                        self.failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            tracing::debug!(
+                "{}: spans {}..={} ({}): fetched and written in {fetched:?}, durable after {:?}",
+                self.name,
+                batch[0],
+                batch[batch.len() - 1],
+                if background { "background" } else { "read" },
+                t0.elapsed()
+            );
         }
     }
 
+    /// The bytes of `written` spans durable (blob copy and tree files), then the
+    /// spans set in the bitmap: a restarted daemon trusts what it says.
+    fn persist(&self, written: &[usize], touched: &[Arc<File>]) -> Result<(), String> {
+        if written.is_empty() {
+            return Ok(());
+        }
+        tree::fdatasync(self.blob.as_fd())
+            .and_then(|_| touched.iter().try_for_each(|f| tree::fdatasync(f.as_fd())))
+            .map_err(|e| format!("fdatasync: {e}"))
+            .and_then(|_| self.mark(written))
+    }
+
     /// Fetches, verifies, inflates and writes a run of adjacent spans; one result
-    /// per span. A span is written only once verified, and marked in the bitmap
-    /// only once its bytes are synced.
-    fn fetch_batch(&self, batch: &[usize], reader: &mut SpanReader) -> Vec<Result<(), String>> {
-        let fail_all = |why: String| batch.iter().map(|_| Err(why.clone())).collect();
+    /// per span, and the tree files written. A span is written only once verified
+    /// ([`Self::persist`] makes it durable and marks it in the bitmap).
+    fn fetch_batch(
+        &self,
+        batch: &[usize],
+        reader: &mut SpanReader,
+    ) -> (Vec<Result<(), String>>, Vec<Arc<File>>) {
+        let fail_all = |why: String| (batch.iter().map(|_| Err(why.clone())).collect(), Vec::new());
         let first = self.idx.span(batch[0]);
         let last = self.idx.span(*batch.last().expect("a span"));
         let range = first.compressed.start..last.compressed.end;
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let bytes = match self.source.fetch(range.clone()) {
-            Ok(b) => b,
-            Err(e) => return fail_all(format!("fetching bytes {range:?}: {e}")),
-        };
-        if bytes.len() as u64 != range.end - range.start {
-            return fail_all(format!(
-                "the source returned {} bytes for {range:?}",
-                bytes.len()
-            ));
-        }
-        self.bytes_fetched
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         // The windows of the run, in one request (they lie in span order).
         let wins: Vec<(usize, Range<u64>)> = batch
             .iter()
@@ -524,23 +688,44 @@ impl Layer {
             (Some(a), Some(b)) => a..b,
             _ => 0..0,
         };
-        let wbytes = if wrange.is_empty() {
-            Vec::new()
-        } else {
-            match self.source.fetch_windows(wrange.clone()) {
-                Ok(b) if b.len() as u64 == wrange.end - wrange.start => b,
-                Ok(b) => {
-                    return fail_all(format!(
-                        "the source returned {} window bytes for {wrange:?}",
-                        b.len()
-                    ))
-                }
-                Err(e) => return fail_all(format!("fetching windows {wrange:?}: {e}")),
+        // Both requests at once: from a registry each is a round trip, and a
+        // reader waits for both.
+        let (bytes, wbytes) = std::thread::scope(|sc| {
+            let w = (!wrange.is_empty())
+                .then(|| sc.spawn(|| self.source.fetch_windows(wrange.clone())));
+            let b = self.source.fetch(range.clone());
+            let w = match w {
+                Some(h) => h
+                    .join()
+                    .unwrap_or_else(|_| Err(io::Error::other("the windows fetch panicked"))),
+                None => Ok(Vec::new()),
+            };
+            (b, w)
+        });
+        let bytes = match bytes {
+            Ok(b) => b,
+            Err(e) => return fail_all(format!("fetching bytes {range:?}: {e}")),
+        };
+        if bytes.len() as u64 != range.end - range.start {
+            return fail_all(format!(
+                "the source returned {} bytes for {range:?}",
+                bytes.len()
+            ));
+        }
+        self.bytes_fetched
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        let wbytes = match wbytes {
+            Ok(b) if b.len() as u64 == wrange.end - wrange.start => b,
+            Ok(b) => {
+                return fail_all(format!(
+                    "the source returned {} window bytes for {wrange:?}",
+                    b.len()
+                ))
             }
+            Err(e) => return fail_all(format!("fetching windows {wrange:?}: {e}")),
         };
         let mut results = Vec::with_capacity(batch.len());
         let mut touched: Vec<Arc<File>> = Vec::new();
-        let mut written = Vec::new();
         for &s in batch {
             let sp = self.idx.span(s);
             let c = &bytes[(sp.compressed.start - range.start) as usize
@@ -561,27 +746,9 @@ impl Layer {
                         .map_err(|e| format!("writing the blob copy: {e}"))?;
                     self.write_tree(sp.uncompressed.start, &out, &mut touched)
                 });
-            if r.is_ok() {
-                written.push(s);
-            }
             results.push(r);
         }
-        if written.is_empty() {
-            return results;
-        }
-        // Durable before the bitmap says so.
-        let synced = tree::fdatasync(self.blob.as_fd())
-            .and_then(|_| touched.iter().try_for_each(|f| tree::fdatasync(f.as_fd())))
-            .map_err(|e| format!("fdatasync: {e}"))
-            .and_then(|_| self.mark(&written));
-        if let Err(e) = synced {
-            for (s, r) in batch.iter().zip(results.iter_mut()) {
-                if written.contains(s) {
-                    *r = Err(e.clone());
-                }
-            }
-        }
-        results
+        (results, touched)
     }
 
     /// Sets `spans` in the bitmap and syncs it.

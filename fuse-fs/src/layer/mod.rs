@@ -12,8 +12,9 @@
 //! ([`cache`]): a missing span is fetched through the [`SpanSource`] once however many
 //! readers wait (adjacent missing spans in one request), checked against its sha256,
 //! inflated from its checkpoint, and its bytes written into the files of the layer's
-//! own tree (the directory that becomes the snapshot), and only then marked local in a
-//! bitmap persisted after fdatasync. The reader is then answered from the tree file. A
+//! own tree (the directory that becomes the snapshot). The reader is then answered
+//! from the tree file (the page cache has the bytes); the span is set in a bitmap
+//! once blob copy and tree files are fdatasynced, and the bitmap synced too. A
 //! file whose spans are all local is opened in passthrough, its tree file the backing
 //! file. [`LayerFs::complete`] fetches the rest, verifies the whole layer and makes the
 //! tree exactly what extraction makes ([`complete`]).
@@ -34,7 +35,7 @@ use crate::abi::{Attr, Statfs};
 use crate::error::Result;
 use crate::fs::{DirSink, Errno, Open, ReadOnlyFs};
 
-pub use cache::{local_of, read_trace, CacheStats, LayerOptions, Local, Priority};
+pub use cache::{local_of, read_trace, Activity, CacheStats, LayerOptions, Local, Priority};
 pub use complete::build_index;
 pub use source::{FileSource, SpanSource};
 

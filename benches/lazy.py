@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""lazy.py - the tables of benches/lazy.sh, and its tree reader.
+
+    lazy.py table [--lazy 0|1] RESULTS.tsv
+        RESULTS: one line per run, tab-separated:
+        LINK CASE WORKLOAD ROUND PULL_S FIRST_S EXIT_S OK BYTES EXTRA
+        (LINK in Mbit/s, 0 = unlimited; FIRST_S and EXIT_S from the spawn of
+        the run command, FIRST_S "-" when it printed nothing; OK 0 when the
+        output lacked what the workload prints last; BYTES from the proxy;
+        EXTRA the tool's own count of bytes fetched, or "-").
+        Prints per link and workload the median [min-max] of the pull, the
+        run, and the totals from the pull's spawn to the first output and to
+        the exit, the MB fetched, then the ratios the lazy goals are about.
+    lazy.py treeread DIR
+        Reads every regular file below DIR once (1 MiB reads, no symlinks
+        followed) and prints MB/s (10^6 bytes per second of the whole walk).
+    lazy.py reads READS.txt
+        READS: lines "SIDE WHAT MB_PER_S" (SIDE unpacked or lazy); prints
+        median [min-max] per side and the ratio lazy / unpacked.
+"""
+
+import os
+import stat
+import statistics
+import sys
+import time
+
+CASES = [
+    ("cstore", "cstore pull + run"),
+    ("stargz", "stargz lazy (ctr-remote rpull + ctr run)"),
+    ("ctr", "ctr pull + run (overlayfs)"),
+    ("ctr+cs", "ctr pull + run (cstore snapshotter)"),
+    ("cstore-lazy", "cstore lazy (pull --lazy + run)"),
+    ("ctr+cs-lazy", "ctr + cstore lazy (rpull + ctr run)"),
+]
+LAZY = {"cstore-lazy", "ctr+cs-lazy"}
+
+
+def fmt(xs, scale=1.0, prec=2):
+    if not xs:
+        return "-"
+    xs = [x * scale for x in xs]
+    m = statistics.median(xs)
+    if len(xs) == 1:
+        return f"{m:.{prec}f}"
+    return f"{m:.{prec}f} [{min(xs):.{prec}f}-{max(xs):.{prec}f}]"
+
+
+def med(xs):
+    return statistics.median(xs) if xs else None
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}" if a is not None and b else "-"
+
+
+def link_name(link):
+    return "unlimited" if float(link) == 0 else f"{link} Mbit/s"
+
+
+def table(path, lazy):
+    runs = {}
+    links, wls = [], []
+    for line in open(path):
+        f = line.rstrip("\n").split("\t")
+        if len(f) != 10:
+            continue
+        link, case, wl, _round, pull, first, exit_, ok, nbytes, extra = f
+        if link not in links:
+            links.append(link)
+        if wl not in wls:
+            wls.append(wl)
+        r = runs.setdefault((link, wl, case), {"pull": [], "run": [], "first": [], "exit": [],
+                                               "mb": [], "extra": [], "lost": 0})
+        pull, exit_ = float(pull), float(exit_)
+        r["pull"].append(pull)
+        r["run"].append(exit_)
+        r["exit"].append(pull + exit_)
+        if ok == "1" and first != "-":
+            r["first"].append(pull + float(first))
+        if ok != "1":
+            r["lost"] += 1
+        r["mb"].append(int(nbytes) / 1e6)
+        if extra != "-":
+            r["extra"].append(int(float(extra)) / 1e6)
+
+    notes = []
+    for link in links:
+        for wl in wls:
+            n = max((len(r["pull"]) for (l, w, _), r in runs.items() if l == link and w == wl), default=0)
+            if not n:
+                continue
+            print(f"\n{link_name(link)}, workload {wl}: seconds, median [min-max] of {n}; "
+                  f"MB fetched from the registry (proxy count, at the run's exit)")
+            head = ["case", "pull", "run", "to first output", "to exit", "MB fetched", "MB (tool's count)"]
+            rows = []
+            for case, label in CASES:
+                r = runs.get((link, wl, case))
+                if r is None:
+                    if case in LAZY and not lazy:
+                        rows.append([label, "not available yet"] + [""] * 5)
+                    continue
+                rows.append([label, fmt(r["pull"]), fmt(r["run"]), fmt(r["first"]), fmt(r["exit"]),
+                             fmt(r["mb"], prec=1), fmt(r["extra"], prec=1)])
+                if r["lost"]:
+                    notes.append(f"{link_name(link)}, {wl}, {case}: {r['lost']} run(s) without the "
+                                 "workload's full output (not counted for first output)")
+            w = [max(len(x[i]) for x in rows + [head]) for i in range(len(head))]
+            print("  " + "  ".join(h.ljust(w[i]) for i, h in enumerate(head)).rstrip())
+            for x in rows:
+                print("  " + "  ".join(c.ljust(w[i]) for i, c in enumerate(x)).rstrip())
+
+            def m(case, key):
+                r = runs.get((link, wl, case))
+                return med(r[key]) if r else None
+
+            print("  ratios of the medians to exit: "
+                  f"stargz/ctr {ratio(m('stargz', 'exit'), m('ctr', 'exit'))}, "
+                  f"stargz/cstore {ratio(m('stargz', 'exit'), m('cstore', 'exit'))}, "
+                  f"cstore/ctr {ratio(m('cstore', 'exit'), m('ctr', 'exit'))}, "
+                  f"ctr+cs/ctr {ratio(m('ctr+cs', 'exit'), m('ctr', 'exit'))}")
+            if lazy:
+                print("  lazy goals, medians to exit (goal): "
+                      f"cstore-lazy/stargz {ratio(m('cstore-lazy', 'exit'), m('stargz', 'exit'))} (<= 1), "
+                      f"cstore-lazy/cstore {ratio(m('cstore-lazy', 'exit'), m('cstore', 'exit'))} (<= 0.2), "
+                      f"ctr+cs-lazy/stargz {ratio(m('ctr+cs-lazy', 'exit'), m('stargz', 'exit'))} (<= 1); "
+                      f"MB fetched cstore-lazy/stargz {ratio(m('cstore-lazy', 'mb'), m('stargz', 'mb'))} (<= 1)")
+            else:
+                print("  lazy goals (cstore-lazy/stargz <= 1, cstore-lazy/cstore <= 0.2, "
+                      "ctr+cs-lazy/stargz <= 1, MB fetched cstore-lazy/stargz <= 1): not available yet")
+    for n in notes:
+        print(f"note: {n}")
+
+
+def treeread(top):
+    buf = bytearray(1 << 20)
+    total = 0
+    t0 = time.perf_counter()
+    for d, _dirs, files in os.walk(top):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(d, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
+                continue  # a symlink, a socket, a fifo
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    continue
+                while True:
+                    n = os.readv(fd, [buf])
+                    if n == 0:
+                        break
+                    total += n
+            finally:
+                os.close(fd)
+    dt = time.perf_counter() - t0
+    print(f"{total / dt / 1e6:.1f}")
+    print(f"treeread {top}: {total} bytes in {dt:.2f} s", file=sys.stderr)
+
+
+def reads(path):
+    data = {}
+    for line in open(path):
+        f = line.split()
+        if len(f) == 3 and f[2] not in ("null", "-"):
+            data.setdefault(f[1], {}).setdefault(f[0], []).append(float(f[2]))
+    print("\nread throughput, MB/s, median [min-max], cold cache: unpacked layer vs completed lazy layer")
+    rows = [["read", "unpacked", "lazy", "lazy / unpacked (>= 0.9)"]]
+    for what, sides in data.items():
+        u, z = sides.get("unpacked", []), sides.get("lazy", [])
+        rows.append([what, fmt(u, prec=0), fmt(z, prec=0) if z else "not available yet",
+                     ratio(med(z), med(u))])
+    w = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  " + "  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip())
+
+
+def main():
+    a = sys.argv[1:]
+    if a[:1] == ["table"]:
+        lazy = True
+        if a[1:2] == ["--lazy"]:
+            lazy, a = a[2] == "1", a[2:]
+        return table(a[1], lazy)
+    if a[:1] == ["treeread"] and len(a) == 2:
+        return treeread(a[1])
+    if a[:1] == ["reads"] and len(a) == 2:
+        return reads(a[1])
+    sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main()
