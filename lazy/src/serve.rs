@@ -10,14 +10,25 @@
 //! `cstore.io/lazy` label goes, its verified blob joins the store). The
 //! daemon picks up new lazy layers as they are pulled, and exits once every
 //! layer it serves is complete and no mount uses its FUSE mounts.
+//!
+//! Restarts (#15): each FUSE connection's /dev/fuse fd is put in an fd store
+//! under [`fd_name`] (the store's keeper, [`supervise_store`], or systemd's fd
+//! store), so a daemon killed with SIGKILL leaves its mounts stalled, not
+//! dead: the next daemon takes each fd back and resumes the session without
+//! INIT, and the layer's cache carries on from its on-disk span bitmap.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cstore_fuse_fs::layer::{LayerFs, LayerOptions};
-use cstore_fuse_fs::{PassthroughMode, Session, SessionOptions, StateDir};
+use cstore_fuse_fs::supervisor::{Decision, FailureWindow, RestartPolicy};
+use cstore_fuse_fs::{
+    FdStore, Fusectl, KeeperClient, PassthroughMode, Session, SessionOptions, StateDir,
+    EXIT_STOPPED,
+};
 use cstore_registry::{parse_digest, Reference, RegistryClient};
 use cstore_snapshotter::image::{LABEL_LAYER_DIGEST, LABEL_LAZY, LABEL_LAZY_SOURCE};
 use cstore_snapshotter::{mount, Snapshotter};
@@ -38,12 +49,37 @@ pub fn layer_dir(store: &Store, layer: &str) -> PathBuf {
         .join(layer.trim_start_matches("sha256:"))
 }
 
+/// The name a layer's /dev/fuse fd is kept under in the fd store.
+pub fn fd_name(layer: &str) -> String {
+    format!("lazy.{}", layer.trim_start_matches("sha256:"))
+}
+
+/// The layer (`sha256:<hex>`) an fd store name is of, if it is one of ours.
+fn layer_of_fd_name(name: &str) -> Option<String> {
+    let hex = name.strip_prefix("lazy.")?;
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then(|| format!("sha256:{hex}"))
+}
+
+/// The store's keeper socket ([`supervise_store`] binds it).
+pub fn keeper_socket(store: &Store) -> PathBuf {
+    store.root().join("lazy/keeper.sock")
+}
+
+/// The pid of the daemon serving the store now (written once it holds the lock).
+pub fn daemon_pid_file(store: &Store) -> PathBuf {
+    store.root().join("lazy/daemon.pid")
+}
+
 fn io(op: &'static str, path: &Path, e: std::io::Error) -> Error {
     Error::Io {
         op,
         path: path.display().to_string(),
         source: e,
     }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    cstore_os::write_atomic(path, bytes).map_err(|e| cstore_fuse_fs::Error::from(e).into())
 }
 
 fn is_fuse_mount(p: &Path) -> bool {
@@ -129,7 +165,7 @@ struct Served {
     session: Session<LayerFs>,
     /// Completion ended, verified or not (a layer that failed stays lazy:
     /// its readers got EIO; the next daemon tries again).
-    done: Arc<std::sync::atomic::AtomicBool>,
+    done: Arc<AtomicBool>,
     done_since: Option<Instant>,
 }
 
@@ -155,6 +191,25 @@ fn lower_indexes(
     Ok(out)
 }
 
+/// What the daemon needs besides the store: where FUSE fds are kept between
+/// daemons, and the flag a SIGTERM sets.
+#[derive(Clone, Default)]
+pub struct ServeOptions {
+    pub fd_store: Option<Arc<dyn FdStore>>,
+    /// Set: stop serving, leaving every connection to the next daemon.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// How [`serve_store`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Nothing left to serve (or another daemon serves the store).
+    Done,
+    /// Stopped on request; the connections wait in the fd store.
+    Stopped,
+}
+
+#[allow(clippy::too_many_arguments)]
 fn serve_layer(
     rt: &tokio::runtime::Handle,
     client: &Arc<RegistryClient>,
@@ -163,6 +218,8 @@ fn serve_layer(
     chain: &str,
     layer: &str,
     source: &str,
+    opts: &ServeOptions,
+    lazy: bool,
 ) -> Result<Served> {
     let rec = store.layer_index(layer)?.ok_or_else(|| Error::Invalid {
         what: format!("lazy layer {layer}"),
@@ -182,8 +239,19 @@ fn serve_layer(
     for d in [&cache, &mnt, &state] {
         std::fs::create_dir_all(d).map_err(|e| io("create", d, e))?;
     }
-    if mount::is_mountpoint(&mnt) {
-        // A dead daemon's mount: nobody serves it any more.
+    // A layer that completed while an earlier daemon served it has lost its
+    // source label; the mount still needs one (it never fetches: all local).
+    write_atomic(&dir.join("source"), source.as_bytes())?;
+    let name = fd_name(layer);
+    let kept = match &opts.fd_store {
+        Some(s) => s.get(&name).unwrap_or_else(|e| {
+            tracing::warn!("layer {layer}: fd store: {e}");
+            None
+        }),
+        None => None,
+    };
+    if kept.is_none() && mount::is_mountpoint(&mnt) {
+        // A dead daemon's mount whose fd nobody kept: nobody can serve it any more.
         let _ = cstore_fuse_fs::dev::unmount(&mnt, true);
     }
     let r: Reference = source.parse()?;
@@ -203,15 +271,47 @@ fn serve_layer(
     )?);
     let lowers = lower_indexes(store, sn, chain)?;
     fs.inherit_implicit(&lowers.iter().collect::<Vec<_>>());
-    let session = Session::start(
-        fs.clone(),
-        &mnt,
-        &StateDir::new(&state)?,
-        SessionOptions {
-            passthrough: PassthroughMode::IfAvailable,
-            ..SessionOptions::default()
+    let state = StateDir::new(&state)?;
+    let sopts = SessionOptions {
+        passthrough: PassthroughMode::IfAvailable,
+        threads: 4,
+        fd_store: opts.fd_store.clone().map(|s| (s, name.clone())),
+        ..SessionOptions::default()
+    };
+    let session = match kept {
+        Some(fd) => match Session::resume(fs.clone(), fd, &state, sopts.clone()) {
+            Ok(s) => {
+                tracing::info!("layer {layer}: resumed its FUSE connection");
+                s
+            }
+            Err(e) => {
+                // The connection cannot be taken over: end it (its readers get
+                // ENOTCONN, not a hang) and mount afresh.
+                tracing::error!("layer {layer}: resuming its FUSE connection: {e}");
+                if let Ok(Some(conn)) = state.load().map(|s| s.settings.and_then(|s| s.conn)) {
+                    let _ = Fusectl::open().and_then(|c| c.abort(conn));
+                }
+                if let Some(s) = &opts.fd_store {
+                    let _ = s.del(&name);
+                }
+                let _ = cstore_fuse_fs::dev::unmount(&mnt, true);
+                Session::start(fs.clone(), &mnt, &state, sopts)?
+            }
         },
-    )?;
+        None => Session::start(fs.clone(), &mnt, &state, sopts)?,
+    };
+    let done = Arc::new(AtomicBool::new(false));
+    if !lazy {
+        // Completed and committed under an earlier daemon: only served until unused.
+        done.store(true, Ordering::SeqCst);
+        return Ok(Served {
+            fs,
+            mnt,
+            session,
+            done,
+            done_since: None,
+        });
+    }
     // Background completion (on-demand reads go first in the fetchers).
     let (fs2, store2, chain2, layer2, root) = (
         fs.clone(),
@@ -220,7 +320,6 @@ fn serve_layer(
         layer.to_string(),
         store.root().to_path_buf(),
     );
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let done2 = done.clone();
     std::thread::spawn(move || {
         match fs2.complete() {
@@ -234,7 +333,7 @@ fn serve_layer(
             }
             Err(e) => tracing::error!("layer {layer2}: {e}"),
         }
-        done2.store(true, std::sync::atomic::Ordering::SeqCst);
+        done2.store(true, Ordering::SeqCst);
     });
     Ok(Served {
         fs,
@@ -259,15 +358,54 @@ fn in_use(mnt: &Path) -> bool {
     })
 }
 
-/// Serve every lazy layer of the store until none needs serving. `ready` is
-/// called once the lazy layers present at the start are mounted.
+/// The layers whose FUSE fds the fd store holds (a daemon before this one
+/// served them), by layer digest.
+fn kept_layers(opts: &ServeOptions) -> Vec<String> {
+    let Some(s) = &opts.fd_store else {
+        return Vec::new();
+    };
+    match s.list() {
+        Ok(names) => names.iter().filter_map(|n| layer_of_fd_name(n)).collect(),
+        Err(e) => {
+            tracing::warn!("fd store: {e}");
+            Vec::new()
+        }
+    }
+}
+
+/// A kept connection of a layer that is no longer lazy (it completed just
+/// before the last daemon died): its chain and source, to serve it until unused.
+fn completed_layer(store: &Store, sn: &Snapshotter, layer: &str) -> Option<(String, String)> {
+    let chain = sn
+        .list()
+        .ok()?
+        .into_iter()
+        .find(|i| i.labels.get(LABEL_LAYER_DIGEST).map(String::as_str) == Some(layer))?
+        .name;
+    let source = std::fs::read_to_string(layer_dir(store, layer).join("source")).ok()?;
+    Some((chain, source))
+}
+
+/// Sleeps `d`, waking early when a stop is requested.
+fn nap(d: Duration, stop: &AtomicBool) {
+    let until = Instant::now() + d;
+    while !stop.load(Ordering::SeqCst) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Serve every lazy layer of the store until none needs serving, or until
+/// `opts.stop` is set (each session then stops after the request it is
+/// answering; the connections stay in the fd store for the next daemon).
+/// `ready` is called once the lazy layers present at the start are mounted.
 pub fn serve_store(
     rt: &tokio::runtime::Handle,
     client: Arc<RegistryClient>,
     store: &Store,
     sn: &Snapshotter,
+    opts: &ServeOptions,
     ready: impl FnOnce(),
-) -> Result<()> {
+) -> Result<Ended> {
     let lock_path = store.root().join("lazy/daemon.lock");
     std::fs::create_dir_all(store.root().join("lazy")).map_err(|e| io("create", &lock_path, e))?;
     // try_take wants the file to exist.
@@ -281,18 +419,47 @@ pub fn serve_store(
     let Some(_lock) = lock else {
         // Another daemon serves the store.
         ready();
-        return Ok(());
+        return Ok(Ended::Done);
     };
+    write_atomic(
+        &daemon_pid_file(store),
+        std::process::id().to_string().as_bytes(),
+    )?;
     let mut served: HashMap<String, Served> = HashMap::new();
     // Layers this daemon served and let go: not served again by it.
     let mut finished = std::collections::HashSet::new();
     let mut ready = Some(ready);
+    // Kept connections first: their readers are waiting.
+    let mut first = true;
     loop {
-        for (chain, layer, source) in lazy_snapshots(sn)? {
+        let mut todo: Vec<(String, String, String, bool)> = lazy_snapshots(sn)?
+            .into_iter()
+            .map(|(c, l, s)| (c, l, s, true))
+            .collect();
+        if first {
+            for layer in kept_layers(opts) {
+                if todo.iter().any(|t| t.1 == layer) {
+                    continue;
+                }
+                match completed_layer(store, sn, &layer) {
+                    Some((chain, source)) => todo.push((chain, layer, source, false)),
+                    None => {
+                        tracing::warn!("kept FUSE connection of layer {layer}: no such snapshot");
+                    }
+                }
+            }
+            let kept = kept_layers(opts);
+            todo.sort_by_key(|t| !kept.contains(&t.1));
+            first = false;
+        }
+        for (chain, layer, source, lazy) in todo {
             if served.contains_key(&layer) || finished.contains(&layer) {
                 continue;
             }
-            match serve_layer(rt, &client, store, sn, &chain, &layer, &source) {
+            if opts.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            match serve_layer(rt, &client, store, sn, &chain, &layer, &source, opts, lazy) {
                 Ok(s) => {
                     served.insert(layer, s);
                 }
@@ -305,10 +472,19 @@ pub fn serve_store(
         if let Some(r) = ready.take() {
             r();
         }
+        if opts.stop.load(Ordering::SeqCst) {
+            for (layer, s) in served.drain() {
+                match s.session.stop() {
+                    Ok((exit, _fd)) => tracing::info!("layer {layer}: {exit:?}"),
+                    Err(e) => tracing::warn!("layer {layer}: stopping: {e}"),
+                }
+            }
+            return Ok(Ended::Stopped);
+        }
         let now = Instant::now();
         let mut done = Vec::new();
         for (layer, s) in served.iter_mut() {
-            if !s.done.load(std::sync::atomic::Ordering::SeqCst) {
+            if !s.done.load(Ordering::SeqCst) {
                 continue;
             }
             let since = *s.done_since.get_or_insert(now);
@@ -328,10 +504,94 @@ pub fn serve_store(
             .iter()
             .any(|(_, l, _)| !finished.contains(l));
         if served.is_empty() && !waiting {
-            return Ok(());
+            let _ = std::fs::remove_file(daemon_pid_file(store));
+            return Ok(Ended::Done);
         }
-        std::thread::sleep(Duration::from_millis(200));
+        nap(Duration::from_millis(200), &opts.stop);
     }
+}
+
+/// The store's keeper and supervisor (`cstore lazy-keeper`, started on
+/// demand by `mount --lazy` / `run --lazy`): holds every lazy FUSE
+/// connection's fd (a [`cstore_fuse_fs::Keeper`] on [`keeper_socket`]) and
+/// runs the daemon `spawn` starts, again at once whenever it dies, so a
+/// reader sees a stall, not an error. A daemon that stopped on request
+/// ([`EXIT_STOPPED`]) is restarted without counting a failure; after
+/// `policy.max_failures` failures within `policy.window`, every kept
+/// connection is aborted (readers get ENOTCONN rather than hang behind a
+/// daemon that cannot serve) and the keeper exits. It also exits when the
+/// daemon ends with nothing left to serve and no fd kept.
+pub fn supervise_store(
+    store: &Store,
+    mut spawn: impl FnMut(&Path) -> std::io::Result<std::process::Child>,
+    policy: RestartPolicy,
+) -> Result<()> {
+    let lazy = store.root().join("lazy");
+    std::fs::create_dir_all(&lazy).map_err(|e| io("create", &lazy, e))?;
+    let lock_path = lazy.join("keeper.lock");
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&lock_path)
+        .map_err(|e| io("create", &lock_path, e))?;
+    let Some(_lock) =
+        cstore_os::FileLock::try_take(&lock_path).map_err(cstore_snapshotter::Error::from)?
+    else {
+        return Ok(()); // another keeper supervises the store
+    };
+    let sock = keeper_socket(store);
+    let keeper = Arc::new(cstore_fuse_fs::Keeper::bind(&sock)?);
+    let pid_file = lazy.join("keeper.pid");
+    write_atomic(&pid_file, std::process::id().to_string().as_bytes())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (k2, s2) = (keeper.clone(), stop.clone());
+    let server = std::thread::spawn(move || k2.serve(&s2));
+    let client = KeeperClient::new(&sock);
+    let mut window = FailureWindow::new(policy);
+    let result = loop {
+        let failure = match spawn(&sock) {
+            Err(e) => format!("spawn: {e}"),
+            Ok(mut child) => match child.wait() {
+                Err(e) => format!("wait: {e}"),
+                Ok(st) if st.success() => match client.list() {
+                    Ok(kept) if kept.is_empty() => break Ok(()),
+                    Ok(kept) => format!("exited with {} connections kept", kept.len()),
+                    Err(e) => format!("exited, and the keeper does not answer: {e}"),
+                },
+                Ok(st) if st.code() == Some(EXIT_STOPPED) => continue,
+                Ok(st) => st.to_string(),
+            },
+        };
+        tracing::warn!("lazy daemon failed: {failure}; restarting it");
+        if window.record(Instant::now()) == Decision::Abort {
+            tracing::error!(
+                "lazy daemon failed {} times within {:?}: aborting its FUSE connections",
+                window.failures(),
+                policy.window
+            );
+            for layer in client
+                .list()
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|n| layer_of_fd_name(n))
+            {
+                let st = StateDir::new(layer_dir(store, &layer).join("state"))?;
+                if let Some(conn) = st.load()?.settings.and_then(|s| s.conn) {
+                    if let Err(e) = Fusectl::open().and_then(|c| c.abort(conn)) {
+                        tracing::error!("layer {layer}: aborting connection {conn}: {e}");
+                    }
+                }
+            }
+            break Err(Error::Invalid {
+                what: "the lazy daemon".into(),
+                reason: format!("failed {} times in a row: {failure}", window.failures()),
+            });
+        }
+    };
+    let _ = std::fs::remove_file(&pid_file);
+    stop.store(true, Ordering::SeqCst);
+    let _ = server.join();
+    result
 }
 
 /// A completed layer: its snapshot is an ordinary one from now on, and its
