@@ -332,7 +332,7 @@ pub fn keeper(store: &Store, root: &std::path::Path, args: &crate::RegistryArgs)
                 .stdout(std::process::Stdio::null())
                 .spawn()
         },
-        cstore_fuse_fs::RestartPolicy::default(),
+        cstore_lazy::serve::RESTART_POLICY,
     )
     .context("supervising the store's lazy daemon")?;
     Ok(())

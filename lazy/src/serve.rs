@@ -243,11 +243,10 @@ fn serve_layer(
     // source label; the mount still needs one (it never fetches: all local).
     write_atomic(&dir.join("source"), source.as_bytes())?;
     let name = fd_name(layer);
+    // An fd store that does not answer is an error, not "nothing kept": a
+    // fresh mount would end the connection its readers wait on.
     let kept = match &opts.fd_store {
-        Some(s) => s.get(&name).unwrap_or_else(|e| {
-            tracing::warn!("layer {layer}: fd store: {e}");
-            None
-        }),
+        Some(s) => s.get(&name)?,
         None => None,
     };
     if kept.is_none() && mount::is_mountpoint(&mnt) {
@@ -298,7 +297,11 @@ fn serve_layer(
                 Session::start(fs.clone(), &mnt, &state, sopts)?
             }
         },
-        None => Session::start(fs.clone(), &mnt, &state, sopts)?,
+        None => {
+            let s = Session::start(fs.clone(), &mnt, &state, sopts)?;
+            tracing::info!("layer {layer}: mounted at {}", mnt.display());
+            s
+        }
     };
     let done = Arc::new(AtomicBool::new(false));
     if !lazy {
@@ -431,13 +434,15 @@ pub fn serve_store(
     let mut ready = Some(ready);
     // Kept connections first: their readers are waiting.
     let mut first = true;
+    let mut kept: Vec<String> = Vec::new();
     loop {
         let mut todo: Vec<(String, String, String, bool)> = lazy_snapshots(sn)?
             .into_iter()
             .map(|(c, l, s)| (c, l, s, true))
             .collect();
         if first {
-            for layer in kept_layers(opts) {
+            kept = kept_layers(opts);
+            for layer in kept.clone() {
                 if todo.iter().any(|t| t.1 == layer) {
                     continue;
                 }
@@ -448,9 +453,10 @@ pub fn serve_store(
                     }
                 }
             }
-            let kept = kept_layers(opts);
             todo.sort_by_key(|t| !kept.contains(&t.1));
             first = false;
+        } else {
+            kept.clear();
         }
         for (chain, layer, source, lazy) in todo {
             if served.contains_key(&layer) || finished.contains(&layer) {
@@ -462,6 +468,12 @@ pub fn serve_store(
             match serve_layer(rt, &client, store, sn, &chain, &layer, &source, opts, lazy) {
                 Ok(s) => {
                     served.insert(layer, s);
+                }
+                Err(e) if kept.contains(&layer) => {
+                    // Its readers wait on this connection: fail, so that the
+                    // keeper restarts the daemon (and in the end aborts it).
+                    tracing::error!("resuming lazy layer {layer}: {e}");
+                    return Err(e);
                 }
                 Err(e) => {
                     tracing::error!("serving lazy layer {layer}: {e}");
@@ -510,6 +522,15 @@ pub fn serve_store(
         nap(Duration::from_millis(200), &opts.stop);
     }
 }
+
+/// How many daemon deaths the keeper tolerates: 10 within a minute. Each
+/// costs readers a stall of well under a second, while a daemon that cannot
+/// serve (it dies on resume, on a request) must not keep them waiting for
+/// long: after that, aborting the connections gives them ENOTCONN.
+pub const RESTART_POLICY: RestartPolicy = RestartPolicy {
+    max_failures: 10,
+    window: Duration::from_secs(60),
+};
 
 /// The store's keeper and supervisor (`cstore lazy-keeper`, started on
 /// demand by `mount --lazy` / `run --lazy`): holds every lazy FUSE
