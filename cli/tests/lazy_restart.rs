@@ -417,3 +417,54 @@ fn registry_gone_mid_read_gives_eio_in_bounded_time_then_reads_again() {
     assert!(bytes == want, "the bytes read equal a plain pull's");
     b.ok(&["umount", mnt.s()]);
 }
+
+/// A daemon that keeps dying: after the tenth death within a minute the
+/// keeper aborts the kept connections and exits; a reader then gets ENOTCONN
+/// at once instead of waiting for a daemon that never comes, and the mount
+/// can be taken down.
+#[test]
+fn a_daemon_that_keeps_dying_ends_in_enotconn_not_a_hang() {
+    let reg = Registry::start(&[]);
+    reg.push(None);
+    let direct = reg.image("busybox:latest");
+    let a = Cstore::new();
+    a.ok(&["index", "build", &direct]);
+    a.ok(&["index", "push", &direct]);
+    let proxy = FaultProxy::start(&reg.addr);
+    let image = format!("{}/busybox:latest", proxy.addr);
+    let b = Cstore::new();
+    let _cleanup = Cleanup(&b);
+    b.ok(&["pull", "--lazy", &image]);
+    // Nothing local ever: every read needs the daemon.
+    proxy.set(serde_json::json!([{"match": "/v2/", "action": "close"}]));
+    let mnt = MountDir::new();
+    b.ok(&["mount", "--lazy", &image, mnt.s()]);
+    let keeper = read_pid(&b, "keeper.pid").expect("a keeper runs");
+    let mut pid = read_pid(&b, "daemon.pid").expect("a daemon runs");
+    for i in 0..10 {
+        // SAFETY: the store's daemon, by its pid file.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill {i}");
+        if i < 9 {
+            pid = wait_restarted(&b, pid);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive(keeper) {
+        assert!(
+            Instant::now() < deadline,
+            "the keeper did not give up; log:\n{}",
+            daemon_log(&b)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        daemon_log(&b).contains("aborting its FUSE connections"),
+        "{}",
+        daemon_log(&b)
+    );
+    let t = Instant::now();
+    let e = std::fs::read(mnt.path().join("bin/busybox")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    b.ok(&["umount", mnt.s()]);
+}
