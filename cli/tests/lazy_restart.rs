@@ -24,10 +24,16 @@ impl Drop for Cleanup<'_> {
             self.0.path().join("lazy/daemon.log"),
             std::env::temp_dir().join("cstore-lazy-restart-last.log"),
         );
+        // The keeper first and dead before the daemon: else it would start
+        // another daemon, which could mount after the unmounts below.
         for f in ["keeper.pid", "daemon.pid"] {
             if let Some(pid) = read_pid(self.0, f) {
                 // SAFETY: a pid this store's keeper or daemon wrote.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
+                let t = Instant::now();
+                while alive(pid) && t.elapsed() < Duration::from_secs(5) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
         }
         let root = self.0.path().display().to_string();
