@@ -13,43 +13,16 @@ use crate::harness::tree::{tree_diff, treesnap, umoci_tree, MountDir};
 use crate::harness::{Cstore, FaultProxy, Registry};
 use serde_json::Value;
 
-/// Kills what the store's lazy keeper and daemon left running and unmounts
-/// what they mounted, however the test ended.
+/// Keeps the store's lazy log for a look after a failure; the harness's
+/// store teardown stops the keeper and daemon and unmounts what they left.
 struct Cleanup<'a>(&'a Cstore);
 
 impl Drop for Cleanup<'_> {
     fn drop(&mut self) {
-        // For a look after a failure.
         let _ = std::fs::copy(
             self.0.path().join("lazy/daemon.log"),
             std::env::temp_dir().join("cstore-lazy-restart-last.log"),
         );
-        // The keeper first and dead before the daemon: else it would start
-        // another daemon, which could mount after the unmounts below.
-        for f in ["keeper.pid", "daemon.pid"] {
-            if let Some(pid) = read_pid(self.0, f) {
-                // SAFETY: a pid this store's keeper or daemon wrote.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                let t = Instant::now();
-                while alive(pid) && t.elapsed() < Duration::from_secs(5) {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
-        let root = self.0.path().display().to_string();
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut points: Vec<&str> = mounts
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|p| p.starts_with(&root))
-            .collect();
-        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-        for p in points {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(p)
-                .status();
-        }
     }
 }
 

@@ -207,6 +207,88 @@ pub enum Ended {
     Done,
     /// Stopped on request; the connections wait in the fd store.
     Stopped,
+    /// The store was deleted under the daemon: its mounts are gone with it.
+    Gone,
+}
+
+/// The store a daemon or keeper was started on, by the identity of its root
+/// and of its lock file. Once either is deleted or replaced (a test harness,
+/// an operator removed the store) there is nothing left to serve, and the
+/// mounts must not outlive it as dead `fuse.cstore` entries.
+pub struct StoreWatch {
+    ids: Vec<(PathBuf, (u64, u64))>,
+}
+
+impl StoreWatch {
+    fn new(paths: &[PathBuf]) -> Result<StoreWatch> {
+        use std::os::unix::fs::MetadataExt;
+        let mut ids = Vec::new();
+        for p in paths {
+            let m = std::fs::metadata(p).map_err(|e| io("stat", p, e))?;
+            ids.push((p.clone(), (m.dev(), m.ino())));
+        }
+        Ok(StoreWatch { ids })
+    }
+
+    pub fn gone(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        self.ids.iter().any(|(p, id)| match std::fs::metadata(p) {
+            Ok(m) => (m.dev(), m.ino()) != *id,
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        })
+    }
+}
+
+/// Detach every overlay stacked on the FUSE mount `mnt` (cstore made them:
+/// `mount --lazy`, `run --lazy`), then `mnt` itself. Only for a store that is
+/// gone or a connection that cannot be served again: readers through them
+/// get errors either way, and an entry left behind is a dead mount nobody
+/// will remove.
+fn unmount_with_overlays(mnt: &Path, overlays: bool) {
+    if overlays {
+        let m = mnt.display().to_string();
+        let over: Vec<PathBuf> = cstore_os::mountinfo::read()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| {
+                e.fs_type == "overlay"
+                    && e.super_options.split(',').any(|o| {
+                        o.strip_prefix("lowerdir=")
+                            .is_some_and(|l| l.split(':').any(|d| d == m))
+                    })
+            })
+            .map(|e| e.mount_point)
+            .collect();
+        for o in over {
+            detach(&o);
+        }
+    }
+    detach(mnt);
+}
+
+fn detach(p: &Path) {
+    // Detached when busy: a reader or an overlay above must not keep the entry.
+    match cstore_os::mount::unmount(p) {
+        Ok(()) => tracing::info!("unmounted {}", p.display()),
+        Err(e) => tracing::debug!("unmount {}: {e}", p.display()),
+    }
+}
+
+/// Unmount every lazy layer's FUSE mount of the store at `root` (and with
+/// `overlays`, the overlays over them): each `ROOT/lazy/<hex>/mnt` in the
+/// mount table, whoever served it.
+pub fn unmount_lazy_mounts(root: &Path, overlays: bool) -> usize {
+    let lazy = root.join("lazy");
+    let mnts: Vec<PathBuf> = cstore_os::mountinfo::read()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e.fs_type.starts_with("fuse") && e.mount_point.starts_with(&lazy))
+        .map(|e| e.mount_point)
+        .collect();
+    for m in &mnts {
+        unmount_with_overlays(m, overlays);
+    }
+    mnts.len()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -428,7 +510,44 @@ pub fn serve_store(
         &daemon_pid_file(store),
         std::process::id().to_string().as_bytes(),
     )?;
+    let watch = StoreWatch::new(&[store.root().to_path_buf(), lock_path.clone()])?;
     let mut served: HashMap<String, Served> = HashMap::new();
+    let r = serve_loop(rt, &client, store, sn, opts, ready, &watch, &mut served);
+    let gone = matches!(r, Ok(Ended::Gone)) || watch.gone();
+    // A store that is gone, or a daemon that fails with nobody keeping its
+    // connections: its mounts would stay as dead entries. Otherwise a
+    // failing daemon leaves them stalled for the next one to resume.
+    if gone || (r.is_err() && opts.fd_store.is_none()) {
+        for (layer, s) in served.drain() {
+            s.fs.shutdown();
+            unmount_with_overlays(&s.mnt, gone);
+            if let Some(fds) = &opts.fd_store {
+                let _ = fds.del(&fd_name(&layer));
+            }
+            let _ = s.session.wait();
+        }
+        if gone {
+            tracing::warn!(
+                "the store at {} is gone: unmounted its lazy layers",
+                store.root().display()
+            );
+            return Ok(Ended::Gone);
+        }
+    }
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+fn serve_loop(
+    rt: &tokio::runtime::Handle,
+    client: &Arc<RegistryClient>,
+    store: &Store,
+    sn: &Snapshotter,
+    opts: &ServeOptions,
+    ready: impl FnOnce(),
+    watch: &StoreWatch,
+    served: &mut HashMap<String, Served>,
+) -> Result<Ended> {
     // Layers this daemon served and let go: not served again by it.
     let mut finished = std::collections::HashSet::new();
     let mut ready = Some(ready);
@@ -436,6 +555,9 @@ pub fn serve_store(
     let mut first = true;
     let mut kept: Vec<String> = Vec::new();
     loop {
+        if watch.gone() {
+            return Ok(Ended::Gone);
+        }
         let mut todo: Vec<(String, String, String, bool)> = lazy_snapshots(sn)?
             .into_iter()
             .map(|(c, l, s)| (c, l, s, true))
@@ -465,7 +587,7 @@ pub fn serve_store(
             if opts.stop.load(Ordering::SeqCst) {
                 break;
             }
-            match serve_layer(rt, &client, store, sn, &chain, &layer, &source, opts, lazy) {
+            match serve_layer(rt, client, store, sn, &chain, &layer, &source, opts, lazy) {
                 Ok(s) => {
                     served.insert(layer, s);
                 }
@@ -568,20 +690,28 @@ pub fn supervise_store(
     let (k2, s2) = (keeper.clone(), stop.clone());
     let server = std::thread::spawn(move || k2.serve(&s2));
     let client = KeeperClient::new(&sock);
+    let watch = StoreWatch::new(&[store.root().to_path_buf(), lock_path.clone()])?;
     let mut window = FailureWindow::new(policy);
     let result = loop {
-        let failure = match spawn(&sock) {
-            Err(e) => format!("spawn: {e}"),
-            Ok(mut child) => match child.wait() {
-                Err(e) => format!("wait: {e}"),
-                Ok(st) if st.success() => match client.list() {
-                    Ok(kept) if kept.is_empty() => break Ok(()),
-                    Ok(kept) => format!("exited with {} connections kept", kept.len()),
-                    Err(e) => format!("exited, and the keeper does not answer: {e}"),
-                },
-                Ok(st) if st.code() == Some(EXIT_STOPPED) => continue,
-                Ok(st) => st.to_string(),
+        let ended = spawn(&sock).and_then(|mut child| child.wait());
+        if watch.gone() {
+            // Whatever the daemon did, nobody can serve these mounts again.
+            let n = unmount_lazy_mounts(store.root(), true);
+            tracing::warn!(
+                "the store at {} is gone: {n} lazy mounts unmounted, the keeper exits",
+                store.root().display()
+            );
+            break Ok(());
+        }
+        let failure = match ended {
+            Err(e) => format!("spawn or wait: {e}"),
+            Ok(st) if st.success() => match client.list() {
+                Ok(kept) if kept.is_empty() => break Ok(()),
+                Ok(kept) => format!("exited with {} connections kept", kept.len()),
+                Err(e) => format!("exited, and the keeper does not answer: {e}"),
             },
+            Ok(st) if st.code() == Some(EXIT_STOPPED) => continue,
+            Ok(st) => st.to_string(),
         };
         tracing::warn!("lazy daemon failed: {failure}; restarting it");
         if window.record(Instant::now()) == Decision::Abort {
@@ -596,12 +726,23 @@ pub fn supervise_store(
                 .iter()
                 .filter_map(|n| layer_of_fd_name(n))
             {
-                let st = StateDir::new(layer_dir(store, &layer).join("state"))?;
-                if let Some(conn) = st.load()?.settings.and_then(|s| s.conn) {
-                    if let Err(e) = Fusectl::open().and_then(|c| c.abort(conn)) {
-                        tracing::error!("layer {layer}: aborting connection {conn}: {e}");
+                let conn = StateDir::new(layer_dir(store, &layer).join("state"))
+                    .and_then(|st| st.load())
+                    .map(|st| st.settings.and_then(|s| s.conn));
+                match conn {
+                    Ok(Some(conn)) => {
+                        if let Err(e) = Fusectl::open().and_then(|c| c.abort(conn)) {
+                            tracing::error!("layer {layer}: aborting connection {conn}: {e}");
+                        }
                     }
+                    Ok(None) => {}
+                    Err(e) => tracing::error!("layer {layer}: its connection: {e}"),
                 }
+                // No daemon will serve it again: the entry would stay as a
+                // dead mount. Overlays over it stay (readers there get
+                // ENOTCONN; `cstore umount` removes them).
+                let _ = client.del(&fd_name(&layer));
+                unmount_with_overlays(&layer_dir(store, &layer).join("mnt"), false);
             }
             break Err(Error::Invalid {
                 what: "the lazy daemon".into(),
