@@ -392,8 +392,12 @@ pub fn serve(store: &Store, args: &crate::RegistryArgs) -> Result<()> {
         }
     })
     .context("serving the store's lazy layers")?;
-    if ended == cstore_lazy::serve::Ended::Stopped {
-        std::process::exit(cstore_fuse_fs::EXIT_STOPPED);
+    match ended {
+        cstore_lazy::serve::Ended::Stopped => std::process::exit(cstore_fuse_fs::EXIT_STOPPED),
+        // Its mounts are gone; fetches in flight for the deleted store must
+        // not hold the exit up (dropping the runtime would wait for them).
+        cstore_lazy::serve::Ended::Gone => std::process::exit(0),
+        cstore_lazy::serve::Ended::Done => {}
     }
     Ok(())
 }

@@ -220,14 +220,27 @@ pub struct StoreWatch {
 }
 
 impl StoreWatch {
-    fn new(paths: &[PathBuf]) -> Result<StoreWatch> {
+    /// Watches the root, `lock` and the files every store has (whichever
+    /// exist now). Several: a recursive delete stops at its first error (a
+    /// busy mount point), so any one of them may be the only one it reached.
+    fn new(root: &Path, lock: &Path) -> StoreWatch {
         use std::os::unix::fs::MetadataExt;
-        let mut ids = Vec::new();
-        for p in paths {
-            let m = std::fs::metadata(p).map_err(|e| io("stat", p, e))?;
-            ids.push((p.clone(), (m.dev(), m.ino())));
-        }
-        Ok(StoreWatch { ids })
+        let paths = [
+            root.to_path_buf(),
+            lock.to_path_buf(),
+            // Never replaced while the store lives (index.json is, by rename).
+            root.join("oci-layout"),
+            root.join("meta.db"),
+            root.join("snapshots/metadata.db"),
+        ];
+        let ids = paths
+            .into_iter()
+            .filter_map(|p| {
+                let m = std::fs::metadata(&p).ok()?;
+                Some((p, (m.dev(), m.ino())))
+            })
+            .collect();
+        StoreWatch { ids }
     }
 
     pub fn gone(&self) -> bool {
@@ -510,7 +523,7 @@ pub fn serve_store(
         &daemon_pid_file(store),
         std::process::id().to_string().as_bytes(),
     )?;
-    let watch = StoreWatch::new(&[store.root().to_path_buf(), lock_path.clone()])?;
+    let watch = StoreWatch::new(store.root(), &lock_path);
     let mut served: HashMap<String, Served> = HashMap::new();
     let r = serve_loop(rt, &client, store, sn, opts, ready, &watch, &mut served);
     let gone = matches!(r, Ok(Ended::Gone)) || watch.gone();
@@ -518,13 +531,31 @@ pub fn serve_store(
     // connections: its mounts would stay as dead entries. Otherwise a
     // failing daemon leaves them stalled for the next one to resume.
     if gone || (r.is_err() && opts.fd_store.is_none()) {
-        for (layer, s) in served.drain() {
-            s.fs.shutdown();
+        for (layer, s) in served.iter() {
+            // Aborted first: the unmount alone does not end a connection the
+            // fd store holds a copy of.
+            if let Some(conn) = s.session.conn() {
+                if let Err(e) = Fusectl::open().and_then(|c| c.abort(conn)) {
+                    tracing::warn!("layer {layer}: aborting connection {conn}: {e}");
+                }
+            }
             unmount_with_overlays(&s.mnt, gone);
             if let Some(fds) = &opts.fd_store {
-                let _ = fds.del(&fd_name(&layer));
+                let _ = fds.del(&fd_name(layer));
             }
-            let _ = s.session.wait();
+        }
+        // Shut down and joined aside, after the unmounts: a fetcher or a
+        // worker may be waiting on the network (for a store that is gone),
+        // and the process exits next, its threads with it.
+        let sessions: Vec<Served> = served.drain().map(|(_, s)| s).collect();
+        let joined = std::thread::spawn(move || {
+            for s in sessions {
+                s.fs.shutdown();
+                drop(s);
+            }
+        });
+        if !gone {
+            let _ = joined.join();
         }
         if gone {
             tracing::warn!(
@@ -690,7 +721,7 @@ pub fn supervise_store(
     let (k2, s2) = (keeper.clone(), stop.clone());
     let server = std::thread::spawn(move || k2.serve(&s2));
     let client = KeeperClient::new(&sock);
-    let watch = StoreWatch::new(&[store.root().to_path_buf(), lock_path.clone()])?;
+    let watch = StoreWatch::new(store.root(), &lock_path);
     let mut window = FailureWindow::new(policy);
     let result = loop {
         let ended = spawn(&sock).and_then(|mut child| child.wait());
