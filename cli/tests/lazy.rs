@@ -547,3 +547,60 @@ fn a_deleted_store_takes_its_lazy_mounts_with_it() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// The harness's store teardown, on a test that ends while the store's lazy
+/// daemon still serves (its layers incomplete, the overlay unmounted): the
+/// keeper and the daemon are stopped and their FUSE mounts unmounted before
+/// the root is deleted, and that is not a failure (the daemon would have let
+/// go of them itself). A mount the test left otherwise fails it, after the
+/// teardown unmounted it.
+#[test]
+fn store_teardown_stops_the_lazy_daemon_and_fails_on_leaked_mounts() {
+    let reg = crate::harness::Registry::start(&[]);
+    reg.push(None);
+    let direct = reg.image("busybox:latest");
+    let a = Cstore::new();
+    a.ok(&["index", "build", &direct]);
+    a.ok(&["index", "push", &direct]);
+    let proxy = crate::harness::FaultProxy::start(&reg.addr);
+    let image = format!("{}/busybox:latest", proxy.addr);
+    let b = Cstore::new();
+    b.ok(&["pull", "--lazy", &image]);
+    proxy.set(serde_json::json!([{"match": "/blobs/", "action": "slow", "bps": 20_000}]));
+    let mnt = crate::harness::tree::MountDir::new();
+    b.ok(&["mount", "--lazy", &image, mnt.s()]);
+    b.ok(&["umount", mnt.s()]);
+    let root = b.path().to_path_buf();
+    assert_eq!(fuse_mounts_under(&root).len(), 3);
+    let (keeper, daemon) = (lazy_pid(&b, "keeper.pid"), lazy_pid(&b, "daemon.pid"));
+    drop(b);
+    assert!(
+        !alive(keeper) && !alive(daemon),
+        "keeper and daemon stopped"
+    );
+    assert_eq!(fuse_mounts_under(&root), Vec::<String>::new());
+    assert!(!root.exists(), "the root was deleted");
+
+    // A leak: a tmpfs under the root that nothing unmounted.
+    let c = Cstore::new();
+    let leak = c.path().join("leak");
+    std::fs::create_dir(&leak).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "tmpfs"])
+        .arg(&leak)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount tmpfs: {st}");
+    let root = c.path().to_path_buf();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(c)));
+    let msg = r
+        .expect_err("a leaked mount fails the test")
+        .downcast::<String>()
+        .unwrap();
+    assert!(msg.contains(&*leak.to_string_lossy()), "{msg}");
+    assert!(
+        !crate::harness::tree::is_mountpoint(&leak),
+        "and it was unmounted"
+    );
+    assert!(!root.exists(), "the root was deleted");
+}
