@@ -121,18 +121,21 @@ stop_all() {
   rm -rf "$work/ctrd" "$work/state"
 }
 
-# stop_lazy_daemon ROOT: end the lazy daemon `run --lazy` / `mount --lazy`
+# stop_lazy_daemon ROOT: end the lazy keeper and daemon `run --lazy` / `mount --lazy`
 # started for the store at ROOT (found by its exact argv; it runs detached),
 # keeping its log as LOGS/<link>-<case>-<workload>-<round>.daemon.log when LOGS
 # names a directory.
 stop_lazy_daemon() {
-  local root=$1 p want
-  want="$cstore"$'\n'"--root"$'\n'"$root"$'\n'"lazy-serve"
-  for p in /proc/[0-9]*; do
-    [ "$({ tr '\0' '\n' < "$p/cmdline"; } 2>/dev/null | head -4)" = "$want" ] || continue
-    kill "${p#/proc/}" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "${p#/proc/}" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "${p#/proc/}" 2>/dev/null || true
+  local root=$1 p want role
+  # The keeper first: it would restart the daemon.
+  for role in lazy-keeper lazy-serve; do
+    want="$cstore"$'\n'"--root"$'\n'"$root"$'\n'"$role"
+    for p in /proc/[0-9]*; do
+      [ "$({ tr '\0' '\n' < "$p/cmdline"; } 2>/dev/null | head -4)" = "$want" ] || continue
+      kill "${p#/proc/}" 2>/dev/null || true
+      for _ in $(seq 50); do kill -0 "${p#/proc/}" 2>/dev/null || break; sleep 0.1; done
+      kill -9 "${p#/proc/}" 2>/dev/null || true
+    done
   done
   if [ -n "${LOGS:-}" ] && [ -f "$root/lazy/daemon.log" ]; then
     mkdir -p "$LOGS"; cp "$root/lazy/daemon.log" "$LOGS/${cur_id:-x}.daemon.log"

@@ -586,8 +586,8 @@ pub fn publish_index(ctx: &Ctx, dir: &Path) -> Result<std::result::Result<(), St
     Ok(out)
 }
 
-/// A store's lazy daemon (`cstore --root ROOT lazy-serve`, started by
-/// `run --lazy` in a session of its own, so the suite's process groups do
+/// A store's lazy keeper and daemon (`cstore --root ROOT lazy-keeper`, which
+/// restarts `lazy-serve`; started by `run --lazy` in a session of its own, so the suite's process groups do
 /// not reach it) is killed when this is dropped: after the measurement, or
 /// when the suite fails or is stopped midway. Completing the layers in the
 /// background is not what the workload measures, and the store goes next.
@@ -604,7 +604,7 @@ impl LazyDaemons<'_> {
             .filter(|&p| p != me)
             .filter(|&p| {
                 let c = proc::cmdline(p);
-                c.contains(&*root) && c.contains("lazy-serve")
+                c.contains(&*root) && (c.contains("lazy-serve") || c.contains("lazy-keeper"))
             })
             .collect()
     }

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use cstore_fuse_fs::FdStore;
 use cstore_lazy::artifact;
 use cstore_registry::{parse_digest, Reference, RegistryClient};
 use cstore_store::{Platform, Store};
@@ -227,9 +228,63 @@ pub fn pull(store: &Store, r: &Reference, args: &crate::RegistryArgs, json: bool
     Ok(())
 }
 
+/// Is the store's keeper answering?
+fn keeper_alive(store: &Store) -> bool {
+    cstore_fuse_fs::KeeperClient::new(cstore_lazy::serve::keeper_socket(store))
+        .list()
+        .is_ok()
+}
+
+/// Starts the store's keeper and supervisor (`cstore lazy-keeper`, which
+/// runs `cstore lazy-serve`), detached, its log in ROOT/lazy/daemon.log.
+fn start_keeper(root: &std::path::Path, args: &crate::RegistryArgs) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let logdir = root.join("lazy");
+    std::fs::create_dir_all(&logdir)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(logdir.join("daemon.log"))?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("--root").arg(root).arg("lazy-keeper");
+    registry_args(&mut cmd, args);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe; the keeper outlives this command
+    // and must not share its process group (a ^C here must not end it).
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the lazy keeper")?;
+    // It runs until the store's lazy layers are done; whoever started it may live
+    // longer (the snapshotter): reaped by a thread, no zombie left.
+    std::thread::spawn(move || child.wait());
+    Ok(())
+}
+
+/// The registry settings the keeper hands to each daemon it runs.
+fn registry_args(cmd: &mut std::process::Command, args: &crate::RegistryArgs) {
+    if args.plain_http {
+        cmd.arg("--plain-http");
+    }
+    if let Some(h) = &args.hosts_dir {
+        cmd.arg("--hosts-dir").arg(h);
+    }
+    if let Some(p) = &args.platform {
+        cmd.arg("--platform").arg(p);
+    }
+    if let Some(c) = &args.creds {
+        cmd.env("CSTORE_CREDS", c);
+    }
+}
+
 /// Make sure `reference` is pulled (lazily if needed) and that the store's
-/// lazy daemon serves its lazy layers: started detached if none runs (its log
-/// in ROOT/lazy/daemon.log), waited for otherwise.
+/// lazy daemon serves its lazy layers: its keeper (which starts and
+/// restarts the daemon) started detached if none runs, waited for otherwise.
 pub fn ensure_served(
     store: &Store,
     root: &std::path::Path,
@@ -247,20 +302,27 @@ pub fn ensure_served(
     if needs_pull {
         pull(store, &r, args, false)?;
     }
-    if cstore_lazy::serve::all_served(store, &sn)? {
-        return Ok(());
-    }
-    start_daemon(root, args)?;
-    // A daemon already running picks new layers up within a moment.
+    let logdir = root.join("lazy");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut started: Option<std::time::Instant> = None;
+    // A running daemon picks new layers up within a moment; a keeper that
+    // was just leaving (its layers done) is started again.
     while !cstore_lazy::serve::all_served(store, &sn)? {
         if std::time::Instant::now() > deadline {
+            let text = std::fs::read_to_string(logdir.join("daemon.log")).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(5).collect();
             anyhow::bail!(
                 "the lazy daemon does not serve the lazy layers of {r}: {}",
-                daemon_log_tail(root)
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
         }
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        if !keeper_alive(store)
+            && started.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(2))
+        {
+            start_keeper(root, args)?;
+            started = Some(std::time::Instant::now());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
     Ok(())
 }
@@ -269,51 +331,6 @@ fn daemon_log_tail(root: &std::path::Path) -> String {
     let text = std::fs::read_to_string(root.join("lazy/daemon.log")).unwrap_or_default();
     let tail: Vec<&str> = text.lines().rev().take(5).collect();
     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-}
-
-/// Start the store's lazy daemon detached (its log in ROOT/lazy/daemon.log)
-/// and wait until it is ready; it returns at once if one runs already (that
-/// one picks new layers up). The child is reaped by a thread of ours.
-fn start_daemon(root: &std::path::Path, args: &crate::RegistryArgs) -> Result<()> {
-    use std::io::BufRead;
-    use std::os::unix::process::CommandExt;
-    let logdir = root.join("lazy");
-    std::fs::create_dir_all(&logdir)?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(logdir.join("daemon.log"))?;
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.arg("--root").arg(root).arg("lazy-serve");
-    if args.plain_http {
-        cmd.arg("--plain-http");
-    }
-    if let Some(h) = &args.hosts_dir {
-        cmd.arg("--hosts-dir").arg(h);
-    }
-    if let Some(p) = &args.platform {
-        cmd.arg("--platform").arg(p);
-    }
-    if let Some(c) = &args.creds {
-        cmd.env("CSTORE_CREDS", c);
-    }
-    cmd.stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(log);
-    // SAFETY: setsid is async-signal-safe; the daemon outlives this command.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().context("starting the lazy daemon")?;
-    let mut line = String::new();
-    let stdout = child.stdout.take().context("daemon stdout")?;
-    std::io::BufReader::new(stdout).read_line(&mut line)?;
-    // Whoever started it may live long (the snapshotter): no zombie left.
-    std::thread::spawn(move || child.wait());
-    Ok(())
 }
 
 /// Lazy layers for `cstore snapshotter serve` (docs/containerd.md): mounts
@@ -361,7 +378,17 @@ impl SnapshotterLazy {
         })
     }
 
-    /// Start the daemon unless `dirs` are all served; wait until they are.
+    /// The store's keeper (and so its daemon) running: one start at a time.
+    fn ensure_keeper(&self) -> Result<()> {
+        let _one = self.starting.lock().unwrap_or_else(|e| e.into_inner());
+        if !keeper_alive(&self.store) {
+            start_keeper(&self.root, &self.args)?;
+        }
+        Ok(())
+    }
+
+    /// Start the keeper (and so the daemon) unless `dirs` are all served; wait until
+    /// they are.
     fn serve(&self, dirs: &[cstore_lazy::remote::LazyDir]) -> Result<()> {
         if dirs.iter().all(|d| d.served()) {
             return Ok(());
@@ -370,7 +397,9 @@ impl SnapshotterLazy {
         if dirs.iter().all(|d| d.served()) {
             return Ok(());
         }
-        start_daemon(&self.root, &self.args)?;
+        if !keeper_alive(&self.store) {
+            start_keeper(&self.root, &self.args)?;
+        }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while !dirs.iter().all(|d| d.served()) {
             if std::time::Instant::now() > deadline {
@@ -405,7 +434,7 @@ impl cstore_snapshotter::service::Remote for SnapshotterLazy {
             }) => {
                 tracing::info!(%layer, %image, %chain, "layer served lazily, index from {origin}");
                 // Start serving (and completing) at once, not at the first mount.
-                if let Err(e) = start_daemon(&self.root, &self.args) {
+                if let Err(e) = self.ensure_keeper() {
                     tracing::warn!(%layer, "starting the lazy daemon: {e:#}");
                 }
                 true
@@ -445,12 +474,69 @@ impl cstore_snapshotter::service::Remote for SnapshotterLazy {
     }
 }
 
-/// The daemon itself (`cstore lazy-serve`).
+/// The daemon itself (`cstore lazy-serve`). SIGTERM stops it leaving its
+/// connections to the next daemon: exit status 75 (`EXIT_STOPPED`).
+/// `cstore lazy-keeper`: holds the store's lazy FUSE fds and runs (and
+/// restarts) `cstore lazy-serve` (docs/lazy.md, "Restarts").
+pub fn keeper(store: &Store, root: &std::path::Path, args: &crate::RegistryArgs) -> Result<()> {
+    let exe = std::env::current_exe()?;
+    cstore_lazy::serve::supervise_store(
+        store,
+        |sock| {
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.arg("--root").arg(root).arg("lazy-serve");
+            registry_args(&mut cmd, args);
+            cmd.env(KEEPER_ENV, sock)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+        },
+        cstore_lazy::serve::RESTART_POLICY,
+    )
+    .context("supervising the store's lazy daemon")?;
+    Ok(())
+}
+
+/// Set by the keeper for the daemon it runs: its socket.
+const KEEPER_ENV: &str = "CSTORE_LAZY_KEEPER";
+
+/// Where the daemon keeps its FUSE fds: systemd's fd store under systemd
+/// (NOTIFY_SOCKET), else the store's keeper if one answers, else nowhere (a
+/// daemon started by hand: its mounts end with it).
+fn fd_store(store: &Store) -> Result<Option<Arc<dyn cstore_fuse_fs::FdStore>>> {
+    if let Some(s) = cstore_fuse_fs::SystemdFdStore::from_env()? {
+        return Ok(Some(Arc::new(s)));
+    }
+    let sock = std::env::var_os(KEEPER_ENV)
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| cstore_lazy::serve::keeper_socket(store));
+    let k = cstore_fuse_fs::KeeperClient::new(sock);
+    if k.list().is_ok() {
+        return Ok(Some(Arc::new(k)));
+    }
+    tracing::warn!("no fd keeper: the lazy mounts will not survive this daemon");
+    Ok(None)
+}
+
 pub fn serve(store: &Store, args: &crate::RegistryArgs) -> Result<()> {
     let rt = runtime()?;
     let client = Arc::new(args.client()?);
     let sn = crate::snap::open(store)?;
-    cstore_lazy::serve::serve_store(rt.handle(), client, store, &sn, || {
+    let opts = cstore_lazy::serve::ServeOptions {
+        fd_store: fd_store(store)?,
+        ..Default::default()
+    };
+    {
+        let _in = rt.enter();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let stop = opts.stop.clone();
+        rt.spawn(async move {
+            term.recv().await;
+            tracing::info!("SIGTERM: stopping, the FUSE connections left to the next daemon");
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+    }
+    let ended = cstore_lazy::serve::serve_store(rt.handle(), client, store, &sn, &opts, || {
         use std::io::Write;
         let mut out = std::io::stdout();
         let _ = writeln!(out, "ready");
@@ -463,6 +549,13 @@ pub fn serve(store: &Store, args: &crate::RegistryArgs) -> Result<()> {
         }
     })
     .context("serving the store's lazy layers")?;
+    match ended {
+        cstore_lazy::serve::Ended::Stopped => std::process::exit(cstore_fuse_fs::EXIT_STOPPED),
+        // Its mounts are gone; fetches in flight for the deleted store must
+        // not hold the exit up (dropping the runtime would wait for them).
+        cstore_lazy::serve::Ended::Gone => std::process::exit(0),
+        cstore_lazy::serve::Ended::Done => {}
+    }
     Ok(())
 }
 

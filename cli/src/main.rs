@@ -115,6 +115,13 @@ enum Command {
         #[command(flatten)]
         registry: RegistryArgs,
     },
+    /// Holds the lazy FUSE connections and restarts `lazy-serve` (not for
+    /// direct use).
+    #[command(hide = true)]
+    LazyKeeper {
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
     /// Unmount DIR and remove its snapshot (unless --keep).
     Umount {
         #[arg(long)]
@@ -452,6 +459,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::LazyServe { registry } => {
             let store = open_store(&cli.root)?;
             lazy::serve(&store, &registry)?;
+        }
+        Command::LazyKeeper { registry } => {
+            let store = open_store(&cli.root)?;
+            lazy::keeper(&store, &cli.root, &registry)?;
         }
         Command::Umount { keep, dir } => {
             let store = open_store(&cli.root)?;

@@ -580,3 +580,142 @@ fn images_and_snapshots_show_how_much_of_each_lazy_layer_is_local() {
     assert!(text.contains("100%"), "{text}");
     b.assert_nothing_mounted();
 }
+
+/// FUSE mount points under `root` (live or dead).
+fn fuse_mounts_under(root: &Path) -> Vec<String> {
+    let root = format!("{}/", root.display());
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(" - fuse"))
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(&root))
+        .map(str::to_string)
+        .collect()
+}
+
+fn lazy_pid(cs: &Cstore, file: &str) -> i32 {
+    std::fs::read_to_string(cs.path().join("lazy").join(file))
+        .unwrap_or_else(|e| panic!("{file}: {e}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie (its parent, the keeper, gone too) counts as dead.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+/// The store deleted under its running lazy daemon, as a test's temp root is
+/// (recursively, stopping at the first busy mount point): the daemon and its
+/// keeper notice, unmount the layers' FUSE mounts and the overlay cstore
+/// stacked on them, and exit, rather than dying on the deleted database and
+/// leaving dead `fuse.cstore` entries behind.
+#[test]
+fn a_deleted_store_takes_its_lazy_mounts_with_it() {
+    let reg = crate::harness::Registry::start(&[]);
+    reg.push(None);
+    let direct = reg.image("busybox:latest");
+    let a = Cstore::new();
+    a.ok(&["index", "build", &direct]);
+    a.ok(&["index", "push", &direct]);
+    let proxy = crate::harness::FaultProxy::start(&reg.addr);
+    let image = format!("{}/busybox:latest", proxy.addr);
+    let b = Cstore::new();
+    let out = b.ok(&["pull", "--lazy", &image]);
+    assert!(out.contains("3 of 3 layers lazy"), "{out}");
+    // Slow: the layers are still lazy, the daemon busy, when the store goes.
+    proxy.set(serde_json::json!([{"match": "/blobs/", "action": "slow", "bps": 20_000}]));
+    let mnt = crate::harness::tree::MountDir::new();
+    b.ok(&["mount", "--lazy", &image, mnt.s()]);
+    let root = b.path().to_path_buf();
+    assert_eq!(
+        fuse_mounts_under(&root).len(),
+        3,
+        "one FUSE mount per layer"
+    );
+    let (keeper, daemon) = (lazy_pid(&b, "keeper.pid"), lazy_pid(&b, "daemon.pid"));
+    assert!(alive(keeper) && alive(daemon));
+
+    // Held open: the log is deleted with the store, and says what happened.
+    let mut log = std::fs::File::open(root.join("lazy/daemon.log")).unwrap();
+    // What tempfile's TempDir does on drop, errors ignored.
+    let _ = std::fs::remove_dir_all(&root);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let left = fuse_mounts_under(&root);
+        let overlay = crate::harness::tree::is_mountpoint(mnt.path());
+        if left.is_empty() && !overlay && !alive(keeper) && !alive(daemon) {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut log, &mut text);
+            panic!(
+                "30 s after the store was deleted: FUSE mounts {left:?}, overlay mounted \
+                 {overlay}, keeper alive {}, daemon alive {}; its log:\n{text}",
+                alive(keeper),
+                alive(daemon)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// The harness's store teardown, on a test that ends while the store's lazy
+/// daemon still serves (its layers incomplete, the overlay unmounted): the
+/// keeper and the daemon are stopped and their FUSE mounts unmounted before
+/// the root is deleted, and that is not a failure (the daemon would have let
+/// go of them itself). A mount the test left otherwise fails it, after the
+/// teardown unmounted it.
+#[test]
+fn store_teardown_stops_the_lazy_daemon_and_fails_on_leaked_mounts() {
+    let reg = crate::harness::Registry::start(&[]);
+    reg.push(None);
+    let direct = reg.image("busybox:latest");
+    let a = Cstore::new();
+    a.ok(&["index", "build", &direct]);
+    a.ok(&["index", "push", &direct]);
+    let proxy = crate::harness::FaultProxy::start(&reg.addr);
+    let image = format!("{}/busybox:latest", proxy.addr);
+    let b = Cstore::new();
+    b.ok(&["pull", "--lazy", &image]);
+    proxy.set(serde_json::json!([{"match": "/blobs/", "action": "slow", "bps": 20_000}]));
+    let mnt = crate::harness::tree::MountDir::new();
+    b.ok(&["mount", "--lazy", &image, mnt.s()]);
+    b.ok(&["umount", mnt.s()]);
+    let root = b.path().to_path_buf();
+    assert_eq!(fuse_mounts_under(&root).len(), 3);
+    let (keeper, daemon) = (lazy_pid(&b, "keeper.pid"), lazy_pid(&b, "daemon.pid"));
+    drop(b);
+    assert!(
+        !alive(keeper) && !alive(daemon),
+        "keeper and daemon stopped"
+    );
+    assert_eq!(fuse_mounts_under(&root), Vec::<String>::new());
+    assert!(!root.exists(), "the root was deleted");
+
+    // A leak: a tmpfs under the root that nothing unmounted.
+    let c = Cstore::new();
+    let leak = c.path().join("leak");
+    std::fs::create_dir(&leak).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "tmpfs"])
+        .arg(&leak)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount tmpfs: {st}");
+    let root = c.path().to_path_buf();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(c)));
+    let msg = r
+        .expect_err("a leaked mount fails the test")
+        .downcast::<String>()
+        .unwrap();
+    assert!(msg.contains(&*leak.to_string_lossy()), "{msg}");
+    assert!(
+        !crate::harness::tree::is_mountpoint(&leak),
+        "and it was unmounted"
+    );
+    assert!(!root.exists(), "the root was deleted");
+}

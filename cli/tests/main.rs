@@ -19,6 +19,7 @@ mod faults;
 mod install;
 mod killpoints;
 mod lazy;
+mod lazy_restart;
 mod logs;
 mod mirrors;
 mod mount;

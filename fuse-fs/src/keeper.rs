@@ -98,11 +98,20 @@ fn sockaddr(path: &[u8]) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
 fn connect(path: &Path, ty: i32) -> io::Result<OwnedFd> {
     let s = socket(ty)?;
     let (a, l) = sockaddr(path.as_os_str().as_bytes())?;
-    // SAFETY: a is a valid sockaddr_un of length l.
-    if unsafe { libc::connect(s.as_raw_fd(), (&a as *const libc::sockaddr_un).cast(), l) } != 0 {
-        return Err(io::Error::last_os_error());
+    loop {
+        // SAFETY: a is a valid sockaddr_un of length l.
+        if unsafe { libc::connect(s.as_raw_fd(), (&a as *const libc::sockaddr_un).cast(), l) } == 0
+        {
+            return Ok(s);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            // A signal: the connect goes on; asking again says how it went.
+            Some(libc::EINTR) => continue,
+            Some(libc::EISCONN) => return Ok(s),
+            _ => return Err(e),
+        }
     }
-    Ok(s)
 }
 
 /// Sends one datagram, with `fd` attached (SCM_RIGHTS) if given.
@@ -128,11 +137,17 @@ pub fn send_msg(sock: BorrowedFd<'_>, msg: &[u8], fd: Option<BorrowedFd<'_>>) ->
             std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut i32, fd.as_raw_fd());
         }
     }
-    // SAFETY: m points at live iov and control buffers.
-    if unsafe { libc::sendmsg(sock.as_raw_fd(), &m, libc::MSG_NOSIGNAL) } < 0 {
-        return Err(io::Error::last_os_error());
+    loop {
+        // SAFETY: m points at live iov and control buffers.
+        if unsafe { libc::sendmsg(sock.as_raw_fd(), &m, libc::MSG_NOSIGNAL) } >= 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        // A signal before anything was sent (a datagram goes whole or not at all).
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
     }
-    Ok(())
 }
 
 /// Receives one datagram (`Ok(None)` at end of stream) and the fds that came with it.
@@ -149,11 +164,18 @@ pub fn recv_msg(sock: BorrowedFd<'_>) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd
     m.msg_iovlen = 1;
     m.msg_control = cbuf.as_mut_ptr().cast();
     m.msg_controllen = std::mem::size_of_val(&cbuf);
-    // SAFETY: m points at live buffers of the given sizes.
-    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut m, libc::MSG_CMSG_CLOEXEC) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let n = loop {
+        // SAFETY: m points at live buffers of the given sizes.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut m, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n;
+        }
+        let e = io::Error::last_os_error();
+        // A signal before a datagram arrived: nothing was taken off the socket.
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    };
     let mut fds = Vec::new();
     // SAFETY: walks the control messages the kernel wrote within msg_controllen.
     unsafe {

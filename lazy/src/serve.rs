@@ -10,14 +10,25 @@
 //! `cstore.io/lazy` label goes, its verified blob joins the store). The
 //! daemon picks up new lazy layers as they are pulled, and exits once every
 //! layer it serves is complete and no mount uses its FUSE mounts.
+//!
+//! Restarts (#15): each FUSE connection's /dev/fuse fd is put in an fd store
+//! under [`fd_name`] (the store's keeper, [`supervise_store`], or systemd's fd
+//! store), so a daemon killed with SIGKILL leaves its mounts stalled, not
+//! dead: the next daemon takes each fd back and resumes the session without
+//! INIT, and the layer's cache carries on from its on-disk span bitmap.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cstore_fuse_fs::layer::{Activity, LayerFs, LayerOptions};
-use cstore_fuse_fs::{PassthroughMode, Session, SessionOptions, StateDir};
+use cstore_fuse_fs::supervisor::{Decision, FailureWindow, RestartPolicy};
+use cstore_fuse_fs::{
+    FdStore, Fusectl, KeeperClient, PassthroughMode, Session, SessionOptions, StateDir,
+    EXIT_STOPPED,
+};
 use cstore_registry::{parse_digest, Reference, RegistryClient};
 use cstore_snapshotter::image::{LABEL_LAYER_DIGEST, LABEL_LAZY, LABEL_LAZY_SOURCE};
 use cstore_snapshotter::{mount, Snapshotter};
@@ -43,12 +54,37 @@ pub fn layer_dir(store: &Store, layer: &str) -> PathBuf {
         .join(layer.trim_start_matches("sha256:"))
 }
 
+/// The name a layer's /dev/fuse fd is kept under in the fd store.
+pub fn fd_name(layer: &str) -> String {
+    format!("lazy.{}", layer.trim_start_matches("sha256:"))
+}
+
+/// The layer (`sha256:<hex>`) an fd store name is of, if it is one of ours.
+fn layer_of_fd_name(name: &str) -> Option<String> {
+    let hex = name.strip_prefix("lazy.")?;
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then(|| format!("sha256:{hex}"))
+}
+
+/// The store's keeper socket ([`supervise_store`] binds it).
+pub fn keeper_socket(store: &Store) -> PathBuf {
+    store.root().join("lazy/keeper.sock")
+}
+
+/// The pid of the daemon serving the store now (written once it holds the lock).
+pub fn daemon_pid_file(store: &Store) -> PathBuf {
+    store.root().join("lazy/daemon.pid")
+}
+
 fn io(op: &'static str, path: &Path, e: std::io::Error) -> Error {
     Error::Io {
         op,
         path: path.display().to_string(),
         source: e,
     }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    cstore_os::write_atomic(path, bytes).map_err(|e| cstore_fuse_fs::Error::from(e).into())
 }
 
 fn is_fuse_mount(p: &Path) -> bool {
@@ -147,7 +183,7 @@ struct Served {
     session: Session<LayerFs>,
     /// Completion ended, verified or not (a layer that failed stays lazy:
     /// its readers got EIO; the next daemon tries again).
-    done: Arc<std::sync::atomic::AtomicBool>,
+    done: Arc<AtomicBool>,
     done_since: Option<Instant>,
 }
 
@@ -173,12 +209,130 @@ fn lower_indexes(
     Ok(out)
 }
 
+/// What the daemon needs besides the store: where FUSE fds are kept between
+/// daemons, and the flag a SIGTERM sets.
+#[derive(Clone, Default)]
+pub struct ServeOptions {
+    pub fd_store: Option<Arc<dyn FdStore>>,
+    /// Set: stop serving, leaving every connection to the next daemon.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// How [`serve_store`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Nothing left to serve (or another daemon serves the store).
+    Done,
+    /// Stopped on request; the connections wait in the fd store.
+    Stopped,
+    /// The store was deleted under the daemon: its mounts are gone with it.
+    Gone,
+}
+
+/// The store a daemon or keeper was started on, by the identity of its root
+/// and of its lock file. Once either is deleted or replaced (a test harness,
+/// an operator removed the store) there is nothing left to serve, and the
+/// mounts must not outlive it as dead `fuse.cstore` entries.
+pub struct StoreWatch {
+    ids: Vec<(PathBuf, (u64, u64))>,
+}
+
+impl StoreWatch {
+    /// Watches the root, `lock` and the files every store has (whichever
+    /// exist now). Several: a recursive delete stops at its first error (a
+    /// busy mount point), so any one of them may be the only one it reached.
+    fn new(root: &Path, lock: &Path) -> StoreWatch {
+        use std::os::unix::fs::MetadataExt;
+        let paths = [
+            root.to_path_buf(),
+            lock.to_path_buf(),
+            // Never replaced while the store lives (index.json is, by rename).
+            root.join("oci-layout"),
+            root.join("meta.db"),
+            root.join("snapshots/metadata.db"),
+        ];
+        let ids = paths
+            .into_iter()
+            .filter_map(|p| {
+                let m = std::fs::metadata(&p).ok()?;
+                Some((p, (m.dev(), m.ino())))
+            })
+            .collect();
+        StoreWatch { ids }
+    }
+
+    pub fn gone(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        self.ids.iter().any(|(p, id)| match std::fs::metadata(p) {
+            Ok(m) => (m.dev(), m.ino()) != *id,
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        })
+    }
+}
+
+/// Detach every overlay stacked on the FUSE mount `mnt` (cstore made them:
+/// `mount --lazy`, `run --lazy`), then `mnt` itself. Only for a store that is
+/// gone or a connection that cannot be served again: readers through them
+/// get errors either way, and an entry left behind is a dead mount nobody
+/// will remove.
+fn unmount_with_overlays(mnt: &Path, overlays: bool) {
+    if overlays {
+        let m = mnt.display().to_string();
+        let over: Vec<PathBuf> = cstore_os::mountinfo::read()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| {
+                e.fs_type == "overlay"
+                    && e.super_options.split(',').any(|o| {
+                        o.strip_prefix("lowerdir=")
+                            .is_some_and(|l| l.split(':').any(|d| d == m))
+                    })
+            })
+            .map(|e| e.mount_point)
+            .collect();
+        for o in over {
+            detach(&o);
+        }
+    }
+    detach(mnt);
+}
+
+fn detach(p: &Path) {
+    // Detached when busy: a reader or an overlay above must not keep the entry.
+    match cstore_os::mount::unmount(p) {
+        Ok(()) => tracing::info!("unmounted {}", p.display()),
+        Err(e) => tracing::debug!("unmount {}: {e}", p.display()),
+    }
+}
+
+/// Unmount every lazy layer's FUSE mount of the store at `root` (and with
+/// `overlays`, the overlays over them): each `ROOT/lazy/<hex>/mnt` in the
+/// mount table, whoever served it.
+pub fn unmount_lazy_mounts(root: &Path, overlays: bool) -> usize {
+    let lazy = root.join("lazy");
+    let mnts: Vec<PathBuf> = cstore_os::mountinfo::read()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e.fs_type.starts_with("fuse") && e.mount_point.starts_with(&lazy))
+        .map(|e| e.mount_point)
+        .collect();
+    for m in &mnts {
+        unmount_with_overlays(m, overlays);
+    }
+    mnts.len()
+}
+
+#[allow(clippy::too_many_arguments)]
 fn serve_layer(
     rt: &tokio::runtime::Handle,
     client: &Arc<RegistryClient>,
     store: &Store,
     sn: &Snapshotter,
-    (chain, layer, source): (&str, &str, &str),
+    chain: &str,
+    layer: &str,
+    source: &str,
+    opts: &ServeOptions,
+    lazy: bool,
     activity: &Arc<Activity>,
 ) -> Result<Served> {
     let rec = store.layer_index(layer)?.ok_or_else(|| Error::Invalid {
@@ -199,8 +353,18 @@ fn serve_layer(
     for d in [&cache, &mnt, &state] {
         std::fs::create_dir_all(d).map_err(|e| io("create", d, e))?;
     }
-    if mount::is_mountpoint(&mnt) {
-        // A dead daemon's mount: nobody serves it any more.
+    // A layer that completed while an earlier daemon served it has lost its
+    // source label; the mount still needs one (it never fetches: all local).
+    write_atomic(&dir.join("source"), source.as_bytes())?;
+    let name = fd_name(layer);
+    // An fd store that does not answer is an error, not "nothing kept": a
+    // fresh mount would end the connection its readers wait on.
+    let kept = match &opts.fd_store {
+        Some(s) => s.get(&name)?,
+        None => None,
+    };
+    if kept.is_none() && mount::is_mountpoint(&mnt) {
+        // A dead daemon's mount whose fd nobody kept: nobody can serve it any more.
         let _ = cstore_fuse_fs::dev::unmount(&mnt, true);
     }
     let r: Reference = source.parse()?;
@@ -228,15 +392,51 @@ fn serve_layer(
     )?);
     let lowers = lower_indexes(store, sn, chain)?;
     fs.inherit_implicit(&lowers.iter().collect::<Vec<_>>());
-    let session = Session::start(
-        fs.clone(),
-        &mnt,
-        &StateDir::new(&state)?,
-        SessionOptions {
-            passthrough: PassthroughMode::IfAvailable,
-            ..SessionOptions::default()
+    let state = StateDir::new(&state)?;
+    let sopts = SessionOptions {
+        passthrough: PassthroughMode::IfAvailable,
+        threads: 4,
+        fd_store: opts.fd_store.clone().map(|s| (s, name.clone())),
+        ..SessionOptions::default()
+    };
+    let session = match kept {
+        Some(fd) => match Session::resume(fs.clone(), fd, &state, sopts.clone()) {
+            Ok(s) => {
+                tracing::info!("layer {layer}: resumed its FUSE connection");
+                s
+            }
+            Err(e) => {
+                // The connection cannot be taken over: end it (its readers get
+                // ENOTCONN, not a hang) and mount afresh.
+                tracing::error!("layer {layer}: resuming its FUSE connection: {e}");
+                if let Ok(Some(conn)) = state.load().map(|s| s.settings.and_then(|s| s.conn)) {
+                    let _ = Fusectl::open().and_then(|c| c.abort(conn));
+                }
+                if let Some(s) = &opts.fd_store {
+                    let _ = s.del(&name);
+                }
+                let _ = cstore_fuse_fs::dev::unmount(&mnt, true);
+                Session::start(fs.clone(), &mnt, &state, sopts)?
+            }
         },
-    )?;
+        None => {
+            let s = Session::start(fs.clone(), &mnt, &state, sopts)?;
+            tracing::info!("layer {layer}: mounted at {}", mnt.display());
+            s
+        }
+    };
+    let done = Arc::new(AtomicBool::new(false));
+    if !lazy {
+        // Completed and committed under an earlier daemon: only served until unused.
+        done.store(true, Ordering::SeqCst);
+        return Ok(Served {
+            fs,
+            mnt,
+            session,
+            done,
+            done_since: None,
+        });
+    }
     // Background completion (on-demand reads go first in the fetchers).
     let (fs2, store2, chain2, layer2, root) = (
         fs.clone(),
@@ -245,7 +445,6 @@ fn serve_layer(
         layer.to_string(),
         store.root().to_path_buf(),
     );
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let done2 = done.clone();
     std::thread::spawn(move || {
         match fs2.complete() {
@@ -259,7 +458,7 @@ fn serve_layer(
             }
             Err(e) => tracing::error!("layer {layer2}: {e}"),
         }
-        done2.store(true, std::sync::atomic::Ordering::SeqCst);
+        done2.store(true, Ordering::SeqCst);
     });
     Ok(Served {
         fs,
@@ -284,15 +483,54 @@ fn in_use(mnt: &Path) -> bool {
     })
 }
 
-/// Serve every lazy layer of the store until none needs serving. `ready` is
-/// called once the lazy layers present at the start are mounted.
+/// The layers whose FUSE fds the fd store holds (a daemon before this one
+/// served them), by layer digest.
+fn kept_layers(opts: &ServeOptions) -> Vec<String> {
+    let Some(s) = &opts.fd_store else {
+        return Vec::new();
+    };
+    match s.list() {
+        Ok(names) => names.iter().filter_map(|n| layer_of_fd_name(n)).collect(),
+        Err(e) => {
+            tracing::warn!("fd store: {e}");
+            Vec::new()
+        }
+    }
+}
+
+/// A kept connection of a layer that is no longer lazy (it completed just
+/// before the last daemon died): its chain and source, to serve it until unused.
+fn completed_layer(store: &Store, sn: &Snapshotter, layer: &str) -> Option<(String, String)> {
+    let chain = sn
+        .list()
+        .ok()?
+        .into_iter()
+        .find(|i| i.labels.get(LABEL_LAYER_DIGEST).map(String::as_str) == Some(layer))?
+        .name;
+    let source = std::fs::read_to_string(layer_dir(store, layer).join("source")).ok()?;
+    Some((chain, source))
+}
+
+/// Sleeps `d`, waking early when a stop is requested.
+fn nap(d: Duration, stop: &AtomicBool) {
+    let until = Instant::now() + d;
+    while !stop.load(Ordering::SeqCst) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Serve every lazy layer of the store until none needs serving, or until
+/// `opts.stop` is set (each session then stops after the request it is
+/// answering; the connections stay in the fd store for the next daemon).
+/// `ready` is called once the lazy layers present at the start are mounted.
 pub fn serve_store(
     rt: &tokio::runtime::Handle,
     client: Arc<RegistryClient>,
     store: &Store,
     sn: &Snapshotter,
+    opts: &ServeOptions,
     ready: impl FnOnce(),
-) -> Result<()> {
+) -> Result<Ended> {
     let lock_path = store.root().join("lazy/daemon.lock");
     std::fs::create_dir_all(store.root().join("lazy")).map_err(|e| io("create", &lock_path, e))?;
     // try_take wants the file to exist.
@@ -306,22 +544,120 @@ pub fn serve_store(
     let Some(_lock) = lock else {
         // Another daemon serves the store.
         ready();
-        return Ok(());
+        return Ok(Ended::Done);
     };
+    write_atomic(
+        &daemon_pid_file(store),
+        std::process::id().to_string().as_bytes(),
+    )?;
+    let watch = StoreWatch::new(store.root(), &lock_path);
     let mut served: HashMap<String, Served> = HashMap::new();
+    let r = serve_loop(rt, &client, store, sn, opts, ready, &watch, &mut served);
+    let gone = matches!(r, Ok(Ended::Gone)) || watch.gone();
+    // A store that is gone, or a daemon that fails with nobody keeping its
+    // connections: its mounts would stay as dead entries. Otherwise a
+    // failing daemon leaves them stalled for the next one to resume.
+    if gone || (r.is_err() && opts.fd_store.is_none()) {
+        for (layer, s) in served.iter() {
+            // Aborted first: the unmount alone does not end a connection the
+            // fd store holds a copy of.
+            if let Some(conn) = s.session.conn() {
+                if let Err(e) = Fusectl::open().and_then(|c| c.abort(conn)) {
+                    tracing::warn!("layer {layer}: aborting connection {conn}: {e}");
+                }
+            }
+            unmount_with_overlays(&s.mnt, gone);
+            if let Some(fds) = &opts.fd_store {
+                let _ = fds.del(&fd_name(layer));
+            }
+        }
+        // Shut down and joined aside, after the unmounts: a fetcher or a
+        // worker may be waiting on the network (for a store that is gone),
+        // and the process exits next, its threads with it.
+        let sessions: Vec<Served> = served.drain().map(|(_, s)| s).collect();
+        let joined = std::thread::spawn(move || {
+            for s in sessions {
+                s.fs.shutdown();
+                drop(s);
+            }
+        });
+        if !gone {
+            let _ = joined.join();
+        }
+        if gone {
+            tracing::warn!(
+                "the store at {} is gone: unmounted its lazy layers",
+                store.root().display()
+            );
+            return Ok(Ended::Gone);
+        }
+    }
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+fn serve_loop(
+    rt: &tokio::runtime::Handle,
+    client: &Arc<RegistryClient>,
+    store: &Store,
+    sn: &Snapshotter,
+    opts: &ServeOptions,
+    ready: impl FnOnce(),
+    watch: &StoreWatch,
+    served: &mut HashMap<String, Served>,
+) -> Result<Ended> {
     // Layers this daemon served and let go: not served again by it.
     let mut finished = std::collections::HashSet::new();
     let mut ready = Some(ready);
     // One for all the layers served: background work yields to reads in any.
     let activity = Arc::new(Activity::default());
+    // Kept connections first: their readers are waiting.
+    let mut first = true;
+    let mut kept: Vec<String> = Vec::new();
     loop {
-        for (chain, layer, source) in lazy_snapshots(sn)? {
+        if watch.gone() {
+            return Ok(Ended::Gone);
+        }
+        let mut todo: Vec<(String, String, String, bool)> = lazy_snapshots(sn)?
+            .into_iter()
+            .map(|(c, l, s)| (c, l, s, true))
+            .collect();
+        if first {
+            kept = kept_layers(opts);
+            for layer in kept.clone() {
+                if todo.iter().any(|t| t.1 == layer) {
+                    continue;
+                }
+                match completed_layer(store, sn, &layer) {
+                    Some((chain, source)) => todo.push((chain, layer, source, false)),
+                    None => {
+                        tracing::warn!("kept FUSE connection of layer {layer}: no such snapshot");
+                    }
+                }
+            }
+            todo.sort_by_key(|t| !kept.contains(&t.1));
+            first = false;
+        } else {
+            kept.clear();
+        }
+        for (chain, layer, source, lazy) in todo {
             if served.contains_key(&layer) || finished.contains(&layer) {
                 continue;
             }
-            match serve_layer(rt, &client, store, sn, (&chain, &layer, &source), &activity) {
+            if opts.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            match serve_layer(
+                rt, client, store, sn, &chain, &layer, &source, opts, lazy, &activity,
+            ) {
                 Ok(s) => {
                     served.insert(layer, s);
+                }
+                Err(e) if kept.contains(&layer) => {
+                    // Its readers wait on this connection: fail, so that the
+                    // keeper restarts the daemon (and in the end aborts it).
+                    tracing::error!("resuming lazy layer {layer}: {e}");
+                    return Err(e);
                 }
                 Err(e) => {
                     tracing::error!("serving lazy layer {layer}: {e}");
@@ -332,10 +668,19 @@ pub fn serve_store(
         if let Some(r) = ready.take() {
             r();
         }
+        if opts.stop.load(Ordering::SeqCst) {
+            for (layer, s) in served.drain() {
+                match s.session.stop() {
+                    Ok((exit, _fd)) => tracing::info!("layer {layer}: {exit:?}"),
+                    Err(e) => tracing::warn!("layer {layer}: stopping: {e}"),
+                }
+            }
+            return Ok(Ended::Stopped);
+        }
         let now = Instant::now();
         let mut done = Vec::new();
         for (layer, s) in served.iter_mut() {
-            if !s.done.load(std::sync::atomic::Ordering::SeqCst) {
+            if !s.done.load(Ordering::SeqCst) {
                 continue;
             }
             let since = *s.done_since.get_or_insert(now);
@@ -355,10 +700,122 @@ pub fn serve_store(
             .iter()
             .any(|(_, l, _)| !finished.contains(l));
         if served.is_empty() && !waiting {
-            return Ok(());
+            let _ = std::fs::remove_file(daemon_pid_file(store));
+            return Ok(Ended::Done);
         }
-        std::thread::sleep(Duration::from_millis(200));
+        nap(Duration::from_millis(200), &opts.stop);
     }
+}
+
+/// How many daemon deaths the keeper tolerates: 10 within a minute. Each
+/// costs readers a stall of well under a second, while a daemon that cannot
+/// serve (it dies on resume, on a request) must not keep them waiting for
+/// long: after that, aborting the connections gives them ENOTCONN.
+pub const RESTART_POLICY: RestartPolicy = RestartPolicy {
+    max_failures: 10,
+    window: Duration::from_secs(60),
+};
+
+/// The store's keeper and supervisor (`cstore lazy-keeper`, started on
+/// demand by `mount --lazy` / `run --lazy`): holds every lazy FUSE
+/// connection's fd (a [`cstore_fuse_fs::Keeper`] on [`keeper_socket`]) and
+/// runs the daemon `spawn` starts, again at once whenever it dies, so a
+/// reader sees a stall, not an error. A daemon that stopped on request
+/// ([`EXIT_STOPPED`]) is restarted without counting a failure; after
+/// `policy.max_failures` failures within `policy.window`, every kept
+/// connection is aborted (readers get ENOTCONN rather than hang behind a
+/// daemon that cannot serve) and the keeper exits. It also exits when the
+/// daemon ends with nothing left to serve and no fd kept.
+pub fn supervise_store(
+    store: &Store,
+    mut spawn: impl FnMut(&Path) -> std::io::Result<std::process::Child>,
+    policy: RestartPolicy,
+) -> Result<()> {
+    let lazy = store.root().join("lazy");
+    std::fs::create_dir_all(&lazy).map_err(|e| io("create", &lazy, e))?;
+    let lock_path = lazy.join("keeper.lock");
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&lock_path)
+        .map_err(|e| io("create", &lock_path, e))?;
+    let Some(_lock) =
+        cstore_os::FileLock::try_take(&lock_path).map_err(cstore_snapshotter::Error::from)?
+    else {
+        return Ok(()); // another keeper supervises the store
+    };
+    let sock = keeper_socket(store);
+    let keeper = Arc::new(cstore_fuse_fs::Keeper::bind(&sock)?);
+    let pid_file = lazy.join("keeper.pid");
+    write_atomic(&pid_file, std::process::id().to_string().as_bytes())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (k2, s2) = (keeper.clone(), stop.clone());
+    let server = std::thread::spawn(move || k2.serve(&s2));
+    let client = KeeperClient::new(&sock);
+    let watch = StoreWatch::new(store.root(), &lock_path);
+    let mut window = FailureWindow::new(policy);
+    let result = loop {
+        let ended = spawn(&sock).and_then(|mut child| child.wait());
+        if watch.gone() {
+            // Whatever the daemon did, nobody can serve these mounts again.
+            let n = unmount_lazy_mounts(store.root(), true);
+            tracing::warn!(
+                "the store at {} is gone: {n} lazy mounts unmounted, the keeper exits",
+                store.root().display()
+            );
+            break Ok(());
+        }
+        let failure = match ended {
+            Err(e) => format!("spawn or wait: {e}"),
+            Ok(st) if st.success() => match client.list() {
+                Ok(kept) if kept.is_empty() => break Ok(()),
+                Ok(kept) => format!("exited with {} connections kept", kept.len()),
+                Err(e) => format!("exited, and the keeper does not answer: {e}"),
+            },
+            Ok(st) if st.code() == Some(EXIT_STOPPED) => continue,
+            Ok(st) => st.to_string(),
+        };
+        tracing::warn!("lazy daemon failed: {failure}; restarting it");
+        if window.record(Instant::now()) == Decision::Abort {
+            tracing::error!(
+                "lazy daemon failed {} times within {:?}: aborting its FUSE connections",
+                window.failures(),
+                policy.window
+            );
+            for layer in client
+                .list()
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|n| layer_of_fd_name(n))
+            {
+                let conn = StateDir::new(layer_dir(store, &layer).join("state"))
+                    .and_then(|st| st.load())
+                    .map(|st| st.settings.and_then(|s| s.conn));
+                match conn {
+                    Ok(Some(conn)) => {
+                        if let Err(e) = Fusectl::open().and_then(|c| c.abort(conn)) {
+                            tracing::error!("layer {layer}: aborting connection {conn}: {e}");
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::error!("layer {layer}: its connection: {e}"),
+                }
+                // No daemon will serve it again: the entry would stay as a
+                // dead mount. Overlays over it stay (readers there get
+                // ENOTCONN; `cstore umount` removes them).
+                let _ = client.del(&fd_name(&layer));
+                unmount_with_overlays(&layer_dir(store, &layer).join("mnt"), false);
+            }
+            break Err(Error::Invalid {
+                what: "the lazy daemon".into(),
+                reason: format!("failed {} times in a row: {failure}", window.failures()),
+            });
+        }
+    };
+    let _ = std::fs::remove_file(&pid_file);
+    stop.store(true, Ordering::SeqCst);
+    let _ = server.join();
+    result
 }
 
 /// A completed layer: its snapshot is an ordinary one from now on, and its

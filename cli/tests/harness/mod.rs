@@ -72,6 +72,100 @@ impl Cstore {
         self.root.path()
     }
 
+    /// The store's lazy keeper or daemon by its pid file, if that pid is
+    /// still a `cstore lazy-keeper`/`lazy-serve` of this store (a stale
+    /// file's pid may have been reused by anything).
+    fn lazy_process(&self, file: &str, role: &str) -> Option<libc::pid_t> {
+        let pid: libc::pid_t = std::fs::read_to_string(self.path().join("lazy").join(file))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let root = self.path().as_os_str().as_encoded_bytes();
+        (args.contains(&role.as_bytes()) && args.contains(&root)).then_some(pid)
+    }
+
+    /// Mount points at or under the store's root, deepest first.
+    fn mounts_under_root(&self) -> Vec<(String, String)> {
+        let root = self.path().display().to_string();
+        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut v: Vec<(String, String)> = text
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                let point = f.get(4)?.replace("\\040", " ");
+                let fstype = f.iter().skip_while(|x| **x != "-").nth(1)?;
+                (point == root || point.starts_with(&format!("{root}/")))
+                    .then(|| (point, fstype.to_string()))
+            })
+            .collect();
+        v.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+        v
+    }
+}
+
+/// Store teardown: before the temp root is deleted, stop the store's lazy
+/// keeper and daemon and unmount whatever is still mounted under it (else the
+/// daemon dies on the deleted store and its FUSE mounts stay as dead
+/// entries). A daemon's own FUSE mounts while it still runs are its business
+/// (it lets go of them a few seconds after its layers complete, which a test
+/// need not wait for); any other mount left under the root is a leak a
+/// correct run would not have, and fails the test: a warning would be
+/// captured with the passing test's output and never seen.
+impl Drop for Cstore {
+    fn drop(&mut self) {
+        let mut daemon_ran = false;
+        // The keeper first, and dead, before the daemon: else it would start
+        // another daemon, which could mount after the unmounts below.
+        for (file, role) in [("keeper.pid", "lazy-keeper"), ("daemon.pid", "lazy-serve")] {
+            if let Some(pid) = self.lazy_process(file, role) {
+                daemon_ran = true;
+                // SAFETY: this store's keeper or daemon, checked by its cmdline.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                let t = std::time::Instant::now();
+                while self.lazy_process(file, role) == Some(pid)
+                    && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                        .is_ok_and(|s| !s.contains(") Z "))
+                    && t.elapsed() < std::time::Duration::from_secs(5)
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
+        }
+        let lazy = self.path().join("lazy").display().to_string();
+        let mut leaked = Vec::new();
+        for (point, fstype) in self.mounts_under_root() {
+            let own = daemon_ran && fstype.starts_with("fuse") && point.starts_with(&lazy);
+            if !own {
+                leaked.push(format!("{point} ({fstype})"));
+            }
+            // SAFETY: a NUL-terminated path; detached, so busy mounts go too.
+            let c = std::ffi::CString::new(point.clone()).unwrap();
+            if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+                eprintln!(
+                    "cstore test teardown: umount {point}: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+        if !leaked.is_empty() {
+            let msg = format!(
+                "the test left mounts under its store {} (unmounted now): {}",
+                self.path().display(),
+                leaked.join(", ")
+            );
+            if std::thread::panicking() {
+                eprintln!("{msg}");
+            } else {
+                panic!("{msg}");
+            }
+        }
+    }
+}
+
+impl Cstore {
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_cstore"));
         c.arg("--root").arg(self.root.path()).args(args);
