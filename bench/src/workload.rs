@@ -552,20 +552,17 @@ fn density(
 /// finds it in the registry as any other store would. Not measured. Err is
 /// why the lazy-start workload cannot run.
 pub fn publish_index(ctx: &Ctx, dir: &Path) -> Result<std::result::Result<(), String>> {
-    if ctx.cstore_plain_http {
-        // run --lazy reaches the registry as a plain pull would, but has no
-        // --plain-http of its own (loopback registries need none).
-        return Ok(Err(
-            "cstore run --lazy has no --plain-http (the image's registry needs it)".into(),
-        ));
-    }
     let root = dir.join("lazy-index");
     let mut out = Ok(());
     for what in ["build", "push"] {
-        let cmd = Cmd::new(ctx.cstore, format!("cstore index {what}"))
+        let mut cmd = Cmd::new(ctx.cstore, format!("cstore index {what}"))
             .arg("--root")
             .arg(&root)
-            .args(["index", what, ctx.image]);
+            .args(["index", what]);
+        if ctx.cstore_plain_http {
+            cmd = cmd.arg("--plain-http");
+        }
+        let cmd = cmd.arg(ctx.image);
         match cmd.output() {
             Ok(_) => {}
             Err(Error::Command { stderr, .. }) => {
@@ -644,7 +641,11 @@ fn lazy_start(ctx: &Ctx, class: &Class) -> Result<Vec<Measurement>> {
             let run = ctx
                 .cstore(class, &root, "cstore run")
                 .args(["run", "--rm", "--name", &name]);
-            let run = if t == 0 { run.arg("--lazy") } else { run };
+            let run = match (t, ctx.cstore_plain_http) {
+                (0, true) => run.args(["--lazy", "--plain-http"]),
+                (0, false) => run.arg("--lazy"),
+                _ => run,
+            };
             let run = run.arg(ctx.image).args(ctx.density_cmd);
             cold(ctx)?;
             let t0 = Instant::now();

@@ -26,6 +26,10 @@ pub struct RunArgs {
     /// layers are served by the store's lazy daemon (docs/lazy.md).
     #[arg(long)]
     pub lazy: bool,
+    /// How to reach the registry with --lazy (the same settings as
+    /// `pull --lazy`; the lazy daemon is handed them too).
+    #[command(flatten)]
+    pub(crate) registry: crate::RegistryArgs,
     #[arg(long)]
     pub name: Option<String>,
     /// Environment KEY=VALUE (repeatable).
@@ -148,13 +152,7 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
     let flags = Flags::parse(&a, store.root())?;
     if a.lazy {
         // Lazy layers need their daemon before the image is mounted.
-        let args = crate::RegistryArgs {
-            platform: None,
-            plain_http: false,
-            creds: None,
-            hosts_dir: None,
-        };
-        crate::lazy::ensure_served(store, store.root(), &a.reference, &args)?;
+        crate::lazy::ensure_served(store, store.root(), &a.reference, &a.registry)?;
     }
     let image = resolve(store, sn, &a)?;
     let req = RunRequest {

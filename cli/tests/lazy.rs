@@ -466,6 +466,48 @@ fn run_lazy_starts_a_container_from_lazy_layers() {
     b.assert_nothing_mounted();
 }
 
+/// `run --lazy` reaches the registry with the same settings as `pull --lazy`:
+/// credentials from `CSTORE_CREDS` (and `--platform`) go to its lazy pull
+/// and to the daemon that fetches the layers' spans, which completes them.
+#[test]
+fn run_lazy_uses_the_registry_settings_for_its_pull_and_daemon() {
+    let reg = crate::harness::Registry::start(&["--htpasswd", "user:pass"]);
+    reg.push(Some("user:pass"));
+    let image = reg.image("busybox:latest");
+    let mut a = Cstore::new();
+    a.env.push(("CSTORE_CREDS".into(), "user:pass".into()));
+    a.ok(&["index", "build", &image]);
+    a.ok(&["index", "push", &image]);
+
+    let mut b = Cstore::new();
+    let err = b.fail(&["run", "--rm", "--lazy", &image, "true"]);
+    assert!(err.contains("authentication required"), "{err}");
+    b.env.push(("CSTORE_CREDS".into(), "user:pass".into()));
+    let platform = format!(
+        "linux/{}",
+        std::env::consts::ARCH
+            .replace("x86_64", "amd64")
+            .replace("aarch64", "arm64")
+    );
+    let out = b.ok(&[
+        "run",
+        "--rm",
+        "--lazy",
+        "--platform",
+        &platform,
+        &image,
+        "echo",
+        "hello with credentials",
+    ]);
+    assert!(out.contains("hello with credentials"), "{out}");
+    assert!(out.contains("3 of 3 layers lazy"), "{out}");
+    // Only a daemon holding the credentials can fetch the rest of the layers.
+    wait_unmounted(&b);
+    assert_eq!(lazy_snapshots(&b), 0, "completed by the daemon");
+    b.assert_blobs_verified();
+    b.assert_nothing_mounted();
+}
+
 /// The lazy rows of `snapshots --json`: (layer digest, lazy_local).
 fn lazy_local(cs: &Cstore) -> Vec<(String, Value)> {
     let rows: Vec<Value> = serde_json::from_str(&cs.ok(&["snapshots", "--json"])).unwrap();

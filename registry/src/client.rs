@@ -106,7 +106,13 @@ enum Auth {
 
 #[derive(Default)]
 struct State {
+    /// Per loopback host: the scheme it was found to speak (absent: not
+    /// known yet, HTTPS tried first).
     schemes: HashMap<String, Scheme>,
+    /// Per loopback host whose scheme is not known yet: held by the one
+    /// request that finds it out, so concurrent first requests wait for it
+    /// instead of each failing TLS and the losers paying a retry's backoff.
+    learning: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
     /// Per (registry host, scope): bearer tokens are scoped to a repository
     /// and action. Only a challenge of the registry itself fills an entry, so
     /// a token is always one from the realm that registry named (a challenge
@@ -438,12 +444,22 @@ impl RegistryClient {
             attempt += 1;
             // Every attempt starts at the registry: a retry or a resume gets
             // a fresh redirect, never reuses a (presigned, expiring) target.
+            let learning = self.scheme_gate(ep, r).await;
             let url = self.url(ep, r, path)?;
             let auth = self.cached_auth(ep, r);
-            let landed = match self
+            let sent = self
                 .send_following(&ep.http, url, &headers, &ep.headers, auth.as_deref(), None)
-                .await
-            {
+                .await;
+            if let Some(_gate) = learning {
+                // Decided before the gate opens: only the registry's own
+                // transport failing means it speaks HTTP; any answer, TLS.
+                let speaks = match sent {
+                    Err(SendError::Transport { at_home: true, .. }) => Scheme::Http,
+                    _ => Scheme::Https,
+                };
+                self.learned(r, speaks);
+            }
+            let landed = match sent {
                 Ok(l) => l,
                 Err(SendError::Redirect(message)) => {
                     return Err(Error::Redirect {
@@ -459,7 +475,7 @@ impl RegistryClient {
                 }) => {
                     // Only the registry's own TLS failing means it speaks
                     // HTTP; a redirect target's says nothing about it.
-                    if at_home && !ep.spec.explicit_scheme && self.try_plain_http(r) {
+                    if at_home && !ep.spec.explicit_scheme && self.try_plain_http(r, &url) {
                         tracing::info!(registry = %registry, "TLS to a loopback registry failed; using plain HTTP as docker does");
                         attempt -= 1;
                         continue;
@@ -561,17 +577,71 @@ impl RegistryClient {
     }
 
     /// Docker talks plain HTTP to loopback registries when TLS fails. Returns
-    /// true if this request should be tried again over HTTP.
-    pub(crate) fn try_plain_http(&self, r: &Reference) -> bool {
-        if self.opts.plain_http || !r.is_loopback() {
+    /// true if this request, which failed at `failed`, should be tried again
+    /// over HTTP at once: the host's first TLS failure decides it speaks HTTP
+    /// (a host already known to answer TLS is not switched by a later
+    /// failure), and a request sent over TLS before that was learned follows
+    /// it without a retry's pause.
+    pub(crate) fn try_plain_http(&self, r: &Reference, failed: &Url) -> bool {
+        if self.opts.plain_http || !r.is_loopback() || failed.scheme() != "https" {
             return false;
         }
         let mut st = self.state.lock().unwrap();
         match st.schemes.get(r.api_host()) {
-            Some(_) => false,
+            Some(s) => *s == Scheme::Http,
             None => {
                 st.schemes.insert(r.api_host().to_string(), Scheme::Http);
+                st.learning.remove(r.api_host());
                 true
+            }
+        }
+    }
+
+    /// Record the scheme a loopback host answered with (the first decision stands).
+    fn learned(&self, r: &Reference, scheme: Scheme) {
+        let mut st = self.state.lock().unwrap();
+        st.schemes.entry(r.api_host().to_string()).or_insert(scheme);
+        st.learning.remove(r.api_host());
+    }
+
+    /// For a request to a loopback host whose scheme is not known yet (the
+    /// only hosts with the HTTP fallback): waits while another request finds
+    /// it out; returns the gate if this request is the one to find out (it
+    /// records the outcome, then drops the gate). None when the scheme is
+    /// fixed or known: no waiting then.
+    async fn scheme_gate(
+        &self,
+        ep: &hosts::Endpoint,
+        r: &Reference,
+    ) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        if self.opts.plain_http || ep.spec.explicit_scheme || !r.is_loopback() {
+            return None;
+        }
+        loop {
+            let gate = {
+                let mut st = self.state.lock().unwrap();
+                if st.schemes.contains_key(r.api_host()) {
+                    return None;
+                }
+                st.learning
+                    .entry(r.api_host().to_string())
+                    .or_default()
+                    .clone()
+            };
+            let guard = gate.clone().lock_owned().await;
+            let st = self.state.lock().unwrap();
+            if st.schemes.contains_key(r.api_host()) {
+                return None;
+            }
+            // The holder before us gave up without an answer (its future
+            // was dropped): this request finds out, through the same gate
+            // unless it was replaced meanwhile.
+            if st
+                .learning
+                .get(r.api_host())
+                .is_some_and(|g| Arc::ptr_eq(g, &gate))
+            {
+                return Some(guard);
             }
         }
     }

@@ -290,3 +290,102 @@ fn ranged_reads_share_the_token_cache() {
     let e = rt.block_on(anon.blob_range(&r, &d, 0, 7)).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unauthenticated, "{e}");
 }
+
+/// A relay to `upstream` that counts the TLS handshakes it is offered (a
+/// ClientHello starts with 0x16) and closes them, as a plain-HTTP registry's
+/// port does; everything else is passed through.
+struct TlsCounter {
+    addr: String,
+    tls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl TlsCounter {
+    fn start(upstream: &str) -> TlsCounter {
+        use std::io::copy;
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let tls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (count, upstream) = (tls.clone(), upstream.to_string());
+        // Accepts until the test process exits (the port is its own).
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let mut first = [0u8; 1];
+                if conn.peek(&mut first).unwrap_or(0) == 0 {
+                    continue;
+                }
+                if first[0] == 0x16 {
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = conn.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(up) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let (mut c1, mut u1) = (conn.try_clone().unwrap(), up.try_clone().unwrap());
+                let (mut c2, mut u2) = (conn, up);
+                std::thread::spawn(move || {
+                    let _ = copy(&mut c1, &mut u1);
+                    let _ = u1.shutdown(Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    let _ = copy(&mut u2, &mut c2);
+                    let _ = c2.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        TlsCounter { addr, tls }
+    }
+
+    fn tls_attempts(&self) -> usize {
+        self.tls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Concurrent first requests to a plain-HTTP loopback registry: one of them
+/// tries TLS and learns the host speaks HTTP; the others wait for that and
+/// go straight to HTTP (no TLS attempt each, no retry's backoff), and later
+/// requests never try TLS again.
+#[test]
+fn concurrent_first_requests_learn_a_loopback_registrys_scheme_once() {
+    let reg = Registry::start(&[]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let data = content(64 << 10);
+    let d = rt.block_on(upload(&reg.addr, "t/scheme", &data));
+    let relay = TlsCounter::start(&reg.addr);
+    let r: Reference = format!("{}/t/scheme:x", relay.addr).parse().unwrap();
+    let c = RegistryClient::new(ClientOptions {
+        docker_config: false,
+        // A loser's retry (the old race) would wait this long.
+        backoff: Duration::from_secs(2),
+        ..ClientOptions::default()
+    })
+    .unwrap();
+    let read_all = |round: u64| {
+        rt.block_on(futures_util::future::join_all(
+            (0..8u64)
+                .map(|i| {
+                    let (c, r, d, data) = (&c, &r, &d, &data);
+                    async move {
+                        let off = (round * 8 + i) * 1000;
+                        let got = c.blob_range(r, d, off, 1000).await.unwrap();
+                        assert_eq!(&got[..], &data[off as usize..off as usize + 1000]);
+                    }
+                })
+                .collect::<Vec<_>>(),
+        ))
+    };
+    read_all(0);
+    assert_eq!(
+        relay.tls_attempts(),
+        1,
+        "one TLS attempt decides the scheme for all concurrent requests"
+    );
+    read_all(1);
+    assert_eq!(relay.tls_attempts(), 1, "the scheme stays learned");
+}
