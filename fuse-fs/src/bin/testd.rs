@@ -16,7 +16,8 @@
 //! directory for the next daemon). `--complete` completes the layer in the background
 //! once serving; `--prefetch-trace` queues the spans the cache's access trace recorded.
 //! The stats file also has the cache's counters (`fetched`, `requests`, `local`,
-//! `start_local`: spans already local when this daemon started, `complete`).
+//! `durable`: of those, marked in the bitmap on disk, `start_local`: spans already
+//! local when this daemon started, `complete`).
 //!
 //! `serve` resumes the connection the keeper holds under NAME if there is one, else
 //! mounts; it prints `ready` when serving. SIGTERM stops it cleanly (exit 75, the fd left
@@ -315,11 +316,12 @@ fn serve_layer(args: &[String]) -> Result<Exit, Box<dyn std::error::Error>> {
         std::thread::spawn(move || loop {
             let c = fs.stats();
             let text = format!(
-                "{}fetched {}\nrequests {}\nlocal {}\nstart_local {start_local}\ncomplete {}\n",
+                "{}fetched {}\nrequests {}\nlocal {}\ndurable {}\nstart_local {start_local}\ncomplete {}\n",
                 st.render(),
                 c.spans_fetched,
                 c.requests,
                 c.local,
+                c.durable,
                 fs.is_complete() as u8
             );
             let tmp = path.with_extension("tmp");

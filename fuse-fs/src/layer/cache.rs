@@ -171,6 +171,9 @@ pub struct CacheStats {
     pub failures: u64,
     /// Spans local now, of `spans`.
     pub local: u64,
+    /// Of those, the spans marked in the bitmap on disk (readers are answered
+    /// before the mark: a daemon killed in between fetches them again).
+    pub durable: u64,
     pub spans: u64,
 }
 
@@ -190,6 +193,8 @@ struct State {
     /// Spans already in the trace.
     traced: Vec<bool>,
     local: u64,
+    /// Spans whose bit is written to the bitmap file.
+    durable: u64,
     stopping: bool,
 }
 
@@ -343,6 +348,7 @@ impl Layer {
                 bitmap,
                 traced: vec![false; n],
                 local,
+                durable: local,
                 stopping: false,
             }),
             cv: Condvar::new(),
@@ -379,6 +385,7 @@ impl Layer {
             bytes_fetched: self.bytes_fetched.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
             local: st.local,
+            durable: st.durable,
             spans: st.spans.len() as u64,
         }
     }
@@ -766,6 +773,10 @@ impl Layer {
             f.write_all_at(&[v], b as u64)
                 .map_err(|e| format!("writing the span bitmap: {e}"))?;
         }
+        // Marks are serialized by the file's lock: every bit set is written now.
+        let mut st = lock(&self.st);
+        st.durable = st.bitmap.iter().map(|b| u64::from(b.count_ones())).sum();
+        drop(st);
         tree::fdatasync(f.as_fd()).map_err(|e| format!("fdatasync of the span bitmap: {e}"))
     }
 
@@ -873,6 +884,7 @@ impl Layer {
         }
         st.bitmap.fill(0);
         st.local = 0;
+        st.durable = 0;
         drop(st);
         f.set_len(0)?;
         tree::fdatasync(f.as_fd())?;
