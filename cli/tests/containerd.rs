@@ -1329,19 +1329,7 @@ fn ctr_runs_lazily(pre_pulled: bool) {
         "cat /etc/debian_version && ls /usr/bin >/dev/null && head -n1 /etc/debian_version",
     ]);
     assert!(out.trim().starts_with("12."), "{out}");
-    let fetched: u64 = proxy
-        .log()
-        .iter()
-        .filter(|e| e["path"].as_str().is_some_and(|p| p.contains(&layer)))
-        .map(|e| {
-            let r = e["range"].as_str().unwrap_or("");
-            let (a, b) = r
-                .trim_start_matches("bytes=")
-                .split_once('-')
-                .unwrap_or_else(|| panic!("a whole-blob GET of {layer}: {e}"));
-            b.parse::<u64>().unwrap() + 1 - a.parse::<u64>().unwrap()
-        })
-        .sum();
+    let fetched = proxy.ranged_bytes(&layer);
     assert!(
         fetched > 0 && fetched < size / 2,
         "fetched {fetched} of {size} bytes of {layer} to run the container"

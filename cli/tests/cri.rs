@@ -1022,24 +1022,6 @@ fn cri_pod_on_layers_cstore_pulled() {
 
 // ------------------------------------------------------------ lazily
 
-/// Bytes of `digest` asked of the proxy; every request for it must be a
-/// Range GET (nothing fetched it whole).
-fn ranged_for(proxy: &crate::harness::FaultProxy, digest: &str) -> u64 {
-    proxy
-        .log()
-        .iter()
-        .filter(|e| e["path"].as_str().is_some_and(|p| p.contains(digest)))
-        .map(|e| {
-            let r = e["range"].as_str().unwrap_or("");
-            let (a, b) = r
-                .trim_start_matches("bytes=")
-                .split_once('-')
-                .unwrap_or_else(|| panic!("a whole-blob GET of {digest}: {e}"));
-            b.parse::<u64>().unwrap() + 1 - a.parse::<u64>().unwrap()
-        })
-        .sum()
-}
-
 /// cstore's own snapshots still labelled lazy.
 fn lazy_layers(cs: &Cstore) -> Vec<String> {
     cstore_snapshots(cs)
@@ -1214,7 +1196,7 @@ fn cri_pod_runs_on_lazy_layers_before_they_are_complete() {
         }
         let out = &read_cri_log(&reader_log)["stdout"];
         assert!(out[0].starts_with("12."), "{out:?}");
-        let fetched = ranged_for(&proxy, &big);
+        let fetched = proxy.ranged_bytes(&big);
         assert!(
             fetched > 0 && fetched < size / 2,
             "fetched {fetched} of {size} bytes of {big} to start the container"

@@ -199,24 +199,6 @@ fn lazy_snapshots(cs: &Cstore) -> usize {
         .count()
 }
 
-/// Bytes of `digest` the client asked the proxy for (every read of a lazy
-/// layer is a Range GET).
-fn ranged_for(proxy: &crate::harness::FaultProxy, digest: &str) -> u64 {
-    proxy
-        .log()
-        .iter()
-        .filter(|e| e["path"].as_str().is_some_and(|p| p.contains(digest)))
-        .map(|e| {
-            let r = e["range"].as_str().unwrap_or("");
-            let (a, b) = r
-                .trim_start_matches("bytes=")
-                .split_once('-')
-                .unwrap_or_else(|| panic!("a whole-blob GET of {digest}: {e}"));
-            b.parse::<u64>().unwrap() + 1 - a.parse::<u64>().unwrap()
-        })
-        .sum()
-}
-
 /// The store's lazy daemon lets go of its FUSE mounts once its layers are
 /// done and unused (after a few seconds); wait for that.
 fn wait_unmounted(cs: &Cstore) {
@@ -282,7 +264,7 @@ fn pull_lazy_runs_before_the_layers_are_local_and_completes_into_a_normal_pull()
     assert!(version.starts_with("12"), "{version}");
     let listing = chroot(mnt.path(), &["/bin/ls", "/usr/bin"]);
     assert!(listing.contains("dpkg"), "{listing}");
-    let fetched = ranged_for(&proxy, &layer);
+    let fetched = proxy.ranged_bytes(&layer);
     assert!(
         fetched > 0 && fetched < size / 2,
         "fetched {fetched} of {size} bytes to run cat and ls"

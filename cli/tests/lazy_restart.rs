@@ -142,17 +142,9 @@ fn reader(files: Vec<PathBuf>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle
 /// request, answered or not), and in all, from the proxy's log.
 fn fetch_accounting(proxy: &FaultProxy, digest: &str) -> (u64, u64) {
     let mut ranges: Vec<(u64, u64)> = proxy
-        .log()
-        .iter()
-        .filter(|e| e["path"].as_str().is_some_and(|p| p.contains(digest)))
-        .map(|e| {
-            let r = e["range"].as_str().unwrap_or("");
-            let (a, b) = r
-                .trim_start_matches("bytes=")
-                .split_once('-')
-                .unwrap_or_else(|| panic!("a whole-blob GET of {digest}: {e}"));
-            (a.parse::<u64>().unwrap(), b.parse::<u64>().unwrap() + 1)
-        })
+        .ranges_of(digest)
+        .into_iter()
+        .map(|r| (r.start, r.end))
         .collect();
     let total = ranges.iter().map(|r| r.1 - r.0).sum();
     ranges.sort();

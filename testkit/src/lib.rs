@@ -170,6 +170,28 @@ impl FaultProxy {
         http(&self.addr, "DELETE", "/__log", None);
     }
 
+    /// The byte ranges of `digest` asked through the proxy, in log order; every
+    /// request for it must be a Range GET (a whole-blob GET panics, named).
+    pub fn ranges_of(&self, digest: &str) -> Vec<std::ops::Range<u64>> {
+        self.log()
+            .iter()
+            .filter(|e| e["path"].as_str().is_some_and(|p| p.contains(digest)))
+            .map(|e| {
+                let r = e["range"].as_str().unwrap_or("");
+                let (a, b) = r
+                    .trim_start_matches("bytes=")
+                    .split_once('-')
+                    .unwrap_or_else(|| panic!("a whole-blob GET of {digest}: {e}"));
+                a.parse::<u64>().unwrap()..b.parse::<u64>().unwrap() + 1
+            })
+            .collect()
+    }
+
+    /// Bytes of `digest` asked through the proxy, all by Range GETs.
+    pub fn ranged_bytes(&self, digest: &str) -> u64 {
+        self.ranges_of(digest).iter().map(|r| r.end - r.start).sum()
+    }
+
     pub fn log(&self) -> Vec<Value> {
         let v: Value = serde_json::from_str(&http(&self.addr, "GET", "/__log", None)).unwrap();
         match v {
