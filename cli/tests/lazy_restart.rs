@@ -352,14 +352,7 @@ fn sigterm_five_times_under_a_reader_no_errors_and_the_layer_completes() {
 /// is back the same read succeeds with the right bytes.
 #[test]
 fn registry_gone_mid_read_gives_eio_in_bounded_time_then_reads_again() {
-    let reg = Registry::start(&[]);
-    reg.push(None);
-    let direct = reg.image("busybox:latest");
-    let a = Cstore::new();
-    a.ok(&["index", "build", &direct]);
-    a.ok(&["index", "push", &direct]);
-    let proxy = FaultProxy::start(&reg.addr);
-    let image = format!("{}/busybox:latest", proxy.addr);
+    let (_reg, proxy, direct, image) = indexed_busybox_behind_a_proxy();
     let b = Cstore::new();
     let _cleanup = Cleanup(&b);
     b.ok(&["pull", "--lazy", &image]);
@@ -392,12 +385,10 @@ fn registry_gone_mid_read_gives_eio_in_bounded_time_then_reads_again() {
     b.ok(&["umount", mnt.s()]);
 }
 
-/// A daemon that keeps dying: after the tenth death within a minute the
-/// keeper aborts the kept connections and exits; a reader then gets ENOTCONN
-/// at once instead of waiting for a daemon that never comes, and the mount
-/// can be taken down.
-#[test]
-fn a_daemon_that_keeps_dying_ends_in_enotconn_not_a_hang() {
+/// The test registry with busybox, its index built and pushed from another
+/// store, and a fault proxy in front: (registry, proxy, the image direct,
+/// the image through the proxy).
+fn indexed_busybox_behind_a_proxy() -> (Registry, FaultProxy, String, String) {
     let reg = Registry::start(&[]);
     reg.push(None);
     let direct = reg.image("busybox:latest");
@@ -406,6 +397,16 @@ fn a_daemon_that_keeps_dying_ends_in_enotconn_not_a_hang() {
     a.ok(&["index", "push", &direct]);
     let proxy = FaultProxy::start(&reg.addr);
     let image = format!("{}/busybox:latest", proxy.addr);
+    (reg, proxy, direct, image)
+}
+
+/// A daemon that keeps dying: after the tenth death within a minute the
+/// keeper aborts the kept connections and exits; a reader then gets ENOTCONN
+/// at once instead of waiting for a daemon that never comes, and the mount
+/// can be taken down.
+#[test]
+fn a_daemon_that_keeps_dying_ends_in_enotconn_not_a_hang() {
+    let (_reg, proxy, _direct, image) = indexed_busybox_behind_a_proxy();
     let b = Cstore::new();
     let _cleanup = Cleanup(&b);
     b.ok(&["pull", "--lazy", &image]);
