@@ -67,21 +67,23 @@ impl Snapshotter {
         global: &[&str],
         extra: &[&str],
     ) -> Snapshotter {
-        let mut s = Snapshotter {
-            child: None,
-            sock: sock.to_path_buf(),
-            log: log.to_path_buf(),
-            global: global.iter().map(|s| s.to_string()).collect(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            ns_of: None,
-        };
-        s.restart(cs);
-        s
+        Self::start_in(None, cs, sock, log, global, extra)
     }
 
     /// `start_with`, in the mount namespace of process `pid`.
     pub fn start_in_namespace_of(
         pid: u32,
+        cs: &Cstore,
+        sock: &Path,
+        log: &Path,
+        global: &[&str],
+        extra: &[&str],
+    ) -> Snapshotter {
+        Self::start_in(Some(pid), cs, sock, log, global, extra)
+    }
+
+    fn start_in(
+        ns_of: Option<u32>,
         cs: &Cstore,
         sock: &Path,
         log: &Path,
@@ -94,7 +96,7 @@ impl Snapshotter {
             log: log.to_path_buf(),
             global: global.iter().map(|s| s.to_string()).collect(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
-            ns_of: Some(pid),
+            ns_of,
         };
         s.restart(cs);
         s
