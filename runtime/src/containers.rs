@@ -499,8 +499,10 @@ struct Made<'a> {
 impl Made<'_> {
     /// Unmount the rootfs; with `remove`, the snapshot and directory go too.
     fn cleanup(&self, remove: bool) {
-        let _ = mount::unmount(&self.rootfs);
-        if remove {
+        let unmounted = mount::unmount(&self.rootfs).is_ok() || !mount::is_mountpoint(&self.rootfs);
+        // Never walk a rootfs still mounted: the removal would go through the
+        // container's tree.
+        if remove && unmounted {
             let _ = self.snaps.remove(&self.key);
             let _ = std::fs::remove_dir_all(&self.dir);
         }
