@@ -20,23 +20,7 @@ use cstore_fuse_fs::layer::{build_index, FileSource, LayerFs, LayerOptions, Span
 use cstore_fuse_fs::{FdStore, PassthroughMode, Session, SessionOptions, StateDir};
 use cstore_index::{Compression, Index, Kind, Policy};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use cstore_testkit::{repo_root as repo, root_attrs, run, treesnap};
 
 /// The fixture OCI layout, with the images these tests use built (once).
 fn oci() -> PathBuf {
@@ -99,26 +83,6 @@ fn layers(tag: &str) -> Vec<(PathBuf, Compression)> {
             (blob_path(&oci, l["digest"].as_str().unwrap()), c)
         })
         .collect()
-}
-
-fn treesnap(dir: &Path) -> String {
-    run(Command::new("python3")
-        .arg(repo().join("fixtures/treesnap.py"))
-        .arg(dir)
-        .args(["--no-mtime-dirs", "--ignore-xattr", "trusted.overlay."])
-        .args(["--ignore-xattr", "user.rootlesscontainers"]))
-}
-
-fn root_attrs(dir: &Path) -> String {
-    run(Command::new("python3")
-        .arg("-c")
-        .arg(
-            "import os, sys; st = os.lstat(sys.argv[1]); \
-         xs = {k: os.getxattr(sys.argv[1], k).hex() for k in sorted(os.listxattr(sys.argv[1])) \
-               if not k.startswith(('trusted.overlay.', 'user.rootlesscontainers'))}; \
-         print(oct(st.st_mode), st.st_uid, st.st_gid, xs)",
-        )
-        .arg(dir))
 }
 
 fn tree_diff(want: &str, got: &str) -> String {

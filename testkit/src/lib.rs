@@ -1,7 +1,8 @@
-//! What the integration tests of several crates (cli, registry,
+//! What the integration tests of several crates (cli, fuse-fs, registry,
 //! snapshotter, unpack) start from fixtures/: a CNCF distribution registry
 //! (registry.sh), the fault proxy (faultproxy.py), a token-mode registry
-//! (tokenauth.sh), and the commands they run asserted. Everything started
+//! (tokenauth.sh), the tree oracle's description of a tree (treesnap.py),
+//! and the commands they run asserted. Everything started
 //! here is stopped on drop. A dev-dependency only: nothing here ships.
 
 use std::io::{Read, Write};
@@ -20,6 +21,33 @@ pub fn repo_root() -> PathBuf {
 
 pub fn fixture(name: &str) -> PathBuf {
     repo_root().join("fixtures").join(name)
+}
+
+/// The canonical description of a tree. Directory mtimes are left out: in an
+/// overlay mount a directory's mtime is its upper-most layer's copy (for
+/// directories a layer only implies, the time cstore made them), while umoci
+/// writes into one directory and the kernel updates it as entries land.
+/// Overlay's own `trusted.overlay.*` xattrs (opaque marks) are not content,
+/// and `user.rootlesscontainers` is umoci's rootless bookkeeping.
+pub fn treesnap(dir: &Path) -> String {
+    run(Command::new("python3")
+        .arg(fixture("treesnap.py"))
+        .arg(dir)
+        .args(["--no-mtime-dirs", "--ignore-xattr", "trusted.overlay."])
+        .args(["--ignore-xattr", "user.rootlesscontainers"]))
+}
+
+/// treesnap leaves the root itself out: its mode, owner and xattrs.
+pub fn root_attrs(dir: &Path) -> String {
+    run(Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import os, sys; st = os.lstat(sys.argv[1]); \
+         xs = {k: os.getxattr(sys.argv[1], k).hex() for k in sorted(os.listxattr(sys.argv[1])) \
+               if not k.startswith(('trusted.overlay.', 'user.rootlesscontainers'))}; \
+         print(oct(st.st_mode), st.st_uid, st.st_gid, xs)",
+        )
+        .arg(dir))
 }
 
 /// Run `cmd`, asserting success; its stdout.

@@ -46,32 +46,7 @@ pub fn registry_with_layered(layered: &[&str]) -> String {
     addr
 }
 
-/// The canonical description of a tree. Directory mtimes are left out: in an
-/// overlay mount a directory's mtime is its upper-most layer's copy (for
-/// directories a layer only implies, the time cstore made them), while umoci
-/// writes into one directory and the kernel updates it as entries land.
-/// Overlay's own `trusted.overlay.*` xattrs (opaque marks) are not content,
-/// and `user.rootlesscontainers` is umoci's rootless bookkeeping.
-pub fn treesnap(dir: &Path) -> String {
-    run(Command::new("python3")
-        .arg(fixture("treesnap.py"))
-        .arg(dir)
-        .args(["--no-mtime-dirs", "--ignore-xattr", "trusted.overlay."])
-        .args(["--ignore-xattr", "user.rootlesscontainers"]))
-}
-
-/// treesnap leaves the root itself out: its mode, owner and xattrs.
-pub fn root_attrs(dir: &Path) -> String {
-    run(Command::new("python3")
-        .arg("-c")
-        .arg(
-            "import os, sys; st = os.lstat(sys.argv[1]); \
-         xs = {k: os.getxattr(sys.argv[1], k).hex() for k in sorted(os.listxattr(sys.argv[1])) \
-               if not k.startswith(('trusted.overlay.', 'user.rootlesscontainers'))}; \
-         print(oct(st.st_mode), st.st_uid, st.st_gid, xs)",
-        )
-        .arg(dir))
-}
+pub use cstore_testkit::{root_attrs, treesnap};
 
 /// `umoci unpack --image OCI:TAG` (once per tag): its rootfs described by
 /// treesnap, and the rootfs's own attributes (root_attrs).
