@@ -13,7 +13,7 @@ fn blob(cs: &Cstore, digest: &str) -> PathBuf {
         .join(digest.trim_start_matches("sha256:"))
 }
 
-fn index_ls(cs: &Cstore, image: &str) -> Vec<Value> {
+pub(crate) fn index_ls(cs: &Cstore, image: &str) -> Vec<Value> {
     serde_json::from_str(&cs.ok(&["index", "ls", "--json", image])).expect("index ls --json")
 }
 
@@ -185,14 +185,30 @@ fn index_build_and_push_from_one_store_are_found_from_another() {
 }
 
 /// A fresh registry with the test images (and Debian), stopped on drop.
-fn registry_with_debian() -> crate::harness::Registry {
+/// `name` of `reg` with its index built and pushed from another store, and a
+/// fault proxy in front: (proxy, the image direct, the image through the proxy).
+pub(crate) fn indexed_behind_a_proxy(
+    reg: &crate::harness::Registry,
+    name: &str,
+) -> (crate::harness::FaultProxy, String, String) {
+    let direct = reg.image(name);
+    let a = Cstore::new();
+    a.ok(&["index", "build", &direct]);
+    a.ok(&["index", "push", &direct]);
+    let proxy = crate::harness::FaultProxy::start(&reg.addr);
+    let image = format!("{}/{name}", proxy.addr);
+    (proxy, direct, image)
+}
+
+/// A fresh registry with the test images and Debian, stopped on drop.
+pub(crate) fn registry_with_debian() -> crate::harness::Registry {
     let reg = crate::harness::Registry::start(&[]);
     crate::harness::run_fixture("push.sh", &[&reg.addr, "--debian"]);
     reg
 }
 
 /// The snapshots of `cs` still labelled lazy.
-fn lazy_snapshots(cs: &Cstore) -> usize {
+pub(crate) fn lazy_snapshots(cs: &Cstore) -> usize {
     let rows: Vec<Value> = serde_json::from_str(&cs.ok(&["snapshots", "--json"])).unwrap();
     rows.iter()
         .filter(|r| r["labels"]["cstore.io/lazy"].is_string())
@@ -235,13 +251,7 @@ fn chroot(dir: &Path, args: &[&str]) -> String {
 #[test]
 fn pull_lazy_runs_before_the_layers_are_local_and_completes_into_a_normal_pull() {
     let reg = registry_with_debian();
-    let direct = reg.image("debian:bookworm");
-    let a = Cstore::new();
-    a.ok(&["index", "build", &direct]);
-    a.ok(&["index", "push", &direct]);
-
-    let proxy = crate::harness::FaultProxy::start(&reg.addr);
-    let image = format!("{}/debian:bookworm", proxy.addr);
+    let (proxy, _direct, image) = indexed_behind_a_proxy(&reg, "debian:bookworm");
     let b = Cstore::new();
     let out = b.ok(&["pull", "--lazy", &image]);
     assert!(out.contains("lazy, index from the registry"), "{out}");
@@ -520,13 +530,7 @@ fn image_row(cs: &Cstore) -> Value {
 #[test]
 fn images_and_snapshots_show_how_much_of_each_lazy_layer_is_local() {
     let reg = registry_with_debian();
-    let direct = reg.image("debian:bookworm");
-    let a = Cstore::new();
-    a.ok(&["index", "build", &direct]);
-    a.ok(&["index", "push", &direct]);
-
-    let proxy = crate::harness::FaultProxy::start(&reg.addr);
-    let image = format!("{}/debian:bookworm", proxy.addr);
+    let (proxy, _direct, image) = indexed_behind_a_proxy(&reg, "debian:bookworm");
     let b = Cstore::new();
     b.ok(&["pull", "--lazy", &image]);
     let layers = index_ls(&b, &image);
@@ -640,12 +644,7 @@ fn alive(pid: i32) -> bool {
 fn a_deleted_store_takes_its_lazy_mounts_with_it() {
     let reg = crate::harness::Registry::start(&[]);
     reg.push(None);
-    let direct = reg.image("busybox:latest");
-    let a = Cstore::new();
-    a.ok(&["index", "build", &direct]);
-    a.ok(&["index", "push", &direct]);
-    let proxy = crate::harness::FaultProxy::start(&reg.addr);
-    let image = format!("{}/busybox:latest", proxy.addr);
+    let (proxy, _direct, image) = indexed_behind_a_proxy(&reg, "busybox:latest");
     let b = Cstore::new();
     let out = b.ok(&["pull", "--lazy", &image]);
     assert!(out.contains("3 of 3 layers lazy"), "{out}");
@@ -697,12 +696,7 @@ fn a_deleted_store_takes_its_lazy_mounts_with_it() {
 fn store_teardown_stops_the_lazy_daemon_and_fails_on_leaked_mounts() {
     let reg = crate::harness::Registry::start(&[]);
     reg.push(None);
-    let direct = reg.image("busybox:latest");
-    let a = Cstore::new();
-    a.ok(&["index", "build", &direct]);
-    a.ok(&["index", "push", &direct]);
-    let proxy = crate::harness::FaultProxy::start(&reg.addr);
-    let image = format!("{}/busybox:latest", proxy.addr);
+    let (proxy, _direct, image) = indexed_behind_a_proxy(&reg, "busybox:latest");
     let b = Cstore::new();
     b.ok(&["pull", "--lazy", &image]);
     proxy.set(serde_json::json!([{"match": "/blobs/", "action": "slow", "bps": 20_000}]));

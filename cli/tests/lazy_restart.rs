@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::harness::tree::{tree_diff, treesnap, umoci_tree, MountDir};
 use crate::harness::{Cstore, FaultProxy, Registry};
-use serde_json::Value;
+use crate::lazy::{index_ls, indexed_behind_a_proxy, lazy_snapshots, registry_with_debian};
 
 /// Keeps the store's lazy log for a look after a failure; the harness's
 /// store teardown stops the keeper and daemon and unmounts what they left.
@@ -49,24 +49,6 @@ fn daemon_log(cs: &Cstore) -> String {
 fn alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks.
     unsafe { libc::kill(pid, 0) == 0 }
-}
-
-/// A fresh registry with the test images and Debian, stopped on drop.
-fn registry_with_debian() -> Registry {
-    let reg = Registry::start(&[]);
-    crate::harness::run_fixture("push.sh", &[&reg.addr, "--debian"]);
-    reg
-}
-
-fn index_ls(cs: &Cstore, image: &str) -> Vec<Value> {
-    serde_json::from_str(&cs.ok(&["index", "ls", "--json", image])).expect("index ls --json")
-}
-
-fn lazy_snapshots(cs: &Cstore) -> usize {
-    let rows: Vec<Value> = serde_json::from_str(&cs.ok(&["snapshots", "--json"])).unwrap();
-    rows.iter()
-        .filter(|r| r["labels"]["cstore.io/lazy"].is_string())
-        .count()
 }
 
 /// Every regular file under `root` (not following symlinks).
@@ -200,13 +182,7 @@ fn biggest_layer(cs: &Cstore, image: &str) -> (String, u64) {
 /// died may be).
 fn restarts_under_a_reader(signal: i32, what: &str) {
     let reg = registry_with_debian();
-    let direct = reg.image("debian:bookworm");
-    let a = Cstore::new();
-    a.ok(&["index", "build", &direct]);
-    a.ok(&["index", "push", &direct]);
-
-    let proxy = FaultProxy::start(&reg.addr);
-    let image = format!("{}/debian:bookworm", proxy.addr);
+    let (proxy, _direct, image) = indexed_behind_a_proxy(&reg, "debian:bookworm");
     let b = Cstore::new();
     let _cleanup = Cleanup(&b);
     b.ok(&["pull", "--lazy", &image]);
@@ -391,12 +367,7 @@ fn registry_gone_mid_read_gives_eio_in_bounded_time_then_reads_again() {
 fn indexed_busybox_behind_a_proxy() -> (Registry, FaultProxy, String, String) {
     let reg = Registry::start(&[]);
     reg.push(None);
-    let direct = reg.image("busybox:latest");
-    let a = Cstore::new();
-    a.ok(&["index", "build", &direct]);
-    a.ok(&["index", "push", &direct]);
-    let proxy = FaultProxy::start(&reg.addr);
-    let image = format!("{}/busybox:latest", proxy.addr);
+    let (proxy, direct, image) = indexed_behind_a_proxy(&reg, "busybox:latest");
     (reg, proxy, direct, image)
 }
 
