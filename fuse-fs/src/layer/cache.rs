@@ -764,8 +764,13 @@ impl Layer {
         let mut st = lock(&self.st);
         let mut bytes: Vec<usize> = spans.iter().map(|s| s / 8).collect();
         bytes.dedup();
+        let mut new = 0;
         for &s in spans {
-            st.bitmap[s / 8] |= 1 << (s % 8);
+            let bit = 1 << (s % 8);
+            if st.bitmap[s / 8] & bit == 0 {
+                st.bitmap[s / 8] |= bit;
+                new += 1;
+            }
         }
         let vals: Vec<(usize, u8)> = bytes.iter().map(|&b| (b, st.bitmap[b])).collect();
         drop(st);
@@ -773,10 +778,8 @@ impl Layer {
             f.write_all_at(&[v], b as u64)
                 .map_err(|e| format!("writing the span bitmap: {e}"))?;
         }
-        // Marks are serialized by the file's lock: every bit set is written now.
-        let mut st = lock(&self.st);
-        st.durable = st.bitmap.iter().map(|b| u64::from(b.count_ones())).sum();
-        drop(st);
+        // Marks are serialized by the file's lock: the bits set above are written.
+        lock(&self.st).durable += new;
         tree::fdatasync(f.as_fd()).map_err(|e| format!("fdatasync of the span bitmap: {e}"))
     }
 
