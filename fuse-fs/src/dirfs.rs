@@ -303,6 +303,10 @@ impl ReadOnlyFs for DirFs {
             .ok_or(Errno::ENODATA)
     }
 
+    fn has_xattrs(&self) -> bool {
+        self.nodes.iter().any(|n| !n.xattrs.is_empty())
+    }
+
     fn listxattr(&self, nodeid: u64) -> std::result::Result<Vec<u8>, Errno> {
         let mut out = Vec::new();
         for (n, _) in &self.node(nodeid)?.xattrs {

@@ -108,6 +108,16 @@ pub trait ReadOnlyFs: Send + Sync + 'static {
         Err(Errno::ENODATA)
     }
 
+    /// Whether any node has an extended attribute (overlay's opaque marker included).
+    /// Asked once per session: without any, GETXATTR is answered ENOSYS once and the
+    /// kernel never asks again (every `getxattr` on the mount is then EOPNOTSUPP, which
+    /// overlayfs and the usual tools take as "none"); overlayfs otherwise asks for
+    /// `trusted.overlay.metacopy` at the lookup of every lower file, one round trip each.
+    /// The answer must not change for the life of the connection (daemons included).
+    fn has_xattrs(&self) -> bool {
+        true
+    }
+
     /// The node's extended attribute names, each NUL-terminated.
     fn listxattr(&self, _nodeid: u64) -> Result<Vec<u8>, Errno> {
         Ok(Vec::new())

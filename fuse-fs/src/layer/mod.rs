@@ -366,6 +366,22 @@ impl ReadOnlyFs for LayerFs {
             .ok_or(Errno::ENODATA)
     }
 
+    /// An entry's own xattrs, an opaque directory's marker, or xattrs an implicit
+    /// directory inherited: the same things `getxattr` answers from.
+    fn has_xattrs(&self) -> bool {
+        let idx = &self.layer.idx;
+        let inherited = self
+            .layer
+            .inherited
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|h| !h.xattrs.is_empty());
+        inherited
+            || (0..idx.entry_count())
+                .any(|i| idx.entry(i).is_opaque() || idx.xattrs(i).next().is_some())
+    }
+
     fn listxattr(&self, nodeid: u64) -> std::result::Result<Vec<u8>, Errno> {
         let i = self.resolve(self.entry_of(nodeid)?);
         let idx = &self.layer.idx;
