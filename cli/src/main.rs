@@ -338,6 +338,17 @@ fn main() {
     }
 }
 
+/// A listing piped into `head` or `grep -q` ends quietly when the reader goes,
+/// as ls does, instead of panicking in `println!` on EPIPE. Only for commands
+/// that read the store and print: daemons and pulls keep SIGPIPE ignored.
+fn listing_output() {
+    // SAFETY: restoring the default disposition of one signal, before any
+    // thread is started by this process.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn open_store(root: &std::path::Path) -> Result<Store> {
     Store::open(root).with_context(|| format!("opening the store at {}", root.display()))
 }
@@ -543,6 +554,7 @@ fn run(cli: Cli) -> Result<()> {
             std::process::exit(code);
         }
         Command::Ps { all, json } => {
+            listing_output();
             let store = open_store(&cli.root)?;
             containers::ps(&store, all, json)?;
         }
@@ -551,10 +563,12 @@ fn run(cli: Cli) -> Result<()> {
             containers::rm(&store, &names, force)?;
         }
         Command::Snapshots { json } => {
+            listing_output();
             let store = open_store(&cli.root)?;
             snap::list(&store, json)?;
         }
         Command::Images { json } => {
+            listing_output();
             let store = open_store(&cli.root)?;
             let images = store.images()?;
             let sn = snap::open(&store)?;
@@ -703,6 +717,7 @@ fn run(cli: Cli) -> Result<()> {
             )?;
         }
         Command::Df { json } => {
+            listing_output();
             let store = open_store(&cli.root)?;
             let du = store.df()?;
             if json {

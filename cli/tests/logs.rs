@@ -124,3 +124,41 @@ fn text_logs_under_systemd_have_priorities_and_no_timestamps_or_colours() {
         );
     }
 }
+
+/// `cstore images | head -1` and `cstore snapshots --json | grep -q x`: the
+/// reader goes before the listing is written, and the listing must end as ls
+/// does (SIGPIPE), not with Rust's "failed printing to stdout" panic.
+#[test]
+fn listings_into_a_closed_pipe_end_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    let (cs, _) = crate::harness::containers::busybox();
+    for args in [
+        &["images"][..],
+        &["images", "--json"],
+        &["snapshots"],
+        &["snapshots", "--json"],
+        &["df"],
+        &["ps", "--all"],
+    ] {
+        let mut child = cs
+            .cmd(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cstore");
+        // The read end goes at once: every write of the listing gets EPIPE.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("wait for cstore");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+            "cstore {args:?} into a closed pipe: {stderr}"
+        );
+        assert!(
+            out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+            "cstore {args:?} into a closed pipe ended with {:?}: {stderr}",
+            out.status
+        );
+    }
+}
