@@ -161,7 +161,10 @@ pub fn ls_remote(
         .iter()
         .map(|l| {
             let f = found.get(&l.digest);
-            let parsed = f.and_then(|f| cstore_index::Index::parse(f.index.as_slice()).ok());
+            let bytes = f.and_then(|f| f.fetch(rt.handle(), &client, &img, l).ok());
+            let parsed = bytes
+                .as_deref()
+                .and_then(|b| cstore_index::Index::parse(b).ok());
             serde_json::json!({
                 "layer": l.digest,
                 "size": l.size,
