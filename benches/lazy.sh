@@ -40,6 +40,9 @@
 #                              CASES="cstore stargz ctr ctr+cs cstore-lazy ctr+cs-lazy"
 #                              STALL=1 KILLS=5 STALL_FILES=3000 READ=1 REPS=3)
 #
+# SPAN_KIB=N builds the indexes with spans of N KiB (`index build --span-kib`;
+# default 128).
+#
 # The eStargz conversion takes minutes; it is cached in the fixtures directory
 # (bench_esgz_image in benches/lib.sh). The stargz peer is built once into
 # /var/tmp/stargz-peer (STARGZ_GRPC=PATH uses another build).
@@ -200,7 +203,7 @@ run_ctr+cs() { echo "${ctr[*]} run --rm --snapshotter cstore $(ctr_env) $gz $2 $
 # what `pull --lazy` finds in the registry. `run --lazy` starts the store's
 # lazy daemon (detached, its log in ROOT/lazy/daemon.log); stop_all ends it.
 lazy_setup() {
-  "$cstore" --root "$work/index" index build "$addr/bench:latest" >/dev/null
+  "$cstore" --root "$work/index" index build ${SPAN_KIB:+--span-kib "$SPAN_KIB"} "$addr/bench:latest" >/dev/null
   "$cstore" --root "$work/index" index push "$addr/bench:latest"
 }
 prep_cstore-lazy() { mkdir -p "$work/state"; }

@@ -918,3 +918,36 @@ fn pull_lazy_fetches_compressed_indexes_once_and_only_for_missing_layers() {
     );
     b.assert_blobs_verified();
 }
+
+/// `index build --span-kib N` sets the compressed bytes per span: a layer
+/// indexed with 16 KiB spans has more of them than with the default 128, each
+/// no larger than N KiB plus one deflate block's worth, and the layer still
+/// streams through the index to its diff_id; a size outside 16..=8192 is
+/// refused, naming the option.
+#[test]
+fn index_build_span_kib_sets_the_span_size() {
+    let addr = shared_registry_addr();
+    let image = format!("{addr}/busybox:latest");
+    let (small, default) = (Cstore::new(), Cstore::new());
+    small.ok(&["index", "build", "--span-kib", "16", &image]);
+    default.ok(&["index", "build", &image]);
+    let (s, d) = (index_ls(&small, &image), index_ls(&default, &image));
+    let big = |rows: &[Value]| -> Value {
+        rows.iter()
+            .max_by_key(|r| r["size"].as_u64().unwrap())
+            .unwrap()
+            .clone()
+    };
+    let (bs, bd) = (big(&s), big(&d));
+    let (ns, nd) = (
+        bs["index"]["spans"].as_u64().unwrap(),
+        bd["index"]["spans"].as_u64().unwrap(),
+    );
+    assert!(ns > 2 * nd, "16 KiB spans: {ns}, 128 KiB spans: {nd}");
+    let ix = &bs["index"];
+    let bytes = std::fs::read(blob(&small, ix["digest"].as_str().unwrap())).unwrap();
+    let idx = cstore_index::Index::parse(bytes.as_slice()).unwrap();
+    assert_eq!(idx.header().span_target, 16 << 10);
+    let err = small.fail(&["index", "build", "--span-kib", "4", &image]);
+    assert!(err.contains("--span-kib 4"), "{err}");
+}

@@ -155,13 +155,15 @@ pub struct LayerOutcome {
 }
 
 /// `cstore index build`: stream each layer of the image from the registry
-/// (never stored), index it in one pass, check digest and diff_id, and store
-/// the index. Layers that have an index already are left alone.
+/// (never stored), index it in one pass with `policy` (span size), check
+/// digest and diff_id, and store the index. Layers that have an index
+/// already are left alone.
 pub fn build(
     rt: &tokio::runtime::Handle,
     client: &RegistryClient,
     store: &Store,
     img: &Resolved,
+    policy: cstore_index::Policy,
     on_layer: &dyn Fn(&LayerOutcome),
 ) -> Result<Vec<LayerOutcome>> {
     // Unless the image is held whole already, record it first: its layers
@@ -181,7 +183,7 @@ pub fn build(
                 reason: Some("already indexed".into()),
             }
         } else {
-            build_one(rt, client, store, img, l, diff_id)?
+            build_one(rt, client, store, img, l, diff_id, policy)?
         };
         on_layer(&outcome);
         out.push(outcome);
@@ -196,6 +198,7 @@ fn build_one(
     img: &Resolved,
     l: &DescriptorRecord,
     diff_id: &str,
+    policy: cstore_index::Policy,
 ) -> Result<LayerOutcome> {
     let digest = parse_digest(&l.digest)?;
     let compression = layer_compression(&l.media_type).ok_or_else(|| {
@@ -221,7 +224,10 @@ fn build_one(
         BufReader::with_capacity(1 << 20, &mut s),
         l.size,
         &layer,
-        &UnpackOptions::default(),
+        &UnpackOptions {
+            index_policy: policy,
+            ..UnpackOptions::default()
+        },
     )?;
     // The index names this digest: the bytes it was built from must be it.
     let got = format!("sha256:{}", hex::encode(s.hasher.finalize_reset()));
