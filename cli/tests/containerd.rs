@@ -1405,6 +1405,7 @@ fn ctr_container_reads_on_while_the_snapshotters_lazy_daemon_is_killed() {
         size: _,
         _reg,
     } = lazy_ctr_setup(false, 2_000_000);
+    let t0 = Instant::now();
     let script = "n=0; while :; do s=0; [ -e /stop ] && s=1; \
         find / -xdev -type f ! -path /stop -exec cat {} + 2>&1 >/dev/null; \
         n=$((n+1)); echo \"pass $n\"; [ $s = 1 ] && break; done";
@@ -1454,6 +1455,7 @@ fn ctr_container_reads_on_while_the_snapshotters_lazy_daemon_is_killed() {
     }
     // Full speed for the rest; the loop ends after the pass that sees /stop.
     proxy.set(serde_json::json!([]));
+    let killed = t0.elapsed();
     std::fs::write(format!("/proc/{task}/root/stop"), b"").unwrap();
     let out = rx
         .recv_timeout(Duration::from_secs(300))
@@ -1470,6 +1472,10 @@ fn ctr_container_reads_on_while_the_snapshotters_lazy_daemon_is_killed() {
     );
     let passes = text.lines().filter(|l| l.starts_with("pass ")).count();
     assert!(passes >= 2, "{text}");
-    eprintln!("{passes} passes over every file, 5 kill -9 of the lazy daemon, 0 errors");
+    eprintln!(
+        "{passes} passes over every file, 5 kill -9 of the lazy daemon, 0 errors; \
+         kills done {killed:?} after ctr run, the loop ended after {:?}",
+        t0.elapsed()
+    );
     drop(env);
 }
