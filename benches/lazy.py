@@ -17,7 +17,16 @@
     lazy.py reads READS.txt
         READS: lines "SIDE WHAT MB_PER_S" (SIDE unpacked or lazy); prints
         median [min-max] per side and the ratio lazy / unpacked.
+    lazy.py stall OUT KILLS
+        OUT: what benches/stallread.py printed in the container (its last
+        line is JSON); KILLS: lines "KILLED_AT BACK_AT" (wall seconds: the
+        kill -9 of the lazy daemon, its successor's pid alive). Prints the
+        read latency p50/p99/max after the first loop, the errors, and per
+        restart the time to the new daemon and the longest read in flight
+        across it; the goal (#15) is a stall <= 1 s.
 """
+
+import json
 
 import os
 import stat
@@ -174,8 +183,34 @@ def reads(path):
         print("  " + "  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip())
 
 
+def stall(out, kills):
+    res = None
+    for line in open(out):
+        if line.startswith("{"):
+            res = json.loads(line)
+    if res is None:
+        sys.exit(f"stall: no result in {out}:\n{open(out).read()[-2000:]}")
+    ks = [tuple(map(float, l.split())) for l in open(kills) if l.strip()]
+    ms = lambda x: f"{x * 1e3:.1f} ms"
+    print(f"\nrestart stall through containerd: a container reading {res['files']} files of a lazy layer "
+          f"in a loop, the lazy daemon killed (-9) {len(ks)} times after the first loop")
+    print(f"  {res['reads']} reads after the first loop, {res['errors']} errors"
+          + (f" (first: {res['first_errors']})" if res["errors"] else ""))
+    print(f"  read latency p50 {ms(res['p50'])}, p99 {ms(res['p99'])}, max {ms(res['max'])}")
+    worst = 0.0
+    for i, (a, b) in enumerate(ks):
+        over = [dt for (w, dt) in res["slow"] if w <= b and w + dt >= a]
+        longest = max(over, default=0.0)
+        worst = max(worst, longest)
+        print(f"  restart {i + 1}: new daemon after {ms(b - a)}, longest read across it "
+              f"{ms(longest) if over else '< 20 ms'}")
+    print(f"  longest read across a restart {ms(worst)} (goal <= 1 s: {'met' if worst <= 1.0 else 'NOT met'})")
+
+
 def main():
     a = sys.argv[1:]
+    if a[:1] == ["stall"] and len(a) == 3:
+        return stall(a[1], a[2])
     if a[:1] == ["table"]:
         lazy = True
         if a[1:2] == ["--lazy"]:

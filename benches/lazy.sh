@@ -10,8 +10,9 @@
 #   ctr           ctr image pull + ctr run (containerd 1.6, overlayfs; full)
 #   ctr+cs        ctr image pull + ctr run through cstore's snapshotter (full)
 #   cstore-lazy   cstore pull --lazy + cstore run --lazy        } only when
-#   ctr+cs-lazy   cstore pull --lazy + ctr-remote image rpull   } `cstore pull
-#                 --snapshotter cstore + ctr run (lazy)         } --help` has --lazy
+#   ctr+cs-lazy   ctr-remote image rpull --snapshotter cstore   } `cstore pull
+#                 + ctr run, cstore's snapshotter serve --lazy  } --help` has
+#                 on an empty store (a fresh node)              } --lazy
 # Each run starts from nothing: a fresh store, containerd and snapshotter, the
 # page cache dropped (then the tools' binaries read back in: cold is the image's data,
 # not ctr's or cstore's code). The workloads are `true` and a python import workload
@@ -31,9 +32,16 @@
 # reads of /data/random.bin (`cstore bench io` and fio --readonly) and a read
 # of every file under /opt/python, cold cache, REPS times.
 #
+# Then the stall a container sees while the lazy daemon restarts under it
+# (through containerd, STALL=0 skips it): read latency p50/max, and the
+# longest read across each kill -9.
+#
 #   sudo benches/lazy.sh      (RUNS=3 LINKS="0 1000 100" WORKLOADS="true python"
 #                              CASES="cstore stargz ctr ctr+cs cstore-lazy ctr+cs-lazy"
-#                              READ=1 REPS=3)
+#                              STALL=1 KILLS=5 STALL_FILES=3000 READ=1 REPS=3)
+#
+# SPAN_KIB=N builds the indexes with spans of N KiB (`index build --span-kib`;
+# default 128).
 #
 # The eStargz conversion takes minutes; it is cached in the fixtures directory
 # (bench_esgz_image in benches/lib.sh). The stargz peer is built once into
@@ -47,12 +55,16 @@ WORKLOADS=${WORKLOADS:-true python}
 CASES=${CASES:-cstore stargz ctr ctr+cs cstore-lazy ctr+cs-lazy}
 READ=${READ:-1}
 REPS=${REPS:-3}
+STALL=${STALL:-1}
+KILLS=${KILLS:-5}
+STALL_FILES=${STALL_FILES:-3000}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/cstore-target}
 shared=${CSTORE_SHARED:-$(cd .. && pwd)/shared}
 sgz_bin=${STARGZ_GRPC:-/var/tmp/stargz-peer/containerd-stargz-grpc}
 
 # --- setup ------------------------------------------------------------------
 bench_setup
+cstore=$(readlink -f "$cstore")  # the lazy daemons are found by their argv, which names the real path
 if [ ! -x "$sgz_bin" ] || [ "$shared/peers/stargz/main.go" -nt "$sgz_bin" ]; then
   bash "$shared/peers/stargz/build.sh" "$sgz_bin" >/dev/null
 fi
@@ -142,9 +154,9 @@ stop_lazy_daemon() {
   fi
 }
 
-start_cstore_snapshotter() {
+start_cstore_snapshotter() { # [--lazy]
   mkdir -p "$work/state"
-  "$cstore" --root "$work/state/cs" snapshotter serve --address "$work/state/cs.sock" 2>"$work/state/cs.log" &
+  "$cstore" --root "$work/state/cs" snapshotter serve --address "$work/state/cs.sock" "$@" 2>"$work/state/cs.log" &
   snap_pid=$!
   wait_socket "$work/state/cs.sock" "$work/state/cs.log"
   start_containerd "$work/ctrd" "[proxy_plugins.cstore]
@@ -191,23 +203,22 @@ run_ctr+cs() { echo "${ctr[*]} run --rm --snapshotter cstore $(ctr_env) $gz $2 $
 # what `pull --lazy` finds in the registry. `run --lazy` starts the store's
 # lazy daemon (detached, its log in ROOT/lazy/daemon.log); stop_all ends it.
 lazy_setup() {
-  "$cstore" --root "$work/index" index build "$addr/bench:latest" >/dev/null
+  "$cstore" --root "$work/index" index build ${SPAN_KIB:+--span-kib "$SPAN_KIB"} "$addr/bench:latest" >/dev/null
   "$cstore" --root "$work/index" index push "$addr/bench:latest"
 }
 prep_cstore-lazy() { mkdir -p "$work/state"; }
 pull_cstore-lazy() { echo "$cstore --root $work/state/cs pull --lazy $gz"; }
 run_cstore-lazy() { echo "$cstore --root $work/state/cs run --rm --lazy $(cs_env) $gz $(wl_argv "$1")"; }
-# Through containerd (#15): cstore's snapshotter does not serve lazy layers
-# yet (its mounts are the snapshot directories; only the CLI puts the daemon's
-# FUSE mounts in place), so this case is skipped with a line saying so unless
-# CS_LAZY_CTR=1. When it lands: containerd's `ctr image pull` fetches every
-# blob before it unpacks; rpull's unpacker fetches a layer only when the
-# snapshotter's Prepare does not answer AlreadyExists, which is what a remote
-# snapshotter needs.
-prep_ctr+cs-lazy() { start_cstore_snapshotter; }
-pull_ctr+cs-lazy() {
-  echo "sh -c '$cstore --root $work/state/cs pull --lazy $gz >/dev/null && exec ctr-remote -a $work/ctrd/containerd.sock -n bench image rpull --plain-http --snapshotter cstore $gz'"
-}
+# Through containerd (#15), a fresh node: containerd 1.6 with cstore's proxy
+# snapshotter started as `snapshotter serve --lazy` on an empty store (no
+# `cstore pull --lazy` first). `ctr-remote image rpull` pulls with
+# containerd's unpacker and the layer labels (as CRI does; `ctr image pull`
+# would fetch every blob first): each layer's Prepare names the image and
+# layer, the snapshotter finds the index artifact in the registry and
+# answers AlreadyExists, and `ctr run`'s mounts put the layers' FUSE mounts
+# (the store's lazy daemon, started by the snapshotter) under the overlay.
+prep_ctr+cs-lazy() { start_cstore_snapshotter --lazy; }
+pull_ctr+cs-lazy() { echo "ctr-remote -a $work/ctrd/containerd.sock -n bench image rpull --plain-http --snapshotter cstore $gz"; }
 run_ctr+cs-lazy() { echo "${ctr[*]} run --rm --snapshotter cstore $(ctr_env) $gz $2 $(wl_argv "$1")"; }
 
 # extra CASE: a figure of the tool's own after the run, or "-": for stargz its
@@ -256,14 +267,12 @@ for c in $CASES; do
   case $c in
     cstore-lazy|ctr+cs-lazy)
       if [ "$lazy" = 0 ]; then echo "$c: not available yet (\`cstore pull --help\` has no --lazy)"
-      elif [ "$c" = ctr+cs-lazy ] && [ "${CS_LAZY_CTR:-0}" != 1 ]; then
-        echo "$c: not available yet (cstore's snapshotter serves no lazy layers to containerd: #15)"
       else cases+=("$c"); fi ;;
     cstore|stargz|ctr|ctr+cs) cases+=("$c") ;;
     *) echo "unknown case $c" >&2; exit 2 ;;
   esac
 done
-[ "$lazy" = 0 ] || [[ " ${cases[*]} " != *-lazy* ]] || lazy_setup
+if [ "$lazy" = 1 ] && { [[ " ${cases[*]} " == *-lazy* ]] || [ "$STALL" = 1 ]; }; then lazy_setup; fi
 
 echo "$(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg) at the start; $RUNS rounds of links {$LINKS} Mbit/s (0 = unlimited) x {${cases[*]}} x {$WORKLOADS}"
 for round in $(seq "$RUNS"); do
@@ -280,6 +289,59 @@ done
 proxy POST "rate?mbit=0" >/dev/null
 echo "load average $(cut -d' ' -f1-3 /proc/loadavg) at the end of the rounds"
 python3 benches/lazy.py table --lazy "$lazy" "$results"
+
+# --- the restart stall through containerd (#15; STALL=0 skips it) -------------
+# containerd + `snapshotter serve --lazy` on a fresh store, the bench image
+# rpulled and a container (`ctr run`) reading the first STALL_FILES files
+# under /opt/python/lib in a loop (benches/stallread.py, timing each read);
+# once its first loop has fetched them, the lazy daemon the snapshotter
+# started is killed (-9) KILLS times, 2 s apart (its keeper restarts it); then
+# the reader finishes its loop. Unlimited link.
+stall() {
+  local out=$work/stall.out kills=$work/stall.kills run_pid old pid t0 task i e
+  local envs=()
+  for e in "${py_env[@]}"; do envs+=(--env "$e"); done
+  cur_id=stall
+  start_cstore_snapshotter --lazy
+  proxy POST "rate?mbit=0" >/dev/null
+  # containerd may dial the plugin before it listens: retried.
+  for i in $(seq 30); do
+    ctr-remote -a "$work/ctrd/containerd.sock" -n bench image rpull --plain-http --snapshotter cstore "$gz" \
+      >/dev/null 2>"$work/err" && break
+    [ "$i" = 30 ] && { echo "stall: rpull failed: $(cat "$work/err")" >&2; return 1; }
+    sleep 1
+  done
+  "${ctr[@]}" run --rm --snapshotter cstore "${envs[@]}" "$gz" stall \
+    python3 -c "$(cat benches/stallread.py)" /opt/python/lib "$STALL_FILES" > "$out" 2>&1 &
+  run_pid=$!
+  for i in $(seq 1200); do
+    grep -q "first loop done" "$out" && break
+    kill -0 "$run_pid" 2>/dev/null || { echo "stall: the reader ended: $(tail -5 "$out")" >&2; return 1; }
+    sleep 0.5
+  done
+  : > "$kills"
+  for i in $(seq "$KILLS"); do
+    sleep 2
+    old=$(cat "$work/state/cs/lazy/daemon.pid")
+    t0=$(date +%s.%N)
+    kill -9 "$old"
+    for _ in $(seq 3000); do
+      pid=$(cat "$work/state/cs/lazy/daemon.pid" 2>/dev/null || true)
+      [ -n "$pid" ] && [ "$pid" != "$old" ] && kill -0 "$pid" 2>/dev/null && break
+      sleep 0.01
+    done
+    echo "$t0 $(date +%s.%N)" >> "$kills"
+  done
+  sleep 2
+  task=$("${ctr[@]}" task ls | awk '$1 == "stall" {print $2}')
+  touch "/proc/$task/root/stop"
+  wait "$run_pid" || { echo "stall: ctr run failed: $(tail -5 "$out")" >&2; return 1; }
+  python3 benches/lazy.py stall "$out" "$kills"
+  stop_all
+}
+if [ "$STALL" = 1 ] && [ "$lazy" = 1 ]; then
+  stall
+fi
 
 # --- read throughput of a completed lazy layer (#14's goal: >= 0.9x unpacked) ----
 read_side() { # read_side SIDE DIR: measure the mounted image at DIR

@@ -90,11 +90,20 @@ pub fn build(
     r: &Reference,
     client: RegistryClient,
     platform: &Platform,
+    span_kib: Option<u32>,
     json: bool,
 ) -> Result<()> {
     let rt = runtime()?;
     let img = artifact::resolve(rt.handle(), &client, r, platform)?;
-    let out = artifact::build(rt.handle(), &client, store, &img, &|o| {
+    let mut policy = cstore_index::Policy::default();
+    if let Some(k) = span_kib {
+        anyhow::ensure!(
+            (16..=8192).contains(&k),
+            "--span-kib {k}: spans of 16 to 8192 KiB"
+        );
+        policy.span_target = k << 10;
+    }
+    let out = artifact::build(rt.handle(), &client, store, &img, policy, &|o| {
         if json {
             println!("{}", serde_json::to_string(o).unwrap_or_default());
             return;
@@ -161,7 +170,10 @@ pub fn ls_remote(
         .iter()
         .map(|l| {
             let f = found.get(&l.digest);
-            let parsed = f.and_then(|f| cstore_index::Index::parse(f.index.as_slice()).ok());
+            let bytes = f.and_then(|f| f.fetch(rt.handle(), &client, &img, l).ok());
+            let parsed = bytes
+                .as_deref()
+                .and_then(|b| cstore_index::Index::parse(b).ok());
             serde_json::json!({
                 "layer": l.digest,
                 "size": l.size,

@@ -254,6 +254,10 @@ enum IndexCommand {
         reference: String,
         #[command(flatten)]
         registry: RegistryArgs,
+        /// Compressed KiB per span (default 128): smaller spans fetch less
+        /// per read miss, at one more window and span record each.
+        #[arg(long, value_name = "KIB")]
+        span_kib: Option<u32>,
         #[arg(long)]
         json: bool,
     },
@@ -687,6 +691,7 @@ fn run(cli: Cli) -> Result<()> {
                 IndexCommand::Build {
                     reference,
                     registry,
+                    span_kib,
                     json,
                 },
         } => {
@@ -696,6 +701,7 @@ fn run(cli: Cli) -> Result<()> {
                 &reference.parse()?,
                 registry.client()?,
                 &registry.platform()?,
+                span_kib,
                 json,
             )?;
         }

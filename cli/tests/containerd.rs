@@ -1234,6 +1234,73 @@ fn metrics_and_json_logs_of_a_containerd_run() {
 /// pull --lazy` pulled the image first (`pre_pulled`), or, with `snapshotter
 /// serve --lazy`, from the labels ctr-remote puts on the Prepare.
 fn ctr_runs_lazily(pre_pulled: bool) {
+    let LazyCtr {
+        env,
+        proxy,
+        image,
+        layer,
+        size,
+        _reg,
+    } = lazy_ctr_setup(pre_pulled, 1_000_000);
+    let blob = env
+        .ctrd
+        .dir
+        .join("root/io.containerd.content.v1.content/blobs/sha256")
+        .join(layer.trim_start_matches("sha256:"));
+    assert!(!blob.exists(), "containerd downloaded the lazy layer");
+    let log = std::fs::read_to_string(&env.sn.log).unwrap();
+    let said = if pre_pulled {
+        "layer unpacked by cstore; shared with containerd"
+    } else {
+        "layer served lazily, index from the registry"
+    };
+    assert_eq!(log.matches(said).count(), 1, "{log}");
+
+    let out = env.ctrd.ctr_run(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "cstore",
+        &image,
+        "lazy-1",
+        // Programs exec'd by a shell whose libc was mapped before completion.
+        "/bin/sh",
+        "-c",
+        "cat /etc/debian_version && ls /usr/bin >/dev/null && head -n1 /etc/debian_version",
+    ]);
+    assert!(out.trim().starts_with("12."), "{out}");
+    let fetched = proxy.ranged_bytes(&layer);
+    assert!(
+        fetched > 0 && fetched < size / 2,
+        "fetched {fetched} of {size} bytes of {layer} to run the container"
+    );
+    eprintln!("ctr run printed having fetched {fetched} of {size} bytes of {layer}");
+    let lazy = cstore_snapshots(&env.cs)
+        .iter()
+        .filter(|v| v["labels"]["cstore.io/lazy"].is_string())
+        .count();
+    assert_eq!(lazy, 1, "the layer is not complete yet");
+    assert!(!blob.exists());
+    drop(env);
+}
+
+/// debian:bookworm with its index pushed from another store, behind a
+/// counting proxy that slows its layer to `bps`; containerd with cstore's
+/// snapshotter in its mount namespace (where the shims must see the lazy
+/// daemon's FUSE mounts), and the image rpulled: lazy because `cstore pull
+/// --lazy` pulled it first (`pre_pulled`), or, with `snapshotter serve
+/// --lazy`, from the labels ctr-remote puts on the Prepare.
+struct LazyCtr {
+    // Drop order: containerd and the snapshotter, then the registry.
+    env: Env,
+    proxy: crate::harness::FaultProxy,
+    image: String,
+    layer: String,
+    size: u64,
+    _reg: crate::harness::Registry,
+}
+
+fn lazy_ctr_setup(pre_pulled: bool, bps: u64) -> LazyCtr {
     let reg = crate::harness::Registry::start(&[]);
     crate::harness::run_fixture("push.sh", &[&reg.addr, "--debian"]);
     let direct = reg.image("debian:bookworm");
@@ -1252,10 +1319,8 @@ fn ctr_runs_lazily(pre_pulled: bool) {
         serde_json::from_str(&indexer.ok(&["index", "ls", "--json", &direct])).unwrap();
     let layer = rows[0]["layer"].as_str().unwrap().to_string();
     let size = rows[0]["size"].as_u64().unwrap();
-    proxy.set(serde_json::json!([{"match": layer.as_str(), "action": "slow", "bps": 1_000_000}]));
+    proxy.set(serde_json::json!([{"match": layer.as_str(), "action": "slow", "bps": bps}]));
 
-    // containerd, then the snapshotter in its mount namespace (where the
-    // shims must see the lazy daemon's FUSE mounts).
     let dir = tempfile::Builder::new()
         .prefix("cstore-containerd-lazy-")
         .tempdir()
@@ -1302,46 +1367,14 @@ fn ctr_runs_lazily(pre_pulled: bool) {
         );
         std::thread::sleep(Duration::from_secs(1));
     }
-    let blob = env
-        .ctrd
-        .dir
-        .join("root/io.containerd.content.v1.content/blobs/sha256")
-        .join(layer.trim_start_matches("sha256:"));
-    assert!(!blob.exists(), "containerd downloaded the lazy layer");
-    let log = std::fs::read_to_string(&env.sn.log).unwrap();
-    let said = if pre_pulled {
-        "layer unpacked by cstore; shared with containerd"
-    } else {
-        "layer served lazily, index from the registry"
-    };
-    assert_eq!(log.matches(said).count(), 1, "{log}");
-
-    let out = env.ctrd.ctr_run(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "cstore",
-        &image,
-        "lazy-1",
-        // Programs exec'd by a shell whose libc was mapped before completion.
-        "/bin/sh",
-        "-c",
-        "cat /etc/debian_version && ls /usr/bin >/dev/null && head -n1 /etc/debian_version",
-    ]);
-    assert!(out.trim().starts_with("12."), "{out}");
-    let fetched = proxy.ranged_bytes(&layer);
-    assert!(
-        fetched > 0 && fetched < size / 2,
-        "fetched {fetched} of {size} bytes of {layer} to run the container"
-    );
-    eprintln!("ctr run printed having fetched {fetched} of {size} bytes of {layer}");
-    let lazy = cstore_snapshots(&env.cs)
-        .iter()
-        .filter(|v| v["labels"]["cstore.io/lazy"].is_string())
-        .count();
-    assert_eq!(lazy, 1, "the layer is not complete yet");
-    assert!(!blob.exists());
-    drop(env);
+    LazyCtr {
+        env,
+        proxy,
+        image,
+        layer,
+        size,
+        _reg: reg,
+    }
 }
 
 #[test]
@@ -1352,4 +1385,97 @@ fn ctr_runs_an_image_cstore_pulled_lazily_before_its_layers_are_complete() {
 #[test]
 fn ctr_remote_rpull_makes_layers_lazy_from_their_labels() {
     ctr_runs_lazily(false);
+}
+
+/// #15's kill -9 test through containerd: a container (`ctr run`) on a
+/// layer `snapshotter serve --lazy` made lazy from ctr-remote's labels reads
+/// every file of it in a loop (a shell: `find | cat`, so exec'd programs
+/// too) while the lazy daemon the snapshotter started is killed (-9) five
+/// times, the layer fetched at 2 MB/s so that requests are in flight. The
+/// store's keeper restarts the daemon each time (outliving it), the
+/// container sees no read error, and its loop goes on to the end.
+#[test]
+fn ctr_container_reads_on_while_the_snapshotters_lazy_daemon_is_killed() {
+    use crate::lazy_restart::{alive, daemon_log, read_pid, wait_restarted};
+    let LazyCtr {
+        env,
+        proxy,
+        image,
+        layer: _,
+        size: _,
+        _reg,
+    } = lazy_ctr_setup(false, 2_000_000);
+    let t0 = Instant::now();
+    let script = "n=0; while :; do s=0; [ -e /stop ] && s=1; \
+        find / -xdev -type f ! -path /stop -exec cat {} + 2>&1 >/dev/null; \
+        n=$((n+1)); echo \"pass $n\"; [ $s = 1 ] && break; done";
+    let cmd = env.ctrd.ctr_cmd(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "cstore",
+        &image,
+        "lazy-kill",
+        "/bin/sh",
+        "-c",
+        script,
+    ]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut cmd = cmd;
+    std::thread::spawn(move || {
+        let _ = tx.send(cmd.output());
+    });
+    // The container's init, by containerd's task state.
+    let tasks = env.ctrd.dir.join("state/io.containerd.runtime.v2.task");
+    let mut task = None;
+    wait_until("the container's task", Duration::from_secs(60), || {
+        task = std::fs::read_dir(&tasks)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find_map(|ns| std::fs::read_to_string(ns.path().join("lazy-kill/init.pid")).ok())
+            .and_then(|p| p.trim().parse::<u32>().ok());
+        task.is_some()
+    });
+    let task = task.unwrap();
+    let cs = &env.cs;
+    let keeper = read_pid(cs, "keeper.pid").expect("the snapshotter started a keeper");
+    let mut pid = read_pid(cs, "daemon.pid").expect("a daemon runs");
+    for i in 0..5 {
+        std::thread::sleep(Duration::from_millis(1500));
+        let lazy = cstore_snapshots(cs)
+            .iter()
+            .filter(|v| v["labels"]["cstore.io/lazy"].is_string())
+            .count();
+        assert_eq!(lazy, 1, "kill {i}: the layer is still lazy");
+        // SAFETY: the store's daemon, by its pid file.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        pid = wait_restarted(cs, pid);
+        assert!(alive(keeper), "the keeper outlives its daemon");
+    }
+    // Full speed for the rest; the loop ends after the pass that sees /stop.
+    proxy.set(serde_json::json!([]));
+    let killed = t0.elapsed();
+    std::fs::write(format!("/proc/{task}/root/stop"), b"").unwrap();
+    let out = rx
+        .recv_timeout(Duration::from_secs(300))
+        .expect("the container's loop ended")
+        .expect("ctr run");
+    let text = stdout_of(&out);
+    let errors: Vec<&str> = text.lines().filter(|l| !l.starts_with("pass ")).collect();
+    assert!(
+        out.status.success() && errors.is_empty(),
+        "the container saw errors: {:?}\nstderr: {}\nlazy log:\n{}",
+        &errors[..errors.len().min(10)],
+        String::from_utf8_lossy(&out.stderr),
+        daemon_log(cs)
+    );
+    let passes = text.lines().filter(|l| l.starts_with("pass ")).count();
+    assert!(passes >= 2, "{text}");
+    eprintln!(
+        "{passes} passes over every file, 5 kill -9 of the lazy daemon, 0 errors; \
+         kills done {killed:?} after ctr run, the loop ended after {:?}",
+        t0.elapsed()
+    );
+    drop(env);
 }

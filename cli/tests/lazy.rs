@@ -737,3 +737,217 @@ fn store_teardown_stops_the_lazy_daemon_and_fails_on_leaked_mounts() {
     );
     assert!(!root.exists(), "the root was deleted");
 }
+
+/// `skopeo inspect --raw` of `image` (docker://, plain HTTP).
+fn raw_manifest(image: &str) -> Vec<u8> {
+    let out = std::process::Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{image}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "skopeo inspect {image}: {out:?}");
+    out.stdout
+}
+
+/// The index artifact `cstore index push` published for `repo:tag` of the
+/// registry at `addr`, found through the referrers tag schema.
+fn index_artifact(addr: &str, repo: &str, tag: &str) -> Value {
+    let subject = hex::encode(Sha256::digest(raw_manifest(&format!(
+        "{addr}/{repo}:{tag}"
+    ))));
+    let referrers: Value =
+        serde_json::from_slice(&raw_manifest(&format!("{addr}/{repo}:sha256-{subject}"))).unwrap();
+    let art = referrers["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|m| m["artifactType"] == cstore_index::ARTIFACT_TYPE)
+        .unwrap_or_else(|| panic!("no index artifact for {repo}:{tag}: {referrers}"));
+    let digest = art["digest"].as_str().unwrap();
+    serde_json::from_slice(&raw_manifest(&format!("{addr}/{repo}@{digest}"))).unwrap()
+}
+
+/// The blobs of `repo` GET through `proxy`, with the bytes each was asked for.
+fn blob_gets(proxy: &crate::harness::FaultProxy, repo: &str) -> Vec<(String, u64)> {
+    let prefix = format!("/v2/{repo}/blobs/");
+    proxy
+        .log()
+        .iter()
+        .filter(|e| e["method"] == "GET")
+        .filter_map(|e| {
+            let d = e["path"].as_str()?.strip_prefix(&prefix)?.to_string();
+            Some((d.clone(), proxy.ranged_bytes(&d)))
+        })
+        .collect()
+}
+
+/// `index push` publishes each layer's index zstd-compressed
+/// (`…layer-index.v1+zstd`, several times smaller than the index), and
+/// `pull --lazy` fetches each index blob once, whole and compressed, and
+/// only for the layers it does not have: after busybox, an image of
+/// busybox's three layers and one more costs the index of the new layer
+/// alone. (The artifact was read whole for every layer before: every
+/// index uncompressed, and all of an image's indexes as soon as one layer
+/// needed one.)
+#[test]
+fn pull_lazy_fetches_compressed_indexes_once_and_only_for_missing_layers() {
+    let reg = crate::harness::Registry::start(&[]);
+    reg.push(None);
+    // busybox:plus = busybox's layers + one (a file of its own).
+    let work = tempfile::tempdir().unwrap();
+    let layout = format!("{}:plus", work.path().join("oci").display());
+    crate::harness::tree::run(
+        std::process::Command::new("skopeo")
+            .args(["copy", "-q"])
+            .arg(format!(
+                "oci:{}:busybox",
+                crate::harness::tree::oci_dir().display()
+            ))
+            .arg(format!("oci:{layout}")),
+    );
+    let file = work.path().join("plus.txt");
+    std::fs::write(&file, "one more layer\n".repeat(1000)).unwrap();
+    crate::harness::tree::run(
+        std::process::Command::new("umoci")
+            .args(["insert", "--image", &layout])
+            .arg(&file)
+            .arg("/plus.txt"),
+    );
+    crate::harness::tree::run(
+        std::process::Command::new("skopeo")
+            .args([
+                "copy",
+                "-q",
+                "--dest-tls-verify=false",
+                "--preserve-digests",
+            ])
+            .arg(format!("oci:{layout}"))
+            .arg(format!("docker://{}", reg.image("busybox:plus"))),
+    );
+    let a = Cstore::new();
+    for tag in ["busybox:latest", "busybox:plus"] {
+        a.ok(&["index", "build", &reg.image(tag)]);
+        a.ok(&["index", "push", &reg.image(tag)]);
+    }
+    // Per layer, its index blob in each artifact: all compressed.
+    let mut index_blobs = std::collections::HashMap::new();
+    for tag in ["latest", "plus"] {
+        let art = index_artifact(&reg.addr, "busybox", tag);
+        let blobs = art["layers"].as_array().unwrap();
+        assert!(
+            blobs
+                .iter()
+                .all(|b| b["mediaType"] != cstore_index::MEDIA_TYPE),
+            "an uncompressed index in {art}"
+        );
+        for b in blobs
+            .iter()
+            .filter(|b| b["mediaType"] == cstore_index::PACKED_MEDIA_TYPE)
+        {
+            let layer = b["annotations"]["io.cstore.layer.digest"].as_str().unwrap();
+            index_blobs.insert(
+                layer.to_string(),
+                (
+                    b["digest"].as_str().unwrap().to_string(),
+                    b["size"].as_u64().unwrap(),
+                ),
+            );
+        }
+    }
+    assert_eq!(index_blobs.len(), 4, "{index_blobs:?}");
+
+    let proxy = crate::harness::FaultProxy::start(&reg.addr);
+    let b = Cstore::new();
+    let latest = format!("{}/busybox:latest", proxy.addr);
+    let out = b.ok(&["pull", "--lazy", &latest]);
+    assert_eq!(
+        out.matches("lazy, index from the registry").count(),
+        3,
+        "{out}"
+    );
+    let gets = blob_gets(&proxy, "busybox");
+    let rows = index_ls(&b, &latest);
+    for r in &rows {
+        let layer = r["layer"].as_str().unwrap();
+        let (packed, size) = &index_blobs[layer];
+        let n = gets.iter().filter(|(d, _)| d == packed).count();
+        assert_eq!(
+            n, 1,
+            "index {packed} of {layer} fetched {n} times: {gets:?}"
+        );
+        assert_eq!(proxy.ranged_bytes(packed), *size, "{layer}: fetched whole");
+        // Stored as the index itself, which the compressed blob is a
+        // fraction of.
+        let raw = std::fs::metadata(blob(&b, r["index"]["digest"].as_str().unwrap()))
+            .unwrap()
+            .len();
+        assert!(
+            raw >= 2 * size,
+            "{layer}: index of {raw} bytes published as {size}"
+        );
+        eprintln!("{layer}: index {raw} bytes, fetched {size}");
+    }
+
+    proxy.clear();
+    let plus = format!("{}/busybox:plus", proxy.addr);
+    let out = b.ok(&["pull", "--lazy", &plus]);
+    assert_eq!(
+        out.matches("lazy, index from the registry").count(),
+        1,
+        "{out}"
+    );
+    let gets = blob_gets(&proxy, "busybox");
+    let fetched: Vec<&String> = index_blobs
+        .values()
+        .map(|(d, _)| d)
+        .filter(|d| gets.iter().any(|(g, _)| g == *d))
+        .collect();
+    let new_layer = index_ls(&b, &plus)
+        .last()
+        .unwrap()
+        .get("layer")
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        fetched,
+        vec![&index_blobs[&new_layer].0],
+        "only the new layer's index: {gets:?}"
+    );
+    b.assert_blobs_verified();
+}
+
+/// `index build --span-kib N` sets the compressed bytes per span: a layer
+/// indexed with 16 KiB spans has more of them than with the default 128, each
+/// no larger than N KiB plus one deflate block's worth, and the layer still
+/// streams through the index to its diff_id; a size outside 16..=8192 is
+/// refused, naming the option.
+#[test]
+fn index_build_span_kib_sets_the_span_size() {
+    let addr = shared_registry_addr();
+    let image = format!("{addr}/busybox:latest");
+    let (small, default) = (Cstore::new(), Cstore::new());
+    small.ok(&["index", "build", "--span-kib", "16", &image]);
+    default.ok(&["index", "build", &image]);
+    let (s, d) = (index_ls(&small, &image), index_ls(&default, &image));
+    let big = |rows: &[Value]| -> Value {
+        rows.iter()
+            .max_by_key(|r| r["size"].as_u64().unwrap())
+            .unwrap()
+            .clone()
+    };
+    let (bs, bd) = (big(&s), big(&d));
+    let (ns, nd) = (
+        bs["index"]["spans"].as_u64().unwrap(),
+        bd["index"]["spans"].as_u64().unwrap(),
+    );
+    assert!(ns > 2 * nd, "16 KiB spans: {ns}, 128 KiB spans: {nd}");
+    let ix = &bs["index"];
+    let bytes = std::fs::read(blob(&small, ix["digest"].as_str().unwrap())).unwrap();
+    let idx = cstore_index::Index::parse(bytes.as_slice()).unwrap();
+    assert_eq!(idx.header().span_target, 16 << 10);
+    let err = small.fail(&["index", "build", "--span-kib", "4", &image]);
+    assert!(err.contains("--span-kib 4"), "{err}");
+}

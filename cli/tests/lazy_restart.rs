@@ -26,7 +26,7 @@ impl Drop for Cleanup<'_> {
     }
 }
 
-fn read_pid(cs: &Cstore, file: &str) -> Option<i32> {
+pub(crate) fn read_pid(cs: &Cstore, file: &str) -> Option<i32> {
     std::fs::read_to_string(cs.path().join("lazy").join(file))
         .ok()?
         .trim()
@@ -35,7 +35,7 @@ fn read_pid(cs: &Cstore, file: &str) -> Option<i32> {
 }
 
 /// The last lines of the keeper's and daemon's log, for failure messages.
-fn daemon_log(cs: &Cstore) -> String {
+pub(crate) fn daemon_log(cs: &Cstore) -> String {
     let text = std::fs::read_to_string(cs.path().join("lazy/daemon.log")).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines
@@ -46,7 +46,7 @@ fn daemon_log(cs: &Cstore) -> String {
         .join("\n")
 }
 
-fn alive(pid: i32) -> bool {
+pub(crate) fn alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks.
     unsafe { libc::kill(pid, 0) == 0 }
 }
@@ -142,7 +142,7 @@ fn fetch_accounting(proxy: &FaultProxy, digest: &str) -> (u64, u64) {
 }
 
 /// Waits until the store's daemon pid is `pid`'s successor, alive.
-fn wait_restarted(cs: &Cstore, old: i32) -> i32 {
+pub(crate) fn wait_restarted(cs: &Cstore, old: i32) -> i32 {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(p) = read_pid(cs, "daemon.pid") {

@@ -117,6 +117,8 @@ struct Counted {
     inner: FileSource,
     calls: AtomicU64,
     ranges: Mutex<Vec<Range<u64>>>,
+    /// The windows blob's ranges asked for.
+    wranges: Mutex<Vec<Range<u64>>>,
     flip_at: Option<u64>,
     /// Each fetch takes this long (a slow link).
     delay: std::time::Duration,
@@ -136,6 +138,7 @@ impl SpanSource for Counted {
         Ok(v)
     }
     fn fetch_windows(&self, range: Range<u64>) -> std::io::Result<Vec<u8>> {
+        self.wranges.lock().unwrap().push(range.clone());
         self.inner.fetch_windows(range)
     }
 }
@@ -222,6 +225,7 @@ fn serve_with(
         inner: FileSource::open(blob, Some(&wpath)).unwrap(),
         calls: AtomicU64::new(0),
         ranges: Mutex::new(Vec::new()),
+        wranges: Mutex::new(Vec::new()),
         flip_at,
         delay,
     });
@@ -992,5 +996,97 @@ fn a_file_open_before_completion_keeps_later_opens_working() {
         session.backing_ids().len() > before,
         "{}: no passthrough after the early handle was released",
         rel.display()
+    );
+}
+
+/// Regular files whose data lies in span `s` alone (no hardlinks).
+fn files_in_span(idx: &Index<Vec<u8>>, s: usize) -> Vec<PathBuf> {
+    (0..idx.entry_count())
+        .filter(|&i| {
+            let e = idx.entry(i);
+            e.kind == Kind::File && e.size > 0 && e.hardlink_target().is_none() && {
+                let d: Vec<Range<u64>> = idx
+                    .file_data(i, 0..e.size)
+                    .into_iter()
+                    .map(|(_, r)| r)
+                    .collect();
+                let spans: Vec<usize> = idx.spans_for(d[0].start, d[d.len() - 1].end).collect();
+                spans == [s]
+            }
+        })
+        .map(|i| PathBuf::from(String::from_utf8(idx.path(i)).unwrap()))
+        .collect()
+}
+
+/// A gzip span's window is the end of the span before it: once that span was
+/// read (verified), a miss on the next one takes its window from the kept
+/// output and fetches none; a miss whose neighbour is not local fetches its
+/// window as before. Both read the right bytes.
+#[test]
+fn a_miss_next_to_a_span_read_before_fetches_no_window() {
+    if !fuse_available("a_miss_next_to_a_span_read_before_fetches_no_window") {
+        return;
+    }
+    let t = tmpdir();
+    let mut mounts = Mounts::default();
+    let (blob, c) = layers("debian").remove(0);
+    let l = serve(&t.path().join("l"), &blob, c, 128 << 10, None, &mut mounts);
+    let idx = l.fs.index();
+    let usable = |k: usize| {
+        cstore_index::SpanReader::history_usable(idx, k)
+            && idx.span(k - 1).uncompressed.end - idx.span(k - 1).uncompressed.start >= 32 << 10
+    };
+    // Spans k-1, k with a file each, and a span j far from both with one.
+    let (k, a, b) = (2..idx.span_count())
+        .filter(|&k| usable(k))
+        .find_map(|k| {
+            let a = files_in_span(idx, k - 1).pop()?;
+            let b = files_in_span(idx, k).pop()?;
+            Some((k, a, b))
+        })
+        .expect("two neighbouring spans with a file each");
+    let (j, far) = (k + 3..idx.span_count())
+        .filter(|&j| usable(j))
+        .find_map(|j| Some((j, files_in_span(idx, j).pop()?)))
+        .expect("a span further on with a file");
+    let want = expected_files(&l);
+    let content = |p: &Path| want.iter().find(|f| f.0 == p).unwrap().1.clone();
+    let window_of = |s: usize| idx.span(s).window().unwrap();
+    let asked = |w: Range<u64>| {
+        l.src
+            .wranges
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| r.start < w.end && w.start < r.end)
+    };
+    assert_eq!(
+        std::fs::read(l.mnt.join(&a)).unwrap(),
+        content(&a),
+        "{}",
+        a.display()
+    );
+    assert!(
+        asked(window_of(k - 1)),
+        "span {}'s window was fetched",
+        k - 1
+    );
+    assert_eq!(
+        std::fs::read(l.mnt.join(&b)).unwrap(),
+        content(&b),
+        "{}",
+        b.display()
+    );
+    assert!(
+        !asked(window_of(k)),
+        "span {k}'s window was fetched though span {} was read just before: {:?}",
+        k - 1,
+        l.src.wranges.lock().unwrap()
+    );
+    assert_eq!(std::fs::read(l.mnt.join(&far)).unwrap(), content(&far));
+    assert!(
+        asked(window_of(j)),
+        "span {j}'s window was fetched (span {} is not local)",
+        j - 1
     );
 }

@@ -14,6 +14,14 @@ use crate::error::{Error, Result};
 use crate::format::{flags, Compression, Index, Source, WINDOW_SIZE};
 use crate::zlib::{self, Inflater};
 
+/// Where a span's window comes from.
+enum History<'a> {
+    /// The bytes at `span(i).window()` of the windows blob (checked).
+    Stored(&'a [u8]),
+    /// The end of the previous span's verified output.
+    Derived(&'a [u8]),
+}
+
 /// Reusable decoders for reading spans (one per reader thread).
 pub struct SpanReader {
     z: Inflater,
@@ -95,6 +103,52 @@ impl SpanReader {
         compressed: &[u8],
         window: &[u8],
     ) -> Result<Vec<u8>> {
+        self.read_span_from(index, i, compressed, History::Stored(window))
+    }
+
+    /// Whether span `i`'s window can be taken from span `i - 1`'s output
+    /// instead of the windows blob: the index was built here (spans end
+    /// exactly where the next begins in the uncompressed stream) and the
+    /// span needs a window. The caller keeps the last [`WINDOW_SIZE`] bytes
+    /// of span `i - 1`'s verified output ([`Self::read_span_after`]).
+    pub fn history_usable<B: AsRef<[u8]>>(index: &Index<B>, i: usize) -> bool {
+        let h = index.header();
+        i > 0
+            && h.compression == Compression::Gzip
+            && h.source == Source::Built
+            && !h.has(flags::PAYLOAD_OFFSETS)
+            && index.span(i).window().is_some()
+            && index.span(i - 1).uncompressed.end == index.span(i).uncompressed.start
+    }
+
+    /// Like [`Self::read_span`], with the window taken from `history`: the
+    /// last [`WINDOW_SIZE`] bytes of span `i - 1`'s output, verified when
+    /// that span was read, so they need no digest of their own (a dictionary
+    /// longer than the stored, trimmed window inflates the same bytes).
+    /// Only where [`Self::history_usable`] says so.
+    pub fn read_span_after<B: AsRef<[u8]>>(
+        &mut self,
+        index: &Index<B>,
+        i: usize,
+        compressed: &[u8],
+        history: &[u8],
+    ) -> Result<Vec<u8>> {
+        if !Self::history_usable(index, i) || history.len() != WINDOW_SIZE {
+            return Err(Error::Span {
+                span: i,
+                reason: "the previous span's output cannot serve as its window".into(),
+            });
+        }
+        self.read_span_from(index, i, compressed, History::Derived(history))
+    }
+
+    fn read_span_from<B: AsRef<[u8]>>(
+        &mut self,
+        index: &Index<B>,
+        i: usize,
+        compressed: &[u8],
+        history: History<'_>,
+    ) -> Result<Vec<u8>> {
         let s = index.span(i);
         let want = (s.compressed.end - s.compressed.start) as usize;
         if compressed.len() != want {
@@ -122,7 +176,10 @@ impl SpanReader {
         if out_len == 0 {
             return Ok(out);
         }
-        let window = self.window(index, i, window)?;
+        let window = match history {
+            History::Stored(w) => self.window(index, i, w)?,
+            History::Derived(w) => w.to_vec(),
+        };
         let h = index.header();
         // Spans we built end exactly where the next begins; check that too.
         // Imports may end spans at an archive size short of the stream's.

@@ -10,6 +10,7 @@
 //!   turns the tar entries into the tree extraction leaves.
 //! - [`access`]: verify a fetched span and inflate it from its checkpoint.
 //! - [`windows`]: trim and compress windows for `index push`.
+//! - [`packed`]: the zstd-compressed index blob `index push` publishes.
 //! - [`estargz`], [`soci`]: imports of eStargz TOCs and SOCI v2 zTOCs.
 //! - [`compare`]: two entry tables describe the same tree (completion).
 //! - [`fuzz`]: entry points for the fuzz harness.
@@ -21,6 +22,7 @@ pub mod error;
 pub mod estargz;
 pub mod format;
 pub mod fuzz;
+pub mod packed;
 pub mod reader;
 mod rfc3339;
 pub mod soci;
@@ -37,6 +39,10 @@ pub use tree::{TarEntry, TarKind, TreeBuilder, TreeOptions};
 
 /// Media type of an index blob in a store or registry.
 pub const MEDIA_TYPE: &str = "application/vnd.cstore.layer-index.v1";
+/// Media type of an index blob as `cstore index push` publishes it: the same
+/// bytes, zstd-compressed ([`packed`]). Readers also take [`MEDIA_TYPE`]
+/// (artifacts pushed before it existed).
+pub const PACKED_MEDIA_TYPE: &str = "application/vnd.cstore.layer-index.v1+zstd";
 /// Media type of an index's windows blob.
 pub const WINDOWS_MEDIA_TYPE: &str = "application/vnd.cstore.layer-index.windows.v1";
 /// `artifactType` of the OCI artifact `cstore index push` publishes (its

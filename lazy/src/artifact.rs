@@ -155,13 +155,15 @@ pub struct LayerOutcome {
 }
 
 /// `cstore index build`: stream each layer of the image from the registry
-/// (never stored), index it in one pass, check digest and diff_id, and store
-/// the index. Layers that have an index already are left alone.
+/// (never stored), index it in one pass with `policy` (span size), check
+/// digest and diff_id, and store the index. Layers that have an index
+/// already are left alone.
 pub fn build(
     rt: &tokio::runtime::Handle,
     client: &RegistryClient,
     store: &Store,
     img: &Resolved,
+    policy: cstore_index::Policy,
     on_layer: &dyn Fn(&LayerOutcome),
 ) -> Result<Vec<LayerOutcome>> {
     // Unless the image is held whole already, record it first: its layers
@@ -181,7 +183,7 @@ pub fn build(
                 reason: Some("already indexed".into()),
             }
         } else {
-            build_one(rt, client, store, img, l, diff_id)?
+            build_one(rt, client, store, img, l, diff_id, policy)?
         };
         on_layer(&outcome);
         out.push(outcome);
@@ -196,6 +198,7 @@ fn build_one(
     img: &Resolved,
     l: &DescriptorRecord,
     diff_id: &str,
+    policy: cstore_index::Policy,
 ) -> Result<LayerOutcome> {
     let digest = parse_digest(&l.digest)?;
     let compression = layer_compression(&l.media_type).ok_or_else(|| {
@@ -221,7 +224,10 @@ fn build_one(
         BufReader::with_capacity(1 << 20, &mut s),
         l.size,
         &layer,
-        &UnpackOptions::default(),
+        &UnpackOptions {
+            index_policy: policy,
+            ..UnpackOptions::default()
+        },
     )?;
     // The index names this digest: the bytes it was built from must be it.
     let got = format!("sha256:{}", hex::encode(s.hasher.finalize_reset()));
@@ -314,16 +320,19 @@ pub fn push(
             },
             19,
         )?;
-        for b in [&compacted.index, &compacted.windows] {
+        // The index travels compressed: a lazy start fetches it before any
+        // file, and its entry table shrinks 5-7x.
+        let packed = cstore_index::packed::pack(&compacted.index)?;
+        for b in [&packed, &compacted.windows] {
             if !b.is_empty() {
                 rt.block_on(client.push_blob(r, &parse_digest(&sha(b))?, Bytes::from(b.clone())))?;
             }
         }
         let ann = json!({ LAYER_ANNOTATION: l.digest });
         layers.push(json!({
-            "mediaType": cstore_index::MEDIA_TYPE,
-            "digest": sha(&compacted.index),
-            "size": compacted.index.len(),
+            "mediaType": cstore_index::PACKED_MEDIA_TYPE,
+            "digest": sha(&packed),
+            "size": packed.len(),
             "annotations": ann,
         }));
         if !compacted.windows.is_empty() {
@@ -337,7 +346,7 @@ pub fn push(
     }
     let indexed = layers
         .iter()
-        .filter(|l| l["mediaType"] == cstore_index::MEDIA_TYPE)
+        .filter(|l| l["mediaType"] == cstore_index::PACKED_MEDIA_TYPE)
         .count();
     if indexed == 0 {
         return Err(invalid(
@@ -448,17 +457,65 @@ fn manifests_of(bytes: &[u8], what: &str) -> Result<Vec<Value>> {
     Ok(v["manifests"].as_array().cloned().unwrap_or_default())
 }
 
-/// A layer's index found in the registry, checked: its bytes match the
-/// artifact's descriptor, it parses, and it is of this layer.
+/// A layer's index as the registry's artifact lists it: where its blob is,
+/// not yet fetched ([`Found::fetch`]), so a layer that is already local costs
+/// no index bytes.
 #[derive(Debug, Clone)]
 pub struct Found {
-    pub index: Vec<u8>,
+    /// The index blob, compressed ([`cstore_index::PACKED_MEDIA_TYPE`]) or
+    /// not (artifacts pushed before compression: [`cstore_index::MEDIA_TYPE`]).
+    pub blob: Digest,
+    pub size: u64,
+    pub packed: bool,
     pub windows: Option<Digest>,
     pub artifact: String,
 }
 
+impl Found {
+    /// Fetch the index blob, check it against its descriptor (digest, size
+    /// caps before and after decompression), parse it and check it is of
+    /// `layer`: the raw index bytes, as the store keeps them.
+    pub fn fetch(
+        &self,
+        rt: &tokio::runtime::Handle,
+        client: &RegistryClient,
+        img: &Resolved,
+        layer: &DescriptorRecord,
+    ) -> Result<Vec<u8>> {
+        let r = &img.reference;
+        let lwhat = format!(
+            "index {} in artifact {} of {r}, layer {}",
+            self.blob, self.artifact, layer.digest
+        );
+        if self.size > MAX_INDEX_BYTES {
+            return Err(invalid(
+                &lwhat,
+                format!("index of {} bytes, over the cap", self.size),
+            ));
+        }
+        let bytes = rt.block_on(client.blob_range(r, &self.blob, 0, self.size))?;
+        if sha(&bytes) != self.blob.to_string() {
+            return Err(invalid(&lwhat, "the index blob does not match its digest"));
+        }
+        let bytes = if self.packed {
+            cstore_index::packed::unpack(&bytes, MAX_INDEX_BYTES)
+                .map_err(|e| invalid(&lwhat, e.to_string()))?
+        } else {
+            bytes.to_vec()
+        };
+        let idx = cstore_index::Index::parse(bytes.as_slice())
+            .map_err(|e| invalid(&lwhat, e.to_string()))?;
+        let h = idx.header();
+        if h.layer_digest_str() != layer.digest || h.compressed_size != layer.size {
+            return Err(invalid(&lwhat, "the index describes another blob"));
+        }
+        Ok(bytes)
+    }
+}
+
 /// The newest index artifact of the image, through the referrers API or the
-/// tag schema; per layer digest, its index. Empty if there is none.
+/// tag schema; per layer digest, where its index is (nothing fetched yet).
+/// Empty if there is none.
 pub fn find(
     rt: &tokio::runtime::Handle,
     client: &RegistryClient,
@@ -492,35 +549,30 @@ pub fn find(
                 .iter()
                 .find(|b| b["mediaType"] == mt && b["annotations"][LAYER_ANNOTATION] == l.digest)
         };
-        let Some(ib) = of(cstore_index::MEDIA_TYPE) else {
-            continue;
+        let (ib, packed) = match (
+            of(cstore_index::PACKED_MEDIA_TYPE),
+            of(cstore_index::MEDIA_TYPE),
+        ) {
+            (Some(b), _) => (b, true),
+            (None, Some(b)) => (b, false),
+            (None, None) => continue,
         };
-        let lwhat = format!("{what}, layer {}", l.digest);
-        let d = parse_digest(ib["digest"].as_str().unwrap_or_default())?;
-        let size = ib["size"].as_u64().unwrap_or(0);
-        if size > MAX_INDEX_BYTES {
-            return Err(invalid(
-                &lwhat,
-                format!("index of {size} bytes, over the cap"),
-            ));
-        }
-        let bytes = rt.block_on(client.blob_range(r, &d, 0, size))?.to_vec();
-        if sha(&bytes) != d.to_string() {
-            return Err(invalid(&lwhat, "the index blob does not match its digest"));
-        }
-        let idx = cstore_index::Index::parse(bytes.as_slice())
-            .map_err(|e| invalid(&lwhat, e.to_string()))?;
-        let h = idx.header();
-        if h.layer_digest_str() != l.digest || h.compressed_size != l.size {
-            return Err(invalid(&lwhat, "the index describes another blob"));
-        }
+        let blob = parse_digest(ib["digest"].as_str().unwrap_or_default())?;
+        let size = ib["size"].as_u64().ok_or_else(|| {
+            invalid(
+                format!("{what}, layer {}", l.digest),
+                "the index blob's descriptor has no size",
+            )
+        })?;
         let windows = of(cstore_index::WINDOWS_MEDIA_TYPE)
             .map(|w| parse_digest(w["digest"].as_str().unwrap_or_default()))
             .transpose()?;
         out.insert(
             l.digest.clone(),
             Found {
-                index: bytes,
+                blob,
+                size,
+                packed,
                 windows,
                 artifact: art.clone(),
             },

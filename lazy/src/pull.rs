@@ -173,9 +173,17 @@ pub fn find_index(
         });
     }
     if let Some(f) = remote.as_ref().and_then(|m| m.get(digest)) {
-        let w = f.windows.as_ref().map(|w| w.to_string());
-        store.put_layer_index(digest, &f.index, None, w.as_deref(), "referrers")?;
-        return Ok(Ok(format!("the registry (artifact {})", f.artifact)));
+        // Fetched only now, for a layer that needs it (one already local
+        // costs no index bytes), and kept in the store: the daemon reads it
+        // there, never from the registry again.
+        match f.fetch(rt, client, img, &l.descriptor) {
+            Ok(index) => {
+                let w = f.windows.as_ref().map(|w| w.to_string());
+                store.put_layer_index(digest, &index, None, w.as_deref(), "referrers")?;
+                return Ok(Ok(format!("the registry (artifact {})", f.artifact)));
+            }
+            Err(e) => return Ok(Err(format!("its index in the registry was refused: {e}"))),
+        }
     }
     if let Some(toc) = annotations.and_then(|a| a[TOC_DIGEST_ANNOTATION].as_str()) {
         return match estargz_index(rt, client, img, &l.descriptor, &l.diff_id, toc) {

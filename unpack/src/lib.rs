@@ -71,6 +71,9 @@ pub struct UnpackOptions {
     /// [`LayerStats::index`]. An index that cannot be made never fails the
     /// unpack.
     pub build_index: bool,
+    /// Where the index's checkpoints go (span size): `cstore index build
+    /// --span-kib`.
+    pub index_policy: cstore_index::Policy,
 }
 
 impl Default for UnpackOptions {
@@ -81,6 +84,7 @@ impl Default for UnpackOptions {
             io: None,
             max_made_dir_bytes: extract::MAX_MADE_DIR_BYTES,
             build_index: false,
+            index_policy: cstore_index::Policy::default(),
         }
     }
 }
@@ -264,7 +268,7 @@ pub fn unpack_reader<R: BufRead>(
                 Compression::Gzip => cstore_index::Compression::Gzip,
                 Compression::Zstd => cstore_index::Compression::Zstd,
             },
-            cstore_index::Policy::default(),
+            opts.index_policy,
             Vec::new(),
         )),
         (Compression::None, false) => Decoder::Plain(raw),
@@ -379,7 +383,7 @@ pub fn index_layer<R: BufRead>(
             Compression::Gzip => cstore_index::Compression::Gzip,
             Compression::Zstd => cstore_index::Compression::Zstd,
         },
-        cstore_index::Policy::default(),
+        opts.index_policy,
         Vec::new(),
     );
     let diff = DiffReader {

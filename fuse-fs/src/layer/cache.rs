@@ -33,6 +33,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use cstore_index::format::WINDOW_SIZE as WINDOW;
 use cstore_index::{Index, Kind, SpanReader, TreeOptions};
 
 use super::source::SpanSource;
@@ -246,6 +247,32 @@ pub(crate) struct Layer {
     failures: AtomicU64,
     /// When the layer was opened (background work waits `background_delay` after).
     opened: Instant,
+    /// The last 32 KiB of recently inflated spans' output, by span: the next
+    /// span's window, so a miss right after its neighbour fetches no window.
+    tails: Mutex<Tails>,
+}
+
+/// A bounded set of span output tails ([`Layer::tails`]), oldest out first.
+#[derive(Default)]
+struct Tails {
+    by_span: HashMap<usize, Arc<Vec<u8>>>,
+    order: std::collections::VecDeque<usize>,
+}
+
+impl Tails {
+    /// At most this many (32 KiB each) per layer.
+    const MAX: usize = 64;
+
+    fn put(&mut self, span: usize, tail: Arc<Vec<u8>>) {
+        if self.by_span.insert(span, tail).is_none() {
+            self.order.push_back(span);
+            while self.order.len() > Self::MAX {
+                if let Some(old) = self.order.pop_front() {
+                    self.by_span.remove(&old);
+                }
+            }
+        }
+    }
 }
 
 /// A read miss being waited for, counted in the daemon's [`Activity`].
@@ -361,6 +388,7 @@ impl Layer {
             bytes_fetched: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             opened: Instant::now(),
+            tails: Mutex::new(Tails::default()),
             idx,
             opts,
         });
@@ -683,10 +711,30 @@ impl Layer {
         let last = self.idx.span(*batch.last().expect("a span"));
         let range = first.compressed.start..last.compressed.end;
         self.requests.fetch_add(1, Ordering::Relaxed);
-        // The windows of the run, in one request (they lie in span order).
+        // Windows from output already verified instead of the windows blob:
+        // the first span's from its neighbour's kept tail, each later span's
+        // from the span before it in this run (it is inflated first).
+        let first_tail = if SpanReader::history_usable(&self.idx, batch[0]) {
+            lock(&self.tails).by_span.get(&(batch[0] - 1)).cloned()
+        } else {
+            None
+        };
+        let has_first = first_tail.is_some();
+        let derived = |k: usize, s: usize| -> bool {
+            if k == 0 {
+                has_first
+            } else {
+                let p = self.idx.span(s - 1);
+                SpanReader::history_usable(&self.idx, s)
+                    && p.uncompressed.end - p.uncompressed.start >= WINDOW as u64
+            }
+        };
+        // The other windows of the run, in one request (they lie in span order).
         let wins: Vec<(usize, Range<u64>)> = batch
             .iter()
-            .filter_map(|&s| self.idx.span(s).window().map(|w| (s, w)))
+            .enumerate()
+            .filter(|&(k, &s)| !derived(k, s))
+            .filter_map(|(_, &s)| self.idx.span(s).window().map(|w| (s, w)))
             .collect();
         let wrange = match (
             wins.iter().map(|w| w.1.start).min(),
@@ -733,26 +781,43 @@ impl Layer {
         };
         let mut results = Vec::with_capacity(batch.len());
         let mut touched: Vec<Arc<File>> = Vec::new();
-        for &s in batch {
+        let mut prev_tail = first_tail;
+        for (k, &s) in batch.iter().enumerate() {
             let sp = self.idx.span(s);
             let c = &bytes[(sp.compressed.start - range.start) as usize
                 ..(sp.compressed.end - range.start) as usize];
-            let w = match sp.window() {
-                Some(r) => {
-                    &wbytes[(r.start - wrange.start) as usize..(r.end - wrange.start) as usize]
-                }
-                None => &[][..],
-            };
             self.spans_fetched.fetch_add(1, Ordering::Relaxed);
-            let r = reader
-                .read_span(&self.idx, s, c, w)
-                .map_err(|e| e.to_string())
-                .and_then(|out| {
-                    self.blob
-                        .write_all_at(c, sp.compressed.start)
-                        .map_err(|e| format!("writing the blob copy: {e}"))?;
-                    self.write_tree(sp.uncompressed.start, &out, &mut touched)
-                });
+            let inflated = if derived(k, s) {
+                match prev_tail.as_deref() {
+                    Some(h) => reader.read_span_after(&self.idx, s, c, h),
+                    None => Err(cstore_index::Error::Span {
+                        span: s,
+                        reason: "the span before it in the request failed".into(),
+                    }),
+                }
+            } else {
+                let w = match sp.window() {
+                    Some(r) => {
+                        &wbytes[(r.start - wrange.start) as usize..(r.end - wrange.start) as usize]
+                    }
+                    None => &[][..],
+                };
+                reader.read_span(&self.idx, s, c, w)
+            };
+            prev_tail = match &inflated {
+                Ok(out) if out.len() >= WINDOW => {
+                    let t = Arc::new(out[out.len() - WINDOW..].to_vec());
+                    lock(&self.tails).put(s, t.clone());
+                    Some(t)
+                }
+                _ => None,
+            };
+            let r = inflated.map_err(|e| e.to_string()).and_then(|out| {
+                self.blob
+                    .write_all_at(c, sp.compressed.start)
+                    .map_err(|e| format!("writing the blob copy: {e}"))?;
+                self.write_tree(sp.uncompressed.start, &out, &mut touched)
+            });
             results.push(r);
         }
         (results, touched)
