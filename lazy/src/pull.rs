@@ -175,6 +175,9 @@ pub fn find_index(
     if let Some(f) = remote.as_ref().and_then(|m| m.get(digest)) {
         let w = f.windows.as_ref().map(|w| w.to_string());
         store.put_layer_index(digest, &f.index, None, w.as_deref(), "referrers")?;
+        if !f.trace.is_empty() {
+            crate::serve::put_pulled_trace(store, digest, &f.trace)?;
+        }
         return Ok(Ok(format!("the registry (artifact {})", f.artifact)));
     }
     if let Some(toc) = annotations.and_then(|a| a[TOC_DIGEST_ANNOTATION].as_str()) {
