@@ -35,7 +35,7 @@ pub const MAX_TRACE_BYTES: u64 = 4 << 20;
 /// `spans` spans: a whole number of records, every span in range; repeats are
 /// dropped (the first read is what counts).
 pub fn parse_trace(bytes: &[u8], spans: usize) -> std::result::Result<Vec<u32>, String> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(format!(
             "{} bytes: not a whole number of spans",
             bytes.len()
