@@ -200,7 +200,8 @@ lazy_setup() {
   "$cstore" --root "$work/index" index build "$addr/bench:latest" >/dev/null
   if [ "${TRACE:-0}" = 1 ]; then
     "$cstore" --root "$work/index" pull --lazy "$addr/bench:latest" >/dev/null
-    eval "$cstore --root $work/index run --rm --lazy $(cs_env) $addr/bench:latest $(wl_argv python)" >/dev/null
+    # Through a pipe: the container gets no /dev/null of the host as its stdout.
+    eval "$cstore --root $work/index run --rm --lazy $(cs_env) $addr/bench:latest $(wl_argv python)" | cat >/dev/null
     stop_lazy_daemon "$work/index"
     umount_under "$work/index"
   fi
