@@ -38,10 +38,12 @@
 #
 #   sudo benches/lazy.sh      (RUNS=3 LINKS="0 1000 100" WORKLOADS="true python"
 #                              CASES="cstore stargz ctr ctr+cs cstore-lazy ctr+cs-lazy"
-#                              STALL=1 KILLS=5 STALL_FILES=3000 READ=1 REPS=3)
+#                              STALL=1 KILLS=5 STALL_FILES=3000 READ=1 REPS=3 TRACE=0)
 #
 # SPAN_KIB=N builds the indexes with spans of N KiB (`index build --span-kib`;
 # default 128).
+# TRACE=1 pushes an access trace of the python workload with the index (see
+# lazy_setup): a second figure, not the one to compare with plain eStargz.
 #
 # The eStargz conversion takes minutes; it is cached in the fixtures directory
 # (bench_esgz_image in benches/lib.sh). The stargz peer is built once into
@@ -202,8 +204,19 @@ run_ctr+cs() { echo "${ctr[*]} run --rm --snapshotter cstore $(ctr_env) $gz $2 $
 # benchmark says; each run then starts from a fresh store that has nothing but
 # what `pull --lazy` finds in the registry. `run --lazy` starts the store's
 # lazy daemon (detached, its log in ROOT/lazy/daemon.log); stop_all ends it.
+# TRACE=1 also records an access trace and pushes it with the index: one
+# untimed lazy run of the python workload in the index store, then a second
+# push. stargz's image is converted plainly (no `ctr-remote image optimize`),
+# so the comparison with stargz is fair only without it (the default).
 lazy_setup() {
   "$cstore" --root "$work/index" index build ${SPAN_KIB:+--span-kib "$SPAN_KIB"} "$addr/bench:latest" >/dev/null
+  if [ "${TRACE:-0}" = 1 ]; then
+    "$cstore" --root "$work/index" pull --lazy "$addr/bench:latest" >/dev/null
+    # Through a pipe: the container gets no /dev/null of the host as its stdout.
+    eval "$cstore --root $work/index run --rm --lazy $(cs_env) $addr/bench:latest $(wl_argv python)" | cat >/dev/null
+    stop_lazy_daemon "$work/index"
+    umount_under "$work/index"
+  fi
   "$cstore" --root "$work/index" index push "$addr/bench:latest"
 }
 prep_cstore-lazy() { mkdir -p "$work/state"; }

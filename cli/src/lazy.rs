@@ -141,8 +141,13 @@ pub fn push(
         println!("{}", serde_json::to_string(&p)?);
     } else {
         println!(
-            "pushed the indexes of {} layers of {r} as {} (subject {}, found through {})",
+            "pushed the indexes of {} layers of {r}{} as {} (subject {}, found through {})",
             p.layers,
+            if p.traces > 0 {
+                format!(" and {} access traces", p.traces)
+            } else {
+                String::new()
+            },
             p.artifact,
             p.subject,
             if p.via == "tag" {

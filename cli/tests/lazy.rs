@@ -951,3 +951,88 @@ fn index_build_span_kib_sets_the_span_size() {
     let err = small.fail(&["index", "build", "--span-kib", "4", &image]);
     assert!(err.contains("--span-kib 4"), "{err}");
 }
+
+/// The spans recorded in `cs`'s access trace of `layer` (u32 little-endian).
+fn recorded_trace(cs: &Cstore, layer: &str) -> Vec<u32> {
+    let p = cs.path().join("lazy").join(&layer[7..]).join("cache/trace");
+    std::fs::read(&p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// Access traces travel with the index: a lazy run in one store records which
+/// spans it read, `index push` publishes them with the index, and a fresh
+/// store's lazy mount fetches exactly those spans (counted at the proxy, in
+/// the registry's log) before anything reads the mount; the same program
+/// then runs there.
+#[test]
+fn a_pushed_access_trace_is_prefetched_by_a_fresh_stores_lazy_mount() {
+    let reg = registry_with_debian();
+    let proxy = crate::harness::FaultProxy::start(&reg.addr);
+    let image = format!("{}/debian:bookworm", proxy.addr);
+    // Store a: its own index, a lazy mount, a program run on it (recorded).
+    let a = Cstore::new();
+    a.ok(&["index", "build", &image]);
+    let rows = index_ls(&a, &image);
+    let (layer, ix) = rows
+        .iter()
+        .max_by_key(|r| r["size"].as_u64().unwrap())
+        .map(|r| (r["layer"].as_str().unwrap().to_string(), r["index"].clone()))
+        .unwrap();
+    a.ok(&["pull", "--lazy", &image]);
+    let mnt = crate::harness::tree::MountDir::new();
+    a.ok(&["mount", "--lazy", &image, mnt.s()]);
+    let version = chroot(mnt.path(), &["/bin/cat", "/etc/debian_version"]);
+    assert!(version.starts_with("12"), "{version}");
+    let trace = recorded_trace(&a, &layer);
+    assert!(!trace.is_empty(), "the run recorded no spans");
+    let out = a.ok(&["index", "push", &image]);
+    assert!(out.contains("1 access traces"), "{out}");
+    a.ok(&["umount", mnt.s()]);
+
+    // Store b: the index and the trace from the registry, a mount nothing reads.
+    let b = Cstore::new();
+    let out = b.ok(&["pull", "--lazy", &image]);
+    assert!(out.contains("lazy, index from the registry"), "{out}");
+    let bytes = std::fs::read(blob(&a, ix["digest"].as_str().unwrap())).unwrap();
+    let idx = cstore_index::Index::parse(bytes.as_slice()).unwrap();
+    let want: std::collections::BTreeSet<u32> = trace.iter().copied().collect();
+    let covered = |ranges: &[std::ops::Range<u64>], s: u32| {
+        let c = idx.span(s as usize).compressed;
+        ranges.iter().any(|r| r.start <= c.start && c.end <= r.end)
+    };
+    proxy.clear();
+    let mnt_b = crate::harness::tree::MountDir::new();
+    b.ok(&["mount", "--lazy", &image, mnt_b.s()]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let ranges = loop {
+        let r = proxy.ranges_of(&layer);
+        if want.iter().all(|&s| covered(&r, s)) {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the traced spans {want:?} were not prefetched: {r:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    // Every request until then was for traced spans (or the daemon's one-byte
+    // warm-up): nothing read the mount, and background completion comes after.
+    for r in ranges.iter().filter(|r| **r != (0..1)) {
+        let spans: Vec<u32> = (0..idx.span_count() as u32)
+            .filter(|&s| {
+                let c = idx.span(s as usize).compressed;
+                c.start < r.end && r.start < c.end
+            })
+            .collect();
+        assert!(
+            spans.iter().any(|s| want.contains(s)),
+            "request {r:?} (spans {spans:?}) is not for a traced span {want:?}"
+        );
+    }
+    let version = chroot(mnt_b.path(), &["/bin/cat", "/etc/debian_version"]);
+    assert!(version.starts_with("12"), "{version}");
+    b.ok(&["umount", mnt_b.s()]);
+}

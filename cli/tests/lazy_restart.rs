@@ -291,11 +291,11 @@ fn restarts_under_a_reader(signal: i32, what: &str) {
         tree_diff(&want, &got, "umoci: ", "lazy:  ")
     );
     eprintln!("{what}: asked for {total} bytes of the {size}-byte layer, {again} of them again");
-    // A daemon that dies loses only the requests in flight: 2 fetchers, each
+    // A daemon that dies loses only the requests in flight: 4 fetchers, each
     // request at most 4 MiB of coalesced spans (plus the one that crosses it).
     // Spans recorded before a restart are not fetched again (phase 2 shows it
     // too: with the registry gone, nothing read failed).
-    let bound = 5 * 2 * ((4 << 20) + (1 << 20));
+    let bound = 5 * 4 * ((4 << 20) + (1 << 20));
     assert!(
         again <= bound,
         "{what}: {again} bytes fetched again (bound {bound})"

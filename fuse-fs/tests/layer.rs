@@ -1090,3 +1090,291 @@ fn a_miss_next_to_a_span_read_before_fetches_no_window() {
         j - 1
     );
 }
+
+/// The debian layer indexed (64 KiB spans) and opened with no mount: its reads go
+/// straight to the `ReadOnlyFs` calls, its bytes through `src`.
+fn open_direct(
+    dir: &Path,
+    src: impl FnOnce(FileSource) -> Arc<dyn SpanSource>,
+    opts: LayerOptions,
+) -> (LayerFs, PathBuf, PathBuf) {
+    let (blob, c) = layers("debian").remove(0);
+    std::fs::create_dir_all(dir).unwrap();
+    let policy = Policy {
+        span_target: 64 << 10,
+        ..Policy::default()
+    };
+    let (index, windows) = build_index(&blob, c, policy, opts.tree).unwrap();
+    let wpath = dir.join("windows");
+    std::fs::write(&wpath, &windows).unwrap();
+    let tree = dir.join("fs");
+    std::fs::create_dir_all(&tree).unwrap();
+    let fs = LayerFs::open(
+        index,
+        src(FileSource::open(&blob, Some(&wpath)).unwrap()),
+        &dir.join("cache"),
+        &tree,
+        opts,
+    )
+    .unwrap();
+    (fs, blob, wpath)
+}
+
+/// The spans holding file entry `i`'s data.
+fn spans_of(idx: &Index<Vec<u8>>, i: u32) -> Range<usize> {
+    let d = idx.file_data(i, 0..idx.entry(i).size);
+    idx.spans_for(d[0].1.start, d.last().unwrap().1.end)
+}
+
+/// A small file (one span) of a directory whose next span holds only data of
+/// that directory's files, not that file's, and so do the `more` spans after it:
+/// (entry, the next span, a sibling whose data is all in that span).
+fn file_with_siblings_after(idx: &Index<Vec<u8>>, more: usize) -> (u32, usize, u32) {
+    let n = idx.entry_count();
+    let with_data = |i: u32| {
+        let e = idx.entry(i);
+        e.kind == Kind::File && e.size > 0 && e.hardlink_target().is_none()
+    };
+    // Per span, the directories whose files have data in it.
+    let mut dirs = vec![Vec::new(); idx.span_count()];
+    for j in 0..n {
+        if with_data(j) {
+            for s in spans_of(idx, j) {
+                dirs[s].push(idx.parent(j));
+            }
+        }
+    }
+    for i in (n / 3)..n {
+        if !with_data(i) || spans_of(idx, i).len() != 1 {
+            continue;
+        }
+        let next = spans_of(idx, i).end;
+        let dir = idx.parent(i);
+        if !(next..next + 1 + more).all(|s| s < idx.span_count() && dirs[s].contains(&dir)) {
+            continue;
+        }
+        let sib = (0..n).find(|&j| {
+            with_data(j)
+                && idx.parent(j) == idx.parent(i)
+                && spans_of(idx, j) == (next..next + 1)
+                && idx.file_data(j, 0..1)[0].1.start >= idx.span(next).uncompressed.start
+        });
+        if let Some(j) = sib {
+            return (i, next, j);
+        }
+    }
+    panic!("no file with a sibling in the next span");
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !f() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "timed out waiting until {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// A read miss queues the spans after it that hold the files after it in its
+/// directory (a program reads its files one after another: without this every
+/// miss is a round trip in turn): the sibling's span arrives though nothing read
+/// it, a read of the sibling then makes no request, and nothing beyond the
+/// look-ahead budget was fetched.
+#[test]
+fn a_read_miss_looks_ahead_into_the_files_after_it_in_its_directory() {
+    let t = tmpdir();
+    let counted = Arc::new(Mutex::new(None::<Arc<Counted>>));
+    let c2 = counted.clone();
+    let opts = LayerOptions {
+        look_ahead: 256 << 10,
+        ..LayerOptions::default()
+    };
+    let (fs, _, _) = open_direct(
+        t.path(),
+        move |inner| {
+            let c = Arc::new(Counted {
+                inner,
+                calls: AtomicU64::new(0),
+                ranges: Mutex::new(Vec::new()),
+                flip_at: None,
+                delay: std::time::Duration::ZERO,
+            });
+            *c2.lock().unwrap() = Some(c.clone());
+            c
+        },
+        opts,
+    );
+    let src = counted.lock().unwrap().clone().unwrap();
+    let idx = fs.index();
+    let (f, next, sib) = file_with_siblings_after(idx, 0);
+    let mut out = Vec::new();
+    cstore_fuse_fs::ReadOnlyFs::read(&fs, u64::from(f) + 1, 0, 4096, &mut out).unwrap();
+    assert!(!out.is_empty());
+    let next_c = idx.span(next).compressed;
+    wait_until("the span after the miss is fetched", || {
+        src.ranges
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| r.start <= next_c.start && next_c.end <= r.end)
+    });
+    wait_until("the look-ahead is written", || fs.stats().local >= 2);
+    let calls = src.calls.load(Ordering::SeqCst);
+    let size = idx.entry(sib).size.min(1 << 20) as u32;
+    cstore_fuse_fs::ReadOnlyFs::read(&fs, u64::from(sib) + 1, 0, size, &mut out).unwrap();
+    assert_eq!(out.len() as u32, size);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(
+        src.calls.load(Ordering::SeqCst),
+        calls,
+        "the sibling {} was not read from the look-ahead",
+        String::from_utf8_lossy(&idx.path(sib))
+    );
+    // Within the budget: the file's span, then at most 256 KiB (and the span
+    // crossing the budget is not taken).
+    let s = fs.stats();
+    let first = idx.span(spans_of(idx, f).start).compressed;
+    let max = (first.end - first.start) + (256 << 10);
+    assert!(
+        s.bytes_fetched <= max,
+        "look-ahead fetched {} bytes, over the budget ({max}): {s:?}",
+        s.bytes_fetched
+    );
+    assert_eq!(s.failures, 0);
+}
+
+/// An open of a file that is not local queues the head of the file at once
+/// (before its read comes), and records it in the access trace: a file read in
+/// passthrough never shows the daemon its reads.
+#[test]
+fn an_open_fetches_and_traces_the_head_of_its_file() {
+    let t = tmpdir();
+    let opts = LayerOptions {
+        look_ahead: 0,
+        ..LayerOptions::default()
+    };
+    let (fs, _, _) = open_direct(t.path(), |inner| Arc::new(inner), opts);
+    let idx = fs.index();
+    let (f, _, _) = file_with_siblings_after(idx, 0);
+    let span = spans_of(idx, f).start;
+    assert_eq!(fs.stats().local, 0);
+    cstore_fuse_fs::ReadOnlyFs::open(&fs, u64::from(f) + 1).unwrap();
+    wait_until("the opened file's span is local", || fs.stats().local == 1);
+    assert_eq!(fs.stats().spans_fetched, 1, "{:?}", fs.stats());
+    let trace = cstore_fuse_fs::layer::read_trace(&t.path().join("cache")).unwrap();
+    assert_eq!(trace, vec![span as u32]);
+}
+
+/// A source whose requests, but those for the bytes of `free`, wait until
+/// released; counts the requests waiting.
+struct Gated {
+    inner: FileSource,
+    free: Mutex<Range<u64>>,
+    waiting: AtomicU64,
+    open: (Mutex<bool>, std::sync::Condvar),
+}
+
+impl SpanSource for Gated {
+    fn fetch(&self, range: Range<u64>) -> std::io::Result<Vec<u8>> {
+        let free = self.free.lock().unwrap().clone();
+        if !(free.start <= range.start && range.end <= free.end) {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            let mut open = self.open.0.lock().unwrap();
+            while !*open {
+                open = self.open.1.wait(open).unwrap();
+            }
+            drop(open);
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.inner.fetch(range)
+    }
+    fn fetch_windows(&self, range: Range<u64>) -> std::io::Result<Vec<u8>> {
+        self.inner.fetch_windows(range)
+    }
+}
+
+/// Look-ahead never holds up an on-demand miss: with every look-ahead request
+/// stuck on the wire (as many as there are fetchers to take them), a read of
+/// a file elsewhere in the layer is fetched and answered.
+#[test]
+fn look_ahead_on_the_wire_does_not_hold_up_a_read_miss() {
+    let t = tmpdir();
+    let gated = Arc::new(Mutex::new(None::<Arc<Gated>>));
+    let g2 = gated.clone();
+    let opts = LayerOptions {
+        look_ahead: 4 << 20,
+        look_ahead_request: 64 << 10,
+        ..LayerOptions::default()
+    };
+    let fetchers = opts.fetchers as u64;
+    let (fs, blob, wpath) = open_direct(
+        t.path(),
+        move |inner| {
+            let g = Arc::new(Gated {
+                inner,
+                free: Mutex::new(0..0),
+                waiting: AtomicU64::new(0),
+                open: (Mutex::new(false), std::sync::Condvar::new()),
+            });
+            *g2.lock().unwrap() = Some(g.clone());
+            g
+        },
+        opts,
+    );
+    let g = gated.lock().unwrap().clone().unwrap();
+    // Whatever fails, the gate opens (the fetchers stuck in it would hang the drop).
+    struct Opener(Arc<Gated>);
+    impl Drop for Opener {
+        fn drop(&mut self) {
+            *self.0.open.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            self.0.open.1.notify_all();
+        }
+    }
+    let _opener = Opener(g.clone());
+    let idx = fs.index();
+    let (f, _, _) = file_with_siblings_after(idx, 4);
+    *g.free.lock().unwrap() = idx.span(spans_of(idx, f).start).compressed;
+    let mut out = Vec::new();
+    cstore_fuse_fs::ReadOnlyFs::read(&fs, u64::from(f) + 1, 0, 4096, &mut out).unwrap();
+    // Every fetcher but the one kept for reads is now stuck on a look-ahead request.
+    wait_until("look-ahead requests are on the wire", || {
+        g.waiting.load(Ordering::SeqCst) == fetchers - 1
+    });
+    // A file far from the look-ahead (in another directory), read now.
+    let n = idx.entry_count();
+    let far = (0..n)
+        .rev()
+        .find(|&j| {
+            let e = idx.entry(j);
+            e.kind == Kind::File
+                && e.size > 0
+                && e.hardlink_target().is_none()
+                && idx.parent(j) != idx.parent(f)
+                && spans_of(idx, j).len() == 1
+                && spans_of(idx, j).start.abs_diff(spans_of(idx, f).end) > 100
+        })
+        .expect("a file far away");
+    *g.free.lock().unwrap() = idx.span(spans_of(idx, far).start).compressed;
+    let size = idx.entry(far).size.min(4096) as u32;
+    cstore_fuse_fs::ReadOnlyFs::read(&fs, u64::from(far) + 1, 0, size, &mut out).unwrap();
+    let want = files_from(idx, &blob, &wpath)
+        .into_iter()
+        .find(|(p, _)| p.as_os_str().as_encoded_bytes() == idx.path(far).as_slice())
+        .unwrap()
+        .1;
+    assert_eq!(out, want[..size as usize]);
+    assert_eq!(
+        g.waiting.load(Ordering::SeqCst),
+        fetchers - 1,
+        "the look-ahead requests are still on the wire"
+    );
+    *g.open.0.lock().unwrap() = true;
+    g.open.1.notify_all();
+    wait_until("the look-ahead is written", || {
+        g.waiting.load(Ordering::SeqCst) == 0
+    });
+    fs.shutdown();
+    assert_eq!(fs.stats().failures, 0);
+}

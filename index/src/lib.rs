@@ -45,6 +45,9 @@ pub const MEDIA_TYPE: &str = "application/vnd.cstore.layer-index.v1";
 pub const PACKED_MEDIA_TYPE: &str = "application/vnd.cstore.layer-index.v1+zstd";
 /// Media type of an index's windows blob.
 pub const WINDOWS_MEDIA_TYPE: &str = "application/vnd.cstore.layer-index.windows.v1";
+/// Media type of a layer's access trace in an index artifact: the spans a lazy
+/// run read, in first-read order, u32 little-endian (optional, one per layer).
+pub const TRACE_MEDIA_TYPE: &str = "application/vnd.cstore.layer-trace.v1";
 /// `artifactType` of the OCI artifact `cstore index push` publishes (its
 /// subject is the image manifest).
 pub const ARTIFACT_TYPE: &str = "application/vnd.cstore.layer-index.v1";

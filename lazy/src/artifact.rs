@@ -28,6 +28,32 @@ const EMPTY_JSON: &[u8] = b"{}";
 const EMPTY_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
 /// An index blob found in a registry is read whole: at most this.
 pub const MAX_INDEX_BYTES: u64 = 64 << 20;
+/// An access trace found in a registry: at most this (and 4 bytes per span).
+pub const MAX_TRACE_BYTES: u64 = 4 << 20;
+
+/// An access trace (u32 little-endian span numbers) checked against an index of
+/// `spans` spans: a whole number of records, every span in range; repeats are
+/// dropped (the first read is what counts).
+pub fn parse_trace(bytes: &[u8], spans: usize) -> std::result::Result<Vec<u32>, String> {
+    if !bytes.len().is_multiple_of(4) {
+        return Err(format!(
+            "{} bytes: not a whole number of spans",
+            bytes.len()
+        ));
+    }
+    let mut seen = vec![false; spans];
+    let mut out = Vec::new();
+    for c in bytes.chunks_exact(4) {
+        let s = u32::from_le_bytes(c.try_into().expect("4 bytes"));
+        let Some(seen) = seen.get_mut(s as usize) else {
+            return Err(format!("span {s} of an index of {spans} spans"));
+        };
+        if !std::mem::replace(seen, true) {
+            out.push(s);
+        }
+    }
+    Ok(out)
+}
 
 fn sha(b: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(b)))
@@ -264,6 +290,9 @@ pub struct Pushed {
     /// referrers tag schema `sha256-<hex>` was written).
     pub via: String,
     pub layers: usize,
+    /// Of those, the layers published with an access trace (recorded by the
+    /// lazy runs of this store).
+    pub traces: usize,
 }
 
 /// `cstore index push`: the stored index of every layer (windows trimmed and
@@ -276,6 +305,7 @@ pub fn push(
 ) -> Result<Pushed> {
     let r = &img.reference;
     let mut layers = Vec::new();
+    let mut traces = 0;
     for l in &img.layers {
         let Some(rec) = store.layer_index(&l.digest)? else {
             continue;
@@ -343,6 +373,30 @@ pub fn push(
                 "annotations": ann,
             }));
         }
+        // The spans this store's lazy runs read first, if any: a fresh store's
+        // lazy mount prefetches them.
+        let cache = crate::serve::layer_dir(store, &l.digest).join("cache");
+        let recorded = cstore_fuse_fs::layer::read_trace(&cache).map_err(|e| Error::Io {
+            op: "read the access trace in",
+            path: cache.display().to_string(),
+            source: e,
+        })?;
+        let bytes: Vec<u8> = recorded.iter().flat_map(|s| s.to_le_bytes()).collect();
+        match parse_trace(&bytes, idx.span_count()) {
+            Ok(t) if !t.is_empty() => {
+                let b: Vec<u8> = t.iter().flat_map(|s| s.to_le_bytes()).collect();
+                rt.block_on(client.push_blob(r, &parse_digest(&sha(&b))?, Bytes::from(b.clone())))?;
+                layers.push(json!({
+                    "mediaType": cstore_index::TRACE_MEDIA_TYPE,
+                    "digest": sha(&b),
+                    "size": b.len(),
+                    "annotations": ann,
+                }));
+                traces += 1;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("layer {}: local access trace not pushed: {e}", l.digest),
+        }
     }
     let indexed = layers
         .iter()
@@ -396,6 +450,7 @@ pub fn push(
         subject: img.manifest_digest.to_string(),
         via: via.into(),
         layers: indexed,
+        traces,
     })
 }
 
@@ -469,6 +524,9 @@ pub struct Found {
     pub packed: bool,
     pub windows: Option<Digest>,
     pub artifact: String,
+    /// The descriptor of the layer's access trace, if the artifact has one
+    /// (fetched with [`Found::trace`] once the index is known).
+    pub trace: Option<Value>,
 }
 
 impl Found {
@@ -510,6 +568,31 @@ impl Found {
             return Err(invalid(&lwhat, "the index describes another blob"));
         }
         Ok(bytes)
+    }
+
+    /// The layer's access trace, checked against its index's `spans`
+    /// ([`parse_trace`]); empty if the artifact has none or it was refused
+    /// (a warning names why): a trace only steers prefetch, a bad one is
+    /// dropped and the index kept.
+    pub fn trace(
+        &self,
+        rt: &tokio::runtime::Handle,
+        client: &RegistryClient,
+        img: &Resolved,
+        layer: &str,
+        spans: usize,
+    ) -> Vec<u32> {
+        let Some(t) = &self.trace else {
+            return Vec::new();
+        };
+        fetch_trace(rt, client, &img.reference, t, spans).unwrap_or_else(|e| {
+            tracing::warn!(
+                "access trace in artifact {} of {}, layer {layer}, refused: {e}",
+                self.artifact,
+                img.reference
+            );
+            Vec::new()
+        })
     }
 }
 
@@ -567,6 +650,7 @@ pub fn find(
         let windows = of(cstore_index::WINDOWS_MEDIA_TYPE)
             .map(|w| parse_digest(w["digest"].as_str().unwrap_or_default()))
             .transpose()?;
+        let trace = of(cstore_index::TRACE_MEDIA_TYPE).cloned();
         out.insert(
             l.digest.clone(),
             Found {
@@ -575,8 +659,35 @@ pub fn find(
                 packed,
                 windows,
                 artifact: art.clone(),
+                trace,
             },
         );
     }
     Ok(out)
+}
+
+/// The access trace `desc` names, read with a size cap and checked.
+fn fetch_trace(
+    rt: &tokio::runtime::Handle,
+    client: &RegistryClient,
+    r: &Reference,
+    desc: &Value,
+    spans: usize,
+) -> std::result::Result<Vec<u32>, String> {
+    let d = parse_digest(desc["digest"].as_str().unwrap_or_default()).map_err(|e| e.to_string())?;
+    let size = desc["size"].as_u64().unwrap_or(0);
+    let cap = MAX_TRACE_BYTES.min(4 * spans as u64);
+    if size > cap {
+        return Err(format!("{size} bytes, over the cap of {cap}"));
+    }
+    if size == 0 {
+        return Ok(Vec::new());
+    }
+    let bytes = rt
+        .block_on(client.blob_range(r, &d, 0, size))
+        .map_err(|e| e.to_string())?;
+    if sha(&bytes) != d.to_string() {
+        return Err(format!("blob {d} does not match its digest"));
+    }
+    parse_trace(&bytes, spans)
 }

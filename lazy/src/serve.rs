@@ -46,6 +46,44 @@ const LINGER: Duration = Duration::from_secs(5);
 /// its first misses should not queue behind megabytes of background requests.
 const BACKGROUND_DELAY: Duration = Duration::from_secs(2);
 
+/// A layer's access trace as found with its index in the registry (u32 little
+/// endian, checked), beside its cache.
+const PULLED_TRACE: &str = "trace.pulled";
+
+/// Keeps `trace` (found with layer `layer`'s index) for its lazy mounts.
+pub fn put_pulled_trace(store: &Store, layer: &str, trace: &[u32]) -> Result<()> {
+    let dir = layer_dir(store, layer);
+    std::fs::create_dir_all(&dir).map_err(|e| io("create", &dir, e))?;
+    let bytes: Vec<u8> = trace.iter().flat_map(|s| s.to_le_bytes()).collect();
+    write_atomic(&dir.join(PULLED_TRACE), &bytes)
+}
+
+/// What a new mount of the layer prefetches first: the spans this store's runs
+/// read (the cache's own trace), then those of the trace pulled with its index;
+/// each span once, every one in range (the pulled file is checked again: it is
+/// on disk, and the index may have changed since).
+fn prefetch_list(dir: &Path, spans: usize) -> Vec<u32> {
+    let mut bytes = Vec::new();
+    for (p, what) in [
+        (dir.join("cache").join("trace"), "recorded"),
+        (dir.join(PULLED_TRACE), "pulled"),
+    ] {
+        match std::fs::read(&p) {
+            // A trace cut short by a crash ends mid-record: whole records only.
+            Ok(b) => bytes.extend_from_slice(&b[..b.len() / 4 * 4]),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("{what} access trace {}: {e}", p.display()),
+        }
+    }
+    match crate::artifact::parse_trace(&bytes, spans) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!("access traces in {}: {e}; no prefetch", dir.display());
+            Vec::new()
+        }
+    }
+}
+
 /// Where a layer's lazy state lives in the store.
 pub fn layer_dir(store: &Store, layer: &str) -> PathBuf {
     store
@@ -392,6 +430,16 @@ fn serve_layer(
     )?);
     let lowers = lower_indexes(store, sn, chain)?;
     fs.inherit_implicit(&lowers.iter().collect::<Vec<_>>());
+    if lazy && !fs.is_complete() {
+        let trace = prefetch_list(&dir, fs.index().span_count());
+        if !trace.is_empty() {
+            tracing::info!(
+                "layer {layer}: prefetching {} spans of its access traces",
+                trace.len()
+            );
+            fs.prefetch(&trace);
+        }
+    }
     let state = StateDir::new(&state)?;
     let sopts = SessionOptions {
         passthrough: PassthroughMode::IfAvailable,

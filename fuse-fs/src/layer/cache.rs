@@ -45,17 +45,22 @@ const BITMAP: &str = "spans";
 const TRACE: &str = "trace";
 pub(crate) const COMPLETE: &str = "complete";
 
+/// Uncompressed bytes at the head of a file whose spans an open queues.
+const OPEN_AHEAD: u64 = 128 << 10;
+
 /// Tree files kept open at once (reads and span writes); past this the table is
 /// emptied (open files stay valid in their users' hands).
 const MAX_OPEN_FILES: usize = 1024;
 
 /// Who wants a span: on-demand misses first, then spans from a recorded trace, then
-/// background completion.
+/// look-ahead (the rest of a missed file and the files after it in its directory,
+/// and the head of a file being opened), then background completion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Priority {
     OnDemand = 0,
     Trace = 1,
-    Background = 2,
+    LookAhead = 2,
+    Background = 3,
 }
 
 /// Read misses and background requests of the layers one daemon serves: a
@@ -111,11 +116,20 @@ impl Activity {
 #[derive(Debug, Clone)]
 pub struct LayerOptions {
     /// Fetcher threads (source requests in flight at once). With two or more, the
-    /// first never takes background work, so a miss never queues behind it.
+    /// first takes only on-demand misses, so a miss never queues behind prefetch,
+    /// look-ahead or background work.
     pub fetchers: usize,
     /// Largest coalesced request for reads and prefetch, in compressed bytes (a
     /// single span may exceed it).
     pub max_request: u64,
+    /// Compressed bytes a read miss queues ahead of itself ([`Priority::LookAhead`]):
+    /// the rest of the file and the files after it in the same directory, as
+    /// far as this from the miss (0: none). A program reads its files one after
+    /// another, so without it every miss is a full round trip in turn.
+    pub look_ahead: u64,
+    /// Largest coalesced look-ahead request: a reader that needs a span of one
+    /// waits for the whole request to arrive.
+    pub look_ahead_request: u64,
     /// Largest coalesced background-completion request: small, so that a miss
     /// arriving while it is on the wire waits little for the link.
     pub background_request: u64,
@@ -143,8 +157,10 @@ impl Default for LayerOptions {
             ((libc::geteuid(), libc::getegid()), m)
         };
         LayerOptions {
-            fetchers: 2,
+            fetchers: 4,
             max_request: 4 << 20,
+            look_ahead: 1 << 20,
+            look_ahead_request: 512 << 10,
             background_request: 1 << 20,
             background_quiet: Duration::from_millis(500),
             background_delay: Duration::ZERO,
@@ -466,7 +482,92 @@ impl Layer {
             }
         }
         self.trace(&need);
+        let missed = {
+            let st = lock(&self.st);
+            need.iter().any(|&s| st.spans[s] != SpanState::Local)
+        };
+        if missed {
+            if let Some(&last) = need.last() {
+                self.look_ahead(i, last);
+            }
+        }
         self.wait_for(&need, Priority::OnDemand)
+    }
+
+    /// A file being opened: the spans of its head are recorded in the trace (a
+    /// file opened in passthrough is read without the daemon seeing it) and,
+    /// if not local, queued at once ([`Priority::LookAhead`]): the read that
+    /// follows finds them on the way.
+    pub(crate) fn open_ahead(&self, i: u32) {
+        if self.is_complete() {
+            return;
+        }
+        let size = self.idx.entry(i).size;
+        let mut head = Vec::new();
+        for (_, stream) in self.idx.file_data(i, 0..size.min(OPEN_AHEAD)) {
+            for s in self.idx.spans_for(stream.start, stream.end) {
+                if !self.idx.span(s).uncompressed.is_empty() && head.last() != Some(&s) {
+                    head.push(s);
+                }
+            }
+        }
+        self.trace(&head);
+        self.queue_missing(&head, Priority::LookAhead);
+    }
+
+    /// After a miss of file entry `i` ending in span `last`: the spans after it
+    /// that hold data of `i` or of the files after it in its directory (tar order
+    /// is directory order: the modules a program loads next are mostly there), up
+    /// to `look_ahead` compressed bytes, queued if missing.
+    fn look_ahead(&self, i: u32, last: usize) {
+        let budget = self.opts.look_ahead;
+        if budget == 0 {
+            return;
+        }
+        let dir = self.idx.parent(i);
+        let mut ahead = Vec::new();
+        let mut bytes = 0u64;
+        for s in last + 1..self.idx.span_count() {
+            let sp = self.idx.span(s);
+            bytes += sp.compressed.end.saturating_sub(sp.compressed.start);
+            if bytes > budget {
+                break;
+            }
+            // Does the span hold data of `i` or of a sibling?
+            let u = sp.uncompressed;
+            let mut k = self.pieces.partition_point(|p| p.stream + p.len <= u.start);
+            let mut near = false;
+            while k < self.pieces.len() && self.pieces[k].stream < u.end {
+                let e = self.pieces[k].entry;
+                if e == i || self.idx.parent(e) == dir {
+                    near = true;
+                    break;
+                }
+                k += 1;
+            }
+            if !near {
+                break;
+            }
+            ahead.push(s);
+        }
+        self.queue_missing(&ahead, Priority::LookAhead);
+    }
+
+    /// Queues those of `spans` that are missing (not failed: a failing span is
+    /// retried by its readers, not by guesses).
+    fn queue_missing(&self, spans: &[usize], prio: Priority) {
+        let mut st = lock(&self.st);
+        let mut any = false;
+        for &s in spans {
+            if st.spans[s] == SpanState::Missing {
+                Self::enqueue(&mut st, s, prio);
+                any = true;
+            }
+        }
+        drop(st);
+        if any {
+            self.cv.notify_all();
+        }
     }
 
     /// Appends spans read on demand for the first time to the trace.
@@ -567,12 +668,12 @@ impl Layer {
     }
 
     fn fetcher(self: Arc<Self>, k: usize) {
-        // With two fetchers or more, the first is kept for reads and prefetch.
+        // With two fetchers or more, the first is kept for on-demand misses.
         let reads_only = k == 0 && self.opts.fetchers > 1;
         let activity = self.opts.activity.clone();
         let mut reader = SpanReader::new();
         loop {
-            let (batch, background) = {
+            let (batch, prio) = {
                 let mut st = lock(&self.st);
                 loop {
                     if st.stopping {
@@ -582,12 +683,15 @@ impl Layer {
                         st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
                         continue;
                     };
-                    if prio != Priority::Background {
+                    if prio == Priority::OnDemand {
                         break;
                     }
                     if reads_only {
                         st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
                         continue;
+                    }
+                    if prio != Priority::Background {
+                        break;
                     }
                     // Background work waits for reads to go quiet in every layer
                     // (misses elsewhere do not wake this layer's condvar: poll).
@@ -611,10 +715,10 @@ impl Layer {
                         .0;
                 }
                 let (prio, first) = st.queue.pop_first().expect("not empty");
-                let max = if prio == Priority::Background {
-                    self.opts.background_request
-                } else {
-                    self.opts.max_request
+                let max = match prio {
+                    Priority::Background => self.opts.background_request,
+                    Priority::LookAhead => self.opts.look_ahead_request,
+                    _ => self.opts.max_request,
                 };
                 st.spans[first] = SpanState::InFlight;
                 let mut batch = vec![first];
@@ -634,35 +738,37 @@ impl Layer {
                     batch.push(j);
                     j += 1;
                 }
-                (batch, prio == Priority::Background)
+                (batch, prio)
             };
+            let background = prio == Priority::Background;
             let t0 = Instant::now();
-            let (results, touched) = self.fetch_batch(&batch, &mut reader);
-            if background {
-                activity.background_end();
-            }
-            let fetched = t0.elapsed();
             let mut written = Vec::new();
-            let mut st = lock(&self.st);
-            for (s, r) in batch.iter().zip(results) {
+            // Each span's readers go on as soon as it is written: the verified
+            // bytes are in the tree files, and the page cache serves them.
+            // Syncing first cost a reader three fdatasyncs per miss (tens of ms
+            // each on a busy disk), and waiting for the whole run cost a reader
+            // of its first span the inflate of the rest.
+            let touched = self.fetch_batch(&batch, &mut reader, &mut |s, r| {
+                let mut st = lock(&self.st);
                 match r {
                     Ok(()) => {
-                        st.spans[*s] = SpanState::Local;
+                        st.spans[s] = SpanState::Local;
                         st.local += 1;
-                        written.push(*s);
+                        written.push(s);
                     }
                     Err(e) => {
                         self.failures.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!("{}: span {s}: {e}", self.name);
-                        st.spans[*s] = SpanState::Failed(e.to_string().into());
+                        st.spans[s] = SpanState::Failed(e.into());
                     }
                 }
+                drop(st);
+                self.cv.notify_all();
+            });
+            if background {
+                activity.background_end();
             }
-            drop(st);
-            // Readers go on now: the verified bytes are in the tree files, and the
-            // page cache serves them. Syncing first cost a reader three
-            // fdatasyncs per miss (tens of ms each on a busy disk).
-            self.cv.notify_all();
+            let fetched = t0.elapsed();
             if let Err(e) = self.persist(&written, &touched) {
                 // Not durable: the next reader fetches them again.
                 tracing::warn!("{}: spans {written:?}: {e}", self.name);
@@ -680,7 +786,12 @@ impl Layer {
                 self.name,
                 batch[0],
                 batch[batch.len() - 1],
-                if background { "background" } else { "read" },
+                match prio {
+                    Priority::OnDemand => "read",
+                    Priority::Trace => "trace",
+                    Priority::LookAhead => "look-ahead",
+                    Priority::Background => "background",
+                },
                 t0.elapsed()
             );
         }
@@ -698,15 +809,22 @@ impl Layer {
             .and_then(|_| self.mark(written))
     }
 
-    /// Fetches, verifies, inflates and writes a run of adjacent spans; one result
-    /// per span, and the tree files written. A span is written only once verified
-    /// ([`Self::persist`] makes it durable and marks it in the bitmap).
+    /// Fetches, verifies, inflates and writes a run of adjacent spans, telling
+    /// `done` each span's result as it is known; returns the tree files written.
+    /// A span is written only once verified ([`Self::persist`] makes it durable
+    /// and marks it in the bitmap).
     fn fetch_batch(
         &self,
         batch: &[usize],
         reader: &mut SpanReader,
-    ) -> (Vec<Result<(), String>>, Vec<Arc<File>>) {
-        let fail_all = |why: String| (batch.iter().map(|_| Err(why.clone())).collect(), Vec::new());
+        done: &mut dyn FnMut(usize, Result<(), String>),
+    ) -> Vec<Arc<File>> {
+        let mut fail_all = |why: String| {
+            for &s in batch {
+                done(s, Err(why.clone()));
+            }
+            Vec::new()
+        };
         let first = self.idx.span(batch[0]);
         let last = self.idx.span(*batch.last().expect("a span"));
         let range = first.compressed.start..last.compressed.end;
@@ -779,7 +897,6 @@ impl Layer {
             }
             Err(e) => return fail_all(format!("fetching windows {wrange:?}: {e}")),
         };
-        let mut results = Vec::with_capacity(batch.len());
         let mut touched: Vec<Arc<File>> = Vec::new();
         let mut prev_tail = first_tail;
         for (k, &s) in batch.iter().enumerate() {
@@ -818,9 +935,9 @@ impl Layer {
                     .map_err(|e| format!("writing the blob copy: {e}"))?;
                 self.write_tree(sp.uncompressed.start, &out, &mut touched)
             });
-            results.push(r);
+            done(s, r);
         }
-        (results, touched)
+        touched
     }
 
     /// Sets `spans` in the bitmap and syncs it.

@@ -13,7 +13,9 @@
 //! readers wait (adjacent missing spans in one request), checked against its sha256,
 //! inflated from its checkpoint, and its bytes written into the files of the layer's
 //! own tree (the directory that becomes the snapshot). The reader is then answered
-//! from the tree file (the page cache has the bytes); the span is set in a bitmap
+//! from the tree file (the page cache has the bytes); a miss also queues, behind
+//! on-demand reads, the spans after it in the same directory (look-ahead), and an
+//! open the head of its file; the span is set in a bitmap
 //! once blob copy and tree files are fdatasynced, and the bitmap synced too. A
 //! file whose spans are all local is opened in passthrough, its tree file the backing
 //! file. [`LayerFs::complete`] fetches the rest, verifies the whole layer and makes the
@@ -267,8 +269,11 @@ impl ReadOnlyFs for LayerFs {
             _ => return Err(Errno::EINVAL),
         }
         Ok(if self.layer.file_complete(i) {
+            // Traced all the same: its reads will not reach the daemon.
+            self.layer.open_ahead(i);
             Open::Passthrough
         } else {
+            self.layer.open_ahead(i);
             Open::KeepCache
         })
     }
