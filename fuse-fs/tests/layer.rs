@@ -1198,6 +1198,7 @@ fn a_read_miss_looks_ahead_into_the_files_after_it_in_its_directory() {
                 inner,
                 calls: AtomicU64::new(0),
                 ranges: Mutex::new(Vec::new()),
+                wranges: Mutex::new(Vec::new()),
                 flip_at: None,
                 delay: std::time::Duration::ZERO,
             });
