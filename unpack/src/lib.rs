@@ -71,6 +71,11 @@ pub struct UnpackOptions {
     /// [`LayerStats::index`]. An index that cannot be made never fails the
     /// unpack.
     pub build_index: bool,
+    /// Leave out the `syncfs` that makes the layer durable before it
+    /// returns: for a caller that unpacks several layers on one filesystem
+    /// and syncs it once before committing any (each syncfs writes back the
+    /// filesystem's metadata, shared blocks again every time).
+    pub defer_sync: bool,
 }
 
 impl Default for UnpackOptions {
@@ -81,6 +86,7 @@ impl Default for UnpackOptions {
             io: None,
             max_made_dir_bytes: extract::MAX_MADE_DIR_BYTES,
             build_index: false,
+            defer_sync: false,
         }
     }
 }
@@ -332,9 +338,11 @@ pub fn unpack_reader<R: BufRead>(
         Decoder::Indexing(ir) => Some(finish_index(ir, tree, tree_failed, layer.digest, diff_sha)),
         _ => None,
     };
-    // Durable before anyone calls it committed.
-    sys::syncfs(x.root())
-        .map_err(|e| fail_errno(None, format!("syncfs of the layer: {e}"), e.raw_os_error()))?;
+    // Durable before anyone calls it committed (or the caller syncs).
+    if !opts.defer_sync {
+        sys::syncfs(x.root())
+            .map_err(|e| fail_errno(None, format!("syncfs of the layer: {e}"), e.raw_os_error()))?;
+    }
     Ok(LayerStats {
         diff_id: actual,
         tar_bytes: diff.count,
