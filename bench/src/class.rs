@@ -108,7 +108,8 @@ pub struct PolicyView {
     pub queue_depth: u64,
     pub io_size: u64,
     pub direct: bool,
-    pub sort_by_offset: bool,
+    /// Blob streams at once (layers unpacked in parallel).
+    pub streams: u64,
     pub reason: String,
 }
 
@@ -352,7 +353,7 @@ fn placeholder(kind: ClassKind, path: &Path) -> ClassInfo {
                 queue_depth: 0,
                 io_size: 0,
                 direct: false,
-                sort_by_offset: false,
+                streams: 0,
                 reason: String::new(),
             },
         },
@@ -416,7 +417,7 @@ pub fn probe_with(
             queue_depth: p["queue_depth"].as_u64().unwrap_or(0),
             io_size: p["io_size"].as_u64().unwrap_or(0),
             direct: p["direct"].as_bool().unwrap_or(false),
-            sort_by_offset: p["sort_by_offset"].as_bool().unwrap_or(false),
+            streams: p["streams"].as_u64().unwrap_or(0),
             reason: p["reason"].as_str().unwrap_or("").into(),
         },
     };

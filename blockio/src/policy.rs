@@ -1,5 +1,5 @@
 //! How to drive a device, derived from its probe: rings, queue depth, I/O
-//! size, O_DIRECT, and whether to sort I/O by offset.
+//! size, O_DIRECT, and how many blob streams at once.
 
 use serde::{Deserialize, Serialize};
 
@@ -15,8 +15,13 @@ pub struct Policy {
     pub io_size: u32,
     /// Bypass the page cache (needs aligned buffers and offsets).
     pub direct: bool,
-    /// Issue batched I/O in offset order (seek-bound devices).
-    pub sort_by_offset: bool,
+    /// Blob streams at once: how many layers unpack reads (and writes) in
+    /// parallel. 1 on a seek-bound device, so it reads one blob front to
+    /// back instead of seeking between several; one per core elsewhere.
+    /// (There was a `sort_by_offset` flag: no path of ours has a batch whose
+    /// order is free to choose, streams being sequential already, and the
+    /// block layer's scheduler orders what is queued on a rotational disk.)
+    pub streams: u32,
     /// Poll for completions (IOPOLL): only with device poll queues.
     pub iopoll: bool,
     /// Unpack writes the small files of compressed layers in io_uring
@@ -79,7 +84,7 @@ impl Policy {
                     queue_depth: 128,
                     io_size,
                     direct: true,
-                    sort_by_offset: false,
+                    streams: cores as u32,
                     iopoll: q.is_some_and(|q| q.io_poll),
                     batch_small_files: false,
                     reason: format!(
@@ -92,11 +97,11 @@ impl Policy {
                 queue_depth: 4,
                 io_size: max_io.clamp(256 << 10, 4 << 20),
                 direct: false,
-                sort_by_offset: true,
+                streams: 1,
                 iopoll: false,
                 batch_small_files: false,
                 reason:
-                    "rotational: one ring, shallow queue, large sequential I/O sorted by offset"
+                    "rotational: one ring, shallow queue, large sequential I/O, one blob stream at a time"
                         .into(),
             },
             DeviceKind::Ssd => Policy {
@@ -106,7 +111,7 @@ impl Policy {
                 queue_depth: 32.min(q.map_or(32, |q| q.nr_requests.max(1))),
                 io_size: max_io.clamp(128 << 10, 1 << 20),
                 direct: false,
-                sort_by_offset: false,
+                streams: cores as u32,
                 iopoll: false,
                 batch_small_files: false,
                 reason:
@@ -118,7 +123,7 @@ impl Policy {
                 queue_depth: 64,
                 io_size: 1 << 20,
                 direct: false,
-                sort_by_offset: false,
+                streams: cores as u32,
                 iopoll: false,
                 batch_small_files: false,
                 reason: "no block device (memory-backed): a ring per core, buffered I/O".into(),
@@ -214,16 +219,16 @@ mod tests {
     }
 
     #[test]
-    fn nvme_gets_rings_per_queue_and_rotational_one_sorted_ring() {
+    fn nvme_gets_rings_per_queue_and_rotational_one_ring_one_stream() {
         let p = Policy::for_device(&info(DeviceKind::Nvme, 8, false), 2);
         assert_eq!(
-            (p.rings, p.queue_depth, p.direct, p.sort_by_offset),
-            (2, 128, true, false)
+            (p.rings, p.queue_depth, p.direct, p.streams),
+            (2, 128, true, 2)
         );
         let p = Policy::for_device(&info(DeviceKind::Nvme, 1, false), 16);
         assert_eq!(p.rings, 1, "no more rings than hardware queues");
         let p = Policy::for_device(&info(DeviceKind::Rotational, 1, true), 16);
-        assert_eq!((p.rings, p.queue_depth, p.sort_by_offset), (1, 4, true));
+        assert_eq!((p.rings, p.queue_depth, p.streams), (1, 4, 1));
         assert!(p.io_size >= 256 << 10);
     }
 

@@ -310,7 +310,7 @@ mod tests {
             queue_depth: 8,
             io_size: 64 << 10,
             direct: true,
-            sort_by_offset: false,
+            streams: 1,
             iopoll: false,
             batch_small_files: false,
             reason: "test".into(),

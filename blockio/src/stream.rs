@@ -48,6 +48,9 @@ pub struct StreamConfig {
     /// Unpack writes the small files of compressed layers in io_uring
     /// batches (the policy's choice for the store's filesystem).
     pub batch_small_files: bool,
+    /// Blob streams at once (layers unpacked in parallel), the policy's
+    /// `streams`; None: one per core.
+    pub max_streams: Option<usize>,
 }
 
 impl Default for StreamConfig {
@@ -58,6 +61,7 @@ impl Default for StreamConfig {
             direct: false,
             mode: Mode::Auto,
             batch_small_files: false,
+            max_streams: None,
         }
     }
 }
@@ -75,6 +79,7 @@ impl StreamConfig {
             direct: p.direct,
             mode,
             batch_small_files: p.batch_small_files && mode != Mode::Sync,
+            max_streams: Some((p.streams as usize).max(1)),
         }
     }
 }

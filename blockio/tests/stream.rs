@@ -17,6 +17,7 @@ fn configs() -> Vec<(StreamConfig, Backend)> {
         direct: false,
         mode,
         batch_small_files: false,
+        max_streams: None,
     };
     vec![
         (small(Mode::Auto), Backend::IoUring),

@@ -99,12 +99,12 @@ pub fn info(path: &Path, json: bool) -> Result<()> {
         println!("nvme:        identify failed: {e}");
     }
     println!(
-        "policy:      {} rings x depth {}, {} I/O, direct {}, sort by offset {}, iopoll {}",
+        "policy:      {} rings x depth {}, {} I/O, direct {}, {} blob stream(s) at once, iopoll {}",
         policy.rings,
         policy.queue_depth,
         human_bytes(policy.io_size as u64),
         policy.direct,
-        policy.sort_by_offset,
+        policy.streams,
         policy.iopoll
     );
     println!("             ({})", policy.reason);

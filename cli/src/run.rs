@@ -171,7 +171,19 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
         userns: flags.userns,
         start_timeout: flags.start_timeout,
     };
-    let hold = || (store.meta().hold(), sn.hold());
+    // Both databases are closed for the launch, side by side (a close
+    // writes durably), so the `cstore run`s started with this one can open
+    // them while ours starts; the scoped thread has ended before the clone.
+    let hold = || {
+        std::thread::scope(|s| {
+            let sn_hold = s.spawn(|| sn.hold_closed());
+            let meta_hold = store.meta().hold_closed();
+            let sn_hold = sn_hold
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (meta_hold, sn_hold)
+        })
+    };
     Ok(Containers::new(store.root()).run(&SnapshotTree(sn, store), req, hold)?)
 }
 

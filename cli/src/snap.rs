@@ -20,6 +20,16 @@ pub fn jobs() -> usize {
         .unwrap_or(2)
 }
 
+/// Layers unpacked at once into `store`: one per core, or as many blob
+/// streams as its device's policy takes (one on a rotational disk).
+pub fn unpack_jobs(store: &Store) -> usize {
+    let cores = jobs();
+    store
+        .stream_config()
+        .max_streams
+        .map_or(cores, |s| s.min(cores))
+}
+
 pub fn open(store: &Store) -> Result<Snapshotter> {
     Snapshotter::open(store.root()).context("opening the snapshot tree")
 }
@@ -32,37 +42,44 @@ pub fn unpack(store: &Store, reference: &str, json: bool) -> Result<image::Unpac
     let img = store.image(reference)?;
     let quiet = json;
     let started = std::sync::Mutex::new(std::collections::HashMap::new());
-    let report = image::unpack_image(&sn, store, &img, &UnpackOptions::default(), jobs(), &|e| {
-        crate::logging::unpack_event(&img.name, &e, &started);
-        if quiet {
-            println!("{}", serde_json::to_string(&e).unwrap_or_default());
-            return;
-        }
-        match e {
-            Event::Present { layer, .. } => println!("{}: already unpacked", short(&layer)),
-            Event::Unpacking { layer } => println!("{}: unpacking", short(&layer)),
-            Event::Unpacked { layer, stats } => println!(
-                "{}: unpacked {} entries, {} of files",
-                short(&layer),
-                stats.extract.entries,
-                human_bytes(stats.extract.file_bytes)
-            ),
-            Event::Indexed {
-                layer,
-                spans,
-                index_bytes,
-                windows_bytes,
-            } => println!(
-                "{}: indexed ({spans} spans; index {}, windows {})",
-                short(&layer),
-                human_bytes(index_bytes),
-                human_bytes(windows_bytes)
-            ),
-            Event::NotIndexed { layer, reason } => {
-                println!("{}: no lazy index: {reason}", short(&layer))
+    let report = image::unpack_image(
+        &sn,
+        store,
+        &img,
+        &UnpackOptions::default(),
+        unpack_jobs(store),
+        &|e| {
+            crate::logging::unpack_event(&img.name, &e, &started);
+            if quiet {
+                println!("{}", serde_json::to_string(&e).unwrap_or_default());
+                return;
             }
-        }
-    })?;
+            match e {
+                Event::Present { layer, .. } => println!("{}: already unpacked", short(&layer)),
+                Event::Unpacking { layer } => println!("{}: unpacking", short(&layer)),
+                Event::Unpacked { layer, stats } => println!(
+                    "{}: unpacked {} entries, {} of files",
+                    short(&layer),
+                    stats.extract.entries,
+                    human_bytes(stats.extract.file_bytes)
+                ),
+                Event::Indexed {
+                    layer,
+                    spans,
+                    index_bytes,
+                    windows_bytes,
+                } => println!(
+                    "{}: indexed ({spans} spans; index {}, windows {})",
+                    short(&layer),
+                    human_bytes(index_bytes),
+                    human_bytes(windows_bytes)
+                ),
+                Event::NotIndexed { layer, reason } => {
+                    println!("{}: no lazy index: {reason}", short(&layer))
+                }
+            }
+        },
+    )?;
     tracing::info!(
         image = report.image,
         chain_id = report.chain_id,

@@ -127,9 +127,9 @@ fn cstore_policy_forces_the_policy_of_a_device_kind() {
         (
             hdd["policy"]["rings"].as_u64(),
             hdd["policy"]["queue_depth"].as_u64(),
-            hdd["policy"]["sort_by_offset"].as_bool()
+            hdd["policy"]["streams"].as_u64()
         ),
-        (Some(1), Some(4), Some(true)),
+        (Some(1), Some(4), Some(1)),
         "{hdd}"
     );
 

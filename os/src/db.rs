@@ -255,6 +255,19 @@ impl DbFile {
         Hold { db: self }
     }
 
+    /// Close the database now if it is open, and keep it closed until the
+    /// guard drops (as `hold`, which keeps it as it is). For a container
+    /// launch: the clone must not overlap a close in the reaper, and while
+    /// this process waits for its container to start, other processes
+    /// (`cstore run`s started at the same time) can have the file; holding
+    /// it open through the start serialized their starts behind ours.
+    pub fn hold_closed(&self) -> Hold<'_> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        *open = None;
+        self.holds.fetch_add(1, Ordering::SeqCst);
+        Hold { db: self }
+    }
+
     /// Close now if open (tests that hand the file to another process).
     pub fn close(&self) {
         *self.open.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -381,5 +394,44 @@ mod tests {
         )));
         assert_eq!(e.kind(), ErrorKind::ResourceExhausted);
         assert!(e.to_string().starts_with("test database "), "{e}");
+    }
+
+    /// A held database is free for another opener only with `hold_closed`:
+    /// `hold` right after a transaction keeps it open (as `cstore run` did
+    /// through a container's start, so concurrent runs waited for it), and
+    /// `hold_closed` closes it first and keeps it closed until dropped.
+    #[test]
+    fn hold_closed_lets_another_opener_in_while_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.db");
+        let db = DbFile::open(&path, "test database").unwrap();
+        let create = |db: &DbFile| {
+            db.ensure_tables::<Error>(&["t"], |txn| {
+                txn.open_table(T).map(drop).map_err(|e| db.err(e))
+            })
+        };
+        let other_open = || match redb::Builder::new().create(&path) {
+            Ok(d) => {
+                drop(d);
+                true
+            }
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => false,
+            Err(e) => panic!("{e}"),
+        };
+        {
+            let _h = db.hold();
+            // Opened under the hold: the reaper cannot close it meanwhile.
+            create(&db).unwrap();
+            assert!(!other_open(), "hold keeps the database as it is: open");
+        }
+        {
+            let _h = db.hold_closed();
+            // Longer than the linger: the reaper leaves a held file alone.
+            std::thread::sleep(LINGER * 3);
+            assert!(other_open(), "hold_closed closes it");
+            assert!(other_open(), "and keeps it closed while held");
+        }
+        // Usable again after the hold.
+        create(&db).unwrap();
     }
 }

@@ -185,6 +185,12 @@ impl Snapshotter {
         self.db.hold()
     }
 
+    /// Close the metadata database and keep it closed meanwhile
+    /// (`DbFile::hold_closed`).
+    pub fn hold_closed(&self) -> Hold<'_> {
+        self.db.hold_closed()
+    }
+
     pub fn dir(&self, id: u64) -> PathBuf {
         self.root.join(id.to_string())
     }

@@ -152,6 +152,11 @@ impl Meta {
         self.db.hold()
     }
 
+    /// See `DbFile::hold_closed`.
+    pub fn hold_closed(&self) -> Hold<'_> {
+        self.db.hold_closed()
+    }
+
     /// Run `f` on a read-only snapshot of the tables.
     pub fn read<T>(&self, f: impl FnOnce(&ReadTables<'_>) -> Result<T>) -> Result<T> {
         let db = &self.db;

@@ -74,6 +74,11 @@ pub struct UnpackOptions {
     /// Where the index's checkpoints go (span size): `cstore index build
     /// --span-kib`.
     pub index_policy: cstore_index::Policy,
+    /// Leave out the `syncfs` that makes the layer durable before it
+    /// returns: for a caller that unpacks several layers on one filesystem
+    /// and syncs it once before committing any (each syncfs writes back the
+    /// filesystem's metadata, shared blocks again every time).
+    pub defer_sync: bool,
 }
 
 impl Default for UnpackOptions {
@@ -85,6 +90,7 @@ impl Default for UnpackOptions {
             max_made_dir_bytes: extract::MAX_MADE_DIR_BYTES,
             build_index: false,
             index_policy: cstore_index::Policy::default(),
+            defer_sync: false,
         }
     }
 }
@@ -336,9 +342,11 @@ pub fn unpack_reader<R: BufRead>(
         Decoder::Indexing(ir) => Some(finish_index(ir, tree, tree_failed, layer.digest, diff_sha)),
         _ => None,
     };
-    // Durable before anyone calls it committed.
-    sys::syncfs(x.root())
-        .map_err(|e| fail_errno(None, format!("syncfs of the layer: {e}"), e.raw_os_error()))?;
+    // Durable before anyone calls it committed (or the caller syncs).
+    if !opts.defer_sync {
+        sys::syncfs(x.root())
+            .map_err(|e| fail_errno(None, format!("syncfs of the layer: {e}"), e.raw_os_error()))?;
+    }
     Ok(LayerStats {
         diff_id: actual,
         tar_bytes: diff.count,

@@ -244,7 +244,7 @@ pub fn html(r: &Report) -> Result<String> {
             "<h2>Policy: HDD vs NVMe on the {}</h2>\n",
             esc(&c.class.title)
         ));
-        h.push_str("<table><tr><th>CSTORE_POLICY</th><th>rings</th><th>depth</th><th>I/O size</th><th>O_DIRECT</th><th>sorted by offset</th><th>why</th></tr>\n");
+        h.push_str("<table><tr><th>CSTORE_POLICY</th><th>rings</th><th>depth</th><th>I/O size</th><th>O_DIRECT</th><th>streams at once</th><th>why</th></tr>\n");
         for p in &c.policies {
             h.push_str(&format!(
                 "<tr><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{} KiB</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
@@ -253,7 +253,7 @@ pub fn html(r: &Report) -> Result<String> {
                 p.policy.queue_depth,
                 p.policy.io_size / 1024,
                 p.policy.direct,
-                p.policy.sort_by_offset,
+                p.policy.streams,
                 esc(&p.policy.reason)
             ));
         }

@@ -14,7 +14,7 @@ pub use html::html;
 pub use markdown::markdown;
 
 /// Bumped when the JSON changes incompatibly.
-pub const SCHEMA: u32 = 1;
+pub const SCHEMA: u32 = 2;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Report {
