@@ -27,13 +27,16 @@ pub fn fixture(name: &str) -> PathBuf {
 /// overlay mount a directory's mtime is its upper-most layer's copy (for
 /// directories a layer only implies, the time cstore made them), while umoci
 /// writes into one directory and the kernel updates it as entries land.
+/// Whiteouts' mtimes too: extraction makes them (mknod) with the time they
+/// were made, so two extractions of one layer differ there by the clock.
 /// Overlay's own `trusted.overlay.*` xattrs (opaque marks) are not content,
 /// and `user.rootlesscontainers` is umoci's rootless bookkeeping.
 pub fn treesnap(dir: &Path) -> String {
     run(Command::new("python3")
         .arg(fixture("treesnap.py"))
         .arg(dir)
-        .args(["--no-mtime-dirs", "--ignore-xattr", "trusted.overlay."])
+        .args(["--no-mtime-dirs", "--no-mtime-whiteouts"])
+        .args(["--ignore-xattr", "trusted.overlay."])
         .args(["--ignore-xattr", "user.rootlesscontainers"]))
 }
 
