@@ -482,16 +482,11 @@ impl Layer {
             }
         }
         self.trace(&need);
-        let missed = {
-            let st = lock(&self.st);
-            need.iter().any(|&s| st.spans[s] != SpanState::Local)
-        };
-        if missed {
-            if let Some(&last) = need.last() {
-                self.look_ahead(i, last);
-            }
-        }
-        self.wait_for(&need, Priority::OnDemand)
+        let last = need.last().copied();
+        self.wait_for_then(&need, Priority::OnDemand, || match last {
+            Some(last) => self.look_ahead(i, last),
+            None => Vec::new(),
+        })
     }
 
     /// A file being opened: the spans of its head are recorded in the trace (a
@@ -518,14 +513,14 @@ impl Layer {
     /// After a miss of file entry `i` ending in span `last`: the spans after it
     /// that hold data of `i` or of the files after it in its directory (tar order
     /// is directory order: the modules a program loads next are mostly there), up
-    /// to `look_ahead` compressed bytes, queued if missing.
-    fn look_ahead(&self, i: u32, last: usize) {
+    /// to `look_ahead` compressed bytes.
+    fn look_ahead(&self, i: u32, last: usize) -> Vec<usize> {
         let budget = self.opts.look_ahead;
+        let mut ahead = Vec::new();
         if budget == 0 {
-            return;
+            return ahead;
         }
         let dir = self.idx.parent(i);
-        let mut ahead = Vec::new();
         let mut bytes = 0u64;
         for s in last + 1..self.idx.span_count() {
             let sp = self.idx.span(s);
@@ -550,7 +545,7 @@ impl Layer {
             }
             ahead.push(s);
         }
-        self.queue_missing(&ahead, Priority::LookAhead);
+        ahead
     }
 
     /// Queues those of `spans` that are missing (not failed: a failing span is
@@ -620,6 +615,18 @@ impl Layer {
     /// Queues what of `spans` is not local and waits for all of it; the first
     /// failure among them is the error.
     pub(crate) fn wait_for(&self, spans: &[usize], prio: Priority) -> Result<()> {
+        self.wait_for_then(spans, prio, Vec::new)
+    }
+
+    /// [`Self::wait_for`]; if anything had to be queued, the missing spans
+    /// `ahead` names are queued after it ([`Priority::LookAhead`]), under the
+    /// same lock: a miss goes in before what it looks ahead to.
+    fn wait_for_then(
+        &self,
+        spans: &[usize],
+        prio: Priority,
+        ahead: impl FnOnce() -> Vec<usize>,
+    ) -> Result<()> {
         let mut st = lock(&self.st);
         let mut queued = false;
         for &s in spans {
@@ -630,6 +637,11 @@ impl Layer {
         }
         if !queued {
             return Ok(());
+        }
+        for s in ahead() {
+            if st.spans[s] == SpanState::Missing {
+                Self::enqueue(&mut st, s, Priority::LookAhead);
+            }
         }
         self.cv.notify_all();
         let _miss = (prio == Priority::OnDemand).then(|| MissGuard::new(&self.opts.activity));
