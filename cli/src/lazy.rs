@@ -175,7 +175,7 @@ pub fn ls_remote(
         .iter()
         .map(|l| {
             let f = found.get(&l.digest);
-            let bytes = f.and_then(|f| f.fetch(rt.handle(), &client, &img, l).ok());
+            let bytes = f.and_then(|f| f.fetch(rt.handle(), &client, &img, l).ok().map(|(b, _)| b));
             let parsed = bytes
                 .as_deref()
                 .and_then(|b| cstore_index::Index::parse(b).ok());

@@ -532,14 +532,15 @@ pub struct Found {
 impl Found {
     /// Fetch the index blob, check it against its descriptor (digest, size
     /// caps before and after decompression), parse it and check it is of
-    /// `layer`: the raw index bytes, as the store keeps them.
+    /// `layer`: the raw index bytes, as the store keeps them, and its span
+    /// count (for [`Found::trace`]).
     pub fn fetch(
         &self,
         rt: &tokio::runtime::Handle,
         client: &RegistryClient,
         img: &Resolved,
         layer: &DescriptorRecord,
-    ) -> Result<Vec<u8>> {
+    ) -> Result<(Vec<u8>, usize)> {
         let r = &img.reference;
         let lwhat = format!(
             "index {} in artifact {} of {r}, layer {}",
@@ -567,7 +568,8 @@ impl Found {
         if h.layer_digest_str() != layer.digest || h.compressed_size != layer.size {
             return Err(invalid(&lwhat, "the index describes another blob"));
         }
-        Ok(bytes)
+        let spans = idx.span_count();
+        Ok((bytes, spans))
     }
 
     /// The layer's access trace, checked against its index's `spans`

@@ -177,13 +177,9 @@ pub fn find_index(
         // costs no index bytes), and kept in the store: the daemon reads it
         // there, never from the registry again.
         match f.fetch(rt, client, img, &l.descriptor) {
-            Ok(index) => {
+            Ok((index, spans)) => {
                 let w = f.windows.as_ref().map(|w| w.to_string());
                 store.put_layer_index(digest, &index, None, w.as_deref(), "referrers")?;
-                // fetch parsed and validated it: only its span count is wanted.
-                let spans = cstore_index::Index::parse(index.as_slice())
-                    .map(|i| i.span_count())
-                    .unwrap_or(0);
                 let trace = f.trace(rt, client, img, digest, spans);
                 if !trace.is_empty() {
                     crate::serve::put_pulled_trace(store, digest, &trace)?;
