@@ -823,14 +823,7 @@ fn sigkill_under_readers_resumes_from_the_bitmap() {
     std::fs::write(p("cache/windows"), windows).unwrap();
     std::fs::write(p("cache/index"), index).unwrap();
     let mut d = daemon(0, &[]);
-    let conn = StateDir::new(p("state"))
-        .unwrap()
-        .load()
-        .unwrap()
-        .settings
-        .unwrap()
-        .conn
-        .unwrap();
+    let conn = state_conn(&p("state"));
     mounts.push(&p("mnt"));
     mounts.conn(conn);
     let idx = Index::parse(std::fs::read(p("cache/index")).unwrap()).unwrap();

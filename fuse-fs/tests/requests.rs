@@ -187,14 +187,7 @@ fn a_request_wakes_one_worker_and_a_slow_one_holds_up_no_other() {
     );
     d.ready();
     mounts.push(&p("mnt"));
-    let conn = StateDir::new(p("state"))
-        .unwrap()
-        .load()
-        .unwrap()
-        .settings
-        .unwrap()
-        .conn
-        .unwrap();
+    let conn = state_conn(&p("state"));
     mounts.conn(conn);
 
     // GETXATTR is never cached by the kernel: each call is one request.

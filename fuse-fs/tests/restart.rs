@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
-use cstore_fuse_fs::{ConnId, FdStore, KeeperClient, StateDir, EXIT_STOPPED};
+use cstore_fuse_fs::{ConnId, FdStore, KeeperClient, EXIT_STOPPED};
 
 /// Fields drop in this order: mounts first (nothing may walk into a mount whose daemon
 /// is gone), then the keeper, then the directory.
@@ -82,14 +82,7 @@ impl Rig {
     }
 
     fn conn(&self) -> ConnId {
-        StateDir::new(self.p("state"))
-            .unwrap()
-            .load()
-            .unwrap()
-            .settings
-            .unwrap()
-            .conn
-            .unwrap()
+        state_conn(&self.p("state"))
     }
 
     /// Registers the daemon's mount and its connection for cleanup; the connection.

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cstore_fuse_fs::{ConnId, Fusectl};
+use cstore_fuse_fs::{ConnId, Fusectl, StateDir};
 use cstore_os::mount::Mount;
 use cstore_os::sys;
 use cstore_os::testing::skip_or_fail;
@@ -316,6 +316,18 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The FUSE connection a daemon recorded in its state directory `state`.
+pub fn state_conn(state: &Path) -> ConnId {
+    StateDir::new(state)
+        .unwrap()
+        .load()
+        .unwrap()
+        .settings
+        .unwrap()
+        .conn
+        .unwrap()
 }
 
 pub fn testd() -> Command {
