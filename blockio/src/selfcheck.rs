@@ -121,15 +121,31 @@ pub fn run(c: &SelfCheck) -> Result<SelfCheckReport> {
     let depth = p.queue_depth.max(1);
     let batch = (depth as usize).min((IN_FLIGHT_BYTES / io_size / rings).max(1));
 
-    // One open file per ring: the engine routes by descriptor, and
-    // consecutive descriptors land on different rings.
-    let mut files = Vec::with_capacity(rings);
+    // One open file per ring: the engine routes by descriptor (fd % rings).
+    // Descriptors are not consecutive when other threads open files at the
+    // same time, so open until every ring has one (bounded). Extra opens
+    // stay open until the end of the search, or the next open would get the
+    // same descriptor back.
+    let mut slots: Vec<Option<File>> = (0..rings).map(|_| None).collect();
+    let mut extra = Vec::new();
     let mut direct = p.direct;
-    for _ in 0..rings {
+    let mut filled = 0;
+    for _ in 0..rings * 16 {
+        if filled == rings {
+            break;
+        }
         let (f, d) = open(&c.path, p.direct).map_err(|e| IoError::new("open", &c.path, e))?;
-        direct &= d;
-        files.push(f);
+        let slot = &mut slots[f.as_raw_fd() as usize % rings];
+        if slot.is_none() {
+            direct &= d;
+            *slot = Some(f);
+            filled += 1;
+        } else {
+            extra.push(f);
+        }
     }
+    drop(extra);
+    let files: Vec<File> = slots.into_iter().flatten().collect();
     let meta = files[0]
         .metadata()
         .map_err(|e| IoError::new("stat", &c.path, e))?;
