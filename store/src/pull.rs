@@ -316,9 +316,18 @@ async fn pull_leased(
         }
         result
     };
+    let blocking = BlockingWork::default();
     let outcomes: Vec<Option<u64>> = match stream::iter(blobs.iter().cloned())
         .map(|(d, size, _, kind)| {
-            let fetched = fetch_blob(store, client, reference, d, size, observer.clone());
+            let fetched = fetch_blob(
+                store,
+                client,
+                reference,
+                d,
+                size,
+                observer.clone(),
+                &blocking,
+            );
             let check_config = &check_config;
             async move {
                 let n = fetched.await?;
@@ -337,6 +346,10 @@ async fn pull_leased(
             // A refused image's layers will not be pulled as it is: their
             // partials are litter, like those that a full disk cannot use.
             if matches!(e, Error::NoSpace { .. }) || refused.load(Ordering::Relaxed) {
+                // Dropping the downloads does not stop their blocking halves:
+                // an ingest lock being taken now would create its partial
+                // after the discard looked.
+                blocking.settled(Duration::from_secs(5)).await;
                 let digests = blobs.iter().map(|(d, ..)| d.clone()).collect();
                 discard_partials(store, digests).await;
             }
@@ -594,6 +607,26 @@ async fn discard_partials(store: &Store, digests: Vec<Digest>) {
     .await;
 }
 
+/// Counts the blocking ingest work of a pull's downloads, which goes on for
+/// a moment after their futures are dropped.
+#[derive(Default)]
+struct BlockingWork(Arc<()>);
+
+impl BlockingWork {
+    /// Held by a blocking closure for as long as it runs.
+    fn token(&self) -> Arc<()> {
+        self.0.clone()
+    }
+
+    /// Waits (bounded) until no blocking work holds a token.
+    async fn settled(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while Arc::strong_count(&self.0) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
 /// Fetch one blob into the store unless it is there. Returns the bytes
 /// downloaded, or None if it was already present.
 async fn fetch_blob(
@@ -603,6 +636,7 @@ async fn fetch_blob(
     digest: Digest,
     size: u64,
     observer: Arc<dyn Observer>,
+    blocking: &BlockingWork,
 ) -> Result<Option<u64>> {
     let id = digest.to_string();
     let dirs = store.blob_dirs().clone();
@@ -613,7 +647,13 @@ async fn fetch_blob(
     let acquired = {
         let (dirs, digest) = (dirs.clone(), digest.clone());
         let waiting = tokio::time::sleep(Duration::from_millis(200));
-        let task = tokio::task::spawn_blocking(move || dirs.acquire(&digest, size));
+        let token = blocking.token();
+        let task = tokio::task::spawn_blocking(move || {
+            // Let go once the partial exists: from then on a discard waits
+            // for the ingest lock instead.
+            let _token = token;
+            dirs.acquire(&digest, size)
+        });
         tokio::pin!(task, waiting);
         let mut said = false;
         loop {
