@@ -418,6 +418,8 @@ read_side() { # read_side SIDE DIR ROOT: measure the mounted image at DIR (its s
   for i in $(seq "$REPS"); do
     read_one "$side" seq-1m-fio buffered "$bf" fio_mb "$f" --rw=read --bs=1m --iodepth=8 --ioengine=io_uring
     read_one "$side" rand-4k-fio buffered "$bf" fio_mb "$f" --rw=randread --bs=4k --iodepth=32 --ioengine=io_uring
+    # the same single pass with plain read(2): tells a gap of the io_uring path from one of the data path
+    read_one "$side" seq-1m-fio-psync buffered "$bf" fio_mb "$f" --rw=read --bs=1m --ioengine=psync
     read_one "$side" seq-1m-fio direct "$bf" fio_mb "$f" --rw=read --bs=1m --iodepth=8 --ioengine=io_uring \
       --direct=1 --runtime=3 --time_based
     read_one "$side" rand-4k-fio direct "$bf" fio_mb "$f" --rw=randread --bs=4k --iodepth=32 --ioengine=io_uring \
