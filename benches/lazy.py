@@ -15,8 +15,17 @@
         Reads every regular file below DIR once (1 MiB reads, no symlinks
         followed) and prints MB/s (10^6 bytes per second of the whole walk).
     lazy.py reads READS.txt
-        READS: lines "SIDE WHAT MB_PER_S" (SIDE unpacked or lazy); prints
-        median [min-max] per side and the ratio lazy / unpacked.
+        READS: lines "SIDE WHAT MODE MB_PER_S CACHED_BEFORE CACHED_AFTER"
+        (SIDE unpacked or lazy, MODE buffered or direct, CACHED_* bytes of
+        the backing file or tree in the page cache around the read); prints
+        median [min-max] per side, the ratio lazy / unpacked, the cache
+        state, and a note for every read that was not cold or whose
+        O_DIRECT went through the page cache.
+    lazy.py fetches LOGDIR
+        LOGDIR: benches/lazy.sh's LOGS (daemon logs at debug level, access
+        traces, indexes); prints per lazy run the spans each priority
+        (read, look-ahead, trace, background) fetched and how many of them
+        were then needed by a read or an open (the access trace).
     lazy.py stall OUT KILLS
         OUT: what benches/stallread.py printed in the container (its last
         line is JSON); KILLS: lines "KILLED_AT BACK_AT" (wall seconds: the
@@ -166,21 +175,127 @@ def treeread(top):
     print(f"treeread {top}: {total} bytes in {dt:.2f} s", file=sys.stderr)
 
 
+def mib(x):
+    """Bytes as MiB; a few cached pages stay visible (not rounded to 0.0)."""
+    if 0 < x < 1 << 20:
+        return f"{x >> 10} KiB"
+    return f"{x / (1 << 20):.1f} MiB"
+
+
 def reads(path):
     data = {}
     for line in open(path):
         f = line.split()
-        if len(f) == 3 and f[2] not in ("null", "-"):
-            data.setdefault(f[1], {}).setdefault(f[0], []).append(float(f[2]))
-    print("\nread throughput, MB/s, median [min-max], cold cache: unpacked layer vs completed lazy layer")
-    rows = [["read", "unpacked", "lazy", "lazy / unpacked (>= 0.9)"]]
-    for what, sides in data.items():
-        u, z = sides.get("unpacked", []), sides.get("lazy", [])
-        rows.append([what, fmt(u, prec=0), fmt(z, prec=0) if z else "not available yet",
-                     ratio(med(z), med(u))])
-    w = [max(len(r[i]) for r in rows) for i in range(4)]
+        if len(f) == 3:  # read.txt before the modes: SIDE WHAT MB/S
+            f = [f[0], f[1], "?", f[2], "-", "-"]
+        if len(f) != 6:
+            continue
+        side, what, mode, mb, before, after = f
+        r = data.setdefault((what, mode), {}).setdefault(side, {"mb": [], "before": [], "after": []})
+        if mb not in ("null", "-"):
+            r["mb"].append(float(mb))
+        for k, v in (("before", before), ("after", after)):
+            if v != "-":
+                r[k].append(int(v))
+    print("\nread throughput, MB/s, median [min-max]: unpacked layer vs completed lazy layer, the same "
+          "reads on both sides;\ncached = bytes of the backing file (tree) on the store's disk in the page "
+          "cache before / after each read (max over the repetitions)")
+    rows = [["read", "mode", "unpacked", "lazy", "lazy / unpacked (>= 0.9)",
+             "cached unpacked", "cached lazy"]]
+    notes = []
+    for (what, mode), sides in data.items():
+        u, z = sides.get("unpacked"), sides.get("lazy")
+
+        def cache(r):
+            if r is None or not r["before"]:
+                return "-"
+            return f"{mib(max(r['before']))} / {mib(max(r['after']))}"
+
+        rows.append([what, mode, fmt(u["mb"], prec=0) if u else "-",
+                     fmt(z["mb"], prec=0) if z else "not available yet",
+                     ratio(med(z["mb"]) if z else None, med(u["mb"]) if u else None),
+                     cache(u), cache(z)])
+        for side, r in (("unpacked", u), ("lazy", z)):
+            if r is None or not r["before"]:
+                continue
+            if max(r["before"]) > 0:
+                notes.append(f"{what} {mode} on the {side} side: NOT cold, {mib(max(r['before']))} "
+                             "of the backing file(s) cached before a read")
+            if mode == "direct" and max(r["after"]) > 0:
+                notes.append(f"{what} {mode} on the {side} side: the backing file was read through the "
+                             f"page cache ({mib(max(r['after']))} cached after): O_DIRECT did not reach "
+                             "the disk on that side")
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  " + "  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip())
+    for n in notes:
+        print(f"note: {n}")
+
+
+def index_spans(path):
+    """Compressed byte ranges of the spans of an index blob (docs/lazy.md's v1
+    format: 128-byte header, 64-byte entries, 96-byte spans)."""
+    import struct
+    b = open(path, "rb").read()
+    n, m = struct.unpack_from("<II", b, 96)
+    csize = struct.unpack_from("<Q", b, 80)[0]
+    at = 128 + n * 64
+    starts = []
+    for i in range(m):
+        cin = struct.unpack_from("<Q", b, at + i * 96)[0]
+        bits = b[at + i * 96 + 48]
+        starts.append((cin, cin - (1 if bits else 0)))
+    return [starts[i][1] for i in range(m)], [starts[i + 1][0] if i + 1 < m else csize for i in range(m)]
+
+
+def fetches(logdir):
+    """Per lazy run in LOGDIR (benches/lazy.sh LOGS=..., with
+    CSTORE_LOG=warn,cstore_fuse_fs=debug): the spans each priority fetched
+    and how many of them a read or an open then needed (the layer's access
+    trace), in compressed bytes of the layer (windows not included)."""
+    import glob
+    import re
+    import struct
+    pat = re.compile(r"(sha256:[0-9a-f]{64}): spans (\d+)\.\.=(\d+) \(([a-z-]+)\): fetched")
+    for log in sorted(glob.glob(os.path.join(logdir, "*.daemon.log"))):
+        run = os.path.basename(log)[: -len(".daemon.log")]
+        fetched = {}  # (layer12, span) -> first priority that fetched it
+        requests = {}
+        for line in open(log, errors="replace"):
+            mm = pat.search(line)
+            if not mm:
+                continue
+            layer, a, b, prio = mm.group(1)[7:19], int(mm.group(2)), int(mm.group(3)), mm.group(4)
+            requests[prio] = requests.get(prio, 0) + 1
+            for sp in range(a, b + 1):
+                fetched.setdefault((layer, sp), prio)
+        stats = {}
+        for layer in sorted({l for l, _ in fetched}):
+            ix = os.path.join(logdir, f"{run}.{layer}.index")
+            tr = os.path.join(logdir, f"{run}.{layer}.trace")
+            if not os.path.exists(ix):
+                print(f"{run}: no index for layer {layer}", file=sys.stderr)
+                continue
+            start, end = index_spans(ix)
+            traced = set()
+            if os.path.exists(tr):
+                t = open(tr, "rb").read()
+                traced = set(struct.unpack(f"<{len(t) // 4}I", t[: len(t) // 4 * 4]))
+            for (l, sp), prio in fetched.items():
+                if l != layer:
+                    continue
+                r = stats.setdefault(prio, {"spans": 0, "bytes": 0, "used": 0, "used_bytes": 0})
+                size = end[sp] - start[sp]
+                r["spans"] += 1
+                r["bytes"] += size
+                if sp in traced:
+                    r["used"] += 1
+                    r["used_bytes"] += size
+        print(f"\n{run}: spans fetched by priority (requests), and those a read or open needed")
+        for prio, r in sorted(stats.items()):
+            print(f"  {prio:<11} {requests.get(prio, 0):>4} req  {r['spans']:>5} spans {r['bytes'] / 1e6:7.2f} MB"
+                  f"   needed {r['used']:>5} spans {r['used_bytes'] / 1e6:7.2f} MB"
+                  f"   unused {(r['bytes'] - r['used_bytes']) / 1e6:6.2f} MB")
 
 
 def stall(out, kills):
@@ -220,6 +335,8 @@ def main():
         return treeread(a[1])
     if a[:1] == ["reads"] and len(a) == 2:
         return reads(a[1])
+    if a[:1] == ["fetches"] and len(a) == 2:
+        return fetches(a[1])
     sys.exit(__doc__)
 
 

@@ -29,8 +29,10 @@
 #
 # Then the read throughput of a completed lazy layer against the same files
 # on an unpacked layer (READ=0 skips it): 1 MiB sequential and 4 KiB random
-# reads of /data/random.bin (`cstore bench io` and fio --readonly) and a read
-# of every file under /opt/python, cold cache, REPS times.
+# reads of /data/random.bin (fio --readonly, buffered and O_DIRECT; `cstore
+# bench io --direct`) and a read of every file under /opt/python, REPS times,
+# the page cache of the backing files checked before and after each (see
+# read_side).
 #
 # Then the stall a container sees while the lazy daemon restarts under it
 # (through containerd, STALL=0 skips it): read latency p50/max, and the
@@ -153,6 +155,17 @@ stop_lazy_daemon() {
   done
   if [ -n "${LOGS:-}" ] && [ -f "$root/lazy/daemon.log" ]; then
     mkdir -p "$LOGS"; cp "$root/lazy/daemon.log" "$LOGS/${cur_id:-x}.daemon.log"
+    # With each layer's access trace (the spans reads needed) and index, what
+    # `lazy.py fetches` needs to tell the spans read from those fetched unread.
+    local t h ix
+    for t in "$root"/lazy/*/cache/trace; do
+      [ -f "$t" ] || continue
+      h=$(basename "$(dirname "$(dirname "$t")")")
+      cp "$t" "$LOGS/${cur_id:-x}.${h:0:12}.trace"
+      ix=$("$cstore" --root "$root" index ls --json "$gz" 2>/dev/null |
+        jq -r --arg l "sha256:$h" '.[] | select(.layer == $l) | .index.digest // empty' || true)
+      [ -z "$ix" ] || cp "$root/blobs/sha256/${ix#sha256:}" "$LOGS/${cur_id:-x}.${h:0:12}.index" 2>/dev/null || true
+    done
   fi
 }
 
@@ -285,7 +298,9 @@ for c in $CASES; do
     *) echo "unknown case $c" >&2; exit 2 ;;
   esac
 done
-if [ "$lazy" = 1 ] && { [[ " ${cases[*]} " == *-lazy* ]] || [ "$STALL" = 1 ]; }; then lazy_setup; fi
+# (READ's lazy side mounts the image lazily too: without the pushed index its
+# layers would be pulled whole, and the "lazy" figures would be an unpacked layer's.)
+if [ "$lazy" = 1 ] && { [[ " ${cases[*]} " == *-lazy* ]] || [ "$STALL" = 1 ] || [ "$READ" = 1 ]; }; then lazy_setup; fi
 
 echo "$(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg) at the start; $RUNS rounds of links {$LINKS} Mbit/s (0 = unlimited) x {${cases[*]}} x {$WORKLOADS}"
 for round in $(seq "$RUNS"); do
@@ -357,19 +372,61 @@ if [ "$STALL" = 1 ] && [ "$lazy" = 1 ]; then
 fi
 
 # --- read throughput of a completed lazy layer (#14's goal: >= 0.9x unpacked) ----
-read_side() { # read_side SIDE DIR: measure the mounted image at DIR
-  local side=$1 dir=$2 f=$2/data/random.bin i
+# Like for like: the same file (/data/random.bin, 64 MiB) read the same way on
+# both sides, in two modes, and the cache state of the file that holds the
+# bytes on the store's disk (the "backing" file: the unpacked layer's file under
+# snapshots/<id>/fs, or the completed lazy layer's, which FUSE passthrough
+# reads) checked with fincore before and after every read:
+#   buffered  page cache, one pass over the file (fio --size=64m without
+#             --time_based: a time-based run re-reads a 64 MiB file from the
+#             cache after its first pass, which is what the figures before
+#             this measured), cold: the backing file has 0 bytes cached before
+#   direct    O_DIRECT (fio --direct=1, `cstore bench io --direct`), time-based:
+#             the backing file has 0 bytes cached after as well if O_DIRECT
+#             reached the disk on that side
+# and the tree read (every file under /opt/python, buffered), after checking
+# that no file of the backing tree has a byte cached. Each line of read.txt:
+# SIDE WHAT MODE MB/S CACHED_BEFORE CACHED_AFTER (bytes of the backing file or
+# tree).
+cached() { # cached PATH: bytes of the file, or of the files below the directory, in the page cache
+  if [ -d "$1" ]; then
+    find "$1" -xdev -type f -print0 | xargs -0 -r fincore -b -n -o RES | awk '{s += $1} END {print s + 0}'
+  else
+    fincore -b -n -o RES "$1"
+  fi
+}
+read_one() { # read_one SIDE WHAT MODE BACKING CMD...: one cold read, its line in read.txt
+  local side=$1 what=$2 mode=$3 backing=$4 before mb
+  shift 4
+  drop_caches
+  before=$(cached "$backing")
+  # the check above read directory blocks and inodes of the backing tree: drop again
+  drop_caches
+  mb=$("$@") || mb=-
+  echo "$side $what $mode ${mb:--} $before $(cached "$backing")" >> "$work/read.txt"
+}
+fio_mb() { # fio_mb FILE ARGS...: MB/s of a read job
+  local f=$1
+  shift
+  fio --name=r --filename="$f" --readonly --size=64m --output-format=json "$@" 2>/dev/null | jq '.jobs[0].read.bw_bytes / 1e6'
+}
+read_side() { # read_side SIDE DIR ROOT: measure the mounted image at DIR (its store at ROOT)
+  local side=$1 dir=$2 root=$3 f=$2/data/random.bin bf bt i
+  bf=$(find "$root/snapshots" -xdev -path '*/fs/data/random.bin' -type f | head -1)
+  bt=$(find "$root/snapshots" -xdev -path '*/fs/opt/python' -type d -prune | head -1)
+  [ -n "$bf" ] && [ -n "$bt" ] || { echo "read: no backing file or tree under $root/snapshots" >&2; return 1; }
   for i in $(seq "$REPS"); do
-    drop_caches
-    echo "$side seq-1m-cstore $("$cstore" bench io --rw read --bs 1m --qd 8 --size 64m --runtime 3 --json "$f" | jq .mb_per_s)" >> "$work/read.txt"
-    drop_caches
-    echo "$side seq-1m-fio $(fio --name=r --filename="$f" --readonly --rw=read --bs=1m --iodepth=8 --ioengine=io_uring \
-      --size=64m --runtime=3 --time_based --output-format=json 2>/dev/null | jq '.jobs[0].read.bw_bytes / 1e6')" >> "$work/read.txt"
-    drop_caches
-    echo "$side rand-4k-fio $(fio --name=r --filename="$f" --readonly --rw=randread --bs=4k --iodepth=32 --ioengine=io_uring \
-      --size=64m --runtime=3 --time_based --output-format=json 2>/dev/null | jq '.jobs[0].read.bw_bytes / 1e6')" >> "$work/read.txt"
-    drop_caches
-    echo "$side tree-python $(python3 benches/lazy.py treeread "$dir/opt/python")" >> "$work/read.txt"
+    read_one "$side" seq-1m-fio buffered "$bf" fio_mb "$f" --rw=read --bs=1m --iodepth=8 --ioengine=io_uring
+    read_one "$side" rand-4k-fio buffered "$bf" fio_mb "$f" --rw=randread --bs=4k --iodepth=32 --ioengine=io_uring
+    # the same single pass with plain read(2): tells a gap of the io_uring path from one of the data path
+    read_one "$side" seq-1m-fio-psync buffered "$bf" fio_mb "$f" --rw=read --bs=1m --ioengine=psync
+    read_one "$side" seq-1m-fio direct "$bf" fio_mb "$f" --rw=read --bs=1m --iodepth=8 --ioengine=io_uring \
+      --direct=1 --runtime=3 --time_based
+    read_one "$side" rand-4k-fio direct "$bf" fio_mb "$f" --rw=randread --bs=4k --iodepth=32 --ioengine=io_uring \
+      --direct=1 --runtime=3 --time_based
+    read_one "$side" seq-1m-cstore direct "$bf" \
+      sh -c '"$1" bench io --rw read --bs 1m --qd 8 --size 64m --runtime 3 --direct --json "$2" | jq .mb_per_s' _ "$cstore" "$f"
+    read_one "$side" tree-python buffered "$bt" python3 benches/lazy.py treeread "$dir/opt/python"
   done
 }
 
@@ -379,6 +436,12 @@ read_side() { # read_side SIDE DIR: measure the mounted image at DIR
 lazy_read_mount() { # lazy_read_mount ROOT DIR
   "$cstore" --root "$1" pull --lazy "$gz" >/dev/null
   "$cstore" --root "$1" mount --lazy "$gz" "$2"
+  # lazy for real: the layers are the daemon's FUSE mounts (a layer without an
+  # index would have been pulled whole and be measured as unpacked)
+  local nf
+  nf=$(findmnt -rn -t fuse.cstore -o TARGET | grep -c "^$(cd "$1" && pwd -P)/" || true)
+  [ "$nf" -gt 0 ] || { echo "read: no FUSE layer under $1: the lazy side is not lazy" >&2; return 1; }
+  echo "read: lazy side: $nf layers served by FUSE"
   python3 benches/lazy.py treeread "$2" >/dev/null
   # complete = the daemon verified every layer and took the lazy labels off
   # (the mount stays the daemon's FUSE mounts, files served by passthrough)
@@ -396,11 +459,11 @@ if [ "$READ" = 1 ]; then
   mkdir -p "$work/mnt-unpacked" "$work/mnt-lazy"
   "$cstore" --root "$work/read-unpacked" pull "$ref" >/dev/null
   "$cstore" --root "$work/read-unpacked" mount "$ref" "$work/mnt-unpacked"
-  read_side unpacked "$work/mnt-unpacked"
+  read_side unpacked "$work/mnt-unpacked" "$work/read-unpacked"
   "$cstore" --root "$work/read-unpacked" umount "$work/mnt-unpacked"
   if [ "$lazy" = 1 ]; then
     lazy_read_mount "$work/read-lazy" "$work/mnt-lazy"
-    read_side lazy "$work/mnt-lazy"
+    read_side lazy "$work/mnt-lazy" "$work/read-lazy"
     "$cstore" --root "$work/read-lazy" umount "$work/mnt-lazy"
     stop_lazy_daemon "$work/read-lazy"
   else
