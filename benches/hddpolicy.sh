@@ -94,10 +94,10 @@ cold() {
 # loop device's completed reads, read sectors, writes, written sectors
 counters() {
   local s
-  s=$(awk -v d="$majmin" '$1 == d && $2 == "Read" {r=$3} $1 == d && $2 == "Write" {w=$3} END {print r+0, w+0}' "$cg/blkio.throttle.io_serviced")
+  s=$(awk -v d="$majmin" '$1 == d && $2 == "Read" {r=$3} $1 == d && $2 == "Write" {w=$3} END {printf "%.0f %.0f\n", r, w}' "$cg/blkio.throttle.io_serviced")
   set -- $s
   local ri=$1 wi=$2
-  s=$(awk -v d="$majmin" '$1 == d && $2 == "Read" {r=$3} $1 == d && $2 == "Write" {w=$3} END {print r+0, w+0}' "$cg/blkio.throttle.io_service_bytes")
+  s=$(awk -v d="$majmin" '$1 == d && $2 == "Read" {r=$3} $1 == d && $2 == "Write" {w=$3} END {printf "%.0f %.0f\n", r, w}' "$cg/blkio.throttle.io_service_bytes")
   set -- $s
   local rb=$1 wb=$2
   set -- $(cat "/sys/block/$name/stat")
