@@ -15,6 +15,19 @@ pub struct Policy {
     pub io_size: u32,
     /// Bypass the page cache (needs aligned buffers and offsets).
     pub direct: bool,
+    /// With `direct`, a blob stream reads a file that is (nearly) all in the
+    /// page cache through the cache instead: a blob the pull has just
+    /// written is in memory, and reading it back takes a disk seconds (and
+    /// seeks between the blob and the layer being written).
+    #[serde(default)]
+    pub reuse_cached: bool,
+    /// Sequential streams (blob reads and writes): bytes per request and
+    /// requests in flight per stream. A disk gets fewer, larger requests;
+    /// deep queues of memory-sized ones elsewhere. 0: the stream's default.
+    #[serde(default)]
+    pub stream_io_size: u32,
+    #[serde(default)]
+    pub stream_depth: u32,
     /// Blob streams at once: how many layers unpack reads (and writes) in
     /// parallel. 1 on a seek-bound device, so it reads one blob front to
     /// back instead of seeking between several; one per core elsewhere.
@@ -84,6 +97,9 @@ impl Policy {
                     queue_depth: 128,
                     io_size,
                     direct: true,
+                    reuse_cached: false,
+                    stream_io_size: io_size.min(SHARED_STREAM_IO),
+                    stream_depth: SHARED_STREAM_DEPTH,
                     streams: cores as u32,
                     iopoll: q.is_some_and(|q| q.io_poll),
                     batch_small_files: false,
@@ -92,18 +108,35 @@ impl Policy {
                     ),
                 }
             }
-            DeviceKind::Rotational => Policy {
-                rings: 1,
-                queue_depth: 4,
-                io_size: max_io.clamp(256 << 10, 4 << 20),
-                direct: false,
-                streams: 1,
-                iopoll: false,
-                batch_small_files: false,
-                reason:
-                    "rotational: one ring, shallow queue, large sequential I/O, one blob stream at a time"
-                        .into(),
-            },
+            DeviceKind::Rotational => {
+                // The largest power of two the queue takes in one request,
+                // 1–4 MiB (max_sectors_kb 1280 as 1 MiB requests, not a
+                // 1 MiB and a 256 KiB one each time it splits).
+                let io_size = prev_power_of_two(max_io.clamp(1 << 20, 4 << 20));
+                Policy {
+                    rings: 1,
+                    queue_depth: 4,
+                    io_size,
+                    // Blobs read from the disk bypass the cache: requests
+                    // of exactly `stream_io_size`, whatever the readahead
+                    // window and memory at the time would make of them,
+                    // and a blob read once does not push other files out
+                    // of the cache. One just written is read from memory
+                    // (`reuse_cached`).
+                    direct: true,
+                    reuse_cached: true,
+                    stream_io_size: io_size,
+                    // One request queued behind the one the disk serves.
+                    stream_depth: 2,
+                    streams: 1,
+                    iopoll: false,
+                    batch_small_files: false,
+                    reason: format!(
+                        "rotational: one ring, shallow queue, one blob stream at a time read in {} KiB requests (O_DIRECT unless the blob is in the page cache)",
+                        io_size >> 10
+                    ),
+                }
+            }
             DeviceKind::Ssd => Policy {
                 rings: cores
                     .min(q.map_or(1, |q| q.hw_queues.max(1)) as usize)
@@ -111,6 +144,9 @@ impl Policy {
                 queue_depth: 32.min(q.map_or(32, |q| q.nr_requests.max(1))),
                 io_size: max_io.clamp(128 << 10, 1 << 20),
                 direct: false,
+                reuse_cached: false,
+                stream_io_size: max_io.clamp(128 << 10, SHARED_STREAM_IO),
+                stream_depth: SHARED_STREAM_DEPTH,
                 streams: cores as u32,
                 iopoll: false,
                 batch_small_files: false,
@@ -123,6 +159,9 @@ impl Policy {
                 queue_depth: 64,
                 io_size: 1 << 20,
                 direct: false,
+                reuse_cached: false,
+                stream_io_size: SHARED_STREAM_IO,
+                stream_depth: SHARED_STREAM_DEPTH,
                 streams: cores as u32,
                 iopoll: false,
                 batch_small_files: false,
@@ -130,6 +169,16 @@ impl Policy {
             },
         }
     }
+}
+
+/// A stream's requests where several run at once (one per core): 512 KiB × 4
+/// keeps a device busy (the kernel splits larger ones at max_sectors anyway;
+/// 1 MiB requests were no faster) and memory bounded (2 MiB per stream).
+const SHARED_STREAM_IO: u32 = 512 << 10;
+const SHARED_STREAM_DEPTH: u32 = 4;
+
+fn prev_power_of_two(x: u32) -> u32 {
+    1 << (31 - x.max(1).leading_zeros())
 }
 
 /// `CSTORE_POLICY=nvme|ssd|rotational|memory` (`hdd` = rotational): derive
@@ -229,7 +278,15 @@ mod tests {
         assert_eq!(p.rings, 1, "no more rings than hardware queues");
         let p = Policy::for_device(&info(DeviceKind::Rotational, 1, true), 16);
         assert_eq!((p.rings, p.queue_depth, p.streams), (1, 4, 1));
-        assert!(p.io_size >= 256 << 10);
+        // max_sectors_kb 1280: whole MiBs, not 1280 KiB split into 1 MiB + 256 KiB.
+        assert_eq!(
+            (p.io_size, p.stream_io_size, p.stream_depth),
+            (1 << 20, 1 << 20, 2)
+        );
+        assert!(p.direct && p.reuse_cached);
+        let nvme = Policy::for_device(&info(DeviceKind::Nvme, 8, false), 2);
+        assert_eq!((nvme.stream_io_size, nvme.stream_depth), (512 << 10, 4));
+        assert!(!nvme.reuse_cached);
     }
 
     #[test]

@@ -30,6 +30,11 @@ use crate::ring::{Backend, Done, Mode, Op, Ring};
 const DIRECT_ALIGN: usize = 4096;
 /// Most iovecs in one writev (the kernel's UIO_MAXIOV is 1024).
 const MAX_IOVECS: usize = 256;
+/// O_DIRECT read buffers this large are in huge pages where the kernel
+/// allows (`AlignedBuf::huge`): the requests reach the device whole instead
+/// of split at the queue's segment limit. Smaller ones are not worth 2 MiB of
+/// memory each.
+const HUGE_BUF_FROM: usize = 1 << 20;
 /// Owned chunks smaller than this are copied into the current buffer rather
 /// than given an iovec of their own.
 const SMALL_CHUNK: usize = 4096;
@@ -44,6 +49,9 @@ pub struct StreamConfig {
     /// Read with O_DIRECT (writes stay buffered: the store's blobs are read
     /// back soon, by unpack or by other tools).
     pub direct: bool,
+    /// With `direct`: read a file through the page cache when (nearly) all
+    /// of it is there already (the policy's `reuse_cached`).
+    pub reuse_cached: bool,
     pub mode: Mode,
     /// Unpack writes the small files of compressed layers in io_uring
     /// batches (the policy's choice for the store's filesystem).
@@ -59,6 +67,7 @@ impl Default for StreamConfig {
             io_size: 512 << 10,
             depth: 4,
             direct: false,
+            reuse_cached: false,
             mode: Mode::Auto,
             batch_small_files: false,
             max_streams: None,
@@ -67,16 +76,23 @@ impl Default for StreamConfig {
 }
 
 impl StreamConfig {
-    /// The policy's I/O size and O_DIRECT choice. Size and depth are capped
-    /// (512 KiB, 4): one stream of large sequential requests keeps a device
-    /// busy with a few (the kernel splits them at max_sectors anyway), and
-    /// memory stays bounded with several blobs streaming at once (at most
-    /// 2 MiB in flight per stream; 1 MiB requests were no faster).
+    /// The policy's stream request size and depth (see `Policy`), and its
+    /// O_DIRECT choice. Capped at 8 MiB in flight per stream, so memory stays
+    /// bounded with several blobs streaming at once.
     pub fn from_policy(p: &Policy, mode: Mode) -> StreamConfig {
+        let io_size = match p.stream_io_size {
+            0 => 512 << 10,
+            n => (n as usize).clamp(64 << 10, 4 << 20),
+        };
+        let depth = match p.stream_depth {
+            0 => 4,
+            n => (n as usize).clamp(1, ((8 << 20) / io_size).max(1)),
+        };
         StreamConfig {
-            io_size: (p.io_size as usize).clamp(64 << 10, 512 << 10),
-            depth: (p.queue_depth as usize).clamp(1, 4),
+            io_size,
+            depth,
             direct: p.direct,
+            reuse_cached: p.direct && p.reuse_cached,
             mode,
             batch_small_files: p.batch_small_files && mode != Mode::Sync,
             max_streams: Some((p.streams as usize).max(1)),
@@ -396,6 +412,56 @@ impl Drop for SeqWriter {
     }
 }
 
+/// Whether all but at most 1/16 of the file at `path` is in the page cache
+/// (cachestat(2), Linux 6.5). False where that cannot be told: the caller then
+/// reads from the device, as it would without asking.
+fn mostly_cached(path: &Path) -> bool {
+    // The kernel's layouts (uapi/linux/mman.h); only the kernel reads some fields.
+    #[allow(dead_code)]
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[allow(dead_code)]
+    #[repr(C)]
+    #[derive(Default)]
+    struct Cachestat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    // The same number on every architecture (the unified syscall table).
+    const SYS_CACHESTAT: libc::c_long = 451;
+    let Ok(f) = File::open(path) else {
+        return false;
+    };
+    let Ok(len) = f.metadata().map(|m| m.len()) else {
+        return false;
+    };
+    // SAFETY: sysconf has no memory effects.
+    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as u64,
+        _ => 4096,
+    };
+    let range = Range { off: 0, len: 0 };
+    let mut cs = Cachestat::default();
+    // SAFETY: both structs are the kernel's layout, live for the call.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            f.as_raw_fd(),
+            &range as *const Range,
+            &mut cs as *mut Cachestat,
+            0u32,
+        )
+    };
+    let pages = len.div_ceil(page);
+    r == 0 && pages > 0 && cs.nr_cache >= pages - pages / 16
+}
+
 /// One read in flight (or done, waiting for the consumer).
 struct Chunk {
     offset: u64,
@@ -428,9 +494,10 @@ pub struct SeqReader {
 
 impl SeqReader {
     /// Open `path` for reading, with O_DIRECT if `cfg.direct` and the
-    /// filesystem allows it (some refuse it with EINVAL: then buffered).
+    /// filesystem allows it (some refuse it with EINVAL: then buffered),
+    /// unless `cfg.reuse_cached` and the page cache holds the file.
     pub fn open(path: &Path, cfg: &StreamConfig) -> io::Result<SeqReader> {
-        if cfg.direct {
+        if cfg.direct && !(cfg.reuse_cached && mostly_cached(path)) {
             match OpenOptions::new()
                 .read(true)
                 .custom_flags(libc::O_DIRECT)
@@ -464,7 +531,13 @@ impl SeqReader {
             u64::MAX
         };
         let depth = cfg.depth.max(1);
-        let mut io_size = cfg.io_size.max(DIRECT_ALIGN);
+        // No buffer larger than the file needs (a config blob is not worth
+        // a megabyte, let alone a huge page).
+        let whole = (end - offset.min(end))
+            .checked_next_multiple_of(DIRECT_ALIGN as u64)
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(usize::MAX);
+        let mut io_size = cfg.io_size.min(whole).max(DIRECT_ALIGN);
         if direct {
             io_size = io_size.next_multiple_of(DIRECT_ALIGN);
         }
@@ -506,7 +579,9 @@ impl SeqReader {
         if let Some(b) = self.spare.pop() {
             return b;
         }
-        if self.direct {
+        if self.direct && self.cfg.io_size >= HUGE_BUF_FROM {
+            Buf::Aligned(AlignedBuf::huge(self.cfg.io_size))
+        } else if self.direct {
             Buf::Aligned(AlignedBuf::new(self.cfg.io_size, DIRECT_ALIGN))
         } else {
             Buf::Heap(vec![0; self.cfg.io_size])

@@ -15,6 +15,7 @@ fn configs() -> Vec<(StreamConfig, Backend)> {
         io_size: 64 << 10,
         depth: 3,
         direct: false,
+        reuse_cached: false,
         mode,
         batch_small_files: false,
         max_streams: None,

@@ -99,12 +99,19 @@ pub fn info(path: &Path, json: bool) -> Result<()> {
         println!("nvme:        identify failed: {e}");
     }
     println!(
-        "policy:      {} rings x depth {}, {} I/O, direct {}, {} blob stream(s) at once, iopoll {}",
+        "policy:      {} rings x depth {}, {} I/O, direct {}, {} blob stream(s) at once ({} x {} in flight{}), iopoll {}",
         policy.rings,
         policy.queue_depth,
         human_bytes(policy.io_size as u64),
         policy.direct,
         policy.streams,
+        human_bytes(policy.stream_io_size as u64),
+        policy.stream_depth,
+        if policy.reuse_cached {
+            ", cached blobs read through the cache"
+        } else {
+            ""
+        },
         policy.iopoll
     );
     println!("             ({})", policy.reason);

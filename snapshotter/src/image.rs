@@ -27,10 +27,10 @@ use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, Result};
-use crate::snapshots::{Kind, Snapshotter};
+use crate::snapshots::{dir_usage, Kind, Snapshotter, Usage};
 
 /// A layer unpacked into a staging directory, or why it could not be.
-type Staged = Option<Result<(PathBuf, LayerStats)>>;
+type Staged = Option<Result<(PathBuf, LayerStats, Usage)>>;
 
 pub const LABEL_LAYER_DIGEST: &str = "cstore.io/layer.digest";
 pub const LABEL_DIFF_ID: &str = "cstore.io/layer.diff-id";
@@ -199,7 +199,7 @@ pub fn unpack_image(
                 if r.is_err() {
                     failed.store(true, Ordering::SeqCst);
                 }
-                if let Ok((_, stats)) = &r {
+                if let Ok((_, stats, _)) = &r {
                     on_event(Event::Unpacked {
                         layer: l.descriptor.digest.clone(),
                         stats: stats.clone(),
@@ -214,7 +214,7 @@ pub fn unpack_image(
         .map(|m| m.into_inner().unwrap())
         .collect();
     let cleanup = |staged: &[Staged]| {
-        for (dir, _) in staged.iter().flatten().flatten() {
+        for (dir, _, _) in staged.iter().flatten().flatten() {
             let _ = std::fs::remove_dir_all(dir);
         }
     };
@@ -224,7 +224,7 @@ pub fn unpack_image(
         cleanup(&staged);
         return Err(err);
     }
-    if let Some(Some(Ok((dir, _)))) = staged.first() {
+    if let Some(Some(Ok((dir, _, _)))) = staged.first() {
         // Every staged layer durable before any is committed.
         let synced = std::fs::File::open(dir)
             .and_then(|f| cstore_os::sys::syncfs(std::os::fd::AsFd::as_fd(&f)))
@@ -236,7 +236,7 @@ pub fn unpack_image(
     }
     // Commit in order, each on its parent.
     for (i, r) in staged.iter().enumerate() {
-        let (dir, stats) = r
+        let (dir, stats, usage) = r
             .as_ref()
             .expect("every layer ran")
             .as_ref()
@@ -244,7 +244,7 @@ pub fn unpack_image(
         let idx = present + i;
         let l = &layers[idx];
         let parent = idx.checked_sub(1).map(|p| layers[p].chain_id.as_str());
-        if let Err(e) = inherit_implicit_dirs(
+        let grown = match inherit_implicit_dirs(
             sn,
             image,
             l,
@@ -252,16 +252,20 @@ pub fn unpack_image(
             &dir.join("fs"),
             &stats.implicit_dirs,
         ) {
-            cleanup(&staged[i..]);
-            return Err(e);
-        }
+            Ok(g) => g,
+            Err(e) => {
+                cleanup(&staged[i..]);
+                return Err(e);
+            }
+        };
         let labels = BTreeMap::from([
             (LABEL_LAYER_DIGEST.to_string(), l.descriptor.digest.clone()),
             (LABEL_DIFF_ID.to_string(), l.diff_id.clone()),
         ]);
         tracing::debug!(chain_id = %l.chain_id, "committing the snapshot");
         let t = std::time::Instant::now();
-        let committed = sn.commit_dir(dir, &l.chain_id, parent, labels);
+        let committed =
+            sn.commit_dir_measured(dir, &l.chain_id, parent, labels, usage.grown(grown));
         crate::metrics::layer_committed(t);
         match committed {
             Ok(()) => tracing::debug!(chain_id = %l.chain_id, "committed the snapshot"),
@@ -297,7 +301,7 @@ fn unpack_one(
     l: &Layer,
     opts: &UnpackOptions,
     on_event: &(dyn Fn(Event) + Sync),
-) -> Result<(PathBuf, LayerStats)> {
+) -> Result<(PathBuf, LayerStats, Usage)> {
     let digest = parse_digest(&l.descriptor.digest).map_err(cstore_store::Error::from)?;
     let compression = layer_compression(&l.descriptor.media_type).ok_or_else(|| {
         Error::Store(cstore_store::Error::UnsupportedMediaType {
@@ -330,7 +334,13 @@ fn unpack_one(
             if let Some(ix) = stats.index.take() {
                 store_index(store, &l.descriptor.digest, ix, on_event);
             }
-            Ok((dir, stats))
+            // Measured now, while the layer's directories and inodes are in
+            // memory (dirty: not written back yet). Once the syncfs has
+            // written them they can be evicted, and a walk at commit time
+            // read every directory block back, one 4 KiB request each:
+            // thousands on a disk, minutes at its IOPS (docs/benchmarks.md).
+            let usage = dir_usage(&dir.join("fs"));
+            Ok((dir, stats, usage))
         }
         Err(e) => {
             // The half-written layer goes; nothing else was touched.
@@ -355,8 +365,8 @@ pub fn unpack_single(
     on_event(Event::Unpacking {
         layer: l.descriptor.digest.clone(),
     });
-    let (dir, stats) = unpack_one(sn, store, image, l, &UnpackOptions::default(), on_event)?;
-    if let Err(e) = inherit_implicit_dirs(
+    let (dir, stats, usage) = unpack_one(sn, store, image, l, &UnpackOptions::default(), on_event)?;
+    let grown = match inherit_implicit_dirs(
         sn,
         image,
         l,
@@ -364,9 +374,12 @@ pub fn unpack_single(
         &dir.join("fs"),
         &stats.implicit_dirs,
     ) {
-        let _ = std::fs::remove_dir_all(&dir);
-        return Err(e);
-    }
+        Ok(g) => g,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+    };
     let parent = idx.checked_sub(1).map(|p| layers[p].chain_id.as_str());
     let labels = BTreeMap::from([
         (LABEL_LAYER_DIGEST.to_string(), l.descriptor.digest.clone()),
@@ -376,7 +389,7 @@ pub fn unpack_single(
         layer: l.descriptor.digest.clone(),
         stats,
     });
-    match sn.commit_dir(&dir, &l.chain_id, parent, labels) {
+    match sn.commit_dir_measured(&dir, &l.chain_id, parent, labels, usage.grown(grown)) {
         Ok(()) => Ok(()),
         Err(Error::AlreadyExists(_)) => {
             let _ = std::fs::remove_dir_all(&dir);
@@ -464,6 +477,9 @@ fn store_index(store: &Store, layer: &str, ix: LayerIndex, on_event: &(dyn Fn(Ev
 /// still the layer's implicit ones (the extractor drops those a later entry
 /// replaced, removed or listed); one that is not a directory of the tree
 /// any more fails the unpack rather than being looked for elsewhere.
+///
+/// Returns the bytes the changed directories' allocation grew by (an xattr
+/// may need a block of its own), for the layer's usage measured before.
 fn inherit_implicit_dirs(
     sn: &Snapshotter,
     image: &ImageRecord,
@@ -471,9 +487,10 @@ fn inherit_implicit_dirs(
     lower: &[Layer],
     fs: &Path,
     implicit: &[Vec<u8>],
-) -> Result<()> {
+) -> Result<i64> {
+    let mut grown = 0i64;
     if implicit.is_empty() || lower.is_empty() {
-        return Ok(());
+        return Ok(grown);
     }
     let open_root = |p: &Path| TreeDir::open_root(p).map_err(|e| IoError::new("open", p, e));
     let lower_trees: Vec<(PathBuf, TreeDir)> = lower
@@ -506,6 +523,8 @@ fn inherit_implicit_dirs(
                 .map_err(|e| IoError::new("look up", base.join(path_of(rel)), e))?
             {
                 Lookup::Dir(from) => {
+                    let blocks = |d: &TreeDir| d.stat().map_or(0, |s| s.st_blocks);
+                    let before = blocks(&dir);
                     dir.copy_attrs_from(&from).map_err(|e| {
                         fail(
                             rel,
@@ -513,6 +532,7 @@ fn inherit_implicit_dirs(
                             &e,
                         )
                     })?;
+                    grown += (blocks(&dir) - before) * 512;
                     break;
                 }
                 Lookup::Absent => continue,
@@ -520,7 +540,7 @@ fn inherit_implicit_dirs(
             }
         }
     }
-    Ok(())
+    Ok(grown)
 }
 
 fn path_of(rel: &[u8]) -> &Path {

@@ -83,6 +83,16 @@ pub struct Usage {
     pub inodes: u64,
 }
 
+impl Usage {
+    /// This usage with the allocation changed by `bytes`.
+    pub fn grown(self, bytes: i64) -> Usage {
+        Usage {
+            size: self.size.saturating_add_signed(bytes),
+            ..self
+        }
+    }
+}
+
 /// Snapshot records from a write or a read transaction.
 trait Lookup {
     fn raw(&self, key: &str) -> std::result::Result<Option<Vec<u8>>, Box<redb::Error>>;
@@ -504,11 +514,25 @@ impl Snapshotter {
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
     ) -> Result<()> {
+        let usage = dir_usage(&staging.join("fs"));
+        self.commit_dir_measured(staging, name, parent, labels, usage)
+    }
+
+    /// `commit_dir` with the tree's usage measured by the caller (`dir_usage`
+    /// while the tree was still in memory: walking it now could read every
+    /// directory back from the disk).
+    pub fn commit_dir_measured(
+        &self,
+        staging: &Path,
+        name: &str,
+        parent: Option<&str>,
+        labels: BTreeMap<String, String>,
+        usage: Usage,
+    ) -> Result<()> {
         check_name("name", name)?;
         if let Some(p) = parent {
             check_name("parent", p)?;
         }
-        let usage = dir_usage(&staging.join("fs"));
         let _ = fs::remove_dir_all(staging.join("work"));
         self.transact(
             |txn| {
