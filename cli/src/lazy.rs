@@ -254,8 +254,14 @@ fn keeper_alive(store: &Store) -> bool {
 
 /// Starts the store's keeper and supervisor (`cstore lazy-keeper`, which
 /// runs `cstore lazy-serve`), detached, its log in ROOT/lazy/daemon.log.
+/// A store whose lazy daemon is a systemd service gets none: systemd
+/// restarts that daemon and keeps its fds.
 fn start_keeper(root: &std::path::Path, args: &crate::RegistryArgs) -> Result<()> {
     use std::os::unix::process::CommandExt;
+    if let Some(unit) = systemd_unit(root) {
+        tracing::debug!("the store's lazy daemon is systemd's {unit}: no keeper started");
+        return Ok(());
+    }
     let logdir = root.join("lazy");
     std::fs::create_dir_all(&logdir)?;
     let log = std::fs::OpenOptions::new()
@@ -265,6 +271,7 @@ fn start_keeper(root: &std::path::Path, args: &crate::RegistryArgs) -> Result<()
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.arg("--root").arg(root).arg("lazy-keeper");
     registry_args(&mut cmd, args);
+    not_systemds(&mut cmd);
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(log);
@@ -281,6 +288,27 @@ fn start_keeper(root: &std::path::Path, args: &crate::RegistryArgs) -> Result<()
     // longer (the snapshotter): reaped by a thread, no zombie left.
     std::thread::spawn(move || child.wait());
     Ok(())
+}
+
+/// A keeper or daemon started from a systemd service (the snapshotter's)
+/// is not that service's main process: its FDSTORE messages would be
+/// refused (`NotifyAccess=`), and fds passed to the service are not its.
+fn not_systemds(cmd: &mut std::process::Command) {
+    for k in [
+        "NOTIFY_SOCKET",
+        "LISTEN_PID",
+        "LISTEN_FDS",
+        "LISTEN_FDNAMES",
+    ] {
+        cmd.env_remove(k);
+    }
+}
+
+/// The systemd unit that runs the store's lazy daemon, if one does
+/// (`cstore_lazy::serve::systemd_unit_file`).
+fn systemd_unit(root: &std::path::Path) -> Option<String> {
+    let s = std::fs::read_to_string(root.join("lazy/systemd-unit")).ok()?;
+    Some(s.trim().to_string()).filter(|u| !u.is_empty())
 }
 
 /// The registry settings the keeper hands to each daemon it runs.
@@ -326,6 +354,12 @@ pub fn ensure_served(
     // was just leaving (its layers done) is started again.
     while !cstore_lazy::serve::all_served(store, &sn)? {
         if std::time::Instant::now() > deadline {
+            if let Some(unit) = systemd_unit(root) {
+                anyhow::bail!(
+                    "the lazy daemon does not serve the lazy layers of {r}: it is systemd's {unit} \
+                     (systemctl status {unit}; journalctl -u {unit})"
+                );
+            }
             let text = std::fs::read_to_string(logdir.join("daemon.log")).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(5).collect();
             anyhow::bail!(
@@ -345,6 +379,9 @@ pub fn ensure_served(
 }
 
 fn daemon_log_tail(root: &std::path::Path) -> String {
+    if let Some(unit) = systemd_unit(root) {
+        return format!("it is systemd's {unit} (journalctl -u {unit})");
+    }
     let text = std::fs::read_to_string(root.join("lazy/daemon.log")).unwrap_or_default();
     let tail: Vec<&str> = text.lines().rev().take(5).collect();
     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
@@ -503,6 +540,7 @@ pub fn keeper(store: &Store, root: &std::path::Path, args: &crate::RegistryArgs)
             let mut cmd = std::process::Command::new(&exe);
             cmd.arg("--root").arg(root).arg("lazy-serve");
             registry_args(&mut cmd, args);
+            not_systemds(&mut cmd);
             cmd.env(KEEPER_ENV, sock)
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
@@ -517,30 +555,85 @@ pub fn keeper(store: &Store, root: &std::path::Path, args: &crate::RegistryArgs)
 /// Set by the keeper for the daemon it runs: its socket.
 const KEEPER_ENV: &str = "CSTORE_LAZY_KEEPER";
 
-/// Where the daemon keeps its FUSE fds: systemd's fd store under systemd
-/// (NOTIFY_SOCKET), else the store's keeper if one answers, else nowhere (a
-/// daemon started by hand: its mounts end with it).
-fn fd_store(store: &Store) -> Result<Option<Arc<dyn cstore_fuse_fs::FdStore>>> {
-    if let Some(s) = cstore_fuse_fs::SystemdFdStore::from_env()? {
-        return Ok(Some(Arc::new(s)));
-    }
-    let sock = std::env::var_os(KEEPER_ENV)
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| cstore_lazy::serve::keeper_socket(store));
-    let k = cstore_fuse_fs::KeeperClient::new(sock);
+/// Where the daemon keeps its FUSE fds: its keeper's when a keeper runs it
+/// (CSTORE_LAZY_KEEPER), systemd's fd store when it is a service's main
+/// process (NOTIFY_SOCKET, the keeper's children have it removed), else the
+/// store's keeper if one answers, else nowhere (a daemon started by hand: its
+/// mounts end with it).
+enum FdStoreOf {
+    Keeper(Arc<cstore_fuse_fs::KeeperClient>),
+    Systemd(Arc<cstore_fuse_fs::SystemdFdStore>),
+    Nowhere,
+}
+
+fn fd_store(store: &Store) -> Result<FdStoreOf> {
+    let sock = match std::env::var_os(KEEPER_ENV) {
+        Some(s) => Some(std::path::PathBuf::from(s)),
+        None => {
+            if let Some(s) = cstore_fuse_fs::SystemdFdStore::from_env()? {
+                return Ok(FdStoreOf::Systemd(Arc::new(s)));
+            }
+            None
+        }
+    };
+    let k = cstore_fuse_fs::KeeperClient::new(
+        sock.unwrap_or_else(|| cstore_lazy::serve::keeper_socket(store)),
+    );
     if k.list().is_ok() {
-        return Ok(Some(Arc::new(k)));
+        return Ok(FdStoreOf::Keeper(Arc::new(k)));
     }
     tracing::warn!("no fd keeper: the lazy mounts will not survive this daemon");
-    Ok(None)
+    Ok(FdStoreOf::Nowhere)
+}
+
+/// The systemd unit this process runs in, from its cgroup (`0::/system.slice/x.service`).
+fn own_unit() -> Option<String> {
+    let cg = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    cg.lines()
+        .filter_map(|l| l.rsplit(':').next())
+        .flat_map(|p| p.rsplit('/'))
+        .find(|c| c.ends_with(".service"))
+        .map(str::to_string)
 }
 
 pub fn serve(store: &Store, args: &crate::RegistryArgs) -> Result<()> {
+    let marker = cstore_lazy::serve::systemd_unit_file(store);
+    let fds = fd_store(store)?;
+    let systemd = match &fds {
+        FdStoreOf::Systemd(s) => Some(s.clone()),
+        _ => None,
+    };
+    if let Some(sd) = &systemd {
+        // From now on only systemd restarts this store's daemon.
+        let unit = own_unit().unwrap_or_else(|| "unknown.service".into());
+        if let Some(d) = marker.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        cstore_os::write_atomic(&marker, format!("{unit}\n").as_bytes())
+            .with_context(|| format!("writing {}", marker.display()))?;
+        tracing::info!(
+            "systemd's {unit}: FUSE fds in its fd store, {} passed back",
+            sd.list().map(|l| l.len()).unwrap_or(0)
+        );
+    } else if let Some(unit) = systemd_unit(store.root()) {
+        // A keeper's daemon, or one started by hand: the fds of the store's
+        // connections are in systemd's store, out of its reach.
+        tracing::warn!(
+            "the store's lazy daemon is systemd's {unit} ({} says so): not serving",
+            marker.display()
+        );
+        return Ok(());
+    }
     let rt = runtime()?;
     let client = Arc::new(args.client()?);
     let sn = crate::snap::open(store)?;
     let opts = cstore_lazy::serve::ServeOptions {
-        fd_store: fd_store(store)?,
+        fd_store: match fds {
+            FdStoreOf::Keeper(k) => Some(k as Arc<dyn cstore_fuse_fs::FdStore>),
+            FdStoreOf::Systemd(s) => Some(s as Arc<dyn cstore_fuse_fs::FdStore>),
+            FdStoreOf::Nowhere => None,
+        },
+        resident: systemd.is_some(),
         ..Default::default()
     };
     {
@@ -558,6 +651,11 @@ pub fn serve(store: &Store, args: &crate::RegistryArgs) -> Result<()> {
         let mut out = std::io::stdout();
         let _ = writeln!(out, "ready");
         let _ = out.flush();
+        if let Some(sd) = &systemd {
+            if let Err(e) = sd.notify_ready("serving the store's lazy layers") {
+                tracing::warn!("{e}");
+            }
+        }
         // The command that started us is gone from here on.
         if let Ok(null) = std::fs::File::open("/dev/null") {
             use std::os::fd::AsRawFd;

@@ -29,4 +29,5 @@ mod run_config;
 mod run_hostile;
 mod run_io;
 mod run_userns;
+mod systemd_vm;
 mod unpack;

@@ -141,6 +141,29 @@ impl FuseDev {
         }
     }
 
+    /// `FUSE_DEV_IOC_CLONE`: a new /dev/fuse file on the same connection. Requests
+    /// read from it that are unanswered when it closes fail with ECONNABORTED, whatever
+    /// other copies of the connection's fds live on.
+    pub fn clone_dev(&self) -> Result<FuseDev> {
+        let new = FuseDev::open()?;
+        let old = self.fd.as_raw_fd() as u32;
+        // SAFETY: the ioctl reads one u32 (the fd to clone) from a live local.
+        let r = unsafe {
+            libc::ioctl(
+                new.fd.as_raw_fd(),
+                abi::DEV_IOC_CLONE as _,
+                &old as *const u32,
+            )
+        };
+        if r < 0 {
+            return Err(self.dev_err("FUSE_DEV_IOC_CLONE", io::Error::last_os_error()));
+        }
+        Ok(FuseDev {
+            fd: new.fd,
+            conn: self.conn,
+        })
+    }
+
     /// `FUSE_NOTIFY_RESEND`: the kernel requeues every request a previous daemon read
     /// and did not answer, with [`abi::UNIQUE_RESEND`] set in `unique`.
     pub fn notify_resend(&self) -> Result<()> {

@@ -12,7 +12,8 @@
 //!   its own process group and cgroup (or `KillMode=process`).
 //! - [`SystemdFdStore`]: systemd's fd store (`sd_notify` `FDSTORE=1` + `FDNAME=`, given
 //!   back in `LISTEN_FDS`/`LISTEN_FDNAMES` when the service starts again; needs
-//!   `FileDescriptorStoreMax=` and `FileDescriptorStorePreserve=yes` in the unit).
+//!   `FileDescriptorStoreMax=` and a `NotifyAccess=` that lets the sender in;
+//!   `FileDescriptorStorePreserve=yes` (systemd 254+) keeps them across a stop too).
 
 use cstore_os::IoError;
 use std::collections::BTreeMap;
@@ -597,9 +598,10 @@ pub fn peer_uid(sock: BorrowedFd<'_>) -> io::Result<u32> {
 /// `LISTEN_FDS` (from fd 3 on) with their names in `LISTEN_FDNAMES`; they are taken from
 /// the environment once, by [`SystemdFdStore::from_env`].
 ///
-/// Not exercised against a live systemd (none on the development machine): the message
-/// format and the environment parsing are unit-tested, and `put` is tested against a
-/// datagram socket standing in for `NOTIFY_SOCKET`.
+/// systemd accepts `FDSTORE=1` only from a process `NotifyAccess=` allows (the main
+/// pid for `Type=notify`), so the process that uses this must be the service's main
+/// process, not a child of it. Run under systemd 252 in a VM by
+/// fixtures/systemd-vm.sh (docs/lazy.md, "Restarts under systemd").
 #[derive(Debug)]
 pub struct SystemdFdStore {
     notify_socket: PathBuf,
@@ -662,6 +664,16 @@ impl SystemdFdStore {
         let s = connect(&self.notify_socket, libc::SOCK_DGRAM).map_err(e)?;
         send_msg(s.as_fd(), msg.as_bytes(), fd).map_err(e)
     }
+
+    /// `READY=1` (with a status line): the service is up, for `Type=notify`.
+    pub fn notify_ready(&self, status: &str) -> Result<()> {
+        self.notify(&ready_message(status), None)
+    }
+}
+
+/// `READY=1` and a one-line `STATUS=` (newlines would start another assignment).
+pub fn ready_message(status: &str) -> String {
+    format!("READY=1\nSTATUS={}\n", status.replace('\n', " "))
 }
 
 /// `FDSTORE=1` + `FDNAME=`. No `FDPOLL=0`: systemd's own POLLHUP/POLLERR watch drops
@@ -797,6 +809,7 @@ mod tests {
     fn systemd_messages_and_listen_fds() {
         assert_eq!(fdstore_message("L1"), "FDSTORE=1\nFDNAME=L1\n");
         assert_eq!(fdstore_remove_message("L1"), "FDSTOREREMOVE=1\nFDNAME=L1\n");
+        assert_eq!(ready_message("a\nb"), "READY=1\nSTATUS=a b\n");
         assert_eq!(
             parse_listen_fds(Some("77"), Some("2"), Some("a:b"), 77).unwrap(),
             vec![(3, "a".to_string()), (4, "b".to_string())]

@@ -5,6 +5,10 @@
 //! Why all workers share one fd: a `FUSE_DEV_IOC_CLONE` fd is a device of its own, and
 //! closing it (the daemon dying) fails the requests in flight on it with ECONNABORTED
 //! unless every clone is also kept; one fd kept by the keeper turns a crash into a stall.
+//! Except on kernels without `FUSE_NOTIFY_RESEND` (before 6.9) when an fd store keeps
+//! the connection: there the requests a dead daemon read on the kept fd would never be
+//! answered (their readers wait, unkillable, for ever), so the workers read a clone
+//! instead, and a crash costs each such request an ECONNABORTED error: bounded damage.
 
 use cstore_os::IoError;
 use std::collections::HashMap;
@@ -194,7 +198,11 @@ pub fn signal_eventfd(fd: RawFd) {
 
 struct Inner<F: ReadOnlyFs> {
     fs: Arc<F>,
+    /// The fd the workers read.
     dev: FuseDev,
+    /// The connection's own fd (the one the fd store has a copy of) when the workers
+    /// read a clone of it (a kernel without resend).
+    kept: Option<FuseDev>,
     neg: Negotiated,
     entry_ttl: Ttl,
     attr_ttl: Ttl,
@@ -335,7 +343,7 @@ impl<F: ReadOnlyFs> Session<F> {
                     dev.notify_resend()?;
                 } else {
                     tracing::warn!(
-                        "FUSE connection {}: kernel without FUSE_NOTIFY_RESEND; requests the previous daemon read stay unanswered",
+                        "FUSE connection {}: kernel without FUSE_NOTIFY_RESEND; requests the previous daemon read were failed (ECONNABORTED) when it died",
                         settings.mountpoint.display()
                     );
                 }
@@ -381,11 +389,22 @@ impl<F: ReadOnlyFs> Session<F> {
         };
         let backing_log = state.backing_log()?;
         let stop = Stopper::new()?;
+        let (dev, kept) = if !neg.has_resend && opts.fd_store.is_some() {
+            let clone = dev.clone_dev()?;
+            tracing::info!(
+                "FUSE connection {}: kernel without FUSE_NOTIFY_RESEND: serving a clone of the kept fd (a crash fails the requests in flight with ECONNABORTED)",
+                settings.mountpoint.display()
+            );
+            (clone, Some(dev))
+        } else {
+            (dev, None)
+        };
         dev.set_nonblocking()?;
         let inner = Arc::new(Inner {
             no_xattrs: !fs.has_xattrs(),
             fs,
             dev,
+            kept,
             neg,
             entry_ttl: opts.entry_ttl.into(),
             attr_ttl: opts.attr_ttl.into(),
@@ -504,7 +523,9 @@ impl<F: ReadOnlyFs> Session<F> {
         // A duplicate of the same open file: the connection lives while any copy does.
         let fd = self
             .inner
-            .dev
+            .kept
+            .as_ref()
+            .unwrap_or(&self.inner.dev)
             .as_fd()
             .try_clone_to_owned()
             .map_err(|e| self.inner.err("dup", e))?;

@@ -108,6 +108,15 @@ pub fn keeper_socket(store: &Store) -> PathBuf {
     store.root().join("lazy/keeper.sock")
 }
 
+/// Names the systemd unit that runs the store's lazy daemon (written by the
+/// daemon when it runs as a service's main process). While it exists no
+/// keeper is started for the store and a daemon not run by systemd declines
+/// to serve it: two supervisors would each resume or remount the other's
+/// connections. Removed by hand to go back to on-demand daemons.
+pub fn systemd_unit_file(store: &Store) -> PathBuf {
+    store.root().join("lazy/systemd-unit")
+}
+
 /// The pid of the daemon serving the store now (written once it holds the lock).
 pub fn daemon_pid_file(store: &Store) -> PathBuf {
     store.root().join("lazy/daemon.pid")
@@ -254,6 +263,9 @@ pub struct ServeOptions {
     pub fd_store: Option<Arc<dyn FdStore>>,
     /// Set: stop serving, leaving every connection to the next daemon.
     pub stop: Arc<AtomicBool>,
+    /// Keep running with nothing to serve, waiting for new lazy layers (a
+    /// systemd service: exiting would only be restarted by `Restart=always`).
+    pub resident: bool,
 }
 
 /// How [`serve_store`] ended.
@@ -727,8 +739,16 @@ fn serve_loop(
         }
         let now = Instant::now();
         let mut done = Vec::new();
+        // A resident daemon (systemd's) keeps serving a layer whose completion
+        // failed: nobody would start another daemon to serve it again, and
+        // `mount --lazy` would wait for it in vain (found in the systemd VM).
+        let still_lazy: std::collections::HashSet<String> = if opts.resident {
+            lazy_snapshots(sn)?.into_iter().map(|(_, l, _)| l).collect()
+        } else {
+            Default::default()
+        };
         for (layer, s) in served.iter_mut() {
-            if !s.done.load(Ordering::SeqCst) {
+            if !s.done.load(Ordering::SeqCst) || still_lazy.contains(layer) {
                 continue;
             }
             let since = *s.done_since.get_or_insert(now);
@@ -747,7 +767,7 @@ fn serve_loop(
         let waiting = lazy_snapshots(sn)?
             .iter()
             .any(|(_, l, _)| !finished.contains(l));
-        if served.is_empty() && !waiting {
+        if served.is_empty() && !waiting && !opts.resident {
             let _ = std::fs::remove_file(daemon_pid_file(store));
             return Ok(Ended::Done);
         }

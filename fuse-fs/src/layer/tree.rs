@@ -4,11 +4,12 @@
 //! NO_MAGICLINKS | NO_XDEV) with O_NOFOLLOW, as extraction does. The tree is the
 //! daemon's own until completion, but it is where untrusted names land, so nothing
 //! here takes a path by string. `/proc/self/fd` only for xattrs of what cannot be
-//! opened (symlinks, devices, whiteouts).
+//! opened (symlinks, devices, whiteouts) and, before Linux 6.6 (no fchmodat2), for
+//! the mode of devices and whiteouts.
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 pub(crate) fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 {
@@ -168,9 +169,36 @@ pub(crate) fn chmod_at(dir: BorrowedFd<'_>, name: &[u8], mode: u32) -> io::Resul
         )
     };
     if r < 0 {
-        return Err(io::Error::last_os_error());
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOSYS) {
+            return chmod_at_by_path_fd(dir, &c, mode);
+        }
+        return Err(e);
     }
     Ok(())
+}
+
+/// chmod_at before Linux 6.6 (no fchmodat2; found on Debian 12's 6.1 in the
+/// systemd VM, where completion failed with ENOSYS): an O_PATH|O_NOFOLLOW fd,
+/// refused if it is a symlink, changed through /proc/self/fd (fchmod takes
+/// no O_PATH fd), as glibc's fchmodat does.
+fn chmod_at_by_path_fd(dir: BorrowedFd<'_>, name: &CString, mode: u32) -> io::Result<()> {
+    // SAFETY: valid fd and NUL-terminated name; result checked.
+    let fd = cvt(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: a new fd owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    if fstat(fd.as_fd())?.st_mode & libc::S_IFMT == libc::S_IFLNK {
+        return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+    }
+    let p = cstr(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_bytes())?;
+    // SAFETY: NUL-terminated path.
+    cvt(unsafe { libc::chmod(p.as_ptr(), mode as libc::mode_t) }).map(drop)
 }
 
 pub(crate) fn utimes_at(dir: BorrowedFd<'_>, name: &[u8], t: (i64, u32)) -> io::Result<()> {

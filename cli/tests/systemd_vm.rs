@@ -1,0 +1,96 @@
+//! #15's systemd path under a real systemd (252, Debian's) as PID 1:
+//! fixtures/systemd-vm.sh boots a qemu guest on the host's root and runs
+//! the shipped docs/cstore-lazy.service there; a reader loops over every file
+//! of a `cstore mount --lazy` while the service is killed with SIGKILL and
+//! restarted with `systemctl restart` (3 times each). Passes only if the
+//! reader saw no error, the tree equals umoci's, every restart resumed the
+//! kept connections from systemd's fd store, and no keeper was started.
+//! Fails under CI=true when qemu, a kernel or systemd is missing
+//! (fixtures/deps.sh --nvme-vm).
+
+use std::process::Command;
+use std::time::Instant;
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
+}
+
+/// The lines between `==== BEGIN name ====` and `==== END name ====`.
+fn section<'a>(out: &'a str, name: &str) -> Vec<&'a str> {
+    let begin = format!("==== BEGIN {name} ====");
+    let end = format!("==== END {name} ====");
+    out.lines()
+        .skip_while(|l| *l != begin)
+        .skip(1)
+        .take_while(|l| *l != end)
+        .collect()
+}
+
+#[test]
+fn lazy_daemon_survives_kills_and_restarts_under_systemd() {
+    const NAME: &str = "lazy_daemon_survives_kills_and_restarts_under_systemd";
+    let kernel = std::fs::read_dir("/boot").ok().is_some_and(|d| {
+        d.flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-"))
+    });
+    for (ok, why) in [
+        (
+            on_path("qemu-system-x86_64"),
+            "qemu-system-x86_64 is not installed (fixtures/deps.sh --nvme-vm)",
+        ),
+        (
+            kernel,
+            "no /boot/vmlinuz-* (fixtures/deps.sh --nvme-vm installs linux-image-amd64)",
+        ),
+        (
+            std::path::Path::new("/lib/systemd/systemd").exists(),
+            "systemd is not installed (apt-get install systemd)",
+        ),
+    ] {
+        if !ok {
+            cstore_os::testing::skip_or_fail(NAME, why);
+            return;
+        }
+    }
+    let started = Instant::now();
+    let out = Command::new("bash")
+        .arg(cstore_testkit::fixture("systemd-vm.sh"))
+        .arg("--cstore")
+        .arg(env!("CARGO_BIN_EXE_cstore"))
+        .output()
+        .expect("running fixtures/systemd-vm.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "systemd-vm.sh took {:.1}s\n{stdout}\n{stderr}",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        out.status.success(),
+        "systemd-vm.sh failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    let checks = section(&stdout, "checks");
+    for name in [
+        "unit started",
+        "mount --lazy",
+        "systemd-unit marker",
+        "restarts",
+        "reader",
+        "resumed",
+        "no keeper",
+        "tree",
+    ] {
+        let line = checks
+            .iter()
+            .find(|l| l.starts_with(&format!("{name}: ")))
+            .unwrap_or_else(|| panic!("no check {name:?} in {checks:?}"));
+        assert!(line.contains(": PASS"), "{line}\n{stdout}");
+    }
+    let events = section(&stdout, "events");
+    assert_eq!(events.len(), 6, "{events:?}");
+    // systemd, not a keeper, ran the daemon: PID 1 was systemd.
+    let sd = section(&stdout, "systemd");
+    assert!(sd.contains(&"PID 1: systemd"), "{sd:?}");
+}
