@@ -254,7 +254,7 @@ enum IndexCommand {
         reference: String,
         #[command(flatten)]
         registry: RegistryArgs,
-        /// Compressed KiB per span (default 64): smaller spans fetch less
+        /// Compressed KiB per span (default 128): smaller spans fetch less
         /// per read miss, at one more window and span record each.
         #[arg(long, value_name = "KIB")]
         span_kib: Option<u32>,

@@ -35,8 +35,8 @@ use crate::zlib::{self, Inflater};
 /// Where checkpoints go.
 #[derive(Clone, Copy, Debug)]
 pub struct Policy {
-    /// Compressed bytes per span (docs/lazy.md: 64 KiB, where a lazy start
-    /// of the bench's python workload fetches fewer bytes than stargz's).
+    /// Compressed bytes per span (docs/lazy.md: 128 KiB matched stargz's
+    /// bytes fetched on the bench workloads).
     pub span_target: u32,
     /// Uncompressed bytes after which a span ends at the next boundary
     /// anyway, bounding the work of one read miss (a deflate block can
@@ -47,7 +47,7 @@ pub struct Policy {
 impl Default for Policy {
     fn default() -> Self {
         Policy {
-            span_target: 64 << 10,
+            span_target: 128 << 10,
             max_span_out: 8 << 20,
         }
     }
