@@ -11,21 +11,7 @@
 use std::process::Command;
 use std::time::Instant;
 
-fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
-}
-
-/// The lines between `==== BEGIN name ====` and `==== END name ====`.
-fn section<'a>(out: &'a str, name: &str) -> Vec<&'a str> {
-    let begin = format!("==== BEGIN {name} ====");
-    let end = format!("==== END {name} ====");
-    out.lines()
-        .skip_while(|l| *l != begin)
-        .skip(1)
-        .take_while(|l| *l != end)
-        .collect()
-}
+use cstore_os::testing::{on_path, vm_section as section};
 
 #[test]
 fn lazy_daemon_survives_kills_and_restarts_under_systemd() {

@@ -15,3 +15,21 @@ pub fn skip_or_fail(test: &str, why: &str) {
     // eprintln! would be captured by libtest and shown only on failure.
     let _ = writeln!(std::io::stderr().lock(), "SKIPPED {test}: {why}");
 }
+
+/// Whether `tool` is an executable file on PATH (a facility check).
+pub fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
+}
+
+/// The lines between `==== BEGIN name ====` and `==== END name ====`: how the
+/// qemu guests of fixtures/*-vm.sh hand their results to the host.
+pub fn vm_section<'a>(out: &'a str, name: &str) -> Vec<&'a str> {
+    let begin = format!("==== BEGIN {name} ====");
+    let end = format!("==== END {name} ====");
+    out.lines()
+        .skip_while(|l| *l != begin)
+        .skip(1)
+        .take_while(|l| *l != end)
+        .collect()
+}
