@@ -157,6 +157,13 @@ pub fn mount_image(store: &Store, reference: &str, dir: &Path, rw: bool) -> Resu
         let _ = sn.remove(&key);
         return Err(e.into());
     }
+    // The tree is the image's and DIR is on the host, where other users may
+    // reach it: its setuid files and device nodes stay inert there (a
+    // container's own root, mounted by `run`, keeps them).
+    for m in &mut mounts {
+        m.options
+            .extend(["nosuid".to_string(), "nodev".to_string()]);
+    }
     if let Err(e) = mount::mount_all(&mounts, &target) {
         let _ = sn.remove(&key);
         return Err(e.into());

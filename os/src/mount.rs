@@ -44,6 +44,28 @@ fn cpath(p: &Path) -> io::Result<CString> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
 }
 
+/// Options that are flags of the mount rather than of the filesystem
+/// (mount(8) and containerd's mount.All take them out of the data string the
+/// same way): overlayfs refuses them as its own options.
+const MOUNT_FLAGS: [(&str, libc::c_ulong, libc::c_uint); 3] = [
+    ("nosuid", libc::MS_NOSUID, MOUNT_ATTR_NOSUID),
+    ("nodev", libc::MS_NODEV, MOUNT_ATTR_NODEV),
+    ("noexec", libc::MS_NOEXEC, MOUNT_ATTR_NOEXEC),
+];
+
+/// The `MOUNT_FLAGS` among `options` as mount(2) flags and as fsmount(2)
+/// attributes.
+fn mount_flags(options: &[String]) -> (libc::c_ulong, libc::c_uint) {
+    MOUNT_FLAGS
+        .iter()
+        .filter(|(name, _, _)| options.iter().any(|o| o == name))
+        .fold((0, 0), |(ms, attr), (_, f, a)| (ms | f, attr | a))
+}
+
+fn is_mount_flag(option: &str) -> bool {
+    MOUNT_FLAGS.iter().any(|(name, _, _)| *name == option)
+}
+
 fn check(r: libc::c_long) -> io::Result<libc::c_long> {
     if r < 0 {
         Err(io::Error::last_os_error())
@@ -75,9 +97,11 @@ pub fn mount(m: &Mount, target: &Path) -> Result<()> {
                 )
             } as _)
             .map_err(fail)?;
-            if m.is_readonly() {
-                // A bind mount is made read-only by a remount.
-                let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | rec;
+            let (extra, _) = mount_flags(&m.options);
+            let ro = if m.is_readonly() { libc::MS_RDONLY } else { 0 };
+            if ro | extra != 0 {
+                // A bind mount takes its flags (ro, nosuid, ...) by a remount.
+                let flags = libc::MS_BIND | libc::MS_REMOUNT | ro | extra | rec;
                 // SAFETY: as above.
                 if let Err(e) = check(unsafe {
                     libc::mount(
@@ -96,7 +120,14 @@ pub fn mount(m: &Mount, target: &Path) -> Result<()> {
             Ok(())
         }
         "overlay" => {
-            let data = m.options.join(",");
+            let (flags, _) = mount_flags(&m.options);
+            let data = m
+                .options
+                .iter()
+                .filter(|o| !is_mount_flag(o))
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join(",");
             if data.len() < page_size() {
                 let dst = cpath(target).map_err(fail)?;
                 let d = cstr(&data).map_err(fail)?;
@@ -106,7 +137,7 @@ pub fn mount(m: &Mount, target: &Path) -> Result<()> {
                         c"overlay".as_ptr(),
                         dst.as_ptr(),
                         c"overlay".as_ptr(),
-                        0,
+                        flags,
                         d.as_ptr().cast(),
                     )
                 } as _)
@@ -134,6 +165,9 @@ const FSCONFIG_SET_FD: libc::c_uint = 5;
 const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
 const FSMOUNT_CLOEXEC: libc::c_uint = 1;
 const MOUNT_ATTR_RDONLY: libc::c_uint = 1;
+const MOUNT_ATTR_NOSUID: libc::c_uint = 2;
+const MOUNT_ATTR_NODEV: libc::c_uint = 4;
+const MOUNT_ATTR_NOEXEC: libc::c_uint = 8;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
 const OPEN_TREE_CLONE: libc::c_uint = 1;
 const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
@@ -271,7 +305,8 @@ fn mount_overlay_fsconfig(
     let mut readonly = true;
     // Held until the superblock exists: closing one dissolves its tree.
     let mut trees = Vec::new();
-    for o in options {
+    let (_, flag_attrs) = mount_flags(options);
+    for o in options.iter().filter(|o| !is_mount_flag(o)) {
         match o.split_once('=') {
             Some(("lowerdir", v)) => {
                 for l in v.split(':') {
@@ -297,7 +332,7 @@ fn mount_overlay_fsconfig(
     }
     fsconfig(&fs, FSCONFIG_CMD_CREATE, None, None)?;
     drop(trees);
-    let attrs = if readonly { MOUNT_ATTR_RDONLY } else { 0 };
+    let attrs = flag_attrs | if readonly { MOUNT_ATTR_RDONLY } else { 0 };
     // SAFETY: fsmount on a created context; returns a new mount fd.
     let mnt =
         check(unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, attrs) })?;
