@@ -19,6 +19,10 @@ pub struct InstallArgs {
     /// Have the daemon serve Prometheus metrics here (e.g. 127.0.0.1:9311).
     #[arg(long)]
     metrics_address: Option<String>,
+    /// Lazy layers too: the snapshotter serves remote snapshots (`--lazy`) and
+    /// the lazy layers' daemon gets its own unit, cstore-lazy.service.
+    #[arg(long)]
+    lazy: bool,
     #[arg(long)]
     json: bool,
 }
@@ -34,6 +38,7 @@ pub fn run(store_root: &Path, a: InstallArgs) -> Result<()> {
             store_root: store_root.to_path_buf(),
             socket: a.socket,
             metrics_address: a.metrics_address,
+            lazy: a.lazy,
         })?
     };
     if a.json {
@@ -57,7 +62,21 @@ pub fn run(store_root: &Path, a: InstallArgs) -> Result<()> {
     }
     if a.destdir == Path::new("/") {
         if a.uninstall {
-            println!("then: systemctl disable --now cstore-snapshotter; systemctl daemon-reload; systemctl restart containerd");
+            let lazy = report
+                .removed
+                .iter()
+                .any(|p| p.ends_with(install::LAZY_UNIT));
+            let units = if lazy {
+                "cstore-snapshotter cstore-lazy"
+            } else {
+                "cstore-snapshotter"
+            };
+            println!("then: systemctl disable --now {units}; systemctl daemon-reload; systemctl restart containerd");
+        } else if a.lazy {
+            println!("then: systemctl daemon-reload; systemctl enable --now cstore-lazy cstore-snapshotter; systemctl restart containerd");
+            println!(
+                "for lazy pulls through the CRI, containerd's [plugins.\"io.containerd.grpc.v1.cri\".containerd] needs snapshotter = \"cstore\" and disable_snapshot_annotations = false (docs/containerd.md)"
+            );
         } else {
             println!("then: systemctl daemon-reload; systemctl enable --now cstore-snapshotter; systemctl restart containerd");
         }

@@ -215,3 +215,68 @@ fn install_appends_to_existing_imports_and_uninstall_restores_them() {
     cs.ok(&["install", "--destdir", d.to_str().unwrap(), "--uninstall"]);
     assert_eq!(tree(d), before);
 }
+
+/// `--lazy`: the lazy daemon's unit (the documented one, which
+/// fixtures/systemd-vm.sh runs under systemd, with this store) and the
+/// snapshotter serving remote snapshots; a plain install takes the lazy unit
+/// away again; uninstall leaves nothing.
+#[test]
+fn install_lazy_adds_the_lazy_daemons_unit_and_a_plain_install_takes_it_back() {
+    let cs = Cstore::new();
+    let dest = tempfile::tempdir().unwrap();
+    let d = dest.path();
+    let lazy_path = d.join("etc/systemd/system/cstore-lazy.service");
+    let snap_path = d.join("etc/systemd/system/cstore-snapshotter.service");
+    let snap_exec = |unit: &str| {
+        unit.lines()
+            .find(|l| l.starts_with("ExecStart="))
+            .unwrap()
+            .to_string()
+    };
+
+    install(&cs, d, &["--lazy"]);
+    let lazy = std::fs::read_to_string(&lazy_path).unwrap();
+    let exec = format!(
+        "ExecStart=/usr/local/bin/cstore --root {} lazy-serve",
+        cs.path().display()
+    );
+    assert!(lazy.lines().any(|l| l == exec), "{lazy}");
+    assert_eq!(lazy.matches("ExecStart=").count(), 1);
+    // Every other line of the documented unit, in order; no hand-install hint.
+    let documented: Vec<&str> = include_str!("../../docs/cstore-lazy.service")
+        .lines()
+        .filter(|l| !l.starts_with("# Install as") && !l.starts_with("#   systemctl"))
+        .collect();
+    let written: Vec<&str> = lazy.lines().collect();
+    assert_eq!(written.len(), documented.len(), "{lazy}");
+    for (w, doc) in written.iter().zip(&documented) {
+        if !doc.starts_with("ExecStart=") {
+            assert_eq!(w, doc);
+        }
+    }
+    let snap = std::fs::read_to_string(&snap_path).unwrap();
+    assert!(
+        snap_exec(&snap)
+            .ends_with(" snapshotter serve --address /run/cstore/snapshotter.sock --lazy"),
+        "{snap}"
+    );
+
+    // Without --lazy: the snapshotter's unit loses it, the lazy unit goes.
+    let out = install(&cs, d, &[]);
+    assert!(!lazy_path.exists(), "{out}");
+    assert!(
+        out.contains(&format!("removed  {}", lazy_path.display())),
+        "{out}"
+    );
+    let snap = std::fs::read_to_string(&snap_path).unwrap();
+    assert!(!snap_exec(&snap).contains("--lazy"), "{snap}");
+
+    install(&cs, d, &["--lazy"]);
+    assert!(lazy_path.exists());
+    let out = cs.ok(&["install", "--destdir", d.to_str().unwrap(), "--uninstall"]);
+    assert!(
+        out.contains(&format!("removed  {}", lazy_path.display())),
+        "{out}"
+    );
+    assert!(tree(d).is_empty(), "left: {:?}", tree(d).keys());
+}

@@ -5,6 +5,10 @@
 //! - the running binary as `usr/local/bin/cstore`;
 //! - the snapshotter's systemd unit, `etc/systemd/system/cstore-snapshotter.service`
 //!   (docs/cstore-snapshotter.service with this install's paths and options);
+//! - with `lazy`, the lazy layers' daemon's unit too, `etc/systemd/system/cstore-lazy.service`
+//!   (docs/cstore-lazy.service with this install's store), and the snapshotter
+//!   serving remote snapshots (`--lazy`); an install without `lazy` takes a unit
+//!   an earlier one made away again;
 //! - containerd's proxy-plugin config as a drop-in, `etc/containerd/cstore.toml`,
 //!   and its path in the `imports` of `etc/containerd/config.toml`: added to the
 //!   array (or the key added, or the file made) only if absent, with the rest of
@@ -25,12 +29,14 @@ use crate::error::{Error, Result};
 
 pub const BINARY: &str = "usr/local/bin/cstore";
 pub const UNIT: &str = "etc/systemd/system/cstore-snapshotter.service";
+pub const LAZY_UNIT: &str = "etc/systemd/system/cstore-lazy.service";
 pub const DROP_IN: &str = "etc/containerd/cstore.toml";
 pub const CONTAINERD_CONFIG: &str = "etc/containerd/config.toml";
 pub const RECORD: &str = "etc/cstore/install.json";
 
 /// The unit as documented; ExecStart is filled in per install.
 const UNIT_TEMPLATE: &str = include_str!("../../docs/cstore-snapshotter.service");
+const LAZY_UNIT_TEMPLATE: &str = include_str!("../../docs/cstore-lazy.service");
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -44,6 +50,10 @@ pub struct Options {
     pub socket: PathBuf,
     /// `--metrics-address` for the daemon, if any.
     pub metrics_address: Option<String>,
+    /// Lazy layers: the snapshotter serves remote snapshots and the lazy
+    /// daemon gets its own unit (whose fd store keeps the layers' FUSE
+    /// connections across its restarts).
+    pub lazy: bool,
 }
 
 /// How the install left containerd's config.toml.
@@ -174,7 +184,27 @@ pub fn unit(o: &Options) -> String {
     if let Some(m) = &o.metrics_address {
         exec.push_str(&format!(" --metrics-address {m}"));
     }
-    UNIT_TEMPLATE
+    if o.lazy {
+        exec.push_str(" --lazy");
+    }
+    from_template(UNIT_TEMPLATE, &exec)
+}
+
+/// The lazy daemon's unit for these options: the documented one (which
+/// fixtures/systemd-vm.sh runs under systemd) with this install's store.
+pub fn lazy_unit(o: &Options) -> String {
+    let exec = format!(
+        "ExecStart={} --root {} lazy-serve",
+        abs(BINARY),
+        o.store_root.display()
+    );
+    from_template(LAZY_UNIT_TEMPLATE, &exec)
+}
+
+/// `template` with `exec` as its ExecStart and without the lines telling how
+/// to install it by hand.
+fn from_template(template: &str, exec: &str) -> String {
+    template
         .lines()
         .filter(|l| {
             !l.starts_with("# Install as")
@@ -183,7 +213,7 @@ pub fn unit(o: &Options) -> String {
         })
         .map(|l| {
             if l.starts_with("ExecStart=") {
-                exec.clone()
+                exec.to_string()
             } else {
                 l.to_string()
             }
@@ -323,6 +353,24 @@ pub fn install(o: &Options) -> Result<Report> {
         &mut record,
         &mut report,
     )?;
+    if o.lazy {
+        put(
+            dest,
+            LAZY_UNIT,
+            lazy_unit(o).as_bytes(),
+            0o644,
+            &mut record,
+            &mut report,
+        )?;
+    } else if record.files.remove(LAZY_UNIT) {
+        // An earlier `install --lazy` made it; this install is without.
+        let p = dest.join(LAZY_UNIT);
+        match std::fs::remove_file(&p) {
+            Ok(()) => report.removed.push(p),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("remove", p, e)),
+        }
+    }
     put(
         dest,
         DROP_IN,
@@ -373,7 +421,7 @@ pub fn uninstall(destdir: &Path) -> Result<Report> {
         report.containerd_config = remove_import(&cfg, &record.import, change)?;
     }
     // config.toml was handled above.
-    for rel in [BINARY, UNIT, DROP_IN, RECORD] {
+    for rel in [BINARY, UNIT, LAZY_UNIT, DROP_IN, RECORD] {
         let p = destdir.join(rel);
         if record.files.contains(rel) {
             match std::fs::remove_file(&p) {
