@@ -104,6 +104,8 @@ fn install_into_a_scratch_root_and_uninstall_leaves_it_as_before() {
     );
     assert!(unit.lines().any(|l| l == exec), "{unit}");
     assert_eq!(unit.matches("ExecStart=").count(), 1);
+    // Not lazy: nothing of the lazy daemon's unit.
+    assert!(!unit.contains("cstore-lazy"), "{unit}");
     for key in [
         "KillMode=process",
         "Before=containerd.service",
@@ -255,6 +257,7 @@ fn install_lazy_adds_the_lazy_daemons_unit_and_a_plain_install_takes_it_back() {
         }
     }
     let snap = std::fs::read_to_string(&snap_path).unwrap();
+    assert!(snap.contains("\nWants=cstore-lazy.service\n"), "{snap}");
     assert!(
         snap_exec(&snap)
             .ends_with(" snapshotter serve --address /run/cstore/snapshotter.sock --lazy"),

@@ -186,8 +186,18 @@ pub fn unit(o: &Options) -> String {
     }
     if o.lazy {
         exec.push_str(" --lazy");
+        return from_template(UNIT_TEMPLATE, &exec);
     }
+    // Without lazy layers the unit has nothing to do with cstore-lazy.service.
+    let mut skip_comment = false;
     from_template(UNIT_TEMPLATE, &exec)
+        .lines()
+        .filter(|l| {
+            skip_comment = l.starts_with("# Lazy layers") || (skip_comment && l.starts_with('#'));
+            !skip_comment && *l != "Wants=cstore-lazy.service"
+        })
+        .map(|l| l.replace(" cstore-lazy.service", "") + "\n")
+        .collect()
 }
 
 /// The lazy daemon's unit for these options: the documented one (which
