@@ -304,6 +304,75 @@ fn not_systemds(cmd: &mut std::process::Command) {
     }
 }
 
+/// A unit started while a keeper serves the store (mounts made before the
+/// unit was installed or enabled) takes the keeper's connections over, so
+/// the mounts stay up and systemd keeps them from now on: the marker is
+/// written (the caller did), so the keeper's next daemon declines and the
+/// keeper runs no other; its daemon is stopped (SIGTERM: it answers the
+/// requests it holds and leaves its connections with the keeper); then every
+/// fd the keeper holds moves to systemd's fd store, to be resumed below like
+/// the ones systemd passed at start, and the keeper, left with none, exits.
+fn take_over_from_keeper(store: &Store, sd: &cstore_fuse_fs::SystemdFdStore) -> Result<()> {
+    let sock = cstore_lazy::serve::keeper_socket(store);
+    let keeper = cstore_fuse_fs::KeeperClient::new(&sock);
+    if keeper.list().is_err() {
+        return Ok(()); // no keeper
+    }
+    stop_keepers_daemon(store)?;
+    let names = keeper.list().with_context(|| {
+        format!(
+            "asking the store's keeper ({}) what it holds",
+            sock.display()
+        )
+    })?;
+    for name in &names {
+        let Some(fd) = keeper.get(name)? else {
+            continue; // its connection ended meanwhile
+        };
+        sd.adopt(name, fd)?;
+        keeper.del(name)?;
+    }
+    tracing::info!(
+        "took over {} lazy connections from the store's keeper ({})",
+        names.len(),
+        sock.display()
+    );
+    Ok(())
+}
+
+/// Stops the daemon a keeper runs for the store, if one does, and waits
+/// until it has let go of the store (its lock).
+fn stop_keepers_daemon(store: &Store) -> Result<()> {
+    let lock = store.root().join("lazy/daemon.lock");
+    let pid = std::fs::read_to_string(cstore_lazy::serve::daemon_pid_file(store))
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok())
+        .filter(|&p| p > 0 && p != std::process::id() as i32);
+    // Only a `lazy-serve` of ours: the pid file may be stale and the pid reused.
+    let ours = pid.filter(|p| {
+        std::fs::read(format!("/proc/{p}/cmdline"))
+            .is_ok_and(|c| c.split(|&b| b == 0).any(|a| a == b"lazy-serve"))
+    });
+    if let Some(p) = ours {
+        // SAFETY: kill(2) with a pid and a signal number.
+        unsafe { libc::kill(p, libc::SIGTERM) };
+    }
+    for _ in 0..300 {
+        if !lock.exists() {
+            return Ok(());
+        }
+        match cstore_os::FileLock::try_take(&lock) {
+            Ok(Some(_)) | Err(_) => return Ok(()),
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    }
+    anyhow::bail!(
+        "the keeper's lazy daemon (pid {}) still holds {} after 30 s",
+        pid.map_or("?".to_string(), |p| p.to_string()),
+        lock.display()
+    )
+}
+
 /// The systemd unit that runs the store's lazy daemon, if one does
 /// (`cstore_lazy::serve::systemd_unit_file`).
 fn systemd_unit(root: &std::path::Path) -> Option<String> {
@@ -615,14 +684,16 @@ pub fn serve(store: &Store, args: &crate::RegistryArgs) -> Result<()> {
             "systemd's {unit}: FUSE fds in its fd store, {} passed back",
             sd.list().map(|l| l.len()).unwrap_or(0)
         );
+        take_over_from_keeper(store, sd)?;
     } else if let Some(unit) = systemd_unit(store.root()) {
         // A keeper's daemon, or one started by hand: the fds of the store's
-        // connections are in systemd's store, out of its reach.
+        // connections are in systemd's store, out of its reach (a keeper's
+        // are being taken over by the unit: the keeper waits for that).
         tracing::warn!(
             "the store's lazy daemon is systemd's {unit} ({} says so): not serving",
             marker.display()
         );
-        return Ok(());
+        std::process::exit(cstore_fuse_fs::EXIT_DECLINED);
     }
     let rt = runtime()?;
     let client = Arc::new(args.client()?);

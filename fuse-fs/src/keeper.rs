@@ -665,6 +665,19 @@ impl SystemdFdStore {
         send_msg(s.as_fd(), msg.as_bytes(), fd).map_err(e)
     }
 
+    /// Puts `fd` in systemd's store under `name` and treats it as passed at
+    /// start (what [`FdStore::list`] and [`FdStore::get`] answer): how a
+    /// connection another holder kept (a keeper's, before the service ran)
+    /// becomes the service's.
+    pub fn adopt(&self, name: &str, fd: OwnedFd) -> Result<()> {
+        self.put(name, fd.as_fd())?;
+        self.passed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), fd);
+        Ok(())
+    }
+
     /// `READY=1` (with a status line): the service is up, for `Type=notify`.
     pub fn notify_ready(&self, status: &str) -> Result<()> {
         self.notify(&ready_message(status), None)

@@ -41,4 +41,4 @@ pub use keeper::{FdStore, Keeper, KeeperClient, SystemdFdStore};
 pub use layer::{FileSource, LayerFs, LayerOptions, SpanSource};
 pub use session::{Exit, PassthroughMode, Session, SessionOptions, Stats, Stopper};
 pub use state::{Negotiated, Saved, Settings, StateDir};
-pub use supervisor::{supervise, RestartPolicy, Supervised, EXIT_STOPPED};
+pub use supervisor::{supervise, RestartPolicy, Supervised, EXIT_DECLINED, EXIT_STOPPED};

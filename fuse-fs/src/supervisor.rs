@@ -21,6 +21,12 @@ use crate::error::Result;
 /// (`EX_TEMPFAIL`).
 pub const EXIT_STOPPED: i32 = 75;
 
+/// The exit code of a daemon that declined to serve because the store's lazy
+/// layers belong to a systemd unit (ROOT/lazy/systemd-unit), which takes the
+/// connections a keeper holds over: its keeper runs no other daemon
+/// (`EX_PROTOCOL`).
+pub const EXIT_DECLINED: i32 = 76;
+
 /// How many failures in how long are tolerated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RestartPolicy {

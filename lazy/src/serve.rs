@@ -27,7 +27,7 @@ use cstore_fuse_fs::layer::{Activity, LayerFs, LayerOptions};
 use cstore_fuse_fs::supervisor::{Decision, FailureWindow, RestartPolicy};
 use cstore_fuse_fs::{
     FdStore, Fusectl, KeeperClient, PassthroughMode, Session, SessionOptions, StateDir,
-    EXIT_STOPPED,
+    EXIT_DECLINED, EXIT_STOPPED,
 };
 use cstore_registry::{parse_digest, Reference, RegistryClient};
 use cstore_snapshotter::image::{LABEL_LAYER_DIGEST, LABEL_LAZY, LABEL_LAZY_SOURCE};
@@ -793,7 +793,9 @@ pub const RESTART_POLICY: RestartPolicy = RestartPolicy {
 /// `policy.max_failures` failures within `policy.window`, every kept
 /// connection is aborted (readers get ENOTCONN rather than hang behind a
 /// daemon that cannot serve) and the keeper exits. It also exits when the
-/// daemon ends with nothing left to serve and no fd kept.
+/// daemon ends with nothing left to serve and no fd kept, and once a systemd
+/// unit has taken its connections over (its daemon declined, [`EXIT_DECLINED`]:
+/// the keeper holds the fds until the unit's daemon has taken them all).
 pub fn supervise_store(
     store: &Store,
     mut spawn: impl FnMut(&Path) -> std::io::Result<std::process::Child>,
@@ -841,6 +843,12 @@ pub fn supervise_store(
                 Err(e) => format!("exited, and the keeper does not answer: {e}"),
             },
             Ok(st) if st.code() == Some(EXIT_STOPPED) => continue,
+            Ok(st) if st.code() == Some(EXIT_DECLINED) => {
+                if handed_over(store, &client, &watch) {
+                    break Ok(());
+                }
+                continue; // the marker is gone: serve again
+            }
             Ok(st) => st.to_string(),
         };
         tracing::warn!("lazy daemon failed: {failure}; restarting it");
@@ -884,6 +892,42 @@ pub fn supervise_store(
     stop.store(true, Ordering::SeqCst);
     let _ = server.join();
     result
+}
+
+/// Waits while the store's systemd unit takes the kept connections over:
+/// true once none is left here (or the store is gone), false if the unit's
+/// marker went away first (removed by hand: the keeper serves again). No
+/// deadline: until the unit's daemon takes them, the fds held here are what
+/// keeps the mounts alive, and readers wait rather than fail.
+fn handed_over(store: &Store, client: &KeeperClient, watch: &StoreWatch) -> bool {
+    let marker = systemd_unit_file(store);
+    let mut tick = 0u64;
+    loop {
+        match client.list() {
+            Ok(kept) if kept.is_empty() => {
+                tracing::info!(
+                    "the store's systemd unit took every lazy connection over: the keeper exits"
+                );
+                return true;
+            }
+            // Said at once, then once a minute.
+            Ok(kept) if tick.is_multiple_of(600) => tracing::info!(
+                "{} lazy connections held for the store's systemd unit ({}) to take over",
+                kept.len(),
+                marker.display()
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("the keeper's own socket: {e}"),
+        }
+        if watch.gone() {
+            return true;
+        }
+        if !marker.exists() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        tick += 1;
+    }
 }
 
 /// A completed layer: its snapshot is an ordinary one from now on, and its
