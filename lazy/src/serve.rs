@@ -516,7 +516,22 @@ fn serve_layer(
                     tracing::warn!("layer {layer2}: completed, but {e}");
                 }
             }
-            Err(e) => tracing::error!("layer {layer2}: {e}"),
+            // Verification failed: the tree and cache are discarded, and the
+            // layer is not the image's; it is served only while in use.
+            Err(e @ cstore_fuse_fs::Error::Completion { .. }) => {
+                tracing::error!("layer {layer2}: {e}")
+            }
+            // Anything else (the registry gone, the filesystem refusing an
+            // xattr or out of space) leaves a layer whose reads still work
+            // from its spans: it stays served, lazy, and the next daemon
+            // tries to complete it again. Marked done, it would be
+            // unmounted once unused, under a `mount --lazy` waiting for it.
+            Err(e) => {
+                tracing::error!(
+                    "layer {layer2}: {e}; it stays lazy (served from its spans) until a later daemon completes it"
+                );
+                return;
+            }
         }
         done2.store(true, Ordering::SeqCst);
     });
