@@ -516,22 +516,24 @@ fn serve_layer(
                     tracing::warn!("layer {layer2}: completed, but {e}");
                 }
             }
-            // Verification failed: the tree and cache are discarded, and the
-            // layer is not the image's; it is served only while in use.
-            Err(e @ cstore_fuse_fs::Error::Completion { .. }) => {
-                tracing::error!("layer {layer2}: {e}")
-            }
-            // Anything else (the registry gone, the filesystem refusing an
-            // xattr or out of space) leaves a layer whose reads still work
-            // from its spans: it stays served, lazy, and the next daemon
-            // tries to complete it again. Marked done, it would be
-            // unmounted once unused, under a `mount --lazy` waiting for it.
-            Err(e) => {
+            // This filesystem could not make the tree (an xattr it refuses,
+            // no space): the layer's reads still work from its spans, so it
+            // stays served, lazy, and a later daemon tries again. Let go
+            // once unused, it would be unmounted under a `mount --lazy`
+            // waiting for it (found in the systemd VM: 234 s of retries).
+            Err(
+                e @ (cstore_fuse_fs::Error::Layer { .. }
+                | cstore_fuse_fs::Error::Io(_)
+                | cstore_fuse_fs::Error::Os(_)),
+            ) => {
                 tracing::error!(
                     "layer {layer2}: {e}; it stays lazy (served from its spans) until a later daemon completes it"
                 );
                 return;
             }
+            // The source or the data failed (registry gone, spans or blob
+            // not what the index says): served while in use, then let go.
+            Err(e) => tracing::error!("layer {layer2}: {e}"),
         }
         done2.store(true, Ordering::SeqCst);
     });
