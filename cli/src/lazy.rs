@@ -417,12 +417,22 @@ pub fn ensure_served(
         pull(store, &r, args, false)?;
     }
     let logdir = root.join("lazy");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let since = std::time::Instant::now();
     let mut started: Option<std::time::Instant> = None;
+    let mut said = false;
     // A running daemon picks new layers up within a moment; a keeper that
     // was just leaving (its layers done) is started again.
     while !cstore_lazy::serve::all_served(store, &sn)? {
-        if std::time::Instant::now() > deadline {
+        // 20 s for a daemon to appear; while a keeper (or systemd's unit)
+        // runs one, up to 2 minutes: on a slow store (a disk seeking for
+        // each of the daemon's syncs, a loaded machine) it is on its way.
+        let alive = keeper_alive(store) || systemd_unit(root).is_some();
+        let patience = std::time::Duration::from_secs(if alive { 120 } else { 20 });
+        if !said && since.elapsed() > std::time::Duration::from_secs(5) {
+            eprintln!("waiting for the lazy daemon to serve the lazy layers of {r}");
+            said = true;
+        }
+        if since.elapsed() > patience {
             if let Some(unit) = systemd_unit(root) {
                 anyhow::bail!(
                     "the lazy daemon does not serve the lazy layers of {r}: it is systemd's {unit} \
