@@ -15,6 +15,7 @@ use std::time::Instant;
 pub mod class;
 mod containerd;
 pub mod error;
+pub mod hddmodel;
 pub mod proc;
 pub mod report;
 pub mod sys;
