@@ -131,6 +131,10 @@ pub struct HddModelArgs {
     /// The disk's size.
     #[arg(long, default_value = "16g")]
     size: String,
+    /// Keep what was served so far (JSON: requests, seeks, modelled busy
+    /// time) in this file, rewritten every 100 ms while it changes.
+    #[arg(long)]
+    stats: Option<PathBuf>,
     /// An empty directory; the disk is MOUNTPOINT/disk.
     mountpoint: PathBuf,
 }
@@ -142,8 +146,16 @@ pub fn hdd_model(a: HddModelArgs) -> Result<()> {
     cstore_bench::proc::install_signal_handling();
     let mut m = HddModel::start(&a.mountpoint, &a.backing, Params::hdd(parse_size(&a.size)?))?;
     eprintln!("cstore bench hdd-model: serving {}", m.disk().display());
+    let mut last = None;
     while !cstore_bench::proc::cancelled() {
         std::thread::sleep(Duration::from_millis(100));
+        let c = m.counters();
+        if let Some(p) = a.stats.as_ref().filter(|_| last.as_ref() != Some(&c)) {
+            let tmp = p.with_extension("tmp");
+            std::fs::write(&tmp, serde_json::to_string(&c)?)?;
+            std::fs::rename(&tmp, p)?;
+            last = Some(c);
+        }
     }
     let c = m.counters();
     m.stop()?;
