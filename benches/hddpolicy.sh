@@ -18,7 +18,8 @@
 #     unpack: unpack alone, from a copy of a store that has the blobs
 #     pull:   pull + unpack into a fresh store
 #   ROUNDS=3 (rounds; within one, every binary and policy in turn)
-#   BINS="new=PATH [main=PATH]..." (default: new=$CARGO_TARGET_DIR/release/cstore)
+#   BINS="new=PATH [main=PATH]..." (default: new=$CARGO_TARGET_DIR/release/cstore);
+#   an entry name=PATH@POLICY runs that build with that policy only
 #   POLICIES="rotational nvme" (CSTORE_POLICY values)
 #   IMAGE=bench (fixtures tag)
 #   TRACE=1: who submits which requests, not how long they take: the limits
@@ -79,6 +80,7 @@ mkdir -p "$tmpfs" "$mnt"
 mount -t tmpfs -o size=$(((16 << 30) + (64 << 20))),mode=0700 tmpfs "$tmpfs"
 first_bin=${BINS%% *}
 first_bin=${first_bin#*=}
+first_bin=${first_bin%@*}
 if [ -n "${MODEL:-}" ]; then
   mkdir -p "$modelmnt"
   "${MODEL_BIN:-$first_bin}" bench hdd-model --backing "$tmpfs/hdd.img" --size 16g --stats "$work/model-stats.json" "$modelmnt" \
@@ -92,6 +94,8 @@ else
 fi
 name=$(basename "$dev")
 echo 1 > "/sys/block/$name/queue/rotational"
+# As the suite's HDD class: a disk's scheduler (SCHED=none for the loop default).
+[ -n "${MODEL:-}" ] && echo "${SCHED:-mq-deadline}" > "/sys/block/$name/queue/scheduler"
 mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$dev"
 mount "$dev" "$mnt"
 majmin=$(lsblk -dno MAJ:MIN "$dev" | tr -d ' ')
@@ -156,7 +160,10 @@ for mode in $MODES; do
   for r in $(seq "$ROUNDS"); do
     for b in $BINS; do
       bname=${b%%=*} bin=${b#*=}
-      for p in $POLICIES; do
+      pols=$POLICIES
+      # name=path@policy: that build with that policy only
+      case $bin in *@*) pols=${bin##*@} bin=${bin%@*} ;; esac
+      for p in $pols; do
         label="$mode $bname $p #$r"
         rm -rf "$mnt/root"
         if [ "$mode" = unpack ]; then cp -a "$mnt/blobs" "$mnt/root"; fi

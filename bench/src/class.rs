@@ -254,6 +254,13 @@ impl Class {
         let rot = Path::new("/sys/block").join(&name).join("queue/rotational");
         let want = if kind == ClassKind::Hdd { "1" } else { "0" };
         std::fs::write(&rot, want).map_err(|e| Error::io("write", &rot, e))?;
+        if c.model.is_some() {
+            // What a disk's queue gets (udev's and the kernel's choice for a
+            // rotational single-queue device); a loop device starts with
+            // none. It sorts and merges what waits for the model.
+            let sched = Path::new("/sys/block").join(&name).join("queue/scheduler");
+            std::fs::write(&sched, "mq-deadline").map_err(|e| Error::io("write", &sched, e))?;
+        }
         // No lazy init: a background thread zeroing inode tables would
         // write during the measurements.
         Cmd::new("mkfs.ext4", "making the class's filesystem")
@@ -290,7 +297,7 @@ impl Class {
             (_, Some(m)) => {
                 let p = &m.params;
                 format!(
-                    "loop device (direct I/O) over a file served by the suite's HDD model, queue rotational={want}, not throttled: {} rpm, a seek {:.1} ms + {:.0} ms × sqrt(distance / disk), rotational wait by offset (mean {:.2} ms), {} MB/s, one request at a time in arrival order, none for a request that starts where the last ended",
+                    "loop device (direct I/O) over a file served by the suite's HDD model, queue rotational={want} with mq-deadline, not throttled: {} rpm, a seek {:.1} ms + {:.0} ms × sqrt(distance / disk), rotational wait by offset (mean {:.2} ms), {} MB/s, one request at a time in arrival order, none for a request that starts where the last ended",
                     p.rpm,
                     p.settle_us as f64 / 1e3,
                     p.full_stroke_us as f64 / 1e3,
