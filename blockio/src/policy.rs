@@ -125,23 +125,14 @@ impl Policy {
                     // (`reuse_cached`).
                     direct: true,
                     reuse_cached: true,
-                    // Blob reads of 4 requests' worth each: the block layer
-                    // sends a read's pieces back to back, so with several
-                    // layers streaming the disk seeks between blobs once
-                    // per 4 requests, not every time.
-                    stream_io_size: io_size * 4,
-                    // One read queued behind the one the disk serves.
+                    stream_io_size: io_size,
+                    // One request queued behind the one the disk serves.
                     stream_depth: 2,
-                    // Layers in parallel, as elsewhere: decompressing and
-                    // extracting is CPU work that one core does slower than
-                    // a disk writes (docs/hddmodel.md); the writes go to the
-                    // page cache and reach the disk in the final syncfs.
-                    streams: cores as u32,
+                    streams: 1,
                     iopoll: false,
                     batch_small_files: false,
                     reason: format!(
-                        "rotational: one ring, shallow queue, blob streams read in {} KiB reads of {} KiB requests (O_DIRECT unless the blob is in the page cache), a layer per core",
-                        (io_size * 4) >> 10,
+                        "rotational: one ring, shallow queue, one blob stream at a time read in {} KiB requests (O_DIRECT unless the blob is in the page cache)",
                         io_size >> 10
                     ),
                 }
@@ -286,11 +277,11 @@ mod tests {
         let p = Policy::for_device(&info(DeviceKind::Nvme, 1, false), 16);
         assert_eq!(p.rings, 1, "no more rings than hardware queues");
         let p = Policy::for_device(&info(DeviceKind::Rotational, 1, true), 16);
-        assert_eq!((p.rings, p.queue_depth, p.streams), (1, 4, 16));
+        assert_eq!((p.rings, p.queue_depth, p.streams), (1, 4, 1));
         // max_sectors_kb 1280: whole MiBs, not 1280 KiB split into 1 MiB + 256 KiB.
         assert_eq!(
             (p.io_size, p.stream_io_size, p.stream_depth),
-            (1 << 20, 4 << 20, 2)
+            (1 << 20, 1 << 20, 2)
         );
         assert!(p.direct && p.reuse_cached);
         let nvme = Policy::for_device(&info(DeviceKind::Nvme, 8, false), 2);
