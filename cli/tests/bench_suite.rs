@@ -516,12 +516,20 @@ fn sigint_in_the_middle_cleans_up_everything() {
     }
     let run_id = run_id.unwrap();
     let before = left_behind(&run_id, dir.path());
-    for what in ["loop device", "mount:", "cgroup", "process"] {
+    // The HDD class has no cgroup of its own (its limits are its disk
+    // model's): its model's FUSE mount is what it has instead.
+    for what in ["loop device", "mount:", "process"] {
         assert!(
             before.iter().any(|l| l.starts_with(what)),
             "nothing of kind {what:?} existed to clean up: {before:#?}"
         );
     }
+    assert!(
+        before
+            .iter()
+            .any(|l| l.starts_with("mount:") && l.contains("hdd-model")),
+        "no HDD model mount to clean up: {before:#?}"
+    );
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let rest =
