@@ -18,7 +18,8 @@
 #     unpack: unpack alone, from a copy of a store that has the blobs
 #     pull:   pull + unpack into a fresh store
 #   ROUNDS=3 (rounds; within one, every binary and policy in turn)
-#   BINS="new=PATH [main=PATH]..." (default: new=$CARGO_TARGET_DIR/release/cstore)
+#   BINS="new=PATH [main=PATH]..." (default: new=$CARGO_TARGET_DIR/release/cstore);
+#   an entry name=PATH@POLICY runs that build with that policy only
 #   POLICIES="rotational nvme" (CSTORE_POLICY values)
 #   IMAGE=bench (fixtures tag)
 #   TRACE=1: who submits which requests, not how long they take: the limits
@@ -28,6 +29,12 @@
 #   stack) goes to $OUT/MODE-BIN-POLICY-ROUND.trace, summarised by submitter
 #   and stack (benches/biostacks.py) after each run
 #   OUT=dir for logs (default: a temp dir, printed)
+#   MODEL=1: the class is the suite's seek-modelled HDD instead (the loop
+#   device, --direct-io=on, over the file of `cstore bench hdd-model`, a
+#   FUSE file served after a 7200 rpm disk's seek + rotation + transfer
+#   time; no throttle). Per run it also prints what the model served:
+#   requests, seeks and the modelled busy time (from its counters).
+#   MODEL_BIN=the cstore that serves the model (default: the first of BINS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/lib.sh
@@ -42,7 +49,7 @@ if [ "$tag" = bench ]; then bench_image; else bash fixtures/images.sh >/dev/null
 work=$(mktemp -d /var/tmp/cstore-hddpolicy.XXXXXX)
 OUT=${OUT:-$work/out}
 mkdir -p "$OUT"
-mnt=$work/hdd tmpfs=$work/tmpfs dev= cg=
+mnt=$work/hdd tmpfs=$work/tmpfs dev= cg= model_pid= modelmnt=$work/model
 
 cleanup() {
   set +e
@@ -52,6 +59,10 @@ cleanup() {
   fi
   mountpoint -q "$mnt" && umount "$mnt"
   [ -n "$dev" ] && losetup -d "$dev"
+  if [ -n "$model_pid" ]; then
+    kill -TERM "$model_pid"; wait "$model_pid"
+    mountpoint -q "$modelmnt" && umount "$modelmnt"
+  fi
   [ -n "$cg" ] && [ -d "$cg" ] && rmdir "$cg"
   mountpoint -q "$tmpfs" && umount "$tmpfs"
   bash fixtures/registry.sh stop "$work/reg"
@@ -67,17 +78,31 @@ ref=$addr/$tag:latest
 
 mkdir -p "$tmpfs" "$mnt"
 mount -t tmpfs -o size=$(((16 << 30) + (64 << 20))),mode=0700 tmpfs "$tmpfs"
-truncate -s 16G "$tmpfs/hdd.img"
-dev=$(losetup --find --show --direct-io=off "$tmpfs/hdd.img")
+first_bin=${BINS%% *}
+first_bin=${first_bin#*=}
+first_bin=${first_bin%@*}
+if [ -n "${MODEL:-}" ]; then
+  mkdir -p "$modelmnt"
+  "${MODEL_BIN:-$first_bin}" bench hdd-model --backing "$tmpfs/hdd.img" --size 16g --stats "$work/model-stats.json" "$modelmnt" \
+    >"$OUT/model.json" 2>"$OUT/model.log" &
+  model_pid=$!
+  for _ in $(seq 50); do [ -e "$modelmnt/disk" ] && break; sleep 0.1; done
+  dev=$(losetup --find --show --direct-io=on "$modelmnt/disk")
+else
+  truncate -s 16G "$tmpfs/hdd.img"
+  dev=$(losetup --find --show --direct-io=off "$tmpfs/hdd.img")
+fi
 name=$(basename "$dev")
 echo 1 > "/sys/block/$name/queue/rotational"
+# As the suite's HDD class: a disk's scheduler (SCHED=none for the loop default).
+[ -n "${MODEL:-}" ] && echo "${SCHED:-mq-deadline}" > "/sys/block/$name/queue/scheduler"
 mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$dev"
 mount "$dev" "$mnt"
 majmin=$(lsblk -dno MAJ:MIN "$dev" | tr -d ' ')
 cg=/sys/fs/cgroup/blkio/cstore-hddpolicy-$$
 mkdir "$cg"
 iops=150 bps=150000000
-[ -n "${TRACE:-}" ] && iops=1000000 bps=1000000000000
+[ -n "${TRACE:-}${MODEL:-}" ] && iops=1000000 bps=1000000000000
 for f in read_iops write_iops; do echo "$majmin $iops" > "$cg/blkio.throttle.${f}_device"; done
 for f in read_bps write_bps; do echo "$majmin $bps" > "$cg/blkio.throttle.${f}_device"; done
 
@@ -128,15 +153,17 @@ if [ -n "${TRACE:-}" ]; then
   echo 1 > "$tr/events/block/block_bio_queue/enable"
 fi
 
-first_bin=${BINS%% *}
-first_bin=${first_bin#*=}
-echo "image $ref; class: $dev ($majmin) ext4 on tmpfs, rotational=1, 150 IOPS / 150 MB/s; load $(cut -d' ' -f1-3 /proc/loadavg)"
+if [ -n "${MODEL:-}" ]; then what="on the HDD model (cstore bench hdd-model), no throttle"; else what="on tmpfs, 150 IOPS / 150 MB/s"; fi
+echo "image $ref; class: $dev ($majmin) ext4 $what, rotational=1; load $(cut -d' ' -f1-3 /proc/loadavg)"
 in_cg "$first_bin" --root "$mnt/blobs" pull --no-unpack "$ref" >/dev/null
 for mode in $MODES; do
   for r in $(seq "$ROUNDS"); do
     for b in $BINS; do
       bname=${b%%=*} bin=${b#*=}
-      for p in $POLICIES; do
+      pols=$POLICIES
+      # name=path@policy: that build with that policy only
+      case $bin in *@*) pols=${bin##*@} bin=${bin%@*} ;; esac
+      for p in $pols; do
         label="$mode $bname $p #$r"
         rm -rf "$mnt/root"
         if [ "$mode" = unpack ]; then cp -a "$mnt/blobs" "$mnt/root"; fi
@@ -147,11 +174,23 @@ for mode in $MODES; do
         if [ "$mode" = unpack ]; then cmd+=(unpack "$ref"); else cmd+=(pull "$ref"); fi
         [ -n "$tr" ] && { echo > "$tr/trace"; echo 1 > "$tr/tracing_on"; }
         c0=$(counters)
+        m0='{"reads":0,"read_bytes":0,"writes":0,"write_bytes":0,"seeks":0,"busy_us":0}'
+        if [ -n "$model_pid" ]; then sleep 0.3; [ -e "$work/model-stats.json" ] && m0=$(cat "$work/model-stats.json"); fi
         t0=$(date +%s.%N)
         in_cg "${cmd[@]}" >"$log" 2>&1 || { echo "$label failed:" >&2; tail -5 "$log" >&2; exit 1; }
         t1=$(date +%s.%N)
         c1=$(counters)
         report "$label" "$(echo "$t1 - $t0" | bc)" "$c0" "$c1"
+        if [ -n "$model_pid" ]; then
+          sleep 0.3
+          python3 - "$m0" "$work/model-stats.json" <<'PY'
+import json, sys
+a = json.loads(sys.argv[1]); b = json.load(open(sys.argv[2]))
+d = {k: b[k] - a[k] for k in b}
+print("    model: %d reads %.1f MB, %d writes %.1f MB, %d seeks, busy %.1f s" % (
+    d["reads"], d["read_bytes"] / 1e6, d["writes"], d["write_bytes"] / 1e6, d["seeks"], d["busy_us"] / 1e6))
+PY
+        fi
         if [ -n "$tr" ]; then
           echo 0 > "$tr/tracing_on"
           cat "$tr/trace" > "$OUT/$mode-$bname-$p-$r.trace"

@@ -1,16 +1,20 @@
 //! Storage classes: the device under a path as it is, and emulated ones
 //! built on the spot, each a fresh ext4 on a loop device over a file on a
-//! tmpfs of the suite's own (memory-fast, so the throttle is the limit):
-//! HDD (the loop's queue says rotational, ~150 IOPS and ~150 MB/s), SATA SSD
-//! (~90k IOPS, ~550 MB/s) and NVMe-like (unthrottled). The throttles are
-//! v1 blkio limits on the loop device in a cgroup of the suite's, which
-//! every process of a workload runs in.
+//! tmpfs of the suite's own (memory-fast, so the emulation is the limit).
+//! HDD: the loop device (direct I/O, queue rotational) is over the file of
+//! the suite's HDD model (`hddmodel`: every request served after a 7200 rpm
+//! disk's seek, rotation and transfer time, ~150 random IOPS, ~150 MB/s),
+//! not throttled: a throttle charges requests, not their order, and only
+//! those submitted from its cgroup. SATA SSD (~90k IOPS, ~550 MB/s): a v1
+//! blkio limit on the loop device in a cgroup of the suite's, which every
+//! process of a workload runs in. NVMe-like: unthrottled.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::hddmodel::{HddModel, Params};
 use crate::proc::Cmd;
 use crate::sys;
 
@@ -51,23 +55,24 @@ impl ClassKind {
         }
     }
 
-    /// The class's throttle, per direction.
+    /// The class's throttle, per direction. The HDD has none: its limits
+    /// are its model's (`model`).
     pub fn throttle(self) -> Option<Throttle> {
         match self {
-            ClassKind::Hdd => Some(Throttle {
-                read_iops: 150,
-                write_iops: 150,
-                read_bps: 150_000_000,
-                write_bps: 150_000_000,
-            }),
             ClassKind::Sata => Some(Throttle {
                 read_iops: 90_000,
                 write_iops: 90_000,
                 read_bps: 550_000_000,
                 write_bps: 550_000_000,
             }),
-            ClassKind::Host | ClassKind::Nvme => None,
+            ClassKind::Host | ClassKind::Hdd | ClassKind::Nvme => None,
         }
+    }
+
+    /// The disk model under the class's loop device, for a disk of
+    /// `capacity` bytes.
+    pub fn model(self, capacity: u64) -> Option<Params> {
+        (self == ClassKind::Hdd).then(|| Params::hdd(capacity))
     }
 }
 
@@ -126,6 +131,9 @@ pub struct ClassInfo {
     /// How the device is made, in a sentence.
     pub device_detail: String,
     pub throttle: Option<Throttle>,
+    /// The disk model serving the loop device's file (the HDD class).
+    #[serde(default)]
+    pub model: Option<Params>,
     /// e.g. "ext4 (journal)".
     pub filesystem: String,
     pub probe: Probe,
@@ -141,6 +149,9 @@ pub struct Class {
     mountpoint: Option<PathBuf>,
     loopdev: Option<PathBuf>,
     backing: Option<PathBuf>,
+    /// The HDD model serving the loop device's file, and its mount point.
+    model: Option<HddModel>,
+    model_dir: Option<PathBuf>,
     /// A directory made for the host class, removed at the end.
     made_dir: Option<PathBuf>,
 }
@@ -163,6 +174,8 @@ impl Class {
             mountpoint: None,
             loopdev: None,
             backing: None,
+            model: None,
+            model_dir: None,
             made_dir: Some(dir.clone()),
         };
         let probe = probe(cstore, &dir)?;
@@ -194,6 +207,8 @@ impl Class {
             mountpoint: None,
             loopdev: None,
             backing: None,
+            model: None,
+            model_dir: None,
             made_dir: Some(mnt.clone()),
         };
         let class_err = |detail: String| Error::Class {
@@ -202,14 +217,30 @@ impl Class {
         };
         // From here on every step is undone by Drop, also when a later one fails.
         let img = tmpfs_dir.join(format!("{}.img", kind.name()));
-        let f = std::fs::File::create(&img).map_err(|e| Error::io("create", &img, e))?;
-        c.backing = Some(img.clone());
-        f.set_len(sizes.fs_bytes)
-            .map_err(|e| Error::io("size", &img, e))?;
-        drop(f);
+        let attach = match kind.model(sizes.fs_bytes) {
+            Some(params) => {
+                let mdir = work.join(format!("{}-model", kind.name()));
+                std::fs::create_dir_all(&mdir).map_err(|e| Error::io("mkdir", &mdir, e))?;
+                c.model_dir = Some(mdir.clone());
+                c.backing = Some(img.clone());
+                let m = HddModel::start(&mdir, &img, params)?;
+                let disk = m.disk();
+                c.model = Some(m);
+                // Direct I/O: no page cache between the loop device and
+                // the model, which sees the requests the block layer sent.
+                (disk, "--direct-io=on")
+            }
+            None => {
+                let f = std::fs::File::create(&img).map_err(|e| Error::io("create", &img, e))?;
+                c.backing = Some(img.clone());
+                f.set_len(sizes.fs_bytes)
+                    .map_err(|e| Error::io("size", &img, e))?;
+                (img.clone(), "--direct-io=off")
+            }
+        };
         let dev = Cmd::new("losetup", "making the class's loop device")
-            .args(["--find", "--show", "--direct-io=off"])
-            .arg(&img)
+            .args(["--find", "--show", attach.1])
+            .arg(&attach.0)
             .output()?;
         let dev = PathBuf::from(dev.trim());
         c.loopdev = Some(dev.clone());
@@ -223,6 +254,13 @@ impl Class {
         let rot = Path::new("/sys/block").join(&name).join("queue/rotational");
         let want = if kind == ClassKind::Hdd { "1" } else { "0" };
         std::fs::write(&rot, want).map_err(|e| Error::io("write", &rot, e))?;
+        if c.model.is_some() {
+            // What a disk's queue gets (udev's and the kernel's choice for a
+            // rotational single-queue device); a loop device starts with
+            // none. It sorts and merges what waits for the model.
+            let sched = Path::new("/sys/block").join(&name).join("queue/scheduler");
+            std::fs::write(&sched, "mq-deadline").map_err(|e| Error::io("write", &sched, e))?;
+        }
         // No lazy init: a background thread zeroing inode tables would
         // write during the measurements.
         Cmd::new("mkfs.ext4", "making the class's filesystem")
@@ -255,18 +293,30 @@ impl Class {
         }
         let (probe, _, fs) = probe(cstore, &mnt)?;
         c.info.device = format!("{name} ({maj}:{min})");
-        c.info.device_detail = match kind.throttle() {
-            Some(t) => format!(
+        c.info.device_detail = match (kind.throttle(), &c.model) {
+            (_, Some(m)) => {
+                let p = &m.params;
+                format!(
+                    "loop device (direct I/O) over a file served by the suite's HDD model, queue rotational={want} with mq-deadline, not throttled: {} rpm, a seek {:.1} ms + {:.0} ms × sqrt(distance / disk), rotational wait by offset (mean {:.2} ms), {} MB/s, one request at a time in arrival order, none for a request that starts where the last ended",
+                    p.rpm,
+                    p.settle_us as f64 / 1e3,
+                    p.full_stroke_us as f64 / 1e3,
+                    p.revolution_us() as f64 / 2e3,
+                    p.transfer_bps / 1_000_000
+                )
+            }
+            (Some(t), None) => format!(
                 "loop device over a file on tmpfs, queue rotational={want}, throttled to {} read / {} write IOPS and {} / {} MB/s (v1 blkio cgroup of the workload's processes)",
                 t.read_iops,
                 t.write_iops,
                 t.read_bps / 1_000_000,
                 t.write_bps / 1_000_000
             ),
-            None => format!("loop device over a file on tmpfs, queue rotational={want}, not throttled"),
+            (None, None) => format!("loop device over a file on tmpfs, queue rotational={want}, not throttled"),
         };
         c.info.filesystem = fs;
         c.info.probe = probe;
+        c.info.model = c.model.as_ref().map(|m| m.params.clone());
         Ok(c)
     }
 
@@ -288,6 +338,18 @@ impl Class {
         if let Some(dev) = self.loopdev.take() {
             if let Err(e) = detach(&dev) {
                 errs.push(e.to_string());
+            }
+        }
+        // After the loop device lets go of its file; stopping the server
+        // aborts the connection, so nothing is left waiting on it.
+        if let Some(mut m) = self.model.take() {
+            if let Err(e) = m.stop() {
+                errs.push(e.to_string());
+            }
+        }
+        if let Some(d) = self.model_dir.take() {
+            if let Err(e) = std::fs::remove_dir(&d) {
+                errs.push(Error::io("remove", &d, e).to_string());
             }
         }
         if let Some(f) = self.backing.take() {
@@ -343,6 +405,7 @@ fn placeholder(kind: ClassKind, path: &Path) -> ClassInfo {
         device: String::new(),
         device_detail: String::new(),
         throttle: kind.throttle(),
+        model: None,
         filesystem: String::new(),
         probe: Probe {
             kind: String::new(),

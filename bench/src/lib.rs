@@ -15,6 +15,7 @@ use std::time::Instant;
 pub mod class;
 mod containerd;
 pub mod error;
+pub mod hddmodel;
 pub mod proc;
 pub mod report;
 pub mod sys;
@@ -359,8 +360,8 @@ pub fn run(opts: &Options, progress: &dyn Fn(&str)) -> Result<Report> {
 /// What the figures do and do not show, on every report.
 fn notes() -> Vec<String> {
     vec![
-        "Emulated classes are ext4 on a loop device over a file on tmpfs; HDD and SATA are throttled with cgroup v1 blkio limits on that loop device for the processes the suite starts (cstore, fio, containerd and its shims, ctr). v1 throttles reads and O_DIRECT writes only: buffered writes are written back by the kernel outside any cgroup, so they are not throttled, and a container's own process runs in its own cgroup (cstore's or runc's), so its reads are not throttled either.".into(),
-        "The throttle counts I/Os and bytes, not seeks: the emulated HDD costs as much per request in any order, so sorting by offset cannot pay off on it, and fio's sequential figure there is bound by the request count (the loop device splits 1 MiB reads into 512 KiB requests).".into(),
+        "Emulated classes are ext4 on a loop device over a file on tmpfs. SATA is throttled with cgroup v1 blkio limits on that loop device for the processes the suite starts (cstore, fio, containerd and its shims, ctr). v1 throttles reads and O_DIRECT writes only: buffered writes are written back by the kernel outside any cgroup, so they are not throttled, and a container's own process runs in its own cgroup (cstore's or runc's), so its reads are not throttled either.".into(),
+        "The emulated HDD is not throttled: its loop device (direct I/O) is over a file the suite serves through FUSE after a modelled 7200 rpm disk's time per request: a seek (none when the request starts where the last one ended, else 0.8 ms + 12 ms × sqrt(distance / disk size)), a rotational wait set by the offset (0–8.3 ms), the transfer at 150 MB/s, one request at a time in arrival order (docs/hddmodel.md). Everything that reaches the device pays, whoever submitted it (the flusher's write-back too), after the block layer merged it, and the order of requests matters as on a disk.".into(),
         "Each class's limits were measured with fio (io_uring, O_DIRECT, one job) before its workloads ran. Figures are medians over rounds with min and max; the page cache was dropped before every measured run; cstore and its peer alternate within each round.".into(),
         "Cold cache: before every measured run the page cache is dropped and then only the tools' own executables (cstore, ctr, nsenter, runc, the shim, containerd) are read back: they live on the root disk, not on the class. A running containerd's pages stay resident (mapped pages are not dropped); cstore has no daemon.".into(),
         "Lazy start: the image's index is published to its registry once, before the classes run (cstore index build + push, not measured); each measured run starts from an empty store. The store's lazy daemon is stopped once the container has exited: completing the layers in the background is not measured, though it competes with the start while the container runs.".into(),

@@ -122,6 +122,48 @@ pub fn suite(a: SuiteArgs) -> Result<()> {
     Ok(())
 }
 
+#[derive(clap::Args)]
+pub struct HddModelArgs {
+    /// The disk's data: a file made (sparse) at this path, on tmpfs for a
+    /// model whose only cost is the modelled one.
+    #[arg(long)]
+    backing: PathBuf,
+    /// The disk's size.
+    #[arg(long, default_value = "16g")]
+    size: String,
+    /// Keep what was served so far (JSON: requests, seeks, modelled busy
+    /// time) in this file, rewritten every 100 ms while it changes.
+    #[arg(long)]
+    stats: Option<PathBuf>,
+    /// An empty directory; the disk is MOUNTPOINT/disk.
+    mountpoint: PathBuf,
+}
+
+/// `cstore bench hdd-model`: serve until a signal, then print what was
+/// served as JSON on stdout (the loop device must be detached first).
+pub fn hdd_model(a: HddModelArgs) -> Result<()> {
+    use cstore_bench::hddmodel::{HddModel, Params};
+    cstore_bench::proc::install_signal_handling();
+    let mut m = HddModel::start(&a.mountpoint, &a.backing, Params::hdd(parse_size(&a.size)?))?;
+    eprintln!("cstore bench hdd-model: serving {}", m.disk().display());
+    let mut last = None;
+    while !cstore_bench::proc::cancelled() {
+        std::thread::sleep(Duration::from_millis(100));
+        let c = m.counters();
+        if let Some(p) = a.stats.as_ref().filter(|_| last.as_ref() != Some(&c)) {
+            let tmp = p.with_extension("tmp");
+            std::fs::write(&tmp, serde_json::to_string(&c)?)?;
+            std::fs::rename(&tmp, p)?;
+            last = Some(c);
+        }
+    }
+    let c = m.counters();
+    m.stop()?;
+    println!("{}", serde_json::to_string(&c)?);
+    let _ = std::fs::remove_file(&a.backing);
+    Ok(())
+}
+
 pub fn io(a: IoArgs) -> Result<()> {
     let rw: Rw = a.rw.parse().map_err(anyhow::Error::msg)?;
     let bs = parse_size(&a.bs)? as usize;

@@ -294,6 +294,11 @@ enum BenchCommand {
     /// and emulated HDD, SATA SSD and NVMe-like classes), cstore beside
     /// containerd and fio, written up as HTML with plots, JSON and markdown.
     Suite(bench::SuiteArgs),
+    /// Serve a modelled 7200 rpm disk (seek, rotation, transfer per request)
+    /// as MOUNTPOINT/disk until SIGINT/SIGTERM, for a loop device with
+    /// --direct-io=on (the suite's HDD class; benches/hddpolicy.sh).
+    #[command(hide = true)]
+    HddModel(bench::HddModelArgs),
 }
 
 #[derive(Subcommand)]
@@ -553,6 +558,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench {
             command: BenchCommand::Suite(args),
         } => bench::suite(args)?,
+        Command::Bench {
+            command: BenchCommand::HddModel(args),
+        } => bench::hdd_model(args)?,
         Command::Run(args) => {
             let code = run::open_and_run(&cli.root, args)?;
             std::process::exit(code);

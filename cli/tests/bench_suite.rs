@@ -2,7 +2,7 @@
 //! NVMe-like loop devices) against a real registry, containerd 1.6 + runc
 //! and fio: every workload produced its figures, the JSON deserializes into
 //! the suite's own types and holds together, the HDD class is what it claims
-//! (fio lands near its throttle), nothing is left behind (loop devices,
+//! (fio lands near its disk model's limits), nothing is left behind (loop devices,
 //! mounts, cgroups, processes), the HTML report renders its plots in a real
 //! headless chromium, and a SIGINT in the middle of a run cleans up too.
 //! Lazy start (`run --lazy` against `pull` + `run`) has its figures on
@@ -273,13 +273,15 @@ fn quick_suite_produces_every_workloads_figures_as_valid_json() {
     }
 }
 
-/// The HDD class is throttled to 150 IOPS and 150 MB/s per direction: 4K
-/// random reads land near 150 IOPS (with fio and with cstore bench io), and
-/// 1M reads stay under the byte limit (the request limit binds first: the
-/// loop device splits them into 512 KiB requests). The SATA class stays
-/// under its limits too.
+/// The HDD class is its disk model, not throttled: 4K random reads land
+/// near the model's ~150 IOPS (a seek and a rotational wait each; with fio
+/// and with cstore bench io, whose queue depth 32 buys nothing from a disk
+/// that serves one request at a time in arrival order), and 1M sequential
+/// reads near its 150 MB/s transfer (the loop device's 512 KiB requests
+/// follow each other: no seek), not the ~75 MB/s a per-request charge of
+/// ~6.7 ms would give. The SATA class stays under its throttle.
 #[test]
-fn hdd_class_lands_near_its_throttle() {
+fn hdd_class_lands_near_its_model_limits() {
     let r = &quick_run().report;
     let hdd = r
         .classes
@@ -291,8 +293,18 @@ fn hdd_class_lands_near_its_throttle() {
         "the probe sees a rotational device"
     );
     assert_eq!(hdd.class.probe.rotational, Some(true));
-    let t = hdd.class.throttle.as_ref().unwrap();
-    assert_eq!((t.read_iops, t.read_bps), (150, 150_000_000));
+    assert!(hdd.class.throttle.is_none(), "{:?}", hdd.class.throttle);
+    let m = hdd
+        .class
+        .model
+        .as_ref()
+        .expect("the HDD class names its model");
+    assert_eq!((m.rpm, m.transfer_bps), (7200, 150_000_000));
+    assert!(
+        hdd.class.device_detail.contains("HDD model"),
+        "{}",
+        hdd.class.device_detail
+    );
     let limit = |c: &cstore_bench::report::ClassReport, n: &str| {
         c.limits.iter().find(|l| l.name == n).unwrap().clone()
     };
@@ -308,8 +320,13 @@ fn hdd_class_lands_near_its_throttle() {
     }
     let l = limit(hdd, "1m read qd8");
     assert!(
-        l.mb_per_s > 30.0 && l.mb_per_s <= 165.0,
+        l.mb_per_s > 100.0 && l.mb_per_s <= 165.0,
         "HDD 1M read: {l:?}"
+    );
+    let l = limit(hdd, "1m write qd8");
+    assert!(
+        l.mb_per_s > 100.0 && l.mb_per_s <= 165.0,
+        "HDD 1M write: {l:?}"
     );
     let sata = r
         .classes
@@ -499,12 +516,20 @@ fn sigint_in_the_middle_cleans_up_everything() {
     }
     let run_id = run_id.unwrap();
     let before = left_behind(&run_id, dir.path());
-    for what in ["loop device", "mount:", "cgroup", "process"] {
+    // The HDD class has no cgroup of its own (its limits are its disk
+    // model's): its model's FUSE mount is what it has instead.
+    for what in ["loop device", "mount:", "process"] {
         assert!(
             before.iter().any(|l| l.starts_with(what)),
             "nothing of kind {what:?} existed to clean up: {before:#?}"
         );
     }
+    assert!(
+        before
+            .iter()
+            .any(|l| l.starts_with("mount:") && l.contains("hdd-model")),
+        "no HDD model mount to clean up: {before:#?}"
+    );
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let rest =
