@@ -1065,8 +1065,8 @@ impl Layer {
     /// One openat2 of the entry's whole path beneath the tree (the resolve flags
     /// confine every component, and the index's names are single components): every
     /// file's first open in a completed layer pays this in the OPEN round trip, and
-    /// walking the parent chain twice (`tree_file`, then `parent_dir`) cost ~50
-    /// syscalls per file there (docs/lazy.md, "Reading a completed layer"). The walk
+    /// walking the parent chain twice (`tree_file`, then `parent_dir`) made that ~50
+    /// syscalls more per file (docs/lazy.md, "Reading a completed layer"). The walk
     /// remains for a file not in the tree yet (no span ever touched it: empty or all
     /// holes) and for a path too long for one call.
     pub(crate) fn open_tree_file_ro(&self, i: u32) -> io::Result<OwnedFd> {
