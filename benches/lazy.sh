@@ -421,7 +421,7 @@ read_side() { # read_side SIDE DIR ROOT: measure the mounted image at DIR (its s
     # the same single pass with plain read(2): tells a gap of the io_uring path from one of the data path
     read_one "$side" seq-1m-fio-psync buffered "$bf" fio_mb "$f" --rw=read --bs=1m --ioengine=psync
     # without fio's fadvise (SEQUENTIAL, RANDOM): FUSE drops a hint at its own file,
-    # so it reaches ext4 on the unpacked side only (docs/benchmarks.md, 2026-11-30 22:40)
+    # so it reaches ext4 on the unpacked side only (docs/benchmarks.md, "fadvise hints and the first walk")
     read_one "$side" seq-1m-fio-psync-nohint buffered "$bf" fio_mb "$f" --rw=read --bs=1m --ioengine=psync \
       --fadvise_hint=0
     read_one "$side" rand-4k-fio-nohint buffered "$bf" fio_mb "$f" --rw=randread --bs=4k --iodepth=32 \
