@@ -1384,3 +1384,67 @@ fn look_ahead_on_the_wire_does_not_hold_up_a_read_miss() {
     fs.shutdown();
     assert_eq!(fs.stats().failures, 0);
 }
+
+/// A complete file's backing file is opened by one openat2 of its whole path beneath
+/// the layer's tree: a directory of the tree swapped for a symlink to a directory
+/// outside (holding a file of the same name) is never followed: the open or the read
+/// fails, or answers the tree's own bytes, never the outside file's; with the
+/// directory back, the file is served in passthrough with its own bytes.
+#[test]
+fn a_complete_files_backing_open_stays_beneath_the_tree() {
+    let test = "a_complete_files_backing_open_stays_beneath_the_tree";
+    if !fuse_available(test) {
+        return;
+    }
+    let t = tmpdir();
+    let mut mounts = Mounts::default();
+    let (blob, c) = layers("busybox").into_iter().next().unwrap();
+    let l = serve(&t.path().join("l"), &blob, c, 64 << 10, None, &mut mounts);
+    let session = l.session.as_ref().unwrap();
+    if !session.passthrough() && passthrough_missing(test, "the kernel did not grant it") {
+        return;
+    }
+    l.fs.complete().unwrap();
+    let files = expected_files(&l);
+    let (rel, want) = files
+        .iter()
+        .find(|(p, d)| p.components().count() >= 2 && !d.is_empty())
+        .expect("busybox has a non-empty file below a directory");
+    let parent = rel.parent().unwrap();
+    let (dir, aside) = (l.tree.join(parent), l.tree.join("aside"));
+    let outside = t.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let bad = b"outside the tree".to_vec();
+    std::fs::write(outside.join(rel.file_name().unwrap()), &bad).unwrap();
+    std::fs::rename(&dir, &aside).unwrap();
+    std::os::unix::fs::symlink(&outside, &dir).unwrap();
+    let before = session.backing_ids().len();
+    match std::fs::read(l.mnt.join(rel)) {
+        Ok(got) => {
+            assert_ne!(got, bad, "{}: read through the symlink", rel.display());
+            assert_eq!(&got, want, "{}", rel.display());
+        }
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{}", rel.display()),
+    }
+    assert_eq!(
+        session.backing_ids().len(),
+        before,
+        "{}: a backing file was registered through the symlink",
+        rel.display()
+    );
+    std::fs::remove_file(&dir).unwrap();
+    std::fs::rename(&aside, &dir).unwrap();
+    wait_no_caching_handles(session);
+    assert_eq!(
+        &std::fs::read(l.mnt.join(rel)).unwrap(),
+        want,
+        "{}",
+        rel.display()
+    );
+    assert_eq!(
+        session.backing_ids().len(),
+        before + 1,
+        "{}: not served in passthrough once the directory is back",
+        rel.display()
+    );
+}

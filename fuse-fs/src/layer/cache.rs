@@ -1061,8 +1061,26 @@ impl Layer {
     }
 
     /// A read-only fd of file entry `i` in the tree (the passthrough backing file).
+    ///
+    /// One openat2 of the entry's whole path beneath the tree (the resolve flags
+    /// confine every component, and the index's names are single components): every
+    /// file's first open in a completed layer pays this in the OPEN round trip, and
+    /// walking the parent chain twice (`tree_file`, then `parent_dir`) made that ~50
+    /// syscalls more per file (docs/lazy.md, "Reading a completed layer"). The walk
+    /// remains for a file not in the tree yet (no span ever touched it: empty or all
+    /// holes) and for a path too long for one call.
     pub(crate) fn open_tree_file_ro(&self, i: u32) -> io::Result<OwnedFd> {
-        // Made if no span ever touched it (empty or all holes).
+        match tree::open_at(self.tree.as_fd(), &self.idx.path(i), libc::O_RDONLY, 0) {
+            Ok(fd) => {
+                let st = tree::fstat(fd.as_fd())?;
+                if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                    return Err(io::Error::other("not a regular file in the tree"));
+                }
+                return Ok(fd);
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENAMETOOLONG)) => {}
+            Err(e) => return Err(e),
+        }
         drop(self.tree_file(i)?);
         let dir = self.parent_dir(i, false)?;
         tree::open_at(dir.as_fd(), self.idx.name(i), libc::O_RDONLY, 0)

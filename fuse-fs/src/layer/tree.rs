@@ -23,7 +23,8 @@ pub(crate) fn cstr(b: &[u8]) -> io::Result<CString> {
     CString::new(b).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
-/// openat2 of one component (or `.`) beneath `dir`, never through a symlink.
+/// openat2 of one component (or `.`, or a relative path of validated components)
+/// beneath `dir`, never through a symlink.
 pub(crate) fn open_at(
     dir: BorrowedFd<'_>,
     name: &[u8],
