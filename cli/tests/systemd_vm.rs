@@ -1,10 +1,12 @@
 //! #15's systemd path under a real systemd (252, Debian's) as PID 1:
 //! fixtures/systemd-vm.sh boots a qemu guest on the host's root and runs
-//! the shipped docs/cstore-lazy.service there; a reader loops over every file
-//! of a `cstore mount --lazy` while the service is killed with SIGKILL and
-//! restarted with `systemctl restart` (3 times each). Passes only if the
-//! reader saw no error, the tree equals umoci's, every restart resumed the
-//! kept connections from systemd's fd store, and no keeper was started.
+//! the shipped docs/cstore-lazy.service there. A `cstore mount --lazy` made
+//! before the unit runs (a keeper serves it) and a reader looping over every
+//! file of it; the unit starts and takes the keeper's connections over; then
+//! the service is killed with SIGKILL and restarted with `systemctl restart`
+//! (3 times each). Passes only if the reader saw no error, the tree equals
+//! umoci's, the takeover and every restart resumed the connections from
+//! systemd's fd store, and no keeper is left.
 //! Fails under CI=true when qemu, a kernel or systemd is missing
 //! (fixtures/deps.sh --nvme-vm).
 
@@ -59,8 +61,10 @@ fn lazy_daemon_survives_kills_and_restarts_under_systemd() {
     );
     let checks = section(&stdout, "checks");
     for name in [
-        "unit started",
         "mount --lazy",
+        "keeper before the unit",
+        "unit started",
+        "takeover",
         "systemd-unit marker",
         "restarts",
         "reader",
@@ -75,7 +79,9 @@ fn lazy_daemon_survives_kills_and_restarts_under_systemd() {
         assert!(line.contains(": PASS"), "{line}\n{stdout}");
     }
     let events = section(&stdout, "events");
-    assert_eq!(events.len(), 6, "{events:?}");
+    // The takeover, then 3 kills and 3 restarts.
+    assert_eq!(events.len(), 7, "{events:?}");
+    assert!(events[0].starts_with("takeover "), "{events:?}");
     // systemd, not a keeper, ran the daemon: PID 1 was systemd.
     let sd = section(&stdout, "systemd");
     assert!(sd.contains(&"PID 1: systemd"), "{sd:?}");
