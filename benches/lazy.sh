@@ -418,6 +418,8 @@ read_side() { # read_side SIDE DIR ROOT: measure the mounted image at DIR (its s
   for i in $(seq "$REPS"); do
     read_one "$side" seq-1m-fio buffered "$bf" fio_mb "$f" --rw=read --bs=1m --iodepth=8 --ioengine=io_uring
     read_one "$side" rand-4k-fio buffered "$bf" fio_mb "$f" --rw=randread --bs=4k --iodepth=32 --ioengine=io_uring
+    # one read in flight, and QD8 without fio's POSIX_FADV_SEQUENTIAL (which reaches ext4
+    # on the unpacked side only): what the io_uring row's gap is made of
     read_one "$side" seq-1m-fio-qd1 buffered "$bf" fio_mb "$f" --rw=read --bs=1m --iodepth=1 --ioengine=io_uring
     read_one "$side" seq-1m-fio-qd8-nohint buffered "$bf" fio_mb "$f" --rw=read --bs=1m --iodepth=8 --ioengine=io_uring --fadvise_hint=0
     # the same single pass with plain read(2): tells a gap of the io_uring path from one of the data path
