@@ -343,7 +343,7 @@ fn take_over_from_keeper(store: &Store, sd: &cstore_fuse_fs::SystemdFdStore) -> 
 /// Stops the daemon a keeper runs for the store, if one does, and waits
 /// until it has let go of the store (its lock).
 fn stop_keepers_daemon(store: &Store) -> Result<()> {
-    let lock = store.root().join("lazy/daemon.lock");
+    let lock = cstore_lazy::serve::daemon_lock_file(store);
     let pid = std::fs::read_to_string(cstore_lazy::serve::daemon_pid_file(store))
         .ok()
         .and_then(|p| p.trim().parse::<i32>().ok())

@@ -117,6 +117,11 @@ pub fn systemd_unit_file(store: &Store) -> PathBuf {
     store.root().join("lazy/systemd-unit")
 }
 
+/// The lock the daemon serving the store holds (flock) while it serves it.
+pub fn daemon_lock_file(store: &Store) -> PathBuf {
+    store.root().join("lazy/daemon.lock")
+}
+
 /// The pid of the daemon serving the store now (written once it holds the lock).
 pub fn daemon_pid_file(store: &Store) -> PathBuf {
     store.root().join("lazy/daemon.pid")
@@ -608,7 +613,7 @@ pub fn serve_store(
     opts: &ServeOptions,
     ready: impl FnOnce(),
 ) -> Result<Ended> {
-    let lock_path = store.root().join("lazy/daemon.lock");
+    let lock_path = daemon_lock_file(store);
     std::fs::create_dir_all(store.root().join("lazy")).map_err(|e| io("create", &lock_path, e))?;
     // try_take wants the file to exist.
     std::fs::OpenOptions::new()
