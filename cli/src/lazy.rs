@@ -426,7 +426,8 @@ pub fn ensure_served(
         // 20 s for a daemon to appear; while a keeper (or systemd's unit)
         // runs one, up to 2 minutes: on a slow store (a disk seeking for
         // each of the daemon's syncs, a loaded machine) it is on its way.
-        let alive = keeper_alive(store) || systemd_unit(root).is_some();
+        let keeper = keeper_alive(store);
+        let alive = keeper || systemd_unit(root).is_some();
         let patience = std::time::Duration::from_secs(if alive { 120 } else { 20 });
         if !said && since.elapsed() > std::time::Duration::from_secs(5) {
             eprintln!("waiting for the lazy daemon to serve the lazy layers of {r}");
@@ -446,9 +447,7 @@ pub fn ensure_served(
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
         }
-        if !keeper_alive(store)
-            && started.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(2))
-        {
+        if !keeper && started.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(2)) {
             start_keeper(root, args)?;
             started = Some(std::time::Instant::now());
         }
