@@ -84,6 +84,18 @@ pub fn drop_caches() -> Result<()> {
         .map_err(|e| Error::io("write", "/proc/sys/vm/drop_caches", e))
 }
 
+/// How long `syncfs` of the filesystem holding `dir` takes: what a tool
+/// left in the page cache reaching the disk.
+pub fn syncfs_timed(dir: &Path) -> Result<Duration> {
+    let d = std::fs::File::open(dir).map_err(|e| Error::io("open", dir, e))?;
+    let t0 = std::time::Instant::now();
+    // SAFETY: syncfs on an fd this function owns.
+    if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d)) } != 0 {
+        return Err(Error::io("syncfs", dir, std::io::Error::last_os_error()));
+    }
+    Ok(t0.elapsed())
+}
+
 /// Mount points at or under `dir` in this mount namespace, deepest first.
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     points_under(&mountinfo::read().unwrap_or_default(), dir)

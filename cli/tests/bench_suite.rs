@@ -186,6 +186,8 @@ fn quick_suite_produces_every_workloads_figures_as_valid_json() {
         let mut expected: Vec<(&str, &str, &str, Option<u32>)> = vec![
             ("pull", "cstore", "seconds", None),
             ("pull", "ctr", "seconds", None),
+            ("pull-durable", "cstore", "seconds", None),
+            ("pull-durable", "ctr", "seconds", None),
             ("io-4k-randread", "cstore", "iops", None),
             ("io-4k-randread", "fio", "iops", None),
             ("io-1m-read", "cstore", "mb/s", None),
@@ -231,6 +233,13 @@ fn quick_suite_produces_every_workloads_figures_as_valid_json() {
                 let first = c.find("density", tool, "first-output", Some(n)).unwrap();
                 let exit = c.find("density", tool, "all-exited", Some(n)).unwrap();
                 assert!(first.stat.median <= exit.stat.median, "{name} {tool} N={n}");
+            }
+        }
+        for tool in ["cstore", "ctr"] {
+            let returned = c.find("pull", tool, "seconds", None).unwrap();
+            let on_disk = c.find("pull-durable", tool, "seconds", None).unwrap();
+            for (a, b) in returned.stat.samples.iter().zip(&on_disk.stat.samples) {
+                assert!(a <= b, "{name} {tool}: on disk {b} before it returned {a}");
             }
         }
         for tool in ["run --lazy", "pull + run"] {

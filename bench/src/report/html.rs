@@ -190,8 +190,16 @@ pub fn html(r: &Report) -> Result<String> {
     }
 
     let foot = foot_all(r);
-    let sections: [(&str, &str, &str, &str, bool, LimitOf); 5] = [
+    let sections: [(&str, &str, &str, &str, bool, LimitOf); 6] = [
         ("Pull + unpack", "pull", "seconds", "seconds", false, None),
+        (
+            "Pull + unpack, layers on disk (+ syncfs)",
+            "pull-durable",
+            "seconds",
+            "seconds",
+            false,
+            None,
+        ),
         (
             "Lazy start: first output",
             "lazy-start",

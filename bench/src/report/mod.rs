@@ -126,7 +126,7 @@ impl Stat {
 /// The tool each workload compares cstore with.
 pub fn peer_of(workload: &str) -> &'static str {
     match workload {
-        "pull" | "density" => "ctr",
+        "pull" | "pull-durable" | "density" => "ctr",
         "lazy-start" => crate::workload::LAZY_TOOLS[1],
         w if w.starts_with("io-") => "fio",
         w if w.starts_with("policy-") => "nvme",
@@ -215,14 +215,18 @@ pub struct Goal {
 
 pub fn goals(r: &Report) -> Vec<Goal> {
     let mut out = Vec::new();
-    // 1. cstore ahead of its peer everywhere.
-    let (mut total, mut behind) = (0, Vec::new());
+    // 1. cstore ahead of its peer everywhere. Pull + unpack counts until
+    // both tools' layers are on the disk ("pull-durable"): cstore's pull
+    // returns with them there, ctr's before (docs/benchmarks.md says why);
+    // the figure until the command returns is reported beside it.
+    let (mut total, mut behind, mut returned) = (0, Vec::new(), Vec::new());
     for c in &r.classes {
-        for cmp in c
-            .comparisons()
-            .iter()
-            .filter(|c| !c.workload.starts_with("policy-") && c.workload != "lazy-start")
-        {
+        for cmp in c.comparisons().iter().filter(|c| c.workload == "pull") {
+            returned.push(format!("{} {:.2}×", c.class.kind.name(), cmp.advantage));
+        }
+        for cmp in c.comparisons().iter().filter(|c| {
+            !c.workload.starts_with("policy-") && c.workload != "lazy-start" && c.workload != "pull"
+        }) {
             total += 1;
             if cmp.advantage < 1.0 {
                 behind.push(format!(
@@ -239,14 +243,23 @@ pub fn goals(r: &Report) -> Vec<Goal> {
     out.push(Goal {
         goal: "cstore ahead of its peer on every workload and class".into(),
         met: (total > 0).then_some(behind.is_empty()),
-        detail: if behind.is_empty() {
-            format!("ahead in {total} of {total}")
-        } else {
-            format!(
-                "ahead in {} of {total}; behind: {}",
-                total - behind.len(),
-                behind.join(", ")
-            )
+        detail: {
+            let mut d = if behind.is_empty() {
+                format!("ahead in {total} of {total}")
+            } else {
+                format!(
+                    "ahead in {} of {total}; behind: {}",
+                    total - behind.len(),
+                    behind.join(", ")
+                )
+            };
+            if !returned.is_empty() {
+                d.push_str(&format!(
+                    " (pull + unpack counted with the layers on disk; until the command returns: {})",
+                    returned.join(", ")
+                ));
+            }
+            d
         },
     });
     // 2. NVMe-like: 64 at once within 4× the time of one.
@@ -320,7 +333,8 @@ pub fn goals(r: &Report) -> Vec<Goal> {
 /// Human title of a workload.
 pub fn workload_title(w: &str) -> &'static str {
     match w {
-        "pull" => "pull + unpack (vs ctr image pull)",
+        "pull" => "pull + unpack, until the command returns (vs ctr image pull)",
+        "pull-durable" => "pull + unpack, until the layers are on the disk: the command, then syncfs of its root (vs ctr image pull + syncfs)",
         "density" => "density: N containers at once, cold cache (vs ctr run)",
         "lazy-start" => "lazy start: one container from a fresh store, cold cache, its index published beforehand: cstore run --lazy vs cstore pull + cstore run",
         "io-4k-randread" => "4K random read, QD32 per ring, as many rings (fio: jobs) as cstore's policy gives the class, O_DIRECT (cstore bench io vs fio)",
