@@ -587,6 +587,45 @@ fn background_completion_waits_for_reads_in_any_layer() {
     assert!(b.src.calls.load(Ordering::SeqCst) > 0);
 }
 
+/// Background completion waits while the daemon is mounting layers (a container
+/// starts only once all are mounted): with a mount in progress on the shared
+/// `Activity`, a layer's completion fetches nothing; once it is done (and quiet
+/// for `background_quiet`), the layer completes.
+#[test]
+fn background_completion_waits_while_layers_are_being_mounted() {
+    if !fuse_available("background_completion_waits_while_layers_are_being_mounted") {
+        return;
+    }
+    let t = tmpdir();
+    let mut mounts = Mounts::default();
+    let (blob, c) = layers("debian").remove(0);
+    let activity = Arc::new(cstore_fuse_fs::layer::Activity::default());
+    let opts = LayerOptions {
+        background_quiet: std::time::Duration::from_millis(300),
+        activity: activity.clone(),
+        ..LayerOptions::default()
+    };
+    let src = Source {
+        span_target: 128 << 10,
+        flip_at: None,
+        delay: std::time::Duration::ZERO,
+    };
+    let b = serve_with(&t.path().join("b"), &blob, c, src, opts, &[], &mut mounts);
+    let mounting = activity.mounting();
+    let fs = b.fs.clone();
+    let bg = std::thread::spawn(move || fs.complete());
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    assert_eq!(
+        b.src.calls.load(Ordering::SeqCst),
+        0,
+        "the layer fetched in the background while another was being mounted"
+    );
+    drop(mounting);
+    bg.join().unwrap().unwrap();
+    assert!(b.fs.is_complete());
+    assert!(b.src.calls.load(Ordering::SeqCst) > 0);
+}
+
 /// A source whose bytes for one span are altered: the reader of a file in that span
 /// gets EIO, nothing of it reaches the tree or the bitmap, and files elsewhere read.
 #[test]

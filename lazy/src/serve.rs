@@ -722,6 +722,12 @@ fn serve_loop(
         } else {
             kept.clear();
         }
+        // Background completion of the layers served waits while others
+        // are being mounted (see `Activity::mounting`).
+        let _mounting = todo
+            .iter()
+            .any(|t| !served.contains_key(&t.1) && !finished.contains(&t.1))
+            .then(|| activity.mounting());
         for (chain, layer, source, lazy) in todo {
             if served.contains_key(&layer) || finished.contains(&layer) {
                 continue;

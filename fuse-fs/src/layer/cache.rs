@@ -75,6 +75,8 @@ pub struct Activity {
     last_miss: Mutex<Option<Instant>>,
     /// Background requests in flight.
     background: AtomicUsize,
+    /// Layers being mounted now ([`Activity::mounting`]).
+    mounting: AtomicUsize,
 }
 
 impl Activity {
@@ -87,9 +89,20 @@ impl Activity {
         self.misses.fetch_sub(1, Ordering::SeqCst);
     }
 
+    /// The daemon is mounting layers: background work waits until it is done
+    /// (and quiet after), as it waits for misses. A container cannot start
+    /// before every layer of its image is mounted, and a mount's own writes
+    /// and syncs wait behind background write-back on a disk (on the
+    /// seek-modelled HDD the last layer of the bench image was mounted two
+    /// minutes late, behind the first layer's completion).
+    pub fn mounting(&self) -> MountingGuard<'_> {
+        self.mounting.fetch_add(1, Ordering::SeqCst);
+        MountingGuard(self)
+    }
+
     /// How long background work must still wait for reads to go quiet (zero: go).
     fn quiet_for(&self, quiet: Duration) -> Duration {
-        if self.misses.load(Ordering::SeqCst) > 0 {
+        if self.misses.load(Ordering::SeqCst) > 0 || self.mounting.load(Ordering::SeqCst) > 0 {
             return quiet;
         }
         match *lock(&self.last_miss) {
@@ -288,6 +301,17 @@ impl Tails {
                 }
             }
         }
+    }
+}
+
+/// Layers being mounted, counted in the daemon's [`Activity`] until dropped.
+pub struct MountingGuard<'a>(&'a Activity);
+
+impl Drop for MountingGuard<'_> {
+    fn drop(&mut self) {
+        // The quiet period starts when the last mount is done.
+        *lock(&self.0.last_miss) = Some(Instant::now());
+        self.0.mounting.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

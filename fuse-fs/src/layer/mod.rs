@@ -37,7 +37,9 @@ use crate::abi::{Attr, Statfs};
 use crate::error::Result;
 use crate::fs::{DirSink, Errno, Open, ReadOnlyFs};
 
-pub use cache::{local_of, read_trace, Activity, CacheStats, LayerOptions, Local, Priority};
+pub use cache::{
+    local_of, read_trace, Activity, CacheStats, LayerOptions, Local, MountingGuard, Priority,
+};
 pub use complete::build_index;
 pub use source::{FileSource, SpanSource};
 
