@@ -12,6 +12,7 @@ mod batch;
 pub mod error;
 pub mod extract;
 pub mod tar;
+pub mod writeback;
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
@@ -79,6 +80,10 @@ pub struct UnpackOptions {
     /// and syncs it once before committing any (each syncfs writes back the
     /// filesystem's metadata, shared blocks again every time).
     pub defer_sync: bool,
+    /// Told of each regular file's bytes as it is extracted: a background
+    /// write-back (see [`writeback`]) that starts the disk on them while the
+    /// rest of the layer is extracted.
+    pub writeback: Option<writeback::WritebackHandle>,
 }
 
 impl Default for UnpackOptions {
@@ -91,6 +96,7 @@ impl Default for UnpackOptions {
             build_index: false,
             index_policy: cstore_index::Policy::default(),
             defer_sync: false,
+            writeback: None,
         }
     }
 }
@@ -320,6 +326,9 @@ pub fn unpack_reader<R: BufRead>(
         }
         x.apply(&mut tar, &entry)
             .map_err(|e| fail_errno(Some(e.entry), e.reason, e.errno))?;
+        if let (Some(wb), tar::Kind::File) = (&opts.writeback, entry.kind) {
+            wb.wrote(writeback::dirty_bytes(entry.size));
+        }
     }
     x.finish()
         .map_err(|e| fail_errno(Some(e.entry), e.reason, e.errno))?;
