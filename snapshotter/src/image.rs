@@ -185,7 +185,8 @@ pub fn unpack_image(
             .unwrap_or_else(|| store.stream_config())
             .writeback_bytes
     });
-    let writeback = if every > 0 && !todo.is_empty() {
+    let by_syncfs = std::env::var("CSTORE_WRITEBACK_MODE").is_ok_and(|m| m == "syncfs");
+    let writeback = if by_syncfs && every > 0 && !todo.is_empty() {
         Some(Writeback::start(sn.root(), every).map_err(|e| IoError::new("open", sn.root(), e))?)
     } else {
         None
@@ -193,6 +194,7 @@ pub fn unpack_image(
     let opts = &UnpackOptions {
         defer_sync: true,
         writeback: writeback.as_ref().map(Writeback::handle),
+        file_batch_bytes: if by_syncfs { 0 } else { every },
         ..opts.clone()
     };
     let staged: Vec<Mutex<Staged>> = todo.iter().map(|_| Mutex::new(None)).collect();

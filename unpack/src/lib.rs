@@ -84,6 +84,9 @@ pub struct UnpackOptions {
     /// write-back (see [`writeback`]) that starts the disk on them while the
     /// rest of the layer is extracted.
     pub writeback: Option<writeback::WritebackHandle>,
+    /// Start the write-back of the files extracted every this many bytes
+    /// of them (see [`writeback::FileBatch`]); 0: leave it to the kernel.
+    pub file_batch_bytes: u64,
 }
 
 impl Default for UnpackOptions {
@@ -97,6 +100,7 @@ impl Default for UnpackOptions {
             index_policy: cstore_index::Policy::default(),
             defer_sync: false,
             writeback: None,
+            file_batch_bytes: 0,
         }
     }
 }
@@ -302,6 +306,9 @@ pub fn unpack_reader<R: BufRead>(
         && layer.compression != Compression::None;
     let mut x = extract::Extractor::new(root, batch).map_err(|r| fail(None, r))?;
     x.max_made_dir_bytes = opts.max_made_dir_bytes;
+    if opts.file_batch_bytes > 0 {
+        x.early = Some(writeback::FileBatch::new(opts.file_batch_bytes));
+    }
 
     let read_fail = |e: tar::TarError| match e {
         tar::TarError::Io(io) => {
