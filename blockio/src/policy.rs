@@ -41,12 +41,6 @@ pub struct Policy {
     /// batches (see `small_files`).
     #[serde(default)]
     pub batch_small_files: bool,
-    /// Unpack starts the write-back of what it has extracted every this
-    /// many bytes (a `syncfs` from a thread of its own), so the device
-    /// writes while the CPU extracts instead of after it; 0: only the
-    /// durable unpack's final `syncfs`.
-    #[serde(default)]
-    pub writeback_bytes: u64,
     /// Why: one line a person can read.
     pub reason: String,
 }
@@ -109,7 +103,6 @@ impl Policy {
                     streams: cores as u32,
                     iopoll: q.is_some_and(|q| q.io_poll),
                     batch_small_files: false,
-                    writeback_bytes: 0,
                     reason: format!(
                         "NVMe: parallel queues ({hwq} hardware queues, {cores} cores) → {rings} rings, deep queues, I/O up to MDTS"
                     ),
@@ -138,11 +131,9 @@ impl Policy {
                     streams: 1,
                     iopoll: false,
                     batch_small_files: false,
-                    writeback_bytes: ROTATIONAL_WRITEBACK,
                     reason: format!(
-                        "rotational: one ring, shallow queue, one blob stream at a time read in {} KiB requests (O_DIRECT unless the blob is in the page cache), unpack's write-back started every {} MiB extracted",
-                        io_size >> 10,
-                        ROTATIONAL_WRITEBACK >> 20
+                        "rotational: one ring, shallow queue, one blob stream at a time read in {} KiB requests (O_DIRECT unless the blob is in the page cache)",
+                        io_size >> 10
                     ),
                 }
             }
@@ -159,7 +150,6 @@ impl Policy {
                 streams: cores as u32,
                 iopoll: false,
                 batch_small_files: false,
-                writeback_bytes: 0,
                 reason:
                     "non-rotational: a ring per hardware queue (up to one per core), moderate depth"
                         .into(),
@@ -175,7 +165,6 @@ impl Policy {
                 streams: cores as u32,
                 iopoll: false,
                 batch_small_files: false,
-                writeback_bytes: 0,
                 reason: "no block device (memory-backed): a ring per core, buffered I/O".into(),
             },
         }
@@ -187,11 +176,6 @@ impl Policy {
 /// 1 MiB requests were no faster) and memory bounded (2 MiB per stream).
 const SHARED_STREAM_IO: u32 = 512 << 10;
 const SHARED_STREAM_DEPTH: u32 = 4;
-
-/// A disk's unpack: extraction outruns the disk, so the write-back runs
-/// from early on; past the first, each background sync takes what was
-/// extracted during the one before (large batches the scheduler sorts).
-const ROTATIONAL_WRITEBACK: u64 = 64 << 20;
 
 fn prev_power_of_two(x: u32) -> u32 {
     1 << (31 - x.max(1).leading_zeros())

@@ -332,7 +332,6 @@ mod tests {
             streams: 1,
             iopoll: false,
             batch_small_files: false,
-            writeback_bytes: 0,
             reason: "test".into(),
         }
     }

@@ -59,9 +59,6 @@ pub struct StreamConfig {
     /// Blob streams at once (layers unpacked in parallel), the policy's
     /// `streams`; None: one per core.
     pub max_streams: Option<usize>,
-    /// Unpack's background write-back, bytes between syncs (the policy's
-    /// `writeback_bytes`); 0: none.
-    pub writeback_bytes: u64,
 }
 
 impl Default for StreamConfig {
@@ -74,7 +71,6 @@ impl Default for StreamConfig {
             mode: Mode::Auto,
             batch_small_files: false,
             max_streams: None,
-            writeback_bytes: 0,
         }
     }
 }
@@ -100,7 +96,6 @@ impl StreamConfig {
             mode,
             batch_small_files: p.batch_small_files && mode != Mode::Sync,
             max_streams: Some((p.streams as usize).max(1)),
-            writeback_bytes: p.writeback_bytes,
         }
     }
 }

@@ -19,7 +19,6 @@ fn configs() -> Vec<(StreamConfig, Backend)> {
         mode,
         batch_small_files: false,
         max_streams: None,
-        writeback_bytes: 0,
     };
     vec![
         (small(Mode::Auto), Backend::IoUring),

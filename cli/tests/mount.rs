@@ -412,56 +412,6 @@ fn kill_9_during_unpack_leaves_only_whole_layers() {
     assert!(!is_mountpoint(mnt.path()));
 }
 
-/// The background write-back (a disk's policy; forced here every MiB) runs
-/// while the layers are extracted, several times for this image, and the
-/// unpack stays whole: same tree as umoci's, every layer committed, nothing
-/// left in staging.
-#[test]
-fn unpack_with_background_writeback_syncs_along_and_matches_umoci() {
-    let addr = registry();
-    let reference = format!("{addr}/layered-bulk:latest");
-    let (_, chains) = layers_of("layered-bulk");
-    let mut cs = Cstore::new();
-    cs.ok(&["pull", "--no-unpack", &reference]);
-    cs.env.push(("CSTORE_WRITEBACK_MIB".into(), "1".into()));
-    cs.env
-        .push(("CSTORE_LOG".into(), "cstore_snapshotter=debug".into()));
-    let (code, out, err) = cs.outcome(&["unpack", &reference]);
-    assert_eq!(code, 0, "unpack failed:\n{out}\n{err}");
-    // 4 layers of 2000 small files (a block each) and 4 MiB: ~12 MiB each.
-    let line = err
-        .lines()
-        .find(|l| l.contains("background write-back done"))
-        .unwrap_or_else(|| panic!("no background write-back in the log:\n{err}"));
-    let syncs: u64 = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("syncs="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no sync count in {line:?}"));
-    assert!(
-        syncs >= 2,
-        "{syncs} background syncs for ~48 MiB at 1 MiB: {line}"
-    );
-    assert!(
-        syncs <= 48,
-        "{syncs} background syncs for ~48 MiB at 1 MiB: {line}"
-    );
-    let keys: Vec<Value> = snapshots(&cs).iter().map(|s| s["key"].clone()).collect();
-    for c in &chains {
-        assert!(keys.contains(&Value::from(c.as_str())), "{c} not committed");
-    }
-    assert!(staging_leftovers(&cs).is_empty());
-    let mnt = MountDir::new();
-    cs.ok(&["mount", &reference, mnt.s()]);
-    assert_same_tree(
-        &umoci_tree("layered-bulk"),
-        &treesnap(mnt.path()),
-        "layered-bulk unpacked with background write-back vs umoci",
-    );
-    cs.ok(&["umount", mnt.s()]);
-    assert!(!is_mountpoint(mnt.path()));
-}
-
 #[test]
 fn an_image_of_130_layers_mounts_read_only_and_read_write() {
     let addr = registry();

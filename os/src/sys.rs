@@ -415,14 +415,6 @@ pub fn syncfs(fd: BorrowedFd<'_>) -> io::Result<()> {
     cvt(unsafe { libc::syncfs(fd.as_raw_fd()) }).map(drop)
 }
 
-/// Start the write-back of the file's dirty pages (SYNC_FILE_RANGE_WRITE:
-/// no wait, nothing made durable).
-pub fn start_writeback(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: valid fd; offset 0 and length 0 mean the whole file.
-    cvt(unsafe { libc::sync_file_range(fd.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) })
-        .map(drop)
-}
-
 pub fn ftruncate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
     // SAFETY: valid fd.
     cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) }).map(drop)

@@ -20,7 +20,6 @@ use cstore_registry::parse_digest;
 use cstore_store::image_config::ImageConfigHead;
 use cstore_store::meta::{DescriptorRecord, ImageRecord};
 use cstore_store::Store;
-use cstore_unpack::writeback::Writeback;
 use cstore_unpack::{
     layer_compression, unpack_layer, LayerIndex, LayerRef, LayerStats, UnpackOptions,
 };
@@ -175,26 +174,9 @@ pub fn unpack_image(
     let todo = &layers[present..];
     // One syncfs for all layers, before the first commit (below), instead
     // of one per layer: each writes back the filesystem's metadata, and on
-    // a disk those small writes are most of a layer's cost. Meanwhile the
-    // policy's background write-back (`writeback_bytes`) has the disk
-    // write what is extracted while the rest is, so that final syncfs
-    // finds little left; a background sync's error fails the unpack there.
-    let every = writeback_every().unwrap_or_else(|| {
-        opts.io
-            .as_ref()
-            .unwrap_or_else(|| store.stream_config())
-            .writeback_bytes
-    });
-    let by_syncfs = std::env::var("CSTORE_WRITEBACK_MODE").is_ok_and(|m| m == "syncfs");
-    let writeback = if by_syncfs && every > 0 && !todo.is_empty() {
-        Some(Writeback::start(sn.root(), every).map_err(|e| IoError::new("open", sn.root(), e))?)
-    } else {
-        None
-    };
+    // a disk those small writes are most of a layer's cost.
     let opts = &UnpackOptions {
         defer_sync: true,
-        writeback: writeback.as_ref().map(Writeback::handle),
-        file_batch_bytes: if by_syncfs { 0 } else { every },
         ..opts.clone()
     };
     let staged: Vec<Mutex<Staged>> = todo.iter().map(|_| Mutex::new(None)).collect();
@@ -241,15 +223,6 @@ pub fn unpack_image(
         let err = staged[pos].take().unwrap().unwrap_err();
         cleanup(&staged);
         return Err(err);
-    }
-    if let Some(wb) = writeback {
-        match wb.finish() {
-            Ok(syncs) => tracing::debug!(syncs, "background write-back done"),
-            Err(e) => {
-                cleanup(&staged);
-                return Err(IoError::new("syncfs (background write-back)", sn.root(), e).into());
-            }
-        }
     }
     if let Some(Some(Ok((dir, _, _)))) = staged.first() {
         // Every staged layer durable before any is committed.
@@ -313,19 +286,6 @@ pub fn unpack_image(
         unpacked: todo.len(),
         seconds: started.elapsed().as_secs_f64(),
     })
-}
-
-/// `CSTORE_WRITEBACK_MIB=N`: unpack's background write-back every N MiB
-/// extracted whatever the policy says (0: none), to compare.
-fn writeback_every() -> Option<u64> {
-    let v = std::env::var("CSTORE_WRITEBACK_MIB").ok()?;
-    match v.parse::<u64>() {
-        Ok(n) => Some(n << 20),
-        Err(_) => {
-            tracing::warn!(value = %v, "CSTORE_WRITEBACK_MIB is not a number of MiB; ignored");
-            None
-        }
-    }
 }
 
 /// Whether unpack records each layer's index (`CSTORE_LAYER_INDEX=0` turns it

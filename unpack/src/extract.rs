@@ -91,8 +91,6 @@ pub struct Extractor {
     umask: u32,
     /// Small files queued for io_uring; None: one syscall at a time.
     batch: Option<Batch>,
-    /// Files written, held for their write-back to start in batches.
-    pub early: Option<crate::writeback::FileBatch>,
 }
 
 /// The process umask, without changing it (umask(2) would, for every thread).
@@ -195,7 +193,6 @@ impl Extractor {
             owner,
             umask: current_umask(),
             batch,
-            early: None,
         })
     }
 
@@ -552,9 +549,6 @@ impl Extractor {
                 sys::futimens(fd, e.mtime).map_err(|x| io_err(path, "set mtime", &x))?;
                 self.stats.files += 1;
                 self.stats.file_bytes += e.size;
-                if let Some(b) = &mut self.early {
-                    b.push(f, e.size);
-                }
             }
             Kind::Dir => {
                 // As a file: made with the entry's permission bits, then
@@ -737,9 +731,6 @@ impl Extractor {
     /// more is written into them.
     pub fn finish(&mut self) -> Result<(), EntryError> {
         self.flush()?;
-        if let Some(b) = &mut self.early {
-            b.start();
-        }
         self.cached = None;
         // The last parent opened, by its key (entries of a directory are
         // mostly together).

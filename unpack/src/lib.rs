@@ -12,7 +12,6 @@ mod batch;
 pub mod error;
 pub mod extract;
 pub mod tar;
-pub mod writeback;
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
@@ -80,13 +79,6 @@ pub struct UnpackOptions {
     /// and syncs it once before committing any (each syncfs writes back the
     /// filesystem's metadata, shared blocks again every time).
     pub defer_sync: bool,
-    /// Told of each regular file's bytes as it is extracted: a background
-    /// write-back (see [`writeback`]) that starts the disk on them while the
-    /// rest of the layer is extracted.
-    pub writeback: Option<writeback::WritebackHandle>,
-    /// Start the write-back of the files extracted every this many bytes
-    /// of them (see [`writeback::FileBatch`]); 0: leave it to the kernel.
-    pub file_batch_bytes: u64,
 }
 
 impl Default for UnpackOptions {
@@ -99,8 +91,6 @@ impl Default for UnpackOptions {
             build_index: false,
             index_policy: cstore_index::Policy::default(),
             defer_sync: false,
-            writeback: None,
-            file_batch_bytes: 0,
         }
     }
 }
@@ -306,9 +296,6 @@ pub fn unpack_reader<R: BufRead>(
         && layer.compression != Compression::None;
     let mut x = extract::Extractor::new(root, batch).map_err(|r| fail(None, r))?;
     x.max_made_dir_bytes = opts.max_made_dir_bytes;
-    if opts.file_batch_bytes > 0 {
-        x.early = Some(writeback::FileBatch::new(opts.file_batch_bytes));
-    }
 
     let read_fail = |e: tar::TarError| match e {
         tar::TarError::Io(io) => {
@@ -333,9 +320,6 @@ pub fn unpack_reader<R: BufRead>(
         }
         x.apply(&mut tar, &entry)
             .map_err(|e| fail_errno(Some(e.entry), e.reason, e.errno))?;
-        if let (Some(wb), tar::Kind::File) = (&opts.writeback, entry.kind) {
-            wb.wrote(writeback::dirty_bytes(entry.size));
-        }
     }
     x.finish()
         .map_err(|e| fail_errno(Some(e.entry), e.reason, e.errno))?;
