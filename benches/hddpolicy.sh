@@ -35,6 +35,8 @@
 #   time; no throttle). Per run it also prints what the model served:
 #   requests, seeks and the modelled busy time (from its counters).
 #   MODEL_BIN=the cstore that serves the model (default: the first of BINS)
+#   SCHED_TUNE="write_expire=60000 fifo_batch=64": the scheduler's tunables
+#   (queue/iosched/) on the class's loop device, after SCHED
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/lib.sh
@@ -96,6 +98,7 @@ name=$(basename "$dev")
 echo 1 > "/sys/block/$name/queue/rotational"
 # As the suite's HDD class: a disk's scheduler (SCHED=none for the loop default).
 [ -n "${MODEL:-}" ] && echo "${SCHED:-mq-deadline}" > "/sys/block/$name/queue/scheduler"
+for kv in ${SCHED_TUNE:-}; do echo "${kv#*=}" > "/sys/block/$name/queue/iosched/${kv%%=*}"; done
 mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$dev"
 mount "$dev" "$mnt"
 majmin=$(lsblk -dno MAJ:MIN "$dev" | tr -d ' ')
@@ -154,7 +157,7 @@ if [ -n "${TRACE:-}" ]; then
 fi
 
 if [ -n "${MODEL:-}" ]; then what="on the HDD model (cstore bench hdd-model), no throttle"; else what="on tmpfs, 150 IOPS / 150 MB/s"; fi
-echo "image $ref; class: $dev ($majmin) ext4 $what, rotational=1; load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "image $ref; class: $dev ($majmin) ext4 $what, rotational=1, scheduler $(grep -o '\[[^]]*\]' "/sys/block/$name/queue/scheduler") ${SCHED_TUNE:-}; load $(cut -d' ' -f1-3 /proc/loadavg)"
 in_cg "$first_bin" --root "$mnt/blobs" pull --no-unpack "$ref" >/dev/null
 for mode in $MODES; do
   for r in $(seq "$ROUNDS"); do
