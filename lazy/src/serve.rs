@@ -224,9 +224,29 @@ fn lazy_snapshots(sn: &Snapshotter) -> Result<Vec<(String, String, String)>> {
 
 /// Every lazy layer's FUSE mount is up (the daemon serves them all).
 pub fn all_served(store: &Store, sn: &Snapshotter) -> Result<bool> {
+    Ok(all_mounted(&lazy_mount_points(store, sn)?))
+}
+
+/// Where the store's lazy layers are FUSE-mounted when served.
+pub fn lazy_mount_points(store: &Store, sn: &Snapshotter) -> Result<Vec<PathBuf>> {
     Ok(lazy_snapshots(sn)?
         .iter()
-        .all(|(_, layer, _)| is_fuse_mount(&layer_dir(store, layer).join("mnt"))))
+        .map(|(_, layer, _)| layer_dir(store, layer).join("mnt"))
+        .collect())
+}
+
+/// Whether each of `mnts` is a FUSE mount now (one read of the mount table,
+/// no database: a caller waiting for the daemon can ask often without holding
+/// the store's databases open, which the daemon's start needs).
+pub fn all_mounted(mnts: &[PathBuf]) -> bool {
+    if mnts.is_empty() {
+        return true;
+    }
+    cstore_os::mountinfo::read().is_ok_and(|m| {
+        mnts.iter().all(|p| {
+            cstore_os::mountinfo::find(&m, p).is_some_and(|e| e.fs_type.starts_with("fuse"))
+        })
+    })
 }
 
 struct Served {
