@@ -742,16 +742,45 @@ fn serve_loop(
         } else {
             kept.clear();
         }
-        for (chain, layer, source, lazy) in todo {
-            if served.contains_key(&layer) || finished.contains(&layer) {
-                continue;
-            }
-            if opts.stop.load(Ordering::SeqCst) {
-                break;
-            }
-            match serve_layer(
-                rt, client, store, sn, &chain, &layer, &source, opts, lazy, &activity,
-            ) {
+        let todo: Vec<_> = todo
+            .into_iter()
+            .filter(|t| !served.contains_key(&t.1) && !finished.contains(&t.1))
+            .collect();
+        // Side by side: a container starting on the image waits for all of
+        // them, and each is mostly waiting (its index read from the store, the
+        // mount and INIT, the fd store's answer).
+        let results: Vec<(String, Result<Served>)> = if opts.stop.load(Ordering::SeqCst) {
+            Vec::new()
+        } else {
+            std::thread::scope(|sc| {
+                let handles: Vec<_> = todo
+                    .iter()
+                    .map(|(chain, layer, source, lazy)| {
+                        let activity = &activity;
+                        sc.spawn(move || {
+                            serve_layer(
+                                rt, client, store, sn, chain, layer, source, opts, *lazy, activity,
+                            )
+                        })
+                    })
+                    .collect();
+                todo.iter()
+                    .zip(handles)
+                    .map(|(t, h)| {
+                        let r = h.join().unwrap_or_else(|_| {
+                            Err(Error::Invalid {
+                                what: format!("lazy layer {}", t.1),
+                                reason: "serving it panicked".into(),
+                            })
+                        });
+                        (t.1.clone(), r)
+                    })
+                    .collect()
+            })
+        };
+        let mut failed_kept = None;
+        for (layer, r) in results {
+            match r {
                 Ok(s) => {
                     served.insert(layer, s);
                 }
@@ -759,13 +788,16 @@ fn serve_loop(
                     // Its readers wait on this connection: fail, so that the
                     // keeper restarts the daemon (and in the end aborts it).
                     tracing::error!("resuming lazy layer {layer}: {e}");
-                    return Err(e);
+                    failed_kept.get_or_insert(e);
                 }
                 Err(e) => {
                     tracing::error!("serving lazy layer {layer}: {e}");
                     finished.insert(layer);
                 }
             }
+        }
+        if let Some(e) = failed_kept {
+            return Err(e);
         }
         if let Some(r) = ready.take() {
             r();
