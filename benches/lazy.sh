@@ -276,13 +276,13 @@ measure() { # measure LINK CASE WORKLOAD ROUND
   proxy POST reset >/dev/null
   eval "pull=($(pull_"$c"))"
   # STRACE=1 (with LOGS): the pull's and the run's process and mount syscalls,
-  # with wall-clock times, as LOGS/<id>.{pull,run}.strace (the run's children,
-  # the lazy keeper and daemon among them, included): a timeline beside the
-  # daemon's log.
+  # with wall-clock times, as LOGS/<id>.{pull,run}.strace: a timeline beside the
+  # daemon's log (which has its mounts). Children are followed up to their
+  # execve (the keeper's, the container's), so the strace ends with the command.
   local st=()
   if [ "${STRACE:-0}" = 1 ] && [ -n "${LOGS:-}" ]; then
     mkdir -p "$LOGS"
-    st=(strace -f -tt --seccomp-bpf -e trace=process,mount -o "$LOGS/$cur_id.pull.strace")
+    st=(strace -f -b execve -tt --seccomp-bpf -e trace=process,mount -o "$LOGS/$cur_id.pull.strace")
     pull=("${st[@]}" "${pull[@]}")
   fi
   p=$(python3 benches/runlat.py --once -- "${pull[@]}" 2>"$work/err") ||
