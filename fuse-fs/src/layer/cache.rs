@@ -948,7 +948,6 @@ impl Layer {
             .and_then(|_| self.mark(written))
     }
 
-
     /// Fetches, verifies, inflates and writes a run of adjacent spans, telling
     /// `done` each span's result as it is known; returns the tree files written.
     /// A span is written only once verified ([`Self::persist`] makes it durable
