@@ -315,6 +315,8 @@ struct Timings {
     inflate: Duration,
     /// Writing the blob copy and the tree files (creating them on first touch).
     write: Duration,
+    /// Of `write`: opening (on first touch creating) the tree files.
+    open: Duration,
 }
 
 /// A read miss being waited for, counted in the daemon's [`Activity`].
@@ -862,7 +864,7 @@ impl Layer {
             // a fetcher the next miss cannot have.
             self.to_persist(written, touched);
             tracing::debug!(
-                "{}: spans {}..={} ({}): fetched and written in {:?} (source {:?}, inflate {:?}, write {:?})",
+                "{}: spans {}..={} ({}): fetched and written in {:?} (source {:?}, inflate {:?}, write {:?} of which opening files {:?})",
                 self.name,
                 batch[0],
                 batch[batch.len() - 1],
@@ -876,6 +878,7 @@ impl Layer {
                 timings.net,
                 timings.inflate,
                 timings.write,
+                timings.open,
             );
         }
     }
@@ -1078,7 +1081,7 @@ impl Layer {
                 self.blob
                     .write_all_at(c, sp.compressed.start)
                     .map_err(|e| format!("writing the blob copy: {e}"))?;
-                self.write_tree(sp.uncompressed.start, &out, &mut touched)
+                self.write_tree(sp.uncompressed.start, &out, &mut touched, &mut timings.open)
             });
             timings.write += t_write.elapsed();
             done(s, r);
@@ -1118,7 +1121,13 @@ impl Layer {
 
     /// Writes the uncompressed bytes `out` (from stream offset `at`) into the files
     /// they belong to.
-    fn write_tree(&self, at: u64, out: &[u8], touched: &mut Vec<Arc<File>>) -> Result<(), String> {
+    fn write_tree(
+        &self,
+        at: u64,
+        out: &[u8],
+        touched: &mut Vec<Arc<File>>,
+        open_time: &mut Duration,
+    ) -> Result<(), String> {
         let end = at + out.len() as u64;
         // The first piece that ends after `at`.
         let mut k = self.pieces.partition_point(|p| p.stream + p.len <= at);
@@ -1126,9 +1135,11 @@ impl Layer {
             let p = self.pieces[k];
             let a = p.stream.max(at);
             let b = (p.stream + p.len).min(end);
+            let t = Instant::now();
             let f = self
                 .tree_file(p.entry)
                 .map_err(|e| format!("tree file of entry {}: {e}", p.entry))?;
+            *open_time += t.elapsed();
             f.write_all_at(
                 &out[(a - at) as usize..(b - at) as usize],
                 p.file_off + (a - p.stream),
