@@ -42,6 +42,7 @@
 #                              CASES="cstore stargz ctr ctr+cs cstore-lazy ctr+cs-lazy"
 #                              STALL=1 KILLS=5 STALL_FILES=3000 READ=1 REPS=3 TRACE=0)
 #
+# STRACE=1 with LOGS=DIR keeps an strace timeline of each pull and run (see measure).
 # SPAN_KIB=N builds the indexes with spans of N KiB (`index build --span-kib`;
 # default 128).
 # TRACE=1 pushes an access trace of the python workload with the index (see
@@ -274,9 +275,20 @@ measure() { # measure LINK CASE WORKLOAD ROUND
     "$(command -v containerd-shim-runc-v2)" > /dev/null
   proxy POST reset >/dev/null
   eval "pull=($(pull_"$c"))"
+  # STRACE=1 (with LOGS): the pull's and the run's process and mount syscalls,
+  # with wall-clock times, as LOGS/<id>.{pull,run}.strace: a timeline beside the
+  # daemon's log (which has its mounts). Children are followed up to their
+  # execve (the keeper's, the container's), so the strace ends with the command.
+  local st=()
+  if [ "${STRACE:-0}" = 1 ] && [ -n "${LOGS:-}" ]; then
+    mkdir -p "$LOGS"
+    st=(strace -f -b execve -tt --seccomp-bpf -e trace=process,mount -o "$LOGS/$cur_id.pull.strace")
+    pull=("${st[@]}" "${pull[@]}")
+  fi
   p=$(python3 benches/runlat.py --once -- "${pull[@]}" 2>"$work/err") ||
     { echo "$c: pull failed: $(cat "$work/err")" >&2; exit 1; }
   eval "run=($(run_"$c" "$wl" "$id"))"
+  [ ${#st[@]} = 0 ] || run=("${st[@]:0:${#st[@]}-1}" "$LOGS/$cur_id.run.strace" "${run[@]}")
   r=$(python3 benches/runlat.py --once --expect "$(wl_expect "$wl")" -- "${run[@]}" 2>"$work/err") ||
     { echo "$c: run failed: $(cat "$work/err")" >&2; exit 1; }
   bytes=$(proxy GET stats | jq .down)

@@ -420,9 +420,24 @@ pub fn ensure_served(
     let since = std::time::Instant::now();
     let mut started: Option<std::time::Instant> = None;
     let mut said = false;
+    // Polled often (the container waits on it) in the mount table only; the
+    // lazy layers are read from the snapshot table again now and then (one
+    // completing meanwhile is not lazy any more). Polling that table every
+    // round held the store's database open (it lingers 20 ms after each use)
+    // and so held up the daemon's start, which needs it.
+    let mut mnts = cstore_lazy::serve::lazy_mount_points(store, &sn)?;
+    let mut listed = std::time::Instant::now();
     // A running daemon picks new layers up within a moment; a keeper that
     // was just leaving (its layers done) is started again.
-    while !cstore_lazy::serve::all_served(store, &sn)? {
+    loop {
+        if cstore_lazy::serve::all_mounted(&mnts) {
+            break;
+        }
+        if listed.elapsed() > std::time::Duration::from_millis(500) {
+            mnts = cstore_lazy::serve::lazy_mount_points(store, &sn)?;
+            listed = std::time::Instant::now();
+            continue;
+        }
         // 20 s for a daemon to appear; while a keeper (or systemd's unit)
         // runs one, up to 2 minutes: on a slow store (a disk seeking for
         // each of the daemon's syncs, a loaded machine) it is on its way.
@@ -451,7 +466,8 @@ pub fn ensure_served(
             start_keeper(root, args)?;
             started = Some(std::time::Instant::now());
         }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        // A container waits on this: a round is one read of the mount table.
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
     Ok(())
 }

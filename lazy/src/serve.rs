@@ -224,9 +224,29 @@ fn lazy_snapshots(sn: &Snapshotter) -> Result<Vec<(String, String, String)>> {
 
 /// Every lazy layer's FUSE mount is up (the daemon serves them all).
 pub fn all_served(store: &Store, sn: &Snapshotter) -> Result<bool> {
+    Ok(all_mounted(&lazy_mount_points(store, sn)?))
+}
+
+/// Where the store's lazy layers are FUSE-mounted when served.
+pub fn lazy_mount_points(store: &Store, sn: &Snapshotter) -> Result<Vec<PathBuf>> {
     Ok(lazy_snapshots(sn)?
         .iter()
-        .all(|(_, layer, _)| is_fuse_mount(&layer_dir(store, layer).join("mnt"))))
+        .map(|(_, layer, _)| layer_dir(store, layer).join("mnt"))
+        .collect())
+}
+
+/// Whether each of `mnts` is a FUSE mount now (one read of the mount table,
+/// no database: a caller waiting for the daemon can ask often without holding
+/// the store's databases open, which the daemon's start needs).
+pub fn all_mounted(mnts: &[PathBuf]) -> bool {
+    if mnts.is_empty() {
+        return true;
+    }
+    cstore_os::mountinfo::read().is_ok_and(|m| {
+        mnts.iter().all(|p| {
+            cstore_os::mountinfo::find(&m, p).is_some_and(|e| e.fs_type.starts_with("fuse"))
+        })
+    })
 }
 
 struct Served {
@@ -722,22 +742,48 @@ fn serve_loop(
         } else {
             kept.clear();
         }
-        // Background completion of the layers served waits while others
-        // are being mounted (see `Activity::mounting`).
-        let _mounting = todo
-            .iter()
-            .any(|t| !served.contains_key(&t.1) && !finished.contains(&t.1))
-            .then(|| activity.mounting());
-        for (chain, layer, source, lazy) in todo {
-            if served.contains_key(&layer) || finished.contains(&layer) {
-                continue;
-            }
-            if opts.stop.load(Ordering::SeqCst) {
-                break;
-            }
-            match serve_layer(
-                rt, client, store, sn, &chain, &layer, &source, opts, lazy, &activity,
-            ) {
+        let todo: Vec<_> = todo
+            .into_iter()
+            .filter(|t| !served.contains_key(&t.1) && !finished.contains(&t.1))
+            .collect();
+        // Background completion of the layers served waits while these are
+        // being mounted (see `Activity::mounting`).
+        let _mounting = (!todo.is_empty()).then(|| activity.mounting());
+        // Side by side: a container starting on the image waits for all of
+        // them, and each is mostly waiting (its index read from the store, the
+        // mount and INIT, the fd store's answer).
+        let results: Vec<(String, Result<Served>)> = if opts.stop.load(Ordering::SeqCst) {
+            Vec::new()
+        } else {
+            std::thread::scope(|sc| {
+                let handles: Vec<_> = todo
+                    .iter()
+                    .map(|(chain, layer, source, lazy)| {
+                        let activity = &activity;
+                        sc.spawn(move || {
+                            serve_layer(
+                                rt, client, store, sn, chain, layer, source, opts, *lazy, activity,
+                            )
+                        })
+                    })
+                    .collect();
+                todo.iter()
+                    .zip(handles)
+                    .map(|(t, h)| {
+                        let r = h.join().unwrap_or_else(|_| {
+                            Err(Error::Invalid {
+                                what: format!("lazy layer {}", t.1),
+                                reason: "serving it panicked".into(),
+                            })
+                        });
+                        (t.1.clone(), r)
+                    })
+                    .collect()
+            })
+        };
+        let mut failed_kept = None;
+        for (layer, r) in results {
+            match r {
                 Ok(s) => {
                     served.insert(layer, s);
                 }
@@ -745,13 +791,16 @@ fn serve_loop(
                     // Its readers wait on this connection: fail, so that the
                     // keeper restarts the daemon (and in the end aborts it).
                     tracing::error!("resuming lazy layer {layer}: {e}");
-                    return Err(e);
+                    failed_kept.get_or_insert(e);
                 }
                 Err(e) => {
                     tracing::error!("serving lazy layer {layer}: {e}");
                     finished.insert(layer);
                 }
             }
+        }
+        if let Some(e) = failed_kept {
+            return Err(e);
         }
         if let Some(r) = ready.take() {
             r();

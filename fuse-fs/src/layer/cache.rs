@@ -269,6 +269,10 @@ pub(crate) struct Layer {
     /// Attributes implicit directories take from the lower layers.
     pub(crate) inherited: std::sync::RwLock<HashMap<u32, Inherited>>,
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// Spans written and not durable yet, for the persister thread.
+    pending: Mutex<Pending>,
+    pending_cv: Condvar,
+    persister: Mutex<Option<JoinHandle<()>>>,
     complete: AtomicBool,
     requests: AtomicU64,
     spans_fetched: AtomicU64,
@@ -279,6 +283,16 @@ pub(crate) struct Layer {
     /// The last 32 KiB of recently inflated spans' output, by span: the next
     /// span's window, so a miss right after its neighbour fetches no window.
     tails: Mutex<Tails>,
+}
+
+/// What the fetchers wrote and the persister has not synced yet.
+#[derive(Default)]
+struct Pending {
+    spans: Vec<usize>,
+    /// The tree files those spans touched, each once.
+    files: Vec<Arc<File>>,
+    /// Shutting down: the persister ends once nothing is pending.
+    stop: bool,
 }
 
 /// A bounded set of span output tails ([`Layer::tails`]), oldest out first.
@@ -315,6 +329,20 @@ impl Drop for MountingGuard<'_> {
     }
 }
 
+/// Where a request's time went (for the daemon's debug log: the per-miss
+/// breakdown in docs/lazy.md comes from it).
+#[derive(Debug, Default, Clone, Copy)]
+struct Timings {
+    /// The source requests (spans and windows side by side), to the last byte.
+    net: Duration,
+    /// Checking and inflating the spans.
+    inflate: Duration,
+    /// Writing the blob copy and the tree files (creating them on first touch).
+    write: Duration,
+    /// Of `write`: opening (on first touch creating) the tree files.
+    open: Duration,
+}
+
 /// A read miss being waited for, counted in the daemon's [`Activity`].
 struct MissGuard<'a>(&'a Activity);
 
@@ -322,6 +350,28 @@ impl<'a> MissGuard<'a> {
     fn new(a: &'a Activity) -> Self {
         a.miss_begin();
         MissGuard(a)
+    }
+}
+
+/// Logs (debug) how long a reader waited for its spans: against the fetcher's
+/// line for the same spans, the time they waited for a fetcher.
+struct LogWait<'a> {
+    layer: &'a str,
+    spans: &'a [usize],
+    prio: Priority,
+    since: Instant,
+}
+
+impl Drop for LogWait<'_> {
+    fn drop(&mut self) {
+        if self.prio == Priority::OnDemand {
+            tracing::debug!(
+                "{}: read of spans {:?} waited {:?}",
+                self.layer,
+                self.spans,
+                self.since.elapsed()
+            );
+        }
     }
 }
 
@@ -422,6 +472,9 @@ impl Layer {
             files: Mutex::new(HashMap::new()),
             inherited: Default::default(),
             workers: Mutex::new(Vec::new()),
+            pending: Mutex::new(Pending::default()),
+            pending_cv: Condvar::new(),
+            persister: Mutex::new(None),
             complete: AtomicBool::new(complete),
             requests: AtomicU64::new(0),
             spans_fetched: AtomicU64::new(0),
@@ -442,6 +495,12 @@ impl Layer {
             workers.push(h);
         }
         drop(workers);
+        let l = layer.clone();
+        let h = std::thread::Builder::new()
+            .name("lazy-persist".into())
+            .spawn(move || l.persister())
+            .map_err(|e| Error::io("spawn the persister", cache_dir, e))?;
+        *lock(&layer.persister) = Some(h);
         Ok(layer)
     }
 
@@ -473,6 +532,14 @@ impl Layer {
         let handles: Vec<_> = lock(&self.workers).drain(..).collect();
         for h in handles {
             // A fetcher holding the last reference drops the layer itself.
+            if h.thread().id() != me {
+                let _ = h.join();
+            }
+        }
+        // After the fetchers: what they wrote last is made durable too.
+        lock(&self.pending).stop = true;
+        self.pending_cv.notify_all();
+        if let Some(h) = lock(&self.persister).take() {
             if h.thread().id() != me {
                 let _ = h.join();
             }
@@ -669,6 +736,13 @@ impl Layer {
         }
         self.cv.notify_all();
         let _miss = (prio == Priority::OnDemand).then(|| MissGuard::new(&self.opts.activity));
+        let waited = Instant::now();
+        let _log = LogWait {
+            layer: &self.name,
+            spans,
+            prio,
+            since: waited,
+        };
         loop {
             if st.stopping {
                 return Err(Error::Layer {
@@ -779,46 +853,42 @@ impl Layer {
             let background = prio == Priority::Background;
             let t0 = Instant::now();
             let mut written = Vec::new();
+            let mut timings = Timings::default();
             // Each span's readers go on as soon as it is written: the verified
             // bytes are in the tree files, and the page cache serves them.
             // Syncing first cost a reader three fdatasyncs per miss (tens of ms
             // each on a busy disk), and waiting for the whole run cost a reader
             // of its first span the inflate of the rest.
-            let touched = self.fetch_batch(&batch, &mut reader, &mut |s, r| {
-                let mut st = lock(&self.st);
-                match r {
-                    Ok(()) => {
-                        st.spans[s] = SpanState::Local;
-                        st.local += 1;
-                        written.push(s);
+            let touched = self.fetch_batch(
+                &batch,
+                &mut reader,
+                &mut |s, r| {
+                    let mut st = lock(&self.st);
+                    match r {
+                        Ok(()) => {
+                            st.spans[s] = SpanState::Local;
+                            st.local += 1;
+                            written.push(s);
+                        }
+                        Err(e) => {
+                            self.failures.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!("{}: span {s}: {e}", self.name);
+                            st.spans[s] = SpanState::Failed(e.into());
+                        }
                     }
-                    Err(e) => {
-                        self.failures.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!("{}: span {s}: {e}", self.name);
-                        st.spans[s] = SpanState::Failed(e.into());
-                    }
-                }
-                drop(st);
-                self.cv.notify_all();
-            });
+                    drop(st);
+                    self.cv.notify_all();
+                },
+                &mut timings,
+            );
             if background {
                 activity.background_end();
             }
-            let fetched = t0.elapsed();
-            if let Err(e) = self.persist(&written, &touched) {
-                // Not durable: the next reader fetches them again.
-                tracing::warn!("{}: spans {written:?}: {e}", self.name);
-                let mut st = lock(&self.st);
-                for &s in &written {
-                    if st.spans[s] == SpanState::Local {
-                        st.spans[s] = SpanState::Failed(e.clone().into());
-                        st.local -= 1;
-                        self.failures.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
+            // Made durable by the persister, not here: a fetcher syncing is
+            // a fetcher the next miss cannot have.
+            self.to_persist(written, touched);
             tracing::debug!(
-                "{}: spans {}..={} ({}): fetched and written in {fetched:?}, durable after {:?}",
+                "{}: spans {}..={} ({}): fetched and written in {:?} (source {:?}, inflate {:?}, write {:?} of which opening files {:?})",
                 self.name,
                 batch[0],
                 batch[batch.len() - 1],
@@ -828,17 +898,77 @@ impl Layer {
                     Priority::LookAhead => "look-ahead",
                     Priority::Background => "background",
                 },
+                t0.elapsed(),
+                timings.net,
+                timings.inflate,
+                timings.write,
+                timings.open,
+            );
+        }
+    }
+
+    /// Hands spans just written (and the tree files they touched) to the
+    /// persister.
+    fn to_persist(&self, written: Vec<usize>, touched: Vec<Arc<File>>) {
+        if written.is_empty() {
+            return;
+        }
+        let mut p = lock(&self.pending);
+        p.spans.extend(written);
+        for f in touched {
+            if !p.files.iter().any(|t| Arc::ptr_eq(t, &f)) {
+                p.files.push(f);
+            }
+        }
+        drop(p);
+        self.pending_cv.notify_all();
+    }
+
+    /// The persister: makes the spans the fetchers wrote durable (blob copy and
+    /// tree files fdatasynced), then sets them in the bitmap (synced too), so
+    /// a restarted daemon can trust what it says. Whatever the fetchers wrote
+    /// while it synced is taken together next time: one sync of the blob and
+    /// of each file for all of it. On a clean stop it makes durable what was
+    /// handed over before it ends.
+    fn persister(self: Arc<Self>) {
+        loop {
+            let (spans, files) = {
+                let mut p = lock(&self.pending);
+                while p.spans.is_empty() {
+                    if p.stop {
+                        return;
+                    }
+                    p = self.pending_cv.wait(p).unwrap_or_else(|e| e.into_inner());
+                }
+                (std::mem::take(&mut p.spans), std::mem::take(&mut p.files))
+            };
+            let t0 = Instant::now();
+            let r = self.persist(&spans, &files);
+            if let Err(e) = &r {
+                // Not durable: the next reader fetches them again.
+                tracing::warn!("{}: spans {spans:?}: {e}", self.name);
+                let mut st = lock(&self.st);
+                for &s in &spans {
+                    if st.spans[s] == SpanState::Local {
+                        st.spans[s] = SpanState::Failed(e.clone().into());
+                        st.local -= 1;
+                        self.failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            tracing::debug!(
+                "{}: {} spans, {} tree files made durable in {:?}",
+                self.name,
+                spans.len(),
+                files.len(),
                 t0.elapsed()
             );
         }
     }
 
     /// The bytes of `written` spans durable (blob copy and tree files), then the
-    /// spans set in the bitmap: a restarted daemon trusts what it says.
+    /// spans set in the bitmap.
     fn persist(&self, written: &[usize], touched: &[Arc<File>]) -> Result<(), String> {
-        if written.is_empty() {
-            return Ok(());
-        }
         tree::fdatasync(self.blob.as_fd())
             .and_then(|_| touched.iter().try_for_each(|f| tree::fdatasync(f.as_fd())))
             .map_err(|e| format!("fdatasync: {e}"))
@@ -854,6 +984,7 @@ impl Layer {
         batch: &[usize],
         reader: &mut SpanReader,
         done: &mut dyn FnMut(usize, Result<(), String>),
+        timings: &mut Timings,
     ) -> Vec<Arc<File>> {
         let mut fail_all = |why: String| {
             for &s in batch {
@@ -899,6 +1030,7 @@ impl Layer {
         };
         // Both requests at once: from a registry each is a round trip, and a
         // reader waits for both.
+        let t_net = Instant::now();
         let (bytes, wbytes) = std::thread::scope(|sc| {
             let w = (!wrange.is_empty())
                 .then(|| sc.spawn(|| self.source.fetch_windows(wrange.clone())));
@@ -911,6 +1043,7 @@ impl Layer {
             };
             (b, w)
         });
+        timings.net = t_net.elapsed();
         let bytes = match bytes {
             Ok(b) => b,
             Err(e) => return fail_all(format!("fetching bytes {range:?}: {e}")),
@@ -940,6 +1073,7 @@ impl Layer {
             let c = &bytes[(sp.compressed.start - range.start) as usize
                 ..(sp.compressed.end - range.start) as usize];
             self.spans_fetched.fetch_add(1, Ordering::Relaxed);
+            let t_inflate = Instant::now();
             let inflated = if derived(k, s) {
                 match prev_tail.as_deref() {
                     Some(h) => reader.read_span_after(&self.idx, s, c, h),
@@ -965,12 +1099,15 @@ impl Layer {
                 }
                 _ => None,
             };
+            let t_write = Instant::now();
+            timings.inflate += t_write - t_inflate;
             let r = inflated.map_err(|e| e.to_string()).and_then(|out| {
                 self.blob
                     .write_all_at(c, sp.compressed.start)
                     .map_err(|e| format!("writing the blob copy: {e}"))?;
-                self.write_tree(sp.uncompressed.start, &out, &mut touched)
+                self.write_tree(sp.uncompressed.start, &out, &mut touched, &mut timings.open)
             });
+            timings.write += t_write.elapsed();
             done(s, r);
         }
         touched
@@ -984,6 +1121,11 @@ impl Layer {
         bytes.dedup();
         let mut new = 0;
         for &s in spans {
+            // A span discarded since it was written (a failed completion reset
+            // the layer) is not marked.
+            if st.spans[s] != SpanState::Local {
+                continue;
+            }
             let bit = 1 << (s % 8);
             if st.bitmap[s / 8] & bit == 0 {
                 st.bitmap[s / 8] |= bit;
@@ -1003,7 +1145,13 @@ impl Layer {
 
     /// Writes the uncompressed bytes `out` (from stream offset `at`) into the files
     /// they belong to.
-    fn write_tree(&self, at: u64, out: &[u8], touched: &mut Vec<Arc<File>>) -> Result<(), String> {
+    fn write_tree(
+        &self,
+        at: u64,
+        out: &[u8],
+        touched: &mut Vec<Arc<File>>,
+        open_time: &mut Duration,
+    ) -> Result<(), String> {
         let end = at + out.len() as u64;
         // The first piece that ends after `at`.
         let mut k = self.pieces.partition_point(|p| p.stream + p.len <= at);
@@ -1011,9 +1159,11 @@ impl Layer {
             let p = self.pieces[k];
             let a = p.stream.max(at);
             let b = (p.stream + p.len).min(end);
+            let t = Instant::now();
             let f = self
                 .tree_file(p.entry)
                 .map_err(|e| format!("tree file of entry {}: {e}", p.entry))?;
+            *open_time += t.elapsed();
             f.write_all_at(
                 &out[(a - at) as usize..(b - at) as usize],
                 p.file_off + (a - p.stream),
@@ -1114,6 +1264,13 @@ impl Layer {
     /// cache were discarded).
     pub(crate) fn reset(&self) -> io::Result<()> {
         lock(&self.files).clear();
+        {
+            // Spans of the discarded tree are not to be marked (the persister
+            // also marks only spans still local, for what it took already).
+            let mut p = lock(&self.pending);
+            p.spans.clear();
+            p.files.clear();
+        }
         let f = lock(&self.bitmap_file);
         let mut st = lock(&self.st);
         for s in st.spans.iter_mut() {
@@ -1231,4 +1388,124 @@ pub fn local_of<B: AsRef<[u8]>>(idx: &Index<B>, cache_dir: &Path) -> io::Result<
         bytes: bytes.min(total_bytes),
         total_bytes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::source::FileSource;
+    use cstore_index::{Compression, Policy};
+
+    /// A gzip layer of `n` files of 256 KiB of incompressible bytes each
+    /// (`tar` and `gzip` of the host), its index (64 KiB spans) and windows.
+    fn layer_of_files(dir: &Path, n: usize) -> (PathBuf, Vec<u8>, PathBuf) {
+        let src = dir.join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for k in 0..n {
+            let data: Vec<u8> = (0..256 << 10)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            std::fs::write(src.join(format!("f{k:02}")), data).unwrap();
+        }
+        let blob = dir.join("blob.tar.gz");
+        let st = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(r#"tar --sort=name -C "$1" -cf - . | gzip -1 > "$2""#)
+            .arg("sh")
+            .arg(&src)
+            .arg(&blob)
+            .status()
+            .unwrap();
+        assert!(st.success(), "tar | gzip: {st}");
+        let policy = Policy {
+            span_target: 64 << 10,
+            ..Policy::default()
+        };
+        let (index, windows) = crate::layer::complete::build_index(
+            &blob,
+            Compression::Gzip,
+            policy,
+            LayerOptions::default().tree,
+        )
+        .unwrap();
+        let wpath = dir.join("windows");
+        std::fs::write(&wpath, windows).unwrap();
+        (blob, index, wpath)
+    }
+
+    fn wait_until(what: &str, mut f: impl FnMut() -> bool) -> bool {
+        let end = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < end {
+            if f() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        eprintln!("gave up waiting for {what}");
+        false
+    }
+
+    /// Making spans durable (the fdatasyncs and the bitmap) is off the
+    /// fetchers' path: with the one fetcher there is and the bitmap held (a
+    /// sync that does not end), a second read miss is still fetched and
+    /// answered; neither span is marked durable until the bitmap is free, then
+    /// both are.
+    #[test]
+    fn a_read_miss_is_fetched_while_earlier_spans_are_being_made_durable() {
+        let t = tempfile::tempdir().unwrap();
+        let (blob, index, wpath) = layer_of_files(t.path(), 6);
+        let tree = t.path().join("fs");
+        std::fs::create_dir_all(&tree).unwrap();
+        let opts = LayerOptions {
+            fetchers: 1,
+            look_ahead: 0,
+            ..LayerOptions::default()
+        };
+        let layer = Layer::open(
+            index,
+            Arc::new(FileSource::open(&blob, Some(&wpath)).unwrap()),
+            &t.path().join("cache"),
+            &tree,
+            opts,
+        )
+        .unwrap();
+        let files: Vec<u32> = (0..layer.idx.entry_count())
+            .filter(|&i| !layer.file_spans[i as usize].is_empty())
+            .collect();
+        assert_eq!(files.len(), 6);
+        let (first, last) = (files[0], files[5]);
+        let r = |i: u32| layer.file_spans[i as usize].clone();
+        assert!(r(first).end < r(last).start, "{:?} {:?}", r(first), r(last));
+
+        let held = lock(&layer.bitmap_file);
+        layer.ensure_file_range(first, 0..1).unwrap();
+        let l2 = layer.clone();
+        let second = std::thread::spawn(move || l2.ensure_file_range(last, 0..1));
+        let answered = wait_until("the second miss", || second.is_finished());
+        let during = layer.stats();
+        drop(held);
+        second.join().unwrap().unwrap();
+        assert!(
+            answered,
+            "the second read miss waited for the first one's spans to be made durable: {during:?}"
+        );
+        assert_eq!((during.requests, during.local, during.durable), (2, 2, 0));
+        assert!(
+            wait_until("both spans durable", || layer.stats().durable == 2),
+            "{:?}",
+            layer.stats()
+        );
+        let bitmap = std::fs::read(t.path().join("cache").join(BITMAP)).unwrap();
+        let set: Vec<usize> = (0..layer.idx.span_count())
+            .filter(|&s| bitmap.get(s / 8).is_some_and(|b| b & (1 << (s % 8)) != 0))
+            .collect();
+        assert_eq!(set, vec![r(first).start as usize, r(last).start as usize]);
+        layer.shutdown();
+    }
 }
