@@ -153,7 +153,14 @@ fn rotational_policy_reads_cold_blobs_in_its_request_size_and_cached_ones_from_m
         let after = lfs.reads();
         assert!(got == data, "{mode:?}: the cached blob's bytes differ");
         assert!(!direct, "{mode:?}: a cached blob is read through the cache");
-        assert_eq!(after.0 - before.0, 0, "{mode:?}: device reads, cached blob");
+        // Not the blob from the device: a stream request is at least 1 MiB.
+        // A few blocks may be read meanwhile (metadata, or a page the kernel
+        // dropped: CI once saw 3 reads here on a busy machine).
+        let (reads, bytes) = (after.0 - before.0, after.1 - before.1);
+        assert!(
+            bytes < 1 << 20,
+            "{mode:?}: {reads} device reads, {bytes} bytes, for a cached blob"
+        );
 
         // Cold: every byte from the device, in requests of the stream's size
         // or of the most the queue takes in one (the kernel splits at
