@@ -87,12 +87,10 @@ pub fn drop_caches() -> Result<()> {
 /// How long `syncfs` of the filesystem holding `dir` takes: what a tool
 /// left in the page cache reaching the disk.
 pub fn syncfs_timed(dir: &Path) -> Result<Duration> {
+    use std::os::fd::AsFd;
     let d = std::fs::File::open(dir).map_err(|e| Error::io("open", dir, e))?;
     let t0 = std::time::Instant::now();
-    // SAFETY: syncfs on an fd this function owns.
-    if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d)) } != 0 {
-        return Err(Error::io("syncfs", dir, std::io::Error::last_os_error()));
-    }
+    cstore_os::sys::syncfs(d.as_fd()).map_err(|e| Error::io("syncfs", dir, e))?;
     Ok(t0.elapsed())
 }
 

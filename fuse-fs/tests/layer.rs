@@ -527,6 +527,18 @@ fn a_read_miss_does_not_carry_background_spans() {
     assert!(l.fs.is_complete());
 }
 
+/// Layer options sharing a daemon's `Activity` (returned too, for the test to
+/// act on), background work starting `quiet_ms` after the last miss or mount.
+fn sharing_activity(quiet_ms: u64) -> (Arc<cstore_fuse_fs::layer::Activity>, LayerOptions) {
+    let activity = Arc::new(cstore_fuse_fs::layer::Activity::default());
+    let opts = LayerOptions {
+        background_quiet: std::time::Duration::from_millis(quiet_ms),
+        activity: activity.clone(),
+        ..LayerOptions::default()
+    };
+    (activity, opts)
+}
+
 /// Background completion yields to reads in every layer of the daemon: while a
 /// layer's reads keep missing (and for `background_quiet` after), another layer
 /// sharing the same `Activity` starts no background request; then it completes.
@@ -538,12 +550,7 @@ fn background_completion_waits_for_reads_in_any_layer() {
     let t = tmpdir();
     let mut mounts = Mounts::default();
     let (blob, c) = layers("debian").remove(0);
-    let activity = Arc::new(cstore_fuse_fs::layer::Activity::default());
-    let opts = LayerOptions {
-        background_quiet: std::time::Duration::from_millis(1500),
-        activity: activity.clone(),
-        ..LayerOptions::default()
-    };
+    let (_, opts) = sharing_activity(1500);
     let slow = |span_target| Source {
         span_target,
         flip_at: None,
@@ -599,12 +606,7 @@ fn background_completion_waits_while_layers_are_being_mounted() {
     let t = tmpdir();
     let mut mounts = Mounts::default();
     let (blob, c) = layers("debian").remove(0);
-    let activity = Arc::new(cstore_fuse_fs::layer::Activity::default());
-    let opts = LayerOptions {
-        background_quiet: std::time::Duration::from_millis(300),
-        activity: activity.clone(),
-        ..LayerOptions::default()
-    };
+    let (activity, opts) = sharing_activity(300);
     let src = Source {
         span_target: 128 << 10,
         flip_at: None,

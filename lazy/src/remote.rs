@@ -197,9 +197,7 @@ pub struct LazyDir {
 
 impl LazyDir {
     pub fn served(&self) -> bool {
-        cstore_os::mountinfo::read().is_ok_and(|m| {
-            cstore_os::mountinfo::find(&m, &self.mnt).is_some_and(|e| e.fs_type.starts_with("fuse"))
-        })
+        crate::serve::is_fuse_mount(&self.mnt)
     }
 
     /// Put the FUSE mount in place of the directory in `mounts`.

@@ -139,10 +139,8 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     cstore_os::write_atomic(path, bytes).map_err(|e| cstore_fuse_fs::Error::from(e).into())
 }
 
-fn is_fuse_mount(p: &Path) -> bool {
-    cstore_os::mountinfo::read().is_ok_and(|m| {
-        cstore_os::mountinfo::find(&m, p).is_some_and(|e| e.fs_type.starts_with("fuse"))
-    })
+pub(crate) fn is_fuse_mount(p: &Path) -> bool {
+    all_mounted(&[p])
 }
 
 /// Replace each lazy layer's snapshot directory in `mounts` by its FUSE
@@ -222,11 +220,6 @@ fn lazy_snapshots(sn: &Snapshotter) -> Result<Vec<(String, String, String)>> {
         .collect())
 }
 
-/// Every lazy layer's FUSE mount is up (the daemon serves them all).
-pub fn all_served(store: &Store, sn: &Snapshotter) -> Result<bool> {
-    Ok(all_mounted(&lazy_mount_points(store, sn)?))
-}
-
 /// Where the store's lazy layers are FUSE-mounted when served.
 pub fn lazy_mount_points(store: &Store, sn: &Snapshotter) -> Result<Vec<PathBuf>> {
     Ok(lazy_snapshots(sn)?
@@ -238,13 +231,14 @@ pub fn lazy_mount_points(store: &Store, sn: &Snapshotter) -> Result<Vec<PathBuf>
 /// Whether each of `mnts` is a FUSE mount now (one read of the mount table,
 /// no database: a caller waiting for the daemon can ask often without holding
 /// the store's databases open, which the daemon's start needs).
-pub fn all_mounted(mnts: &[PathBuf]) -> bool {
+pub fn all_mounted<P: AsRef<Path>>(mnts: &[P]) -> bool {
     if mnts.is_empty() {
         return true;
     }
     cstore_os::mountinfo::read().is_ok_and(|m| {
         mnts.iter().all(|p| {
-            cstore_os::mountinfo::find(&m, p).is_some_and(|e| e.fs_type.starts_with("fuse"))
+            cstore_os::mountinfo::find(&m, p.as_ref())
+                .is_some_and(|e| e.fs_type.starts_with("fuse"))
         })
     })
 }

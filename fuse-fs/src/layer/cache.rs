@@ -736,12 +736,11 @@ impl Layer {
         }
         self.cv.notify_all();
         let _miss = (prio == Priority::OnDemand).then(|| MissGuard::new(&self.opts.activity));
-        let waited = Instant::now();
         let _log = LogWait {
             layer: &self.name,
             spans,
             prio,
-            since: waited,
+            since: Instant::now(),
         };
         loop {
             if st.stopping {
