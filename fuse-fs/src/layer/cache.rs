@@ -776,13 +776,25 @@ impl Layer {
         ahead
     }
 
-    /// Queues those of `spans` that are missing (not failed: a failing span is
-    /// retried by its readers, not by guesses).
+    /// Whether a guess (look-ahead, an open's head) may queue span state `s`:
+    /// missing, or queued less urgently (background completion queues every
+    /// span of the layer at mount: a guess must raise those, or it never
+    /// fetches anything before the layer is quiet). Not a failed span: that
+    /// one is retried by its readers, not by guesses.
+    fn guessable(s: &SpanState, prio: Priority) -> bool {
+        match s {
+            SpanState::Missing => true,
+            SpanState::Queued(p) => prio < *p,
+            _ => false,
+        }
+    }
+
+    /// Queues those of `spans` that [`Self::guessable`] allows at `prio`.
     fn queue_missing(&self, spans: &[usize], prio: Priority) {
         let mut st = lock(&self.st);
         let mut any = false;
         for &s in spans {
-            if st.spans[s] == SpanState::Missing {
+            if Self::guessable(&st.spans[s], prio) {
                 Self::enqueue(&mut st, s, prio);
                 any = true;
             }
@@ -876,7 +888,7 @@ impl Layer {
             return Ok(());
         }
         for s in ahead() {
-            if st.spans[s] == SpanState::Missing {
+            if Self::guessable(&st.spans[s], Priority::LookAhead) {
                 Self::enqueue(&mut st, s, Priority::LookAhead);
             }
         }
@@ -1757,6 +1769,59 @@ mod tests {
             .filter(|&s| bitmap.get(s / 8).is_some_and(|b| b & (1 << (s % 8)) != 0))
             .collect();
         assert_eq!(set, vec![r(first).start as usize, r(last).start as usize]);
+        layer.shutdown();
+    }
+
+    /// Background completion queues every span of a layer at mount (the
+    /// daemon's `complete()` waits on all of them); guesses must still get
+    /// theirs fetched before the layer goes quiet: a read miss's look-ahead
+    /// (the spans after it, into the next file of its directory) and an
+    /// open's head of its file.
+    #[test]
+    fn guesses_raise_spans_background_completion_has_queued() {
+        let t = tempfile::tempdir().unwrap();
+        let (blob, index, wpath) = layer_of_files(t.path(), 6);
+        let tree = t.path().join("fs");
+        std::fs::create_dir_all(&tree).unwrap();
+        let opts = LayerOptions {
+            look_ahead: 1 << 20,
+            // Background work never starts in this test.
+            background_delay: Duration::from_secs(3600),
+            ..LayerOptions::default()
+        };
+        let layer = Layer::open(
+            index,
+            Arc::new(FileSource::open(&blob, Some(&wpath)).unwrap()),
+            &t.path().join("cache"),
+            &tree,
+            opts,
+        )
+        .unwrap();
+        layer.queue((0..layer.idx.span_count()).collect(), Priority::Background);
+        let files: Vec<u32> = (0..layer.idx.entry_count())
+            .filter(|&i| !layer.file_spans[i as usize].is_empty())
+            .collect();
+        assert_eq!(files.len(), 6);
+        let first_span = |i: u32| layer.file_spans[i as usize].start as usize;
+        let readable = |s: usize| lock(&layer.st).spans[s].readable();
+
+        layer.ensure_file_range(files[0], 0..1).unwrap();
+        assert!(
+            wait_until("the look-ahead into the next file", || readable(
+                first_span(files[1])
+            )),
+            "{:?}",
+            layer.stats()
+        );
+        assert!(!readable(first_span(files[5])), "fetched past the budget");
+        layer.open_ahead(files[5]);
+        assert!(
+            wait_until("the head of the opened file", || readable(first_span(
+                files[5]
+            ))),
+            "{:?}",
+            layer.stats()
+        );
         layer.shutdown();
     }
 
