@@ -1223,11 +1223,10 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// A read miss queues the spans after it that hold the files after it in its
-/// directory (a program reads its files one after another: without this every
-/// miss is a round trip in turn): the sibling's span arrives though nothing read
-/// it, a read of the sibling then makes no request, and nothing beyond the
-/// look-ahead budget was fetched.
+/// With `look_ahead_siblings`, a read miss queues the spans after it that hold
+/// the files after it in its directory: the sibling's span arrives though
+/// nothing read it, a read of the sibling then makes no request, and nothing
+/// beyond the look-ahead budget was fetched.
 #[test]
 fn a_read_miss_looks_ahead_into_the_files_after_it_in_its_directory() {
     let t = tmpdir();
@@ -1235,6 +1234,7 @@ fn a_read_miss_looks_ahead_into_the_files_after_it_in_its_directory() {
     let c2 = counted.clone();
     let opts = LayerOptions {
         look_ahead: 256 << 10,
+        look_ahead_siblings: true,
         ..LayerOptions::default()
     };
     let (fs, _, _) = open_direct(
@@ -1352,6 +1352,7 @@ fn look_ahead_on_the_wire_does_not_hold_up_a_read_miss() {
     let g2 = gated.clone();
     let opts = LayerOptions {
         look_ahead: 4 << 20,
+        look_ahead_siblings: true,
         look_ahead_request: 64 << 10,
         ..LayerOptions::default()
     };

@@ -10,13 +10,17 @@
 //!   prefetch on later mounts of the same layer;
 //! - `complete`: present once completion verified and finished the tree.
 //!
-//! In memory each span is missing, queued (with a priority), in flight, local or
-//! failed. Readers queue what they need and wait on a condition variable; fetcher
-//! threads take the most urgent queued span and the queued spans right after it as
-//! urgent (coalesced into one source request, up to `max_request` bytes), so each
-//! span is fetched once however many readers wait. A span is local (its readers go
-//! on) once verified and written; it is set in the bitmap once synced, and a failed
-//! sync makes it missing again. Background completion yields to reads (see
+//! In memory each span is missing, queued (with a priority), in flight, inflated,
+//! local or failed. Readers queue what they need and wait on a condition variable;
+//! fetcher threads take the most urgent queued span and the queued spans right after
+//! it as urgent (coalesced into one source request, up to `max_request` bytes), so
+//! each span is fetched once however many readers wait. A span a reader waits for
+//! is inflated once verified: its output is held in memory and its readers are
+//! answered from there while the writer thread puts it in the blob copy and the
+//! tree files (creating a tree file is the slow part of a miss: journal handles,
+//! the parent directory's lock). A span is local once written (background
+//! completion's spans are written by their fetcher directly); it is set in the
+//! bitmap once synced, and a failed sync makes it missing again. Background completion yields to reads (see
 //! [`Activity`]). A span that fails (source error, digest mismatch, write error)
 //! fails its waiters with EIO and is fetched again by the next reader that needs it;
 //! nothing of a span that fails verification is written.
@@ -47,6 +51,10 @@ pub(crate) const COMPLETE: &str = "complete";
 
 /// Uncompressed bytes at the head of a file whose spans an open queues.
 const OPEN_AHEAD: u64 = 128 << 10;
+
+/// Inflated span output a layer holds for its readers before the writer has put
+/// it in the tree; past this fetchers write what they fetch themselves.
+const MAX_INFLATED: usize = 64 << 20;
 
 /// Tree files kept open at once (reads and span writes); past this the table is
 /// emptied (open files stay valid in their users' hands).
@@ -136,10 +144,14 @@ pub struct LayerOptions {
     /// single span may exceed it).
     pub max_request: u64,
     /// Compressed bytes a read miss queues ahead of itself ([`Priority::LookAhead`]):
-    /// the rest of the file and the files after it in the same directory, as
-    /// far as this from the miss (0: none). A program reads its files one after
-    /// another, so without it every miss is a full round trip in turn.
+    /// the rest of the file (a shared library faulted in page by page, a file
+    /// read from start to end), as far as this from the miss (0: none).
     pub look_ahead: u64,
+    /// Look-ahead also takes the spans after the file that hold files of its
+    /// directory (tar order is directory order). Off by default: on the
+    /// bench's python start it fetched 7–9 MB more than the rest-of-file
+    /// look-ahead for no shorter start (docs/lazy.md).
+    pub look_ahead_siblings: bool,
     /// Largest coalesced look-ahead request: a reader that needs a span of one
     /// waits for the whole request to arrive.
     pub look_ahead_request: u64,
@@ -173,6 +185,7 @@ impl Default for LayerOptions {
             fetchers: 4,
             max_request: 4 << 20,
             look_ahead: 1 << 20,
+            look_ahead_siblings: false,
             look_ahead_request: 512 << 10,
             background_request: 1 << 20,
             background_quiet: Duration::from_millis(500),
@@ -212,8 +225,19 @@ enum SpanState {
     Missing,
     Queued(Priority),
     InFlight,
+    /// Verified; its output is in [`State::inflated`] for readers, not yet
+    /// written to the blob copy and the tree.
+    Inflated,
     Local,
     Failed(Arc<str>),
+}
+
+impl SpanState {
+    /// Whether a reader can be answered: a reader takes an inflated span's
+    /// bytes from memory ([`Layer::read_file`]).
+    fn readable(&self) -> bool {
+        matches!(self, SpanState::Local | SpanState::Inflated)
+    }
 }
 
 struct State {
@@ -225,6 +249,9 @@ struct State {
     local: u64,
     /// Spans whose bit is written to the bitmap file.
     durable: u64,
+    /// The output of [`SpanState::Inflated`] spans, and its size in bytes.
+    inflated: HashMap<usize, Arc<Vec<u8>>>,
+    inflated_bytes: usize,
     stopping: bool,
 }
 
@@ -269,6 +296,10 @@ pub(crate) struct Layer {
     /// Attributes implicit directories take from the lower layers.
     pub(crate) inherited: std::sync::RwLock<HashMap<u32, Inherited>>,
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// Inflated spans to write, for the writer thread.
+    writes: Mutex<Writes>,
+    writes_cv: Condvar,
+    writer: Mutex<Option<JoinHandle<()>>>,
     /// Spans written and not durable yet, for the persister thread.
     pending: Mutex<Pending>,
     pending_cv: Condvar,
@@ -283,6 +314,30 @@ pub(crate) struct Layer {
     /// The last 32 KiB of recently inflated spans' output, by span: the next
     /// span's window, so a miss right after its neighbour fetches no window.
     tails: Mutex<Tails>,
+}
+
+/// A span verified and inflated, not written yet.
+struct Inflated {
+    span: usize,
+    compressed: Vec<u8>,
+    out: Arc<Vec<u8>>,
+}
+
+/// What the writer thread has to write.
+#[derive(Default)]
+struct Writes {
+    queue: std::collections::VecDeque<Inflated>,
+    /// Shutting down: the writer ends once the queue is empty.
+    stop: bool,
+}
+
+/// What a fetch did with one span.
+enum Fetched {
+    /// Written to the blob copy and the tree (background completion).
+    Written,
+    /// Verified and inflated, for the writer.
+    Inflated(Inflated),
+    Failed(String),
 }
 
 /// What the fetchers wrote and the persister has not synced yet.
@@ -466,12 +521,17 @@ impl Layer {
                 traced: vec![false; n],
                 local,
                 durable: local,
+                inflated: HashMap::new(),
+                inflated_bytes: 0,
                 stopping: false,
             }),
             cv: Condvar::new(),
             files: Mutex::new(HashMap::new()),
             inherited: Default::default(),
             workers: Mutex::new(Vec::new()),
+            writes: Mutex::new(Writes::default()),
+            writes_cv: Condvar::new(),
+            writer: Mutex::new(None),
             pending: Mutex::new(Pending::default()),
             pending_cv: Condvar::new(),
             persister: Mutex::new(None),
@@ -495,6 +555,12 @@ impl Layer {
             workers.push(h);
         }
         drop(workers);
+        let l = layer.clone();
+        let h = std::thread::Builder::new()
+            .name("lazy-write".into())
+            .spawn(move || l.writer())
+            .map_err(|e| Error::io("spawn the writer", cache_dir, e))?;
+        *lock(&layer.writer) = Some(h);
         let l = layer.clone();
         let h = std::thread::Builder::new()
             .name("lazy-persist".into())
@@ -536,7 +602,15 @@ impl Layer {
                 let _ = h.join();
             }
         }
-        // After the fetchers: what they wrote last is made durable too.
+        // After the fetchers: what they inflated last is written...
+        lock(&self.writes).stop = true;
+        self.writes_cv.notify_all();
+        if let Some(h) = lock(&self.writer).take() {
+            if h.thread().id() != me {
+                let _ = h.join();
+            }
+        }
+        // ...and what was written is made durable too.
         lock(&self.pending).stop = true;
         self.pending_cv.notify_all();
         if let Some(h) = lock(&self.persister).take() {
@@ -580,6 +654,74 @@ impl Layer {
         })
     }
 
+    /// Bytes `range` of file entry `i` into `out` (holes are zeros), once
+    /// [`Self::ensure_file_range`] returned: spans still inflated come from
+    /// memory, the rest from the tree file (a span neither is, failed since:
+    /// EIO, and the next read fetches it again).
+    pub(crate) fn read_file(&self, i: u32, range: Range<u64>, out: &mut Vec<u8>) -> io::Result<()> {
+        out.clear();
+        out.resize((range.end - range.start) as usize, 0);
+        let pieces = if self.is_complete() {
+            Vec::new()
+        } else {
+            self.idx.file_data(i, range.clone())
+        };
+        // Under the lock, each span's bytes: from memory, or written.
+        let mut mem: Vec<(usize, Option<Arc<Vec<u8>>>)> = Vec::new();
+        {
+            let st = lock(&self.st);
+            for (_, stream) in &pieces {
+                for s in self.idx.spans_for(stream.start, stream.end) {
+                    match &st.spans[s] {
+                        SpanState::Inflated => {
+                            mem.push((s, st.inflated.get(&s).cloned()));
+                        }
+                        SpanState::Local => {}
+                        _ if self.idx.span(s).uncompressed.is_empty() => {}
+                        other => {
+                            return Err(io::Error::other(format!(
+                                "span {s} is not local ({other:?})"
+                            )))
+                        }
+                    }
+                }
+            }
+        }
+        if mem.is_empty() {
+            // All of it in the tree: one read (holes read as zeros there).
+            return self.tree_file(i)?.read_exact_at(out, range.start);
+        }
+        let mut tree: Option<Arc<File>> = None;
+        for (foff, stream) in pieces {
+            let mut pos = stream.start;
+            while pos < stream.end {
+                let s = self.idx.span_at(pos).ok_or_else(|| {
+                    io::Error::other(format!("no span holds stream offset {pos}"))
+                })?;
+                let u = self.idx.span(s).uncompressed;
+                let end = stream.end.min(u.end);
+                let at = foff + (pos - stream.start);
+                let dst = &mut out[(at - range.start) as usize..][..(end - pos) as usize];
+                match mem.iter().find(|m| m.0 == s) {
+                    Some((_, Some(bytes))) => dst.copy_from_slice(
+                        &bytes[(pos - u.start) as usize..(end - u.start) as usize],
+                    ),
+                    Some((_, None)) => {
+                        return Err(io::Error::other(format!("span {s}: inflated output gone")))
+                    }
+                    None => {
+                        if tree.is_none() {
+                            tree = Some(self.tree_file(i)?);
+                        }
+                        tree.as_ref().expect("opened").read_exact_at(dst, at)?;
+                    }
+                }
+                pos = end;
+            }
+        }
+        Ok(())
+    }
+
     /// A file being opened: the spans of its head are recorded in the trace (a
     /// file opened in passthrough is read without the daemon seeing it) and,
     /// if not local, queued at once ([`Priority::LookAhead`]): the read that
@@ -602,9 +744,8 @@ impl Layer {
     }
 
     /// After a miss of file entry `i` ending in span `last`: the spans after it
-    /// that hold data of `i` or of the files after it in its directory (tar order
-    /// is directory order: the modules a program loads next are mostly there), up
-    /// to `look_ahead` compressed bytes.
+    /// that hold data of `i` (and, with `look_ahead_siblings`, of the files after
+    /// it in its directory), up to `look_ahead` compressed bytes.
     fn look_ahead(&self, i: u32, last: usize) -> Vec<usize> {
         let budget = self.opts.look_ahead;
         let mut ahead = Vec::new();
@@ -625,7 +766,7 @@ impl Layer {
             let mut near = false;
             while k < self.pieces.len() && self.pieces[k].stream < u.end {
                 let e = self.pieces[k].entry;
-                if e == i || self.idx.parent(e) == dir {
+                if e == i || (self.opts.look_ahead_siblings && self.idx.parent(e) == dir) {
                     near = true;
                     break;
                 }
@@ -639,13 +780,25 @@ impl Layer {
         ahead
     }
 
-    /// Queues those of `spans` that are missing (not failed: a failing span is
-    /// retried by its readers, not by guesses).
+    /// Whether a guess (look-ahead, an open's head) may queue span state `s`:
+    /// missing, or queued less urgently (background completion queues every
+    /// span of the layer at mount: a guess must raise those, or it never
+    /// fetches anything before the layer is quiet). Not a failed span: that
+    /// one is retried by its readers, not by guesses.
+    fn guessable(s: &SpanState, prio: Priority) -> bool {
+        match s {
+            SpanState::Missing => true,
+            SpanState::Queued(p) => prio < *p,
+            _ => false,
+        }
+    }
+
+    /// Queues those of `spans` that [`Self::guessable`] allows at `prio`.
     fn queue_missing(&self, spans: &[usize], prio: Priority) {
         let mut st = lock(&self.st);
         let mut any = false;
         for &s in spans {
-            if st.spans[s] == SpanState::Missing {
+            if Self::guessable(&st.spans[s], prio) {
                 Self::enqueue(&mut st, s, prio);
                 any = true;
             }
@@ -718,10 +871,19 @@ impl Layer {
         prio: Priority,
         ahead: impl FnOnce() -> Vec<usize>,
     ) -> Result<()> {
+        // Background completion waits for spans written; readers, for spans
+        // they can read (from memory if not written yet).
+        let ready = |s: &SpanState| {
+            if prio == Priority::Background {
+                *s == SpanState::Local
+            } else {
+                s.readable()
+            }
+        };
         let mut st = lock(&self.st);
         let mut queued = false;
         for &s in spans {
-            if st.spans[s] != SpanState::Local {
+            if !ready(&st.spans[s]) {
                 Self::enqueue(&mut st, s, prio);
                 queued = true;
             }
@@ -730,7 +892,7 @@ impl Layer {
             return Ok(());
         }
         for s in ahead() {
-            if st.spans[s] == SpanState::Missing {
+            if Self::guessable(&st.spans[s], Priority::LookAhead) {
                 Self::enqueue(&mut st, s, Priority::LookAhead);
             }
         }
@@ -752,7 +914,7 @@ impl Layer {
             let mut done = true;
             for &s in spans {
                 match &st.spans[s] {
-                    SpanState::Local => {}
+                    s if ready(s) => {}
                     SpanState::Failed(why) => {
                         return Err(Error::Span {
                             layer: self.name.clone(),
@@ -853,30 +1015,47 @@ impl Layer {
             let t0 = Instant::now();
             let mut written = Vec::new();
             let mut timings = Timings::default();
-            // Each span's readers go on as soon as it is written: the verified
-            // bytes are in the tree files, and the page cache serves them.
+            // Each span's readers go on as soon as it is verified and inflated
+            // (from memory until the writer has put it in the tree), or, for
+            // background completion, which no reader waits on, once written.
             // Syncing first cost a reader three fdatasyncs per miss (tens of ms
-            // each on a busy disk), and waiting for the whole run cost a reader
-            // of its first span the inflate of the rest.
+            // each on a busy disk), writing first the creation of the tree
+            // files the span touches (docs/lazy.md), and waiting for the whole
+            // run the inflate of the rest.
             let touched = self.fetch_batch(
                 &batch,
                 &mut reader,
+                !background,
                 &mut |s, r| {
                     let mut st = lock(&self.st);
-                    match r {
-                        Ok(()) => {
+                    let write = match r {
+                        Fetched::Written => {
                             st.spans[s] = SpanState::Local;
                             st.local += 1;
                             written.push(s);
+                            None
                         }
-                        Err(e) => {
+                        Fetched::Inflated(w) => {
+                            st.spans[s] = SpanState::Inflated;
+                            st.inflated_bytes += w.out.len();
+                            if let Some(old) = st.inflated.insert(s, w.out.clone()) {
+                                st.inflated_bytes -= old.len();
+                            }
+                            Some(w)
+                        }
+                        Fetched::Failed(e) => {
                             self.failures.fetch_add(1, Ordering::Relaxed);
                             tracing::warn!("{}: span {s}: {e}", self.name);
                             st.spans[s] = SpanState::Failed(e.into());
+                            None
                         }
-                    }
+                    };
                     drop(st);
                     self.cv.notify_all();
+                    if let Some(w) = write {
+                        lock(&self.writes).queue.push_back(w);
+                        self.writes_cv.notify_one();
+                    }
                 },
                 &mut timings,
             );
@@ -903,6 +1082,70 @@ impl Layer {
                 timings.write,
                 timings.open,
             );
+        }
+    }
+
+    /// The writer: puts inflated spans in the blob copy and the tree files,
+    /// makes them local (their readers stop reading them from memory) and
+    /// hands them to the persister.
+    fn writer(self: Arc<Self>) {
+        loop {
+            let batch: Vec<Inflated> = {
+                let mut w = lock(&self.writes);
+                while w.queue.is_empty() {
+                    if w.stop {
+                        return;
+                    }
+                    w = self.writes_cv.wait(w).unwrap_or_else(|e| e.into_inner());
+                }
+                w.queue.drain(..).collect()
+            };
+            let t0 = Instant::now();
+            let mut open_time = Duration::ZERO;
+            let mut touched = Vec::new();
+            let mut written = Vec::new();
+            for w in &batch {
+                let sp = self.idx.span(w.span);
+                let r = self
+                    .blob
+                    .write_all_at(&w.compressed, sp.compressed.start)
+                    .map_err(|e| format!("writing the blob copy: {e}"))
+                    .and_then(|_| {
+                        self.write_tree(sp.uncompressed.start, &w.out, &mut touched, &mut open_time)
+                    });
+                let mut st = lock(&self.st);
+                // A span reset meanwhile (a failed completion) stays missing.
+                if st.spans[w.span] == SpanState::Inflated {
+                    match r {
+                        Ok(()) => {
+                            st.spans[w.span] = SpanState::Local;
+                            st.local += 1;
+                            written.push(w.span);
+                        }
+                        Err(e) => {
+                            // Its readers had verified bytes; the next one fetches it again.
+                            self.failures.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!("{}: span {}: {e}", self.name, w.span);
+                            st.spans[w.span] = SpanState::Failed(e.into());
+                        }
+                    }
+                }
+                if st.spans[w.span] != SpanState::Inflated {
+                    if let Some(old) = st.inflated.remove(&w.span) {
+                        st.inflated_bytes -= old.len();
+                    }
+                }
+                drop(st);
+                self.cv.notify_all();
+            }
+            tracing::debug!(
+                "{}: {} inflated spans written in {:?} (of which opening files {:?})",
+                self.name,
+                batch.len(),
+                t0.elapsed(),
+                open_time
+            );
+            self.to_persist(written, touched);
         }
     }
 
@@ -974,20 +1217,23 @@ impl Layer {
             .and_then(|_| self.mark(written))
     }
 
-    /// Fetches, verifies, inflates and writes a run of adjacent spans, telling
-    /// `done` each span's result as it is known; returns the tree files written.
-    /// A span is written only once verified ([`Self::persist`] makes it durable
-    /// and marks it in the bitmap).
+    /// Fetches, verifies and inflates a run of adjacent spans, telling `done`
+    /// each span's result as it is known: inflated for the writer if
+    /// `to_memory` (and the layer holds less than [`MAX_INFLATED`]), else
+    /// written here; returns the tree files written. A span is written only
+    /// once verified ([`Self::persist`] makes it durable and marks it in the
+    /// bitmap).
     fn fetch_batch(
         &self,
         batch: &[usize],
         reader: &mut SpanReader,
-        done: &mut dyn FnMut(usize, Result<(), String>),
+        to_memory: bool,
+        done: &mut dyn FnMut(usize, Fetched),
         timings: &mut Timings,
     ) -> Vec<Arc<File>> {
         let mut fail_all = |why: String| {
             for &s in batch {
-                done(s, Err(why.clone()));
+                done(s, Fetched::Failed(why.clone()));
             }
             Vec::new()
         };
@@ -1100,14 +1346,33 @@ impl Layer {
             };
             let t_write = Instant::now();
             timings.inflate += t_write - t_inflate;
-            let r = inflated.map_err(|e| e.to_string()).and_then(|out| {
-                self.blob
-                    .write_all_at(c, sp.compressed.start)
-                    .map_err(|e| format!("writing the blob copy: {e}"))?;
-                self.write_tree(sp.uncompressed.start, &out, &mut touched, &mut timings.open)
-            });
+            let out = match inflated {
+                Ok(out) => out,
+                Err(e) => {
+                    done(s, Fetched::Failed(e.to_string()));
+                    continue;
+                }
+            };
+            if to_memory && lock(&self.st).inflated_bytes < MAX_INFLATED {
+                done(
+                    s,
+                    Fetched::Inflated(Inflated {
+                        span: s,
+                        compressed: c.to_vec(),
+                        out: Arc::new(out),
+                    }),
+                );
+                continue;
+            }
+            let r = self
+                .blob
+                .write_all_at(c, sp.compressed.start)
+                .map_err(|e| format!("writing the blob copy: {e}"))
+                .and_then(|_| {
+                    self.write_tree(sp.uncompressed.start, &out, &mut touched, &mut timings.open)
+                });
             timings.write += t_write.elapsed();
-            done(s, r);
+            done(s, r.map_or_else(Fetched::Failed, |()| Fetched::Written));
         }
         touched
     }
@@ -1270,13 +1535,16 @@ impl Layer {
             p.spans.clear();
             p.files.clear();
         }
+        lock(&self.writes).queue.clear();
         let f = lock(&self.bitmap_file);
         let mut st = lock(&self.st);
         for s in st.spans.iter_mut() {
-            if *s == SpanState::Local {
+            if matches!(s, SpanState::Local | SpanState::Inflated) {
                 *s = SpanState::Missing;
             }
         }
+        st.inflated.clear();
+        st.inflated_bytes = 0;
         st.bitmap.fill(0);
         st.local = 0;
         st.durable = 0;
@@ -1505,6 +1773,130 @@ mod tests {
             .filter(|&s| bitmap.get(s / 8).is_some_and(|b| b & (1 << (s % 8)) != 0))
             .collect();
         assert_eq!(set, vec![r(first).start as usize, r(last).start as usize]);
+        layer.shutdown();
+    }
+
+    /// Background completion queues every span of a layer at mount (the
+    /// daemon's `complete()` waits on all of them); guesses must still get
+    /// theirs fetched before the layer goes quiet: a read miss's look-ahead
+    /// (the rest of its file, not the file after it: siblings are off by
+    /// default) and an open's head of its file.
+    #[test]
+    fn guesses_raise_spans_background_completion_has_queued() {
+        let t = tempfile::tempdir().unwrap();
+        let (blob, index, wpath) = layer_of_files(t.path(), 6);
+        let tree = t.path().join("fs");
+        std::fs::create_dir_all(&tree).unwrap();
+        let opts = LayerOptions {
+            look_ahead: 1 << 20,
+            // Background work never starts in this test.
+            background_delay: Duration::from_secs(3600),
+            ..LayerOptions::default()
+        };
+        let layer = Layer::open(
+            index,
+            Arc::new(FileSource::open(&blob, Some(&wpath)).unwrap()),
+            &t.path().join("cache"),
+            &tree,
+            opts,
+        )
+        .unwrap();
+        layer.queue((0..layer.idx.span_count()).collect(), Priority::Background);
+        let files: Vec<u32> = (0..layer.idx.entry_count())
+            .filter(|&i| !layer.file_spans[i as usize].is_empty())
+            .collect();
+        assert_eq!(files.len(), 6);
+        let spans = |i: u32| layer.file_spans[i as usize].clone();
+        let readable = |s: u32| lock(&layer.st).spans[s as usize].readable();
+        assert!(spans(files[0]).len() >= 4 && spans(files[1]).len() >= 4);
+
+        layer.ensure_file_range(files[0], 0..1).unwrap();
+        assert!(
+            wait_until("the look-ahead to the end of the file", || readable(
+                spans(files[0]).end - 1
+            )),
+            "{:?}",
+            layer.stats()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        // A span of the next file's alone (its first may hold the end of this one).
+        assert!(
+            !readable(spans(files[1]).start + 1),
+            "looked ahead into the next file: {:?}",
+            layer.stats()
+        );
+        layer.open_ahead(files[5]);
+        assert!(
+            wait_until("the head of the opened file", || readable(
+                spans(files[5]).start
+            )),
+            "{:?}",
+            layer.stats()
+        );
+        layer.shutdown();
+    }
+
+    /// A read miss is answered from the span's inflated output, not after its
+    /// tree file is written: with the tree's file table held (no tree file
+    /// can be made or opened), a miss still returns the file's bytes. The file
+    /// is not complete (no passthrough) until the writer has put them in the
+    /// tree, which it does once the table is free.
+    #[test]
+    fn a_read_miss_is_answered_before_the_tree_file_is_written() {
+        let t = tempfile::tempdir().unwrap();
+        let (blob, index, wpath) = layer_of_files(t.path(), 3);
+        let tree = t.path().join("fs");
+        std::fs::create_dir_all(&tree).unwrap();
+        let opts = LayerOptions {
+            fetchers: 1,
+            look_ahead: 0,
+            ..LayerOptions::default()
+        };
+        let layer = Layer::open(
+            index,
+            Arc::new(FileSource::open(&blob, Some(&wpath)).unwrap()),
+            &t.path().join("cache"),
+            &tree,
+            opts,
+        )
+        .unwrap();
+        let f = (0..layer.idx.entry_count())
+            .find(|&i| layer.idx.name(i) == b"f01")
+            .unwrap();
+        let want = std::fs::read(t.path().join("src/f01")).unwrap();
+        let size = want.len() as u64;
+        // From the middle of the file to its end, across span boundaries.
+        let range = 100_000..size;
+
+        let held = lock(&layer.files);
+        let l2 = layer.clone();
+        let r2 = range.clone();
+        let reader = std::thread::spawn(move || {
+            l2.ensure_file_range(f, r2.clone()).unwrap();
+            let mut out = Vec::new();
+            l2.read_file(f, r2, &mut out).map(|()| out)
+        });
+        let answered = wait_until("the read", || reader.is_finished());
+        let (complete, stats) = (layer.file_complete(f), layer.stats());
+        drop(held);
+        assert!(answered, "the read waited for its tree file: {stats:?}");
+        let got = reader.join().unwrap().unwrap();
+        assert!(got == want[range.start as usize..range.end as usize]);
+        assert!(!complete, "complete before its bytes were in the tree");
+        assert_eq!(stats.local, 0, "{stats:?}");
+
+        // The file's head, then the whole of it from the tree.
+        layer.ensure_file_range(f, 0..range.start).unwrap();
+        assert!(wait_until("the spans written", || layer.file_complete(f)));
+        let mut out = Vec::new();
+        layer.read_file(f, 0..size, &mut out).unwrap();
+        assert!(out == want, "the file read back differs");
+        assert!(std::fs::read(tree.join("f01")).unwrap() == want);
+        assert!(wait_until("the spans durable", || {
+            let s = layer.stats();
+            s.durable == s.local && s.local > 0
+        }));
+        assert_eq!(lock(&layer.st).inflated_bytes, 0);
         layer.shutdown();
     }
 }

@@ -27,7 +27,6 @@ pub mod source;
 mod tree;
 
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -312,16 +311,10 @@ impl ReadOnlyFs for LayerFs {
             tracing::warn!("{}: read of entry {i}: {e}", self.layer.name);
             Errno::EIO
         })?;
-        let f = self.layer.tree_file(i).map_err(|e| {
-            tracing::warn!("{}: tree file of entry {i}: {e}", self.layer.name);
+        self.layer.read_file(i, offset..end, out).map_err(|e| {
+            tracing::warn!("{}: reading entry {i}: {e}", self.layer.name);
             Errno::EIO
-        })?;
-        out.resize((end - offset) as usize, 0);
-        f.read_exact_at(out, offset).map_err(|e| {
-            tracing::warn!("{}: reading entry {i} from the tree: {e}", self.layer.name);
-            Errno::EIO
-        })?;
-        Ok(())
+        })
     }
 
     fn readdir(
