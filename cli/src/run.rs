@@ -2,16 +2,20 @@
 //! runtime crate (youki's libcontainer), with disk I/O limits on the block
 //! device under the store.
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
+use cstore_os::db::Hold;
 use cstore_registry::parse_digest;
 use cstore_runtime::cgroup::parse_rate;
+use cstore_runtime::containers::{BoxError, SnapshotInfo, Snapshots};
 use cstore_runtime::userns::Userns;
 use cstore_runtime::{
     Containers, Hierarchy, ImageConfig, IoLimits, Overrides, Process, RunRequest,
 };
-use cstore_snapshotter::{image, Kind, Snapshotter};
+use cstore_snapshotter::{image, Kind, Mount, Snapshotter};
 use cstore_store::Store;
 
 use crate::containers::SnapshotTree;
@@ -137,6 +141,9 @@ pub fn open_and_run(root: &Path, a: RunArgs) -> Result<i32> {
     });
     let sn = sn.unwrap_or_else(|p| std::panic::resume_unwind(p))?;
     let store = store?;
+    // The run's two write transactions (the prepare, the removal) are each
+    // followed by a close: see DbFile::commits_before_close.
+    sn.commits_before_close(true);
     let code = run(&store, &sn, a);
     // Closing a database writes it durably; the two close side by side.
     std::thread::scope(|s| {
@@ -146,15 +153,85 @@ pub fn open_and_run(root: &Path, a: RunArgs) -> Result<i32> {
     code
 }
 
+/// The databases kept open from their first use through their last before
+/// the launch: the store's through the image's resolution, the snapshot
+/// tree's through the container's prepare. On a slow disk the reads in
+/// between (the image, its config, the parent snapshot) outlast the
+/// linger, and each close and reopen cost three syncs more. Never across an
+/// unpack (it opens the snapshot tree itself, and other processes would
+/// wait for the store's database all along) nor across a wait for a lazy
+/// daemon. Let go, a database closes after the linger, in the background
+/// (while the rootfs is mounted), or at the launch at the latest.
+struct Early<'a> {
+    meta: Option<Hold<'a>>,
+    sn: Mutex<Option<Hold<'a>>>,
+}
+
+impl<'a> Early<'a> {
+    fn hold(store: &'a Store, sn: &'a Snapshotter) -> Early<'a> {
+        Early {
+            meta: Some(store.meta().hold()),
+            sn: Mutex::new(Some(sn.hold())),
+        }
+    }
+
+    fn none() -> Early<'a> {
+        Early {
+            meta: None,
+            sn: Mutex::new(None),
+        }
+    }
+}
+
+/// The snapshot tree for one run: the early hold on its database goes once
+/// the container's snapshot is prepared.
+struct RunTree<'a> {
+    tree: SnapshotTree<'a>,
+    early: Mutex<Option<Hold<'a>>>,
+}
+
+impl Snapshots for RunTree<'_> {
+    fn prepare(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Option<Vec<Mount>>, BoxError> {
+        let out = self.tree.prepare(key, parent, labels);
+        drop(self.early.lock().unwrap_or_else(|p| p.into_inner()).take());
+        out
+    }
+
+    fn remove(&self, key: &str) -> Result<bool, BoxError> {
+        self.tree.remove(key)
+    }
+
+    fn exists(&self, key: &str) -> Result<bool, BoxError> {
+        self.tree.exists(key)
+    }
+
+    fn list(&self) -> Result<Vec<SnapshotInfo>, BoxError> {
+        self.tree.list()
+    }
+}
+
 /// resolve → prepare → launch → teardown: the flags and the image here, the
 /// container's life (prepare, launch, teardown) in cstore-runtime.
 pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
+    let mut early = if a.lazy {
+        Early::none()
+    } else {
+        Early::hold(store, sn)
+    };
     let flags = Flags::parse(&a, store.root())?;
     if a.lazy {
         // Lazy layers need their daemon before the image is mounted.
         crate::lazy::ensure_served(store, store.root(), &a.reference, &a.registry)?;
+        early = Early::hold(store, sn);
     }
-    let image = resolve(store, sn, &a)?;
+    let image = resolve(store, sn, &a, &mut early)?;
+    // The store's database is not used again before the launch.
+    drop(early.meta.take());
     let req = RunRequest {
         id: image.id,
         image: image.name,
@@ -184,7 +261,11 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
             (meta_hold, sn_hold)
         })
     };
-    Ok(Containers::new(store.root()).run(&SnapshotTree(sn, store), req, hold)?)
+    let tree = RunTree {
+        tree: SnapshotTree(sn, store),
+        early: early.sn,
+    };
+    Ok(Containers::new(store.root()).run(&tree, req, hold)?)
 }
 
 /// What the flags say that needs no image.
@@ -274,7 +355,7 @@ struct Resolved {
     top: String,
 }
 
-fn resolve(store: &Store, sn: &Snapshotter, a: &RunArgs) -> Result<Resolved> {
+fn resolve(store: &Store, sn: &Snapshotter, a: &RunArgs, early: &mut Early) -> Result<Resolved> {
     let img = store.image(&a.reference)?;
     // Read once, under the store's limit on configs: the snapshotter takes
     // the layers from it, the runtime the process.
@@ -296,6 +377,8 @@ fn resolve(store: &Store, sn: &Snapshotter, a: &RunArgs) -> Result<Resolved> {
         .stat(&top.chain_id)
         .is_ok_and(|i| i.kind == Kind::Committed)
     {
+        // The unpack opens the snapshot tree itself and commits for minutes.
+        *early = Early::none();
         snap::unpack(store, &a.reference, false)?;
     }
     Ok(Resolved {
