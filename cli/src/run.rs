@@ -154,14 +154,20 @@ pub fn open_and_run(root: &Path, a: RunArgs) -> Result<i32> {
 }
 
 /// The databases kept open from their first use through their last before
-/// the launch: the store's through the image's resolution, the snapshot
+/// the launch: the store's through the image's record, the snapshot
 /// tree's through the container's prepare. On a slow disk the reads in
 /// between (the image, its config, the parent snapshot) outlast the
-/// linger, and each close and reopen cost three syncs more. Never across an
-/// unpack (it opens the snapshot tree itself, and other processes would
-/// wait for the store's database all along) nor across a wait for a lazy
-/// daemon. Let go, a database closes after the linger, in the background
-/// (while the rootfs is mounted), or at the launch at the latest.
+/// linger, and each close and reopen cost three syncs more. Let go, a
+/// database closes after the linger, in the background (while the rootfs
+/// is mounted), or at the launch at the latest.
+///
+/// No deadlock between runs: the store's database is let go before the
+/// snapshot tree's is used, so a run holding the store's never waits for
+/// the other and always goes on (when a run held the store's database and
+/// waited for the snapshot tree's, four runs at once deadlocked until the
+/// two-minute open timeout). Never held across an unpack (it opens the
+/// snapshot tree itself, and other processes would wait for the store's
+/// database all along) nor across a wait for a lazy daemon.
 struct Early<'a> {
     meta: Option<Hold<'a>>,
     sn: Mutex<Option<Hold<'a>>>,
@@ -230,8 +236,6 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
         early = Early::hold(store, sn);
     }
     let image = resolve(store, sn, &a, &mut early)?;
-    // The store's database is not used again before the launch.
-    drop(early.meta.take());
     let req = RunRequest {
         id: image.id,
         image: image.name,
@@ -357,6 +361,9 @@ struct Resolved {
 
 fn resolve(store: &Store, sn: &Snapshotter, a: &RunArgs, early: &mut Early) -> Result<Resolved> {
     let img = store.image(&a.reference)?;
+    // Its last use before the launch; let go before the snapshot tree is
+    // used (see Early).
+    drop(early.meta.take());
     // Read once, under the store's limit on configs: the snapshotter takes
     // the layers from it, the runtime the process.
     let bytes = store.read_config(&parse_digest(&img.config.digest)?)?;

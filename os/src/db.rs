@@ -453,4 +453,80 @@ mod tests {
         // Usable again after the hold.
         create(&db).unwrap();
     }
+
+    /// What `commits_before_close` changes is safe: a process that commits
+    /// that way and dies before its close (here: `_exit` right after the
+    /// commit, the database never closed) leaves a file the next opener
+    /// opens (redb's quick repair, from the allocator state the commit
+    /// saved) with the commit in it and room for more; and a clean close
+    /// after such a commit keeps it too. The dying process is this test
+    /// binary again, run for `crash_child` only.
+    #[test]
+    fn a_commit_before_close_survives_a_process_dying_before_the_close() {
+        if let Ok(path) = std::env::var(CRASH_CHILD) {
+            crash_child(Path::new(&path));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.db");
+        let create = |db: &DbFile| {
+            db.ensure_tables::<Error>(&["t"], |txn| {
+                txn.open_table(T).map(drop).map_err(|e| db.err(e))
+            })
+        };
+        {
+            let db = DbFile::open(&path, "test database").unwrap();
+            create(&db).unwrap();
+            db.commits_before_close(true);
+            put(&db, "clean", 1);
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "db::tests::a_commit_before_close_survives_a_process_dying_before_the_close",
+                "--nocapture",
+            ])
+            .env(CRASH_CHILD, &path)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(CRASH_CODE),
+            "the child commits and dies: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let db = DbFile::open(&path, "test database").unwrap();
+        db.commits_before_close(true);
+        put(&db, "after", 3);
+        let got = db
+            .read::<_, Error>(|txn| {
+                let t = txn.open_table(T).map_err(|e| db.err(e))?;
+                Ok(["clean", "crashed", "after"].map(|k| t.get(k).unwrap().map(|v| v.value())))
+            })
+            .unwrap();
+        assert_eq!(got, [Some(1), Some(2), Some(3)]);
+    }
+
+    const CRASH_CHILD: &str = "CSTORE_TEST_DB_CRASH_CHILD";
+    const CRASH_CODE: i32 = 42;
+
+    fn put(db: &DbFile, k: &str, v: u64) {
+        db.transact::<_, _, Error>(
+            |txn| {
+                let mut t = txn.open_table(T).map_err(|e| db.err(e))?;
+                t.insert(k, v).map_err(|e| db.err(e))?;
+                Ok(())
+            },
+            Ok,
+        )
+        .unwrap()
+    }
+
+    /// Commit before close, then die without closing (no destructor runs).
+    fn crash_child(path: &Path) -> ! {
+        let db = DbFile::open(path, "test database").unwrap();
+        db.commits_before_close(true);
+        put(&db, "crashed", 2);
+        // SAFETY: ends this process at once, as a crash would.
+        unsafe { libc::_exit(CRASH_CODE) }
+    }
 }
