@@ -110,3 +110,31 @@ fn an_rm_container_a_crash_left_is_listed_and_removed() {
     let (code, out, err) = cs.run_rm(&[&image, "echo", "ok"]);
     assert_eq!((code, out.trim()), (0, "ok"), "{err}");
 }
+
+/// `cstore run --rm`s started at once all run: each holds a database from
+/// its first use through its prepare, and never one while waiting for the
+/// other (two runs that did each held one and waited for the other until
+/// the two-minute open timeout failed them).
+#[test]
+fn rm_runs_started_at_once_all_run() {
+    let (cs, image) = busybox();
+    let runs: Vec<_> = (0..8)
+        .map(|i| {
+            cs.cmd(&["run", "--rm", &image, "echo", &format!("run {i}")])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (i, r) in runs.into_iter().enumerate() {
+        let out = r.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "run {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("run {i}"));
+    }
+    cs.assert_no_containers();
+}
