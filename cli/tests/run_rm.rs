@@ -134,7 +134,10 @@ fn rm_runs_started_at_once_all_run() {
             "run {i}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("run {i}"));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("run {i}")
+        );
     }
     cs.assert_no_containers();
 }

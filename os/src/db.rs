@@ -287,6 +287,26 @@ impl DbFile {
         Hold { db: self }
     }
 
+    /// Have the reaper close the database now rather than after the linger
+    /// (in the background, if no hold keeps it): for a process done with it
+    /// for a while, so that others waiting for the file get it sooner.
+    pub fn close_soon(&self) {
+        {
+            let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(l) = open.as_mut() {
+                l.last_used = Instant::now().checked_sub(LINGER).unwrap_or(l.last_used);
+            }
+        }
+        if let Some(h) = self
+            .reaper
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            h.thread().unpark();
+        }
+    }
+
     /// Close now if open (tests that hand the file to another process).
     pub fn close(&self) {
         *self.open.lock().unwrap_or_else(|p| p.into_inner()) = None;

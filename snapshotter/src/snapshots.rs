@@ -201,6 +201,12 @@ impl Snapshotter {
         self.db.commits_before_close(on)
     }
 
+    /// Close the metadata database soon, in the background
+    /// (`DbFile::close_soon`).
+    pub fn close_soon(&self) {
+        self.db.close_soon()
+    }
+
     /// Close the metadata database and keep it closed meanwhile
     /// (`DbFile::hold_closed`).
     pub fn hold_closed(&self) -> Hold<'_> {
