@@ -37,11 +37,11 @@ for r in $(seq "$ROUNDS"); do
     label=${lb%%=*} bin=${lb#*=}
     drop_caches
     strace -f -y -o "$work/trace" -e trace=fsync,fdatasync,sync_file_range,syncfs \
-      "$bin" --root "$work/store" run --rm "$ref" echo ok >/dev/null
+      "$bin" --root "$work/store" run --rm "$ref" echo ok >"$work/out"
     # one line per call (an interrupted call's "resumed" half is not counted)
     calls=$(grep -E '(fsync|fdatasync|sync_file_range|syncfs)\(' "$work/trace" || true)
     echo "$label round $r: $(grep -c . <<<"$calls") syncs:" \
-      "$(sed -E 's/.*<([^>]*)>.*/\1/; s#^'"$work"'/store/##; s#containers/[^/]*(/\.container\.json\.tmp-[0-9]+)?#containers/ID\1#; s#\.tmp-[0-9]+#.tmp#' <<<"$calls" |
+      "$(sed -E 's/^[^(]*\([0-9]+<([^>]*)>.*/\1/; s#^'"$work"'/store/##; s#containers/[^/]*(/\.container\.json\.tmp-[0-9]+)?#containers/ID\1#; s#\.tmp-[0-9]+#.tmp#' <<<"$calls" |
         sort | uniq -c | awk '{printf "%s %s; ", $1, $2}')"
   done
 done
