@@ -132,8 +132,8 @@ fn device_rate(flag: &str, v: &str, store_root: &Path) -> Result<((u32, u32), u6
     ))
 }
 
-/// Open the store, run, and close the snapshot tree (`run` opens it once
-/// the store's database is done with).
+/// Open the store and run (`run` opens the snapshot tree once it is done
+/// with the store's database).
 pub fn open_and_run(root: &Path, a: RunArgs) -> Result<i32> {
     let store = crate::open_store(root)?;
     run(&store, a)
@@ -376,6 +376,7 @@ fn ensure_unpacked<'a>(
         return Ok(Some(early));
     }
     drop(early);
+    sn.close_soon();
     snap::unpack(store, &a.reference, false)?;
     Ok(None)
 }
