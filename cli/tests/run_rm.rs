@@ -141,3 +141,22 @@ fn rm_runs_started_at_once_all_run() {
     }
     cs.assert_no_containers();
 }
+
+/// An image pulled without unpacking is unpacked by `run`: the run lets
+/// its snapshot tree go for the unpack (which opens its own; holding it,
+/// the unpack would wait two minutes and fail).
+#[test]
+fn run_unpacks_an_image_pulled_without_unpacking() {
+    let cs = Cstore::new();
+    let image = format!("{}/busybox:latest", crate::harness::shared_registry_addr());
+    cs.ok(&["pull", "--no-unpack", &image]);
+    let (code, out, err) = cs.run_rm(&[&image, "echo", "ok"]);
+    // (The unpack's progress comes first, on stdout too.)
+    assert_eq!((code, out.lines().last()), (0, Some("ok")), "{out}{err}");
+    let snaps: Vec<Value> = serde_json::from_str(&cs.ok(&["snapshots", "--json"])).unwrap();
+    assert!(
+        !snaps.is_empty() && snaps.iter().all(|s| s["kind"] == "committed"),
+        "the image's layers, nothing of the container: {snaps:?}"
+    );
+    cs.assert_no_containers();
+}
