@@ -2,16 +2,21 @@
 //! runtime crate (youki's libcontainer), with disk I/O limits on the block
 //! device under the store.
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
+use cstore_os::db::Hold;
 use cstore_registry::parse_digest;
 use cstore_runtime::cgroup::parse_rate;
+use cstore_runtime::containers::{BoxError, SnapshotInfo, Snapshots};
 use cstore_runtime::userns::Userns;
 use cstore_runtime::{
     Containers, Hierarchy, ImageConfig, IoLimits, Overrides, Process, RunRequest,
 };
-use cstore_snapshotter::{image, Kind, Snapshotter};
+use cstore_snapshotter::{image, Kind, Mount, Snapshotter};
+use cstore_store::meta::ImageRecord;
 use cstore_store::Store;
 
 use crate::containers::SnapshotTree;
@@ -127,39 +132,88 @@ fn device_rate(flag: &str, v: &str, store_root: &Path) -> Result<((u32, u32), u6
     ))
 }
 
-/// Open the store and its snapshot tree, in parallel: each open reads redb's
-/// allocator state and syncs the file, and `run` is latency-bound.
+/// Open the store and run (`run` opens the snapshot tree once it is done
+/// with the store's database).
 pub fn open_and_run(root: &Path, a: RunArgs) -> Result<i32> {
-    let (store, sn) = std::thread::scope(|s| {
-        let sn = s.spawn(|| Snapshotter::open(root).context("opening the snapshot tree"));
-        let store = crate::open_store(root);
-        (store, sn.join())
-    });
-    let sn = sn.unwrap_or_else(|p| std::panic::resume_unwind(p))?;
-    let store = store?;
-    let code = run(&store, &sn, a);
-    // Closing a database writes it durably; the two close side by side.
-    std::thread::scope(|s| {
-        s.spawn(move || drop(store));
-        drop(sn);
-    });
-    code
+    let store = crate::open_store(root)?;
+    run(&store, a)
+}
+
+/// The snapshot tree for one run. The early hold on its database (taken at
+/// its open) goes once the container's snapshot is prepared, and the
+/// database closes in the background then (`close_soon`): the other
+/// `cstore run`s started with this one wait for it.
+struct RunTree<'a> {
+    tree: SnapshotTree<'a>,
+    early: Mutex<Option<Hold<'a>>>,
+}
+
+impl Snapshots for RunTree<'_> {
+    fn prepare(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Option<Vec<Mount>>, BoxError> {
+        let out = self.tree.prepare(key, parent, labels);
+        drop(self.early.lock().unwrap_or_else(|p| p.into_inner()).take());
+        self.tree.0.close_soon();
+        out
+    }
+
+    fn remove(&self, key: &str) -> Result<bool, BoxError> {
+        self.tree.remove(key)
+    }
+
+    fn exists(&self, key: &str) -> Result<bool, BoxError> {
+        self.tree.exists(key)
+    }
+
+    fn list(&self) -> Result<Vec<SnapshotInfo>, BoxError> {
+        self.tree.list()
+    }
 }
 
 /// resolve → prepare → launch → teardown: the flags and the image here, the
 /// container's life (prepare, launch, teardown) in cstore-runtime.
-pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
+///
+/// Each database is held (`DbFile::hold`) from its first use through its
+/// last before the launch, one after the other: the store's through the
+/// image's record, then the snapshot tree's (opened only then) through the
+/// container's prepare. On a slow disk the reads in between had outlasted
+/// the linger, and each close and reopen cost three syncs more; and the
+/// image's config is read holding neither, so the runs started with this
+/// one use them meanwhile. Let go, each closes in the background at once
+/// (`close_soon`). One at a time, so no deadlock between runs (when a run
+/// held the store's database while it waited for the snapshot tree's, runs
+/// started at once each held one and waited two minutes for the other).
+/// Never held across an unpack (it opens the snapshot tree itself, and
+/// other processes would wait all along) nor across a wait for a lazy
+/// daemon.
+pub fn run(store: &Store, a: RunArgs) -> Result<i32> {
+    let mut meta_hold = (!a.lazy).then(|| store.meta().hold());
     let flags = Flags::parse(&a, store.root())?;
     if a.lazy {
         // Lazy layers need their daemon before the image is mounted.
         crate::lazy::ensure_served(store, store.root(), &a.reference, &a.registry)?;
+        meta_hold = Some(store.meta().hold());
     }
-    let image = resolve(store, sn, &a)?;
+    let img = store.image(&a.reference)?;
+    // Its last use before the launch.
+    drop(meta_hold);
+    store.meta().close_soon();
+    let found = image_process(store, &a, img)?;
+    let sn = snap::open(store)?;
+    let early = sn.hold();
+    // The run's two write transactions (the prepare, the removal) are each
+    // followed by a close: see DbFile::commits_before_close.
+    sn.commits_before_close(true);
+    let early = ensure_unpacked(store, &sn, &a, &found.top, early)?;
     let req = RunRequest {
-        id: image.id,
-        image: image.name,
-        parent: image.top,
-        process: image.process,
+        id: found.id,
+        image: found.name,
+        parent: found.top,
+        process: found.process,
         auto_remove: a.rm,
         net_host: flags.net_host,
         readonly: a.read_only,
@@ -174,9 +228,10 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
     // Both databases are closed for the launch, side by side (a close
     // writes durably), so the `cstore run`s started with this one can open
     // them while ours starts; the scoped thread has ended before the clone.
-    let hold = || {
+    let sn_ref = &sn;
+    let hold = move || {
         std::thread::scope(|s| {
-            let sn_hold = s.spawn(|| sn.hold_closed());
+            let sn_hold = s.spawn(|| sn_ref.hold_closed());
             let meta_hold = store.meta().hold_closed();
             let sn_hold = sn_hold
                 .join()
@@ -184,7 +239,11 @@ pub fn run(store: &Store, sn: &Snapshotter, a: RunArgs) -> Result<i32> {
             (meta_hold, sn_hold)
         })
     };
-    Ok(Containers::new(store.root()).run(&SnapshotTree(sn, store), req, hold)?)
+    let tree = RunTree {
+        tree: SnapshotTree(&sn, store),
+        early: Mutex::new(early),
+    };
+    Ok(Containers::new(store.root()).run(&tree, req, hold)?)
 }
 
 /// What the flags say that needs no image.
@@ -265,8 +324,7 @@ impl Flags {
 }
 
 /// The image resolved for a run: its process (docker's merge of its config
-/// and the flags), the container's name, and the committed snapshot of its
-/// top layer (unpacked first if it is not).
+/// and the flags), the container's name, and its top layer's chain id.
 struct Resolved {
     name: String,
     id: String,
@@ -274,8 +332,8 @@ struct Resolved {
     top: String,
 }
 
-fn resolve(store: &Store, sn: &Snapshotter, a: &RunArgs) -> Result<Resolved> {
-    let img = store.image(&a.reference)?;
+/// What the image's config and the flags make of the run (no database).
+fn image_process(store: &Store, a: &RunArgs, img: ImageRecord) -> Result<Resolved> {
     // Read once, under the store's limit on configs: the snapshotter takes
     // the layers from it, the runtime the process.
     let bytes = store.read_config(&parse_digest(&img.config.digest)?)?;
@@ -291,19 +349,36 @@ fn resolve(store: &Store, sn: &Snapshotter, a: &RunArgs) -> Result<Resolved> {
     let process = Process::merge(&img.name, &config, &overrides)?;
     let id = cstore_runtime::containers::name_or_random(a.name.as_deref())?;
     let layers = image::layers_from_config(&img, &bytes)?;
-    let top = layers.last().context("image has no layers")?;
-    if !sn
-        .stat(&top.chain_id)
-        .is_ok_and(|i| i.kind == Kind::Committed)
-    {
-        snap::unpack(store, &a.reference, false)?;
-    }
+    let top = layers
+        .last()
+        .context("image has no layers")?
+        .chain_id
+        .clone();
     Ok(Resolved {
         name: img.name,
         id,
         process,
-        top: top.chain_id.clone(),
+        top,
     })
+}
+
+/// The top layer's committed snapshot, unpacked first if there is none;
+/// the early hold, unless the unpack took it (it opens the snapshot tree
+/// itself and commits for minutes).
+fn ensure_unpacked<'a>(
+    store: &Store,
+    sn: &Snapshotter,
+    a: &RunArgs,
+    top: &str,
+    early: Hold<'a>,
+) -> Result<Option<Hold<'a>>> {
+    if sn.stat(top).is_ok_and(|i| i.kind == Kind::Committed) {
+        return Ok(Some(early));
+    }
+    drop(early);
+    sn.close_soon();
+    snap::unpack(store, &a.reference, false)?;
+    Ok(None)
 }
 
 /// `$CSTORE_START_TIMEOUT` (seconds), else the runtime's default.

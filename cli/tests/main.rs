@@ -28,6 +28,7 @@ mod run;
 mod run_config;
 mod run_hostile;
 mod run_io;
+mod run_rm;
 mod run_userns;
 mod systemd_vm;
 mod unpack;

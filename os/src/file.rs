@@ -19,6 +19,19 @@ pub fn sync_dir(dir: &Path) -> Result<(), IoError> {
 /// temporary file beside it (0600: only root reads the store's files, see
 /// `layout`), fsynced, renamed over it, the directory fsynced.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), IoError> {
+    replace(path, bytes, true)
+}
+
+/// As `write_atomic` for readers (the old or the new content, never a mix),
+/// but nothing is synced: after a crash the file may be the old one, or,
+/// if there was none, missing or empty. For what lasts no longer than the
+/// process writing it (an `--rm` container's record), whose readers must
+/// take a missing or empty file anyway.
+pub fn write_atomic_volatile(path: &Path, bytes: &[u8]) -> Result<(), IoError> {
+    replace(path, bytes, false)
+}
+
+fn replace(path: &Path, bytes: &[u8], durable: bool) -> Result<(), IoError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
@@ -35,14 +48,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), IoError> {
             .mode(PRIVATE_FILE_MODE)
             .open(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         fs::rename(&tmp, path)
     })();
     if let Err(e) = res {
         let _ = fs::remove_file(&tmp);
         return Err(IoError::new("write", path, e));
     }
-    sync_dir(dir)
+    if durable {
+        sync_dir(dir)?;
+    }
+    Ok(())
 }
 
 /// An exclusive flock on a lock file, held for the life of the value.

@@ -28,5 +28,5 @@ pub mod testing;
 pub mod tree;
 
 pub use error::{Classify, Error, ErrorKind, IoError, IoResultExt, Result};
-pub use file::{sync_dir, write_atomic, FileLock};
+pub use file::{sync_dir, write_atomic, write_atomic_volatile, FileLock};
 pub use process::{now_unix, Proc};

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 pub use cstore_os::Proc;
-use cstore_os::{now_unix, write_atomic};
+use cstore_os::{now_unix, write_atomic, write_atomic_volatile};
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
@@ -94,16 +94,30 @@ impl Record {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(record_err(&path, e)),
         };
+        // What a crash can leave of an `--rm` container's record (not
+        // synced, see `save`): as good as none.
+        if bytes.is_empty() {
+            return Ok(None);
+        }
         serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|e| record_err(&path, e))
     }
 
     /// Replace the record in `dir` (readers see the old or the new one).
+    /// An `--rm` container's record is not synced: it lasts no longer than
+    /// its run, and after a crash `ps` and `rm` take a missing or empty one
+    /// as a container that died before writing it (docs/architecture.md,
+    /// "Syncs of a run").
     pub fn save(&self, dir: &Path) -> Result<(), Error> {
         let path = Self::path(dir);
         let bytes = serde_json::to_vec_pretty(self).map_err(|e| record_err(&path, e))?;
-        write_atomic(&path, &bytes).map_err(|e| record_err(&path, e))
+        let write = if self.auto_remove {
+            write_atomic_volatile
+        } else {
+            write_atomic
+        };
+        write(&path, &bytes).map_err(|e| record_err(&path, e))
     }
 
     /// The init is running as `pid`.

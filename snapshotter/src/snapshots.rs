@@ -195,6 +195,18 @@ impl Snapshotter {
         self.db.hold()
     }
 
+    /// Every commit saves the database's allocator state, so the close that
+    /// soon follows it is cheaper (`DbFile::commits_before_close`).
+    pub fn commits_before_close(&self, on: bool) {
+        self.db.commits_before_close(on)
+    }
+
+    /// Close the metadata database soon, in the background
+    /// (`DbFile::close_soon`).
+    pub fn close_soon(&self) {
+        self.db.close_soon()
+    }
+
     /// Close the metadata database and keep it closed meanwhile
     /// (`DbFile::hold_closed`).
     pub fn hold_closed(&self) -> Hold<'_> {

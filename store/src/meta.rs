@@ -157,6 +157,11 @@ impl Meta {
         self.db.hold_closed()
     }
 
+    /// See `DbFile::close_soon`.
+    pub fn close_soon(&self) {
+        self.db.close_soon()
+    }
+
     /// Run `f` on a read-only snapshot of the tables.
     pub fn read<T>(&self, f: impl FnOnce(&ReadTables<'_>) -> Result<T>) -> Result<T> {
         let db = &self.db;
