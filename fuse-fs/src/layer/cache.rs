@@ -15,10 +15,10 @@
 //! fetcher threads take the most urgent queued span and the queued spans right after
 //! it as urgent (coalesced into one source request, up to `max_request` bytes), so
 //! each span is fetched once however many readers wait. A span a reader waits for
-//! is inflated once verified: its output is held in memory and its readers are
-//! answered from there while the writer thread puts it in the blob copy and the
-//! tree files (creating a tree file is the slow part of a miss: journal handles,
-//! the parent directory's lock). A span is local once written (background
+//! is inflated once verified (its compressed bytes written to the blob copy): its
+//! output is held in memory and its readers are answered from there while the
+//! writer thread puts it in the tree files (creating a tree file is the slow part
+//! of a miss: journal handles, the parent directory's lock). A span is local once written (background
 //! completion's spans are written by their fetcher directly); it is set in the
 //! bitmap once synced, and a failed sync makes it missing again. Background completion yields to reads (see
 //! [`Activity`]). A span that fails (source error, digest mismatch, write error)
@@ -225,8 +225,8 @@ enum SpanState {
     Missing,
     Queued(Priority),
     InFlight,
-    /// Verified; its output is in [`State::inflated`] for readers, not yet
-    /// written to the blob copy and the tree.
+    /// Verified and in the blob copy; its output is in [`State::inflated`]
+    /// for readers, not yet written to the tree.
     Inflated,
     Local,
     Failed(Arc<str>),
@@ -253,6 +253,24 @@ struct State {
     inflated: HashMap<usize, Arc<Vec<u8>>>,
     inflated_bytes: usize,
     stopping: bool,
+}
+
+impl State {
+    /// Span `s` inflated: its output held for its readers.
+    fn hold_inflated(&mut self, s: usize, out: Arc<Vec<u8>>) {
+        self.spans[s] = SpanState::Inflated;
+        self.inflated_bytes += out.len();
+        if let Some(old) = self.inflated.insert(s, out) {
+            self.inflated_bytes -= old.len();
+        }
+    }
+
+    /// Span `s`'s output no longer held (written, failed or reset).
+    fn drop_inflated(&mut self, s: usize) {
+        if let Some(old) = self.inflated.remove(&s) {
+            self.inflated_bytes -= old.len();
+        }
+    }
 }
 
 /// What an implicit directory takes from the nearest lower layer that has it.
@@ -316,10 +334,10 @@ pub(crate) struct Layer {
     tails: Mutex<Tails>,
 }
 
-/// A span verified and inflated, not written yet.
+/// A span verified and inflated (its compressed bytes in the blob copy), its
+/// output not in the tree yet.
 struct Inflated {
     span: usize,
-    compressed: Vec<u8>,
     out: Arc<Vec<u8>>,
 }
 
@@ -333,7 +351,7 @@ struct Writes {
 
 /// What a fetch did with one span.
 enum Fetched {
-    /// Written to the blob copy and the tree (background completion).
+    /// Written to the blob copy and the tree.
     Written,
     /// Verified and inflated, for the writer.
     Inflated(Inflated),
@@ -667,18 +685,16 @@ impl Layer {
             self.idx.file_data(i, range.clone())
         };
         // Under the lock, each span's bytes: from memory, or written.
-        let mut mem: Vec<(usize, Option<Arc<Vec<u8>>>)> = Vec::new();
+        let mut mem: Vec<(usize, Arc<Vec<u8>>)> = Vec::new();
         {
             let st = lock(&self.st);
             for (_, stream) in &pieces {
                 for s in self.idx.spans_for(stream.start, stream.end) {
-                    match &st.spans[s] {
-                        SpanState::Inflated => {
-                            mem.push((s, st.inflated.get(&s).cloned()));
-                        }
-                        SpanState::Local => {}
+                    match (&st.spans[s], st.inflated.get(&s)) {
+                        (SpanState::Inflated, Some(out)) => mem.push((s, out.clone())),
+                        (SpanState::Local, _) => {}
                         _ if self.idx.span(s).uncompressed.is_empty() => {}
-                        other => {
+                        (other, _) => {
                             return Err(io::Error::other(format!(
                                 "span {s} is not local ({other:?})"
                             )))
@@ -703,17 +719,15 @@ impl Layer {
                 let at = foff + (pos - stream.start);
                 let dst = &mut out[(at - range.start) as usize..][..(end - pos) as usize];
                 match mem.iter().find(|m| m.0 == s) {
-                    Some((_, Some(bytes))) => dst.copy_from_slice(
+                    Some((_, bytes)) => dst.copy_from_slice(
                         &bytes[(pos - u.start) as usize..(end - u.start) as usize],
                     ),
-                    Some((_, None)) => {
-                        return Err(io::Error::other(format!("span {s}: inflated output gone")))
-                    }
                     None => {
-                        if tree.is_none() {
-                            tree = Some(self.tree_file(i)?);
-                        }
-                        tree.as_ref().expect("opened").read_exact_at(dst, at)?;
+                        let f = match &tree {
+                            Some(f) => f,
+                            None => tree.insert(self.tree_file(i)?),
+                        };
+                        f.read_exact_at(dst, at)?;
                     }
                 }
                 pos = end;
@@ -1036,11 +1050,7 @@ impl Layer {
                             None
                         }
                         Fetched::Inflated(w) => {
-                            st.spans[s] = SpanState::Inflated;
-                            st.inflated_bytes += w.out.len();
-                            if let Some(old) = st.inflated.insert(s, w.out.clone()) {
-                                st.inflated_bytes -= old.len();
-                            }
+                            st.hold_inflated(s, w.out.clone());
                             Some(w)
                         }
                         Fetched::Failed(e) => {
@@ -1085,9 +1095,9 @@ impl Layer {
         }
     }
 
-    /// The writer: puts inflated spans in the blob copy and the tree files,
-    /// makes them local (their readers stop reading them from memory) and
-    /// hands them to the persister.
+    /// The writer: puts inflated spans in the tree files, makes them local
+    /// (their readers stop reading them from memory) and hands them to the
+    /// persister.
     fn writer(self: Arc<Self>) {
         loop {
             let batch: Vec<Inflated> = {
@@ -1105,14 +1115,8 @@ impl Layer {
             let mut touched = Vec::new();
             let mut written = Vec::new();
             for w in &batch {
-                let sp = self.idx.span(w.span);
-                let r = self
-                    .blob
-                    .write_all_at(&w.compressed, sp.compressed.start)
-                    .map_err(|e| format!("writing the blob copy: {e}"))
-                    .and_then(|_| {
-                        self.write_tree(sp.uncompressed.start, &w.out, &mut touched, &mut open_time)
-                    });
+                let at = self.idx.span(w.span).uncompressed.start;
+                let r = self.write_tree(at, &w.out, &mut touched, &mut open_time);
                 let mut st = lock(&self.st);
                 // A span reset meanwhile (a failed completion) stays missing.
                 if st.spans[w.span] == SpanState::Inflated {
@@ -1131,9 +1135,7 @@ impl Layer {
                     }
                 }
                 if st.spans[w.span] != SpanState::Inflated {
-                    if let Some(old) = st.inflated.remove(&w.span) {
-                        st.inflated_bytes -= old.len();
-                    }
+                    st.drop_inflated(w.span);
                 }
                 drop(st);
                 self.cv.notify_all();
@@ -1217,10 +1219,11 @@ impl Layer {
             .and_then(|_| self.mark(written))
     }
 
-    /// Fetches, verifies and inflates a run of adjacent spans, telling `done`
-    /// each span's result as it is known: inflated for the writer if
+    /// Fetches, verifies and inflates a run of adjacent spans and writes
+    /// their compressed bytes to the blob copy, telling `done` each span's
+    /// result as it is known: its output inflated for the writer if
     /// `to_memory` (and the layer holds less than [`MAX_INFLATED`]), else
-    /// written here; returns the tree files written. A span is written only
+    /// written to the tree here; returns the tree files written. A span is written only
     /// once verified ([`Self::persist`] makes it durable and marks it in the
     /// bitmap).
     fn fetch_batch(
@@ -1353,24 +1356,19 @@ impl Layer {
                     continue;
                 }
             };
-            if to_memory && lock(&self.st).inflated_bytes < MAX_INFLATED {
-                done(
-                    s,
-                    Fetched::Inflated(Inflated {
-                        span: s,
-                        compressed: c.to_vec(),
-                        out: Arc::new(out),
-                    }),
-                );
-                continue;
-            }
-            let r = self
+            let blob = self
                 .blob
                 .write_all_at(c, sp.compressed.start)
-                .map_err(|e| format!("writing the blob copy: {e}"))
-                .and_then(|_| {
-                    self.write_tree(sp.uncompressed.start, &out, &mut touched, &mut timings.open)
-                });
+                .map_err(|e| format!("writing the blob copy: {e}"));
+            if blob.is_ok() && to_memory && lock(&self.st).inflated_bytes < MAX_INFLATED {
+                timings.write += t_write.elapsed();
+                let out = Arc::new(out);
+                done(s, Fetched::Inflated(Inflated { span: s, out }));
+                continue;
+            }
+            let r = blob.and_then(|()| {
+                self.write_tree(sp.uncompressed.start, &out, &mut touched, &mut timings.open)
+            });
             timings.write += t_write.elapsed();
             done(s, r.map_or_else(Fetched::Failed, |()| Fetched::Written));
         }
@@ -1706,6 +1704,22 @@ mod tests {
         (blob, index, wpath)
     }
 
+    /// [`layer_of_files`] opened from a [`FileSource`], its tree in `dir/fs`
+    /// and its cache in `dir/cache`.
+    fn open_layer_of_files(dir: &Path, n: usize, opts: LayerOptions) -> Arc<Layer> {
+        let (blob, index, wpath) = layer_of_files(dir, n);
+        let tree = dir.join("fs");
+        std::fs::create_dir_all(&tree).unwrap();
+        Layer::open(
+            index,
+            Arc::new(FileSource::open(&blob, Some(&wpath)).unwrap()),
+            &dir.join("cache"),
+            &tree,
+            opts,
+        )
+        .unwrap()
+    }
+
     fn wait_until(what: &str, mut f: impl FnMut() -> bool) -> bool {
         let end = Instant::now() + Duration::from_secs(20);
         while Instant::now() < end {
@@ -1726,22 +1740,15 @@ mod tests {
     #[test]
     fn a_read_miss_is_fetched_while_earlier_spans_are_being_made_durable() {
         let t = tempfile::tempdir().unwrap();
-        let (blob, index, wpath) = layer_of_files(t.path(), 6);
-        let tree = t.path().join("fs");
-        std::fs::create_dir_all(&tree).unwrap();
-        let opts = LayerOptions {
-            fetchers: 1,
-            look_ahead: 0,
-            ..LayerOptions::default()
-        };
-        let layer = Layer::open(
-            index,
-            Arc::new(FileSource::open(&blob, Some(&wpath)).unwrap()),
-            &t.path().join("cache"),
-            &tree,
-            opts,
-        )
-        .unwrap();
+        let layer = open_layer_of_files(
+            t.path(),
+            6,
+            LayerOptions {
+                fetchers: 1,
+                look_ahead: 0,
+                ..LayerOptions::default()
+            },
+        );
         let files: Vec<u32> = (0..layer.idx.entry_count())
             .filter(|&i| !layer.file_spans[i as usize].is_empty())
             .collect();
@@ -1784,23 +1791,16 @@ mod tests {
     #[test]
     fn guesses_raise_spans_background_completion_has_queued() {
         let t = tempfile::tempdir().unwrap();
-        let (blob, index, wpath) = layer_of_files(t.path(), 6);
-        let tree = t.path().join("fs");
-        std::fs::create_dir_all(&tree).unwrap();
-        let opts = LayerOptions {
-            look_ahead: 1 << 20,
-            // Background work never starts in this test.
-            background_delay: Duration::from_secs(3600),
-            ..LayerOptions::default()
-        };
-        let layer = Layer::open(
-            index,
-            Arc::new(FileSource::open(&blob, Some(&wpath)).unwrap()),
-            &t.path().join("cache"),
-            &tree,
-            opts,
-        )
-        .unwrap();
+        let layer = open_layer_of_files(
+            t.path(),
+            6,
+            LayerOptions {
+                look_ahead: 1 << 20,
+                // Background work never starts in this test.
+                background_delay: Duration::from_secs(3600),
+                ..LayerOptions::default()
+            },
+        );
         layer.queue((0..layer.idx.span_count()).collect(), Priority::Background);
         let files: Vec<u32> = (0..layer.idx.entry_count())
             .filter(|&i| !layer.file_spans[i as usize].is_empty())
@@ -1844,22 +1844,15 @@ mod tests {
     #[test]
     fn a_read_miss_is_answered_before_the_tree_file_is_written() {
         let t = tempfile::tempdir().unwrap();
-        let (blob, index, wpath) = layer_of_files(t.path(), 3);
-        let tree = t.path().join("fs");
-        std::fs::create_dir_all(&tree).unwrap();
-        let opts = LayerOptions {
-            fetchers: 1,
-            look_ahead: 0,
-            ..LayerOptions::default()
-        };
-        let layer = Layer::open(
-            index,
-            Arc::new(FileSource::open(&blob, Some(&wpath)).unwrap()),
-            &t.path().join("cache"),
-            &tree,
-            opts,
-        )
-        .unwrap();
+        let layer = open_layer_of_files(
+            t.path(),
+            3,
+            LayerOptions {
+                fetchers: 1,
+                look_ahead: 0,
+                ..LayerOptions::default()
+            },
+        );
         let f = (0..layer.idx.entry_count())
             .find(|&i| layer.idx.name(i) == b"f01")
             .unwrap();
@@ -1891,7 +1884,7 @@ mod tests {
         let mut out = Vec::new();
         layer.read_file(f, 0..size, &mut out).unwrap();
         assert!(out == want, "the file read back differs");
-        assert!(std::fs::read(tree.join("f01")).unwrap() == want);
+        assert!(std::fs::read(t.path().join("fs/f01")).unwrap() == want);
         assert!(wait_until("the spans durable", || {
             let s = layer.stats();
             s.durable == s.local && s.local > 0
