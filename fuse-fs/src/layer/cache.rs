@@ -1762,6 +1762,9 @@ mod tests {
         let l2 = layer.clone();
         let second = std::thread::spawn(move || l2.ensure_file_range(last, 0..1));
         let answered = wait_until("the second miss", || second.is_finished());
+        // A reader is answered from memory before the writer has put its span
+        // in the tree (local): wait for that, which needs no bitmap.
+        wait_until("both spans written", || layer.stats().local == 2);
         let during = layer.stats();
         drop(held);
         second.join().unwrap().unwrap();
