@@ -74,9 +74,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-addr=$(bash fixtures/registry.sh start "$work/reg")
-skopeo copy -q --dest-tls-verify=false "oci:$OCI:$tag" "docker://$addr/$tag:latest"
-ref=$addr/$tag:latest
+bench_serve "$tag"
 
 mkdir -p "$tmpfs" "$mnt"
 mount -t tmpfs -o size=$(((16 << 30) + (64 << 20))),mode=0700 tmpfs "$tmpfs"

@@ -153,12 +153,18 @@ bench_setup() {
   fi
   work=$(mktemp -d /var/tmp/cstore-bench.XXXXXX)
   trap bench_cleanup EXIT
-  addr=$(bash fixtures/registry.sh start "$work/reg")
-  skopeo copy -q --dest-tls-verify=false "oci:$OCI:$tag" "docker://$addr/$tag:latest"
-  ref=$addr/$tag:latest
+  bench_serve "$tag"
   local raw
   raw=$(skopeo inspect --raw --tls-verify=false "docker://$ref")
   echo "image $ref: $(jq '.layers | length' <<<"$raw") layers, $(( $(jq '[.layers[].size] | add' <<<"$raw") >> 20 )) MiB compressed"
+}
+
+# bench_serve TAG: a registry under $work/reg (stopped by the caller's cleanup)
+# serving the fixtures tag TAG as $addr/TAG:latest; sets addr and ref.
+bench_serve() {
+  addr=$(bash fixtures/registry.sh start "$work/reg")
+  skopeo copy -q --dest-tls-verify=false "oci:$OCI:$1" "docker://$addr/$1:latest"
+  ref=$addr/$1:latest
 }
 
 bench_cleanup() {

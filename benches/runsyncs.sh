@@ -27,9 +27,7 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-addr=$(bash fixtures/registry.sh start "$work/reg")
-skopeo copy -q --dest-tls-verify=false "oci:$OCI:$tag" "docker://$addr/$tag:latest"
-ref=$addr/$tag:latest
+bench_serve "$tag"
 first=${BINS%% *}; first=${first#*=}
 "$first" --root "$work/store" pull "$ref" >/dev/null
 for r in $(seq "$ROUNDS"); do

@@ -149,35 +149,11 @@ fn a_kept_container_is_listed_survives_gc_and_rm_removes_it() {
     assert!(err.contains("no such container: no-such-box"), "{err}");
 }
 
-/// Kills and reaps the background `cstore run` if a test fails midway.
-struct Background(std::process::Child);
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn a_running_container_is_listed_and_rm_needs_force() {
     let (cs, image) = busybox();
     let name = unique("sleeper");
-    let mut bg = Background(
-        cs.cmd(&["run", "--name", &name, &image, "sleep", "30"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let c = loop {
-        if let Some(c) = find(&cs.ps(false), &name).filter(|c| c["state"] == "running") {
-            break c.clone();
-        }
-        assert!(std::time::Instant::now() < deadline, "{name} never ran");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let (mut bg, c) = cs.start_running(&["run", "--name", &name, &image, "sleep", "30"], &name);
     assert!(c["status"].as_str().unwrap().starts_with("Up "), "{c}");
     // The pid is the container's init on the host, in the container's cgroup.
     let pid = c["pid"].as_u64().unwrap();

@@ -4,45 +4,16 @@
 //! an `--rm` container (whose record is not synced: after a crash it may be
 //! empty or missing) listed by `ps -a` and removed by `rm`.
 
-use std::time::{Duration, Instant};
-
 use serde_json::Value;
 
-use crate::harness::containers::{busybox, unique};
+use crate::harness::containers::{busybox, unique, Background};
 use crate::harness::Cstore;
-
-/// Kills and reaps the background `cstore run` if a test fails midway.
-struct Background(std::process::Child);
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn find(rows: &[Value], name: &str) -> Option<Value> {
-    rows.iter().find(|c| c["name"] == name).cloned()
-}
 
 /// `run --rm --name NAME IMAGE sleep 30` in the background, once `ps`
 /// shows it running; the init's host pid.
 fn sleeper(cs: &Cstore, image: &str, name: &str) -> (Background, u32) {
-    let bg = Background(
-        cs.cmd(&["run", "--rm", "--name", name, image, "sleep", "30"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(c) = find(&cs.ps(false), name).filter(|c| c["state"] == "running") {
-            return (bg, c["pid"].as_u64().unwrap() as u32);
-        }
-        assert!(Instant::now() < deadline, "{name} never ran");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (bg, c) = cs.start_running(&["run", "--rm", "--name", name, image, "sleep", "30"], name);
+    (bg, c["pid"].as_u64().unwrap() as u32)
 }
 
 /// While an `--rm` container runs, other processes read and write both
@@ -100,7 +71,10 @@ fn an_rm_container_a_crash_left_is_listed_and_removed() {
             "empty" => std::fs::write(&file, b"").unwrap(),
             _ => std::fs::remove_file(&file).unwrap(),
         }
-        let c = find(&cs.ps(true), &name)
+        let c = cs
+            .ps(true)
+            .into_iter()
+            .find(|c| c["name"] == name.as_str())
             .unwrap_or_else(|| panic!("ps -a lacks {name} ({record} record)"));
         assert_eq!(c["state"], "exited", "{c}");
         assert_eq!(cs.ok(&["rm", &name]).trim(), name);

@@ -37,7 +37,41 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}-{nanos:x}-{n}", std::process::id())
 }
 
+/// Kills and reaps a background `cstore run` if a test fails midway.
+pub struct Background(pub std::process::Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 impl Cstore {
+    /// `cstore ARGS` (a `run --name NAME …` that keeps running) in the
+    /// background, once `ps` shows NAME running: the run and its `ps` row.
+    pub fn start_running(&self, args: &[&str], name: &str) -> (Background, Value) {
+        let bg = Background(
+            self.cmd(args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let running = self
+                .ps(false)
+                .into_iter()
+                .find(|c| c["name"] == name && c["state"] == "running");
+            if let Some(c) = running {
+                return (bg, c);
+            }
+            assert!(std::time::Instant::now() < deadline, "{name} never ran");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// `cstore run --rm ARGS`: exit code, stdout, stderr.
     pub fn run_rm(&self, args: &[&str]) -> (i32, String, String) {
         let mut a = vec!["run", "--rm"];
