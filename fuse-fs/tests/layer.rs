@@ -414,6 +414,11 @@ fn concurrent_read_misses_fetch_each_span_once() {
     for h in threads {
         h.join().unwrap();
     }
+    // Readers are answered from memory before the writer has put their spans in
+    // the tree (local): wait for it before counting.
+    wait_until("every fetched span is written", || {
+        l.fs.stats().inflated == 0
+    });
     let s = l.fs.stats();
     assert_eq!(s.failures, 0);
     assert_eq!(s.spans_fetched, s.local, "each span fetched once: {s:?}");

@@ -217,6 +217,9 @@ pub struct CacheStats {
     /// Of those, the spans marked in the bitmap on disk (readers are answered
     /// before the mark: a daemon killed in between fetches them again).
     pub durable: u64,
+    /// Spans verified and answering their readers from memory, not local yet
+    /// (the writer thread puts them in the tree).
+    pub inflated: u64,
     pub spans: u64,
 }
 
@@ -597,6 +600,11 @@ impl Layer {
             failures: self.failures.load(Ordering::Relaxed),
             local: st.local,
             durable: st.durable,
+            inflated: st
+                .spans
+                .iter()
+                .filter(|s| **s == SpanState::Inflated)
+                .count() as u64,
             spans: st.spans.len() as u64,
         }
     }
