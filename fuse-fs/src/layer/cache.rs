@@ -600,11 +600,7 @@ impl Layer {
             failures: self.failures.load(Ordering::Relaxed),
             local: st.local,
             durable: st.durable,
-            inflated: st
-                .spans
-                .iter()
-                .filter(|s| **s == SpanState::Inflated)
-                .count() as u64,
+            inflated: st.inflated.len() as u64,
             spans: st.spans.len() as u64,
         }
     }
